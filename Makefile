@@ -1,0 +1,60 @@
+# Set-up contract: `make run` and `make test` do all set-up on a fresh machine.
+# Training, evaluation and benchmarks are separate targets and never part of `make test`.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+# Debian packages the node and its tests use: dcmtk (storescu/storescp/echoscu), Orthanc (+DICOMweb) as the
+# test PACS, Chromium for the viewer and dashboard browser tests.
+DEB_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium fonts-dejavu-core
+
+.PHONY: install run test test-fast test-viewer lint bench train-vertebrae train-hardware eval-vertebrae \
+        eval-hardware render-docs clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@bash .ci/install-debian.sh $(DEB_PACKAGES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	# torch==2.13.0 is pinned in pyproject and installed in the same command: without it monai pulls a CUDA build
+	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[test]"
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/dicom-node serve
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not e2e and not viewer"
+
+test-viewer: install
+	$(VENV)/bin/pytest -q -m viewer
+
+lint: install
+	$(VENV)/bin/ruff check dicom_node inference reports tests bench
+
+bench: install
+	$(PY) -m bench.run_all
+
+train-vertebrae: install
+	$(PY) -m inference.train.vertebrae --data $(DATA) --out inference/models/spine-xr-vertebrae
+
+train-hardware: install
+	$(PY) -m inference.train.hardware --data $(DATA) --out inference/models/spine-xr-hardware
+
+eval-vertebrae: install
+	$(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae
+
+eval-hardware: install
+	$(PY) -m inference.evaluate.hardware --data $(DATA) --model inference/models/spine-xr-hardware
+
+render-docs: install
+	$(PY) -m reports.render_docs --out docs/images
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
