@@ -1,0 +1,710 @@
+"""The node database: SQLite in WAL mode through sqlite-utils, numbered migrations, small named queries.
+
+One connection per thread (SQLite connections must not be shared across threads while in use), a busy
+timeout so concurrent writers wait instead of failing, and every write transaction opened with
+``BEGIN IMMEDIATE`` so that two writers never deadlock on a read-to-write upgrade (the usual source of
+"database is locked" under concurrent associations).
+
+The queries at the bottom are the only SQL outside the migrations; the CLI and the web API reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from dicom_node.errors import DatabaseError
+
+# Study states, in the order a study moves through them (see README "Operations").
+RECEIVED, COMPLETE, ANALYSING, ENCODED, DELIVERED, FAILED, UNROUTED = (
+    "received", "complete", "analysing", "encoded", "delivered", "failed", "unrouted",
+)
+STUDY_STATES = (RECEIVED, COMPLETE, ANALYSING, ENCODED, DELIVERED, FAILED, UNROUTED)
+# Delivery states.
+PENDING, SENDING = "pending", "sending"
+DELIVERY_STATES = (PENDING, SENDING, DELIVERED, FAILED)
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "initial schema",
+        """
+        CREATE TABLE associations (
+            id INTEGER PRIMARY KEY,
+            calling_ae TEXT NOT NULL,
+            called_ae TEXT NOT NULL,
+            peer_host TEXT,
+            peer_port INTEGER,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            state TEXT NOT NULL,            -- open, released, aborted, rejected
+            instances INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            reason TEXT,
+            assembled INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX associations_pending ON associations(state, assembled);
+
+        CREATE TABLE studies (
+            study_instance_uid TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            reason TEXT,
+            instance_count INTEGER NOT NULL DEFAULT 0,
+            generation INTEGER NOT NULL DEFAULT 0,      -- bumped by every new source instance
+            analysing_generation INTEGER,               -- generation being / last analysed
+            first_received_at REAL NOT NULL,
+            last_received_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX studies_state ON studies(state, last_received_at);
+
+        CREATE TABLE instances (
+            sop_instance_uid TEXT PRIMARY KEY,
+            study_instance_uid TEXT NOT NULL,
+            series_instance_uid TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL,
+            transfer_syntax_uid TEXT NOT NULL,
+            modality TEXT,
+            body_part_examined TEXT,
+            view_position TEXT,
+            series_description TEXT,
+            study_description TEXT,
+            image_type TEXT,
+            calling_ae TEXT,
+            association_id INTEGER,
+            path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            received_at REAL NOT NULL,
+            own_output INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX instances_study ON instances(study_instance_uid);
+        CREATE INDEX instances_association ON instances(association_id);
+
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            study_instance_uid TEXT NOT NULL,
+            analysis TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            input_key TEXT NOT NULL,         -- digest of the sorted analysed SOP Instance UIDs
+            generation INTEGER NOT NULL,
+            state TEXT NOT NULL,             -- analysing, encoded, delivered, failed
+            reason TEXT,
+            summary TEXT,                    -- StudyResult.summary() as JSON (no patient data)
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            UNIQUE (study_instance_uid, analysis, input_key)
+        );
+
+        CREATE TABLE outputs (
+            sop_instance_uid TEXT PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            study_instance_uid TEXT NOT NULL,
+            series_instance_uid TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL,
+            transfer_syntax_uid TEXT NOT NULL,
+            kind TEXT NOT NULL,              -- seg, sr, sc, pr
+            variant TEXT NOT NULL,           -- encoding options, e.g. binary/none
+            path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX outputs_study ON outputs(study_instance_uid, kind);
+
+        CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY,
+            output_sop_instance_uid TEXT NOT NULL REFERENCES outputs(sop_instance_uid),
+            destination TEXT NOT NULL,
+            study_instance_uid TEXT NOT NULL,
+            state TEXT NOT NULL,             -- pending, sending, delivered, failed
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_status INTEGER,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            delivered_at REAL,
+            UNIQUE (output_sop_instance_uid, destination)
+        );
+        CREATE INDEX deliveries_due ON deliveries(destination, state, next_attempt_at);
+        CREATE INDEX deliveries_study ON deliveries(study_instance_uid);
+        """,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the SCP records about one received instance (headers routing needs, no patient data)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    body_part_examined: str
+    view_position: str
+    series_description: str
+    study_description: str
+    image_type: str
+    calling_ae: str
+    association_id: int | None
+    path: str
+    size: int
+    own_output: bool = False
+
+
+class Database:
+    """The node database at `path` (created and migrated on open)."""
+
+    def __init__(self, path: Path | str, *, synchronous_full: bool = True, busy_timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.synchronous_full = synchronous_full
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.migrate()
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"{self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------------ connections and transactions
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous_full else 'NORMAL'}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._local.db = db
+            with self._lock:
+                self._all.append(conn)
+        return db
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite_utils.Database]:
+        """A write transaction (``BEGIN IMMEDIATE``: takes the write lock up front, waits on busy)."""
+        db = self.db
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
+        else:
+            db.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations in order; returns the versions applied."""
+        applied: list[int] = []
+        with self.tx() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+                " applied_at REAL NOT NULL)"
+            )
+            done = {r["version"] for r in db.query("SELECT version FROM schema_migrations")}
+            for version, (name, sql) in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                for statement in _statements(sql):
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time()))
+                applied.append(version)
+        return applied
+
+    def schema_version(self) -> int:
+        """Highest applied migration."""
+        row = self.one("SELECT max(version) AS v FROM schema_migrations")
+        return int(row["v"] or 0) if row else 0
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts."""
+        return list(self.db.query(sql, params))
+
+    def one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        """First row or None."""
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    # ------------------------------------------------------------------------------ associations
+
+    def open_association(self, calling_ae: str, called_ae: str, host: str | None, port: int | None) -> int:
+        """Record an accepted association; returns its id."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO associations (calling_ae, called_ae, peer_host, peer_port, started_at, state)"
+                " VALUES (?, ?, ?, ?, ?, 'open')",
+                (calling_ae, called_ae, host, port, time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def record_rejected_association(self, calling_ae: str, called_ae: str, host: str | None, port: int | None,
+                                    reason: str) -> None:
+        """Audit a rejected association request."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO associations (calling_ae, called_ae, peer_host, peer_port, started_at, ended_at,"
+                " state, reason, assembled) VALUES (?, ?, ?, ?, ?, ?, 'rejected', ?, 1)",
+                (calling_ae, called_ae, host, port, now, now, reason),
+            )
+
+    def end_association(self, association_id: int, state: str, reason: str | None = None) -> None:
+        """Mark an association released or aborted (the assembly sweep then looks at its studies)."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE associations SET state = ?, ended_at = ?, reason = coalesce(?, reason) WHERE id = ?",
+                (state, time.time(), reason, association_id),
+            )
+
+    def count_failure(self, association_id: int | None) -> None:
+        """One more C-STORE answered with a failure on this association."""
+        if association_id is None:
+            return
+        with self.tx() as db:
+            db.execute("UPDATE associations SET failures = failures + 1 WHERE id = ?", (association_id,))
+
+    def ended_unassembled_associations(self) -> list[dict[str, Any]]:
+        """Released or aborted associations whose studies completeness has not looked at yet."""
+        return self.query(
+            "SELECT id, state FROM associations WHERE state IN ('released', 'aborted') AND assembled = 0 ORDER BY id"
+        )
+
+    def association_studies(self, association_id: int) -> list[str]:
+        """Studies that received source instances on an association."""
+        return [r["study_instance_uid"] for r in self.query(
+            "SELECT DISTINCT study_instance_uid FROM instances WHERE association_id = ? AND own_output = 0",
+            (association_id,),
+        )]
+
+    def mark_assembled(self, association_id: int) -> None:
+        """Completeness has handled this association."""
+        with self.tx() as db:
+            db.execute("UPDATE associations SET assembled = 1 WHERE id = ?", (association_id,))
+
+    # --------------------------------------------------------------------------------- instances
+
+    def record_instance(self, rec: InstanceRecord) -> bool:
+        """Record a stored instance; returns True if it is new.  A new source instance (re)opens its study."""
+        now = time.time()
+        with self.tx() as db:
+            existed = db.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+            ).fetchone() is not None
+            db.execute(
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
+                " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
+                " study_description, image_type, calling_ae, association_id, path, size, received_at, own_output)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(sop_instance_uid) DO UPDATE SET transfer_syntax_uid = excluded.transfer_syntax_uid,"
+                " path = excluded.path, size = excluded.size, received_at = excluded.received_at,"
+                " association_id = excluded.association_id",
+                (rec.sop_instance_uid, rec.study_instance_uid, rec.series_instance_uid, rec.sop_class_uid,
+                 rec.transfer_syntax_uid, rec.modality, rec.body_part_examined, rec.view_position,
+                 rec.series_description, rec.study_description, rec.image_type, rec.calling_ae,
+                 rec.association_id, rec.path, rec.size, now, int(rec.own_output)),
+            )
+            if rec.association_id is not None:
+                db.execute("UPDATE associations SET instances = instances + 1 WHERE id = ?", (rec.association_id,))
+            if rec.own_output:
+                return not existed
+            if not existed:
+                db.execute(
+                    "INSERT INTO studies (study_instance_uid, state, instance_count, generation, first_received_at,"
+                    " last_received_at, updated_at) VALUES (?, 'received', 1, 1, ?, ?, ?)"
+                    " ON CONFLICT(study_instance_uid) DO UPDATE SET state = 'received', reason = NULL,"
+                    " instance_count = instance_count + 1, generation = generation + 1,"
+                    " last_received_at = excluded.last_received_at, updated_at = excluded.updated_at",
+                    (rec.study_instance_uid, now, now, now),
+                )
+            else:
+                # A resend of a known instance keeps the study where it is, but delays a stable-age decision.
+                db.execute(
+                    "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ? AND state = 'received'",
+                    (now, rec.study_instance_uid),
+                )
+            return not existed
+
+    def is_known_output(self, sop_instance_uid: str) -> bool:
+        """True when the node produced an instance with this UID."""
+        return self.one("SELECT 1 AS x FROM outputs WHERE sop_instance_uid = ?", (sop_instance_uid,)) is not None
+
+    def source_instances(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """Source (not own-output) instances of a study, in arrival order."""
+        return self.query(
+            "SELECT * FROM instances WHERE study_instance_uid = ? AND own_output = 0 ORDER BY received_at, rowid",
+            (study_instance_uid,),
+        )
+
+    # ----------------------------------------------------------------------------------- studies
+
+    def study(self, study_instance_uid: str) -> dict[str, Any] | None:
+        """One study row."""
+        return self.one("SELECT * FROM studies WHERE study_instance_uid = ?", (study_instance_uid,))
+
+    def mark_complete(self, study_instance_uid: str, *, expected_state: str = RECEIVED) -> bool:
+        """received -> complete (only from `expected_state`); True if it moved."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE studies SET state = 'complete', reason = NULL, updated_at = ? WHERE study_instance_uid = ?"
+                " AND state = ?",
+                (time.time(), study_instance_uid, expected_state),
+            )
+            return cur.rowcount > 0
+
+    def stable_studies(self, quiet_since: float) -> list[str]:
+        """Studies still `received` whose last instance arrived before `quiet_since`."""
+        return [r["study_instance_uid"] for r in self.query(
+            "SELECT study_instance_uid FROM studies WHERE state = 'received' AND last_received_at <= ?"
+            " ORDER BY last_received_at",
+            (quiet_since,),
+        )]
+
+    def complete_studies(self, limit: int = 50) -> list[str]:
+        """Studies waiting for the pipeline, oldest first."""
+        return [r["study_instance_uid"] for r in self.query(
+            "SELECT study_instance_uid FROM studies WHERE state = 'complete' ORDER BY updated_at LIMIT ?", (limit,)
+        )]
+
+    def claim_study(self, study_instance_uid: str) -> int | None:
+        """complete -> analysing; returns the generation being analysed, or None if someone else moved it."""
+        with self.tx() as db:
+            row = db.execute(
+                "SELECT generation FROM studies WHERE study_instance_uid = ? AND state = 'complete'",
+                (study_instance_uid,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE studies SET state = 'analysing', analysing_generation = ?, reason = NULL, updated_at = ?"
+                " WHERE study_instance_uid = ?",
+                (row[0], time.time(), study_instance_uid),
+            )
+            return int(row[0])
+
+    def finish_study(self, study_instance_uid: str, generation: int, state: str, reason: str | None = None) -> bool:
+        """analysing -> `state`, unless new instances arrived meanwhile (then it stays `received`)."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE studies SET state = ?, reason = ?, updated_at = ? WHERE study_instance_uid = ?"
+                " AND state = 'analysing' AND generation = ?",
+                (state, reason, time.time(), study_instance_uid, generation),
+            )
+            return cur.rowcount > 0
+
+    def settle_delivered_studies(self, study_uids: Iterable[str] | None = None) -> None:
+        """encoded -> delivered (every delivery done) or failed (some delivery failed for good)."""
+        uids = list(study_uids) if study_uids is not None else [
+            r["study_instance_uid"] for r in self.query("SELECT study_instance_uid FROM studies WHERE state = 'encoded'")
+        ]
+        now = time.time()
+        for uid in uids:
+            with self.tx() as db:
+                counts = {r[0]: r[1] for r in db.execute(
+                    "SELECT state, count(*) FROM deliveries WHERE study_instance_uid = ? GROUP BY state", (uid,)
+                ).fetchall()}
+                if counts.get(PENDING) or counts.get(SENDING):
+                    continue
+                if counts.get(FAILED):
+                    err = db.execute(
+                        "SELECT destination, last_error FROM deliveries WHERE study_instance_uid = ? AND state = 'failed'"
+                        " ORDER BY updated_at DESC LIMIT 1", (uid,),
+                    ).fetchone()
+                    reason = f"{counts[FAILED]} output(s) not delivered; {err[0]}: {err[1]}"
+                    db.execute(
+                        "UPDATE studies SET state = 'failed', reason = ?, updated_at = ? WHERE study_instance_uid = ?"
+                        " AND state IN ('encoded', 'delivered')", (reason, now, uid),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE studies SET state = 'delivered', reason = NULL, updated_at = ?"
+                        " WHERE study_instance_uid = ? AND state IN ('encoded', 'failed')", (now, uid),
+                    )
+                # Jobs follow their study.
+                db.execute(
+                    "UPDATE jobs SET state = (SELECT state FROM studies WHERE study_instance_uid = ?), updated_at = ?"
+                    " WHERE study_instance_uid = ? AND state = 'encoded'"
+                    " AND (SELECT state FROM studies WHERE study_instance_uid = ?) IN ('delivered', 'failed')",
+                    (uid, now, uid, uid),
+                )
+
+    # -------------------------------------------------------------------------------------- jobs
+
+    def start_job(self, study_instance_uid: str, analysis: str, rule: str, input_key: str, generation: int) -> dict[str, Any]:
+        """The job row for this exact input (created as `analysing` if new)."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO jobs (study_instance_uid, analysis, rule, input_key, generation, state, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, 'analysing', ?, ?)"
+                " ON CONFLICT(study_instance_uid, analysis, input_key) DO NOTHING",
+                (study_instance_uid, analysis, rule, input_key, generation, now, now),
+            )
+            row = db.execute(
+                "SELECT * FROM jobs WHERE study_instance_uid = ? AND analysis = ? AND input_key = ?",
+                (study_instance_uid, analysis, input_key),
+            )
+            cols = [c[0] for c in row.description]
+            return dict(zip(cols, row.fetchone(), strict=True))
+
+    def fail_job(self, job_id: int, reason: str) -> None:
+        """A job failed for good (reason shown in status)."""
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?",
+                       (reason, time.time(), job_id))
+
+    def record_outputs(self, job_id: int, summary: dict[str, Any], outputs: Sequence[dict[str, Any]],
+                       deliveries: Sequence[tuple[str, str]]) -> int:
+        """Outputs written + deliveries queued + job `encoded`, in one transaction; returns deliveries added.
+
+        `deliveries` are (output SOP Instance UID, destination) pairs; a pair already delivered is not
+        queued again (same deterministic UID = same object).
+        """
+        now = time.time()
+        added = 0
+        with self.tx() as db:
+            for out in outputs:
+                db.execute(
+                    "INSERT INTO outputs (sop_instance_uid, job_id, study_instance_uid, series_instance_uid,"
+                    " sop_class_uid, transfer_syntax_uid, kind, variant, path, size, created_at)"
+                    " VALUES (:sop_instance_uid, :job_id, :study_instance_uid, :series_instance_uid, :sop_class_uid,"
+                    " :transfer_syntax_uid, :kind, :variant, :path, :size, :created_at)"
+                    " ON CONFLICT(sop_instance_uid) DO UPDATE SET job_id = excluded.job_id, path = excluded.path,"
+                    " size = excluded.size",
+                    {**out, "job_id": job_id, "created_at": now},
+                )
+            study = outputs[0]["study_instance_uid"] if outputs else None
+            for sop_uid, destination in deliveries:
+                cur = db.execute(
+                    "INSERT INTO deliveries (output_sop_instance_uid, destination, study_instance_uid, state,"
+                    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)"
+                    " ON CONFLICT(output_sop_instance_uid, destination) DO UPDATE SET state = 'pending',"
+                    " attempts = 0, next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at"
+                    " WHERE deliveries.state = 'failed'",
+                    (sop_uid, destination, study, now, now, now),
+                )
+                added += cur.rowcount
+            db.execute(
+                "UPDATE jobs SET state = 'encoded', reason = NULL, summary = ?, updated_at = ? WHERE id = ?",
+                (json.dumps(summary), now, job_id),
+            )
+        return added
+
+    def job_outputs(self, job_id: int) -> list[dict[str, Any]]:
+        """Outputs recorded for a job."""
+        return self.query("SELECT * FROM outputs WHERE job_id = ? ORDER BY kind, sop_instance_uid", (job_id,))
+
+    def latest_output(self, study_instance_uid: str, analysis: str, kind: str, *, before_job: int) -> dict[str, Any] | None:
+        """Newest output of `kind` from an earlier job of the same analysis (the predecessor of a new SR)."""
+        return self.one(
+            "SELECT o.* FROM outputs o JOIN jobs j ON j.id = o.job_id WHERE o.study_instance_uid = ? AND j.analysis = ?"
+            " AND o.kind = ? AND j.id != ? ORDER BY o.created_at DESC, j.id DESC LIMIT 1",
+            (study_instance_uid, analysis, kind, before_job),
+        )
+
+    # -------------------------------------------------------------------------------- deliveries
+
+    def due_deliveries(self, destination: str, now: float, limit: int) -> list[dict[str, Any]]:
+        """Pending deliveries whose time has come, joined with their output file, oldest first."""
+        return self.query(
+            "SELECT d.id, d.output_sop_instance_uid, d.attempts, d.study_instance_uid, o.path, o.sop_class_uid,"
+            " o.transfer_syntax_uid, o.kind FROM deliveries d JOIN outputs o ON o.sop_instance_uid ="
+            " d.output_sop_instance_uid WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at <= ?"
+            " ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            (destination, now, limit),
+        )
+
+    def next_due_time(self) -> float | None:
+        """Earliest next_attempt_at of any pending delivery."""
+        row = self.one("SELECT min(next_attempt_at) AS t FROM deliveries WHERE state = 'pending'")
+        return row["t"] if row and row["t"] is not None else None
+
+    def mark_sending(self, ids: Sequence[int]) -> None:
+        """pending -> sending (an attempt is under way)."""
+        with self.tx() as db:
+            for i in ids:
+                db.execute("UPDATE deliveries SET state = 'sending', attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                           (time.time(), i))
+
+    def mark_delivered(self, delivery_id: int, status: int) -> None:
+        """sending -> delivered."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = 'delivered', last_status = ?, last_error = NULL, delivered_at = ?,"
+                " updated_at = ? WHERE id = ?", (status, now, now, delivery_id),
+            )
+
+    def mark_retry(self, delivery_id: int, next_attempt_at: float, error: str, status: int | None) -> None:
+        """sending -> pending again, later."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?, last_status = ?,"
+                " updated_at = ? WHERE id = ?", (next_attempt_at, error, status, time.time(), delivery_id),
+            )
+
+    def mark_failed(self, delivery_id: int, error: str, status: int | None) -> None:
+        """sending -> failed for good (until `retry`)."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = 'failed', last_error = ?, last_status = ?, updated_at = ? WHERE id = ?",
+                (error, status, time.time(), delivery_id),
+            )
+
+    def requeue_failed(self, destination: str | None = None, study_instance_uid: str | None = None) -> int:
+        """failed deliveries -> pending now (``dicom-node retry``); their studies go back to `encoded`."""
+        now = time.time()
+        where, params = ["state = 'failed'"], []
+        if destination:
+            where.append("destination = ?")
+            params.append(destination)
+        if study_instance_uid:
+            where.append("study_instance_uid = ?")
+            params.append(study_instance_uid)
+        with self.tx() as db:
+            studies = [r[0] for r in db.execute(
+                f"SELECT DISTINCT study_instance_uid FROM deliveries WHERE {' AND '.join(where)}", params).fetchall()]
+            cur = db.execute(
+                f"UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
+                f" WHERE {' AND '.join(where)}", [now, now, *params],
+            )
+            for uid in studies:
+                db.execute("UPDATE studies SET state = 'encoded', reason = NULL, updated_at = ? WHERE study_instance_uid = ?"
+                           " AND state IN ('failed', 'delivered')", (now, uid))
+                db.execute("UPDATE jobs SET state = 'encoded', updated_at = ? WHERE study_instance_uid = ?"
+                           " AND state IN ('failed', 'delivered') AND summary IS NOT NULL", (now, uid))
+            return cur.rowcount
+
+    def requeue_failed_studies(self) -> int:
+        """Studies that failed before delivery (analysis errors) -> complete again (``dicom-node retry``)."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE studies SET state = 'complete', reason = NULL, updated_at = ? WHERE state = 'failed'"
+                " AND study_instance_uid NOT IN (SELECT study_instance_uid FROM deliveries WHERE state = 'failed')",
+                (time.time(),),
+            )
+            return cur.rowcount
+
+    # ---------------------------------------------------------------------------------- recovery
+
+    def recover(self) -> dict[str, int]:
+        """After a crash: interrupted work goes back one step so it is redone exactly once."""
+        now = time.time()
+        with self.tx() as db:
+            a = db.execute("UPDATE studies SET state = 'complete', updated_at = ? WHERE state = 'analysing'", (now,)).rowcount
+            b = db.execute("UPDATE deliveries SET state = 'pending', updated_at = ? WHERE state = 'sending'", (now,)).rowcount
+            c = db.execute(
+                "UPDATE associations SET state = 'aborted', ended_at = ?, reason = 'node stopped during association'"
+                " WHERE state = 'open'", (now,),
+            ).rowcount
+            db.execute("DELETE FROM jobs WHERE state = 'analysing'")
+        return {"studies_reanalysed": a, "deliveries_resent": b, "associations_closed": c}
+
+    # ------------------------------------------------------------------------ status (CLI, web API)
+
+    def study_counts(self) -> dict[str, int]:
+        """Number of studies in each state (every state listed)."""
+        counts = {s: 0 for s in STUDY_STATES}
+        for r in self.query("SELECT state, count(*) AS n FROM studies GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        return counts
+
+    def queue_depth(self) -> list[dict[str, Any]]:
+        """Per destination: pending / sending / delivered / failed counts and the last error."""
+        rows = self.query(
+            "SELECT destination, sum(state = 'pending') AS pending, sum(state = 'sending') AS sending,"
+            " sum(state = 'delivered') AS delivered, sum(state = 'failed') AS failed FROM deliveries"
+            " GROUP BY destination ORDER BY destination"
+        )
+        for r in rows:
+            err = self.one(
+                "SELECT last_error, last_status, updated_at FROM deliveries WHERE destination = ? AND last_error IS NOT NULL"
+                " ORDER BY updated_at DESC LIMIT 1", (r["destination"],),
+            )
+            r["last_error"] = err["last_error"] if err else None
+            r["last_error_at"] = err["updated_at"] if err else None
+        return rows
+
+    def recent_studies(self, limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
+        """Latest studies (optionally in one state), newest first."""
+        if state:
+            return self.query("SELECT * FROM studies WHERE state = ? ORDER BY updated_at DESC LIMIT ?", (state, limit))
+        return self.query("SELECT * FROM studies ORDER BY updated_at DESC LIMIT ?", (limit,))
+
+    def study_detail(self, study_instance_uid: str) -> dict[str, Any] | None:
+        """A study with its jobs, outputs and deliveries (for status pages)."""
+        study = self.study(study_instance_uid)
+        if study is None:
+            return None
+        study["jobs"] = self.query("SELECT * FROM jobs WHERE study_instance_uid = ? ORDER BY id", (study_instance_uid,))
+        for job in study["jobs"]:
+            job["summary"] = json.loads(job["summary"]) if job.get("summary") else None
+        study["outputs"] = self.query("SELECT * FROM outputs WHERE study_instance_uid = ? ORDER BY kind", (study_instance_uid,))
+        study["deliveries"] = self.query(
+            "SELECT * FROM deliveries WHERE study_instance_uid = ? ORDER BY destination, id", (study_instance_uid,)
+        )
+        return study
+
+    def recent_associations(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Latest associations (audit)."""
+        return self.query("SELECT * FROM associations ORDER BY id DESC LIMIT ?", (limit,))
+
+    # ------------------------------------------------------------------------------- retention
+
+    def purgeable_studies(self, delivered_before: float) -> list[str]:
+        """Delivered studies last touched before the cut-off."""
+        return [r["study_instance_uid"] for r in self.query(
+            "SELECT study_instance_uid FROM studies WHERE state IN ('delivered', 'unrouted') AND updated_at < ?",
+            (delivered_before,),
+        )]
+
+    def forget_instances(self, study_instance_uid: str) -> list[str]:
+        """Drop a study's instance rows; returns their file paths (the caller deletes the files)."""
+        with self.tx() as db:
+            paths = [r[0] for r in db.execute(
+                "SELECT path FROM instances WHERE study_instance_uid = ?", (study_instance_uid,)).fetchall()]
+            db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_instance_uid,))
+            return paths
+
+
+def _statements(script: str) -> list[str]:
+    out, buf = [], []
+    for line in script.splitlines():
+        code = line.split("--", 1)[0]
+        buf.append(code)
+        if code.rstrip().endswith(";"):
+            stmt = "\n".join(buf).strip()
+            if stmt.strip(";").strip():
+                out.append(stmt)
+            buf = []
+    rest = "\n".join(buf).strip()
+    if rest:
+        out.append(rest)
+    return out

@@ -1,0 +1,47 @@
+"""One exception tree for the node: every failure the CLI reports is one of these, with a one-line reason."""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose; `str(exc)` is the one-line reason."""
+
+
+class ConfigError(NodeError):
+    """The configuration is invalid; `problems` lists every problem as ``"key: what is wrong"``."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = list(problems)
+        self.source = source
+        first = self.problems[0] if self.problems else "invalid"
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        super().__init__(f"{source}: {first}{more}")
+
+
+class StorageError(NodeError):
+    """An instance or output could not be written to, or read from, the store."""
+
+
+class DatabaseError(NodeError):
+    """The node database could not be opened, migrated or written."""
+
+
+class DatasetError(NodeError):
+    """A received dataset cannot be understood (missing identity, truncated, undecodable)."""
+
+
+class RoutingError(NodeError):
+    """A routing rule is invalid or refers to something that does not exist."""
+
+
+class PipelineError(NodeError):
+    """A study could not be analysed or its outputs could not be encoded."""
+
+
+class DeliveryError(NodeError):
+    """Sending to a destination failed; `transient` says whether a retry can help."""
+
+    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.status = status

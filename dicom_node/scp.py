@@ -1,0 +1,363 @@
+"""The receiving side: a pynetdicom AE answering C-ECHO and C-STORE.
+
+Handlers only acknowledge.  A C-STORE handler writes the bytes exactly as received (plus a file meta
+header) to a temporary file, fsyncs, renames it into the store, records the row, and only then answers
+0x0000.  Disk or database trouble answers 0xA700 (out of resources), a dataset that cannot be understood
+answers 0xC210 with the reason logged; no exception ever leaves a handler, so the node stays up.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node import __version__, transfer_syntaxes
+from dicom_node.db import Database, InstanceRecord
+from dicom_node.errors import DatabaseError, DatasetError, StorageError
+from dicom_node.settings import Settings
+from dicom_node.storage import Store
+
+log = logging.getLogger("dicom_node.scp")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1497.1")  # fixed: identifies this implementation
+IMPLEMENTATION_VERSION_NAME = f"SPINENODE_{__version__}"[:16]
+
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def set_tcp_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle on the association's socket (tens of ms per message otherwise)."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as exc:  # a socket that is already gone has nothing to tune
+        log.debug("TCP_NODELAY not set: %s", exc)
+
+
+def own_output_producer() -> tuple[str, str]:
+    """(Manufacturer, ManufacturerModelName) the node writes into its outputs."""
+    try:
+        from reports import Producer  # type: ignore[attr-defined]
+
+        p = Producer()
+        return p.manufacturer, p.model_name
+    except (ImportError, AttributeError):
+        return "Spine PACS AI Node project", "spine-pacs-ai-node"
+
+
+class StorageSCP:
+    """The node's Storage SCP (and Verification SCP)."""
+
+    def __init__(self, settings: Settings, db: Database, store: Store,
+                 on_association_end: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.on_association_end = on_association_end
+        self._server: Any = None
+        self._producer = own_output_producer()
+        self._ended: set[int] = set()
+        self._lock = threading.Lock()
+        allowed: dict[str, list[str | None]] = {}
+        for peer in settings.peers.allow:
+            allowed.setdefault(peer.ae_title, []).append(peer.host)
+        self._allowed = allowed
+        self.ae = self._build_ae()
+
+    # --------------------------------------------------------------------------------- AE set-up
+
+    def _build_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification, transfer_syntaxes.UNCOMPRESSED)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, transfer_syntaxes.ACCEPTED)
+        return ae
+
+    @property
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """Event handlers bound to the server."""
+        return [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    def start(self) -> None:
+        """Listen on the configured host and port (returns at once)."""
+        node = self.settings.node
+        self._server = self.ae.start_server((node.bind_host, node.port), block=False, evt_handlers=self.handlers)
+        log.info("listening as %s on %s:%d", node.ae_title, node.bind_host, self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self._server is None:
+            return self.settings.node.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop listening and abort open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @property
+    def active_associations(self) -> list[Any]:
+        """Associations currently open."""
+        return list(self._server.active_associations) if self._server is not None else []
+
+    # ------------------------------------------------------------------------------ association
+
+    def _peer(self, assoc: Any) -> tuple[str, str, int | None]:
+        req = assoc.requestor
+        calling = (req.primitive.calling_ae_title if req.primitive is not None else req.ae_title) or ""
+        return str(calling).strip(), str(req.address or ""), req.port
+
+    def _allowed_peer(self, calling: str, host: str) -> bool:
+        if self.settings.peers.accept_any:
+            return True
+        hosts = self._allowed.get(calling)
+        if hosts is None:
+            return False
+        return any(h is None or _same_host(h, host) for h in hosts)
+
+    def _on_requested(self, event: Any) -> None:
+        calling, host, port = self._peer(event.assoc)
+        called = str(event.assoc.requestor.primitive.called_ae_title or "").strip()
+        if self._allowed_peer(calling, host):
+            return
+        reason = f"calling AE {calling!r} from {host} is not an allowed peer"
+        log.warning("rejecting association: %s", reason)
+        try:
+            self.db.record_rejected_association(calling, called, host, port, reason)
+        except Exception:  # noqa: BLE001 - auditing must not stop the rejection
+            log.exception("could not record the rejected association")
+        # Rejected-permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_established(self, event: Any) -> None:
+        calling, host, port = self._peer(event.assoc)
+        try:
+            event.assoc.node_association_id = self.db.open_association(
+                calling, self.settings.node.ae_title, host, port
+            )
+        except Exception:  # noqa: BLE001 - stores then fail with 0xA700, which the sender retries
+            log.exception("could not record association from %s", calling)
+            event.assoc.node_association_id = None
+
+    def _end(self, event: Any, state: str) -> None:
+        assoc_id = getattr(event.assoc, "node_association_id", None)
+        if assoc_id is None:
+            return
+        with self._lock:
+            if assoc_id in self._ended:
+                return
+            self._ended.add(assoc_id)
+        try:
+            self.db.end_association(assoc_id, state)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the end of association %s", assoc_id)
+        if self.on_association_end is not None:
+            try:
+                self.on_association_end()
+            except Exception:  # noqa: BLE001
+                log.exception("association-end callback failed")
+
+    def _on_released(self, event: Any) -> None:
+        self._end(event, "released")
+
+    def _on_aborted(self, event: Any) -> None:
+        self._end(event, "aborted")
+
+    def _on_conn_close(self, event: Any) -> None:
+        # A connection that dropped without release or abort still ends its association.
+        self._end(event, "aborted")
+
+    # ----------------------------------------------------------------------------------- services
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: Any) -> int:
+        assoc_id = getattr(event.assoc, "node_association_id", None)
+        try:
+            return self._store(event, assoc_id)
+        except DatasetError as exc:
+            log.warning("C-STORE refused (0x%04X): %s", CANNOT_UNDERSTAND, exc)
+            status = CANNOT_UNDERSTAND
+        except (StorageError, DatabaseError) as exc:
+            log.error("C-STORE failed (0x%04X): %s", OUT_OF_RESOURCES, exc)
+            status = OUT_OF_RESOURCES
+        except Exception as exc:  # noqa: BLE001 - e.g. sqlite3 errors, MemoryError: never escape
+            log.exception("C-STORE failed (0x%04X): %s", OUT_OF_RESOURCES, type(exc).__name__)
+            status = OUT_OF_RESOURCES
+        try:
+            self.db.count_failure(assoc_id)
+        except Exception:  # noqa: BLE001
+            pass
+        return status
+
+    def _store(self, event: Any, assoc_id: int | None) -> int:
+        request = event.request
+        ts = UID(event.context.transfer_syntax)
+        try:
+            raw = request.DataSet.getvalue()
+        except AttributeError:
+            raise DatasetError("C-STORE request without a data set") from None
+        ds = _read_headers(event, ts)
+        ident = {k: str(ds.get(k, "") or "").strip() for k in _REQUIRED}
+        missing = [k for k, v in ident.items() if not v]
+        if missing:
+            raise DatasetError(f"data set lacks {', '.join(missing)}")
+        affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
+        if affected_sop and affected_sop != ident["SOPInstanceUID"]:
+            raise DatasetError(
+                f"SOPInstanceUID {ident['SOPInstanceUID']} differs from the request's {affected_sop}"
+            )
+        affected_class = str(request.AffectedSOPClassUID or "").strip()
+        if affected_class and affected_class != ident["SOPClassUID"]:
+            log.warning("C-STORE refused (0x%04X): SOPClassUID %s differs from the request's %s",
+                        DATASET_DOES_NOT_MATCH_SOP_CLASS, ident["SOPClassUID"], affected_class)
+            self.db.count_failure(assoc_id)
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        _check_pixel_data(ds, ts)
+
+        calling = str(event.assoc.requestor.ae_title or "").strip()
+        own = self._is_own_output(ds, ident["SOPInstanceUID"])
+        meta = _file_meta(ident["SOPClassUID"], ident["SOPInstanceUID"], ts, calling)
+        path = self.store.instance_path(ident["StudyInstanceUID"], ident["SeriesInstanceUID"], ident["SOPInstanceUID"])
+        size = self.store.write_atomic(path, (meta, raw))
+        image_type = ds.get("ImageType", "")
+        rec = InstanceRecord(
+            sop_instance_uid=ident["SOPInstanceUID"],
+            study_instance_uid=ident["StudyInstanceUID"],
+            series_instance_uid=ident["SeriesInstanceUID"],
+            sop_class_uid=ident["SOPClassUID"],
+            transfer_syntax_uid=str(ts),
+            modality=_text(ds, "Modality"),
+            body_part_examined=_text(ds, "BodyPartExamined"),
+            view_position=_text(ds, "ViewPosition"),
+            series_description=_text(ds, "SeriesDescription"),
+            study_description=_text(ds, "StudyDescription"),
+            image_type="\\".join(image_type) if not isinstance(image_type, str) else image_type,
+            calling_ae=calling,
+            association_id=assoc_id,
+            path=str(path),
+            size=size,
+            own_output=own,
+        )
+        try:
+            self.db.record_instance(rec)
+        except Exception as exc:
+            raise DatabaseError(f"cannot record {ident['SOPInstanceUID']}: {exc}") from exc
+        if own:
+            log.info("stored our own output %s coming back; it will not be analysed", ident["SOPInstanceUID"])
+        return SUCCESS
+
+    def _is_own_output(self, ds: Any, sop_uid: str) -> bool:
+        if self.db.is_known_output(sop_uid):
+            return True
+        manufacturer, model = self._producer
+        return _text(ds, "Manufacturer") == manufacturer and _text(ds, "ManufacturerModelName") == model
+
+
+def _same_host(expected: str, actual: str) -> bool:
+    if expected == actual:
+        return True
+    try:
+        return actual in {info[4][0] for info in socket.getaddrinfo(expected, None)}
+    except OSError:
+        return False
+
+
+def _text(ds: Any, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # noqa: BLE001 - a malformed optional attribute is treated as absent
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _read_headers(event: Any, ts: UID) -> Any:
+    """Decode the data set's elements (pixel data stays raw bytes); DatasetError if unreadable."""
+    try:
+        ds = event.dataset
+        # Element values are parsed lazily: touch the identity now so a malformed set fails here.
+        for keyword in (*_REQUIRED, "Modality"):
+            ds.get(keyword)
+        return ds
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
+        raise DatasetError(f"cannot decode the data set ({type(exc).__name__}: {exc})") from None
+
+
+def _check_pixel_data(ds: Any, ts: UID) -> None:
+    """A truncated image is refused rather than stored: native pixel data must have its full length."""
+    try:
+        elem = ds.get((0x7FE0, 0x0010))
+        if elem is None:
+            return
+        if ts.is_encapsulated:
+            if elem.value is None or len(elem.value) < 8:
+                raise DatasetError("encapsulated Pixel Data is empty or truncated")
+            return
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = (rows * cols * frames * spp * bits + 7) // 8
+        actual = len(elem.value or b"")
+        if actual < expected:
+            raise DatasetError(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames}x{spp}x{bits} bits need {expected}")
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f"cannot check Pixel Data ({type(exc).__name__}: {exc})") from None
+
+
+def _file_meta(sop_class: str, sop_instance: str, ts: UID, calling_ae: str) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if calling_ae:
+        meta.SourceApplicationEntityTitle = calling_ae
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(pydicom.filebase.DicomFileLike(buf), meta, enforce_standard=True)
+    return buf.getvalue()

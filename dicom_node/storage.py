@@ -1,0 +1,121 @@
+"""The instance and output store: ``<data_dir>/instances/<Study>/<Series>/<SOP>.dcm`` and
+``<data_dir>/outputs/<Study>/<kind>/<SOP>.dcm``, written atomically (tmp + fsync + rename).
+
+A file is either absent or complete: the SCP acknowledges an instance only after `write_atomic`
+returned, so a crash at any moment never leaves a half-written instance under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from dicom_node.errors import StorageError
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def safe_component(uid: str) -> str:
+    """A UID usable as a file name; anything that is not a well-formed UID is replaced by its digest."""
+    uid = (uid or "").strip().rstrip("\x00")
+    if 0 < len(uid) <= 64 and _UID.match(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+class Store:
+    """Files under `root`; `fsync` makes every write durable against power loss (not just crashes)."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.instances = self.root / "instances"
+        self.outputs = self.root / "outputs"
+        self.tmp = self.root / "tmp"
+        self._dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        self._counter = 0
+        try:
+            for d in (self.instances, self.outputs, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the store under {self.root}: {exc.strerror or exc}") from exc
+
+    def clean_tmp(self) -> int:
+        """Remove temporary files left by a crash (never acknowledged, so nothing is lost); returns count."""
+        n = 0
+        for p in self.tmp.iterdir():
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Where a received instance lives."""
+        return self.instances / safe_component(study_uid) / safe_component(series_uid) / f"{safe_component(sop_uid)}.dcm"
+
+    def output_path(self, study_uid: str, kind: str, sop_uid: str) -> Path:
+        """Where an output lives."""
+        return self.outputs / safe_component(study_uid) / kind / f"{safe_component(sop_uid)}.dcm"
+
+    def _ensure_dir(self, d: Path) -> None:
+        if d in self._dirs:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._dirs.add(d)
+
+    def _tmp_name(self) -> Path:
+        with self._lock:
+            self._counter += 1
+            n = self._counter
+        return self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}.part"
+
+    def write_atomic(self, path: Path, chunks: Iterable[bytes]) -> int:
+        """Write `chunks` to `path` atomically; returns the size.  Raises `StorageError` on any OS error."""
+        tmp = self._tmp_name()
+        try:
+            self._ensure_dir(path.parent)
+            size = 0
+            with open(tmp, "wb", buffering=0) as fh:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = fh.write(view)
+                        size += written
+                        view = view[written:]
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            if self.fsync:
+                fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            return size
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+
+    def remove(self, paths: Iterable[str | Path]) -> int:
+        """Delete files (retention); missing files are fine. Returns how many were removed."""
+        n = 0
+        for p in paths:
+            try:
+                Path(p).unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass
+        return n
