@@ -1,0 +1,332 @@
+"""What every output object shares: the API types, patient/study identity, series and UIDs.
+
+Kept apart from `reports.outputs` so the per-kind encoders (`seg`, `sr`, `sc`, `pr`) can use it
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Literal
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID
+
+from inference.results import ImageResult, ModelInfo, StudyResult
+from reports import codes
+from reports.uids import derive_uid
+
+
+class OutputKind(str, enum.Enum):  # noqa: UP042 (the agreed contract spells it so)
+    """The four object kinds the node writes back into the study."""
+
+    SEG = "seg"
+    SR = "sr"
+    SC = "sc"
+    PR = "pr"
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Per-destination encoding choices.
+
+    LABELMAP SEG is a newer SOP class (Label Map Segmentation Storage) fewer PACS accept, so BINARY
+    is the default.  JPEG 2000 lossless shrinks a CT SEG ~40x but some viewers cannot decode it.
+    """
+
+    seg_format: Literal["binary", "labelmap"] = "binary"
+    seg_compression: Literal["none", "jpeg2000"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.seg_format not in ("binary", "labelmap"):
+            raise ValueError(f"seg_format must be 'binary' or 'labelmap', got {self.seg_format!r}")
+        if self.seg_compression not in ("none", "jpeg2000"):
+            raise ValueError(f"seg_compression must be 'none' or 'jpeg2000', got {self.seg_compression!r}")
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("spine-pacs-ai-node")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The node as an equipment: Manufacturer, ManufacturerModelName, SoftwareVersions ..."""
+
+    manufacturer: str = "Spine PACS AI Node project"
+    model_name: str = "spine-pacs-ai-node"
+    software_version: str = _package_version()
+    device_serial_number: str = "0"
+    #: None: copy InstitutionName from the source.
+    institution_name: str | None = None
+
+    @property
+    def device_uid(self) -> UID:
+        """Stable UID of this producer as a device observer (SR TID 1004)."""
+        return derive_uid("device", self.manufacturer, self.model_name, self.device_serial_number)
+
+
+@dataclass(frozen=True)
+class SopReference:
+    """An earlier output, referenced from a new SR's PredecessorDocumentsSequence."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class EncodedOutput:
+    """One finished object: `dataset` has its file meta and is ready for dcmwrite or C-STORE."""
+
+    kind: OutputKind
+    dataset: Dataset
+    source_sop_instance_uids: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------------------ series
+
+
+@dataclass(frozen=True)
+class SeriesStyle:
+    """Stable series number and description of one output kind."""
+
+    number: int
+    description: str
+
+
+SERIES: dict[OutputKind, SeriesStyle] = {
+    OutputKind.SEG: SeriesStyle(9001, "AI Spine SEG"),
+    OutputKind.SR: SeriesStyle(9002, "AI Spine Report"),
+    OutputKind.SC: SeriesStyle(9003, "AI Spine Annotated"),
+    OutputKind.PR: SeriesStyle(9004, "AI Spine Presentation State"),
+}
+
+#: Shown on every human-facing output.
+DISCLAIMER = "AI RESULT — NOT FOR PRIMARY DIAGNOSIS"
+
+
+# -------------------------------------------------------------------------------------------- UIDs
+
+
+def models_fingerprint(models: Sequence[ModelInfo]) -> str:
+    """Order-independent text of the model names and versions (part of every output UID)."""
+    if not models:
+        return "no-model"
+    return ";".join(sorted(f"{m.name}={m.version}" for m in models))
+
+
+def models_text(models: Sequence[ModelInfo]) -> str:
+    """Readable "name version, name version"."""
+    return ", ".join(f"{m.name} {m.version}" for m in models) or "no model"
+
+
+def image_key(image: ImageResult) -> tuple[str, ...]:
+    """The source UIDs one image's outputs derive from (one radiograph, or a whole series)."""
+    src = image.source
+    if src.is_volume:
+        return (src.series_instance_uid, *sorted(src.sop_instance_uids))
+    return (src.sop_instance_uids[0],)
+
+
+def series_uid(result: StudyResult, kind: OutputKind, variant: str = "") -> UID:
+    """Series of one output kind in the study (one per kind, model versions and variant)."""
+    return derive_uid(result.study_instance_uid, "series", kind.value, models_fingerprint(result.models),
+                      variant or "default")
+
+
+def image_output_uid(result: StudyResult, image: ImageResult, kind: OutputKind, variant: str = "") -> UID:
+    """SOP Instance UID of a per-image output (SEG, SC, PR)."""
+    return derive_uid(*image_key(image), kind.value, models_fingerprint(result.models), variant or "default")
+
+
+def analysed_sop_instance_uids(result: StudyResult) -> tuple[str, ...]:
+    """Sorted SOP Instance UIDs of every analysed source instance."""
+    return tuple(sorted({uid for im in result.images for uid in im.source.sop_instance_uids}))
+
+
+def sr_uid(result: StudyResult) -> UID:
+    """SOP Instance UID of the study's SR: changes when the set of analysed instances changes."""
+    return derive_uid(result.study_instance_uid, OutputKind.SR.value, models_fingerprint(result.models),
+                      *analysed_sop_instance_uids(result))
+
+
+# ---------------------------------------------------------------------------------------- identity
+
+#: Patient and study attributes copied verbatim from the source, with their type in the output IODs
+#: (2: always present, empty if the source lacks it; 3: only if the source has it).
+IDENTITY_ATTRIBUTES: tuple[tuple[str, int], ...] = (
+    # Patient module
+    ("PatientName", 2),
+    ("PatientID", 2),
+    ("IssuerOfPatientID", 3),
+    ("IssuerOfPatientIDQualifiersSequence", 3),
+    ("TypeOfPatientID", 3),
+    ("PatientBirthDate", 2),
+    ("PatientBirthTime", 3),
+    ("PatientSex", 2),
+    ("OtherPatientIDsSequence", 3),
+    ("PatientComments", 3),
+    ("PatientSpeciesDescription", 3),
+    ("PatientSpeciesCodeSequence", 3),
+    ("PatientBreedDescription", 3),
+    ("PatientBreedCodeSequence", 3),
+    ("BreedRegistrationSequence", 3),
+    ("ResponsiblePerson", 3),
+    ("ResponsiblePersonRole", 3),
+    ("ResponsibleOrganization", 3),
+    ("PatientIdentityRemoved", 3),
+    ("DeidentificationMethod", 3),
+    ("DeidentificationMethodCodeSequence", 3),
+    # General Study module
+    ("StudyInstanceUID", 1),
+    ("StudyDate", 2),
+    ("StudyTime", 2),
+    ("ReferringPhysicianName", 2),
+    ("ReferringPhysicianIdentificationSequence", 3),
+    ("StudyID", 2),
+    ("AccessionNumber", 2),
+    ("IssuerOfAccessionNumberSequence", 3),
+    ("StudyDescription", 3),
+    ("PhysiciansOfRecord", 3),
+    ("PhysiciansOfRecordIdentificationSequence", 3),
+    ("NameOfPhysiciansReadingStudy", 3),
+    ("PhysiciansReadingStudyIdentificationSequence", 3),
+    ("RequestingServiceCodeSequence", 3),
+    ("ProcedureCodeSequence", 3),
+    ("ReasonForPerformedProcedureCodeSequence", 3),
+    # Patient Study module
+    ("AdmittingDiagnosesDescription", 3),
+    ("AdmittingDiagnosesCodeSequence", 3),
+    ("PatientAge", 3),
+    ("PatientSize", 3),
+    ("PatientWeight", 3),
+    ("EthnicGroup", 3),
+    ("Occupation", 3),
+    ("AdditionalPatientHistory", 3),
+    ("AdmissionID", 3),
+    ("IssuerOfAdmissionIDSequence", 3),
+    ("PregnancyStatus", 3),
+    ("SmokingStatus", 3),
+)
+
+#: Attributes all sources must agree on: outputs never mix patients or studies.
+_MUST_AGREE = ("StudyInstanceUID", "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+               "PatientSex")
+
+
+def check_one_study(sources: Sequence[Dataset]) -> None:
+    """Raise ``ValueError`` naming the attribute if `sources` span more than one study or patient."""
+    if not sources:
+        raise ValueError("no source datasets given")
+    first = sources[0]
+    for keyword in _MUST_AGREE:
+        values = {str(ds.get(keyword, "")) for ds in sources}
+        if len(values) > 1:
+            raise ValueError(
+                f"sources disagree on {keyword}: {sorted(values)!r}; outputs are built for one patient and study "
+                f"({first.get('SOPInstanceUID', '?')} is the first source)"
+            )
+
+
+def apply_identity(ds: Dataset, source: Dataset) -> None:
+    """Overwrite `ds`'s patient and study attributes with exact copies of the source's."""
+    for keyword, type_ in IDENTITY_ATTRIBUTES:
+        if keyword in source:
+            setattr(ds, keyword, copy.deepcopy(source[keyword].value))
+        elif type_ == 2:
+            setattr(ds, keyword, None)  # present but empty, as the IODs require
+        elif keyword in ds:
+            delattr(ds, keyword)
+    # Our own text (dashes in level spans, the disclaimer) is not Latin-1; UTF-8 carries any name exactly.
+    ds.SpecificCharacterSet = "ISO_IR 192"
+
+
+def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:
+    """General Equipment of the node, institution copied from the source unless the producer sets one."""
+    ds.Manufacturer = producer.manufacturer
+    ds.ManufacturerModelName = producer.model_name
+    ds.SoftwareVersions = producer.software_version
+    ds.DeviceSerialNumber = producer.device_serial_number
+    institution = producer.institution_name if producer.institution_name is not None else source.get(
+        "InstitutionName")
+    if institution:
+        ds.InstitutionName = institution
+    elif "InstitutionName" in ds:
+        del ds.InstitutionName
+
+
+def apply_series(ds: Dataset, kind: OutputKind) -> None:
+    """Stable SeriesNumber and SeriesDescription of an output kind."""
+    style = SERIES[kind]
+    ds.SeriesNumber = style.number
+    ds.SeriesDescription = style.description
+
+
+def copy_image_attributes(ds: Dataset, source: Dataset, keywords: Sequence[str]) -> None:
+    """Copy series/image attributes the source has (PatientOrientation, Laterality, BodyPartExamined ...)."""
+    for keyword in keywords:
+        if keyword in source and source[keyword].value not in (None, ""):
+            setattr(ds, keyword, copy.deepcopy(source[keyword].value))
+
+
+def declare_private_scheme(ds: Dataset) -> None:
+    """Add the private coding scheme to CodingSchemeIdentificationSequence (once)."""
+    items = list(ds.get("CodingSchemeIdentificationSequence", []))
+    if not any(i.get("CodingSchemeDesignator") == codes.PRIVATE_SCHEME for i in items):
+        items.append(codes.coding_scheme_identification())
+    ds.CodingSchemeIdentificationSequence = DicomSequence(items)
+
+
+def fit_lo(text: str, limit: int = 64) -> str:
+    """Truncate `text` so its UTF-8 encoding fits `limit` bytes (LO/SH/ST lengths count bytes)."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode("utf-8", errors="ignore").rstrip()
+
+
+def patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    """PatientOrientation of a source: its own, or derived from ImageOrientationPatient (CT/MR)."""
+    value = source.get("PatientOrientation")
+    if value and len(value) == 2:
+        return (str(value[0]), str(value[1]))
+    iop = source.get("ImageOrientationPatient")
+    if not iop or len(iop) != 6:
+        return None
+    return (_direction_letters([float(v) for v in iop[:3]]), _direction_letters([float(v) for v in iop[3:]]))
+
+
+def _direction_letters(vector: list[float]) -> str:
+    # PS3.3 C.7.6.1.1.1: letters of the main axes, most significant first; patient x = L, y = P, z = H.
+    letters = []
+    for axis in sorted(range(3), key=lambda i: -abs(vector[i])):
+        if abs(vector[axis]) < 1e-3:
+            continue
+        positive, negative = (("L", "R"), ("P", "A"), ("H", "F"))[axis]
+        letters.append(positive if vector[axis] > 0 else negative)
+    return "".join(letters)
+
+
+def sources_by_uid(sources: Sequence[Dataset]) -> dict[str, Dataset]:
+    """Index source datasets by SOP Instance UID."""
+    return {str(ds.SOPInstanceUID): ds for ds in sources}
+
+
+def image_sources(image: ImageResult, by_uid: dict[str, Dataset]) -> list[Dataset]:
+    """The source datasets of one analysed image, in mask order; ``ValueError`` if one is missing."""
+    out = []
+    for uid in image.source.sop_instance_uids:
+        try:
+            out.append(by_uid[uid])
+        except KeyError:
+            raise ValueError(f"source instance {uid} of the result is not among the given sources") from None
+    return out

@@ -1,0 +1,412 @@
+"""Annotated Secondary Capture: what every PACS can show, even one that knows nothing of SEG or SR.
+
+Layout (canvas pixels): a yellow banner across the top with the disclaimer and the model versions;
+below it the source image, windowed as its modality asked (VOI LUT or window from the source,
+MONOCHROME1 inverted) with coloured outlines, level labels and measurement lines; on the right a
+legend panel with the screening verdict, hardware status, findings, heights table and colour key.
+Text sizes scale with the image so the banner and verdict stay readable in a PACS thumbnail and the
+labels at full screen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.sequence import Sequence as DicomSequence
+
+from inference.results import HardwareStatus, ImageResult, ImplantKind, StudyResult
+from reports import annotations, style
+from reports.common import (
+    DISCLAIMER,
+    OutputKind,
+    Producer,
+    apply_equipment,
+    apply_identity,
+    apply_series,
+    copy_image_attributes,
+    image_output_uid,
+    models_text,
+    patient_orientation,
+    series_uid,
+)
+
+#: Longest side of the SC image part: full-screen sharp, a fraction of a 3000 px radiograph's bytes.
+MAX_IMAGE_SIDE = 2048
+#: Small sources (a 512 px CT slice) are enlarged so labels and legend stay readable.
+MIN_IMAGE_SIDE = 768
+# Pillow's built-in scalable font (no system fonts needed) lacks a few typographic characters.
+_PLAIN = str.maketrans({"—": "-", "–": "-", "•": "·", "−": "-", "’": "'"})
+BANNER_BACKGROUND: style.RGB = (255, 210, 0)
+BANNER_TEXT: style.RGB = (0, 0, 0)
+PANEL_BACKGROUND: style.RGB = (16, 16, 16)
+PANEL_TEXT: style.RGB = (235, 235, 235)
+MUTED_TEXT: style.RGB = (170, 170, 170)
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2/3 windowing to [0, 1]."""
+    function = function.upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / max(width, 1e-6) + 0.5, 0.0, 1.0)
+    width = max(width, 1.0)
+    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _first(value: object) -> float:
+    if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)):
+        try:
+            return float(value[0])  # type: ignore[index]
+        except (TypeError, IndexError):
+            pass
+    return float(value)  # type: ignore[arg-type]
+
+
+def display_pixels(ds: Dataset, frame: np.ndarray | None = None) -> np.ndarray:
+    """The source as its modality meant it to be seen, as float [0, 1] with 1 = white.
+
+    Modality LUT (rescale), then the first VOI LUT or window of the source; without either, the
+    0.5-99.5 percentile range.  MONOCHROME1 (and a MONOCHROME2 with an INVERSE presentation LUT
+    shape) is inverted so bone is white in every output.
+    """
+    stored = ds.pixel_array if frame is None else frame
+    values = apply_modality_lut(stored, ds).astype(np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        lut = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = np.clip(lut / float(2**bits - 1), 0.0, 1.0)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        out = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
+    else:
+        lo, hi = np.percentile(values, (0.5, 99.5))
+        out = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    shape = str(ds.get("PresentationLUTShape", "IDENTITY"))
+    if photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE"):
+        out = 1.0 - out
+    return out
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class PlacedText:
+    """A text drawn on the canvas and its box (x0, y0, x1, y1), for tests and docs."""
+
+    text: str
+    box: tuple[int, int, int, int]
+    colour: style.RGB
+
+
+@dataclass
+class Rendering:
+    """The finished canvas and where things went on it."""
+
+    pixels: np.ndarray
+    #: (x0, y0) of the source image on the canvas and canvas pixels per source pixel.
+    image_origin: tuple[int, int]
+    scale: float
+    texts: list[PlacedText] = field(default_factory=list)
+    banner_height: int = 0
+    #: Which of the image's sources is shown (a series shows one slice).
+    source_index: int = 0
+    panel_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def to_canvas(self, x: float, y: float) -> tuple[float, float]:
+        """Canvas position of a SCOORD point of the source image."""
+        return (self.image_origin[0] + x * self.scale, self.image_origin[1] + y * self.scale)
+
+    def find(self, text: str) -> PlacedText:
+        """The placed text equal to `text` (KeyError if none)."""
+        for t in self.texts:
+            if t.text == text:
+                return t
+        raise KeyError(text)
+
+
+@dataclass(frozen=True)
+class _Fonts:
+    label: ImageFont.FreeTypeFont
+    detail: ImageFont.FreeTypeFont
+    body: ImageFont.FreeTypeFont
+    small: ImageFont.FreeTypeFont
+    verdict: ImageFont.FreeTypeFont
+    unit: float
+
+
+def _fonts(image_height: int) -> _Fonts:
+    unit = max(image_height, 500) / 100.0
+    return _Fonts(
+        label=ImageFont.load_default(size=max(14, round(2.6 * unit))),
+        detail=ImageFont.load_default(size=max(12, round(1.9 * unit))),
+        body=ImageFont.load_default(size=max(12, round(1.9 * unit))),
+        small=ImageFont.load_default(size=max(11, round(1.5 * unit))),
+        verdict=ImageFont.load_default(size=max(16, round(3.2 * unit))),
+        unit=unit,
+    )
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    words = text.translate(_PLAIN).split()
+    lines: list[str] = []
+    line = ""
+    for word in words:
+        candidate = f"{line} {word}".strip()
+        if not line or font.getlength(candidate) <= width:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    return lines or [""]
+
+
+@dataclass
+class _Line:
+    text: str
+    font: ImageFont.FreeTypeFont
+    colour: style.RGB
+    swatch: style.RGB | None = None
+    background: style.RGB | None = None
+    gap_before: float = 0.0
+
+
+def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts) -> list[_Line]:
+    verdict = result.verdict
+    lines: list[_Line] = [
+        _Line(verdict.outcome.value.upper(), fonts.verdict, (0, 0, 0), background=style.OUTCOME_COLOURS[verdict.outcome]),
+    ]
+    for reason in verdict.reasons:
+        lines.append(_Line(f"• {reason}", fonts.body, PANEL_TEXT))
+    if verdict.hardware is not None:
+        colour = style.ALERT_COLOUR if verdict.hardware is HardwareStatus.POSSIBLE_COMPLICATION else PANEL_TEXT
+        lines.append(_Line(f"Hardware: {verdict.hardware.value}", fonts.body, colour, gap_before=0.6))
+    if verdict.instrumentation:
+        lines.append(_Line(verdict.instrumentation, fonts.body, PANEL_TEXT))
+    findings = [*result.findings, *image.findings]
+    if findings:
+        lines.append(_Line("Findings", fonts.body, MUTED_TEXT, gap_before=0.6))
+        for f in findings:
+            where = f" {style.level_text(f.levels)}" if f.levels else ""
+            lines.append(_Line(f"• {f.kind.value}{where} ({f.severity.value})", fonts.body, style.ALERT_COLOUR))
+    if image.measurements:
+        lines.append(_Line("Measurements", fonts.body, MUTED_TEXT, gap_before=0.6))
+        for m in image.measurements:
+            unit = "°" if m.unit == "deg" else f" {m.unit}"
+            where = f" {style.level_text(m.levels)}" if m.levels else ""
+            lines.append(_Line(f"• {m.kind.value}{where}: {m.value:.1f}{unit}", fonts.body, style.MEASUREMENT_COLOUR))
+    ordered = style.ordered_vertebrae(image.vertebrae)
+    with_heights = [o for o in ordered if o.vertebra.heights is not None]
+    if with_heights:
+        lines.append(_Line("Vertebral body heights (mm), A / M / P", fonts.body, MUTED_TEXT, gap_before=0.6))
+        for o in with_heights:
+            h = o.vertebra.heights
+            assert h is not None
+            vals = " / ".join(f"{x.value_mm:.1f}" if x is not None else "–" for x in (h.anterior, h.middle, h.posterior))
+            grade = style.fracture_text(o.vertebra)
+            colour = style.ALERT_COLOUR if grade else PANEL_TEXT
+            lines.append(_Line(f"{style.short_level(o.vertebra, o.ordinal)}: {vals}" + (f"  {grade}" if grade else ""),
+                               fonts.body, colour, swatch=style.ALERT_COLOUR if grade else style.vertebra_colour(o.vertebra)))
+    elif ordered:
+        lines.append(_Line("Vertebrae: " + ", ".join(o.label for o in ordered), fonts.body, PANEL_TEXT, gap_before=0.6))
+    lines.append(_Line("Key", fonts.body, MUTED_TEXT, gap_before=0.6))
+    if ordered:
+        lines.append(_Line("vertebra outline (colour by level)", fonts.small, PANEL_TEXT,
+                           swatch=style.vertebra_colour(ordered[0].vertebra)))
+    for kind in ImplantKind:
+        count = sum(1 for i in image.implants if i.kind is kind)
+        if count:
+            lines.append(_Line(f"{style.IMPLANT_CLASS_LABELS[kind].lower()} ({count})", fonts.small, PANEL_TEXT,
+                               swatch=style.implant_colour(kind)))
+    if any(v.heights for v in image.vertebrae) or any(m.evidence for m in image.measurements):
+        lines.append(_Line("measurement lines", fonts.small, PANEL_TEXT, swatch=style.MEASUREMENT_COLOUR))
+    lines.append(_Line("finding / possible complication", fonts.small, PANEL_TEXT, swatch=style.ALERT_COLOUR))
+    for note in image.notes:
+        lines.append(_Line(f"Note: {note}", fonts.small, MUTED_TEXT, gap_before=0.3))
+    lines.append(_Line(f"Models: {models_text(result.models)}", fonts.small, MUTED_TEXT, gap_before=0.6))
+    return lines
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: ImageFont.FreeTypeFont,
+          colour: style.RGB, placed: list[PlacedText], *, stroke: bool = True, anchor: str = "la") -> None:
+    text = text.translate(_PLAIN)
+    stroke_width = max(1, round(font.size / 12)) if stroke else 0
+    draw.text(xy, text, font=font, fill=colour, anchor=anchor, stroke_width=stroke_width, stroke_fill=(0, 0, 0))
+    box = draw.textbbox(xy, text, font=font, anchor=anchor, stroke_width=stroke_width)
+    placed.append(PlacedText(text, tuple(int(round(v)) for v in box), colour))  # type: ignore[arg-type]
+
+
+def _panel(result: StudyResult, image: ImageResult, fonts: _Fonts, width: int) -> tuple[list[tuple[_Line, list[str]]], int]:
+    pad = round(1.2 * fonts.unit)
+    inner = width - 2 * pad
+    laid: list[tuple[_Line, list[str]]] = []
+    height = pad
+    for line in _legend_lines(result, image, fonts):
+        text_width = inner - (round(line.font.size * 1.6) if line.swatch else 0)
+        wrapped = _wrap(line.text, line.font, text_width)
+        laid.append((line, wrapped))
+        height += round(line.gap_before * line.font.size) + len(wrapped) * round(line.font.size * 1.25)
+        if line.background:
+            height += round(0.6 * line.font.size)
+    return laid, height + pad
+
+
+def _draw_panel(draw: ImageDraw.ImageDraw, laid: list[tuple[_Line, list[str]]], box: tuple[int, int, int, int],
+                fonts: _Fonts, placed: list[PlacedText]) -> None:
+    x0, y0, x1, _ = box
+    pad = round(1.2 * fonts.unit)
+    y = y0 + pad
+    for line, wrapped in laid:
+        y += round(line.gap_before * line.font.size)
+        step = round(line.font.size * 1.25)
+        if line.background:
+            block = len(wrapped) * step + round(0.6 * line.font.size)
+            draw.rectangle((x0 + pad, y, x1 - pad, y + block), fill=line.background)
+            y += round(0.3 * line.font.size)
+        x = x0 + pad
+        if line.swatch:
+            sw = round(line.font.size * 1.2)
+            cy = y + step // 2
+            draw.line((x, cy, x + sw, cy), fill=line.swatch, width=max(2, round(line.font.size / 5)))
+            x += round(line.font.size * 1.6)
+        for text in wrapped:
+            if line.background:
+                _text(draw, (x + round(0.3 * line.font.size), y), text, line.font, line.colour, placed, stroke=False)
+            else:
+                _text(draw, (x, y), text, line.font, line.colour, placed)
+            y += step
+        if line.background:
+            y += round(0.3 * line.font.size)
+
+
+def _fit_font(text: str, width: int, size: int) -> ImageFont.FreeTypeFont:
+    font = ImageFont.load_default(size=size)
+    while size > 10 and font.getlength(text.translate(_PLAIN)) > width:
+        size = int(size * 0.9)
+        font = ImageFont.load_default(size=size)
+    return font
+
+
+def _base_image(image: ImageResult, sources: Sequence[Dataset]) -> tuple[np.ndarray, int]:
+    """Grey display image of the source (radiograph: its pixels; series: the busiest slice)."""
+    if not image.source.is_volume:
+        return display_pixels(sources[0]), 0
+    drawings = annotations.volume_drawings(image)
+    index = max(drawings, key=lambda d: len(d.shapes)).index if drawings else len(sources) // 2
+    return display_pixels(sources[index]), index
+
+
+def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) -> Rendering:
+    """Draw the annotated capture of one analysed image."""
+    grey, index = _base_image(image, sources)
+    rows, cols = grey.shape
+    scale = min(1.0, MAX_IMAGE_SIDE / max(rows, cols))
+    if max(rows, cols) < MIN_IMAGE_SIDE:
+        scale = MIN_IMAGE_SIDE / max(rows, cols)
+    width, height = max(1, round(cols * scale)), max(1, round(rows * scale))
+    base = Image.fromarray(np.rint(grey * 255).astype(np.uint8), mode="L")
+    if scale != 1.0:
+        resample = Image.Resampling.LANCZOS if scale < 1.0 else Image.Resampling.BICUBIC
+        base = base.resize((width, height), resample)
+    fonts = _fonts(height)
+    panel_width = max(round(0.42 * width), round(22 * fonts.body.size))
+    laid, panel_height = _panel(result, image, fonts, panel_width)
+    banner_text = f"{DISCLAIMER}  ·  {models_text(result.models)}"
+    banner_font = _fit_font(banner_text, width + panel_width - round(2 * fonts.unit), max(16, round(2.6 * fonts.unit)))
+    banner_height = round(banner_font.size * 1.7)
+    canvas_h = banner_height + max(height, panel_height)
+    canvas = Image.new("RGB", (width + panel_width, canvas_h), PANEL_BACKGROUND)
+    canvas.paste(base.convert("RGB"), (0, banner_height))
+    draw = ImageDraw.Draw(canvas)
+    rendering = Rendering(pixels=np.zeros(0), image_origin=(0, banner_height), scale=scale,
+                          banner_height=banner_height, source_index=index, panel_box=(width, banner_height, width + panel_width, canvas_h))
+    placed = rendering.texts
+    draw.rectangle((0, 0, canvas.width, banner_height), fill=BANNER_BACKGROUND)
+    _text(draw, (round(fonts.unit), banner_height // 2), banner_text, banner_font, BANNER_TEXT, placed,
+          stroke=False, anchor="lm")
+    line_unit = max(1, round(fonts.unit * 0.28))
+    for drawing in annotations.drawings(image):
+        if drawing.index != index:
+            continue
+        for shape in drawing.shapes:
+            pts = [rendering.to_canvas(x, y) for x, y in shape.points]
+            if shape.closed:
+                pts.append(pts[0])
+            draw.line(pts, fill=shape.colour, width=line_unit * shape.weight, joint="curve")
+        for label in drawing.labels:
+            font = fonts.label if label.emphasis else fonts.detail
+            x, y = rendering.to_canvas(*label.anchor)
+            anchor = "lm" if label.align == "left" else "rm"
+            if label.detail:
+                y -= font.size * 0.45
+            _text(draw, (x, y), label.text, font, label.colour, placed, anchor=anchor)
+            if label.detail:
+                _text(draw, (x, y + font.size * 0.55), label.detail, fonts.detail, style.ALERT_COLOUR, placed,
+                      anchor="la" if label.align == "left" else "ra")
+    _draw_panel(draw, laid, rendering.panel_box, fonts, placed)
+    rendering.pixels = np.asarray(canvas)
+    return rendering
+
+
+# ---------------------------------------------------------------------------------------- encoding
+
+_SOURCE_ATTRIBUTES = ("BodyPartExamined", "Laterality")
+
+
+def build_sc(
+    result: StudyResult,
+    image: ImageResult,
+    sources: Sequence[Dataset],
+    *,
+    instance_number: int,
+    producer: Producer,
+) -> Dataset:
+    """The annotated Secondary Capture of one analysed image."""
+    rendering = render(result, image, sources)
+    source = sources[0]
+    orientation = patient_orientation(source)
+    sc = hd.sc.SCImage(
+        pixel_array=rendering.pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=str(source.StudyInstanceUID),
+        series_instance_uid=series_uid(result, OutputKind.SC),
+        series_number=1,  # replaced by apply_series
+        sop_instance_uid=image_output_uid(result, image, OutputKind.SC),
+        instance_number=instance_number,
+        manufacturer=producer.manufacturer,
+        patient_orientation=orientation or ("", ""),
+    )
+    apply_identity(sc, source)
+    apply_equipment(sc, source, producer)
+    apply_series(sc, OutputKind.SC)
+    copy_image_attributes(sc, source, _SOURCE_ATTRIBUTES)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    sc.DerivationDescription = f"{DISCLAIMER}. Annotated by {producer.model_name} {producer.software_version}"[:1024]
+    sc.ImageComments = f"{result.verdict.outcome.value}; {models_text(result.models)}"[:10240]
+    sc.SourceImageSequence = DicomSequence([_image_reference(sources[rendering.source_index])])
+    return sc
+
+
+def _image_reference(ds: Dataset) -> Dataset:
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return ref
+

@@ -1,0 +1,247 @@
+"""DICOM Segmentation of one analysed image: one segment per vertebra level and per implant class.
+
+Projection radiographs (DX, CR ...) have no patient coordinate system, and highdicom rightly writes
+their SEG with Derivation Image references only.  OHIF 3.13 (@cornerstonejs/adapters) however reads
+``PlaneOrientationSequence`` of every SEG unconditionally and hangs on "Loading SEG..." without it.
+The SEG IOD allows the Plane Orientation/Position (Patient) functional groups to be present when
+there is no Frame of Reference ("may be present otherwise", PS3.3 A.51.5.1), so for a radiograph
+the encoder adds them with the values a viewer assumes for an image without geometry: row/column
+directions (1,0,0)/(0,1,0) and the origin at (0,0,0).  The frames still reference their source
+image explicitly (Derivation Image + Referenced Image), which is what ties them to the pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+from inference.results import ImageResult, ImplantKind, RegionMask, StudyResult
+from reports import codes, style
+from reports.common import (
+    DISCLAIMER,
+    OutputKind,
+    OutputOptions,
+    Producer,
+    apply_equipment,
+    apply_identity,
+    apply_series,
+    copy_image_attributes,
+    declare_private_scheme,
+    fit_lo,
+    image_output_uid,
+    models_text,
+    series_uid,
+)
+from reports.uids import derive_uid
+
+#: Series/image attributes a SEG of a radiograph copies from its source (dciodvfy wants
+#: PatientOrientation, Type 2C in General Image, when there is no Image Orientation).
+_RADIOGRAPH_ATTRIBUTES = ("PatientOrientation", "BodyPartExamined", "Laterality")
+_VOLUME_ATTRIBUTES = ("BodyPartExamined", "Laterality")
+
+#: What a viewer assumes for an image without geometry (see the module docstring).
+DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+DEFAULT_POSITION = (0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment before encoding: its number, label, codes, colour and mask."""
+
+    number: int
+    label: str
+    category: Code
+    property_type: Code
+    colour: style.RGB
+    masks: tuple[RegionMask, ...]
+    tracking_id: str
+    anatomic_region: Code | None = None
+
+
+def segment_specs(image: ImageResult) -> list[SegmentSpec]:
+    """Segments of one image in reading order: vertebrae cranial to caudal, then implant classes."""
+    specs: list[SegmentSpec] = []
+    seen: dict[str, int] = {}
+    for item in style.ordered_vertebrae(image.vertebrae):
+        if item.vertebra.mask.empty:
+            continue
+        label = item.label
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:  # two detections named the same level: keep both, visibly
+            label = f"{label} ({seen[label]})"
+        specs.append(SegmentSpec(
+            number=len(specs) + 1,
+            label=label,
+            category=codes.ANATOMICAL_STRUCTURE,
+            property_type=codes.vertebra_code(item.vertebra.level),
+            colour=style.vertebra_colour(item.vertebra),
+            masks=(item.vertebra.mask,),
+            tracking_id=label,
+            anatomic_region=codes.SPINE,
+        ))
+    for kind in ImplantKind:
+        members = tuple(i.mask for i in image.implants if i.kind is kind and not i.mask.empty)
+        if not members:
+            continue
+        label = style.IMPLANT_CLASS_LABELS[kind]
+        specs.append(SegmentSpec(
+            number=len(specs) + 1,
+            label=label,
+            category=codes.PHYSICAL_OBJECT,
+            property_type=codes.implant_code(kind),
+            colour=style.implant_colour(kind),
+            masks=members,
+            tracking_id=label,
+        ))
+    return specs
+
+
+def _paint(target: np.ndarray, mask: RegionMask) -> None:
+    if mask.array.size:
+        target[mask.slices()] |= mask.array
+
+
+def _stacked(specs: Sequence[SegmentSpec], grid: tuple[int, ...], frames: slice) -> np.ndarray:
+    """BINARY input: (frames, rows, columns, segments), uint8 0/1."""
+    n_frames = frames.stop - frames.start
+    out = np.zeros((n_frames, *grid[-2:], len(specs)), dtype=np.uint8)
+    for s, spec in enumerate(specs):
+        dense = np.zeros(grid, dtype=bool)
+        for mask in spec.masks:
+            _paint(dense, mask)
+        if len(grid) == 2:
+            dense = dense[np.newaxis]
+        out[..., s] = dense[frames]
+    return out
+
+
+def _labelmap(specs: Sequence[SegmentSpec], grid: tuple[int, ...], frames: slice) -> np.ndarray:
+    """LABELMAP input: one label per pixel; later segments (implants) win where structures overlap."""
+    dtype = np.uint8 if len(specs) < 256 else np.uint16
+    labels = np.zeros(grid, dtype=dtype)
+    for spec in specs:
+        dense = np.zeros(grid, dtype=bool)
+        for mask in spec.masks:
+            _paint(dense, mask)
+        labels[dense] = spec.number
+    if len(grid) == 2:
+        labels = labels[np.newaxis]
+    return labels[frames]
+
+
+def _frame_range(specs: Sequence[SegmentSpec], n_frames: int, is_volume: bool) -> slice:
+    """Slab of slices holding any segment (a SEG need not reference slices it has nothing on)."""
+    if not is_volume:
+        return slice(0, 1)
+    lo, hi = n_frames, 0
+    for spec in specs:
+        for mask in spec.masks:
+            if mask.array.size:
+                lo = min(lo, mask.offset[0])
+                hi = max(hi, mask.offset[0] + mask.array.shape[0])
+    return slice(lo, hi) if hi > lo else slice(0, 0)
+
+
+def _algorithm(result: StudyResult) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=fit_lo(result.analysis),
+        family=codes.ALGORITHM_FAMILY,
+        version=fit_lo(models_text(result.models)),
+    )
+
+
+def build_seg(
+    result: StudyResult,
+    image: ImageResult,
+    sources: Sequence[Dataset],
+    *,
+    instance_number: int,
+    options: OutputOptions,
+    producer: Producer,
+) -> Dataset | None:
+    """The SEG of one analysed image, or None when the image has no segment with any pixel."""
+    specs = segment_specs(image)
+    if not specs:
+        return None
+    labelmap = options.seg_format == "labelmap"
+    grid = image.source.grid_shape
+    frames = _frame_range(specs, len(sources), image.source.is_volume)
+    if frames.stop <= frames.start:
+        return None
+    pixels = _labelmap(specs, grid, frames) if labelmap else _stacked(specs, grid, frames)
+    used_sources = list(sources[frames])
+    algorithm = _algorithm(result)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=spec.number,
+            segment_label=fit_lo(spec.label),
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=hd.UID(_tracking_uid(image, spec)),
+            tracking_id=fit_lo(spec.tracking_id),
+            anatomic_regions=[spec.anatomic_region] if spec.anatomic_region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*spec.colour),
+        )
+        for spec in specs
+    ]
+    transfer_syntax = JPEG2000Lossless if options.seg_compression == "jpeg2000" else ExplicitVRLittleEndian
+    seg = hd.seg.Segmentation(
+        source_images=used_sources,
+        pixel_array=pixels,
+        segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP if labelmap
+                           else hd.seg.SegmentationTypeValues.BINARY),
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid(result, OutputKind.SEG),
+        series_number=1,  # replaced by apply_series
+        sop_instance_uid=image_output_uid(result, image, OutputKind.SEG, "labelmap" if labelmap else ""),
+        instance_number=instance_number,
+        manufacturer=producer.manufacturer,
+        manufacturer_model_name=producer.model_name,
+        software_versions=producer.software_version,
+        device_serial_number=producer.device_serial_number,
+        content_label="SPINE_AI",
+        content_description=fit_lo(f"{DISCLAIMER}: vertebrae and implants"),
+        transfer_syntax_uid=transfer_syntax,
+        omit_empty_frames=True,
+    )
+    source = sources[0]
+    apply_identity(seg, source)
+    apply_equipment(seg, source, producer)
+    apply_series(seg, OutputKind.SEG)
+    if image.source.is_volume:
+        copy_image_attributes(seg, source, _VOLUME_ATTRIBUTES)
+    else:
+        copy_image_attributes(seg, source, _RADIOGRAPH_ATTRIBUTES)
+        add_projection_geometry(seg)
+    if any(codes.uses_private_scheme(s.property_type, s.category) for s in specs):
+        declare_private_scheme(seg)
+    return seg
+
+
+def _tracking_uid(image: ImageResult, spec: SegmentSpec) -> str:
+    return derive_uid(image.source.sop_instance_uids[0], "segment", spec.label)
+
+
+def add_projection_geometry(seg: Dataset) -> None:
+    """Plane Orientation/Position functional groups for a SEG of a projection radiograph.
+
+    See the module docstring: without them OHIF 3.13 never displays the SEG; with them the SEG stays
+    a valid Segmentation IOD (no Frame of Reference, frames tied to the source by reference).
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(DEFAULT_ORIENTATION)
+    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        position = Dataset()
+        position.ImagePositionPatient = list(DEFAULT_POSITION)
+        frame.PlanePositionSequence = DicomSequence([position])

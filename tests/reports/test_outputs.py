@@ -1,0 +1,431 @@
+"""build_outputs on a lateral DX (MONOCHROME2), an AP CR (MONOCHROME1) and a CT series."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import subprocess
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless
+
+from inference.results import GenantGrade, ImplantKind, ScreeningOutcome
+from reports import OutputKind, OutputOptions, Producer, SopReference, build_outputs, codes, examples
+from reports.common import IDENTITY_ATTRIBUTES, SERIES
+from reports.seg import segment_specs
+
+CASES = ("lateral-dx", "ap-cr", "ct")
+
+# dciodvfy warnings we accept, and why:
+# - "Unrecognized defined term <99SPNAI> ... <Coding Scheme Designator>": dciodvfy only knows the coding
+#   schemes of PS3.16 Table 8-1.  99SPNAI is the node's private scheme (PS3.3 8.2: private designators
+#   start with "99"), declared in CodingSchemeIdentificationSequence of every object that uses it, for
+#   concepts the standard has no code for (spinal rod, interbody cage, vertebral body heights, Genant
+#   grades, screening verdicts).
+ALLOWED_WARNINGS = (
+    re.compile(r"^Warning - Unrecognized defined term <99SPNAI> for value 1 of attribute <Coding Scheme Designator>$"),
+)
+
+
+def _by_kind(outs, kind):
+    return [o for o in outs if o.kind is kind]
+
+
+def _write(tmp_path, outs, prefix):
+    paths = []
+    for i, out in enumerate(outs):
+        path = tmp_path / f"{prefix}_{i}_{out.kind.value}.dcm"
+        out.dataset.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- validity
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_all_four_kinds_are_written(outputs, case):
+    kinds = [o.kind for o in outputs[case]]
+    assert sorted(k.value for k in kinds) == ["pr", "sc", "seg", "sr"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dciodvfy_reports_no_errors(outputs, case, tmp_path, dciodvfy):
+    for path in _write(tmp_path, outputs[case], case):
+        errors, warnings = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+        unexpected = [w for w in warnings if not any(p.match(w) for p in ALLOWED_WARNINGS)]
+        assert unexpected == [], f"{path.name}: {unexpected}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_patient_and_study_identity_copied_exactly(cases, outputs, case, tmp_path):
+    source = cases[case].sources[0]
+    required = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                "StudyInstanceUID", "StudyID", "AccessionNumber", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyDescription")
+    for path in _write(tmp_path, outputs[case], case):
+        ds = pydicom.dcmread(path)
+        for keyword in required:
+            assert keyword in source, keyword
+            assert ds[keyword].value == source[keyword].value, (path.name, keyword)
+        for keyword, _ in IDENTITY_ATTRIBUTES:
+            if keyword in source:
+                assert ds[keyword].value == source[keyword].value, (path.name, keyword)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_kind_is_its_own_stable_series(outputs, case):
+    for out in outputs[case]:
+        style = SERIES[out.kind]
+        assert out.dataset.SeriesNumber == style.number
+        assert out.dataset.SeriesDescription == style.description
+    series = {o.kind: o.dataset.SeriesInstanceUID for o in outputs[case]}
+    assert len(set(series.values())) == 4
+
+
+def test_non_ascii_patient_name_survives(tmp_path):
+    patient = examples.Patient(name="Müller^Zoë", patient_id="ÄÖ-7")
+    case = examples.lateral_dx(seed="umlaut", patient=patient)
+    for path in _write(tmp_path, build_outputs(case.result, case.sources, kinds=[OutputKind.SR, OutputKind.PR]), "u"):
+        ds = pydicom.dcmread(path)
+        assert str(ds.PatientName) == "Müller^Zoë"
+        assert ds.PatientID == "ÄÖ-7"
+
+
+# -------------------------------------------------------------------------------------------- UIDs
+
+
+def test_same_input_gives_same_uids(cases, outputs):
+    case = cases["lateral-dx"]
+    again = build_outputs(case.result, case.sources)
+    first = [(o.kind, o.dataset.SOPInstanceUID, o.dataset.SeriesInstanceUID) for o in outputs["lateral-dx"]]
+    assert [(o.kind, o.dataset.SOPInstanceUID, o.dataset.SeriesInstanceUID) for o in again] == first
+    uids = [o.dataset.SOPInstanceUID for o in again]
+    assert len(set(uids)) == len(uids)
+    assert all(u.startswith("2.25.") for u in uids)
+
+
+def test_new_model_version_gives_new_uids(cases, outputs):
+    case = cases["lateral-dx"]
+    models = (dataclasses.replace(case.result.models[0], version="9.9.9"), *case.result.models[1:])
+    changed = build_outputs(dataclasses.replace(case.result, models=models), case.sources)
+    before = {o.dataset.SOPInstanceUID for o in outputs["lateral-dx"]}
+    assert before.isdisjoint(o.dataset.SOPInstanceUID for o in changed)
+
+
+def test_sr_uid_follows_the_set_of_analysed_instances_and_references_its_predecessor(cases, outputs):
+    dx, cr = cases["lateral-dx"], cases["ap-cr"]
+    # Put the CR into the DX's study, as if a second view arrived later.
+    cr_ds = copy.deepcopy(cr.sources[0])
+    cr_ds.StudyInstanceUID = dx.result.study_instance_uid
+    cr_image = dataclasses.replace(cr.result.images[0], source=dataclasses.replace(
+        cr.result.images[0].source, study_instance_uid=dx.result.study_instance_uid))
+    both = dataclasses.replace(dx.result, images=(*dx.result.images, cr_image))
+    first_sr = _by_kind(outputs["lateral-dx"], OutputKind.SR)[0].dataset
+    earlier = SopReference(str(first_sr.StudyInstanceUID), str(first_sr.SeriesInstanceUID),
+                           str(first_sr.SOPClassUID), str(first_sr.SOPInstanceUID))
+    outs = build_outputs(both, [*dx.sources, cr_ds], predecessor_sr=earlier)
+    sr = _by_kind(outs, OutputKind.SR)[0].dataset
+    assert sr.SOPInstanceUID != first_sr.SOPInstanceUID
+    assert sr.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    ref = sr.PredecessorDocumentsSequence[0]
+    assert ref.StudyInstanceUID == first_sr.StudyInstanceUID
+    assert ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    # The per-image outputs of the DX keep their UIDs: they derive from that image only.
+    old_seg = _by_kind(outputs["lateral-dx"], OutputKind.SEG)[0].dataset.SOPInstanceUID
+    assert old_seg in {o.dataset.SOPInstanceUID for o in _by_kind(outs, OutputKind.SEG)}
+    again = build_outputs(both, [*dx.sources, cr_ds], predecessor_sr=earlier)
+    assert _by_kind(again, OutputKind.SR)[0].dataset.SOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_refuses_sources_of_two_studies_or_patients(cases):
+    dx, cr = cases["lateral-dx"], cases["ap-cr"]
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        build_outputs(dx.result, [*dx.sources, *cr.sources])
+    other = copy.deepcopy(dx.sources[0])
+    other.PatientID = "SOMEONE-ELSE"
+    with pytest.raises(ValueError, match="PatientID"):
+        build_outputs(dx.result, [dx.sources[0], other])
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        build_outputs(dx.result, cr.sources)
+
+
+def test_missing_source_instance_is_named(cases):
+    dx = cases["lateral-dx"]
+    other = copy.deepcopy(dx.sources[0])
+    other.SOPInstanceUID = "1.2.3.4"
+    with pytest.raises(ValueError, match=str(dx.sources[0].SOPInstanceUID)):
+        build_outputs(dx.result, [other])
+
+
+# --------------------------------------------------------------------------------------------- SEG
+
+
+def _dense(masks):
+    out = None
+    for m in masks:
+        d = m.dense()
+        out = d if out is None else out | d
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_seg_round_trips_and_frames_align_with_source_pixels(cases, outputs, case, tmp_path):
+    image = cases[case].result.images[0]
+    (path,) = _write(tmp_path, _by_kind(outputs[case], OutputKind.SEG), case)
+    seg = hd.seg.segread(path)
+    specs = segment_specs(image)
+    assert seg.number_of_segments == len(specs)
+    assert seg.SegmentationType == "BINARY"
+    for spec in specs:
+        desc = seg.get_segment_description(spec.number)
+        assert desc.segment_label == spec.label
+        assert desc.segmented_property_type == spec.property_type
+        algo = desc.algorithm_identification[0]
+        assert algo.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+        assert algo.AlgorithmName == cases[case].result.analysis
+        assert all(m.version in algo.AlgorithmVersion for m in cases[case].result.models)
+    uids = list(image.source.sop_instance_uids)
+    referenced = [uid for uid in uids if uid in {i[2] for i in seg.get_source_image_uids()}]
+    pixels = seg.get_pixels_by_source_instance(referenced, segment_numbers=[s.number for s in specs])
+    for s, spec in enumerate(specs):
+        expected = _dense(spec.masks)
+        if not image.source.is_volume:
+            expected = expected[np.newaxis]
+        else:
+            expected = expected[[uids.index(u) for u in referenced]]
+        assert np.array_equal(pixels[..., s].astype(bool), expected), spec.label
+    # Empty frames are omitted: one frame per (slice, segment) with pixels.
+    if image.source.is_volume:
+        n_expected = sum(int(_dense(spec.masks).any(axis=(1, 2)).sum()) for spec in specs)
+    else:
+        n_expected = len(specs)
+    assert seg.NumberOfFrames == n_expected
+
+
+def test_seg_labels_and_codes_for_vertebrae_and_implants(outputs, tmp_path):
+    (path,) = _write(tmp_path, _by_kind(outputs["lateral-dx"], OutputKind.SEG), "dx")
+    seg = hd.seg.segread(path)
+    labels = [seg.get_segment_description(n).segment_label for n in seg.segment_numbers]
+    assert labels == ["L1", "L2", "L3", "L4", "L5", "Sacrum", "Pedicle screws", "Rods"]
+    l3 = seg.get_segment_description(3)
+    assert l3.segmented_property_type == codes.vertebra_code("L3")
+    assert (l3.segmented_property_type.value, l3.segmented_property_type.meaning) == ("36470004", "L3 vertebra")
+    assert seg.get_segment_description(6).segmented_property_type.meaning == "Sacrum"
+    assert seg.get_segment_description(7).segmented_property_type == codes.implant_code(ImplantKind.PEDICLE_SCREW)
+    assert seg.get_segment_description(8).segmented_property_category == codes.PHYSICAL_OBJECT
+    assert seg.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.PRIVATE_SCHEME
+
+
+@pytest.mark.parametrize("case", ("lateral-dx", "ap-cr"))
+def test_radiograph_seg_carries_projection_geometry_for_viewers(cases, outputs, case):
+    seg = _by_kind(outputs[case], OutputKind.SEG)[0].dataset
+    source = cases[case].sources[0]
+    assert seg.PatientOrientation == source.PatientOrientation
+    assert seg.BodyPartExamined == source.BodyPartExamined
+    assert "FrameOfReferenceUID" not in seg
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        assert [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient] == [0, 0, 0]
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_ct_seg_uses_the_series_geometry(cases, outputs):
+    seg = _by_kind(outputs["ct"], OutputKind.SEG)[0].dataset
+    first = cases["ct"].sources[0]
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    positions = {float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in seg.PerFrameFunctionalGroupsSequence}
+    source_z = {float(ds.ImagePositionPatient[2]) for ds in cases["ct"].sources}
+    assert positions <= source_z
+
+
+@pytest.mark.parametrize("case", ("lateral-dx", "ct"))
+@pytest.mark.parametrize("options", [OutputOptions(seg_format="labelmap"), OutputOptions(seg_compression="jpeg2000"),
+                                     OutputOptions(seg_format="labelmap", seg_compression="jpeg2000")])
+def test_seg_options_validate_and_round_trip(cases, case, options, tmp_path, dciodvfy):
+    c = cases[case]
+    (out,) = build_outputs(c.result, c.sources, kinds=[OutputKind.SEG], options=options)
+    (path,) = _write(tmp_path, [out], case)
+    errors, warnings = dciodvfy(path)
+    assert errors == []
+    assert all(any(p.match(w) for p in ALLOWED_WARNINGS) for w in warnings), warnings
+    seg = hd.seg.segread(path)
+    if options.seg_compression == "jpeg2000":
+        assert seg.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    image = c.result.images[0]
+    specs = segment_specs(image)
+    uids = list(image.source.sop_instance_uids)
+    referenced = [u for u in uids if u in {i[2] for i in seg.get_source_image_uids()}]
+    if options.seg_format == "labelmap":
+        assert seg.SegmentationType == "LABELMAP"
+        labels = seg.get_pixels_by_source_instance(referenced, combine_segments=True)
+        expected = np.zeros(image.source.grid_shape, dtype=np.uint16)
+        for spec in specs:  # implants are painted last: they win where they overlap a vertebra
+            expected[_dense(spec.masks)] = spec.number
+        if image.source.is_volume:
+            expected = expected[[uids.index(u) for u in referenced]]
+        else:
+            expected = expected[np.newaxis]
+        assert np.array_equal(labels, expected)
+    else:
+        pixels = seg.get_pixels_by_source_instance(referenced, segment_numbers=[s.number for s in specs])
+        assert pixels.any()
+    default = build_outputs(c.result, c.sources, kinds=[OutputKind.SEG])[0].dataset
+    if options.seg_format == "labelmap":
+        assert out.dataset.SOPInstanceUID != default.SOPInstanceUID  # another SOP class, another instance
+    else:
+        assert out.dataset.SOPInstanceUID == default.SOPInstanceUID  # same instance, other transfer syntax
+
+
+# ---------------------------------------------------------------------------------------------- SR
+
+
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sr_round_trips_as_tid1500_with_coordinates_inside_the_image(cases, outputs, case, tmp_path):
+    (path,) = _write(tmp_path, _by_kind(outputs[case], OutputKind.SR), case)
+    sr = hd.sr.srread(path)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    report = hd.sr.MeasurementReport.from_sequence([sr])
+    groups = report.get_planar_roi_measurement_groups()
+    image = cases[case].result.images[0]
+    tracking = [g.tracking_identifier for g in groups]
+    for vertebra in image.vertebrae:
+        assert (vertebra.level if vertebra.level != "S1" else "Sacrum") in tracking
+    sizes = {str(ds.SOPInstanceUID): (int(ds.Columns), int(ds.Rows)) for ds in cases[case].sources}
+    n_scoord = 0
+    for item in _walk(sr.ContentSequence):
+        if item.ValueType != "SCOORD":
+            continue
+        n_scoord += 1
+        ref = item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        cols, rows = sizes[ref]
+        data = np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)
+        assert (data[:, 0] >= 0).all() and (data[:, 0] <= cols).all(), item.GraphicType
+        assert (data[:, 1] >= 0).all() and (data[:, 1] <= rows).all(), item.GraphicType
+        if item.GraphicType == "POLYLINE" and item.ConceptNameCodeSequence[0].CodeValue == "111030":
+            assert np.array_equal(data[0], data[-1]), "region outlines are closed"
+    assert n_scoord >= 2 * len(image.vertebrae)
+
+
+def test_sr_vertebra_group_content(cases, outputs, tmp_path):
+    (path,) = _write(tmp_path, _by_kind(outputs["lateral-dx"], OutputKind.SR), "dx")
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(path)])
+    l1 = report.get_planar_roi_measurement_groups(finding_type=codes.VERTEBRA, finding_site=codes.vertebra_code("L1"))
+    assert len(l1) == 1
+    group = l1[0]
+    assert group.tracking_identifier == "L1"
+    assert group.finding_type == codes.VERTEBRA
+    assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    expected = cases["lateral-dx"].result.images[0].vertebrae[0]
+    heights = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert heights["Anterior vertebral body height"] == pytest.approx(expected.heights.anterior.value_mm, abs=0.01)
+    assert heights["Posterior vertebral body height"] == pytest.approx(expected.heights.posterior.value_mm, abs=0.01)
+    assert heights["Vertebral body height loss"] == pytest.approx(expected.fracture.height_loss_pct, abs=0.05)
+    evaluations = {e.name.meaning: e.value for e in group.get_qualitative_evaluations()}
+    assert evaluations["Genant fracture grade"] == codes.genant_code(GenantGrade.MODERATE)
+    assert evaluations["Fracture morphology"].meaning == "Wedge deformity"
+    centres = [i for i in group[0].ContentSequence if i.ValueType == "SCOORD" and i.GraphicType == "POINT"]
+    assert len(centres) == 1
+    assert np.allclose(np.asarray(centres[0].GraphicData, float), expected.centroid, atol=1e-3)
+    names = [i.TextValue for i in group[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"]
+    assert names == ["spine-xr"]
+
+
+def test_sr_implant_groups_and_study_evaluations(cases, outputs, tmp_path):
+    (path,) = _write(tmp_path, _by_kind(outputs["ap-cr"], OutputKind.SR), "cr")
+    sr = hd.sr.srread(path)
+    report = hd.sr.MeasurementReport.from_sequence([sr])
+    screws = report.get_planar_roi_measurement_groups(finding_type=codes.implant_code(ImplantKind.PEDICLE_SCREW))
+    assert len(screws) == 4
+    loose = [g for g in screws if g.tracking_identifier == "pedicle screw L4 left"]
+    assert len(loose) == 1
+    (evaluation,) = [e for e in loose[0].get_qualitative_evaluations() if e.name == codes.COMPLICATIONS]
+    assert evaluation.value.meaning == "Screw loosening"
+    site = loose[0].finding_sites[0]
+    assert site.value == codes.vertebra_code("L4")
+    assert site.laterality == codes.laterality_code(cases["ap-cr"].result.images[0].implants[3].side)
+    study = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
+    values = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in study.ContentSequence}
+    assert values["Overall Assessment"].ConceptCodeSequence[0].CodeMeaning == "Finding present"
+    assert values["Implant finding"].ConceptCodeSequence[0].CodeMeaning == "Possible hardware complication"
+    assert "4 pedicle screws" in values["Instrumentation"].TextValue
+    device = [i for i in _walk(sr.ContentSequence) if i.ConceptNameCodeSequence[0].CodeMeaning == "Device Observer Name"]
+    assert device and device[0].TextValue == Producer().model_name
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "COMPLETE"
+
+
+def test_sr_reads_well_as_plain_text(outputs, tmp_path):
+    (path,) = _write(tmp_path, _by_kind(outputs["lateral-dx"], OutputKind.SR), "dx")
+    text = subprocess.run(["dsrdump", "+Pn", str(path)], capture_output=True, text=True, check=True).stdout
+    for expected in ('(,,"Imaging Measurement Report")', '(,,"Tracking Identifier")="L1"',
+                     '(,,"Finding Site")=(66794005,SCT,"L1 vertebra")', '(,,"Anterior vertebral body height")="16.94" (mm',
+                     '(,,"Genant fracture grade")=(GENANT-2,99SPNAI,"Grade 2: moderate',
+                     '(,,"Fracture morphology")=(VCF-WEDGE,99SPNAI,"Wedge deformity")',
+                     '(,,"Overall Assessment")=(SCR-POS,99SPNAI,"Finding present")',
+                     '(,,"Instrumentation")="posterior instrumentation', '(,,"Device Observer Name")="spine-pacs-ai-node"',
+                     '(,,"Algorithm Family")=(123110,DCM,"Artificial Intelligence")', '(,,"Center")=(POINT,'):
+        assert expected in text, expected
+    assert "invalid" not in text.lower()
+
+
+# ---------------------------------------------------------------------------------------------- SC
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sc_is_rgb_burned_in_and_references_its_source(cases, outputs, case):
+    sc = _by_kind(outputs[case], OutputKind.SC)[0].dataset
+    assert sc.PhotometricInterpretation == "RGB"
+    assert sc.SamplesPerPixel == 3
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in {str(d.SOPInstanceUID) for d in cases[case].sources}
+
+
+# ---------------------------------------------------------------------------------------------- PR
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pr_round_trips_with_the_same_graphics(cases, outputs, case, tmp_path):
+    (path,) = _write(tmp_path, _by_kind(outputs[case], OutputKind.PR), case)
+    pr = pydicom.dcmread(path)
+    assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
+    source = cases[case].sources[0]
+    expected_shape = "INVERSE" if source.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY"
+    assert pr.PresentationLUTShape == expected_shape
+    voi = pr.SoftcopyVOILUTSequence[0]
+    assert float(voi.WindowCenter) == float(source.WindowCenter)
+    sizes = {str(ds.SOPInstanceUID): (int(ds.Columns), int(ds.Rows)) for ds in cases[case].sources}
+    n_objects = 0
+    texts = []
+    for annotation in pr.GraphicAnnotationSequence:
+        ref = annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID
+        cols, rows = sizes[ref]
+        for obj in annotation.get("GraphicObjectSequence", []):
+            data = np.asarray(obj.GraphicData, float).reshape(-1, 2)
+            assert (data >= 0).all() and (data[:, 0] <= cols).all() and (data[:, 1] <= rows).all()
+            n_objects += 1
+        texts += [t.UnformattedTextValue for t in annotation.get("TextObjectSequence", [])]
+    image = cases[case].result.images[0]
+    assert n_objects >= len(image.vertebrae) + len(image.implants)
+    for vertebra in image.vertebrae:
+        level = "S" if vertebra.level == "S1" else vertebra.level
+        assert any(t == level or t.startswith(f"{level}:") for t in texts), (level, texts)
+    assert {layer.GraphicLayer for layer in pr.GraphicLayerSequence} >= {
+        a.GraphicLayer for a in pr.GraphicAnnotationSequence}
+
+
+def test_outcome_enum_covers_verdicts():
+    assert {codes.outcome_code(o).meaning for o in ScreeningOutcome} == {"No finding", "Finding present", "Not assessable"}
