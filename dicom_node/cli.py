@@ -1,0 +1,303 @@
+"""``dicom-node``: serve, analyze, echo, send, status, retry, config check.
+
+Every failure ends with a one-line reason on stderr and a non-zero exit code:
+1 = the operation failed (peer refused, analysis failed ...), 2 = bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.errors import ConfigError, NodeError
+from dicom_node.settings import Destination, Overrides, Settings, load, parse_destination_spec, read_toml, validate
+
+log = logging.getLogger("dicom_node")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _configure_logging(settings: Settings | None, verbose: bool = False) -> None:
+    level = "DEBUG" if verbose else (settings.logging.level if settings else "INFO")
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    # pynetdicom logs every PDU at INFO; keep it to warnings unless debugging.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    from pynetdicom import _config
+
+    phi = bool(settings and settings.logging.phi)
+    _config.LOG_REQUEST_IDENTIFIERS = phi
+    _config.LOG_RESPONSE_IDENTIFIERS = phi
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML configuration (default: the embedded default)")
+    p.add_argument("--ae-title", help="our AE title")
+    p.add_argument("--port", type=int, help="port to listen on")
+    p.add_argument("--bind-host", help="interface to listen on")
+    p.add_argument("--data-dir", help="database and store directory")
+    p.add_argument("--destination", action="append", default=[], metavar="AET@HOST:PORT",
+                   help="add a destination (repeatable)")
+    p.add_argument("--allow", action="append", default=[], metavar="AET[@HOST]", help="allow a calling AE (repeatable)")
+    p.add_argument("--accept-any", action="store_true", default=None, help="accept any calling AE")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (public for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="dicom-node", description="DICOM-native AI node for spine imaging")
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="receive, analyse and deliver until stopped")
+    _common(p)
+
+    p = sub.add_parser("analyze", help="run routing, analyses and encoders on files; write the outputs")
+    _common(p)
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders")
+    p.add_argument("--out", type=Path, required=True, help="folder for the output .dcm files")
+
+    p = sub.add_parser("echo", help="C-ECHO a peer")
+    _common(p)
+    p.add_argument("target", metavar="AET@HOST:PORT")
+
+    p = sub.add_parser("send", help="C-STORE files to a peer")
+    _common(p)
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders")
+    p.add_argument("--to", required=True, metavar="AET@HOST:PORT")
+
+    p = sub.add_parser("status", help="studies by state, queue depth and last errors per destination")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--studies", type=int, default=10, help="how many recent studies to list")
+
+    p = sub.add_parser("retry", help="re-queue failed deliveries (and studies whose analysis failed)")
+    _common(p)
+    p.add_argument("--destination-name", help="only this destination")
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a configuration file and print every problem")
+    c.add_argument("file", type=Path)
+    c.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> Overrides:
+    return Overrides(
+        ae_title=getattr(args, "ae_title", None), port=getattr(args, "port", None),
+        bind_host=getattr(args, "bind_host", None), data_dir=getattr(args, "data_dir", None),
+        destinations=tuple(getattr(args, "destination", []) or ()), allow=tuple(getattr(args, "allow", []) or ()),
+        accept_any=getattr(args, "accept_any", None),
+    )
+
+
+def _files(paths: Sequence[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise NodeError(f"{p}: no such file or folder")
+    return out
+
+
+def _target(spec: str) -> Destination:
+    table = parse_destination_spec(spec, name="target")
+    return Destination(**table)
+
+
+# --------------------------------------------------------------------------------------- commands
+
+
+def cmd_serve(settings: Settings) -> int:
+    from dicom_node.service import NodeService
+
+    service = NodeService(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    print(f"dicom-node {__version__}: {settings.node.ae_title} listening on {settings.node.bind_host}:"
+          f"{service.scp.port}, data in {settings.data_dir}", file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        service.stop()
+    return EXIT_OK
+
+
+def cmd_analyze(settings: Settings, paths: Sequence[Path], out: Path) -> int:
+    from dicom_node.pipeline import Analyser, analyze_offline
+    from dicom_node.service import load_plugins, make_registry
+
+    load_plugins(settings)
+    written = analyze_offline(settings, Analyser(make_registry(settings)), _files(paths), out)
+    for p in written:
+        print(p)
+    return EXIT_OK
+
+
+def cmd_echo(settings: Settings, target: str) -> int:
+    from dicom_node.scu import echo
+
+    ok, message = echo(settings.node.ae_title, _target(target), settings.delivery)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_send(settings: Settings, paths: Sequence[Path], target: str) -> int:
+    import pydicom
+
+    from dicom_node.scu import OK, Item, send_batch
+
+    dest = _target(target)
+    items = []
+    for f in _files(paths):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            items.append(Item(f, f, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+        except Exception as exc:  # noqa: BLE001
+            raise NodeError(f"{f}: not a DICOM file ({type(exc).__name__}: {exc})") from exc
+    failed = 0
+    for start in range(0, len(items), dest.batch_size):
+        for res in send_batch(settings.node.ae_title, dest, items[start:start + dest.batch_size], settings.delivery):
+            if res.outcome != OK:
+                failed += 1
+                print(f"{res.key}: {res.message}", file=sys.stderr)
+    print(f"sent {len(items) - failed} of {len(items)} to {dest.address}")
+    if failed:
+        raise NodeError(f"{failed} of {len(items)} file(s) not stored by {dest.address}")
+    return EXIT_OK
+
+
+def _when(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
+    from dicom_node.service import DB_NAME, open_database
+
+    if not (settings.data_dir / DB_NAME).exists():
+        raise NodeError(f"no node database in {settings.data_dir} (has the node run with this --data-dir?)")
+    db = open_database(settings)
+    report = {
+        "studies": db.study_counts(),
+        "destinations": db.queue_depth(),
+        "recent_studies": db.recent_studies(n_studies),
+        "recent_associations": db.recent_associations(5),
+    }
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return EXIT_OK
+    counts = report["studies"]
+    print("studies: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print("destinations:")
+    if not report["destinations"]:
+        print("  (no deliveries yet)")
+    for d in report["destinations"]:
+        line = (f"  {d['destination']}: pending {d['pending']}, sending {d['sending']}, delivered {d['delivered']},"
+                f" failed {d['failed']}")
+        if d["last_error"]:
+            line += f"; last error {_when(d['last_error_at'])}: {d['last_error']}"
+        print(line)
+    print("recent studies:")
+    for s in report["recent_studies"]:
+        reason = f" ({s['reason']})" if s["reason"] else ""
+        print(f"  {_when(s['updated_at'])} {s['study_instance_uid']} {s['state']}, {s['instance_count']} instance(s){reason}")
+    return EXIT_OK
+
+
+def cmd_retry(settings: Settings, destination: str | None) -> int:
+    from dicom_node.service import DB_NAME, open_database
+
+    if not (settings.data_dir / DB_NAME).exists():
+        raise NodeError(f"no node database in {settings.data_dir}")
+    db = open_database(settings)
+    n = db.requeue_failed(destination=destination)
+    m = db.requeue_failed_studies() if destination is None else 0
+    print(f"re-queued {n} delivery(ies) and {m} study(ies); a running node picks them up within seconds")
+    return EXIT_OK
+
+
+def cmd_config_check(path: Path) -> int:
+    from inference import analyses
+
+    try:
+        settings = validate(read_toml(path), str(path))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        load_plugins_quietly(settings)
+        available = analyses.available()
+    except Exception as exc:  # noqa: BLE001
+        print(f"{path}: models.plugins: cannot import ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EXIT_USAGE
+    from dicom_node.settings import warnings_for
+
+    for w in warnings_for(settings, available):
+        print(f"{path}: warning: {w}")
+    print(f"{path}: OK ({len(settings.destinations)} destination(s), {len(settings.rules)} rule(s))")
+    return EXIT_OK
+
+
+def load_plugins_quietly(settings: Settings) -> None:
+    from dicom_node.service import load_plugins
+
+    load_plugins(settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicom-node`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            _configure_logging(None)
+            return cmd_config_check(args.file)
+        settings = load(args.config, overrides=_overrides(args))
+        _configure_logging(settings, args.verbose)
+        if args.command == "serve":
+            return cmd_serve(settings)
+        if args.command == "analyze":
+            return cmd_analyze(settings, args.paths, args.out)
+        if args.command == "echo":
+            return cmd_echo(settings, args.target)
+        if args.command == "send":
+            return cmd_send(settings, args.paths, args.to)
+        if args.command == "status":
+            return cmd_status(settings, args.json, args.studies)
+        if args.command == "retry":
+            return cmd_retry(settings, args.destination_name)
+    except ConfigError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        for problem in exc.problems[1:]:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except NodeError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for operators
+        log.debug("unexpected error", exc_info=True)
+        print(f"dicom-node: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""process_study: route -> analyse -> encode -> write outputs -> queue deliveries, one DB state per step.
+
+A study moves ``complete -> analysing -> encoded -> delivered`` (or ``unrouted`` / ``failed`` with the
+reason).  Outputs carry UIDs derived from their sources and the model versions, so running the same
+input twice (e.g. after ``kill -9`` during analysis) writes the same objects and queues nothing new;
+instances arriving later make a new input whose SR names the earlier SR as its predecessor, while the
+per-image SEG / SC / PR of unchanged images keep their UIDs and replace themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.db import ENCODED, FAILED, UNROUTED, Database
+from dicom_node.errors import PipelineError, StorageError
+from dicom_node.routing import InstanceHeaders, RuleMatch, route
+from dicom_node.settings import Destination, Rule, Settings
+from dicom_node.storage import Store
+from inference import analyses
+from inference.registry import ModelRegistry
+
+log = logging.getLogger("dicom_node.pipeline")
+
+
+@dataclass(frozen=True)
+class EncodedFile:
+    """One output object written to disk."""
+
+    kind: str
+    variant: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size: int
+
+
+def input_key(sop_instance_uids: Sequence[str]) -> str:
+    """Digest of the analysed instance set (the identity of a job's input)."""
+    return hashlib.sha256("\n".join(sorted(sop_instance_uids)).encode()).hexdigest()[:32]
+
+
+def variant_of(dest: Destination | None) -> str:
+    """Encoding-options label of a destination (outputs differ only by SEG options)."""
+    if dest is None:
+        return "binary/none"
+    return f"{dest.seg_format}/{dest.seg_compression}"
+
+
+def encode_bytes(ds: Dataset) -> bytes:
+    """A dataset in the DICOM file format."""
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def read_datasets(paths: Sequence[str | Path]) -> list[Dataset]:
+    """Read source instances with their pixel data; PipelineError names the unreadable file."""
+    out = []
+    for p in paths:
+        try:
+            out.append(pydicom.dcmread(p))
+        except Exception as exc:  # noqa: BLE001 - any read failure is one reason
+            raise PipelineError(f"cannot read {Path(p).name}: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+class Analyser:
+    """Builds each analysis once (models load once through the registry) and runs it."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Any:
+        """The analysis called `name`; PipelineError if it does not exist."""
+        with self._lock:
+            if name not in self._cache:
+                try:
+                    self._cache[name] = analyses.create(name, self.registry)
+                except analyses.AnalysisError as exc:
+                    raise PipelineError(str(exc)) from exc
+            return self._cache[name]
+
+    def run(self, name: str, datasets: Sequence[Dataset]) -> Any:
+        """Run analysis `name`; PipelineError with a one-line reason on any failure."""
+        analysis = self.get(name)
+        try:
+            return analysis.run(datasets)
+        except Exception as exc:  # noqa: BLE001 - a model failure fails the job, not the node
+            raise PipelineError(f"analysis {name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def build_encoded(result: Any, datasets: Sequence[Dataset], destinations: Sequence[Destination], *,
+                  producer: Any, predecessor: Any = None) -> list[tuple[str, Any]]:
+    """Encode `result` for every destination's needs: [(variant, EncodedOutput)].
+
+    SR, SC and PR do not depend on encoding options, so they are built once; a SEG is built per distinct
+    (seg_format, seg_compression).  Without destinations every kind is built with default options.
+    """
+    from reports import OutputKind, OutputOptions, build_outputs
+
+    groups: dict[str, tuple[OutputOptions, set[str]]] = {}
+    if not destinations:
+        groups[variant_of(None)] = (OutputOptions(), {k.value for k in OutputKind})
+    for dest in destinations:
+        v = variant_of(dest)
+        opts, kinds = groups.setdefault(v, (OutputOptions(dest.seg_format, dest.seg_compression), set()))
+        kinds.update(dest.outputs)
+    shared = set().union(*(k for _, k in groups.values())) - {"seg"}
+    out: list[tuple[str, Any]] = []
+    first = True
+    for v, (opts, kinds) in groups.items():
+        wanted = ({"seg"} & kinds) | (shared if first else set())
+        first = False
+        if not wanted:
+            continue
+        try:
+            objs = build_outputs(result, datasets, kinds=[OutputKind(k) for k in sorted(wanted)], options=opts,
+                                 producer=producer, predecessor_sr=predecessor)
+        except Exception as exc:  # noqa: BLE001
+            raise PipelineError(f"encoding outputs failed: {type(exc).__name__}: {exc}") from exc
+        out.extend((v if o.kind.value == "seg" else "any", o) for o in objs)
+    return out
+
+
+class Pipeline:
+    """Runs complete studies through routing, analysis and encoding; records every step."""
+
+    def __init__(self, settings: Settings, db: Database, store: Store, analyser: Analyser) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.analyser = analyser
+
+    def producer(self) -> Any:
+        """Producer identity for outputs."""
+        from reports import Producer
+
+        return Producer(device_serial_number=self.settings.producer.device_serial_number,
+                        institution_name=self.settings.producer.institution_name)
+
+    def process_pending(self, limit: int = 50) -> int:
+        """Process complete studies (oldest first); returns how many were processed."""
+        n = 0
+        for uid in self.db.complete_studies(limit):
+            if self.process_study(uid) is not None:
+                n += 1
+        return n
+
+    def process_study(self, study_uid: str) -> str | None:
+        """Analyse one complete study; returns its new state (None if another worker had it)."""
+        generation = self.db.claim_study(study_uid)
+        if generation is None:
+            return None
+        started = time.monotonic()
+        rows = self.db.source_instances(study_uid)
+        routing = route([InstanceHeaders.from_row(r) for r in rows], self.settings.rules)
+        if not routing.routed:
+            self.db.finish_study(study_uid, generation, UNROUTED, routing.reason)
+            log.info("study %s unrouted: %s", study_uid, routing.reason)
+            return UNROUTED
+        by_uid = {r["sop_instance_uid"]: r for r in rows}
+        failures: list[str] = []
+        for match in routing.matches:
+            for name in match.rule.analyses:
+                try:
+                    self._run_job(study_uid, generation, match, name, by_uid)
+                except (PipelineError, StorageError) as exc:
+                    failures.append(f"{name}: {exc}")
+                    log.error("study %s, analysis %s failed: %s", study_uid, name, exc)
+        if failures:
+            self.db.finish_study(study_uid, generation, FAILED, "; ".join(failures))
+            return FAILED
+        if self.db.finish_study(study_uid, generation, ENCODED):
+            self.db.settle_delivered_studies([study_uid])
+        log.info("study %s encoded in %.2f s", study_uid, time.monotonic() - started)
+        state = self.db.study(study_uid)
+        return state["state"] if state else None
+
+    def _run_job(self, study_uid: str, generation: int, match: RuleMatch, name: str,
+                 by_uid: dict[str, dict[str, Any]]) -> None:
+        rule: Rule = match.rule
+        uids = sorted(match.sop_instance_uids)
+        job = self.db.start_job(study_uid, name, rule.name, input_key(uids), generation)
+        if job["state"] in ("encoded", "delivered"):
+            return  # this exact input was analysed and its deliveries queued already
+        try:
+            datasets = read_datasets([by_uid[u]["path"] for u in uids])
+            result = self.analyser.run(name, datasets)
+            destinations = self.settings.rule_destinations(rule)
+            predecessor = self._predecessor(study_uid, name, job["id"])
+            encoded = build_encoded(result, datasets, destinations, producer=self.producer(), predecessor=predecessor)
+            files = [self._write(v, o) for v, o in encoded]
+        except (PipelineError, StorageError) as exc:
+            self.db.fail_job(job["id"], str(exc))
+            raise
+        pairs = []
+        for dest in destinations:
+            for f in files:
+                if f.kind in dest.outputs and (f.kind != "seg" or f.variant == variant_of(dest)):
+                    pairs.append((f.sop_instance_uid, dest.name))
+        rows = [{
+            "sop_instance_uid": f.sop_instance_uid, "study_instance_uid": f.study_instance_uid,
+            "series_instance_uid": f.series_instance_uid, "sop_class_uid": f.sop_class_uid,
+            "transfer_syntax_uid": f.transfer_syntax_uid, "kind": f.kind, "variant": f.variant,
+            "path": str(f.path), "size": f.size,
+        } for f in files]
+        added = self.db.record_outputs(job["id"], result.summary(), rows, pairs)
+        log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
+
+    def _predecessor(self, study_uid: str, analysis: str, job_id: int) -> Any:
+        row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id)
+        if row is None:
+            return None
+        from reports import SopReference
+
+        return SopReference(row["study_instance_uid"], row["series_instance_uid"], row["sop_class_uid"],
+                            row["sop_instance_uid"])
+
+    def _write(self, variant: str, output: Any) -> EncodedFile:
+        ds = output.dataset
+        sop = str(ds.SOPInstanceUID)
+        path = self.store.output_path(str(ds.StudyInstanceUID), output.kind.value, sop)
+        size = self.store.write_atomic(path, (encode_bytes(ds),))
+        return EncodedFile(
+            kind=output.kind.value, variant=variant, sop_instance_uid=sop, sop_class_uid=str(ds.SOPClassUID),
+            series_instance_uid=str(ds.SeriesInstanceUID), study_instance_uid=str(ds.StudyInstanceUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=path, size=size,
+        )
+
+
+def analyze_offline(settings: Settings, analyser: Analyser, paths: Sequence[Path], out_dir: Path) -> list[Path]:
+    """``dicom-node analyze``: the same routing, analyses and encoders on files, outputs written to `out_dir`.
+
+    Files are grouped by study; every output kind is written with each rule's first destination's
+    options (default options without destinations).  Returns the files written.
+    """
+    from reports import Producer
+
+    datasets = read_datasets(paths)
+    studies: dict[str, list[Dataset]] = {}
+    for ds in datasets:
+        studies.setdefault(str(ds.get("StudyInstanceUID", "")), []).append(ds)
+    written: list[Path] = []
+    producer = Producer(device_serial_number=settings.producer.device_serial_number,
+                        institution_name=settings.producer.institution_name)
+    for study_uid, group in studies.items():
+        routing = route([InstanceHeaders.from_dataset(d) for d in group], settings.rules)
+        if not routing.routed:
+            raise PipelineError(f"study {study_uid}: {routing.reason}")
+        by_uid = {str(d.SOPInstanceUID): d for d in group}
+        for match in routing.matches:
+            selected = [by_uid[u] for u in match.sop_instance_uids]
+            for name in match.rule.analyses:
+                result = analyser.run(name, selected)
+                for _, o in build_encoded(result, selected, (), producer=producer):
+                    ds = o.dataset
+                    path = out_dir / f"{o.kind.value}_{ds.SOPInstanceUID}.dcm"
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(encode_bytes(ds))
+                    written.append(path)
+    return written

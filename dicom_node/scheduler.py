@@ -1,0 +1,133 @@
+"""Background work on an apscheduler `BackgroundScheduler`: completeness sweep, pipeline, one delivery
+job per destination, retention purge.
+
+Jobs run on an interval *and* can be woken at once (`wake`): the SCP wakes the sweep when an association
+ends, the sweep wakes the pipeline, the pipeline wakes the senders.  A wake that arrives while the job is
+running is not lost: the job loops until no wake is pending.  The durable state is the database, so a
+missed wake only costs one interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node import assembly
+from dicom_node.db import Database
+from dicom_node.pipeline import Pipeline
+from dicom_node.scu import Sender
+from dicom_node.settings import Settings
+from dicom_node.storage import Store
+
+log = logging.getLogger("dicom_node.scheduler")
+
+
+class _Wakeable:
+    """Runs `work` until it reports no more work and no wake is pending."""
+
+    def __init__(self, name: str, work: Callable[[], int]) -> None:
+        self.name = name
+        self.work = work
+        self.pending = threading.Event()
+
+    def __call__(self) -> None:
+        while True:
+            self.pending.clear()
+            try:
+                done = self.work()
+            except Exception:  # noqa: BLE001 - a failing sweep must not kill the scheduler
+                log.exception("%s failed", self.name)
+                done = 0
+            if not done and not self.pending.is_set():
+                return
+
+
+class NodeScheduler:
+    """Owns the apscheduler instance and the node's periodic jobs."""
+
+    def __init__(self, settings: Settings, db: Database, store: Store, pipeline: Pipeline, sender: Sender) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.pipeline = pipeline
+        self.sender = sender
+        n_dest = len(settings.destinations)
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=3 + n_dest)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        # "maximum number of running instances reached" is expected when a wake meets a running job.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
+        self._jobs: dict[str, _Wakeable] = {}
+        self._add("assembly", self._assembly, settings.assembly.sweep_interval_s)
+        self._add("pipeline", self._pipeline, 2.0)
+        for dest in settings.destinations:
+            self._add(f"deliver:{dest.name}", lambda d=dest: self._deliver(d), 1.0)
+        self._add("retention", self._purge, settings.retention.purge_interval_s)
+
+    def _add(self, name: str, work: Callable[[], int], interval: float) -> None:
+        job = _Wakeable(name, work)
+        self._jobs[name] = job
+        self._scheduler.add_job(job, "interval", seconds=interval, id=name, name=name,
+                                next_run_time=datetime.now() + timedelta(seconds=0.2))
+
+    def start(self) -> None:
+        """Start the jobs."""
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        """Stop; waits for running jobs to finish their current step."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+
+    def wake(self, name: str) -> None:
+        """Run job `name` as soon as possible."""
+        job = self._jobs.get(name)
+        if job is None:
+            return
+        job.pending.set()
+        try:
+            self._scheduler.modify_job(name, next_run_time=datetime.now())
+        except Exception:  # noqa: BLE001 - e.g. during shutdown
+            pass
+
+    def wake_senders(self) -> None:
+        """Wake every delivery job."""
+        for name in self._jobs:
+            if name.startswith("deliver:"):
+                self.wake(name)
+
+    # ----------------------------------------------------------------------------------- jobs
+
+    def _assembly(self) -> int:
+        completed = assembly.sweep(self.db, self.settings)
+        if completed:
+            self.wake("pipeline")
+        return 0  # the sweep is idempotent: no need to loop
+
+    def _pipeline(self) -> int:
+        n = self.pipeline.process_pending(limit=1)
+        if n:
+            self.wake_senders()
+        return n
+
+    def _deliver(self, dest) -> int:  # type: ignore[no-untyped-def]
+        return self.sender.deliver_due(dest)
+
+    def _purge(self) -> int:
+        ret = self.settings.retention
+        now = time.time()
+        removed = 0
+        if ret.instances_days > 0:
+            for uid in self.db.purgeable_studies(now - ret.instances_days * 86400):
+                removed += self.store.remove(self.db.forget_instances(uid))
+        if removed:
+            log.info("retention: removed %d instance file(s)", removed)
+        return 0

@@ -1,0 +1,249 @@
+"""The sending side: a durable outbound queue drained over C-STORE, one association per batch.
+
+Each batch proposes exactly the (SOP class, transfer syntax) pairs it sends, one presentation context
+per pair.  Every response status is checked:
+
+* 0x0000 and the warnings 0xB000-0xB007 (and 0x0111 "duplicate SOP instance": the peer has it) -> delivered;
+* transient (connection refused, timeout, abort, DIMSE timeout, A-ASSOCIATE-RJ rejected-transient,
+  0xA7xx out of resources) -> retried with exponential backoff and jitter, at most ``max_attempts``;
+* permanent (A-ASSOCIATE-RJ rejected-permanent, presentation context refused, 0xA9xx, 0xCxxx and any
+  other failure) -> failed at once, shown by ``dicom-node status``, re-queued by ``dicom-node retry``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.db import Database
+from dicom_node.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, set_tcp_nodelay
+from dicom_node.settings import DeliverySettings, Destination, Settings
+
+log = logging.getLogger("dicom_node.scu")
+
+OK, TRANSIENT, PERMANENT = "ok", "transient", "permanent"
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+_REJECT_REASONS = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+
+
+def classify_status(status: int) -> str:
+    """OK / TRANSIENT / PERMANENT for a C-STORE response status (PS3.4 Annex B.2.3)."""
+    if status == 0x0000 or 0xB000 <= status <= 0xB007 or status == DUPLICATE_SOP_INSTANCE:
+        return OK
+    if 0xA700 <= status <= 0xA7FF:
+        return TRANSIENT
+    return PERMANENT
+
+
+def backoff_delay(attempts: int, policy: DeliverySettings, rng: random.Random) -> float:
+    """Delay before attempt `attempts + 1`: initial * 2^(attempts-1), capped, +-jitter."""
+    base = min(policy.backoff_max_s, policy.backoff_initial_s * (2 ** max(0, attempts - 1)))
+    return max(0.0, base * (1.0 + policy.jitter * rng.uniform(-1.0, 1.0)))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file to send."""
+
+    key: Any
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What happened to one item."""
+
+    key: Any
+    outcome: str
+    status: int | None
+    message: str
+
+
+def _tls_args(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
+    if not dest.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(dest.tls_ca_file) if dest.tls_ca_file else None)
+    if dest.tls_cert_file:
+        ctx.load_cert_chain(str(dest.tls_cert_file), str(dest.tls_key_file) if dest.tls_key_file else None)
+    return ctx, dest.host
+
+
+def _make_ae(calling_ae: str, policy: DeliverySettings) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.acse_timeout = policy.acse_timeout_s
+    ae.dimse_timeout = policy.dimse_timeout_s
+    ae.network_timeout = policy.dimse_timeout_s
+    ae.connection_timeout = policy.connect_timeout_s
+    return ae
+
+
+def _association_failure(assoc: Any, dest: Destination) -> tuple[str, str]:
+    if assoc.is_rejected:
+        prim = assoc.acceptor.primitive
+        result = getattr(prim, "result", None)
+        source = getattr(prim, "result_source", None)
+        diag = getattr(prim, "diagnostic", None)
+        why = _REJECT_REASONS.get((source, diag), f"source {source}, diagnostic {diag}")
+        kind = "permanently" if result == 1 else "transiently"
+        return (PERMANENT if result == 1 else TRANSIENT), f"association rejected {kind} by {dest.address}: {why}"
+    if assoc.is_aborted:
+        return TRANSIENT, f"association aborted by {dest.address}"
+    return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
+
+
+def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy: DeliverySettings) -> list[ItemResult]:
+    """Send `items` on one association; one result per item (never raises for network trouble)."""
+    if not items:
+        return []
+    ae = _make_ae(calling_ae, policy)
+    pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in items})
+    if len(pairs) > 128:
+        raise ValueError("a batch may need at most 128 presentation contexts")
+    for sop_class, ts in pairs:
+        ae.add_requested_context(sop_class, [ts])
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(dest),
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return [ItemResult(i.key, TRANSIENT, None, f"cannot connect to {dest.address}: {exc}") for i in items]
+    if not assoc.is_established:
+        outcome, message = _association_failure(assoc, dest)
+        return [ItemResult(i.key, outcome, None, message) for i in items]
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    results: list[ItemResult] = []
+    try:
+        for n, item in enumerate(items):
+            if not assoc.is_established:
+                results.extend(ItemResult(i.key, TRANSIENT, None, f"association with {dest.address} ended early")
+                               for i in items[n:])
+                break
+            if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
+                results.append(ItemResult(item.key, PERMANENT, None,
+                                          f"{dest.address} refused SOP class {item.sop_class_uid} with transfer"
+                                          f" syntax {item.transfer_syntax_uid}"))
+                continue
+            try:
+                ds = pydicom.dcmread(item.path)
+            except Exception as exc:  # noqa: BLE001 - our own file vanished or is damaged
+                results.append(ItemResult(item.key, PERMANENT, None, f"cannot read {item.path.name}: {exc}"))
+                continue
+            rsp = assoc.send_c_store(ds)
+            status = getattr(rsp, "Status", None)
+            if status is None:
+                # DIMSE timeout or abort: the reply may or may not have been sent; resend on a new association.
+                results.append(ItemResult(item.key, TRANSIENT, None,
+                                          f"no C-STORE response from {dest.address} (timeout or abort)"))
+                results.extend(ItemResult(i.key, TRANSIENT, None, f"association with {dest.address} ended early")
+                               for i in items[n + 1:])
+                assoc.abort()
+                break
+            outcome = classify_status(int(status))
+            comment = str(rsp.get("ErrorComment", "") or "")
+            msg = f"status 0x{int(status):04X}" + (f" ({comment})" if comment else "") + f" from {dest.address}"
+            results.append(ItemResult(item.key, outcome, int(status), msg))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def echo(calling_ae: str, dest: Destination, policy: DeliverySettings) -> tuple[bool, str]:
+    """C-ECHO `dest`; returns (ok, one-line message)."""
+    ae = _make_ae(calling_ae, policy)
+    ae.add_requested_context(Verification)
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(dest),
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return False, f"cannot connect to {dest.address}: {exc}"
+    if not assoc.is_established:
+        return False, _association_failure(assoc, dest)[1]
+    try:
+        rsp = assoc.send_c_echo()
+        status = getattr(rsp, "Status", None)
+        if status is None:
+            return False, f"no C-ECHO response from {dest.address}"
+        return status == 0, f"C-ECHO {dest.address}: status 0x{int(status):04X}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class Sender:
+    """Drains the delivery queue of each destination."""
+
+    def __init__(self, settings: Settings, db: Database, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.rng = rng or random.Random()
+
+    def deliver_due(self, dest: Destination, now: float | None = None) -> int:
+        """Send one batch of due deliveries to `dest`; returns how many were attempted."""
+        now = time.time() if now is None else now
+        rows = self.db.due_deliveries(dest.name, now, dest.batch_size)
+        if not rows:
+            return 0
+        # At most 128 presentation contexts per association: keep the first 128 distinct pairs.
+        pairs: list[tuple[str, str]] = []
+        batch = []
+        for r in rows:
+            pair = (r["sop_class_uid"], r["transfer_syntax_uid"])
+            if pair not in pairs:
+                if len(pairs) == 128:
+                    continue
+                pairs.append(pair)
+            batch.append(r)
+        self.db.mark_sending([r["id"] for r in batch])
+        items = [Item(r, Path(r["path"]), r["sop_class_uid"], r["transfer_syntax_uid"]) for r in batch]
+        started = time.monotonic()
+        results = send_batch(self.settings.node.ae_title, dest, items, self.settings.delivery)
+        delivered = 0
+        for res in results:
+            row = res.key
+            if res.outcome == OK:
+                self.db.mark_delivered(row["id"], res.status or 0)
+                delivered += 1
+            elif res.outcome == TRANSIENT and row["attempts"] + 1 < self.settings.delivery.max_attempts:
+                delay = backoff_delay(row["attempts"] + 1, self.settings.delivery, self.rng)
+                self.db.mark_retry(row["id"], time.time() + delay, res.message, res.status)
+            else:
+                reason = res.message if res.outcome == PERMANENT else (
+                    f"gave up after {row['attempts'] + 1} attempts: {res.message}")
+                self.db.mark_failed(row["id"], reason, res.status)
+        failed = [r for r in results if r.outcome != OK]
+        if failed:
+            log.warning("%s: %d of %d sent, %d not (%s): %s", dest.name, delivered, len(results), len(failed),
+                        failed[0].outcome, failed[0].message)
+        else:
+            log.info("%s: %d output(s) delivered in %.2f s", dest.name, delivered, time.monotonic() - started)
+        self.db.settle_delivered_studies({r["study_instance_uid"] for r in batch})
+        return len(batch)
+
+    def deliver_all_due(self, dest: Destination) -> int:
+        """Batches until nothing is due for `dest`; returns how many were attempted."""
+        total = 0
+        while True:
+            n = self.deliver_due(dest)
+            total += n
+            if n == 0 or not self.db.due_deliveries(dest.name, time.time(), 1):
+                return total
