@@ -166,6 +166,9 @@ class StorageSCP:
             log.exception("could not record the rejected association")
         # Rejected-permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and the peer has
+        # closed, otherwise the connection is shut down before the rejection is sent.
+        event.assoc.kill()
 
     def _on_established(self, event: Any) -> None:
         calling, host, port = self._peer(event.assoc)

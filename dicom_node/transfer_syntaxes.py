@@ -25,21 +25,24 @@ from pydicom.uid import (
 #: Native encodings (every SCP must accept Implicit VR Little Endian).
 UNCOMPRESSED: list[UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 
-#: What the Storage SCP accepts: native, deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000,
-#: HTJ2K and RLE.  Stored as received; decoded for inference with pylibjpeg / openjpeg / pylibjpeg-rle.
+#: What the Storage SCP accepts: JPEG 2000, JPEG-LS, JPEG lossless/baseline/extended, RLE, HTJ2K, native and
+#: deflate.  The order is the preference when a sender proposes several for one context: pynetdicom picks
+#: the first of this list the sender offers, and a sender offering a compressed syntax usually holds the
+#: data that way, so compressed (lossless first) comes before native; the instance is then stored exactly
+#: as sent, and decoded for inference with pylibjpeg / openjpeg / pylibjpeg-rle.
 ACCEPTED: list[UID] = [
-    *UNCOMPRESSED,
-    DeflatedExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
+    JPEGLSLossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
+    JPEG2000,
+    JPEGLSNearLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     HTJ2K,
-    RLELossless,
+    *UNCOMPRESSED,
+    DeflatedExplicitVRLittleEndian,
 ]

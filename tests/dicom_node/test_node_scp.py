@@ -1,0 +1,230 @@
+"""The Storage SCP against real senders (dcmtk storescu / echoscu, pynetdicom) over real sockets."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import tempfile
+import threading
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from nodekit import make_study, node_config, settings_from
+from peers import echoscu, free_port, storescu, wait_for
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+from pynetdicom import AE, _config
+
+from dicom_node.db import Database
+from dicom_node.scp import CANNOT_UNDERSTAND, StorageSCP
+from dicom_node.storage import Store
+
+
+@pytest.fixture
+def scp(tmp_path: Path, request: pytest.FixtureRequest):
+    """An in-process SCP (no pipeline) with its database and store."""
+    opts = getattr(request, "param", {})
+    settings = settings_from(node_config(tmp_path / "data", free_port(), **opts))
+    db = Database(settings.data_dir / "node.sqlite")
+    store = Store(settings.data_dir)
+    server = StorageSCP(settings, db, store)
+    server.start()
+    yield server
+    server.stop()
+    db.close()
+
+
+def test_storescu_instance_is_stored_byte_exact_and_recorded(scp: StorageSCP, tmp_path: Path) -> None:
+    files = make_study(tmp_path / "in", "scp1", images=3)
+    storescu(files, scp.port)
+    rows = scp.db.query("SELECT * FROM instances ORDER BY sop_instance_uid")
+    assert len(rows) == 3
+    for path in files:
+        src = pydicom.dcmread(path)
+        row = scp.db.one("SELECT * FROM instances WHERE sop_instance_uid = ?", (src.SOPInstanceUID,))
+        assert row is not None and row["calling_ae"] == "STORESCU" and row["modality"] == "DX"
+        stored = pydicom.dcmread(row["path"])
+        assert stored.PatientID == src.PatientID and stored.StudyInstanceUID == src.StudyInstanceUID
+        assert stored.PixelData == src.PixelData
+        assert stored.file_meta.SourceApplicationEntityTitle == "STORESCU"
+    study = scp.db.study(str(pydicom.dcmread(files[0]).StudyInstanceUID))
+    assert study["state"] == "received" and study["instance_count"] == 3
+    wait_for(lambda: scp.db.one("SELECT state FROM associations WHERE instances = 3")["state"] == "released",
+             10, what="association recorded as released")
+    # A resend of the same instances changes nothing: no new study generation.
+    storescu(files, scp.port)
+    assert scp.db.study(study["study_instance_uid"])["generation"] == 3
+
+
+def test_tcp_nodelay_is_set_on_accepted_sockets(scp: StorageSCP) -> None:
+    ae = AE(ae_title="NODELAYCHECK")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="AINODE")
+    try:
+        assert assoc.is_established
+        server_side = wait_for(lambda: scp.active_associations, 5, what="server-side association")
+        sock = server_side[0].dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("scp", [{"accept_any": False, "allow": [{"ae_title": "PACS"}]}], indirect=True)
+def test_unknown_calling_ae_is_rejected_and_audited(scp: StorageSCP) -> None:
+    bad = echoscu(scp.port, calling="INTRUDER")
+    assert bad.returncode != 0
+    assert "Calling AE Title Not Recognized" in bad.stderr or "Association Rejected" in bad.stderr, bad.stderr
+    assert echoscu(scp.port, calling="PACS").returncode == 0
+    row = scp.db.one("SELECT * FROM associations WHERE state = 'rejected'")
+    assert row["calling_ae"] == "INTRUDER" and "not an allowed peer" in row["reason"]
+
+
+@pytest.mark.parametrize("scp", [{"accept_any": False, "allow": [{"ae_title": "PACS", "host": "10.9.9.9"}]}],
+                         indirect=True)
+def test_allowed_ae_from_wrong_host_is_rejected(scp: StorageSCP) -> None:
+    assert echoscu(scp.port, calling="PACS").returncode != 0
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    """The data set encoded Explicit VR Little Endian, without file meta."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _send_raw(port: int, payload: bytes, sop_uid: str = "1.2.3.4.5.6.7", folder: Path | None = None) -> int:
+    """C-STORE `payload` as the data set, bytes exactly as given: pynetdicom streams a file's body unparsed
+    when STORE_SEND_CHUNKED_DATASET is on, so the file holds valid file meta and then `payload`."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    fp = DicomBytesIO()
+    fp.write(b"\x00" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(fp, meta)
+    path = Path(tempfile.mkstemp(suffix=".dcm", dir=folder)[1])
+    path.write_bytes(fp.getvalue() + payload)
+    ae = AE(ae_title="RAWSENDER")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    assert assoc.is_established
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+        path.unlink()
+
+
+def test_malformed_and_truncated_data_sets_are_refused_and_node_stays_up(scp: StorageSCP, tmp_path: Path) -> None:
+    # Garbage: a tag claiming a value longer than the data set.
+    assert _send_raw(scp.port, b"\x08\x00\x18\x00UI\xff\x00" + b"1.2" + b"\x00" * 3) == CANNOT_UNDERSTAND
+    # A real image cut in the middle of its pixel data.
+    path = make_study(tmp_path / "in", "trunc", images=1)[0]
+    ds = pydicom.dcmread(path)
+    encoded = _encode(ds)
+    assert _send_raw(scp.port, encoded[: len(encoded) - 5000], str(ds.SOPInstanceUID)) == CANNOT_UNDERSTAND
+    # Identity missing entirely.
+    empty = pydicom.Dataset()
+    empty.Modality = "DX"
+    assert _send_raw(scp.port, _encode(empty)) == CANNOT_UNDERSTAND
+    assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 0
+    assert scp.db.query("SELECT sum(failures) AS n FROM associations")[0]["n"] == 3
+    # The node is alive and still stores good data.
+    assert echoscu(scp.port).returncode == 0
+    storescu([path], scp.port)
+    assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 1
+
+
+def test_disk_failure_answers_out_of_resources(scp: StorageSCP, tmp_path: Path) -> None:
+    files = make_study(tmp_path / "in", "diskfail", images=1)
+    scp.store.tmp.rmdir()  # the tmp folder vanishing makes every write fail
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="AINODE")
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0xA700
+    finally:
+        assoc.release()
+    scp.store.tmp.mkdir()
+    storescu(files, scp.port)
+    assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 1
+
+
+@pytest.mark.slow
+def test_eight_concurrent_associations_of_fifty_instances(scp: StorageSCP, tmp_path: Path) -> None:
+    batches = [make_study(tmp_path / f"c{k}", f"conc{k}", images=50, rows=64, columns=64) for k in range(8)]
+    procs = [subprocess.Popen(["storescu", "-aet", f"SENDER{k}", "-aec", "AINODE", "-R", "127.0.0.1", str(scp.port),
+                               *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, files in enumerate(batches)]
+    errors = []
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        if p.returncode != 0:
+            errors.append(err[-500:])
+    assert not errors, errors
+    assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 400
+    assert scp.db.query("SELECT count(*) AS n FROM studies")[0]["n"] == 8
+    assert {r["instances"] for r in scp.db.query("SELECT instances FROM associations")} == {50}
+    assert scp.db.query("SELECT sum(failures) AS n FROM associations")[0]["n"] == 0
+
+
+def _compressed_copies(src: Path, out: Path) -> dict[str, Path]:
+    """JPEG 2000 (pydicom + openjpeg), RLE (pydicom), JPEG-LS and JPEG lossless (dcmtk) versions of `src`."""
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    out.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name, uid in (("j2k", JPEG2000Lossless), ("rle", RLELossless)):
+        ds = pydicom.dcmread(src)
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{len(made) + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.compress(uid)
+        made[name] = out / f"{name}.dcm"
+        ds.save_as(made[name], enforce_file_format=True)
+    for name, tool, k in (("jls", "dcmcjpls", 3), ("jpeg", "dcmcjpeg", 4)):
+        ds = pydicom.dcmread(src)
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{k}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        plain = out / f"{name}-plain.dcm"
+        ds.save_as(plain, enforce_file_format=True)
+        made[name] = out / f"{name}.dcm"
+        subprocess.run([tool, str(plain), str(made[name])], check=True, capture_output=True)
+    return made
+
+
+def test_compressed_inputs_are_stored_as_sent_and_decodable(scp: StorageSCP, tmp_path: Path) -> None:
+    src = make_study(tmp_path / "in", "comp", images=1)[0]
+    original = pydicom.dcmread(src).pixel_array
+    copies = _compressed_copies(src, tmp_path / "compressed")
+    # storescu proposes a compressed syntax only when told to: one association per encoding.
+    propose = {"j2k": "-xv", "rle": "-xr", "jls": "-xt", "jpeg": "-xs"}
+    for name, path in copies.items():
+        storescu([path], scp.port, extra=[propose[name]])
+    for name, path in copies.items():
+        sent = pydicom.dcmread(path)
+        row = scp.db.one("SELECT * FROM instances WHERE sop_instance_uid = ?", (str(sent.SOPInstanceUID),))
+        assert row is not None, name
+        assert row["transfer_syntax_uid"] == str(sent.file_meta.TransferSyntaxUID), name
+        assert sent.file_meta.TransferSyntaxUID.is_compressed, name
+        stored = pydicom.dcmread(row["path"])
+        assert (stored.pixel_array == original).all(), f"{name} did not decode to the original pixels"
+
+
+def test_verification_and_concurrent_echo(scp: StorageSCP) -> None:
+    results = []
+
+    def run() -> None:
+        results.append(echoscu(scp.port).returncode)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [0, 0, 0, 0]
