@@ -97,7 +97,22 @@ def _make_ae(calling_ae: str, policy: DeliverySettings) -> AE:
     return ae
 
 
-def _association_failure(assoc: Any, dest: Destination) -> tuple[str, str]:
+def _associate(ae: AE, dest: Destination) -> tuple[Any, bool]:
+    """Request an association; returns it and whether the TCP connection was ever opened."""
+    opened: list[bool] = []
+
+    def on_open(event: Any) -> None:
+        opened.append(True)
+        set_tcp_nodelay(event)
+
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(dest),
+                         evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    return assoc, bool(opened)
+
+
+def _association_failure(assoc: Any, dest: Destination, connected: bool = True) -> tuple[str, str]:
+    if not connected:
+        return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result = getattr(prim, "result", None)
@@ -122,12 +137,11 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
     for sop_class, ts in pairs:
         ae.add_requested_context(sop_class, [ts])
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(dest),
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+        assoc, connected = _associate(ae, dest)
     except (OSError, ssl.SSLError, ValueError) as exc:
         return [ItemResult(i.key, TRANSIENT, None, f"cannot connect to {dest.address}: {exc}") for i in items]
     if not assoc.is_established:
-        outcome, message = _association_failure(assoc, dest)
+        outcome, message = _association_failure(assoc, dest, connected)
         return [ItemResult(i.key, outcome, None, message) for i in items]
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     results: list[ItemResult] = []
@@ -172,12 +186,11 @@ def echo(calling_ae: str, dest: Destination, policy: DeliverySettings) -> tuple[
     ae = _make_ae(calling_ae, policy)
     ae.add_requested_context(Verification)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(dest),
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+        assoc, connected = _associate(ae, dest)
     except (OSError, ssl.SSLError, ValueError) as exc:
         return False, f"cannot connect to {dest.address}: {exc}"
     if not assoc.is_established:
-        return False, _association_failure(assoc, dest)[1]
+        return False, _association_failure(assoc, dest, connected)[1]
     try:
         rsp = assoc.send_c_echo()
         status = getattr(rsp, "Status", None)

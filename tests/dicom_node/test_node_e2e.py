@@ -1,0 +1,188 @@
+"""End to end: dcmtk storescu -> node (real SCP, scheduler, pipeline, registry, encoders, SCU) -> Orthanc.
+
+The node runs in-process here (tests that kill it are in test_node_crash.py); every hop is a real
+association on loopback and results are checked through Orthanc's REST API.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from nodekit import E2E_ANALYSIS, make_study, node_config, running_node, settings_from
+from peers import VENV_BIN, Orthanc, free_port, stays, storescu, wait_for
+
+pytestmark = pytest.mark.e2e
+
+# Outputs the test analysis produces per image (SEG, SC, PR) and per study (SR).
+PER_IMAGE = {"SEG": 1, "OT": 1, "PR": 1}
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., Any]]:
+    """Start in-process nodes: ``factory(destinations=[...], **node_config kwargs)``."""
+    stack: list[Any] = []
+
+    def factory(**kwargs: Any) -> Any:
+        raw = node_config(tmp_path / f"node{len(stack)}", free_port(), model_root=model_root, **kwargs)
+        cm = running_node(settings_from(raw))
+        service = cm.__enter__()
+        stack.append(cm)
+        return service
+
+    yield factory
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+def pacs_destination(pacs: Orthanc, **extra: Any) -> dict[str, Any]:
+    return {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port, **extra}
+
+
+def expected_counts(images: int) -> dict[str, int]:
+    counts = {k: v * images for k, v in PER_IMAGE.items()}
+    counts["SR"] = 1
+    return counts
+
+
+def outputs_of(pacs: Orthanc, study_uid: str) -> dict[str, int]:
+    return {k: v for k, v in pacs.modality_counts(study_uid).items() if k != "DX"}
+
+
+def test_study_results_land_in_the_same_study_in_orthanc(node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    node = node_factory(destinations=[pacs_destination(orthanc)])
+    files = make_study(tmp_path / "in", "e2e1", images=2)
+    source = pydicom.dcmread(files[0])
+    storescu(files, node.scp.port)
+
+    want = expected_counts(2)
+    wait_for(lambda: outputs_of(orthanc, source.StudyInstanceUID) == want, 90,
+             what=f"outputs {want} in Orthanc (has {outputs_of(orthanc, source.StudyInstanceUID)})")
+    for tags in orthanc.study_instances(source.StudyInstanceUID):
+        assert tags["StudyInstanceUID"] == source.StudyInstanceUID
+        assert tags["PatientID"] == source.PatientID
+        assert tags["PatientName"] == str(source.PatientName)
+        assert tags.get("AccessionNumber", "") == source.AccessionNumber
+    wait_for(lambda: node.db.study(source.StudyInstanceUID)["state"] == "delivered", 20, what="study delivered")
+    study = node.db.study_detail(source.StudyInstanceUID)
+    assert [j["state"] for j in study["jobs"]] == ["delivered"]
+    assert study["jobs"][0]["summary"]["analysis"] == E2E_ANALYSIS
+    assert {d["state"] for d in study["deliveries"]} == {"delivered"}
+    assert len(study["deliveries"]) == sum(want.values())
+
+    # Every emitted object passes dciodvfy without errors and round-trips through pydicom.
+    for out in study["outputs"]:
+        proc = subprocess.run([str(VENV_BIN / "dciodvfy"), out["path"]], capture_output=True, text=True)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+        assert not errors, f"{out['kind']}: {errors[:5]}"
+        ds = pydicom.dcmread(out["path"])
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+
+
+def test_new_instance_after_analysis_replaces_outputs_with_a_successor_report(
+        node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    node = node_factory(destinations=[pacs_destination(orthanc)])
+    first = make_study(tmp_path / "a", "late", images=1)
+    study_uid = str(pydicom.dcmread(first[0]).StudyInstanceUID)
+    storescu(first, node.scp.port)
+    wait_for(lambda: outputs_of(orthanc, study_uid) == expected_counts(1), 60, what="first outputs")
+    first_sr = node.db.one("SELECT sop_instance_uid FROM outputs WHERE kind = 'sr'")["sop_instance_uid"]
+    first_seg = node.db.one("SELECT sop_instance_uid FROM outputs WHERE kind = 'seg'")["sop_instance_uid"]
+
+    second = make_study(tmp_path / "b", "late", images=1, first_instance=2)
+    storescu(second, node.scp.port)
+    # Re-analysis: a new SR naming the first as predecessor, one more SEG/SC/PR for the new image only.
+    want = {"SEG": 2, "OT": 2, "PR": 2, "SR": 2}
+    wait_for(lambda: outputs_of(orthanc, study_uid) == want, 60,
+             what=f"re-analysis outputs {want} (has {outputs_of(orthanc, study_uid)})")
+    srs = node.db.query("SELECT * FROM outputs WHERE kind = 'sr' ORDER BY created_at")
+    assert len(srs) == 2 and srs[0]["sop_instance_uid"] == first_sr
+    new_sr = pydicom.dcmread(srs[1]["path"])
+    predecessor = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == first_sr
+    segs = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs WHERE kind = 'seg'")}
+    assert first_seg in segs and len(segs) == 2
+    assert stays(lambda: outputs_of(orthanc, study_uid) == want, 1.0)
+
+
+def test_destination_down_then_up_delivers_everything(node_factory, orthanc_factory, tmp_path: Path) -> None:
+    dicom_port, http_port = free_port(), free_port()
+    dest = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}
+    node = node_factory(destinations=[dest])
+    files = make_study(tmp_path / "in", "down", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+
+    def retried() -> bool:
+        rows = node.db.query("SELECT attempts, state, last_error FROM deliveries")
+        return bool(rows) and all(r["attempts"] >= 2 and r["state"] == "pending" for r in rows)
+
+    wait_for(retried, 60, what="deliveries retried while the destination is down")
+    err = node.db.one("SELECT last_error FROM deliveries")["last_error"]
+    assert "cannot connect" in err
+    assert node.db.study(study_uid)["state"] == "encoded"
+
+    pacs = orthanc_factory(dicom_port=dicom_port, http_port=http_port)
+    wait_for(lambda: outputs_of(pacs, study_uid) == expected_counts(1), 60, what="outputs after the PACS came up")
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 20, what="study delivered")
+
+
+def test_permanent_rejection_stops_at_once_shows_in_status_and_retry_requeues(
+        node_factory, orthanc_factory, tmp_path: Path) -> None:
+    pacs = orthanc_factory(check_called_aet=True)
+    node = node_factory(destinations=[pacs_destination(pacs, ae_title="NOT_ORTHANC")])
+    files = make_study(tmp_path / "in", "reject", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+
+    wait_for(lambda: node.db.study(study_uid)["state"] == "failed", 60, what="study failed on permanent rejection")
+    rows = node.db.query("SELECT attempts, state, last_error FROM deliveries")
+    assert rows and all(r["state"] == "failed" and r["attempts"] == 1 for r in rows)
+    assert "rejected permanently" in rows[0]["last_error"]
+    # No retry loop: attempts stay at one.
+    assert stays(lambda: node.db.one("SELECT max(attempts) AS n FROM deliveries")["n"] == 1, 2.0)
+
+    data_dir = str(node.settings.data_dir)
+    status = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--data-dir", data_dir],
+                            capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    assert "failed 1" in status.stdout and "rejected permanently" in status.stdout
+
+    retry = subprocess.run([str(VENV_BIN / "dicom-node"), "retry", "--data-dir", data_dir],
+                           capture_output=True, text=True)
+    assert retry.returncode == 0 and "re-queued" in retry.stdout
+    wait_for(lambda: node.db.one("SELECT sum(attempts) AS n FROM deliveries WHERE state = 'failed'")["n"] == len(rows)
+             and node.db.study(study_uid)["state"] == "failed", 30, what="re-queued deliveries to fail again once")
+    assert outputs_of(pacs, study_uid) == {}
+
+
+def test_own_outputs_coming_back_are_stored_but_never_analysed(node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    node = node_factory(destinations=[pacs_destination(orthanc)])
+    files = make_study(tmp_path / "in", "loop", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered")
+    jobs_before = node.db.query("SELECT id FROM jobs")
+    outputs = [r["path"] for r in node.db.query("SELECT path FROM outputs")]
+    # PACS routing sends our results back to us.
+    storescu(outputs, node.scp.port, calling="ORTHANC")
+    own = node.db.query("SELECT * FROM instances WHERE own_output = 1")
+    assert len(own) == len(outputs)
+    study = node.db.study(study_uid)
+    assert study["state"] == "delivered" and study["instance_count"] == 1
+    assert stays(lambda: node.db.query("SELECT id FROM jobs") == jobs_before
+                 and node.db.study(study_uid)["state"] == "delivered", 1.5)
+
+
+def test_study_no_rule_matches_is_recorded_unrouted_with_the_reason(node_factory, tmp_path: Path) -> None:
+    node = node_factory()
+    files = make_study(tmp_path / "in", "chest", images=1, body_part="CHEST")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "unrouted", 30, what="study unrouted")
+    reason = node.db.study(study_uid)["reason"]
+    assert "no rule matched" in reason and "BodyPartExamined 'CHEST'" in reason
