@@ -171,13 +171,11 @@ def resample(
     coarse = coarse.permute(3, 0, 1, 2)[None]
     fine = F.interpolate(coarse, size=(grid.nw, grid.nv, grid.nu), mode="trilinear", align_corners=True)
     fine = fine[0].permute(1, 2, 3, 0)[None]
-    hu = torch.from_numpy(anatomy.hu)[None, None]
-    out_hu = F.grid_sample(hu, fine, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+    # Sampled as HU + 1000 with zero padding: outside the CT is air.
+    hu = torch.from_numpy(anatomy.hu + np.float32(1000.0))[None, None]
+    out_hu = F.grid_sample(hu, fine, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0] - 1000.0
     lab = torch.from_numpy(anatomy.labels.astype(np.float32))[None, None]
     out_lab = F.grid_sample(lab, fine, mode="nearest", padding_mode="zeros", align_corners=True)[0, 0]
-    # Outside the CT: air, not the border value (the border of a CT is air or table anyway).
-    outside = (fine.abs() > 1.0).any(dim=-1)[0]
-    out_hu = out_hu.masked_fill(outside, -1000.0)
     return out_hu, out_lab.to(torch.uint8)
 
 

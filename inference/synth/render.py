@@ -60,6 +60,10 @@ class SynthConfig:
     #: Partial coverage: fraction of the field height the centre may move up or down.
     shift: float = 0.22
     looks: tuple[tuple[str, float], ...] = (("clahe", 0.5), ("grid_lines", 0.25), ("lead_marker", 0.6), ("text", 0.4), ("jpeg", 0.3))
+    #: Phantoms: how many different ones a process cycles through (each is cached), their span and grid.
+    phantom_variants: int = 12
+    phantom_span: tuple[str, str] = ("C3", "S1")
+    phantom_spacing: float = 2.5
     #: Force settings (tests, demos): view, field, source, fracture=(level, shape, loss), implants (list of names).
     force: tuple[tuple[str, Any], ...] = ()
 
@@ -78,7 +82,8 @@ def get_anatomy(source: str, config: SynthConfig, rng: np.random.Generator) -> A
     if source == "phantom":
         from inference.synth.phantom import make_phantom
 
-        return make_phantom(int(rng.integers(0, 2**31 - 1)))
+        top, bottom = config.phantom_span
+        return make_phantom(int(rng.integers(0, config.phantom_variants)), top, bottom, config.phantom_spacing)
     if config.data_dir is None:
         raise ValueError(f"source {source!r} needs SynthConfig.data_dir (the shared data folder)")
     from inference.synth.anatomy import load_ct_anatomies
@@ -148,9 +153,9 @@ def render_sample(seed: int, config: SynthConfig = SynthConfig()) -> SynthSample
     proj = Projection(view, sid, sod, rows, cols, pixel_mm, tuple(iso), tuple(map(tuple, axes)))
 
     # ---- volume -> DRR and labels
-    h = float(np.clip(1.5 * pixel_mm, 1.6, 2.6))
+    h = float(np.clip(1.5 * pixel_mm, 1.8, 3.0))
     grid = beam_grid(proj, anatomy, h)
-    while grid.nu * grid.nv * grid.nw > 9e6:
+    while grid.nu * grid.nv * grid.nw > 6e6:
         h *= 1.12
         grid = beam_grid(proj, anatomy, h)
     hu, lab = resample(anatomy, proj, grid, None if deformation.identity else deformation.inverse)

@@ -89,7 +89,7 @@ class Fracture:
         if self.shape is FractureShape.BICONCAVE:
             ra = (a - 0.5 * (a_ant + a_post)) / (0.5 * depth)
             rl = lat / self.half_w
-            bowl = np.clip(1.0 - ra**2 - rl**2, 0.0, 1.0)
+            bowl = np.clip(1.0 - (ra**2 + rl**2) / 0.64, 0.0, 1.0)  # rims (outer 20 %) keep their height
             dip = 0.5 * self.loss * height * bowl
             return dip, dip
         top = self.loss * height * foot  # crush: the whole endplate drops
