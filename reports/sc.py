@@ -1,6 +1,6 @@
 """Annotated Secondary Capture: what every PACS can show, even one that knows nothing of SEG or SR.
 
-Layout (canvas pixels): a yellow banner across the top with the disclaimer and the model versions;
+Layout (canvas pixels): a yellow banner across the top with the disclaimer and, smaller, the model versions;
 below it the source image, windowed as its modality asked (VOI LUT or window from the source,
 MONOCHROME1 inverted) with coloured outlines, level labels and measurement lines; on the right a
 legend panel with the screening verdict, hardware status, findings, heights table and colour key.
@@ -152,7 +152,7 @@ def _fonts(image_height: int) -> _Fonts:
         detail=ImageFont.load_default(size=max(12, round(1.9 * unit))),
         body=ImageFont.load_default(size=max(12, round(1.9 * unit))),
         small=ImageFont.load_default(size=max(11, round(1.5 * unit))),
-        verdict=ImageFont.load_default(size=max(16, round(3.2 * unit))),
+        verdict=ImageFont.load_default(size=max(16, round(4.5 * unit))),
         unit=unit,
     )
 
@@ -323,19 +323,25 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
     fonts = _fonts(height)
     panel_width = max(round(0.42 * width), round(22 * fonts.body.size))
     laid, panel_height = _panel(result, image, fonts, panel_width)
-    banner_text = f"{DISCLAIMER}  ·  {models_text(result.models)}"
-    banner_font = _fit_font(banner_text, width + panel_width - round(2 * fonts.unit), max(16, round(2.6 * fonts.unit)))
-    banner_height = round(banner_font.size * 1.7)
+    # Banner: the disclaimer large (readable in a thumbnail), the model versions on a second line.
+    banner_width = width + panel_width - round(2 * fonts.unit)
+    banner_font = _fit_font(DISCLAIMER, banner_width, max(16, round(3.4 * fonts.unit)))
+    models_line = f"{models_text(result.models)}"
+    models_font = _fit_font(models_line, banner_width, max(11, round(1.7 * fonts.unit)))
+    pad = round(0.35 * banner_font.size)
+    banner_height = pad + round(banner_font.size * 1.15) + round(models_font.size * 1.3) + pad
     canvas_h = banner_height + max(height, panel_height)
     canvas = Image.new("RGB", (width + panel_width, canvas_h), PANEL_BACKGROUND)
     canvas.paste(base.convert("RGB"), (0, banner_height))
     draw = ImageDraw.Draw(canvas)
     rendering = Rendering(pixels=np.zeros(0), image_origin=(0, banner_height), scale=scale,
-                          banner_height=banner_height, source_index=index, panel_box=(width, banner_height, width + panel_width, canvas_h))
+                          banner_height=banner_height, source_index=index,
+                          panel_box=(width, banner_height, width + panel_width, canvas_h))
     placed = rendering.texts
     draw.rectangle((0, 0, canvas.width, banner_height), fill=BANNER_BACKGROUND)
-    _text(draw, (round(fonts.unit), banner_height // 2), banner_text, banner_font, BANNER_TEXT, placed,
-          stroke=False, anchor="lm")
+    _text(draw, (round(fonts.unit), pad), DISCLAIMER, banner_font, BANNER_TEXT, placed, stroke=False)
+    _text(draw, (round(fonts.unit), pad + round(banner_font.size * 1.15)), models_line, models_font, BANNER_TEXT,
+          placed, stroke=False)
     line_unit = max(1, round(fonts.unit * 0.28))
     for drawing in annotations.drawings(image):
         if drawing.index != index:

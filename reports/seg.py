@@ -221,7 +221,7 @@ def build_seg(
         copy_image_attributes(seg, source, _VOLUME_ATTRIBUTES)
     else:
         copy_image_attributes(seg, source, _RADIOGRAPH_ATTRIBUTES)
-        add_projection_geometry(seg)
+        add_projection_geometry(seg, source)
     if any(codes.uses_private_scheme(s.property_type, s.category) for s in specs):
         declare_private_scheme(seg)
     return seg
@@ -231,13 +231,23 @@ def _tracking_uid(image: ImageResult, spec: SegmentSpec) -> str:
     return derive_uid(image.source.sop_instance_uids[0], "segment", spec.label)
 
 
-def add_projection_geometry(seg: Dataset) -> None:
-    """Plane Orientation/Position functional groups for a SEG of a projection radiograph.
+def add_projection_geometry(seg: Dataset, source: Dataset) -> None:
+    """Plane Orientation/Position and Pixel Measures functional groups for a SEG of a radiograph.
 
-    See the module docstring: without them OHIF 3.13 never displays the SEG; with them the SEG stays
-    a valid Segmentation IOD (no Frame of Reference, frames tied to the source by reference).
+    See the module docstring: without them OHIF 3.13 never displays the SEG (it also reads Pixel
+    Measures unconditionally); with them the SEG stays a valid Segmentation IOD (no Frame of
+    Reference, frames tied to the source by reference).  The pixel spacing is the one a viewer
+    uses for the source: PixelSpacing when calibrated, else ImagerPixelSpacing.
     """
     shared = seg.SharedFunctionalGroupsSequence[0]
+    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    if spacing is not None and "PixelMeasuresSequence" not in shared:
+        measures = Dataset()
+        measures.PixelSpacing = [float(v) for v in spacing]
+        # A projection has no slice; the attribute is only there because readers (highdicom's segread)
+        # require it next to PixelSpacing.  Nominal 1 mm, as for any single plane.
+        measures.SliceThickness = 1.0
+        shared.PixelMeasuresSequence = DicomSequence([measures])
     orientation = Dataset()
     orientation.ImageOrientationPatient = list(DEFAULT_ORIENTATION)
     shared.PlaneOrientationSequence = DicomSequence([orientation])
