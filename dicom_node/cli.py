@@ -31,6 +31,8 @@ def _configure_logging(settings: Settings | None, verbose: bool = False) -> None
                         stream=sys.stderr, force=True)
     # pynetdicom logs every PDU at INFO; keep it to warnings unless debugging.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # highdicom narrates every attribute it copies at INFO.
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     from pynetdicom import _config
 
     phi = bool(settings and settings.logging.phi)

@@ -54,6 +54,9 @@ class NodeService:
     def start(self) -> None:
         """Recover from an earlier stop, then start the jobs and listen."""
         recovered = self.db.recover()
+        # A crash between the last delivery of a study and its state change leaves it `encoded` with
+        # nothing left to send: settle those now.
+        self.db.settle_delivered_studies()
         cleaned = self.store.clean_tmp()
         if any(recovered.values()) or cleaned:
             log.info("recovered after restart: %s, %d temporary file(s) removed", recovered, cleaned)
