@@ -25,12 +25,16 @@ log = logging.getLogger("dicom_node")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _configure_logging(settings: Settings | None, verbose: bool = False) -> None:
-    level = "DEBUG" if verbose else (settings.logging.level if settings else "INFO")
+def _configure_logging(settings: Settings | None, verbose: bool = False, one_shot: bool = False) -> None:
+    """Log format and levels; `one_shot` commands print their own one-line outcome, so only warnings show."""
+    level = "DEBUG" if verbose else ("WARNING" if one_shot else (settings.logging.level if settings else "INFO"))
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
-    # pynetdicom logs every PDU at INFO; keep it to warnings unless debugging.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # pynetdicom logs every PDU at INFO and a refused connection at ERROR (our own messages carry the
+    # reason): keep it to warnings when serving, silent for one-shot commands, everything when debugging.
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if level == "DEBUG" else (logging.CRITICAL if one_shot else logging.WARNING))
+    logging.getLogger("pynetdicom.transport").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     # highdicom narrates every attribute it copies at INFO.
     logging.getLogger("highdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     from pynetdicom import _config
@@ -271,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _configure_logging(None)
             return cmd_config_check(args.file)
         settings = load(args.config, overrides=_overrides(args))
-        _configure_logging(settings, args.verbose)
+        _configure_logging(settings, args.verbose, one_shot=args.command != "serve")
         if args.command == "serve":
             return cmd_serve(settings)
         if args.command == "analyze":

@@ -1,0 +1,126 @@
+"""The ``dicom-node`` console script: exit codes, one-line reasons, and each command against real peers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from nodekit import HERE, make_study, node_config, write_config
+from peers import REPO, VENV_BIN, StoreSCP, echoscu, free_port, wait_for
+
+DICOM_NODE = str(VENV_BIN / "dicom-node")
+
+
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO)])
+    full_env.update(env or {})
+    return subprocess.run([DICOM_NODE, *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+def test_config_check_accepts_the_shipped_file() -> None:
+    proc = run("config", "check", str(REPO / "config" / "node.toml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_config_check_prints_every_problem_and_fails(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[node]\nae_title = "THIS-TITLE-IS-TOO-LONG"\nport = 70000\ncolour = "blue"\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\noutputs = ["seg", "pdf"]\n'
+        '[[rules]]\nname = "r"\nanalyses = ["spine-xr"]\ndestinations = ["archive"]\n'
+        '[[rules.match]]\nseries_description = "(unclosed"\n'
+    )
+    proc = run("config", "check", str(bad))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    for key in ("node.ae_title", "node.port", "node.colour", "destinations[0] (pacs).outputs[1]",
+                "rules[0] (r).destinations", "rules[0] (r).match[0].series_description"):
+        assert any(key in line for line in lines), f"{key} missing from:\n{proc.stderr}"
+    assert lines[-1].endswith("6 problem(s)")
+
+
+def test_config_check_reports_invalid_toml_with_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[node\nport = 1\n")
+    proc = run("config", "check", str(bad))
+    assert proc.returncode == 2 and "invalid TOML" in proc.stderr and "line 1" in proc.stderr
+
+
+def test_serve_without_arguments_uses_the_embedded_default_with_env_override(tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, DICOM_NODE_PORT=str(port))
+    proc = subprocess.Popen([DICOM_NODE, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: echoscu(port).returncode == 0, 60, interval=0.2, what="default node answering C-ECHO")
+        assert (tmp_path / "var" / "node.sqlite").is_file()  # default data_dir "var" under the working dir
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"listening on 127.0.0.1:{port}" in out
+
+
+def test_cli_flags_override_environment(tmp_path: Path) -> None:
+    # --data-dir beats DICOM_NODE_DATA_DIR: status looks where the flag says.
+    env = {"DICOM_NODE_DATA_DIR": str(tmp_path / "from-env")}
+    proc = run("status", "--data-dir", str(tmp_path / "from-flag"), env=env)
+    assert proc.returncode == 1
+    assert "from-flag" in proc.stderr and "from-env" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_echo_and_send_against_storescp(tmp_path: Path, storescp: StoreSCP) -> None:
+    target = f"{storescp.ae_title}@127.0.0.1:{storescp.port}"
+    ok = run("echo", target)
+    assert ok.returncode == 0 and "0x0000" in ok.stdout
+    files = make_study(tmp_path / "in", "clisend", images=3)
+    sent = run("send", *map(str, files), "--to", target)
+    assert sent.returncode == 0, sent.stderr
+    assert "sent 3 of 3" in sent.stdout
+    received = {str(pydicom.dcmread(p).SOPInstanceUID) for p in storescp.files()}
+    assert received == {str(pydicom.dcmread(p).SOPInstanceUID) for p in files}
+
+
+def test_echo_and_send_to_nothing_fail_with_one_line(tmp_path: Path) -> None:
+    target = f"NOBODY@127.0.0.1:{free_port()}"
+    echo = run("echo", target)
+    assert echo.returncode == 1
+    assert len(echo.stderr.strip().splitlines()) == 1 and "cannot connect" in echo.stderr
+    files = make_study(tmp_path / "in", "clifail", images=1)
+    sent = run("send", str(files[0]), "--to", target)
+    assert sent.returncode == 1 and sent.stderr.strip().splitlines()[-1].startswith("dicom-node: 1 of 1")
+    bad = run("echo", "not-an-address")
+    assert bad.returncode == 2 and "expected AET@HOST:PORT" in bad.stderr
+
+
+def test_analyze_writes_outputs_offline(tmp_path: Path, model_root: Path) -> None:
+    config = write_config(tmp_path / "node.toml", node_config(tmp_path / "data", free_port(), model_root=model_root))
+    files = make_study(tmp_path / "in", "offline", images=2)
+    proc = run("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    written = [Path(line) for line in proc.stdout.split()]
+    kinds = sorted(p.name.split("_")[0] for p in written)
+    assert kinds == ["pr", "pr", "sc", "sc", "seg", "seg", "sr"]
+    source = pydicom.dcmread(files[0])
+    for p in written:
+        ds = pydicom.dcmread(p)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+    # Same input, same output UIDs.
+    again = run("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out2"), "--config", str(config))
+    assert sorted(Path(line).name for line in again.stdout.split()) == sorted(p.name for p in written)
+
+
+@pytest.mark.parametrize("body_part", ["CHEST"])
+def test_analyze_of_unrouted_input_fails_with_the_reason(tmp_path: Path, model_root: Path, body_part: str) -> None:
+    config = write_config(tmp_path / "node.toml", node_config(tmp_path / "data", free_port(), model_root=model_root))
+    make_study(tmp_path / "in", "unrouted", images=1, body_part=body_part)
+    proc = run("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(config))
+    assert proc.returncode == 1
+    assert "no rule matched" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
