@@ -1,0 +1,115 @@
+"""The node database: migrations, state machine, recovery, concurrency."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from dicom_node.db import MIGRATIONS, Database, InstanceRecord
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    d = Database(tmp_path / "node.sqlite", synchronous_full=False)
+    yield d
+    d.close()
+
+
+def rec(sop: str, study: str = "1.2.3", assoc: int | None = None, own: bool = False) -> InstanceRecord:
+    return InstanceRecord(sop, study, study + ".1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1", "DX",
+                          "LSPINE", "LL", "", "", "ORIGINAL\\PRIMARY", "MOD", assoc, f"/x/{sop}.dcm", 10, own)
+
+
+def test_migrations_are_recorded_and_idempotent(db: Database) -> None:
+    assert db.schema_version() == len(MIGRATIONS)
+    assert db.migrate() == []
+    assert db.one("SELECT journal_mode AS m FROM pragma_journal_mode")["m"] == "wal"
+
+
+def test_study_state_machine_and_generation_guard(db: Database) -> None:
+    assert db.record_instance(rec("1.1")) and not db.record_instance(rec("1.1"))
+    assert db.study("1.2.3")["generation"] == 1
+    assert db.mark_complete("1.2.3")
+    gen = db.claim_study("1.2.3")
+    assert gen == 1 and db.claim_study("1.2.3") is None
+    # A new instance while analysing re-opens the study; the stale analysis may not close it.
+    db.record_instance(rec("1.2"))
+    assert not db.finish_study("1.2.3", gen, "encoded")
+    assert db.study("1.2.3")["state"] == "received"
+    db.mark_complete("1.2.3")
+    gen2 = db.claim_study("1.2.3")
+    assert gen2 == 2 and db.finish_study("1.2.3", gen2, "encoded")
+
+
+def test_own_outputs_do_not_open_studies(db: Database) -> None:
+    db.record_instance(rec("9.9", study="7.7", own=True))
+    assert db.study("7.7") is None
+
+
+def _job_with_delivery(db: Database) -> tuple[int, int]:
+    db.record_instance(rec("1.1"))
+    db.mark_complete("1.2.3")
+    gen = db.claim_study("1.2.3")
+    job = db.start_job("1.2.3", "a", "r", "key", gen)
+    out = {"sop_instance_uid": "5.5", "study_instance_uid": "1.2.3", "series_instance_uid": "5", "sop_class_uid": "x",
+           "transfer_syntax_uid": "y", "kind": "sr", "variant": "any", "path": "/o/5.5.dcm", "size": 1}
+    assert db.record_outputs(job["id"], {"analysis": "a"}, [out], [("5.5", "pacs")]) == 1
+    db.finish_study("1.2.3", gen, "encoded")
+    return job["id"], db.one("SELECT id FROM deliveries")["id"]
+
+
+def test_recovery_after_crash_resends_and_settles(db: Database) -> None:
+    _, delivery = _job_with_delivery(db)
+    db.mark_sending([delivery])
+    assert db.recover()["deliveries_resent"] == 1
+    assert db.one("SELECT state FROM deliveries")["state"] == "pending"
+    # Killed between the last delivery and the study update: settling at start closes the study.
+    db.mark_delivered(delivery, 0)
+    assert db.study("1.2.3")["state"] == "encoded"
+    db.settle_delivered_studies()
+    assert db.study("1.2.3")["state"] == "delivered"
+    assert db.one("SELECT state FROM jobs")["state"] == "delivered"
+
+
+def test_failed_delivery_fails_study_and_retry_requeues(db: Database) -> None:
+    _, delivery = _job_with_delivery(db)
+    db.mark_sending([delivery])
+    db.mark_failed(delivery, "association rejected permanently", None)
+    db.settle_delivered_studies()
+    assert db.study("1.2.3")["state"] == "failed" and "rejected permanently" in db.study("1.2.3")["reason"]
+    assert db.queue_depth()[0]["failed"] == 1
+    assert db.requeue_failed() == 1
+    assert db.study("1.2.3")["state"] == "encoded"
+    assert db.one("SELECT state, attempts FROM deliveries") == {"state": "pending", "attempts": 0}
+
+
+def test_a_second_identical_job_is_not_run_again(db: Database) -> None:
+    job_id, _ = _job_with_delivery(db)
+    again = db.start_job("1.2.3", "a", "r", "key", 1)
+    assert again["id"] == job_id and again["state"] == "encoded"
+
+
+def test_concurrent_writers_never_see_database_is_locked(tmp_path: Path) -> None:
+    db = Database(tmp_path / "c.sqlite")
+    errors: list[Exception] = []
+
+    def writer(k: int) -> None:
+        try:
+            aid = db.open_association(f"S{k}", "AINODE", "127.0.0.1", 1000 + k)
+            for i in range(50):
+                db.record_instance(rec(f"{k}.{i}", study=f"9.{k}", assoc=aid))
+            db.end_association(aid, "released")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert db.one("SELECT count(*) AS n FROM instances")["n"] == 400
+    assert db.study_counts()["received"] == 8
+    db.close()

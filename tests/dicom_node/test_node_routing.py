@@ -1,0 +1,61 @@
+"""Routing rules on DICOM attributes (pure)."""
+
+from __future__ import annotations
+
+from dicom_node.routing import InstanceHeaders, mismatch, route
+from dicom_node.settings import Match, Rule, load, validate
+
+
+def h(uid: str = "1", **kw) -> InstanceHeaders:
+    return InstanceHeaders(sop_instance_uid=uid, **kw)
+
+
+def test_default_rule_selects_spine_radiographs_by_body_part_or_description() -> None:
+    rules = load(env={}).rules
+    assert route([h(modality="DX", body_part_examined="LSPINE")], rules).routed
+    assert route([h(modality="CR", body_part_examined="", series_description="LWS ap/seitl.")], rules).routed
+    assert route([h(modality="DX", study_description="XR Lumbar Spine 2 views")], rules).routed
+    ct = route([h(modality="CT", body_part_examined="LSPINE")], rules)
+    assert not ct.routed and "Modality 'CT' not in DX, CR" in ct.reason
+    chest = route([h(modality="DX", body_part_examined="CHEST")], rules)
+    assert not chest.routed and "BodyPartExamined 'CHEST'" in chest.reason
+
+
+def test_rule_selects_only_matching_instances_and_completion_policy() -> None:
+    rules = validate({"rules": [
+        {"name": "xr", "analyses": ["a"], "complete_on": "association-release",
+         "match": [{"modality": ["DX"], "view_position": ["LL", "LAT"], "image_type": ["ORIGINAL"]}]},
+        {"name": "ct", "analyses": ["b"], "match": [{"modality": ["CT"], "sop_class_uid": ["1.2.840.10008.5.1.4.1.1.2"]}]},
+    ]}).rules
+    instances = [
+        h("1", modality="DX", view_position="LL", image_type=("ORIGINAL", "PRIMARY")),
+        h("2", modality="DX", view_position="AP", image_type=("ORIGINAL",)),
+        h("3", modality="DX", view_position="LL", image_type=("DERIVED",)),
+    ]
+    r = route(instances, rules)
+    assert [(m.rule.name, m.sop_instance_uids) for m in r.matches] == [("xr", ("1",))]
+    assert r.complete_on_release
+    both = route([*instances, h("4", modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2")], rules)
+    assert [m.rule.name for m in both.matches] == ["xr", "ct"] and not both.complete_on_release
+
+
+def test_calling_ae_and_regex_are_case_insensitive() -> None:
+    m = Match(calling_ae_title=("PACS",), series_description="^lat")
+    assert mismatch(m, h(calling_ae="PACS", series_description="LAT standing")) is None
+    assert "calling AE 'MOD'" in mismatch(m, h(calling_ae="MOD", series_description="LAT"))
+
+
+def test_no_rules_and_no_instances_have_reasons() -> None:
+    assert route([h(modality="DX")], ()).reason == "no routing rules configured"
+    rule = Rule(name="r", analyses=("a",), match=(Match(),))
+    assert route([], (rule,)).reason == "no source instances"
+
+
+def test_headers_from_dataset_tolerate_missing_attributes() -> None:
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.SOPInstanceUID = "1.2"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    got = InstanceHeaders.from_dataset(ds, calling_ae=" PACS ")
+    assert got.image_type == ("ORIGINAL", "PRIMARY") and got.modality == "" and got.calling_ae == "PACS"

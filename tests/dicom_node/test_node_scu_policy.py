@@ -1,0 +1,25 @@
+"""Delivery policy (pure): status classes and backoff."""
+
+from __future__ import annotations
+
+import random
+
+from dicom_node.scu import OK, PERMANENT, TRANSIENT, backoff_delay, classify_status
+from dicom_node.settings import DeliverySettings
+
+
+def test_status_classes() -> None:
+    assert [classify_status(s) for s in (0x0000, 0xB000, 0xB007, 0x0111)] == [OK] * 4
+    assert [classify_status(s) for s in (0xA700, 0xA7FF)] == [TRANSIENT] * 2
+    assert [classify_status(s) for s in (0xA900, 0xC000, 0xC211, 0x0122, 0xB008)] == [PERMANENT] * 5
+
+
+def test_backoff_grows_exponentially_capped_with_jitter() -> None:
+    policy = DeliverySettings(backoff_initial_s=2, backoff_max_s=60, jitter=0.25)
+    rng = random.Random(1)
+    delays = [backoff_delay(n, policy, rng) for n in range(1, 10)]
+    for n, d in enumerate(delays, start=1):
+        base = min(60, 2 * 2 ** (n - 1))
+        assert 0.75 * base <= d <= 1.25 * base
+    assert len({round(d, 6) for d in delays}) == len(delays)
+    assert backoff_delay(1, DeliverySettings(jitter=0), rng) == 5.0

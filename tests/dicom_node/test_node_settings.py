@@ -1,0 +1,96 @@
+"""Configuration: the shipped files agree, errors name the key, precedence file < env < CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.settings import (
+    ConfigError,
+    Overrides,
+    default_config_text,
+    load,
+    parse_destination_spec,
+    parse_toml,
+    validate,
+    warnings_for,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_default_and_annotated_config_agree() -> None:
+    embedded = validate(parse_toml(default_config_text(), "embedded"))
+    annotated = load(REPO / "config" / "node.toml", env={})
+    assert embedded == annotated
+
+
+def test_default_routes_spine_radiographs_on_release() -> None:
+    settings = load(env={})
+    rule = settings.rules[0]
+    assert rule.analyses == ("spine-xr",) and rule.complete_on == "association-release"
+    assert settings.peers.accept_any and settings.node.bind_host == "127.0.0.1"
+
+
+def _problems(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    return err.value.problems
+
+
+def test_every_problem_names_its_key() -> None:
+    problems = _problems({
+        "node": {"ae_title": "", "port": "eleven", "max_pdu_bytes": -1},
+        "peers": {"allow": [{"host": "10.0.0.1"}]},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104, "seg_format": "pretty"},
+                         {"name": "pacs", "ae_title": "P2", "host": "h", "port": 105}],
+        "rules": [{"name": "r", "analyses": ["a"], "match": [{"modality": "DX", "bogus": 1}]}],
+    })
+    text = "\n".join(problems)
+    for key in ("node.ae_title", "node.port", "node.max_pdu_bytes", "peers.allow[0].ae_title: is required",
+                "destinations[0] (pacs).seg_format", "destinations[1] (pacs).name: used by more than one",
+                "rules[0] (r).match[0].bogus: unknown key"):
+        assert key in text, f"{key!r} not in:\n{text}"
+
+
+def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[node]\nae_title = "FROMFILE"\nport = 2000\ndata_dir = "file-data"\n')
+    assert load(cfg, env={}).node.ae_title == "FROMFILE"
+    env = {"DICOM_NODE_AE_TITLE": "FROMENV", "DICOM_NODE_PORT": "3000"}
+    s = load(cfg, env=env)
+    assert (s.node.ae_title, s.node.port, str(s.node.data_dir)) == ("FROMENV", 3000, "file-data")
+    s = load(cfg, env=env, overrides=Overrides(ae_title="FROMCLI", destinations=("PACS@10.1.2.3:104",),
+                                               allow=("MOD1", "MOD2@10.0.0.9"), accept_any=False))
+    assert (s.node.ae_title, s.node.port) == ("FROMCLI", 3000)
+    assert s.destinations[0].address == "PACS@10.1.2.3:104" and s.destinations[0].name == "pacs"
+    assert [(p.ae_title, p.host) for p in s.peers.allow] == [("MOD1", None), ("MOD2", "10.0.0.9")]
+    # DICOM_NODE_CONFIG names the file when --config is absent.
+    assert load(env={"DICOM_NODE_CONFIG": str(cfg)}).node.ae_title == "FROMFILE"
+
+
+def test_env_value_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        load(env={"DICOM_NODE_PORT": "http"})
+    assert err.value.problems[0].startswith("node.port:")
+
+
+def test_destination_specs() -> None:
+    assert parse_destination_spec("ORTHANC@[::1]:4242")["host"] == "::1"
+    for bad in ("ORTHANC@host", "@h:1", "A@h:port"):
+        with pytest.raises(ConfigError, match="expected AET@HOST:PORT"):
+            parse_destination_spec(bad)
+
+
+def test_settings_are_frozen() -> None:
+    s = load(env={})
+    with pytest.raises(Exception):
+        s.node.port = 1  # type: ignore[misc]
+
+
+def test_warnings_for_risky_but_valid_settings() -> None:
+    s = validate({"node": {"bind_host": "0.0.0.0"}, "peers": {"accept_any": True},
+                  "rules": [{"name": "r", "analyses": ["nope"], "match": [{"modality": ["DX"]}]}]})
+    text = "\n".join(warnings_for(s, ["other"]))
+    assert "accept_any" in text and "'nope' is not installed" in text and "destinations: none" in text
