@@ -18,7 +18,15 @@ from pathlib import Path
 
 from dicom_node import __version__
 from dicom_node.errors import ConfigError, NodeError
-from dicom_node.settings import Destination, Overrides, Settings, load, parse_destination_spec, read_toml, validate
+from dicom_node.settings import (
+    Destination,
+    Overrides,
+    Settings,
+    load,
+    parse_destination_spec,
+    read_toml,
+    validate,
+)
 
 log = logging.getLogger("dicom_node")
 

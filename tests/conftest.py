@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from peers import Orthanc, StoreSCP, dcmtk_available, orthanc_available
 
 

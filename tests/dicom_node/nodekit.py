@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import node_test_analysis
-from inference.synth.dicom import Patient, radiograph_dataset
 
 from dicom_node.settings import Settings, validate
+from inference.synth.dicom import Patient, radiograph_dataset
 
 HERE = Path(__file__).resolve().parent
 

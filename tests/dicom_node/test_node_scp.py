@@ -6,7 +6,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-from io import BytesIO
 from pathlib import Path
 
 import pydicom

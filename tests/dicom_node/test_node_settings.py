@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from dicom_node.settings import (
     ConfigError,
@@ -85,7 +86,7 @@ def test_destination_specs() -> None:
 
 def test_settings_are_frozen() -> None:
     s = load(env={})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.node.port = 1  # type: ignore[misc]
 
 
