@@ -57,7 +57,7 @@ class Drawing:
 LAYERS = ("VERTEBRAE", "IMPLANTS", "MEASUREMENTS", "FINDINGS", "LABELS")
 
 
-def _bbox(points: Sequence[Point]) -> tuple[float, float, float, float]:
+def bbox(points: Sequence[Point]) -> tuple[float, float, float, float]:
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
     return min(xs), min(ys), max(xs), max(ys)
@@ -95,7 +95,7 @@ def radiograph_drawing(image: ImageResult) -> Drawing:
         drawing.shapes.append(Shape(pts, True, style.ALERT_COLOUR if alert else style.implant_colour(implant),
                                     "FINDINGS" if alert else "IMPLANTS", 3 if alert else 2))
     # Labels sit right of everything drawn at their height, so they never cover a structure.
-    boxes = [_bbox(pts) for _, pts in outlines]
+    boxes = [bbox(pts) for _, pts in outlines]
     gap = max(4.0, 0.02 * (image.source.columns or 1))
 
     def band(y0: float, y1: float) -> list[tuple[float, float, float, float]]:
@@ -111,7 +111,7 @@ def radiograph_drawing(image: ImageResult) -> Drawing:
             continue
         text = ", ".join(c.value for c in implant.complications) + "?"
         pts = _outline(implant) or (implant.centroid,)
-        x0, y0, x1, y1 = _bbox(pts)
+        x0, y0, x1, y1 = bbox(pts)
         level = next((lv for lv in implant.levels if lv in centres), None)
         if level is not None and implant.centroid[0] >= centres[level]:
             level_details.setdefault(level, []).append(text)
@@ -123,7 +123,7 @@ def radiograph_drawing(image: ImageResult) -> Drawing:
         pts = _outline(v)
         if len(pts) < 3:
             continue
-        x0, y0, x1, y1 = _bbox(pts)
+        x0, y0, x1, y1 = bbox(pts)
         edge = max([b[2] for b in band(y0, y1)] + [x1])
         fractured = style.is_fractured(v)
         details = ([style.fracture_text(v)] if fractured else []) + level_details.get(v.level or "", [])
@@ -140,7 +140,7 @@ def radiograph_drawing(image: ImageResult) -> Drawing:
             continue
         for segment in measurement_lines(m.evidence, m.unit):
             drawing.shapes.append(Shape(segment, False, style.MEASUREMENT_COLOUR, "MEASUREMENTS", 2))
-        x0, y0, x1, y1 = _bbox(m.evidence)
+        x0, y0, x1, y1 = bbox(m.evidence)
         unit = "°" if m.unit == "deg" else f" {m.unit}"
         drawing.labels.append(Label(f"{m.kind.value} {m.value:.1f}{unit}", (x1 + 6.0, y0), style.MEASUREMENT_COLOUR,
                                     "MEASUREMENTS"))
@@ -167,7 +167,7 @@ def volume_drawings(image: ImageResult) -> list[Drawing]:
         fractured = style.is_fractured(item.vertebra)
         colour = style.ALERT_COLOUR if fractured else style.vertebra_colour(item.vertebra)
         d.shapes.append(Shape(tuple(pts), True, colour, "FINDINGS" if fractured else "VERTEBRAE", 2))
-        x0, y0, x1, y1 = _bbox(pts)
+        x0, y0, x1, y1 = bbox(pts)
         d.labels.append(Label(style.short_level(item.vertebra, item.ordinal), (x1 + 4.0, (y0 + y1) / 2), colour,
                               "LABELS", emphasis=True))
     for implant in image.implants:

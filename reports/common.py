@@ -302,10 +302,11 @@ def patient_orientation(source: Dataset) -> tuple[str, str] | None:
     iop = source.get("ImageOrientationPatient")
     if not iop or len(iop) != 6:
         return None
-    return (_direction_letters([float(v) for v in iop[:3]]), _direction_letters([float(v) for v in iop[3:]]))
+    return (direction_letters([float(v) for v in iop[:3]]), direction_letters([float(v) for v in iop[3:]]))
 
 
-def _direction_letters(vector: list[float]) -> str:
+def direction_letters(vector: list[float]) -> str:
+    """PatientOrientation letters of a direction in patient coordinates, e.g. (0, 1, 0) -> "P"."""
     # PS3.3 C.7.6.1.1.1: letters of the main axes, most significant first; patient x = L, y = P, z = H.
     letters = []
     for axis in sorted(range(3), key=lambda i: -abs(vector[i])):

@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence as DicomSequence
 
-from inference.results import HardwareStatus, ImageResult, ImplantKind, StudyResult
-from reports import annotations, style
+from inference.results import HardwareStatus, ImageResult, ImplantKind, RegionMask, StudyResult
+from reports import annotations, geometry, style
 from reports.common import (
     DISCLAIMER,
     OutputKind,
@@ -30,6 +30,8 @@ from reports.common import (
     apply_identity,
     apply_series,
     copy_image_attributes,
+    direction_letters,
+    fit_lo,
     image_output_uid,
     models_text,
     patient_orientation,
@@ -119,8 +121,8 @@ class Rendering:
     scale: float
     texts: list[PlacedText] = field(default_factory=list)
     banner_height: int = 0
-    #: Which of the image's sources is shown (a series shows one slice).
-    source_index: int = 0
+    #: What is shown (the radiograph, a reformat, a slice) and from which sources.
+    view: View | None = None
     panel_box: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def to_canvas(self, x: float, y: float) -> tuple[float, float]:
@@ -152,7 +154,7 @@ def _fonts(image_height: int) -> _Fonts:
         detail=ImageFont.load_default(size=max(12, round(1.9 * unit))),
         body=ImageFont.load_default(size=max(12, round(1.9 * unit))),
         small=ImageFont.load_default(size=max(11, round(1.5 * unit))),
-        verdict=ImageFont.load_default(size=max(16, round(4.5 * unit))),
+        verdict=ImageFont.load_default(size=max(16, round(5.2 * unit))),
         unit=unit,
     )
 
@@ -241,10 +243,10 @@ def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts) -> lis
 
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: ImageFont.FreeTypeFont,
           colour: style.RGB, placed: list[PlacedText], *, stroke: bool = True, anchor: str = "la") -> None:
-    text = text.translate(_PLAIN)
+    shown = text.translate(_PLAIN)
     stroke_width = max(1, round(font.size / 12)) if stroke else 0
-    draw.text(xy, text, font=font, fill=colour, anchor=anchor, stroke_width=stroke_width, stroke_fill=(0, 0, 0))
-    box = draw.textbbox(xy, text, font=font, anchor=anchor, stroke_width=stroke_width)
+    draw.text(xy, shown, font=font, fill=colour, anchor=anchor, stroke_width=stroke_width, stroke_fill=(0, 0, 0))
+    box = draw.textbbox(xy, shown, font=font, anchor=anchor, stroke_width=stroke_width)
     placed.append(PlacedText(text, tuple(int(round(v)) for v in box), colour))  # type: ignore[arg-type]
 
 
@@ -299,24 +301,118 @@ def _fit_font(text: str, width: int, size: int) -> ImageFont.FreeTypeFont:
     return font
 
 
-def _base_image(image: ImageResult, sources: Sequence[Dataset]) -> tuple[np.ndarray, int]:
-    """Grey display image of the source (radiograph: its pixels; series: the busiest slice)."""
+@dataclass
+class View:
+    """What the capture shows: a grey image with square pixels and the drawing in its coordinates."""
+
+    grey: np.ndarray
+    drawing: annotations.Drawing
+    #: PatientOrientation of the view (row and column directions), if known.
+    orientation: tuple[str, str] | None
+    #: Source instances the view is made of (SourceImageSequence).
+    sources: list[Dataset]
+    #: Line under the banner saying what the view is, e.g. "sagittal reformat".
+    caption: str = ""
+
+
+def _axial(sources: Sequence[Dataset]) -> bool:
+    iop = sources[0].get("ImageOrientationPatient")
+    if not iop or len(iop) != 6 or "ImagePositionPatient" not in sources[0]:
+        return False
+    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    return abs(normal[2]) > 0.7
+
+
+def _sagittal_view(image: ImageResult, sources: Sequence[Dataset]) -> View:
+    """Mid-sagittal reformat of an axial series: the spine as a radiologist pictures it.
+
+    Vertebrae are outlined where the sagittal plane cuts them; implants (screws sit beside the
+    midline) are outlined as projected through the volume, like on a lateral radiograph.
+    """
+    xs = [v.centroid[0] for v in image.vertebrae] or [i.centroid[0] for i in image.implants]
+    column = int(np.clip(np.median(xs) if xs else image.source.columns / 2, 0, image.source.columns - 1))
+    z = np.asarray([float(ds.ImagePositionPatient[2]) for ds in sources])
+    order = np.argsort(-z)  # head at the top
+    steps = np.abs(np.diff(z[order]))
+    slice_spacing = float(np.median(steps)) if len(steps) else 1.0
+    row_spacing = float(sources[0].PixelSpacing[0]) if "PixelSpacing" in sources[0] else slice_spacing
+    stretch = max(slice_spacing / row_spacing, 1e-3)
+    plane = np.stack([display_pixels(sources[k])[:, column] for k in order])  # (slices, rows)
+    height = max(1, round(plane.shape[0] * stretch))
+    grey = np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize(
+        (plane.shape[1], height), Image.Resampling.BILINEAR))
+    drawing = annotations.Drawing(index=-1)
+
+    def outline(cut: np.ndarray) -> tuple[tuple[float, float], ...]:
+        pts = geometry.mask_outline(RegionMask.from_dense(cut[order]))
+        return tuple((x, y * stretch) for x, y in pts)
+
+    boxes: list[tuple[float, float, float, float]] = []
+    for item in style.ordered_vertebrae(image.vertebrae):
+        pts = outline(item.vertebra.mask.dense()[:, :, column])
+        if len(pts) < 3:
+            continue
+        fractured = style.is_fractured(item.vertebra)
+        colour = style.ALERT_COLOUR if fractured else style.vertebra_colour(item.vertebra)
+        drawing.shapes.append(annotations.Shape(pts, True, colour, "FINDINGS" if fractured else "VERTEBRAE", 2))
+        boxes.append(annotations.bbox(pts))
+    for implant in image.implants:
+        pts = outline(implant.mask.dense().any(axis=2))
+        if len(pts) < 3:
+            continue
+        alert = bool(implant.complications)
+        drawing.shapes.append(annotations.Shape(pts, True, style.ALERT_COLOUR if alert else style.implant_colour(implant),
+                                                "FINDINGS" if alert else "IMPLANTS", 2))
+        boxes.append(annotations.bbox(pts))
+    gap = max(4.0, 0.02 * grey.shape[1])
+    for item in style.ordered_vertebrae(image.vertebrae):
+        pts = outline(item.vertebra.mask.dense()[:, :, column])
+        if len(pts) < 3:
+            continue
+        x0, y0, x1, y1 = annotations.bbox(pts)
+        edge = min([b[0] for b in boxes if b[1] < y1 and b[3] > y0] + [x0])  # anterior side: left
+        fractured = style.is_fractured(item.vertebra)
+        colour = style.ALERT_COLOUR if fractured else style.vertebra_colour(item.vertebra)
+        drawing.labels.append(annotations.Label(style.short_level(item.vertebra, item.ordinal),
+                                                (edge - gap, (y0 + y1) / 2), colour, "LABELS", align="right",
+                                                emphasis=True, detail=style.fracture_text(item.vertebra)))
+    iop = [float(v) for v in sources[0].ImageOrientationPatient]
+    normal = np.cross(iop[:3], iop[3:])
+    down = -normal if normal[2] > 0 else normal
+    orientation = (_letters(iop[3:]), _letters(list(down)))
+    return View(grey, drawing, orientation, [sources[k] for k in order], "sagittal reformat")
+
+
+def _letters(vector: Sequence[float]) -> str:
+    return direction_letters([float(v) for v in vector])
+
+
+def view_of(image: ImageResult, sources: Sequence[Dataset]) -> View:
+    """The view a capture of `image` shows: the radiograph, a sagittal reformat, or the busiest slice."""
     if not image.source.is_volume:
-        return display_pixels(sources[0]), 0
+        return View(display_pixels(sources[0]), annotations.radiograph_drawing(image), patient_orientation(sources[0]),
+                    [sources[0]])
+    if _axial(sources):
+        return _sagittal_view(image, sources)
     drawings = annotations.volume_drawings(image)
-    index = max(drawings, key=lambda d: len(d.shapes)).index if drawings else len(sources) // 2
-    return display_pixels(sources[index]), index
+    if drawings:
+        drawing = max(drawings, key=lambda d: len(d.shapes))
+    else:
+        drawing = annotations.Drawing(index=len(sources) // 2)
+    ds = sources[drawing.index]
+    return View(display_pixels(ds), drawing, patient_orientation(ds), [ds], f"slice {drawing.index + 1} of {len(sources)}")
 
 
 def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) -> Rendering:
     """Draw the annotated capture of one analysed image."""
-    grey, index = _base_image(image, sources)
+    view = view_of(image, sources)
+    grey = view.grey
     rows, cols = grey.shape
     scale = min(1.0, MAX_IMAGE_SIDE / max(rows, cols))
     if max(rows, cols) < MIN_IMAGE_SIDE:
         scale = MIN_IMAGE_SIDE / max(rows, cols)
     width, height = max(1, round(cols * scale)), max(1, round(rows * scale))
-    base = Image.fromarray(np.rint(grey * 255).astype(np.uint8), mode="L")
+    base = Image.fromarray(np.rint(np.clip(grey, 0, 1) * 255).astype(np.uint8), mode="L")
     if scale != 1.0:
         resample = Image.Resampling.LANCZOS if scale < 1.0 else Image.Resampling.BICUBIC
         base = base.resize((width, height), resample)
@@ -325,7 +421,7 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
     laid, panel_height = _panel(result, image, fonts, panel_width)
     # Banner: the disclaimer large (readable in a thumbnail), the model versions on a second line.
     banner_width = width + panel_width - round(2 * fonts.unit)
-    banner_font = _fit_font(DISCLAIMER, banner_width, max(16, round(3.4 * fonts.unit)))
+    banner_font = _fit_font(DISCLAIMER, banner_width, max(16, round(5.0 * fonts.unit)))
     models_line = f"{models_text(result.models)}"
     models_font = _fit_font(models_line, banner_width, max(11, round(1.7 * fonts.unit)))
     pad = round(0.35 * banner_font.size)
@@ -335,7 +431,7 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
     canvas.paste(base.convert("RGB"), (0, banner_height))
     draw = ImageDraw.Draw(canvas)
     rendering = Rendering(pixels=np.zeros(0), image_origin=(0, banner_height), scale=scale,
-                          banner_height=banner_height, source_index=index,
+                          banner_height=banner_height, view=view,
                           panel_box=(width, banner_height, width + panel_width, canvas_h))
     placed = rendering.texts
     draw.rectangle((0, 0, canvas.width, banner_height), fill=BANNER_BACKGROUND)
@@ -343,9 +439,7 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
     _text(draw, (round(fonts.unit), pad + round(banner_font.size * 1.15)), models_line, models_font, BANNER_TEXT,
           placed, stroke=False)
     line_unit = max(1, round(fonts.unit * 0.28))
-    for drawing in annotations.drawings(image):
-        if drawing.index != index:
-            continue
+    for drawing in (view.drawing,):
         for shape in drawing.shapes:
             pts = [rendering.to_canvas(x, y) for x, y in shape.points]
             if shape.closed:
@@ -382,7 +476,7 @@ def build_sc(
     """The annotated Secondary Capture of one analysed image."""
     rendering = render(result, image, sources)
     source = sources[0]
-    orientation = patient_orientation(source)
+    orientation = rendering.view.orientation if rendering.view else None
     sc = hd.sc.SCImage(
         pixel_array=rendering.pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
@@ -406,7 +500,10 @@ def build_sc(
     sc.LossyImageCompression = "00"
     sc.DerivationDescription = f"{DISCLAIMER}. Annotated by {producer.model_name} {producer.software_version}"[:1024]
     sc.ImageComments = f"{result.verdict.outcome.value}; {models_text(result.models)}"[:10240]
-    sc.SourceImageSequence = DicomSequence([_image_reference(sources[rendering.source_index])])
+    assert rendering.view is not None
+    sc.SourceImageSequence = DicomSequence([_image_reference(ds) for ds in rendering.view.sources])
+    if rendering.view.caption:
+        sc.DerivationDescription = fit_lo(f"{sc.DerivationDescription} ({rendering.view.caption})", 1024)
     return sc
 
 

@@ -1,0 +1,174 @@
+"""The annotated Secondary Capture, checked pixel by pixel where the renderer says it drew things."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from inference.results import ScreeningOutcome
+from reports import OutputKind, build_outputs, examples, sc, style
+from reports.common import DISCLAIMER
+
+
+def _near(pixels: np.ndarray, colour: style.RGB, tolerance: int = 40) -> np.ndarray:
+    return (np.abs(pixels.astype(int) - np.asarray(colour)) <= tolerance).all(axis=-1)
+
+
+def _crop(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return pixels[max(0, y0):y1, max(0, x0):x1]
+
+
+@pytest.fixture(scope="module")
+def dx_rendering(cases):
+    case = cases["lateral-dx"]
+    return case, sc.render(case.result, case.result.images[0], case.sources)
+
+
+def test_sc_pixels_are_the_rendering(cases, outputs, dx_rendering):
+    _, rendering = dx_rendering
+    ds = next(o.dataset for o in outputs["lateral-dx"] if o.kind is OutputKind.SC)
+    assert np.array_equal(ds.pixel_array, rendering.pixels)
+
+
+def test_level_labels_sit_beside_their_vertebra_in_its_colour(dx_rendering):
+    case, rendering = dx_rendering
+    pixels = rendering.pixels
+    for vertebra in case.result.images[0].vertebrae:
+        text = style.short_level(vertebra, 0)
+        box = rendering.find(text).box
+        colour = style.ALERT_COLOUR if style.is_fractured(vertebra) else style.vertebra_colour(vertebra)
+        glyphs = _near(_crop(pixels, box), colour)
+        assert glyphs.sum() >= 15, f"{text}: {glyphs.sum()} pixels of {colour} in {box}"
+        # Right of the outline, at the height of the vertebra's centroid.
+        right = max(rendering.to_canvas(x, y)[0] for x, y in vertebra.outline)
+        _, cy = rendering.to_canvas(*vertebra.centroid)
+        assert box[0] > right
+        assert box[1] - 2 <= cy <= box[3] + 2 or vertebra.fracture is not None
+
+
+def test_fractured_vertebra_gets_a_red_grade_line(dx_rendering):
+    case, rendering = dx_rendering
+    l1 = case.result.images[0].vertebrae[0]
+    detail = rendering.find(style.fracture_text(l1))
+    assert detail.text == "Genant 2 wedge, 38 % loss"
+    assert _near(_crop(rendering.pixels, detail.box), style.ALERT_COLOUR).sum() >= 30
+    # Its outline is drawn red too: sample the middle of the outline's bottom edge.
+    (x0, y1), (x1, _) = l1.outline[3], l1.outline[2]
+    cx, cy = rendering.to_canvas((x0 + x1) / 2, y1)
+    patch = rendering.pixels[round(cy) - 3:round(cy) + 4, round(cx) - 3:round(cx) + 4]
+    assert _near(patch, style.ALERT_COLOUR).any()
+
+
+def test_banner_and_verdict(dx_rendering):
+    case, rendering = dx_rendering
+    pixels = rendering.pixels
+    assert tuple(pixels[2, 2]) == sc.BANNER_BACKGROUND
+    banner = rendering.find(DISCLAIMER)
+    assert banner.box[3] <= rendering.banner_height
+    assert (_crop(pixels, banner.box).max(axis=-1) < 80).sum() > 200, "dark disclaimer text on the yellow banner"
+    assert any(m.name in t.text for t in rendering.texts for m in case.result.models)
+    verdict = rendering.find("FINDING PRESENT" if any(t.text == "FINDING PRESENT" for t in rendering.texts) else "FINDING")
+    assert verdict.box[0] >= rendering.panel_box[0]
+    around = _crop(pixels, (verdict.box[0] - 4, verdict.box[1], verdict.box[2] + 4, verdict.box[3]))
+    assert _near(around, style.OUTCOME_COLOURS[ScreeningOutcome.FINDING_PRESENT]).mean() > 0.3
+
+
+def _bone_and_soft_tissue(case, rendering):
+    image = case.result.images[0]
+    l3 = next(v for v in image.vertebrae if v.level in ("L3",))
+    xs = [p[0] for p in l3.outline]
+    ys = [p[1] for p in l3.outline]
+    # Between two height lines / screws: a quarter in from the left edge, at mid height.
+    bx = min(xs) + 0.3 * (max(xs) - min(xs))
+    by = (min(ys) + max(ys)) / 2
+    bone = rendering.pixels[tuple(round(v) for v in rendering.to_canvas(bx, by))[::-1]]
+    soft = rendering.pixels[tuple(round(v) for v in rendering.to_canvas(8, by))[::-1]]
+    return bone.astype(int), soft.astype(int)
+
+
+@pytest.mark.parametrize("name", ["lateral-dx", "ap-cr"])
+def test_source_is_windowed_with_bone_white(cases, name):
+    """DX MONOCHROME2 and CR MONOCHROME1 both show bone bright, soft tissue dark."""
+    case = cases[name]
+    rendering = sc.render(case.result, case.result.images[0], case.sources)
+    bone, soft = _bone_and_soft_tissue(case, rendering)
+    assert (bone == bone[0]).all() and (soft == soft[0]).all(), "grey, not tinted"
+    assert bone[0] > soft[0] + 60, (name, bone, soft)
+
+
+def test_display_pixels_follows_the_source_voi():
+    pixels = np.arange(0, 4000, 4, dtype=np.uint16).reshape(25, 40)
+    from inference.synth.dicom import radiograph_dataset
+
+    ds = radiograph_dataset(pixels, seed="voi")
+    ds.WindowCenter, ds.WindowWidth = 2000, 1000
+    out = sc.display_pixels(ds)
+    assert out[pixels <= 1500].max() == 0.0 and out[pixels >= 2500].min() == 1.0
+    inverted = copy.deepcopy(ds)
+    inverted.PhotometricInterpretation = "MONOCHROME1"
+    assert np.allclose(sc.display_pixels(inverted), 1.0 - out)
+    # A VOI LUT Sequence wins over the window (here an inverting 12-bit LUT).
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 12]
+    lut.LUTData = [4095 - v for v in range(4096)]
+    with_lut = copy.deepcopy(ds)
+    with_lut.VOILUTSequence = [lut]
+    assert np.allclose(sc.display_pixels(with_lut), (4095 - pixels) / 4095.0)
+    # No window at all: the 0.5-99.5 percentile range.
+    bare = copy.deepcopy(ds)
+    del bare.WindowCenter, bare.WindowWidth
+    assert sc.display_pixels(bare).min() == 0.0 and sc.display_pixels(bare).max() == 1.0
+
+
+def _text_height(rendering, text) -> int:
+    x0, y0, x1, y1 = rendering.find(text).box
+    return y1 - y0
+
+
+@pytest.mark.slow
+def test_legible_at_thumbnail_and_full_screen_sizes():
+    """A 3000 px radiograph: banner and verdict readable in a 256 px thumbnail, labels at full screen."""
+    case = examples.lateral_dx(scale=5.0, seed="legibility")
+    rendering = sc.render(case.result, case.result.images[0], case.sources)
+    height, width = rendering.pixels.shape[:2]
+    assert max(height, width) <= 2 * sc.MAX_IMAGE_SIDE
+    thumbnail = 256 / max(height, width)
+    full_screen = min(1000 / height, 1800 / width)  # a 1920x1080 monitor minus the viewer's chrome
+    assert _text_height(rendering, DISCLAIMER) * thumbnail >= 7
+    assert _text_height(rendering, "FINDING") * thumbnail >= 7
+    assert _text_height(rendering, "L3") * full_screen >= 12
+    assert _text_height(rendering, "Genant 2 wedge, 38 % loss") * full_screen >= 9
+    # The thumbnail still shows the red verdict box and the yellow banner.
+    small = np.asarray(Image.fromarray(rendering.pixels).resize(
+        (round(width * thumbnail), round(height * thumbnail)), Image.Resampling.LANCZOS))
+    assert _near(small, style.ALERT_COLOUR).sum() > 100
+    assert _near(small, sc.BANNER_BACKGROUND).sum() > 1000
+
+
+def test_ct_capture_is_a_sagittal_reformat(cases, outputs):
+    case = cases["ct"]
+    ds = next(o.dataset for o in outputs["ct"] if o.kind is OutputKind.SC)
+    assert list(ds.PatientOrientation) == ["P", "F"]
+    assert len(ds.SourceImageSequence) == len(case.sources)
+    rendering = sc.render(case.result, case.result.images[0], case.sources)
+    l3, l4 = rendering.find("L3"), rendering.find("L4")
+    assert l3.box[1] < l4.box[1], "head at the top: L3 above L4"
+
+
+def test_no_finding_is_green(cases):
+    case = cases["ct"]
+    rendering = sc.render(case.result, case.result.images[0], case.sources)
+    verdict = rendering.find("NO FINDING")
+    around = _crop(rendering.pixels, (verdict.box[0] - 4, verdict.box[1], verdict.box[2] + 4, verdict.box[3]))
+    assert _near(around, style.OUTCOME_COLOURS[ScreeningOutcome.NO_FINDING]).mean() > 0.3
+
+
+def test_outputs_of_one_kind_only(cases):
+    case = cases["ap-cr"]
+    outs = build_outputs(case.result, case.sources, kinds=[OutputKind.SC])
+    assert [o.kind for o in outs] == [OutputKind.SC]
