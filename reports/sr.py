@@ -159,12 +159,11 @@ def _vertebra_group(result: StudyResult, regions: _Regions, item: style.Ordered,
             if m is not None:
                 measurements.append(m)
     evaluations: list[hd.sr.QualitativeEvaluation] = []
+    loss = round(float(v.fracture.height_loss_pct), 1) if v.fracture is not None else 0.0
+    if loss > 0.0:
+        # A loss of exactly 0 is left out: OHIF 3.13 prints a zero NUM as an empty value ("%").
+        measurements.append(hd.sr.Measurement(name=codes.HEIGHT_LOSS, value=loss, unit=codes.UNIT_PERCENT))
     if v.fracture is not None:
-        measurements.append(hd.sr.Measurement(
-            name=codes.HEIGHT_LOSS,
-            value=round(float(v.fracture.height_loss_pct), 1),
-            unit=codes.UNIT_PERCENT,
-        ))
         evaluations.append(hd.sr.QualitativeEvaluation(codes.GENANT_GRADE, codes.genant_code(v.fracture.grade)))
         if v.fracture.shape is not FractureShape.NONE or v.fracture.grade == 0:
             evaluations.append(hd.sr.QualitativeEvaluation(codes.FRACTURE_SHAPE, codes.shape_code(v.fracture.shape)))

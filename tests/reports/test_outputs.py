@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless
 
 from inference.results import GenantGrade, ImplantKind, ScreeningOutcome
-from reports import OutputKind, OutputOptions, Producer, SopReference, build_outputs, codes, examples
+from reports import OutputKind, OutputOptions, Producer, SopReference, build_outputs, codes, examples, sc
 from reports.common import IDENTITY_ATTRIBUTES, SERIES
 from reports.seg import segment_specs
 
@@ -429,3 +429,52 @@ def test_pr_round_trips_with_the_same_graphics(cases, outputs, case, tmp_path):
 
 def test_outcome_enum_covers_verdicts():
     assert {codes.outcome_code(o).meaning for o in ScreeningOutcome} == {"No finding", "Finding present", "Not assessable"}
+
+
+# ------------------------------------------------------------------------------------- edge cases
+
+
+def test_unknown_levels_are_numbered_not_guessed(cases, tmp_path, dciodvfy):
+    case = cases["lateral-dx"]
+    image = case.result.images[0]
+    # The model could not name L2 and L3 (e.g. no sacrum in the field of view).
+    unnamed = tuple(dataclasses.replace(v, level=None) if v.level in ("L2", "L3") else v for v in image.vertebrae)
+    result = dataclasses.replace(case.result, images=(dataclasses.replace(image, vertebrae=unnamed),))
+    outs = build_outputs(result, case.sources)
+    paths = _write(tmp_path, outs, "unknown")
+    for path in paths:
+        assert dciodvfy(path)[0] == []
+    seg = hd.seg.segread(next(p for p in paths if p.name.endswith("_seg.dcm")))
+    labels = [seg.get_segment_description(n).segment_label for n in seg.segment_numbers]
+    assert labels[:6] == ["L1", "L4", "L5", "Sacrum", "vertebra 1 (level unknown)", "vertebra 2 (level unknown)"]
+    assert seg.get_segment_description(5).segmented_property_type == codes.VERTEBRA
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(next(p for p in paths if p.name.endswith("_sr.dcm")))])
+    unknown = [g for g in report.get_planar_roi_measurement_groups()
+               if g.tracking_identifier == "vertebra 1 (level unknown)"]
+    assert len(unknown) == 1 and unknown[0].finding_sites[0].value == codes.SPINE
+    rendering = sc.render(result, result.images[0], case.sources)
+    assert rendering.find("?1").box[1] < rendering.find("?2").box[1], "numbered top to bottom"
+
+
+def test_nothing_found_still_reports(cases, tmp_path, dciodvfy):
+    """No vertebra, no implant (e.g. a chest film routed by mistake): SR and SC say so; no SEG or PR."""
+    case = cases["ap-cr"]
+    image = dataclasses.replace(case.result.images[0], vertebrae=(), implants=(), findings=(), measurements=(),
+                                notes=("no vertebra found",))
+    verdict = dataclasses.replace(case.result.verdict, outcome=ScreeningOutcome.NOT_ASSESSABLE,
+                                  reasons=("no vertebra found",), hardware=None, instrumentation="")
+    result = dataclasses.replace(case.result, images=(image,), verdict=verdict)
+    outs = build_outputs(result, case.sources)
+    assert sorted(o.kind.value for o in outs) == ["sc", "sr"]
+    for path in _write(tmp_path, outs, "empty"):
+        assert dciodvfy(path)[0] == []
+    sr = next(o.dataset for o in outs if o.kind is OutputKind.SR)
+    study = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
+    assert study.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning == "Not assessable"
+
+
+def test_zero_height_loss_is_not_written(outputs):
+    sr = _by_kind(outputs["lateral-dx"], OutputKind.SR)[0].dataset
+    losses = [float(i.MeasuredValueSequence[0].NumericValue) for i in _walk(sr.ContentSequence)
+              if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeMeaning == "Vertebral body height loss"]
+    assert losses == [38.0]
