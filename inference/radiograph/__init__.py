@@ -1,0 +1,4 @@
+"""Radiograph models: vertebrae with levels, heights and fracture grades (analysis "spine-xr").
+
+torch is imported lazily, inside the functions that need it.
+"""

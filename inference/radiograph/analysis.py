@@ -1,0 +1,446 @@
+"""Analysis "spine-xr": spine radiographs -> vertebrae with levels, heights, fracture grades, verdict.
+
+For each radiograph of the study (DX / CR; other instances are skipped with a reason):
+
+1. `VertebraStep`: decode (`preprocess.decode`), run the vertebra model, turn its instances into
+   `Vertebra` results on the stored pixel grid (mask, outline, centroid, level or None).
+2. `FractureStep`: on lateral views, body heights (mm when the header gives a spacing) and Genant grades;
+   a `Finding` per deformed body.  Frontal views are not graded (said in the notes).
+3. Hardware (later): a `HardwareStep` registered with `register_hardware_step` (e.g. by
+   ``inference/radiograph/hardware.py``) runs after the vertebrae so implants can be given levels.
+4. `combine_verdict`: the one place where fracture and hardware outcomes become the study's
+   `ScreeningVerdict`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from inference import analyses
+from inference.analyses import AnalysisError
+from inference.radiograph import morphometry, preprocess
+from inference.radiograph.model import MODEL_NAME, SpineInstances, VertebraInstance, VertebraModel
+from inference.registry import ModelError, ModelRegistry
+from inference.results import (
+    Finding,
+    FindingKind,
+    FractureAssessment,
+    GenantGrade,
+    HardwareStatus,
+    ImageResult,
+    Implant,
+    Measurement,
+    MeasurementKind,
+    ModelInfo,
+    Point,
+    RegionMask,
+    ScreeningOutcome,
+    ScreeningVerdict,
+    Severity,
+    SourceImage,
+    StudyResult,
+    Vertebra,
+    VertebralHeights,
+    level_span,
+)
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+ANALYSIS_NAME = "spine-xr"
+#: Modalities analysed as projection radiographs.
+RADIOGRAPH_MODALITIES = frozenset({"DX", "CR", "RG"})
+GRADE_SEVERITY = {GenantGrade.MILD: Severity.MILD, GenantGrade.MODERATE: Severity.MODERATE, GenantGrade.SEVERE: Severity.SEVERE}
+#: A lateral view needs this many graded bodies before "no fracture" can be said.
+MIN_GRADED_FOR_NO_FINDING = 2
+
+
+# ------------------------------------------------------------------------------ grid conversions
+
+
+def _mask_to_stored(orientation: preprocess.Orientation, canonical_shape: tuple[int, int], offset: tuple[int, int], crop: np.ndarray) -> RegionMask:
+    """A canonical-grid crop as a `RegionMask` over the stored grid."""
+    rows, cols = canonical_shape
+    r0, c0 = offset
+    h, w = crop.shape
+    arr = crop
+    if orientation.flip_columns:
+        arr = arr[:, ::-1]
+        c0 = cols - (c0 + w)
+    if orientation.flip_rows:
+        arr = arr[::-1, :]
+        r0 = rows - (r0 + h)
+    shape = (rows, cols)
+    if orientation.transpose:
+        arr = arr.T
+        r0, c0 = c0, r0
+        shape = (cols, rows)
+    return RegionMask(shape, (int(r0), int(c0)), np.ascontiguousarray(arr, dtype=bool))
+
+
+def _outline(mask: np.ndarray, offset: tuple[int, int]) -> list[Point]:
+    """Closed polygon (SCOORD, canonical grid) around the largest part of a boolean crop."""
+    from skimage.measure import approximate_polygon, find_contours
+
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = find_contours(padded, 0.5)
+    if not contours:
+        return []
+    contour = max(contours, key=len)
+    contour = approximate_polygon(contour, tolerance=0.6)
+    if len(contour) > 1 and np.allclose(contour[0], contour[-1]):
+        contour = contour[:-1]
+    # find_contours works on pixel-centre indices of the padded crop: index i -> SCOORD i - 1 + 0.5.
+    return [(float(c - 1 + 0.5 + offset[1]), float(r - 1 + 0.5 + offset[0])) for r, c in contour]
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+@dataclass
+class ImageWork:
+    """What the steps know about one radiograph while the analysis runs (canonical grid inside)."""
+
+    dataset: Dataset
+    radiograph: preprocess.Radiograph
+    source: SourceImage
+    instances: SpineInstances | None = None
+    vertebrae: list[Vertebra] = field(default_factory=list)
+    fractures: list[FractureAssessment | None] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    implants: list[Implant] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    graded: int = 0
+
+    def point(self, p: Point) -> Point:
+        """A canonical-grid point on the stored grid."""
+        return self.radiograph.orientation.point_from_canonical(p, self.radiograph.pixels.shape)
+
+    def result(self) -> ImageResult:
+        """The `ImageResult` of this radiograph."""
+        return ImageResult(
+            source=self.source,
+            vertebrae=tuple(self.vertebrae),
+            implants=tuple(self.implants),
+            findings=tuple(self.findings),
+            measurements=tuple(self.measurements),
+            notes=tuple(dict.fromkeys(self.notes)),
+        )
+
+
+class VertebraStep:
+    """Vertebrae, sacrum and level names on one radiograph."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.info = registry.spec(MODEL_NAME).info
+
+    def model(self) -> VertebraModel:
+        """The loaded model (loaded once through the registry)."""
+        return VertebraModel.from_registry(self.registry)
+
+    def run(self, work: ImageWork) -> None:
+        """Fill `work.instances` and `work.vertebrae` (fracture fields are filled by `FractureStep`)."""
+        instances = self.model().analyse(work.radiograph)
+        work.instances = instances
+        work.notes.extend(instances.notes)
+        if instances.view_inferred:
+            work.source = _with_view(work.source, instances.view)
+        if not instances.vertebrae:
+            work.notes.append("no vertebra found on this image")
+
+
+def _with_view(source: SourceImage, view: str | None) -> SourceImage:
+    from dataclasses import replace
+
+    return replace(source, view=view)
+
+
+class FractureStep:
+    """Heights and Genant grades on lateral views; notes why not on others."""
+
+    def run(self, work: ImageWork) -> None:
+        """Fill `work.vertebrae`, `work.findings`, `work.measurements` from `work.instances`."""
+        inst = work.instances
+        assert inst is not None
+        bodies = inst.vertebrae
+        heights: list[morphometry.MeasuredHeights | None] = [None] * len(bodies)
+        can_grade = inst.view == "LAT" and inst.anterior_sign is not None
+        if inst.view != "LAT" and bodies:
+            work.notes.append(
+                f"{inst.view or 'unknown'} view: compression fractures are graded on lateral views only"
+            )
+        elif inst.view == "LAT" and inst.anterior_sign is None and bodies:
+            work.notes.append("lateral view but anterior side unknown: heights and grades not given")
+        spacing = work.radiograph.pixel_spacing_mm
+        if can_grade:
+            axes = morphometry.spine_axes([b.centroid for b in bodies])
+            for k, body in enumerate(bodies):
+                if body.touches_border:
+                    continue
+                heights[k] = morphometry.measure_heights(body.membership, body.offset, spacing, axes[k], inst.anterior_sign or 1)
+            if spacing is None and any(heights):
+                work.notes.append("no pixel spacing: fractures graded from height ratios, heights not given in mm")
+        values = [h.values() if h and all(v is not None for v in h.values()) else None for h in heights]
+        grades = morphometry.grade_fractures(values) if can_grade else [None] * len(bodies)  # type: ignore[arg-type]
+        work.graded = sum(1 for g in grades if g is not None)
+        cut = sum(1 for b in bodies if b.touches_border)
+        if can_grade and cut:
+            work.notes.append(f"{cut} vertebra(e) cut by the image border: not graded")
+        for body, h, grade in zip(bodies, heights, grades, strict=True):
+            work.vertebrae.append(self._vertebra(work, body, h, grade))
+            if grade is not None and grade.grade > GenantGrade.NORMAL:
+                v = work.vertebrae[-1]
+                work.findings.append(
+                    Finding(
+                        kind=FindingKind.VERTEBRAL_COMPRESSION_FRACTURE,
+                        severity=GRADE_SEVERITY[grade.grade],
+                        levels=(body.level,) if body.level else (),
+                        evidence=v.outline,
+                        description=(
+                            f"{v.display_name}: {grade.shape.value} compression deformity, Genant grade "
+                            f"{int(grade.grade)} ({GRADE_SEVERITY[grade.grade].value}), {grade.height_loss_pct:.0f}% height loss"
+                        ),
+                        sop_instance_uid=work.source.sop_instance_uids[0],
+                    )
+                )
+                work.measurements.append(
+                    Measurement(
+                        kind=MeasurementKind.HEIGHT_LOSS,
+                        value=grade.height_loss_pct,
+                        unit="%",
+                        method=grade.method,
+                        levels=(body.level,) if body.level else (),
+                        evidence=v.outline,
+                    )
+                )
+        if inst.sacrum is not None:
+            work.vertebrae.append(self._vertebra(work, inst.sacrum, None, None))
+
+    def _vertebra(
+        self, work: ImageWork, body: VertebraInstance, heights: morphometry.MeasuredHeights | None, grade: FractureAssessment | None
+    ) -> Vertebra:
+        canonical_shape = work.radiograph.pixels.shape
+        mask = _mask_to_stored(work.radiograph.orientation, canonical_shape, body.offset, body.mask)
+        outline = tuple(work.point(p) for p in _outline(body.mask, body.offset))
+        result_heights = None
+        if heights is not None and heights.calibrated:
+            from dataclasses import replace
+
+            def moved(m):  # noqa: ANN001, ANN202
+                return None if m is None else replace(m, start=work.point(m.start), end=work.point(m.end))
+
+            result_heights = VertebralHeights(moved(heights.anterior), moved(heights.middle), moved(heights.posterior))
+        return Vertebra(
+            level=body.level,
+            mask=mask,
+            outline=outline if len(outline) >= 3 else (),
+            centroid=work.point(body.centroid),
+            heights=result_heights,
+            fracture=grade,
+            score=float(body.score),
+        )
+
+
+# --------------------------------------------------------------------------------------- hardware
+
+
+@dataclass(frozen=True)
+class HardwareOutcome:
+    """What a hardware step found on one radiograph."""
+
+    implants: tuple[Implant, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    status: HardwareStatus = HardwareStatus.NOT_ASSESSABLE
+    instrumentation: str = ""
+    notes: tuple[str, ...] = ()
+
+
+class HardwareStep(Protocol):
+    """The implant model's step (built by a factory registered with `register_hardware_step`)."""
+
+    info: ModelInfo
+
+    def run(self, radiograph: preprocess.Radiograph, vertebrae: Sequence[Vertebra], source: SourceImage) -> HardwareOutcome:
+        """Implants on one radiograph (stored grid), given the vertebrae already found there."""
+        ...
+
+
+HardwareFactory = Callable[[ModelRegistry], "HardwareStep | None"]
+_HARDWARE_FACTORIES: list[HardwareFactory] = []
+_HARDWARE_MODULES = ("inference.radiograph.hardware",)
+
+
+def register_hardware_step(factory: HardwareFactory) -> None:
+    """Add the hardware step to "spine-xr"; the factory returns None when its model is not installed."""
+    if factory not in _HARDWARE_FACTORIES:
+        _HARDWARE_FACTORIES.append(factory)
+
+
+def _hardware_step(registry: ModelRegistry) -> HardwareStep | None:
+    for module in _HARDWARE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    for factory in _HARDWARE_FACTORIES:
+        step = factory(registry)
+        if step is not None:
+            return step
+    return None
+
+
+def _combine_hardware(outcomes: Sequence[HardwareOutcome]) -> tuple[HardwareStatus | None, str]:
+    if not outcomes:
+        return None, ""
+    statuses = {o.status for o in outcomes}
+    for status in (HardwareStatus.POSSIBLE_COMPLICATION, HardwareStatus.INTACT, HardwareStatus.NO_IMPLANTS):
+        if status in statuses:
+            chosen = status
+            break
+    else:
+        chosen = HardwareStatus.NOT_ASSESSABLE
+    text = next((o.instrumentation for o in outcomes if o.instrumentation), "")
+    return chosen, text
+
+
+# ---------------------------------------------------------------------------------------- verdict
+
+
+def combine_verdict(
+    works: Sequence[ImageWork], hardware: Sequence[HardwareOutcome] | None, skipped: Sequence[str]
+) -> ScreeningVerdict:
+    """The study's screening verdict from every image's fracture outcome and the hardware outcome.
+
+    * finding present: any compression deformity (Genant >= 1) or hardware complication;
+    * no finding: a lateral view with at least `MIN_GRADED_FOR_NO_FINDING` graded bodies and no finding
+      (and, when a hardware model ran, hardware not in doubt);
+    * not assessable otherwise, with the reasons.
+    """
+    reasons: list[str] = []
+    # Hardware findings were added to their image's findings by the analysis.
+    findings = [f for w in works for f in w.findings]
+    hw_status, instrumentation = _combine_hardware(hardware or ())
+    for f in findings:
+        reasons.append(f.description or f.kind.value)
+    graded = [w for w in works if w.graded >= MIN_GRADED_FOR_NO_FINDING]
+    if findings:
+        outcome = ScreeningOutcome.FINDING_PRESENT
+    elif graded:
+        outcome = ScreeningOutcome.NO_FINDING
+        for w in graded:
+            levels = [v.level for v in w.vertebrae if v.fracture is not None and v.level]
+            span = level_span(levels) if levels else f"{w.graded} vertebrae (levels unknown)"
+            reasons.append(f"no compression deformity on the lateral view ({span} graded)")
+        if hw_status is HardwareStatus.NOT_ASSESSABLE:
+            reasons.append("hardware not assessable")
+    else:
+        outcome = ScreeningOutcome.NOT_ASSESSABLE
+        if not works:
+            reasons.append("no radiograph (DX/CR) in the study")
+        for w in works:
+            if w.instances is None or not w.instances.vertebrae:
+                reasons.append(f"image {w.source.sop_instance_uids[0]}: no vertebra found")
+            elif w.instances.view != "LAT":
+                reasons.append(f"image {w.source.sop_instance_uids[0]}: {w.instances.view or 'unknown'} view, fractures are graded on lateral views")
+            else:
+                reasons.append(f"image {w.source.sop_instance_uids[0]}: too few vertebrae could be graded ({w.graded})")
+    if hardware is None:
+        reasons.append("hardware not assessed: no hardware model installed")
+    reasons.extend(skipped)
+    return ScreeningVerdict(outcome=outcome, reasons=tuple(dict.fromkeys(reasons)), hardware=hw_status, instrumentation=instrumentation)
+
+
+# --------------------------------------------------------------------------------------- analysis
+
+
+def source_image(ds: Dataset, radiograph: preprocess.Radiograph) -> SourceImage:
+    """`SourceImage` (stored grid) of one radiograph dataset."""
+    spacing, source, _ = preprocess.pixel_spacing(ds)
+    return SourceImage(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uids=(str(ds.SOPInstanceUID),),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        pixel_spacing_mm=spacing,
+        spacing_source=source,
+        view=radiograph.view,
+        modality=str(ds.get("Modality", "")),
+    )
+
+
+class SpineXrAnalysis:
+    """The "spine-xr" analysis (see the module docstring)."""
+
+    name = ANALYSIS_NAME
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        try:
+            self.vertebra_step = VertebraStep(registry)
+        except ModelError as exc:
+            raise AnalysisError(f"{ANALYSIS_NAME}: {exc}") from exc
+        self.fracture_step = FractureStep()
+        self.hardware_step = _hardware_step(registry)
+
+    def models(self) -> tuple[ModelInfo, ...]:
+        """Vertebra model (and hardware model when installed); loads them."""
+        self.vertebra_step.model()
+        infos = [self.vertebra_step.info]
+        if self.hardware_step is not None:
+            infos.append(self.hardware_step.info)
+        return tuple(infos)
+
+    def run(self, datasets: Sequence[Dataset]) -> StudyResult:
+        """Analyse the radiographs of one study."""
+        if not datasets:
+            raise AnalysisError(f"{ANALYSIS_NAME}: no instances given")
+        study_uids = {str(ds.StudyInstanceUID) for ds in datasets}
+        if len(study_uids) != 1:
+            raise AnalysisError(f"{ANALYSIS_NAME}: instances of several studies given: {', '.join(sorted(study_uids))}")
+        study_uid = study_uids.pop()
+        works: list[ImageWork] = []
+        skipped: list[str] = []
+        for ds in datasets:
+            uid = str(ds.get("SOPInstanceUID", "?"))
+            modality = str(ds.get("Modality", "")).upper()
+            if modality not in RADIOGRAPH_MODALITIES:
+                skipped.append(f"instance {uid} skipped: modality {modality or 'missing'} is not a radiograph")
+                continue
+            try:
+                radiograph = preprocess.decode(ds)
+            except (preprocess.PreprocessError, ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
+                skipped.append(f"instance {uid} skipped: pixel data could not be read ({exc})")
+                continue
+            work = ImageWork(ds, radiograph, source_image(ds, radiograph), notes=list(radiograph.notes))
+            self.vertebra_step.run(work)
+            self.fracture_step.run(work)
+            works.append(work)
+        hardware: list[HardwareOutcome] | None = None
+        if self.hardware_step is not None:
+            hardware = []
+            for work in works:
+                outcome = self.hardware_step.run(work.radiograph, work.vertebrae, work.source)
+                work.implants.extend(outcome.implants)
+                work.findings.extend(outcome.findings)
+                work.notes.extend(outcome.notes)
+                hardware.append(outcome)
+        verdict = combine_verdict(works, hardware, skipped)
+        return StudyResult(
+            study_instance_uid=study_uid,
+            analysis=ANALYSIS_NAME,
+            models=self.models(),
+            images=tuple(w.result() for w in works),
+            verdict=verdict,
+        )
+
+
+analyses.register(ANALYSIS_NAME, SpineXrAnalysis)

@@ -1,0 +1,209 @@
+"""The vertebra model as the node runs it: network + chain post-processing + source-resolution instances.
+
+`VertebraModel.analyse` takes a decoded `Radiograph` (canonical grid, see `preprocess`) and returns
+`SpineInstances` in that grid: one `VertebraInstance` per vertebra found (top to bottom), the sacrum,
+the level names (or None), the view as read or inferred, and notes for the reader.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage
+
+from inference.radiograph import network, postprocess, preprocess
+from inference.radiograph.postprocess import ChainParams, SpineDetection
+
+if TYPE_CHECKING:
+    import torch
+
+    from inference.registry import ModelRegistry, ModelSpec
+
+MODEL_NAME = "spine-xr-vertebrae"
+#: Network-grid step (px) between vertebrae the network was trained around; far off -> re-run at a zoom.
+TARGET_STEP_PX = 22.0
+STEP_BAND = (15.0, 34.0)
+
+
+@dataclass
+class VertebraInstance:
+    """One vertebra (or the sacrum) at source resolution, canonical grid."""
+
+    level: str | None
+    offset: tuple[int, int]  # (row, column) of the crop in the canonical source grid
+    mask: np.ndarray  # bool crop
+    membership: np.ndarray  # float32 crop: body probability restricted to this instance (0.5 = outline)
+    centroid: tuple[float, float]  # (x, y) SCOORD, canonical grid
+    score: float
+    touches_border: bool
+    is_sacrum: bool = False
+    inferred: bool = False
+
+
+@dataclass
+class SpineInstances:
+    """Everything the vertebra model found on one radiograph (canonical grid)."""
+
+    vertebrae: list[VertebraInstance]
+    sacrum: VertebraInstance | None
+    view: str | None  # as read from the header, else inferred
+    view_inferred: bool
+    anterior_sign: int | None  # laterals: +1 anterior toward larger x
+    step_px: float  # median step between vertebrae in source pixels (nan if < 2)
+    zoom: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _crop_bounds(region: np.ndarray, scale: tuple[float, float], source_shape: tuple[int, int], margin: int = 2) -> tuple[slice, slice]:
+    rows, cols = np.nonzero(region)
+    r0, r1 = rows.min() - margin, rows.max() + 1 + margin
+    c0, c1 = cols.min() - margin, cols.max() + 1 + margin
+    sr0 = max(int(math.floor((r0 + 0.5) / scale[0] - 0.5)), 0)
+    sr1 = min(int(math.ceil((r1 + 0.5) / scale[0] + 0.5)), source_shape[0])
+    sc0 = max(int(math.floor((c0 + 0.5) / scale[1] - 0.5)), 0)
+    sc1 = min(int(math.ceil((c1 + 0.5) / scale[1] + 0.5)), source_shape[1])
+    return slice(sr0, sr1), slice(sc0, sc1)
+
+
+def _upsample(field_: np.ndarray, rows: slice, cols: slice, scale: tuple[float, float], order: int) -> np.ndarray:
+    """Values of a network-grid map at the source pixel centres of a crop (align_corners=False mapping)."""
+    r = (np.arange(rows.start, rows.stop) + 0.5) * scale[0] - 0.5
+    c = (np.arange(cols.start, cols.stop) + 0.5) * scale[1] - 0.5
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    return ndimage.map_coordinates(field_, [rr, cc], order=order, mode="nearest")
+
+
+def _instance(
+    body: np.ndarray, labels: np.ndarray, label: int, scale: tuple[float, float], source_shape: tuple[int, int]
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray] | None:
+    region = labels == label
+    if not region.any():
+        return None
+    rows, cols = _crop_bounds(region, scale, source_shape)
+    prob = _upsample(body, rows, cols, scale, order=1).astype(np.float32)
+    owner = _upsample(labels.astype(np.float32), rows, cols, scale, order=0).astype(np.int32) == label
+    membership = np.where(owner, prob, 0.0).astype(np.float32)
+    mask = membership >= 0.5
+    if not mask.any():
+        return None
+    comp, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, comp, index=np.arange(1, n + 1))
+        mask = comp == (1 + int(np.argmax(sizes)))
+    mask = ndimage.binary_fill_holes(mask)
+    # Make the 0.5 level of the membership exactly the kept component's outline.
+    membership = np.where(mask, np.maximum(membership, 0.5), np.minimum(membership, 0.499)).astype(np.float32)
+    rr, cc = np.nonzero(mask)
+    r0, r1, c0, c1 = rr.min(), rr.max() + 1, cc.min(), cc.max() + 1
+    # Keep one pixel of membership around the mask so the 0.5 crossings can be interpolated.
+    pr0, pr1 = max(r0 - 1, 0), min(r1 + 1, mask.shape[0])
+    pc0, pc1 = max(c0 - 1, 0), min(c1 + 1, mask.shape[1])
+    offset = (rows.start + pr0, cols.start + pc0)
+    return offset, mask[pr0:pr1, pc0:pc1], membership[pr0:pr1, pc0:pc1]
+
+
+def _make_instance(
+    offset: tuple[int, int], mask: np.ndarray, membership: np.ndarray, source_shape: tuple[int, int], **kw: Any
+) -> VertebraInstance:
+    rr, cc = np.nonzero(mask)
+    centroid = (float(cc.mean() + offset[1] + 0.5), float(rr.mean() + offset[0] + 0.5))
+    touches = bool(
+        (offset[0] + rr.min() == 0)
+        or (offset[1] + cc.min() == 0)
+        or (offset[0] + rr.max() == source_shape[0] - 1)
+        or (offset[1] + cc.max() == source_shape[1] - 1)
+    )
+    return VertebraInstance(offset=offset, mask=mask, membership=membership, centroid=centroid, touches_border=touches, **kw)
+
+
+class VertebraModel:
+    """Loaded vertebra network plus its post-processing parameters."""
+
+    def __init__(self, net: torch.nn.Module, params: ChainParams | None = None, threads: int | None = None) -> None:
+        self.net = net.eval()
+        self.params = params or ChainParams()
+        self.threads = threads
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, device: str = "cpu") -> VertebraModel:
+        """Build from a registry spec (weights already verified by the registry)."""
+        net = network.build_network(spec.metadata.get("architecture"))
+        network.load_state(net, str(spec.weights), device)
+        return cls(net, ChainParams.from_dict(spec.metadata.get("postprocess")))
+
+    @classmethod
+    def from_registry(cls, registry: ModelRegistry) -> VertebraModel:
+        """Load (once) through the registry."""
+        return registry.load(MODEL_NAME, cls.from_spec)
+
+    def probabilities(self, pixels: np.ndarray, spacing_mm: tuple[float, float] | None, zoom: float = 1.0) -> tuple[np.ndarray, tuple[float, float]]:
+        """Network probabilities (C, h, w) for canonical source pixels, and the effective (row, col) scale."""
+        image, _ = preprocess.prepare(pixels, spacing_mm, zoom)
+        prob = network.predict(self.net, image)
+        scale = (image.shape[0] / pixels.shape[0], image.shape[1] / pixels.shape[1])
+        return prob, scale
+
+    def detect(self, pixels: np.ndarray, spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float], SpineDetection, float]:
+        """Probabilities, scale, chain detection and the zoom used (one re-run at a corrected zoom when the
+        vertebrae come out far smaller or larger than the network was trained on)."""
+        zoom = 1.0
+        prob, scale = self.probabilities(pixels, spacing_mm, zoom)
+        det = postprocess.detect(prob, self.params)
+        if len(det.nodes) >= 4 and np.isfinite(det.step) and not (STEP_BAND[0] <= det.step <= STEP_BAND[1]):
+            new_zoom = float(np.clip(TARGET_STEP_PX / det.step, 0.4, 2.5))
+            capped = preprocess.network_scale(pixels.shape, spacing_mm, new_zoom)
+            if abs(capped[0] / scale[0] - 1.0) > 0.2:
+                zoom = new_zoom
+                prob, scale = self.probabilities(pixels, spacing_mm, zoom)
+                det = postprocess.detect(prob, self.params)
+        return prob, scale, det, zoom
+
+    def analyse(self, radiograph: preprocess.Radiograph) -> SpineInstances:
+        """Vertebrae, sacrum and levels on one decoded radiograph."""
+        import torch
+
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            prob, scale, det, zoom = self.detect(radiograph.pixels, radiograph.pixel_spacing_mm)
+        finally:
+            if self.threads:
+                torch.set_num_threads(previous)
+        shape = radiograph.pixels.shape
+        notes = list(det.notes)
+        if zoom != 1.0:
+            notes.append(f"vertebrae far from the expected size at the header's scale: re-analysed at zoom {zoom:.2f}")
+        vertebrae = []
+        for k, node in enumerate(det.nodes):
+            made = _instance(prob[network.BODY], det.labels, k + 1, scale, shape)
+            if made is None:
+                continue
+            offset, mask, membership = made
+            vertebrae.append(
+                _make_instance(offset, mask, membership, shape, level=det.levels[k], score=round(node.score, 3), inferred=node.inferred)
+            )
+        if len(vertebrae) < len(det.nodes):
+            notes.append(f"{len(det.nodes) - len(vertebrae)} vertebra centre(s) found without a body outline: not reported")
+        sacrum = None
+        if det.sacrum is not None:
+            labels = det.sacrum.astype(np.int32)
+            made = _instance(prob[network.SACRUM], labels, 1, scale, shape)
+            if made is not None:
+                offset, mask, membership = made
+                score = float(prob[network.SACRUM][det.sacrum].mean())
+                sacrum = _make_instance(offset, mask, membership, shape, level="S1", score=round(score, 3), is_sacrum=True)
+
+        view, inferred, anterior = radiograph.view, False, radiograph.anterior_sign
+        offset_steps, votes = postprocess.posterior_offset(prob, det)
+        if view is None and votes >= 2:
+            view, inferred = ("LAT" if abs(offset_steps) >= 0.25 else "AP"), True
+            notes.append(f"view not in the header: read as {view} from the image")
+        if view == "LAT" and anterior is None and votes >= 2 and abs(offset_steps) >= 0.15:
+            anterior = -1 if offset_steps > 0 else 1
+            notes.append("anterior side not in the header: taken from the posterior elements' side")
+        step_px = det.step / scale[1] if np.isfinite(det.step) else float("nan")
+        return SpineInstances(vertebrae, sacrum, view, inferred, anterior, step_px, zoom, notes)

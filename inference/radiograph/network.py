@@ -1,0 +1,90 @@
+"""The vertebra network: a compact MONAI 2D U-Net with one output channel per task.
+
+Channels (all sigmoid):
+
+* ``body``: vertebral body (C2-L5), the structure heights are measured on;
+* ``vertebra``: the whole vertebra (body + posterior elements), tells anterior from posterior on laterals;
+* ``sacrum``: the sacrum, the anchor for naming levels;
+* ``centre``: a Gaussian around each vertebral body centre, whose peaks are the instance markers.
+
+torch and MONAI are imported inside the functions so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inference.radiograph.preprocess import pad_to_multiple
+
+if TYPE_CHECKING:
+    import torch
+
+CHANNELS: tuple[str, ...] = ("body", "vertebra", "sacrum", "centre")
+BODY, VERTEBRA, SACRUM, CENTRE = range(len(CHANNELS))
+
+#: Architecture of the shipped model (also written to model.json so a folder is self-describing).
+DEFAULT_ARCHITECTURE: dict[str, Any] = {
+    "type": "monai.networks.nets.BasicUNet",
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": len(CHANNELS),
+    "features": [16, 24, 48, 96, 192, 16],
+    "channels": list(CHANNELS),
+}
+
+
+def build_network(architecture: dict[str, Any] | None = None) -> torch.nn.Module:
+    """An untrained network for `architecture` (a model.json "architecture" entry)."""
+    from monai.networks.nets import BasicUNet
+
+    arch = dict(DEFAULT_ARCHITECTURE if architecture is None else architecture)
+    if arch.get("type") != DEFAULT_ARCHITECTURE["type"]:
+        raise ValueError(f"unsupported architecture type {arch.get('type')!r}")
+    if list(arch.get("channels", CHANNELS)) != list(CHANNELS):
+        raise ValueError(f"model channels {arch.get('channels')} differ from this code's {list(CHANNELS)}")
+    return BasicUNet(
+        spatial_dims=int(arch["spatial_dims"]),
+        in_channels=int(arch["in_channels"]),
+        out_channels=int(arch["out_channels"]),
+        features=tuple(int(f) for f in arch["features"]),
+    )
+
+
+def forward_logits(net: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
+    """Logits (C, H, W) for one normalised network-scale image (padded internally, cropped back)."""
+    import torch
+
+    padded, (rows, cols) = pad_to_multiple(image)
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None]
+        logits = net(x)[0, :, :rows, :cols]
+    return logits
+
+
+def predict(net: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """Probabilities (C, H, W) float32 for one normalised network-scale image."""
+    import torch
+
+    return torch.sigmoid(forward_logits(net, image)).numpy()
+
+
+def load_state(net: torch.nn.Module, path: str, device: str = "cpu") -> torch.nn.Module:
+    """Load a state dict saved by training into `net` (strict), set eval mode."""
+    import torch
+
+    state = torch.load(path, map_location=device, weights_only=True)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def parameter_count(net: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(int(p.numel()) for p in net.parameters() if p.requires_grad)
+
+
+def channel_index(names: Sequence[str]) -> list[int]:
+    """Indices of channel `names` in `CHANNELS`."""
+    return [CHANNELS.index(n) for n in names]

@@ -1,0 +1,356 @@
+"""From the network's probability maps to single, ordered, named vertebrae (network grid).
+
+The spine is a chain: vertebrae follow each other along a smooth curve, evenly spaced, each step a little
+longer than the last going down.  `find_chain` uses exactly that: it picks, among the peaks of the centre
+heatmap, the path that maximises detection confidence minus penalties for uneven spacing and sharp turns
+(dynamic programming over consecutive pairs, so both the spacing ratio and the turn angle of every triple
+are scored).  Ribs, bowel gas, iliac crests and double peaks on the pedicles do not fit a chain and drop
+out.  A step about twice as long as its neighbours counts a missed vertebra, so level names stay right
+across a gap.  Instances are then separated by a watershed on the body probability from the chain's
+markers, and levels are named by counting up from the sacrum when the sacrum sits right below the chain;
+otherwise they stay unknown (`None`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from inference.radiograph.network import BODY, CENTRE, SACRUM, VERTEBRA
+from inference.results import LEVELS
+
+
+@dataclass(frozen=True)
+class ChainParams:
+    """Tunable constants of the chain and instance steps (stored in model.json "postprocess")."""
+
+    peak_threshold: float = 0.15  # minimum centre-heatmap value of a candidate
+    peak_min_distance: int = 3  # network px between candidate peaks
+    max_candidates: int = 80
+    reward_offset: float = 0.3  # a candidate adds (score - offset) * reward_scale to a chain
+    reward_scale: float = 2.0
+    spacing_sigma: float = 0.2  # log-ratio of consecutive steps tolerated (1 sigma)
+    turn_sigma_deg: float = 25.0  # turn between consecutive steps tolerated (1 sigma)
+    gap_penalty: float = 0.8  # per vertebra counted as missed inside a long step
+    max_gap: int = 2  # vertebrae a single step may skip
+    max_step_angle_deg: float = 60.0  # steps further from the cranio-caudal axis are not allowed
+    body_threshold: float = 0.5
+    sacrum_threshold: float = 0.5
+    sacrum_min_area_steps: float = 0.5  # a sacrum component needs this many (step length)^2 of area
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> ChainParams:
+        """Parameters from model.json (unknown keys are an error naming them)."""
+        data = dict(data or {})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown post-processing parameters: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass
+class ChainNode:
+    """One vertebra on the chain (network grid, row/column index coordinates)."""
+
+    row: float
+    column: float
+    score: float
+    position: int  # ordinal along the spine from the top, counting missed vertebrae
+    inferred: bool = False  # added inside a gap where the body is clearly visible but the centre peak was weak
+
+
+@dataclass
+class SpineDetection:
+    """Vertebrae found on one network-grid image, top to bottom."""
+
+    nodes: list[ChainNode]
+    labels: np.ndarray  # int32 network grid: k + 1 for nodes[k], 0 elsewhere
+    sacrum: np.ndarray | None  # bool network grid, the sacrum component used (None if not found)
+    sacrum_adjacent: bool
+    levels: list[str | None]
+    step: float  # median step between consecutive vertebrae (network px), nan if < 2 nodes
+    notes: list[str] = field(default_factory=list)
+
+
+def find_peaks(heat: np.ndarray, params: ChainParams) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima of the centre heatmap: (n, 2) sub-pixel (row, column) and their scores."""
+    from skimage.feature import peak_local_max
+
+    coords = peak_local_max(
+        heat, min_distance=params.peak_min_distance, threshold_abs=params.peak_threshold, exclude_border=False
+    )
+    if len(coords) == 0:
+        return np.zeros((0, 2)), np.zeros(0)
+    scores = heat[coords[:, 0], coords[:, 1]]
+    order = np.argsort(-scores)[: params.max_candidates]
+    coords, scores = coords[order], scores[order]
+    refined = np.empty((len(coords), 2))
+    padded = np.pad(heat, 1, mode="edge")
+    for k, (r, c) in enumerate(coords):
+        window = padded[r : r + 3, c : c + 3]
+        weights = np.clip(window - window.min(), 0, None)
+        total = weights.sum()
+        if total > 0:
+            dr = float((weights.sum(axis=1) * np.arange(-1, 2)).sum() / total)
+            dc = float((weights.sum(axis=0) * np.arange(-1, 2)).sum() / total)
+        else:
+            dr = dc = 0.0
+        refined[k] = (r + dr, c + dc)
+    return refined, scores.astype(float)
+
+
+def _typical_step(points: np.ndarray, scores: np.ndarray, max_angle: float) -> float:
+    """Median distance from each confident candidate to its nearest neighbour below, within the step cone."""
+    strong = points[scores >= max(0.4, float(np.median(scores)))] if len(points) > 3 else points
+    if len(strong) < 2:
+        strong = points
+    dists = []
+    cos_max = math.cos(math.radians(max_angle))
+    for p in strong:
+        d = strong - p
+        dist = np.hypot(d[:, 0], d[:, 1])
+        ok = (d[:, 0] > 0) & (d[:, 0] >= cos_max * dist) & (dist > 2.0)
+        if ok.any():
+            dists.append(dist[ok].min())
+    return float(np.median(dists)) if dists else float("nan")
+
+
+def find_chain(points: np.ndarray, scores: np.ndarray, params: ChainParams) -> tuple[list[int], list[int]]:
+    """Best chain through candidate `points` (row, column): their indices top to bottom, and for each
+    step the number of vertebrae counted as missed inside it (len = len(indices) - 1)."""
+    n = len(points)
+    if n == 0:
+        return [], []
+    order = np.argsort(points[:, 0], kind="stable")
+    pts, sc = points[order], scores[order]
+    reward = (sc - params.reward_offset) * params.reward_scale
+    typical = _typical_step(pts, sc, params.max_step_angle_deg)
+    if not np.isfinite(typical):
+        best = int(np.argmax(reward))
+        return [int(order[best])], []
+
+    diff = pts[None, :, :] - pts[:, None, :]  # diff[i, j] = pts[j] - pts[i]
+    dist = np.hypot(diff[..., 0], diff[..., 1])
+    cos_max = math.cos(math.radians(params.max_step_angle_deg))
+    gaps = np.arange(params.max_gap + 1)
+    valid = (diff[..., 0] > 0) & (diff[..., 0] >= cos_max * dist) & (dist >= 0.35 * typical)
+    valid &= dist <= (params.max_gap + 1.5) * typical
+    w_r = 1.0 / (2 * params.spacing_sigma**2)
+    w_a = 1.0 / (2 * math.radians(params.turn_sigma_deg) ** 2)
+
+    # First step (no previous step to compare with): compare with the typical step, loosely.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio0 = dist[..., None] / ((gaps + 1)[None, None, :] * typical)
+        cost0 = 0.25 * w_r * np.log(np.maximum(ratio0, 1e-6)) ** 2 + params.gap_penalty * gaps[None, None, :]
+    g0 = np.argmin(cost0, axis=-1)
+    init = np.where(valid, reward[:, None] + reward[None, :] - np.take_along_axis(cost0, g0[..., None], -1)[..., 0], -np.inf)
+    score = init.copy()  # score[i, j]: best chain ending with step i -> j
+    unit = np.where(valid, dist / (g0 + 1), np.nan)  # step length per vertebra of that chain's last step
+    gap = np.where(valid, g0, 0)
+    back = np.full((n, n), -1, dtype=int)  # predecessor i of the state (i, j) -> k chosen for (j, k)
+
+    angle = np.arctan2(diff[..., 1], diff[..., 0])  # direction of step i -> j
+    for j in range(n):
+        prev = np.flatnonzero(np.isfinite(score[:, j]))
+        nxt = np.flatnonzero(valid[j])
+        if len(prev) == 0 or len(nxt) == 0:
+            continue
+        # Candidate transitions (i, j) -> (j, k), vectorised over i (rows) and k (columns).
+        u_prev = unit[prev, j][:, None, None]
+        d_next = dist[j, nxt][None, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = d_next / ((gaps + 1)[None, None, :] * u_prev)
+            c_gap = w_r * np.log(np.maximum(ratio, 1e-6)) ** 2 + params.gap_penalty * gaps[None, None, :]
+        g = np.argmin(c_gap, axis=-1)  # (prev, next)
+        c_sp = np.take_along_axis(c_gap, g[..., None], -1)[..., 0]
+        turn = angle[j, nxt][None, :] - angle[prev, j][:, None]
+        turn = (turn + np.pi) % (2 * np.pi) - np.pi
+        total = score[prev, j][:, None] + reward[nxt][None, :] - c_sp - w_a * turn**2
+        best_i = np.argmax(total, axis=0)
+        best_val = total[best_i, np.arange(len(nxt))]
+        improve = best_val > score[j, nxt]
+        for col in np.flatnonzero(improve):
+            k = nxt[col]
+            i_best = prev[best_i[col]]
+            score[j, k] = best_val[col]
+            back[j, k] = i_best
+            gap[j, k] = g[best_i[col], col]
+            unit[j, k] = dist[j, k] / (gap[j, k] + 1)
+
+    single = int(np.argmax(reward))
+    if not np.isfinite(score).any() or np.nanmax(np.where(np.isfinite(score), score, -np.inf)) < reward[single]:
+        return [int(order[single])], []
+    j, k = np.unravel_index(int(np.argmax(np.where(np.isfinite(score), score, -np.inf))), score.shape)
+    chain, steps = [int(k), int(j)], [int(gap[j, k])]
+    while back[j, k] >= 0:
+        i = int(back[j, k])
+        steps.append(int(gap[i, j]))
+        chain.append(i)
+        j, k = i, j
+    chain.reverse()
+    steps.reverse()
+    return [int(order[c]) for c in chain], steps
+
+
+def _disk(shape: tuple[int, int], row: float, col: float, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    r0, r1 = max(int(row - radius), 0), min(int(row + radius) + 2, shape[0])
+    c0, c1 = max(int(col - radius), 0), min(int(col + radius) + 2, shape[1])
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    inside = (rr - row) ** 2 + (cc - col) ** 2 <= max(radius, 0.75) ** 2
+    return rr[inside], cc[inside]
+
+
+def separate(prob: np.ndarray, nodes: list[ChainNode], step: float, threshold: float) -> np.ndarray:
+    """Instance labels (k + 1 for nodes[k]) by a marker watershed on the body probability."""
+    from skimage.segmentation import watershed
+
+    labels = np.zeros(prob.shape, dtype=np.int32)
+    if not nodes:
+        return labels
+    body = prob[BODY]
+    markers = np.zeros(prob.shape[1:], dtype=np.int32)
+    radius = max(1.0, 0.12 * step) if np.isfinite(step) else 1.0
+    for k, node in enumerate(nodes):
+        rr, cc = _disk(markers.shape, node.row, node.column, radius)
+        markers[rr, cc] = k + 1
+    # Only pixels near the chain may join an instance (keeps ribs touching a body out).
+    near = np.zeros(markers.shape, dtype=bool)
+    reach = 1.1 * step if np.isfinite(step) else 10.0
+    for node in nodes:
+        rr, cc = _disk(markers.shape, node.row, node.column, reach)
+        near[rr, cc] = True
+    mask = ((body >= 0.8 * threshold) & near) | (markers > 0)
+    labels = watershed(-body, markers, mask=mask)
+    # Keep, per label, the component that holds its marker.
+    out = np.zeros_like(labels)
+    for k, node in enumerate(nodes):
+        region = labels == k + 1
+        comp, _ = ndimage.label(region)
+        r, c = int(round(min(max(node.row, 0), labels.shape[0] - 1))), int(round(min(max(node.column, 0), labels.shape[1] - 1)))
+        keep = comp[r, c]
+        if keep:
+            out[comp == keep] = k + 1
+    return out
+
+
+def _sacrum_components(prob: np.ndarray, params: ChainParams, step: float) -> list[np.ndarray]:
+    sac = prob[SACRUM] >= params.sacrum_threshold
+    comp, n = ndimage.label(sac)
+    if n == 0:
+        return []
+    min_area = params.sacrum_min_area_steps * (step if np.isfinite(step) else 10.0) ** 2
+    sizes = ndimage.sum(sac, comp, index=np.arange(1, n + 1))
+    return [comp == (i + 1) for i in np.argsort(-sizes) if sizes[i] >= min_area]
+
+
+def name_levels(nodes: list[ChainNode], sacrum_adjacent: bool) -> list[str | None]:
+    """Level names counting up from the sacrum (lowest node = L5), or all None."""
+    if not nodes or not sacrum_adjacent:
+        return [None] * len(nodes)
+    l5 = LEVELS.index("L5")
+    last = nodes[-1].position
+    names: list[str | None] = []
+    for node in nodes:
+        index = l5 - (last - node.position)
+        names.append(LEVELS[index] if 0 <= index < len(LEVELS) else None)
+    return names
+
+
+def detect(prob: np.ndarray, params: ChainParams | None = None) -> SpineDetection:
+    """Ordered, separated, named vertebrae from network probabilities (C, H, W)."""
+    params = params or ChainParams()
+    points, scores = find_peaks(prob[CENTRE], params)
+    notes: list[str] = []
+    shape = prob.shape[1:]
+    if len(points):
+        # A peak where the sacrum is more likely than a vertebral body is the sacrum, not a vertebra.
+        rr = np.clip(np.rint(points[:, 0]).astype(int), 0, shape[0] - 1)
+        cc = np.clip(np.rint(points[:, 1]).astype(int), 0, shape[1] - 1)
+        keep = prob[SACRUM, rr, cc] < np.maximum(prob[BODY, rr, cc], 0.5)
+        points, scores = points[keep], scores[keep]
+    chain, gaps = find_chain(points, scores, params)
+    nodes: list[ChainNode] = []
+    position = 0
+    for idx, (k) in enumerate(chain):
+        if idx > 0:
+            g = gaps[idx - 1]
+            prev = nodes[-1]
+            # Fill a gap where the body is plainly visible (the centre peak was just weak).
+            for m in range(1, g + 1):
+                t = m / (g + 1)
+                r = prev.row + t * (points[k, 0] - prev.row)
+                c = prev.column + t * (points[k, 1] - prev.column)
+                ri, ci = int(round(min(max(r, 0), shape[0] - 1))), int(round(min(max(c, 0), shape[1] - 1)))
+                position += 1
+                if prob[BODY, ri, ci] >= params.body_threshold:
+                    nodes.append(ChainNode(r, c, float(prob[CENTRE, ri, ci]), position, inferred=True))
+            position += 1
+        nodes.append(ChainNode(float(points[k, 0]), float(points[k, 1]), float(scores[k]), position))
+    if len(nodes) >= 2:
+        steps = [
+            math.hypot(b.row - a.row, b.column - a.column) / (b.position - a.position) for a, b in zip(nodes, nodes[1:], strict=False)
+        ]
+        step = float(np.median(steps))
+    else:
+        step = float("nan")
+    missed = sum(gaps) - sum(1 for n in nodes if n.inferred)
+    if missed > 0:
+        notes.append(f"{missed} vertebra(e) along the chain not found (counted as missed for naming)")
+    labels = separate(prob, nodes, step, params.body_threshold)
+
+    sacrum, adjacent = None, False
+    comps = _sacrum_components(prob, params, step)
+    if nodes and comps and np.isfinite(step):
+        bottom = nodes[-1]
+        unit = step
+        if len(nodes) >= 2:
+            a, b = nodes[-2], nodes[-1]
+            unit = math.hypot(b.row - a.row, b.column - a.column) / (b.position - a.position)
+        for comp in comps:
+            rows, cols = np.nonzero(comp)
+            near = np.abs(cols - bottom.column) <= 1.0 * unit
+            if not near.any():
+                continue
+            top = rows[near].min()
+            below = (top - bottom.row) / unit
+            if 0.15 <= below <= 1.3:
+                sacrum, adjacent = comp, True
+                break
+        if sacrum is None:
+            sacrum = comps[0]
+            notes.append("sacrum found but not right below the lowest vertebra found: levels not named")
+    elif comps:
+        sacrum = comps[0]
+    if nodes and sacrum is None:
+        notes.append("levels not named: sacrum not in the field of view or not found")
+    levels = name_levels(nodes, adjacent)
+    return SpineDetection(nodes, labels, sacrum, adjacent, levels, step, notes)
+
+
+def posterior_offset(prob: np.ndarray, detection: SpineDetection) -> tuple[float, int]:
+    """Where the posterior elements lie relative to the bodies: (mean offset along +column in units of the
+    step, number of vertebrae that voted).  Large and consistent on laterals, near 0 on AP views."""
+    if not detection.nodes or not np.isfinite(detection.step):
+        return 0.0, 0
+    body = prob[BODY] >= 0.5
+    posterior = (prob[VERTEBRA] >= 0.5) & ~body
+    offsets = []
+    reach = 1.3 * detection.step
+    for k, node in enumerate(detection.nodes):
+        region = detection.labels == k + 1
+        if region.sum() < 3:
+            continue
+        rr, cc = _disk(body.shape, node.row, node.column, reach)
+        window = np.zeros_like(body)
+        window[rr, cc] = True
+        elements = posterior & window & (np.abs(np.arange(body.shape[0])[:, None] - node.row) <= 0.6 * detection.step)
+        if elements.sum() < 3:
+            continue
+        body_c = np.nonzero(region)[1].mean()
+        offsets.append((np.nonzero(elements)[1].mean() - body_c) / detection.step)
+    if not offsets:
+        return 0.0, 0
+    return float(np.median(offsets)), len(offsets)

@@ -1,0 +1,223 @@
+"""Shared training utilities: reproducible set-up, logging, checkpoints, augmentation and losses.
+
+Augmentation runs in torch on the (already network-scale) image and its target/weight maps together, so
+one random affine moves labels exactly with the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("inference.train")
+
+
+def setup(seed: int, threads: int = 2) -> None:
+    """Fix seeds, limit torch to `threads` (the node's 2 cores), deterministic algorithms where cheap."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """Log to stderr and, if given, to `log_file` (appending, so resumed runs keep one log)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+class Stopwatch:
+    """Wall-clock budget of a run (resumed runs add the time already spent)."""
+
+    def __init__(self, spent_s: float = 0.0) -> None:
+        self.start = time.monotonic() - spent_s
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the (possibly resumed) start."""
+        return time.monotonic() - self.start
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Atomically write a checkpoint (tmp + rename) including all RNG states."""
+    state = dict(state)
+    state["rng"] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A checkpoint written by `save_checkpoint` (RNG states restored), or None if there is none."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    rng = state.pop("rng", None)
+    if rng:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+    return state
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Pretty JSON, written atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random augmentation."""
+
+    crop: tuple[int, int] = (288, 192)  # (rows, columns) of a training crop
+    scale: tuple[float, float] = (0.75, 1.35)  # zoom (log-uniform)
+    rotate_deg: float = 12.0
+    flip: bool = True
+    gamma: tuple[float, float] = (0.6, 1.7)
+    contrast: tuple[float, float] = (0.45, 1.15)
+    noise: float = 0.06
+    blur_p: float = 0.3
+    spine_bias: float = 0.8  # probability that the crop is centred near a vertebra
+
+
+def _source_coords(
+    crop: tuple[int, int], centre_rc: tuple[float, float], zoom: float, angle: float, flip: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source (row, column) index coordinates sampled by each output crop pixel."""
+    h, w = crop
+    yo = np.arange(h, dtype=np.float32)[:, None] + 0.5 - h / 2
+    xo = np.arange(w, dtype=np.float32)[None, :] + 0.5 - w / 2
+    if flip:
+        xo = -xo
+    ca, sa = math.cos(angle), math.sin(angle)
+    xs = (ca * xo - sa * yo) / zoom + centre_rc[1] - 0.5
+    ys = (sa * xo + ca * yo) / zoom + centre_rc[0] - 0.5
+    return ys, xs
+
+
+def augment(
+    image: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray,
+    rng: np.random.Generator,
+    config: AugmentConfig,
+    anchors: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One random crop/zoom/rotation/flip + photometric change of (image, targets, weights).
+
+    `anchors` (n, 2) are (row, column) points the crop likes to be centred near (vertebra centres).
+    Returns tensors (1, h, w), (C, h, w), (C, h, w); outside the source image targets are 0 with weight 1.
+    Runs in numpy/scipy (single-threaded): torch's thread pool is slow for many small operations.
+    """
+    from scipy import ndimage
+
+    src_shape = image.shape
+    if anchors is not None and len(anchors) and rng.random() < config.spine_bias:
+        centre = anchors[rng.integers(len(anchors))] + rng.normal(0, 0.15 * min(config.crop), size=2)
+    else:
+        centre = np.array([rng.uniform(0, src_shape[0]), rng.uniform(0, src_shape[1])])
+    zoom = float(np.exp(rng.uniform(np.log(config.scale[0]), np.log(config.scale[1]))))
+    angle = math.radians(rng.uniform(-config.rotate_deg, config.rotate_deg))
+    flip = bool(config.flip and rng.random() < 0.5)
+    ys, xs = _source_coords(config.crop, (float(centre[0]), float(centre[1])), zoom, angle, flip)
+    ys, xs = np.broadcast_arrays(ys, xs)
+    coords = [ys, xs]
+    inside = (ys >= -0.5) & (ys <= src_shape[0] - 0.5) & (xs >= -0.5) & (xs <= src_shape[1] - 0.5)
+    img = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="nearest")
+    img = np.where(inside, img, 0.0).astype(np.float32)
+    n_ch = target.shape[0]
+    tgt = np.zeros((n_ch, *config.crop), dtype=np.float32)
+    wgt = np.ones((n_ch, *config.crop), dtype=np.float32)
+    for ch in range(n_ch):
+        t = ndimage.map_coordinates(target[ch], coords, order=1, mode="nearest")
+        w = ndimage.map_coordinates(weight[ch], coords, order=1, mode="nearest")
+        tgt[ch] = np.where(inside, t, 0.0)
+        wgt[ch] = np.where(inside, (w > 0.99).astype(np.float32), 1.0)
+    out = photometric(img, rng, config)
+    return torch.from_numpy(out[None]), torch.from_numpy(tgt), torch.from_numpy(wgt)
+
+
+def photometric(img: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """Random gamma, contrast/brightness, blur and noise on a [0, 1] image (float32)."""
+    from scipy import ndimage
+
+    img = np.clip(img, 0.0, 1.0)
+    gamma = float(np.exp(rng.uniform(np.log(config.gamma[0]), np.log(config.gamma[1]))))
+    img = img**gamma
+    c = rng.uniform(*config.contrast)
+    b = rng.uniform(0, 1 - c) if c < 1 else rng.uniform(-0.1, 0.1)
+    img = img * c + b
+    if rng.random() < config.blur_p:
+        img = ndimage.gaussian_filter(img, rng.uniform(0.5, 1.3))
+    if config.noise > 0:
+        img = img + rng.normal(0.0, float(rng.uniform(0, config.noise)), size=img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------------- losses
+
+
+def masked_bce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE + soft Dice over one channel of a batch (B, h, w); 0 where nothing is known."""
+    total = weight.sum()
+    if total < 1:
+        return logits.sum() * 0.0
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / total
+    p = torch.sigmoid(logits) * weight
+    t = target * weight
+    inter = (p * t).sum()
+    dice = 1 - (2 * inter + 1) / (p.sum() + t.sum() + 1)
+    return bce + dice
+
+
+def centre_focal(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+    """CenterNet-style penalty-reduced focal loss for Gaussian peak targets, with an ignore weight."""
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    pos = (target >= 0.8).float() * weight
+    neg = (1 - (target >= 0.8).float()) * weight
+    pos_loss = -torch.log(p) * (1 - p) ** alpha * pos
+    neg_loss = -torch.log(1 - p) * p**alpha * (1 - target) ** beta * neg
+    n_pos = pos.sum().clamp(min=1.0)
+    return (pos_loss.sum() + neg_loss.sum()) / n_pos
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 200, floor: float = 0.02) -> float:
+    """Linear warm-up then cosine decay to `floor` * base."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def batches(indices: list[int], batch_size: int, rng: np.random.Generator) -> Iterator[list[int]]:
+    """Endless shuffled batches of `indices`."""
+    while True:
+        order = list(rng.permutation(indices))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]

@@ -1,0 +1,390 @@
+"""Train the vertebra network (``make train-vertebrae``) on real radiographs AND synthetic samples.
+
+    python -m inference.train.vertebrae --data ../shared/data --cache ../cache/synth-v1 \\
+        --out inference/models/spine-xr-vertebrae [--work ../cache/train-vertebrae] [--iterations N]
+
+* Real AP radiographs (`inference.train.cadma`, train split only) supervise what their boxes know (see
+  `inference.train.targets`); synthetic samples from the data engine's cache (``--cache``, .npz shards
+  from ``python -m inference.synth.build``) supervise everything, AP and lateral.  Each batch is half real,
+  half synthetic (``--synth-fraction``).
+* Every image goes through the same `inference.radiograph.preprocess.prepare` the node uses.
+* The checkpoint kept is the one with the best validation score: centroid-in-box F1 on the REAL val
+  split plus 0.5 x body/sacrum Dice on held-out synthetic samples.
+* Seeds are fixed; progress is logged; ``--work`` holds checkpoints, so a killed run resumes where it
+  stopped (same command).  torch uses 2 threads (the node's 2 cores); run it under ``nice -n 10``.
+* The output folder gets ``weights.pt`` (state dict) and ``model.json`` (metrics are filled in by
+  ``make eval-vertebrae``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.evaluate.metrics import DetectionCounts, match_centroids_in_boxes
+from inference.radiograph import network, postprocess, preprocess
+from inference.radiograph.network import BODY, CENTRE, SACRUM, VERTEBRA
+from inference.radiograph.postprocess import ChainParams
+from inference.registry import sha256_file
+from inference.train import cadma, common, targets
+
+log = logging.getLogger("inference.train.vertebrae")
+
+MODEL_NAME = "spine-xr-vertebrae"
+
+
+@dataclass
+class RealItem:
+    """A real radiograph at network scale with its boxes (network px)."""
+
+    key: str
+    image: np.ndarray  # float16
+    boxes: np.ndarray  # (n, 4) x0 y0 x1 y1
+    scale: float  # network px per source px
+
+    @property
+    def anchors(self) -> np.ndarray:
+        return np.stack([(self.boxes[:, 1] + self.boxes[:, 3]) / 2, (self.boxes[:, 0] + self.boxes[:, 2]) / 2], axis=1)
+
+
+@dataclass
+class SynthItem:
+    """A synthetic sample at network scale."""
+
+    image: np.ndarray  # float16
+    body: np.ndarray  # int8 label map
+    vertebra: np.ndarray  # int8 label map
+    centres: list[tuple[float, float, float]]
+    ignored: list[tuple[float, float, float]]
+    view: str
+    source: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def anchors(self) -> np.ndarray:
+        return np.array([(y, x) for x, y, _ in self.centres]).reshape(-1, 2)
+
+
+def prepare_real(item: cadma.RealRadiograph) -> RealItem:
+    """Load a real radiograph and bring it to the network grid exactly as the node would."""
+    pixels = item.load()
+    image, scale = preprocess.prepare(pixels, None)
+    s = image.shape[0] / pixels.shape[0]
+    return RealItem(item.key, image.astype(np.float16), item.boxes * s, s)
+
+
+def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    t = torch.from_numpy(labels.astype(np.float32))[None, None]
+    return F.interpolate(t, size=shape, mode="nearest-exact")[0, 0].numpy().round().astype(np.int8)
+
+
+def prepare_synth(sample) -> SynthItem:  # sample: inference.synth.sample.SynthSample
+    """A data-engine sample on the network grid (same preprocessing as the node, labels by nearest)."""
+    image, _ = preprocess.prepare(sample.image, tuple(sample.pixel_spacing_mm))
+    body = _resize_labels(sample.body, image.shape)
+    vert = _resize_labels(sample.vertebra, image.shape)
+    marked, ignored = targets.body_centres(body)
+    meta = sample.meta or {}
+    return SynthItem(
+        image.astype(np.float16), body, vert, marked, ignored, sample.view, str(meta.get("source", "")), dict(meta)
+    )
+
+
+def load_synth(cache: Path, sources: set[str] | None, limit: int | None) -> list[SynthItem]:
+    """Samples of a data-engine cache (optionally only from CT `sources`), on the network grid."""
+    from inference.synth.build import iter_cache
+
+    items = []
+    t0 = time.time()
+    for sample in iter_cache(cache):
+        meta = sample.meta or {}
+        if meta.get("real_image"):
+            continue  # implant overlays on real images: the real path already covers those images
+        if sources and str(meta.get("source", "")) not in sources:
+            continue
+        items.append(prepare_synth(sample))
+        if limit and len(items) >= limit:
+            break
+        if len(items) % 500 == 0:
+            log.info("synthetic samples prepared: %d (%.0f s)", len(items), time.time() - t0)
+    return items
+
+
+def render_item(item: RealItem | SynthItem, sacrum_hint: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, target, weight) on the network grid."""
+    image = item.image.astype(np.float32)
+    if isinstance(item, RealItem):
+        t, w = targets.real_targets(image.shape, item.boxes, sacrum_hint=sacrum_hint)
+    else:
+        t, w = targets.synth_targets(item.body, item.vertebra, item.centres, item.ignored)
+    return image, t, w
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of the per-channel losses (segmentation: BCE + Dice; centres: focal)."""
+    parts = {}
+    for ch, name in ((BODY, "body"), (VERTEBRA, "vertebra"), (SACRUM, "sacrum")):
+        parts[name] = common.masked_bce_dice(logits[:, ch], target[:, ch], weight[:, ch])
+    parts["centre"] = common.centre_focal(logits[:, CENTRE], target[:, CENTRE], weight[:, CENTRE])
+    total = parts["body"] + 0.5 * parts["vertebra"] + 0.5 * parts["sacrum"] + parts["centre"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def predicted_centroids(prob: np.ndarray, params: ChainParams) -> np.ndarray:
+    """(x, y) network-grid centroids of the vertebrae the full post-processing finds."""
+    det = postprocess.detect(prob, params)
+    out = []
+    for k, node in enumerate(det.nodes):
+        rows, cols = np.nonzero(det.labels == k + 1)
+        if len(rows):
+            out.append((cols.mean() + 0.5, rows.mean() + 0.5))
+        else:
+            out.append((node.column + 0.5, node.row + 0.5))
+    return np.array(out).reshape(-1, 2)
+
+
+def validate(net: torch.nn.Module, real: list[RealItem], synth: list[SynthItem], params: ChainParams) -> dict[str, float]:
+    """Real val centroid-in-box F1 and synthetic body / sacrum Dice."""
+    net.eval()
+    counts = DetectionCounts()
+    for item in real:
+        prob = network.predict(net, item.image.astype(np.float32))
+        tp, fp, fn, _ = match_centroids_in_boxes(predicted_centroids(prob, params), item.boxes)
+        counts.add(tp, fp, fn)
+    inter = {"body": 0.0, "sacrum": 0.0}
+    total = {"body": 0.0, "sacrum": 0.0}
+    for item in synth:
+        prob = network.predict(net, item.image.astype(np.float32))
+        t, w = targets.synth_targets(item.body, item.vertebra, item.centres, item.ignored)
+        for ch, name in ((BODY, "body"), (SACRUM, "sacrum")):
+            p = (prob[ch] >= 0.5) & (w[ch] > 0)
+            g = (t[ch] >= 0.5) & (w[ch] > 0)
+            inter[name] += 2 * float((p & g).sum())
+            total[name] += float(p.sum() + g.sum())
+    net.train()
+    out = {"real_f1": counts.f1, "real_precision": counts.precision, "real_recall": counts.recall}
+    for name in inter:
+        out[f"synth_dice_{name}"] = inter[name] / total[name] if total[name] else float("nan")
+    return out
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """What checkpoint selection maximises."""
+    score = metrics.get("real_f1", 0.0) or 0.0
+    dice = [metrics.get(k) for k in ("synth_dice_body", "synth_dice_sacrum")]
+    dice = [d for d in dice if d is not None and np.isfinite(d)]
+    if dice:
+        score += 0.5 * float(np.mean(dice))
+    return score
+
+
+def write_model_folder(out: Path, weights: Path, info: dict) -> dict:
+    """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation)."""
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / "weights.pt"
+    shutil.copyfile(weights, dest)
+    digest = sha256_file(dest)
+    meta = {
+        "name": MODEL_NAME,
+        "version": f"1.0+{digest[:8]}",
+        "task": "vertebra segmentation, instance separation and level naming on projection radiographs; "
+        "vertebral body heights and Genant grading on lateral views",
+        "weights": "weights.pt",
+        "sha256": digest,
+        "format": "torch state dict",
+        "architecture": network.DEFAULT_ARCHITECTURE,
+        "parameters": info.get("parameters"),
+        "inputs": {
+            "image": "one projection radiograph (DX/CR), any size, MONOCHROME1/2, 8-16 bit",
+            "preprocessing": {
+                "target_spacing_mm": preprocess.TARGET_SPACING_MM,
+                "uncalibrated_long_side": preprocess.UNCALIBRATED_LONG_SIDE,
+                "max_network_side": preprocess.MAX_NETWORK_SIDE,
+                "normalisation": "percentile 1-99.5 to [0,1], CLAHE (skimage equalize_adapthist, kernel 1/8 of the long side, clip 0.01)",
+            },
+        },
+        "outputs": {name: "sigmoid probability map" for name in network.CHANNELS},
+        "postprocess": asdict(ChainParams()),
+        "training": info,
+        "metrics": {},
+    }
+    common.write_json(out / "model.json", meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inference.train.vertebrae", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="shared data folder (radiographs/cadma_train, ct/...)")
+    ap.add_argument("--cache", type=Path, default=None, help="data-engine cache of synthetic .npz shards")
+    ap.add_argument("--out", type=Path, required=True, help="model folder to write")
+    ap.add_argument("--work", type=Path, default=Path("../cache/train-vertebrae"), help="checkpoints and log")
+    ap.add_argument("--iterations", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=110.0, help="stop (keeping the best checkpoint) after this")
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--synth-fraction", type=float, default=0.5)
+    ap.add_argument("--synth-sources", default="", help="comma list: only synthetic samples from these CT sources")
+    ap.add_argument("--synth-limit", type=int, default=0)
+    ap.add_argument("--no-real", action="store_true", help="synthetic only (leave-one-patient-out runs)")
+    ap.add_argument("--no-sacrum-hint", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
+    args = ap.parse_args(argv)
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    common.setup_logging(work / "train.log")
+    common.setup(args.seed, args.threads)
+    log.info("arguments: %s", vars(args))
+    t_start = time.time()
+
+    # ---------------------------------------------------------------- data
+    real_train: list[RealItem] = []
+    real_val: list[RealItem] = []
+    if not args.no_real:
+        splits = cadma.split(cadma.load_cadma(args.data))
+        real_train = [prepare_real(r) for r in splits["train"]]
+        real_val = [prepare_real(r) for r in splits["val"]]
+        log.info("real radiographs: %d train, %d val (%.0f s)", len(real_train), len(real_val), time.time() - t_start)
+    synth: list[SynthItem] = []
+    if args.cache is not None:
+        if not (args.cache / "manifest.json").is_file():
+            raise SystemExit(
+                f"{args.cache}/manifest.json not found: build the synthetic cache first, e.g.\n"
+                f"  nice -n 10 python -m inference.synth.build --data {args.data} --out {args.cache} --count 3000 --seed 1"
+            )
+        sources = {s for s in args.synth_sources.split(",") if s} or None
+        synth = load_synth(args.cache, sources, args.synth_limit or None)
+        log.info("synthetic samples: %d (%.0f s)", len(synth), time.time() - t_start)
+    if not real_train and not synth:
+        raise SystemExit("no training data: give --data with real radiographs and/or --cache with synthetic shards")
+    # Hold out every 20th synthetic sample for checkpoint selection.
+    synth_val = synth[::20][:60]
+    synth_train = [s for i, s in enumerate(synth) if i % 20 != 0] if synth else []
+
+    # ---------------------------------------------------------------- model
+    net = network.build_network()
+    n_params = network.parameter_count(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(args.seed)
+    step, best, spent = 0, -1.0, 0.0
+    history: list[dict] = []
+    ckpt_path, best_path = work / "checkpoint.pt", work / "best.pt"
+    state = None if args.fresh else common.load_checkpoint(ckpt_path)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["data_rng"]
+        step, best, spent, history = state["step"], state["best"], state["spent"], state["history"]
+        log.info("resumed at iteration %d (best %.4f, %.0f s spent)", step, best, spent)
+    clock = common.Stopwatch(spent)
+    params = ChainParams()
+    aug = common.AugmentConfig()
+    sacrum_hint = not args.no_sacrum_hint
+    n_synth = int(round(args.batch * args.synth_fraction)) if synth_train else 0
+    if not real_train:
+        n_synth = args.batch
+    n_real = args.batch - n_synth
+    log.info("network: %d parameters; batch %d real + %d synthetic", n_params, n_real, n_synth)
+
+    def draw(pool: list, count: int) -> list:
+        return [pool[int(i)] for i in rng.integers(0, len(pool), size=count)] if count else []
+
+    net.train()
+    t_log, losses = time.time(), []
+    stop_reason = "iterations done"
+    while step < args.iterations:
+        if clock.elapsed > args.max_minutes * 60:
+            stop_reason = f"time budget of {args.max_minutes} min reached"
+            break
+        lr = common.cosine_lr(step, args.iterations, args.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        items = draw(real_train, n_real) + draw(synth_train, n_synth)
+        xs, ts, ws = [], [], []
+        for item in items:
+            image, t, w = render_item(item, sacrum_hint)
+            x, t2, w2 = common.augment(image, t, w, rng, aug, item.anchors)
+            xs.append(x)
+            ts.append(t2)
+            ws.append(w2)
+        x, t, w = torch.stack(xs), torch.stack(ts), torch.stack(ws)
+        logits = net(x)
+        loss, parts = loss_fn(logits, t, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        step += 1
+        losses.append([float(loss.detach())] + [parts[k] for k in ("body", "vertebra", "sacrum", "centre")])
+        if step % 25 == 0:
+            m = np.mean(losses, axis=0)
+            log.info(
+                "it %d lr %.2e loss %.3f (body %.3f vert %.3f sacrum %.3f centre %.3f) %.2f s/it elapsed %.1f min",
+                step, lr, *m, (time.time() - t_log) / 25, clock.elapsed / 60,
+            )
+            t_log, losses = time.time(), []
+        if step % args.eval_every == 0 or step == args.iterations:
+            metrics = validate(net, real_val, synth_val, params)
+            score = selection_score(metrics)
+            history.append({"iteration": step, "score": round(score, 4), **{k: round(float(v), 4) for k, v in metrics.items()}})
+            log.info("validation at %d: %s score %.4f (best %.4f)", step, metrics, score, best)
+            if score > best:
+                best = score
+                torch.save(net.state_dict(), best_path)
+            common.save_checkpoint(
+                ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
+                step=step, best=best, spent=clock.elapsed, history=history,
+            )
+    if not best_path.is_file():
+        torch.save(net.state_dict(), best_path)
+    best_entry = max(history, key=lambda h: h["score"]) if history else {}
+    info = {
+        "command": "python -m inference.train.vertebrae " + " ".join(argv or []),
+        "seed": args.seed,
+        "iterations": step,
+        "stop": stop_reason,
+        "batch": {"real": n_real, "synthetic": n_synth},
+        "wall_minutes": round(clock.elapsed / 60, 1),
+        "threads": args.threads,
+        "parameters": n_params,
+        "selected_checkpoint": best_entry,
+        "validation_history": history,
+        "data": {
+            "real": {
+                "source": str(cadma.SUBDIR),
+                "images_train": len(real_train),
+                "images_val": len(real_val),
+                "split": "inference.train.cadma.split_of (sha256 of the source name): 78% train, 10% val, 12% test",
+                "sacrum_hint": sacrum_hint,
+            },
+            "synthetic": {
+                "cache": str(args.cache) if args.cache else None,
+                "samples_train": len(synth_train),
+                "samples_val": len(synth_val),
+                "sources": sorted({s.source for s in synth}),
+                "views": {v: sum(1 for s in synth if s.view == v) for v in sorted({s.view for s in synth})},
+            },
+        },
+    }
+    if args.cache is not None and (args.cache / "manifest.json").is_file():
+        manifest = json.loads((args.cache / "manifest.json").read_text())
+        info["data"]["synthetic"]["manifest"] = {k: manifest.get(k) for k in ("count", "seed", "parameters", "provenance") if k in manifest}
+    write_model_folder(args.out, best_path, info)
+    log.info("wrote %s (best score %.4f at %s); %s", args.out, best, best_entry.get("iteration"), stop_reason)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Chain post-processing on drawn probability maps: ordering, outliers, gaps, naming, separation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference.radiograph import postprocess
+from inference.radiograph.network import BODY, CENTRE, CHANNELS, SACRUM, VERTEBRA
+from inference.radiograph.postprocess import ChainParams
+
+
+def _blob(shape, row, col, sigma):
+    rr, cc = np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5
+    return np.exp(-((rr - row) ** 2 + (cc - col) ** 2) / (2 * sigma**2))
+
+
+def spine_probabilities(
+    count: int = 12,
+    step: float = 22.0,
+    top: float = 30.0,
+    shape: tuple[int, int] = (360, 200),
+    sacrum: bool = True,
+    drop: tuple[int, ...] = (),
+    distractors: bool = True,
+) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Probability maps of a gently curved chain of `count` bodies (steps growing downwards), a sacrum below
+    the last one, and rib-like / bowel-gas-like peaks off the chain."""
+    prob = np.zeros((len(CHANNELS), *shape), dtype=np.float32)
+    centres = []
+    row = top
+    for k in range(count):
+        col = shape[1] / 2 + 12 * np.sin(k / 3)
+        centres.append((row, col))
+        row += step * (1 + 0.02 * k)
+    rr, cc = np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5
+    for k, (r, c) in enumerate(centres):
+        if k in drop:
+            continue
+        body = (np.abs(cc - c) / 16) ** 4 + (np.abs(rr - r) / (0.36 * step)) ** 4 <= 1
+        prob[BODY][body] = 0.95
+        prob[VERTEBRA][body] = 0.95
+        prob[CENTRE] = np.maximum(prob[CENTRE], 0.9 * _blob(shape, r, c, 3.0))
+    if sacrum:
+        r, c = centres[-1]
+        last = step * (1 + 0.02 * (count - 1))
+        sac = (np.abs(cc - c) / 30) ** 2 + (np.abs(rr - (r + 1.3 * last)) / (0.8 * last)) ** 2 <= 1
+        prob[SACRUM][sac] = 0.9
+    if distractors:
+        for r, c in ((centres[3][0] + 5, centres[3][1] + 70), (centres[6][0], centres[6][1] - 75), (centres[-1][0] + 10, 20.0)):
+            prob[CENTRE] = np.maximum(prob[CENTRE], 0.8 * _blob(shape, r, c, 3.0))
+            prob[BODY] = np.maximum(prob[BODY], 0.7 * (_blob(shape, r, c, 6.0) > 0.5))
+    return prob, centres
+
+
+def test_chain_names_levels_from_the_sacrum_and_drops_distractors() -> None:
+    prob, centres = spine_probabilities()
+    det = postprocess.detect(prob)
+    assert len(det.nodes) == 12
+    for node, (r, c) in zip(det.nodes, centres, strict=True):
+        assert abs(node.row + 0.5 - r) < 1.5 and abs(node.column + 0.5 - c) < 1.5
+    assert det.sacrum_adjacent
+    assert det.levels[-1] == "L5" and det.levels[0] == "T6"
+    assert det.levels == ["T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5"]
+    # One instance per vertebra, in chain order, each holding its own centre.
+    for k, (r, c) in enumerate(centres):
+        assert det.labels[int(r), int(c)] == k + 1
+    assert 20 < det.step < 26
+
+
+def test_missed_vertebra_is_counted_so_names_stay_right() -> None:
+    prob, _ = spine_probabilities(drop=(5,))
+    det = postprocess.detect(prob)
+    assert len(det.nodes) == 11
+    assert det.levels[-1] == "L5" and det.levels[0] == "T6"
+    assert "T11" not in det.levels  # the dropped one is counted, not renamed away
+    assert any("not found" in n for n in det.notes)
+
+
+def test_weak_centre_with_visible_body_is_filled_in() -> None:
+    prob, centres = spine_probabilities(distractors=False)
+    r, c = centres[4]
+    prob[CENTRE] = np.where(_blob(prob.shape[1:], r, c, 6.0) > 0.2, 0.05, prob[CENTRE])
+    det = postprocess.detect(prob)
+    assert len(det.nodes) == 12
+    assert det.nodes[4].inferred
+
+
+def test_no_sacrum_means_level_unknown() -> None:
+    prob, _ = spine_probabilities(sacrum=False)
+    det = postprocess.detect(prob)
+    assert len(det.nodes) == 12
+    assert det.levels == [None] * 12
+    assert any("sacrum" in n for n in det.notes)
+
+
+def test_sacrum_far_below_the_chain_is_not_used_for_naming() -> None:
+    prob, centres = spine_probabilities(sacrum=False, shape=(440, 200))
+    rr, cc = np.mgrid[0 : prob.shape[1], 0 : prob.shape[2]] + 0.5
+    r, c = centres[-1]
+    prob[SACRUM][(np.abs(cc - c) < 25) & (rr > r + 60) & (rr < r + 90)] = 0.9
+    det = postprocess.detect(prob)
+    assert det.sacrum is not None and not det.sacrum_adjacent
+    assert det.levels == [None] * 12
+
+
+def test_empty_maps() -> None:
+    prob = np.zeros((len(CHANNELS), 64, 48), dtype=np.float32)
+    det = postprocess.detect(prob)
+    assert det.nodes == [] and det.levels == [] and not det.labels.any()
+
+
+def test_touching_bodies_are_separated() -> None:
+    prob, centres = spine_probabilities(count=4, distractors=False)
+    # Fill the discs: one connected body region for all four.
+    prob[BODY][int(centres[0][0]) : int(centres[-1][0]), 90:110] = 0.9
+    det = postprocess.detect(prob)
+    assert len(det.nodes) == 4
+    assert len(np.unique(det.labels[det.labels > 0])) == 4
+
+
+def test_params_from_dict_rejects_unknown_keys() -> None:
+    assert postprocess.ChainParams.from_dict({"peak_threshold": 0.2}).peak_threshold == 0.2
+    try:
+        ChainParams.from_dict({"bogus": 1})
+    except ValueError as exc:
+        assert "bogus" in str(exc)
+    else:
+        raise AssertionError("unknown key accepted")

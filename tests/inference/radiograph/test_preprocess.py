@@ -1,0 +1,111 @@
+"""Decoding radiographs: LUTs, MONOCHROME1, spacing with magnification, view, orientation, scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.radiograph import preprocess
+from inference.synth.dicom import radiograph_dataset
+
+
+def _bright_stripe(rows: int = 64, cols: int = 48) -> np.ndarray:
+    """12-bit MONOCHROME2-sense pixels: a bright (bone) vertical stripe on a darker background."""
+    pixels = np.full((rows, cols), 800, dtype=np.uint16)
+    pixels[:, 20:28] = 3000
+    pixels[:8, :] = 1500  # a marker band in the first stored rows
+    return pixels
+
+
+def test_dx_monochrome2_spacing_with_magnification() -> None:
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-1", modality="DX", view_position="AP", pixel_spacing_mm=0.2, magnification=1.25)
+    rad = preprocess.decode(ds)
+    assert rad.pixel_spacing_mm == pytest.approx((0.16, 0.16))
+    assert rad.spacing_source == "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+    assert rad.view == "AP" and rad.anterior_sign is None
+    assert rad.orientation.identity
+    assert rad.pixels[30, 24] > rad.pixels[30, 5]  # bone stays bright
+
+
+def test_cr_monochrome1_is_inverted_to_bone_bright() -> None:
+    stripe = _bright_stripe()
+    mono1 = (4095 - stripe).astype(np.uint16)  # MONOCHROME1: low values display white
+    ds = radiograph_dataset(mono1, seed="pre-2", modality="CR", view_position="LL", photometric="MONOCHROME1")
+    rad = preprocess.decode(ds)
+    assert rad.pixels[30, 24] > rad.pixels[30, 5]
+    assert rad.view == "LAT"
+    assert rad.anterior_sign == 1  # PatientOrientation A\F: columns run anterior
+    assert rad.spacing_source == "ImagerPixelSpacing"
+    assert any("magnification" in n for n in rad.notes)
+
+
+def test_spacing_sources() -> None:
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-3")
+    del ds.ImagerPixelSpacing
+    spacing, source, notes = preprocess.pixel_spacing(ds)
+    assert spacing is None and source == "none" and notes
+    ds.PixelSpacing = [0.3, 0.3]
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
+    assert preprocess.pixel_spacing(ds)[:2] == ((0.3, 0.3), "PixelSpacing")
+    ds2 = radiograph_dataset(_bright_stripe(), seed="pre-4", pixel_spacing_mm=0.2)
+    ds2.DistanceSourceToDetector = 1200.0
+    ds2.DistanceSourceToPatient = 1000.0
+    spacing, source, _ = preprocess.pixel_spacing(ds2)
+    assert spacing == pytest.approx((0.2 / 1.2, 0.2 / 1.2))
+    assert "DistanceSourceToDetector" in source
+
+
+def test_head_down_image_is_turned_and_points_map_back() -> None:
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-5", view_position="AP")
+    ds.PatientOrientation = ["R", "H"]  # rows run toward the head: the image is upside down
+    rad = preprocess.decode(ds)
+    assert rad.orientation.flip_rows and not rad.orientation.transpose
+    # Under R\H the first stored rows are the feet end: head-up puts the marker band at the bottom.
+    assert rad.pixels[-1, 0] > rad.pixels[0, 0]
+    stored = ds.pixel_array.astype(float)
+    assert np.array_equal(rad.orientation.from_canonical(rad.pixels), stored)
+    # A point in the canonical grid maps to the mirrored row of the stored grid.
+    assert rad.orientation.point_from_canonical((10.0, 4.0), rad.pixels.shape) == (10.0, 60.0)
+
+
+def test_spine_along_rows_is_transposed() -> None:
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-6", view_position="LL")
+    ds.PatientOrientation = ["F", "A"]
+    rad = preprocess.decode(ds)
+    assert rad.orientation.transpose
+    assert rad.pixels.shape == (48, 64)
+    assert rad.anterior_sign == 1
+    assert np.array_equal(rad.orientation.from_canonical(rad.pixels), ds.pixel_array.astype(float))
+
+
+def test_view_from_patient_orientation_only() -> None:
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-7", view_position="AP")
+    del ds.ViewPosition
+    ds.PatientOrientation = ["P", "F"]
+    assert preprocess.view_of(ds) == "LAT"
+    ds.PatientOrientation = ["L", "F"]
+    assert preprocess.view_of(ds) == "AP"
+    del ds.PatientOrientation
+    assert preprocess.view_of(ds) is None
+
+
+def test_narrow_window_is_not_applied() -> None:
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-8")
+    ds.WindowCenter = 800
+    ds.WindowWidth = 10  # would saturate everything but the background
+    values = preprocess.stored_values(ds)
+    assert values[30, 24] > values[30, 5] > 0
+
+
+def test_network_scale_and_normalise() -> None:
+    assert preprocess.network_scale((2000, 1000), (0.25, 0.25)) == pytest.approx((0.2, 0.2))
+    s = preprocess.network_scale((416, 200), None)
+    assert s[0] * 416 == pytest.approx(preprocess.UNCALIBRATED_LONG_SIDE)
+    capped = preprocess.network_scale((6000, 1000), (0.5, 0.5))
+    assert 6000 * capped[0] <= preprocess.MAX_NETWORK_SIDE + 1e-6
+    img = np.random.default_rng(0).normal(100, 20, (80, 60))
+    out = preprocess.normalise(img)
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    assert not preprocess.normalise(np.full((20, 20), 7.0)).any()
+    padded, shape = preprocess.pad_to_multiple(np.zeros((33, 70), np.float32))
+    assert padded.shape == (64, 96) and shape == (33, 70)
