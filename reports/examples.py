@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+from scipy import ndimage
 from skimage import draw
 
 from inference.results import (
@@ -68,12 +69,10 @@ def _polygon_mask(shape: tuple[int, int], polygon: list[Point]) -> np.ndarray:
 
 
 def _texture(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Smooth blotches of unit spread: some anatomy-like unevenness that still compresses well."""
     rng = np.random.default_rng(seed)
-    noise = rng.normal(0.0, 1.0, shape)
-    # Cheap low-frequency texture: box-blur the noise a few times.
-    for _ in range(3):
-        noise = (noise + np.roll(noise, 1, 0) + np.roll(noise, -1, 0) + np.roll(noise, 1, 1) + np.roll(noise, -1, 1)) / 5
-    return noise
+    smooth = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), sigma=max(shape) / 60)
+    return smooth / max(float(smooth.std()), 1e-9)
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,7 @@ def lateral_dx(scale: float = 1.0, *, seed: str = "reports-lateral-dx", patient:
     grid = (rows, cols)
     spacing = 0.42 / scale  # vertebral bodies ~26 mm high, as in an adult
     yy, xx = np.mgrid[0:rows, 0:cols]
-    image = 900 + 500 * np.exp(-((xx - 0.45 * cols) / (0.35 * cols)) ** 2) + 40 * _texture(grid, 1)
+    image = 900 + 500 * np.exp(-((xx - 0.45 * cols) / (0.35 * cols)) ** 2) + 80 * _texture(grid, 1)
     bodies = _lateral_bodies(scale)
     for body in bodies:
         _paint(image, body.polygon, 2300)
@@ -248,7 +247,7 @@ def ap_cr(scale: float = 1.0, *, seed: str = "reports-ap-cr", patient: Patient =
     grid = (rows, cols)
     spacing = 0.3 / scale
     yy, xx = np.mgrid[0:rows, 0:cols]
-    density = 0.25 + 0.25 * np.exp(-((xx - cols / 2) / (0.3 * cols)) ** 2) + 0.02 * _texture(grid, 2)
+    density = 0.25 + 0.25 * np.exp(-((xx - cols / 2) / (0.3 * cols)) ** 2) + 0.012 * _texture(grid, 2)
     levels = ("L2", "L3", "L4", "L5")
     bodies = []
     for i, level in enumerate(levels):
@@ -309,10 +308,14 @@ def ct(*, seed: str = "reports-ct", slices: int = 24, size: int = 64, patient: P
     l4 = np.zeros(grid3, dtype=bool)
     screw = np.zeros(grid3, dtype=bool)
     c = size // 2
+    u = size / 64  # in-plane unit: the shapes scale with the matrix
+    body = (slice(c - round(12 * u), c + round(10 * u)), slice(c - round(14 * u), c + round(14 * u)))
     # Slices run feet to head: L4 is lower (smaller index) than L3.
-    l4[2:10, c - 12:c + 10, c - 14:c + 14] = True
-    l3[13:21, c - 12:c + 10, c - 14:c + 14] = True
-    screw[5:7, c + 4:c + 22, c + 6:c + 9] = True
+    l4[round(0.08 * slices):round(0.42 * slices), body[0], body[1]] = True
+    l3[round(0.54 * slices):round(0.88 * slices), body[0], body[1]] = True
+    k = round(0.25 * slices)
+    screw[k - max(1, slices // 24):k + max(1, slices // 24), c + round(4 * u):c + round(22 * u),
+          c + round(6 * u):c + round(9 * u)] = True
     volume[l3 | l4] = 700.0
     volume[screw] = 2500.0
     datasets = ct_series(volume, seed=seed, spacing_mm=(2.5, 0.8, 0.8), patient=patient)

@@ -84,7 +84,8 @@ def display_pixels(ds: Dataset, frame: np.ndarray | None = None) -> np.ndarray:
     stored = ds.pixel_array if frame is None else frame
     values = apply_modality_lut(stored, ds).astype(np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        lut = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        # LUT entries are indexed by integer modality values.
+        lut = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True).astype(np.float64)
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         out = np.clip(lut / float(2**bits - 1), 0.0, 1.0)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
