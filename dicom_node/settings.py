@@ -57,8 +57,11 @@ class NodeSettings(_Section):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(120.0, gt=0)
-    #: fsync every received instance and use SQLite synchronous=FULL (survives power loss, costs speed).
-    fsync: bool = True
+    #: When an acknowledged instance is safe.  "data": its bytes are fdatasync'ed before the answer, the
+    #: directory entry and database row reach the disk within seconds (what Orthanc's SyncStorageArea does);
+    #: "full": also the directory and a synchronous=FULL database commit (survives power loss at any moment,
+    #: about half the ingest rate); "os": no sync (survives a crash of the node, not of the machine).
+    durability: Literal["full", "data", "os"] = "data"
 
     @field_validator("ae_title")
     @classmethod

@@ -1,5 +1,5 @@
 """The instance and output store: ``<data_dir>/instances/<Study>/<Series>/<SOP>.dcm`` and
-``<data_dir>/outputs/<Study>/<kind>/<SOP>.dcm``, written atomically (tmp + fsync + rename).
+``<data_dir>/outputs/<Study>/<kind>/<SOP>.dcm``, written atomically (tmp + fdatasync + rename).
 
 A file is either absent or complete: the SCP acknowledges an instance only after `write_atomic`
 returned, so a crash at any moment never leaves a half-written instance under its final name.
@@ -28,11 +28,18 @@ def safe_component(uid: str) -> str:
 
 
 class Store:
-    """Files under `root`; `fsync` makes every write durable against power loss (not just crashes)."""
+    """Files under `root`.
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    `durability` (see `settings.NodeSettings.durability`): "data" fdatasyncs each file before it is renamed
+    into place, "full" also fsyncs the directory, "os" leaves both to the kernel.
+    """
+
+    def __init__(self, root: Path, *, durability: str = "data") -> None:
+        if durability not in ("full", "data", "os"):
+            raise ValueError(f"durability must be full, data or os, got {durability!r}")
         self.root = Path(root)
-        self.fsync = fsync
+        self.sync_data = durability in ("full", "data")
+        self.sync_dir = durability == "full"
         self.instances = self.root / "instances"
         self.outputs = self.root / "outputs"
         self.tmp = self.root / "tmp"
@@ -90,10 +97,10 @@ class Store:
                         written = fh.write(view)
                         size += written
                         view = view[written:]
-                if self.fsync:
-                    os.fsync(fh.fileno())
+                if self.sync_data:
+                    os.fdatasync(fh.fileno())
             os.replace(tmp, path)
-            if self.fsync:
+            if self.sync_dir:
                 fd = os.open(path.parent, os.O_RDONLY)
                 try:
                     os.fsync(fd)

@@ -58,11 +58,11 @@ def node_config(data_dir: Path, port: int, *, model_root: Path | None = None,
                 allow: Sequence[dict[str, Any]] = (), analysis: str = E2E_ANALYSIS,
                 complete_on: str = "association-release", stable_age_s: float = 30.0,
                 backoff_initial_s: float = 0.3, backoff_max_s: float = 2.0, max_attempts: int = 20,
-                fsync: bool = True, dimse_timeout_s: float = 30.0) -> dict[str, Any]:
+                durability: str = "data", dimse_timeout_s: float = 30.0) -> dict[str, Any]:
     """Raw configuration tables for a test node (valid input for `settings.validate` / TOML)."""
     return {
         "node": {"ae_title": "AINODE", "bind_host": "127.0.0.1", "port": port, "data_dir": str(data_dir),
-                 "fsync": fsync, "dimse_timeout_s": dimse_timeout_s},
+                 "durability": durability, "dimse_timeout_s": dimse_timeout_s},
         "peers": {"accept_any": accept_any, "allow": list(allow)},
         "delivery": {"backoff_initial_s": backoff_initial_s, "backoff_max_s": backoff_max_s,
                      "max_attempts": max_attempts, "jitter": 0.1, "connect_timeout_s": 3.0,

@@ -28,7 +28,7 @@ def scp(tmp_path: Path, request: pytest.FixtureRequest):
     opts = getattr(request, "param", {})
     settings = settings_from(node_config(tmp_path / "data", free_port(), **opts))
     db = Database(settings.data_dir / "node.sqlite")
-    store = Store(settings.data_dir)
+    store = Store(settings.data_dir, durability=settings.node.durability)
     server = StorageSCP(settings, db, store)
     server.start()
     yield server
@@ -227,3 +227,26 @@ def test_verification_and_concurrent_echo(scp: StorageSCP) -> None:
     for t in threads:
         t.join()
     assert results == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("calling", ["STORESCU", "MOD", ""])
+def test_file_meta_matches_pydicom(calling: str) -> None:
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
+
+    from dicom_node.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, _file_meta
+
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if calling:
+        meta.SourceApplicationEntityTitle = calling
+    fp = DicomBytesIO()
+    fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    ours = _file_meta(DigitalXRayImageStorageForPresentation, "1.2.826.0.1.3680043.2.1125.1",
+                      UID(ExplicitVRLittleEndian), calling)
+    assert ours == fp.getvalue()
