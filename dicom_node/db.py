@@ -137,6 +137,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX deliveries_study ON deliveries(study_instance_uid);
         """,
     ),
+    (
+        "output retention",
+        """
+        ALTER TABLE outputs ADD COLUMN purged_at REAL;   -- file deleted by retention; the row stays
+        """,
+    ),
 )
 
 
@@ -684,6 +690,24 @@ class Database:
             "SELECT study_instance_uid FROM studies WHERE state IN ('delivered', 'unrouted') AND updated_at < ?",
             (delivered_before,),
         )]
+
+    def purge_outputs(self, created_before: float) -> list[str]:
+        """Mark outputs of settled studies older than the cut-off purged; returns their file paths.
+
+        The rows stay so that an output coming back from PACS is still recognised as the node's own.
+        """
+        with self.tx() as db:
+            rows = db.execute(
+                "SELECT o.sop_instance_uid, o.path FROM outputs o JOIN studies s ON s.study_instance_uid ="
+                " o.study_instance_uid WHERE o.purged_at IS NULL AND o.created_at < ? AND s.state IN"
+                " ('delivered', 'failed') AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE"
+                " d.output_sop_instance_uid = o.sop_instance_uid AND d.state IN ('pending', 'sending'))",
+                (created_before,),
+            ).fetchall()
+            now = time.time()
+            for sop, _ in rows:
+                db.execute("UPDATE outputs SET purged_at = ? WHERE sop_instance_uid = ?", (now, sop))
+            return [path for _, path in rows]
 
     def forget_instances(self, study_instance_uid: str) -> list[str]:
         """Drop a study's instance rows; returns their file paths (the caller deletes the files)."""

@@ -121,6 +121,10 @@ class NodeScheduler:
     def _deliver(self, dest) -> int:  # type: ignore[no-untyped-def]
         return self.sender.deliver_due(dest)
 
+    def purge(self) -> int:
+        """Apply the retention policy once (also run every `purge_interval_s`)."""
+        return self._purge()
+
     def _purge(self) -> int:
         ret = self.settings.retention
         now = time.time()
@@ -128,6 +132,8 @@ class NodeScheduler:
         if ret.instances_days > 0:
             for uid in self.db.purgeable_studies(now - ret.instances_days * 86400):
                 removed += self.store.remove(self.db.forget_instances(uid))
+        if ret.outputs_days > 0:
+            removed += self.store.remove(self.db.purge_outputs(now - ret.outputs_days * 86400))
         if removed:
-            log.info("retention: removed %d instance file(s)", removed)
+            log.info("retention: removed %d file(s)", removed)
         return 0

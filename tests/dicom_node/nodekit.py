@@ -58,7 +58,8 @@ def node_config(data_dir: Path, port: int, *, model_root: Path | None = None,
                 allow: Sequence[dict[str, Any]] = (), analysis: str = E2E_ANALYSIS,
                 complete_on: str = "association-release", stable_age_s: float = 30.0,
                 backoff_initial_s: float = 0.3, backoff_max_s: float = 2.0, max_attempts: int = 20,
-                durability: str = "data", dimse_timeout_s: float = 30.0) -> dict[str, Any]:
+                durability: str = "data", dimse_timeout_s: float = 30.0,
+                retention: dict[str, float] | None = None) -> dict[str, Any]:
     """Raw configuration tables for a test node (valid input for `settings.validate` / TOML)."""
     return {
         "node": {"ae_title": "AINODE", "bind_host": "127.0.0.1", "port": port, "data_dir": str(data_dir),
@@ -70,6 +71,7 @@ def node_config(data_dir: Path, port: int, *, model_root: Path | None = None,
         "assembly": {"stable_age_s": stable_age_s, "sweep_interval_s": 0.5},
         "models": {"roots": [str(model_root)] if model_root else [], "plugins": ["node_test_analysis"]},
         "logging": {"level": "INFO"},
+        "retention": dict(retention or {}),
         "destinations": [dict(d) for d in destinations],
         "rules": [{
             "name": "spine-radiographs", "analyses": [analysis], "complete_on": complete_on,

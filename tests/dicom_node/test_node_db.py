@@ -113,3 +113,34 @@ def test_concurrent_writers_never_see_database_is_locked(tmp_path: Path) -> None
     assert db.one("SELECT count(*) AS n FROM instances")["n"] == 400
     assert db.study_counts()["received"] == 8
     db.close()
+
+
+def test_second_migration_applies_to_a_version_one_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.db import _statements
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    for stmt in _statements(MIGRATIONS[0][1]):
+        con.execute(stmt)
+    con.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
+    con.commit()
+    con.close()
+    db = Database(path)
+    assert db.schema_version() == len(MIGRATIONS)
+    assert "purged_at" in {r["name"] for r in db.query("SELECT name FROM pragma_table_info('outputs')")}
+    db.close()
+
+
+def test_output_retention_keeps_rows_of_purged_files(db: Database) -> None:
+    import time
+
+    job_id, delivery = _job_with_delivery(db)
+    assert db.purge_outputs(time.time() + 1) == []  # still to be delivered: kept
+    db.mark_delivered(delivery, 0)
+    db.settle_delivered_studies()
+    assert db.purge_outputs(time.time() + 1) == ["/o/5.5.dcm"]
+    assert db.purge_outputs(time.time() + 1) == []
+    assert db.is_known_output("5.5")

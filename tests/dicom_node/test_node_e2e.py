@@ -186,3 +186,20 @@ def test_study_no_rule_matches_is_recorded_unrouted_with_the_reason(node_factory
     wait_for(lambda: node.db.study(study_uid)["state"] == "unrouted", 30, what="study unrouted")
     reason = node.db.study(study_uid)["reason"]
     assert "no rule matched" in reason and "BodyPartExamined 'CHEST'" in reason
+
+
+def test_retention_removes_files_of_delivered_studies_but_remembers_outputs(
+        node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    tiny = 0.5 / 86400  # half a second, in days
+    node = node_factory(destinations=[pacs_destination(orthanc)],
+                        retention={"instances_days": tiny, "outputs_days": tiny})
+    files = make_study(tmp_path / "in", "retention", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered")
+    paths = [Path(r["path"]) for r in node.db.query("SELECT path FROM instances UNION ALL SELECT path FROM outputs")]
+    assert all(p.exists() for p in paths)
+    wait_for(lambda: node.scheduler.purge() == 0 and not any(p.exists() for p in paths), 10, interval=0.2,
+             what="files purged")
+    assert node.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 0
+    assert all(node.db.is_known_output(r["sop_instance_uid"]) for r in node.db.query("SELECT * FROM outputs"))
