@@ -141,7 +141,11 @@ def cmd_serve(settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    service.start()
+    try:
+        service.start()
+    except OSError as exc:
+        service.stop()
+        raise NodeError(f"cannot listen on {settings.node.bind_host}:{settings.node.port}: {exc.strerror or exc}") from exc
     print(f"dicom-node {__version__}: {settings.node.ae_title} listening on {settings.node.bind_host}:"
           f"{service.scp.port}, data in {settings.data_dir}", file=sys.stderr, flush=True)
     try:

@@ -51,7 +51,8 @@ class _Wakeable:
 class NodeScheduler:
     """Owns the apscheduler instance and the node's periodic jobs."""
 
-    def __init__(self, settings: Settings, db: Database, store: Store, pipeline: Pipeline, sender: Sender) -> None:
+    def __init__(self, settings: Settings, db: Database, store: Store, pipeline: Pipeline, sender: Sender,
+                 tune_polling: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.db = db
         self.store = store
@@ -59,7 +60,7 @@ class NodeScheduler:
         self.sender = sender
         n_dest = len(settings.destinations)
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=3 + n_dest)},
+            executors={"default": ThreadPoolExecutor(max_workers=4 + n_dest)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         # "maximum number of running instances reached" is expected when a wake meets a running job.
@@ -71,6 +72,8 @@ class NodeScheduler:
         for dest in settings.destinations:
             self._add(f"deliver:{dest.name}", lambda d=dest: self._deliver(d), 1.0)
         self._add("retention", self._purge, settings.retention.purge_interval_s)
+        if tune_polling is not None:
+            self._scheduler.add_job(tune_polling, "interval", seconds=0.5, id="polling", name="polling")
 
     def _add(self, name: str, work: Callable[[], int], interval: float) -> None:
         job = _Wakeable(name, work)

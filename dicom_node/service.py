@@ -48,8 +48,9 @@ class NodeService:
         self.registry = make_registry(settings)
         self.pipeline = Pipeline(settings, self.db, self.store, Analyser(self.registry))
         self.sender = Sender(settings, self.db)
-        self.scheduler = NodeScheduler(settings, self.db, self.store, self.pipeline, self.sender)
         self.scp = StorageSCP(settings, self.db, self.store, on_association_end=lambda: self.scheduler.wake("assembly"))
+        self.scheduler = NodeScheduler(settings, self.db, self.store, self.pipeline, self.sender,
+                                       tune_polling=self.scp.relax_idle_associations)
 
     def start(self) -> None:
         """Recover from an earlier stop, then start the jobs and listen."""
@@ -64,7 +65,10 @@ class NodeService:
         self.scp.start()
 
     def stop(self) -> None:
-        """Stop listening, then stop the jobs."""
+        """Stop listening, then stop the jobs (safe to call after a failed start)."""
         self.scp.stop()
-        self.scheduler.stop()
+        try:
+            self.scheduler.stop()
+        except Exception:  # noqa: BLE001 - never started
+            pass
         self.db.close()

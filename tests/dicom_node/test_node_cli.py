@@ -124,3 +124,15 @@ def test_analyze_of_unrouted_input_fails_with_the_reason(tmp_path: Path, model_r
     proc = run("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(config))
     assert proc.returncode == 1
     assert "no rule matched" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_serve_on_a_busy_port_fails_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run("serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"dicom-node: cannot listen on 127.0.0.1:{port}")

@@ -250,3 +250,48 @@ def test_file_meta_matches_pydicom(calling: str) -> None:
     ours = _file_meta(DigitalXRayImageStorageForPresentation, "1.2.826.0.1.3680043.2.1125.1",
                       UID(ExplicitVRLittleEndian), calling)
     assert ours == fp.getvalue()
+
+
+def test_wrong_called_ae_is_rejected(scp: StorageSCP) -> None:
+    proc = echoscu(scp.port, called="SOMEONEELSE")
+    assert proc.returncode != 0 and "Called AE Title Not Recognized" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("scp", [{"max_associations": 1}], indirect=True)
+def test_association_limit_rejects_transiently(scp: StorageSCP) -> None:
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", scp.port, ae_title="AINODE")
+    try:
+        assert held.is_established
+        wait_for(lambda: scp.active_associations, 5, what="first association active")
+        second = AE(ae_title="SECOND")
+        second.add_requested_context("1.2.840.10008.1.1")
+        assoc = second.associate("127.0.0.1", scp.port, ae_title="AINODE")
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, local limit exceeded
+    finally:
+        held.release()
+    assert echoscu(scp.port).returncode == 0
+
+
+def test_fast_polling_while_storing_relaxed_when_idle(scp: StorageSCP, tmp_path: Path) -> None:
+    import time
+
+    from dicom_node.scp import ACTIVE_POLL_S, IDLE_POLL_S
+
+    path = make_study(tmp_path / "in", "poll", images=1)[0]
+    ae = AE(ae_title="POLLCHECK")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="AINODE")
+    try:
+        server_side = wait_for(lambda: scp.active_associations, 5, what="server-side association")[0]
+        assert server_side.dul._run_loop_delay == IDLE_POLL_S
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+        assert server_side.dul._run_loop_delay == ACTIVE_POLL_S
+        assert scp.relax_idle_associations(now=time.monotonic()) == 0
+        assert scp.relax_idle_associations(now=time.monotonic() + 5) == 1
+        assert server_side.dul._run_loop_delay == IDLE_POLL_S
+    finally:
+        assoc.release()
