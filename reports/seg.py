@@ -213,6 +213,11 @@ def build_seg(
         transfer_syntax_uid=transfer_syntax,
         omit_empty_frames=True,
     )
+    if labelmap:
+        # highdicom describes the background as segment 0 (black). The standard does not require it, and
+        # OHIF 3.13 takes segment colours by list position, so with it every label shows the colour of
+        # the segment before it (L3 black, L4 in L3's colour ...). Pixels 0 stay background either way.
+        seg.SegmentSequence = DicomSequence([s for s in seg.SegmentSequence if s.SegmentNumber != 0])
     source = sources[0]
     apply_identity(seg, source)
     apply_equipment(seg, source, producer)

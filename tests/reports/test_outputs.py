@@ -265,6 +265,7 @@ def test_seg_options_validate_and_round_trip(cases, case, options, tmp_path, dci
     referenced = [u for u in uids if u in {i[2] for i in seg.get_source_image_uids()}]
     if options.seg_format == "labelmap":
         assert seg.SegmentationType == "LABELMAP"
+        assert [item.SegmentNumber for item in seg.SegmentSequence] == [s.number for s in specs]  # no background
         labels = seg.get_pixels_by_source_instance(referenced, combine_segments=True)
         expected = np.zeros(image.source.grid_shape, dtype=np.uint16)
         for spec in specs:  # implants are painted last: they win where they overlap a vertebra

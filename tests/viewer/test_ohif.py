@@ -20,7 +20,7 @@ from PIL import Image
 from viewer_stack import wait_until
 
 from inference.results import ImplantKind
-from reports import build_outputs, examples, style
+from reports import OutputKind, OutputOptions, build_outputs, examples, style
 
 pytestmark = pytest.mark.viewer
 
@@ -184,6 +184,49 @@ def test_secondary_capture_displays(browser, ohif, study):
         pixels, _ = _viewport_pixels(page)
         red = _hue_mask(pixels, style.ALERT_COLOUR)
         assert red.sum() > 200, "the FINDING PRESENT box and the fractured L1 outline are red"
+    except Exception:
+        print("\n".join(messages[-40:]))
+        raise
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def ct_study(viewer_orthanc, tmp_path_factory):
+    """A CT series with a LABELMAP SEG (the option some destinations ask for)."""
+    case = examples.ct(slices=40, size=128, seed="viewer-ct")
+    (seg,) = build_outputs(case.result, case.sources, kinds=[OutputKind.SEG],
+                           options=OutputOptions(seg_format="labelmap"))
+    folder: Path = tmp_path_factory.mktemp("ct")
+    for i, ds in enumerate([*case.sources, seg.dataset]):
+        path = folder / f"{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        answer = viewer_orthanc.upload(path)
+        assert answer["Status"] in ("Success", "AlreadyStored"), answer
+    return case
+
+
+def test_labelmap_seg_on_a_ct_series_in_segment_colours(browser, ohif, ct_study):
+    case = ct_study
+    context, page, messages = _open(browser, ohif, case.result.study_instance_uid)
+    try:
+        wait_until(lambda: _viewport_pixels(page)[0].max() > 60, timeout=60, what="the CT to render")
+        _series_item(page, "AI Spine SEG").dblclick()
+        yes = page.get_by_role("button", name="Yes", exact=True)
+        colours = {v.level: style.vertebra_colour(v) for v in case.result.images[0].vertebrae}
+
+        def tinted():
+            if yes.count():
+                yes.first.click()
+            pixels, _ = _viewport_pixels(page)
+            found = {level for level, colour in colours.items() if _hue_mask(pixels, colour).sum() > 400}
+            return found or None
+
+        found = wait_until(tinted, timeout=60, interval=0.5, what="a vertebra segment in its own colour")
+        # OHIF opens the SEG on its first segment's slice: L3 must show in L3's colour, not a neighbour's.
+        assert "L3" in found, found
+        body = page.inner_text("body")
+        assert "Loading SEG" not in body and "Background" not in body
     except Exception:
         print("\n".join(messages[-40:]))
         raise
