@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from inference.results import GenantGrade, ImageResult, Implant, Point, Vertebra
+from inference.results import GenantGrade, ImageResult, Implant, MeasurementKind, Point, Vertebra
 from reports import geometry, style
 
 
@@ -136,7 +136,9 @@ def radiograph_drawing(image: ImageResult) -> Drawing:
         if len(finding.evidence) >= 3:
             drawing.shapes.append(Shape(tuple(finding.evidence), True, style.ALERT_COLOUR, "FINDINGS", 3))
     for m in image.measurements:
-        if len(m.evidence) < 2:
+        # A height loss is already written beside its vertebra (the grade line); its evidence is the
+        # vertebra's outline. Drawing it again would only stack a second label on the level label.
+        if len(m.evidence) < 2 or m.kind is MeasurementKind.HEIGHT_LOSS:
             continue
         for segment in measurement_lines(m.evidence, m.unit):
             drawing.shapes.append(Shape(segment, False, style.MEASUREMENT_COLOUR, "MEASUREMENTS", 2))

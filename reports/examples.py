@@ -223,7 +223,10 @@ def lateral_dx(scale: float = 1.0, *, seed: str = "reports-lateral-dx", patient:
         findings=(finding,),
         measurements=(Measurement(MeasurementKind.LUMBAR_LORDOSIS, 38.5, "deg",
                                   "angle between the L1 superior and L5 inferior endplates", ("L1", "L5"),
-                                  lordosis_pts),),
+                                  lordosis_pts),
+                      # As the radiograph analysis reports a graded vertebra: its loss, shown by its outline.
+                      Measurement(MeasurementKind.HEIGHT_LOSS, l1.fracture.height_loss_pct if l1.fracture else 0.0,
+                                  "%", "largest of anterior/middle vs posterior height", ("L1",), l1.outline)),
         notes=("synthetic test image",),
     )
     result = StudyResult(

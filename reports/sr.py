@@ -144,7 +144,7 @@ def _tracking(image: ImageResult, what: str, label: str) -> hd.sr.TrackingIdenti
     )
 
 
-def _vertebra_group(result: StudyResult, regions: _Regions, item: style.Ordered, label: str,
+def _vertebra_group(regions: _Regions, item: style.Ordered, label: str,
                     algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
     v = item.vertebra
     placed = regions.outline(v.outline, v)
@@ -230,8 +230,8 @@ def _finding_label(finding: Finding, ordinal: int) -> str:
     return f"finding {ordinal}: {finding.kind.value}{where}"
 
 
-def _finding_group(regions: _Regions | None, finding: Finding, ordinal: int, image: ImageResult | None,
-                   result: StudyResult, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Template:
+def _finding_group(regions: _Regions, finding: Finding, ordinal: int, result: StudyResult,
+                   algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Template:
     label = _finding_label(finding, ordinal)
     tracking = hd.sr.TrackingIdentifier(
         uid=derive_uid(result.study_instance_uid, "finding", label, *finding.levels), identifier=label)
@@ -245,7 +245,7 @@ def _finding_group(regions: _Regions | None, finding: Finding, ordinal: int, ima
     )
     group: hd.sr.Template
     index = _evidence_index(regions, finding)
-    if regions is not None and index is not None and len(finding.evidence) >= 3:
+    if index is not None and len(finding.evidence) >= 3:
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             referenced_region=_image_region(regions, index, "POLYLINE", _closed(finding.evidence)), **common)
     else:
@@ -255,16 +255,14 @@ def _finding_group(regions: _Regions | None, finding: Finding, ordinal: int, ima
     return group
 
 
-def _evidence_index(regions: _Regions | None, finding: Finding) -> int | None:
-    if regions is None:
-        return None
+def _evidence_index(regions: _Regions, finding: Finding) -> int | None:
     uids = [str(ds.SOPInstanceUID) for ds in regions.sources]
     if finding.sop_instance_uid:
         return uids.index(finding.sop_instance_uid) if finding.sop_instance_uid in uids else None
     return 0
 
 
-def _measurement_group(regions: _Regions, measurement: Measurement, result: StudyResult,
+def _measurement_group(regions: _Regions, measurement: Measurement,
                        algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Template:
     where = f" {style.level_text(measurement.levels)}" if measurement.levels else ""
     label = f"{measurement.kind.value}{where}"
@@ -356,7 +354,7 @@ def build_sr(
         all_sources.extend(sources)
         regions = _Regions(image, sources)
         for item in style.ordered_vertebrae(image.vertebrae):
-            group = _vertebra_group(result, regions, item, item.label, algorithm)
+            group = _vertebra_group(regions, item, item.label, algorithm)
             if group is not None:
                 groups.append(group)
         seen: dict[str, int] = {}
@@ -370,9 +368,9 @@ def build_sr(
                 groups.append(group)
         for finding in image.findings:
             ordinal += 1
-            groups.append(_finding_group(regions, finding, ordinal, image, result, algorithm))
+            groups.append(_finding_group(regions, finding, ordinal, result, algorithm))
         for measurement in image.measurements:
-            groups.append(_measurement_group(regions, measurement, result, algorithm))
+            groups.append(_measurement_group(regions, measurement, algorithm))
     if not groups:
         # TID 1500 needs one measurement group: record that the analysis ran and found nothing drawable.
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(

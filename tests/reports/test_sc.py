@@ -172,3 +172,11 @@ def test_outputs_of_one_kind_only(cases):
     case = cases["ap-cr"]
     outs = build_outputs(case.result, case.sources, kinds=[OutputKind.SC])
     assert [o.kind for o in outs] == [OutputKind.SC]
+
+
+def test_height_loss_measurement_is_not_drawn_twice(dx_rendering):
+    """The grade line beside L1 carries the loss; the measurement is listed in the legend only."""
+    _, rendering = dx_rendering
+    on_image = [t for t in rendering.texts if t.box[0] < rendering.panel_box[0] and "height loss" in t.text]
+    assert on_image == []
+    assert any("vertebral height loss L1: 38.0 %" in t.text for t in rendering.texts)
