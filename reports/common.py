@@ -286,11 +286,22 @@ def declare_private_scheme(ds: Dataset) -> None:
     ds.CodingSchemeIdentificationSequence = DicomSequence(items)
 
 
+# Typographic characters in generated text become their ASCII look-alikes: some DICOM tools (dcmtk's
+# dcmpschk) and older PACS reject anything but the default repertoire in LO/ST values.
+_TYPOGRAPHY = str.maketrans({"—": "-", "–": "-", "‒": "-", "−": "-", "•": "*", "‘": "'", "’": "'", "“": '"',
+                             "”": '"', "…": "..."})
+
+
+def plain(text: str) -> str:
+    """`text` with dashes, bullets and quotes in ASCII."""
+    return text.translate(_TYPOGRAPHY)
+
+
 def fit_lo(text: str, limit: int = 64) -> str:
-    """Truncate `text` so its UTF-8 encoding fits `limit` bytes (LO/SH/ST lengths count bytes)."""
-    encoded = text.encode("utf-8")
+    """`plain(text)` truncated so its UTF-8 encoding fits `limit` bytes (LO/SH/ST lengths count bytes)."""
+    encoded = plain(text).encode("utf-8")
     if len(encoded) <= limit:
-        return text
+        return plain(text)
     return encoded[:limit].decode("utf-8", errors="ignore").rstrip()
 
 

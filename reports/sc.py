@@ -499,8 +499,9 @@ def build_sc(
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"
-    sc.DerivationDescription = f"{DISCLAIMER}. Annotated by {producer.model_name} {producer.software_version}"[:1024]
-    sc.ImageComments = f"{result.verdict.outcome.value}; {models_text(result.models)}"[:10240]
+    sc.DerivationDescription = fit_lo(f"{DISCLAIMER}. Annotated by {producer.model_name} {producer.software_version}",
+                                      1024)
+    sc.ImageComments = fit_lo(f"{result.verdict.outcome.value}; {models_text(result.models)}", 10240)
     assert rendering.view is not None
     sc.SourceImageSequence = DicomSequence([_image_reference(ds) for ds in rendering.view.sources])
     if rendering.view.caption:

@@ -49,7 +49,9 @@ from reports.common import (
     apply_identity,
     apply_series,
     declare_private_scheme,
+    fit_lo,
     models_text,
+    plain,
     series_uid,
     sr_uid,
 )
@@ -132,7 +134,7 @@ def _height(name: Code, height: HeightMeasurement | None,
 def _algorithm(result: StudyResult) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=result.analysis,
-        version=models_text(result.models),
+        version=fit_lo(models_text(result.models)),
         family=codes.ALGORITHM_FAMILY,
     )
 
@@ -140,7 +142,7 @@ def _algorithm(result: StudyResult) -> hd.sr.AlgorithmIdentification:
 def _tracking(image: ImageResult, what: str, label: str) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(
         uid=derive_uid(image.source.sop_instance_uids[0], "tracking", what, label),
-        identifier=label,
+        identifier=plain(label),
     )
 
 
@@ -234,7 +236,7 @@ def _finding_group(regions: _Regions, finding: Finding, ordinal: int, result: St
                    algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Template:
     label = _finding_label(finding, ordinal)
     tracking = hd.sr.TrackingIdentifier(
-        uid=derive_uid(result.study_instance_uid, "finding", label, *finding.levels), identifier=label)
+        uid=derive_uid(result.study_instance_uid, "finding", label, *finding.levels), identifier=plain(label))
     evaluations = [hd.sr.QualitativeEvaluation(codes.SEVERITY, codes.severity_code(finding.severity))]
     common = dict(
         tracking_identifier=tracking,
@@ -251,7 +253,7 @@ def _finding_group(regions: _Regions, finding: Finding, ordinal: int, result: St
     else:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(**common)
     if finding.description:
-        _append(group, hd.sr.TextContentItem(codes.COMMENT, finding.description[:1024], _REL.CONTAINS))
+        _append(group, hd.sr.TextContentItem(codes.COMMENT, fit_lo(finding.description, 1024), _REL.CONTAINS))
     return group
 
 
@@ -283,13 +285,13 @@ def _measurement_group(regions: _Regions, measurement: Measurement,
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derive_uid(sop_uid, "measurement", label), identifier=label),
+            uid=derive_uid(sop_uid, "measurement", label), identifier=plain(label)),
         finding_sites=_finding_sites(measurement.levels),
         algorithm_id=algorithm,
         measurements=[num],
     )
     if measurement.method:
-        _append(group, hd.sr.TextContentItem(codes.COMMENT, f"Method: {measurement.method}"[:1024], _REL.CONTAINS))
+        _append(group, hd.sr.TextContentItem(codes.COMMENT, fit_lo(f"Method: {measurement.method}", 1024), _REL.CONTAINS))
     return group
 
 
@@ -300,11 +302,11 @@ def _study_evaluations(result: StudyResult) -> Dataset:
     verdict = result.verdict
     items.append(hd.sr.CodeContentItem(codes.OVERALL_ASSESSMENT, codes.outcome_code(verdict.outcome), _REL.CONTAINS))
     for reason in verdict.reasons:
-        items.append(hd.sr.TextContentItem(codes.REASON, reason[:1024], _REL.CONTAINS))
+        items.append(hd.sr.TextContentItem(codes.REASON, fit_lo(reason, 1024), _REL.CONTAINS))
     if verdict.hardware is not None:
         items.append(hd.sr.CodeContentItem(codes.IMPLANT_FINDING, codes.hardware_code(verdict.hardware), _REL.CONTAINS))
     if verdict.instrumentation:
-        items.append(hd.sr.TextContentItem(codes.INSTRUMENTATION, verdict.instrumentation[:1024], _REL.CONTAINS))
+        items.append(hd.sr.TextContentItem(codes.INSTRUMENTATION, fit_lo(verdict.instrumentation, 1024), _REL.CONTAINS))
     for finding in result.findings:
         item = hd.sr.CodeContentItem(codes.FINDING, codes.finding_code(finding.kind), _REL.CONTAINS)
         children = [hd.sr.CodeContentItem(codes.SEVERITY, codes.severity_code(finding.severity), _REL.HAS_CONCEPT_MOD)]
@@ -313,10 +315,10 @@ def _study_evaluations(result: StudyResult) -> Dataset:
         item.ContentSequence = hd.sr.ContentSequence(children)
         items.append(item)
         if finding.description:
-            items.append(hd.sr.TextContentItem(codes.COMMENT, finding.description[:1024], _REL.CONTAINS))
+            items.append(hd.sr.TextContentItem(codes.COMMENT, fit_lo(finding.description, 1024), _REL.CONTAINS))
     for image in result.images:
         for note in image.notes:
-            items.append(hd.sr.TextContentItem(codes.IMAGE_NOTE, note[:1024], _REL.CONTAINS))
+            items.append(hd.sr.TextContentItem(codes.IMAGE_NOTE, fit_lo(note, 1024), _REL.CONTAINS))
     for model in result.models:
         items.append(hd.sr.TextContentItem(codes.MODEL, f"{model.name} {model.version}", _REL.CONTAINS))
     container.ContentSequence = hd.sr.ContentSequence(items)

@@ -428,6 +428,14 @@ def test_pr_round_trips_with_the_same_graphics(cases, outputs, case, tmp_path):
         a.GraphicLayer for a in pr.GraphicAnnotationSequence}
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_pr_passes_dcmtk_presentation_state_check(outputs, case, tmp_path):
+    """dcmpschk checks a GSPS the way dcmtk's presentation-state engine would apply it."""
+    (path,) = _write(tmp_path, _by_kind(outputs[case], OutputKind.PR), case)
+    run = subprocess.run(["dcmpschk", str(path)], capture_output=True, text=True, timeout=60)
+    assert "Test passed" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
 def test_outcome_enum_covers_verdicts():
     assert {codes.outcome_code(o).meaning for o in ScreeningOutcome} == {"No finding", "Finding present", "Not assessable"}
 
