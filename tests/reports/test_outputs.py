@@ -487,3 +487,24 @@ def test_zero_height_loss_is_not_written(outputs):
     losses = [float(i.MeasuredValueSequence[0].NumericValue) for i in _walk(sr.ContentSequence)
               if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeMeaning == "Vertebral body height loss"]
     assert losses == [38.0, 38.0]  # in L1's group, and as the study's named measurement
+
+
+def test_sagittal_series_gets_its_own_orientation(tmp_path, dciodvfy):
+    """A sagittal series (as most spine MR is acquired) is shown slice-wise, not reformatted."""
+    case = examples.ct(seed="sagittal", slices=16, size=64)
+    sources = []
+    for k, ds in enumerate(case.sources):
+        ds = copy.deepcopy(ds)
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # rows run posterior, columns run to the feet
+        ds.ImagePositionPatient = [round(-20 + 2.5 * k, 3), 0.0, 100.0]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        sources.append(ds)
+    outs = build_outputs(case.result, sources)
+    for path in _write(tmp_path, outs, "sag"):
+        assert dciodvfy(path)[0] == [], path.name
+    sc_ds = _by_kind(outs, OutputKind.SC)[0].dataset
+    assert list(sc_ds.PatientOrientation) == ["P", "F"]
+    assert len(sc_ds.SourceImageSequence) == 1
+    seg = _by_kind(outs, OutputKind.SEG)[0].dataset
+    assert [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+            .ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]
