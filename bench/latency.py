@@ -16,7 +16,6 @@ import argparse
 import shutil
 import sqlite3
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import REPO, peers, percentile, write_node_config
@@ -24,7 +23,6 @@ from bench.common import REPO, peers, percentile, write_node_config
 
 def _analysis() -> tuple[str, str]:
     from inference import analyses
-
     from inference.registry import ModelRegistry
 
     why = "'spine-xr' is not registered"
@@ -39,6 +37,7 @@ def _analysis() -> tuple[str, str]:
 
 def _study(folder: Path, k: int, rows: int, columns: int) -> Path:
     import node_test_analysis
+
     from inference.synth.dicom import Patient, radiograph_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,9 +81,11 @@ def run(work: Path, studies: int = 10, rows: int = 2048, columns: int = 1536) ->
             peers.storescu([f], port, calling="BENCH")
             con = sqlite3.connect(db_path, timeout=30)
             try:
-                peers.wait_for(lambda: (con.execute("SELECT count(*) FROM studies WHERE state IN ('delivered', 'failed')"
-                                                    ).fetchone()[0] == k + 1), 300, interval=0.02,
-                               what=f"study {k} delivered")
+                def settled(con: sqlite3.Connection = con, n: int = k + 1) -> bool:
+                    sql = "SELECT count(*) FROM studies WHERE state IN ('delivered', 'failed')"
+                    return bool(con.execute(sql).fetchone()[0] == n)
+
+                peers.wait_for(settled, 300, interval=0.02, what=f"study {k} delivered")
                 failed = con.execute("SELECT reason FROM studies WHERE state = 'failed'").fetchone()
                 if failed:
                     raise RuntimeError(f"study failed: {failed[0]}")

@@ -13,10 +13,13 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -37,6 +40,7 @@ CANNOT_UNDERSTAND = 0xC210
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1497.1")  # fixed: identifies this implementation
 IMPLEMENTATION_VERSION_NAME = f"SPINENODE_{__version__}"[:16]
 
+PIXEL_DATA = 0x7FE00010
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 # pynetdicom's upper-layer reactor sleeps `_run_loop_delay` (1 ms) whenever it finds nothing to do, which
@@ -261,33 +265,36 @@ class StorageSCP:
     def _store(self, event: Any, assoc_id: int | None) -> int:
         request = event.request
         ts = UID(event.context.transfer_syntax)
-        try:
-            raw = request.DataSet.getvalue()
-        except AttributeError:
-            raise DatasetError("C-STORE request without a data set") from None
-        ds = _read_headers(event, ts)
-        ident = {k: str(ds.get(k, "") or "").strip() for k in _REQUIRED}
-        missing = [k for k, v in ident.items() if not v]
-        if missing:
-            raise DatasetError(f"data set lacks {', '.join(missing)}")
-        affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
-        if affected_sop and affected_sop != ident["SOPInstanceUID"]:
-            raise DatasetError(
-                f"SOPInstanceUID {ident['SOPInstanceUID']} differs from the request's {affected_sop}"
-            )
-        affected_class = str(request.AffectedSOPClassUID or "").strip()
-        if affected_class and affected_class != ident["SOPClassUID"]:
-            log.warning("C-STORE refused (0x%04X): SOPClassUID %s differs from the request's %s",
-                        DATASET_DOES_NOT_MATCH_SOP_CLASS, ident["SOPClassUID"], affected_class)
-            self.db.count_failure(assoc_id)
-            return DATASET_DOES_NOT_MATCH_SOP_CLASS
-        _check_pixel_data(ds, ts)
+        received = getattr(request, "DataSet", None)
+        if not isinstance(received, BytesIO):
+            raise DatasetError("C-STORE request without a data set")
+        # A view on the received bytes: parsed up to Pixel Data and written out without copying them.
+        with received.getbuffer() as data:
+            ds, pixel_offset = _read_headers(received, len(data), ts)
+            ident = {k: _text(ds, k) for k in _REQUIRED}
+            missing = [k for k, v in ident.items() if not v]
+            if missing:
+                raise DatasetError(f"data set lacks {', '.join(missing)}")
+            affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
+            if affected_sop and affected_sop != ident["SOPInstanceUID"]:
+                raise DatasetError(
+                    f"SOPInstanceUID {ident['SOPInstanceUID']} differs from the request's {affected_sop}"
+                )
+            affected_class = str(request.AffectedSOPClassUID or "").strip()
+            if affected_class and affected_class != ident["SOPClassUID"]:
+                log.warning("C-STORE refused (0x%04X): SOPClassUID %s differs from the request's %s",
+                            DATASET_DOES_NOT_MATCH_SOP_CLASS, ident["SOPClassUID"], affected_class)
+                self.db.count_failure(assoc_id)
+                return DATASET_DOES_NOT_MATCH_SOP_CLASS
+            if pixel_offset is not None and ts != DeflatedExplicitVRLittleEndian:
+                _check_pixel_data(ds, data, pixel_offset, ts)
 
-        calling = str(event.assoc.requestor.ae_title or "").strip()
-        own = self._is_own_output(ds, ident["SOPInstanceUID"])
-        meta = _file_meta(ident["SOPClassUID"], ident["SOPInstanceUID"], ts, calling)
-        path = self.store.instance_path(ident["StudyInstanceUID"], ident["SeriesInstanceUID"], ident["SOPInstanceUID"])
-        size = self.store.write_atomic(path, (meta, raw))
+            calling = str(event.assoc.requestor.ae_title or "").strip()
+            own = self._is_own_output(ds, ident["SOPInstanceUID"])
+            meta = _file_meta(ident["SOPClassUID"], ident["SOPInstanceUID"], ts, calling)
+            path = self.store.instance_path(ident["StudyInstanceUID"], ident["SeriesInstanceUID"],
+                                            ident["SOPInstanceUID"])
+            size = self.store.write_atomic(path, (meta, data))
         image_type = ds.get("ImageType", "")
         rec = InstanceRecord(
             sop_instance_uid=ident["SOPInstanceUID"],
@@ -339,39 +346,68 @@ def _text(ds: Any, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _read_headers(event: Any, ts: UID) -> Any:
-    """Decode the data set's elements (pixel data stays raw bytes); DatasetError if unreadable."""
+def _read_headers(received: BytesIO, size: int, ts: UID) -> tuple[Any, int | None]:
+    """Decode every top-level element before Pixel Data; returns the data set and the offset of the
+    Pixel Data element (None when absent).  The pixel bytes are neither decoded nor copied.
+    DatasetError if the bytes cannot be parsed."""
     try:
-        ds = event.dataset
-        # Element values are parsed lazily: touch the identity now so a malformed set fails here.
+        if ts == DeflatedExplicitVRLittleEndian:
+            fp = BytesIO(zlib.decompress(received.getvalue(), -zlib.MAX_WBITS))
+            size = len(fp.getbuffer())
+        else:
+            fp = received
+        fp.seek(0)
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
+                          stop_when=lambda tag, vr, length: tag == PIXEL_DATA)
+        offset = fp.tell() if fp.tell() < size else None
+        # Element values are parsed lazily: convert the identity now so a malformed set fails here.
         for keyword in (*_REQUIRED, "Modality"):
             ds.get(keyword)
-        return ds
-    except DatasetError:
-        raise
+        return ds, offset
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
         raise DatasetError(f"cannot decode the data set ({type(exc).__name__}: {exc})") from None
 
 
-def _check_pixel_data(ds: Any, ts: UID) -> None:
-    """A truncated image is refused rather than stored: native pixel data must have its full length."""
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"}
+
+
+def _check_pixel_data(ds: Any, data: memoryview, offset: int, ts: UID) -> None:
+    """Refuse a truncated image: native Pixel Data must hold all its bytes, encapsulated Pixel Data must
+    end with its sequence delimiter.  Reads only element and item headers."""
+    end = "<" if ts.is_little_endian else ">"
     try:
-        # The raw element: its length without converting (copying) the value.
-        elem = ds.get_item(0x7FE00010)
-        if elem is None:
-            return
-        if ts.is_encapsulated:
-            if elem.value is None or len(elem.value) < 8:
-                raise DatasetError("encapsulated Pixel Data is empty or truncated")
-            return
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        expected = (rows * cols * frames * spp * bits + 7) // 8
-        actual = len(elem.value or b"")
-        if actual < expected:
-            raise DatasetError(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames}x{spp}x{bits} bits need {expected}")
+        tag = struct.unpack_from(end + "HH", data, offset)
+        if tag != (0x7FE0, 0x0010):
+            raise DatasetError(f"expected Pixel Data at offset {offset}, found ({tag[0]:04X},{tag[1]:04X})")
+        if ts.is_implicit_VR:
+            (length,), start = struct.unpack_from(end + "I", data, offset + 4), offset + 8
+        elif bytes(data[offset + 4: offset + 6]) in _LONG_VRS:
+            (length,), start = struct.unpack_from(end + "I", data, offset + 8), offset + 12
+        else:
+            (length,), start = struct.unpack_from(end + "H", data, offset + 6), offset + 8
+        if length == 0xFFFFFFFF:
+            pos = start
+            while True:
+                if pos + 8 > len(data):
+                    raise DatasetError("encapsulated Pixel Data is truncated (no sequence delimiter)")
+                group, element, item_len = struct.unpack_from(end + "HHI", data, pos)
+                if (group, element) == (0xFFFE, 0xE0DD):
+                    return
+                if (group, element) != (0xFFFE, 0xE000) or item_len == 0xFFFFFFFF:
+                    raise DatasetError(f"encapsulated Pixel Data has a malformed item at offset {pos}")
+                pos += 8 + item_len
+        present = len(data) - start
+        if present < length:
+            raise DatasetError(f"Pixel Data declares {length} bytes but only {present} arrived")
+        if not ts.is_encapsulated:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            bits = int(ds.BitsAllocated)
+            spp = int(ds.get("SamplesPerPixel", 1) or 1)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            expected = (rows * cols * frames * spp * bits + 7) // 8
+            if length < expected:
+                raise DatasetError(f"Pixel Data holds {length} bytes, {rows}x{cols}x{frames}x{spp}x{bits} bits"
+                                   f" need {expected}")
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001

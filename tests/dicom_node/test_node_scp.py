@@ -95,20 +95,21 @@ def _encode(ds: pydicom.Dataset) -> bytes:
     return fp.getvalue()
 
 
-def _send_raw(port: int, payload: bytes, sop_uid: str = "1.2.3.4.5.6.7", folder: Path | None = None) -> int:
+def _send_raw(port: int, payload: bytes, sop_uid: str = "1.2.3.4.5.6.7", folder: Path | None = None,
+              ts: str = ExplicitVRLittleEndian) -> int:
     """C-STORE `payload` as the data set, bytes exactly as given: pynetdicom streams a file's body unparsed
     when STORE_SEND_CHUNKED_DATASET is on, so the file holds valid file meta and then `payload`."""
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ts
     fp = DicomBytesIO()
     fp.write(b"\x00" * 128 + b"DICM")
     pydicom.filewriter.write_file_meta_info(fp, meta)
     path = Path(tempfile.mkstemp(suffix=".dcm", dir=folder)[1])
     path.write_bytes(fp.getvalue() + payload)
     ae = AE(ae_title="RAWSENDER")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ts)
     assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
     assert assoc.is_established
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -295,3 +296,33 @@ def test_fast_polling_while_storing_relaxed_when_idle(scp: StorageSCP, tmp_path:
         assert server_side.dul._run_loop_delay == IDLE_POLL_S
     finally:
         assoc.release()
+
+
+def test_truncated_compressed_pixel_data_is_refused(scp: StorageSCP, tmp_path: Path) -> None:
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(make_study(tmp_path / "in", "j2ktrunc", images=1)[0])
+    ds.compress(JPEG2000Lossless)
+    encoded = _encode(ds)
+    assert encoded.endswith(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # the sequence delimiter
+    sop = str(ds.SOPInstanceUID)
+    assert _send_raw(scp.port, encoded[:-300], sop, ts=JPEG2000Lossless) == CANNOT_UNDERSTAND
+    assert _send_raw(scp.port, encoded, sop, ts=JPEG2000Lossless) == 0
+    stored = pydicom.dcmread(scp.db.one("SELECT path FROM instances")["path"])
+    assert stored.file_meta.TransferSyntaxUID == JPEG2000Lossless and stored.pixel_array.shape == (128, 96)
+
+
+def test_deflated_input_is_stored_and_readable(scp: StorageSCP, tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    src = make_study(tmp_path / "in", "deflate", images=1)[0]
+    ds = pydicom.dcmread(src)
+    deflated = tmp_path / "deflated.dcm"
+    ds.save_as(deflated, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    ds = pydicom.dcmread(deflated)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(deflated, enforce_file_format=True)
+    storescu([deflated], scp.port, extra=["-xd"])
+    row = scp.db.one("SELECT * FROM instances")
+    assert row["transfer_syntax_uid"] == DeflatedExplicitVRLittleEndian and row["modality"] == "DX"
+    assert (pydicom.dcmread(row["path"]).pixel_array == pydicom.dcmread(src).pixel_array).all()
