@@ -176,7 +176,9 @@ class Database:
         self.synchronous_full = synchronous_full
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        # Every connection with the thread that owns it: pynetdicom runs each association on a new thread,
+        # so connections of finished threads are closed when the next one opens (no descriptor leak).
+        self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,8 +201,21 @@ class Database:
             db = sqlite_utils.Database(conn, execute_plugins=False)
             self._local.db = db
             with self._lock:
-                self._all.append(conn)
+                alive = []
+                for thread, other in self._all:
+                    if thread.is_alive():
+                        alive.append((thread, other))
+                    else:
+                        _close_quietly(other)
+                alive.append((threading.current_thread(), conn))
+                self._all = alive
         return db
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently open (one per live thread that used the database)."""
+        with self._lock:
+            return len(self._all)
 
     @contextmanager
     def tx(self) -> Iterator[sqlite_utils.Database]:
@@ -219,11 +234,8 @@ class Database:
     def close(self) -> None:
         """Close every thread's connection."""
         with self._lock:
-            for conn in self._all:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
+            for _, conn in self._all:
+                _close_quietly(conn)
             self._all.clear()
         self._local = threading.local()
 
@@ -716,6 +728,13 @@ class Database:
                 "SELECT path FROM instances WHERE study_instance_uid = ?", (study_instance_uid,)).fetchall()]
             db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_instance_uid,))
             return paths
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
 
 
 def _statements(script: str) -> list[str]:

@@ -144,3 +144,15 @@ def test_output_retention_keeps_rows_of_purged_files(db: Database) -> None:
     assert db.purge_outputs(time.time() + 1) == ["/o/5.5.dcm"]
     assert db.purge_outputs(time.time() + 1) == []
     assert db.is_known_output("5.5")
+
+
+def test_connections_of_finished_threads_are_closed(db: Database) -> None:
+    def use() -> None:
+        db.study_counts()
+
+    for _ in range(30):
+        t = threading.Thread(target=use)
+        t.start()
+        t.join()
+    db.study_counts()  # this thread's connection prunes the dead ones
+    assert db.open_connections <= 2
