@@ -203,3 +203,18 @@ def test_retention_removes_files_of_delivered_studies_but_remembers_outputs(
              what="files purged")
     assert node.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 0
     assert all(node.db.is_known_output(r["sop_instance_uid"]) for r in node.db.query("SELECT * FROM outputs"))
+
+
+def test_stable_age_rule_waits_for_quiet_then_analyses(node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    node = node_factory(destinations=[pacs_destination(orthanc)], complete_on="stable-age", stable_age_s=1.5)
+    files = make_study(tmp_path / "in", "stable", images=2)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files[:1], node.scp.port)
+    storescu(files[1:], node.scp.port)  # a second association into the same study
+    released = node.db.study(study_uid)["last_received_at"]
+    # Released twice, yet not complete: this rule waits until the study has been quiet for 1.5 s.
+    assert stays(lambda: node.db.study(study_uid)["state"] == "received", 1.0)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered after quiet time")
+    job = node.db.one("SELECT * FROM jobs")
+    assert job["created_at"] - released >= 1.5
+    assert outputs_of(orthanc, study_uid) == expected_counts(2)
