@@ -218,3 +218,26 @@ def test_stable_age_rule_waits_for_quiet_then_analyses(node_factory, orthanc: Or
     job = node.db.one("SELECT * FROM jobs")
     assert job["created_at"] - released >= 1.5
     assert outputs_of(orthanc, study_uid) == expected_counts(2)
+
+
+def test_each_destination_gets_its_own_outputs_and_seg_encoding(node_factory, orthanc_factory, tmp_path: Path) -> None:
+    plain, fancy = orthanc_factory("plain"), orthanc_factory("fancy")
+    node = node_factory(destinations=[
+        pacs_destination(plain, name="plain", outputs=["seg", "sr"]),
+        pacs_destination(fancy, name="fancy", outputs=["seg", "sc"], seg_format="labelmap",
+                         seg_compression="jpeg2000"),
+    ])
+    files = make_study(tmp_path / "in", "variants", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered")
+    assert outputs_of(plain, study_uid) == {"SEG": 1, "SR": 1}
+    assert outputs_of(fancy, study_uid) == {"SEG": 1, "OT": 1}
+    segs = {r["variant"]: r for r in node.db.query("SELECT * FROM outputs WHERE kind = 'seg'")}
+    assert set(segs) == {"binary/none", "labelmap/jpeg2000"}
+    assert segs["binary/none"]["sop_instance_uid"] != segs["labelmap/jpeg2000"]["sop_instance_uid"]
+    assert segs["labelmap/jpeg2000"]["transfer_syntax_uid"] == "1.2.840.10008.1.2.4.90"
+    fancy_seg = [t for t in fancy.study_instances(study_uid) if t["Modality"] == "SEG"][0]
+    assert fancy_seg["SOPInstanceUID"] == segs["labelmap/jpeg2000"]["sop_instance_uid"]
+    # Nothing is built twice: the PR no destination takes is not built at all, SR and SC once each.
+    assert sorted(r["kind"] for r in node.db.query("SELECT kind FROM outputs")) == ["sc", "seg", "seg", "sr"]
