@@ -38,9 +38,10 @@ def study(viewer_orthanc, tmp_path_factory):
         path = folder / f"{i:02d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
-    for path in files:
-        answer = viewer_orthanc.upload(path)
-        assert answer["Status"] in ("Success", "AlreadyStored"), answer
+    answers = [viewer_orthanc.upload(path) for path in files]
+    assert all(a["Status"] in ("Success", "AlreadyStored") for a in answers), answers
+    assert len({a["ParentStudy"] for a in answers}) == 1, "Orthanc filed every output into the source's study"
+    assert len({a["ParentPatient"] for a in answers}) == 1
     return case, {o.kind: o.dataset for o in outputs}
 
 
