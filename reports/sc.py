@@ -17,6 +17,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence as DicomSequence
 
@@ -66,12 +67,8 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
 
 def _first(value: object) -> float:
-    if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)):
-        try:
-            return float(value[0])  # type: ignore[index]
-        except (TypeError, IndexError):
-            pass
-    return float(value)  # type: ignore[arg-type]
+    """First value of a possibly multi-valued DS (WindowCenter/WindowWidth may hold several)."""
+    return float(value[0]) if isinstance(value, MultiValue) else float(value)  # type: ignore[arg-type]
 
 
 def display_pixels(ds: Dataset, frame: np.ndarray | None = None) -> np.ndarray:

@@ -109,6 +109,9 @@ def test_display_pixels_follows_the_source_voi():
     ds.WindowCenter, ds.WindowWidth = 2000, 1000
     out = sc.display_pixels(ds)
     assert out[pixels <= 1500].max() == 0.0 and out[pixels >= 2500].min() == 1.0
+    several = copy.deepcopy(ds)
+    several.WindowCenter, several.WindowWidth = [2000, 500], [1000, 200]  # the first window is the default
+    assert np.allclose(sc.display_pixels(several), out)
     inverted = copy.deepcopy(ds)
     inverted.PhotometricInterpretation = "MONOCHROME1"
     assert np.allclose(sc.display_pixels(inverted), 1.0 - out)
