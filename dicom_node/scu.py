@@ -110,6 +110,15 @@ def _associate(ae: AE, dest: Destination) -> tuple[Any, bool]:
     return assoc, bool(opened)
 
 
+def _refused_contexts(assoc: Any) -> str:
+    try:
+        if assoc.accepted_contexts:
+            return ""
+        return ", ".join(sorted({str(cx.abstract_syntax.name) for cx in assoc.rejected_contexts}))
+    except Exception:  # noqa: BLE001 - no negotiation happened
+        return ""
+
+
 def _association_failure(assoc: Any, dest: Destination, connected: bool = True) -> tuple[str, str]:
     if not connected:
         return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
@@ -121,6 +130,10 @@ def _association_failure(assoc: Any, dest: Destination, connected: bool = True) 
         why = _REJECT_REASONS.get((source, diag), f"source {source}, diagnostic {diag}")
         kind = "permanently" if result == 1 else "transiently"
         return (PERMANENT if result == 1 else TRANSIENT), f"association rejected {kind} by {dest.address}: {why}"
+    refused = _refused_contexts(assoc)
+    if refused:
+        # pynetdicom aborts an association in which the peer accepted no presentation context.
+        return PERMANENT, f"{dest.address} refused every proposed presentation context ({refused})"
     if assoc.is_aborted:
         return TRANSIENT, f"association aborted by {dest.address}"
     return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
