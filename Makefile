@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 # Debian packages the node and its tests use: dcmtk (storescu/storescp/echoscu), Orthanc (+DICOMweb) as the
 # test PACS, Chromium for the viewer and dashboard browser tests.
-DEB_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium fonts-dejavu-core
+DEB_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium fonts-dejavu-core openssl
 
 .PHONY: install run test test-fast test-viewer lint bench train-vertebrae train-hardware eval-vertebrae \
         eval-hardware render-docs clean
