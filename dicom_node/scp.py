@@ -29,6 +29,7 @@ from dicom_node.db import Database, InstanceRecord
 from dicom_node.errors import DatabaseError, DatasetError, StorageError
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
+from reports.uids import derive_uid
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -37,7 +38,8 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
-IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1497.1")  # fixed: identifies this implementation
+# Identifies this implementation in every association and file meta; derived, so it never changes.
+IMPLEMENTATION_CLASS_UID = derive_uid("implementation class", "spine-pacs-ai-node")
 IMPLEMENTATION_VERSION_NAME = f"SPINENODE_{__version__}"[:16]
 
 PIXEL_DATA = 0x7FE00010
