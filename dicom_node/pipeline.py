@@ -183,6 +183,9 @@ class Pipeline:
                 except (PipelineError, StorageError) as exc:
                     failures.append(f"{name}: {exc}")
                     log.error("study %s, analysis %s failed: %s", study_uid, name, exc)
+                except Exception as exc:  # noqa: BLE001 - a bug must fail the study, not strand it in 'analysing'
+                    failures.append(f"{name}: internal error {type(exc).__name__}: {exc}")
+                    log.exception("study %s, analysis %s: internal error", study_uid, name)
         if failures:
             self.db.finish_study(study_uid, generation, FAILED, "; ".join(failures))
             return FAILED
@@ -206,8 +209,9 @@ class Pipeline:
             predecessor = self._predecessor(study_uid, name, job["id"])
             encoded = build_encoded(result, datasets, destinations, producer=self.producer(), predecessor=predecessor)
             files = [self._write(v, o) for v, o in encoded]
-        except (PipelineError, StorageError) as exc:
-            self.db.fail_job(job["id"], str(exc))
+        except Exception as exc:
+            self.db.fail_job(job["id"], str(exc) if isinstance(exc, (PipelineError, StorageError))
+                             else f"internal error {type(exc).__name__}: {exc}")
             raise
         pairs = []
         for dest in destinations:

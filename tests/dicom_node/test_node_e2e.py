@@ -241,3 +241,39 @@ def test_each_destination_gets_its_own_outputs_and_seg_encoding(node_factory, or
     assert fancy_seg["SOPInstanceUID"] == segs["labelmap/jpeg2000"]["sop_instance_uid"]
     # Nothing is built twice: the PR no destination takes is not built at all, SR and SC once each.
     assert sorted(r["kind"] for r in node.db.query("SELECT kind FROM outputs")) == ["sc", "seg", "seg", "sr"]
+
+
+class _BrokenAnalysis:
+    """An analysis whose model crashes, to show a failing model fails the study, not the node."""
+
+    name = "node-test-broken"
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def models(self) -> tuple:
+        return ()
+
+    def run(self, datasets: Any) -> Any:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def test_failing_analysis_fails_the_study_with_the_reason_and_retry_reruns_it(node_factory, tmp_path: Path) -> None:
+    from inference import analyses
+
+    analyses.register(_BrokenAnalysis.name, _BrokenAnalysis)
+    node = node_factory(analysis=_BrokenAnalysis.name)
+    files = make_study(tmp_path / "in", "broken", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "failed", 30, what="study failed")
+    assert "CUDA out of memory (simulated)" in node.db.study(study_uid)["reason"]
+    assert node.db.one("SELECT state FROM jobs")["state"] == "failed"
+    first_run = node.db.one("SELECT updated_at FROM jobs")["updated_at"]
+    assert node.db.requeue_failed_studies() == 1
+    wait_for(lambda: node.db.study(study_uid)["state"] == "failed"
+             and node.db.one("SELECT updated_at FROM jobs")["updated_at"] > first_run, 30, what="re-run failed again")
+    assert node.db.one("SELECT count(*) AS n FROM jobs")["n"] == 1
+    from peers import echoscu
+
+    assert echoscu(node.scp.port).returncode == 0
