@@ -580,6 +580,15 @@ class Database:
                 " updated_at = ? WHERE id = ?", (status, now, now, delivery_id),
             )
 
+    def expedite(self, destination: str) -> int:
+        """Pending deliveries to `destination` waiting out a backoff become due now (it answers again)."""
+        now = time.time()
+        with self.tx() as db:
+            return db.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE destination = ? AND state = 'pending'"
+                " AND next_attempt_at > ?", (now, destination, now),
+            ).rowcount
+
     def mark_retry(self, delivery_id: int, next_attempt_at: float, error: str, status: int | None) -> None:
         """sending -> pending again, later."""
         with self.tx() as db:

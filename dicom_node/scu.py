@@ -256,6 +256,9 @@ class Sender:
                 reason = res.message if res.outcome == PERMANENT else (
                     f"gave up after {row['attempts'] + 1} attempts: {res.message}")
                 self.db.mark_failed(row["id"], reason, res.status)
+        if delivered and any(r["attempts"] > 0 for r in batch):
+            # The destination is back: what waits out a backoff for it goes now, not in up to backoff_max_s.
+            self.db.expedite(dest.name)
         failed = [r for r in results if r.outcome != OK]
         if failed:
             log.warning("%s: %d of %d sent, %d not (%s): %s", dest.name, delivered, len(results), len(failed),

@@ -156,3 +156,14 @@ def test_connections_of_finished_threads_are_closed(db: Database) -> None:
         t.join()
     db.study_counts()  # this thread's connection prunes the dead ones
     assert db.open_connections <= 2
+
+
+def test_expedite_makes_backed_off_deliveries_due(db: Database) -> None:
+    import time
+
+    _, delivery = _job_with_delivery(db)
+    db.mark_sending([delivery])
+    db.mark_retry(delivery, time.time() + 600, "cannot connect", None)
+    assert db.due_deliveries("pacs", time.time(), 10) == []
+    assert db.expedite("pacs") == 1
+    assert [r["id"] for r in db.due_deliveries("pacs", time.time(), 10)] == [delivery]
