@@ -95,3 +95,10 @@ def test_warnings_for_risky_but_valid_settings() -> None:
                   "rules": [{"name": "r", "analyses": ["nope"], "match": [{"modality": ["DX"]}]}]})
     text = "\n".join(warnings_for(s, ["other"]))
     assert "accept_any" in text and "'nope' is not installed" in text and "destinations: none" in text
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "config" / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configurations_are_valid(example: Path) -> None:
+    settings = load(example, env={})
+    assert settings.rules and settings.destinations
+    assert not settings.peers.accept_any
