@@ -50,6 +50,12 @@ def _configure_logging(settings: Settings | None, verbose: bool = False, one_sho
     phi = bool(settings and settings.logging.phi)
     _config.LOG_REQUEST_IDENTIFIERS = phi
     _config.LOG_RESPONSE_IDENTIFIERS = phi
+    # pydicom's validation messages quote element values (a malformed PatientName, say): they go through
+    # logging, and are kept out of the log unless `phi` allows patient data there.
+    logging.captureWarnings(True)
+    quiet = logging.WARNING if phi or level == "DEBUG" else logging.CRITICAL
+    for name in ("pydicom", "py.warnings"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
+_QUOTED = re.compile(r"""(?P<q>['"])(?P<v>[^'"]{0,200})(?P=q)""")
+# Kept: numbers, UIDs (4 or more components, unlike a date such as 31.12.1960) and tags such as (0010,0030).
+_SAFE = re.compile(r"^-?[0-9]+(\.[0-9]+)?$|^[0-9]+(\.[0-9]+){3,}$|^\(?[0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)?$")
+
+
+def redact(text: str) -> str:
+    """Replace quoted values in a third-party error message by '<redacted>', keeping UIDs, numbers and tags.
+
+    pydicom and highdicom quote the offending value ("Unable to convert '31.12.1960' to 'DA'"), which can be
+    patient data; such messages end up in logs and in the reasons `dicom-node status` shows.
+    """
+    return _QUOTED.sub(lambda m: m.group(0) if _SAFE.match(m.group("v")) else f"{m.group('q')}<redacted>{m.group('q')}",
+                       text)
+
 
 class NodeError(Exception):
     """Base of every error the node raises on purpose; `str(exc)` is the one-line reason."""

@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.db import ENCODED, FAILED, UNROUTED, Database
-from dicom_node.errors import PipelineError, StorageError
+from dicom_node.errors import PipelineError, StorageError, redact
 from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
 from dicom_node.storage import Store
@@ -74,7 +74,7 @@ def read_datasets(paths: Sequence[str | Path]) -> list[Dataset]:
         try:
             out.append(pydicom.dcmread(p))
         except Exception as exc:  # noqa: BLE001 - any read failure is one reason
-            raise PipelineError(f"cannot read {Path(p).name}: {type(exc).__name__}: {exc}") from exc
+            raise PipelineError(f"cannot read {Path(p).name}: {type(exc).__name__}: {redact(str(exc))}") from exc
     return out
 
 
@@ -102,7 +102,7 @@ class Analyser:
         try:
             return analysis.run(datasets)
         except Exception as exc:  # noqa: BLE001 - a model failure fails the job, not the node
-            raise PipelineError(f"analysis {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise PipelineError(f"analysis {name!r} failed: {type(exc).__name__}: {redact(str(exc))}") from exc
 
 
 def build_encoded(result: Any, datasets: Sequence[Dataset], destinations: Sequence[Destination], *,
@@ -133,7 +133,7 @@ def build_encoded(result: Any, datasets: Sequence[Dataset], destinations: Sequen
             objs = build_outputs(result, datasets, kinds=[OutputKind(k) for k in sorted(wanted)], options=opts,
                                  producer=producer, predecessor_sr=predecessor)
         except Exception as exc:  # noqa: BLE001
-            raise PipelineError(f"encoding outputs failed: {type(exc).__name__}: {exc}") from exc
+            raise PipelineError(f"encoding outputs failed: {type(exc).__name__}: {redact(str(exc))}") from exc
         out.extend((v if o.kind.value == "seg" else "any", o) for o in objs)
     return out
 
@@ -184,7 +184,7 @@ class Pipeline:
                     failures.append(f"{name}: {exc}")
                     log.error("study %s, analysis %s failed: %s", study_uid, name, exc)
                 except Exception as exc:  # noqa: BLE001 - a bug must fail the study, not strand it in 'analysing'
-                    failures.append(f"{name}: internal error {type(exc).__name__}: {exc}")
+                    failures.append(f"{name}: internal error {type(exc).__name__}: {redact(str(exc))}")
                     log.exception("study %s, analysis %s: internal error", study_uid, name)
         if failures:
             self.db.finish_study(study_uid, generation, FAILED, "; ".join(failures))
@@ -211,7 +211,7 @@ class Pipeline:
             files = [self._write(v, o) for v, o in encoded]
         except Exception as exc:
             self.db.fail_job(job["id"], str(exc) if isinstance(exc, (PipelineError, StorageError))
-                             else f"internal error {type(exc).__name__}: {exc}")
+                             else f"internal error {type(exc).__name__}: {redact(str(exc))}")
             raise
         pairs = []
         for dest in destinations:

@@ -26,7 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import __version__, transfer_syntaxes
 from dicom_node.db import Database, InstanceRecord
-from dicom_node.errors import DatabaseError, DatasetError, StorageError
+from dicom_node.errors import DatabaseError, DatasetError, StorageError, redact
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
 from reports.uids import derive_uid
@@ -367,7 +367,7 @@ def _read_headers(received: BytesIO, size: int, ts: UID) -> tuple[Any, int | Non
             ds.get(keyword)
         return ds, offset
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
-        raise DatasetError(f"cannot decode the data set ({type(exc).__name__}: {exc})") from None
+        raise DatasetError(f"cannot decode the data set ({type(exc).__name__}: {redact(str(exc))})") from None
 
 
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"}
@@ -413,7 +413,7 @@ def _check_pixel_data(ds: Any, data: memoryview, offset: int, ts: UID) -> None:
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"cannot check Pixel Data ({type(exc).__name__}: {exc})") from None
+        raise DatasetError(f"cannot check Pixel Data ({type(exc).__name__}: {redact(str(exc))})") from None
 
 
 def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:

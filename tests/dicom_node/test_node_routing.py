@@ -59,3 +59,12 @@ def test_headers_from_dataset_tolerate_missing_attributes() -> None:
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     got = InstanceHeaders.from_dataset(ds, calling_ae=" PACS ")
     assert got.image_type == ("ORIGINAL", "PRIMARY") and got.modality == "" and got.calling_ae == "PACS"
+
+
+def test_redact_keeps_uids_and_tags_but_not_values() -> None:
+    from dicom_node.errors import redact
+
+    msg = "Unable to convert '31.12.1960' to 'DA' object for '1.2.840.10008.5.1.4.1.1.1' at '(0010,0030)'"
+    assert redact(msg) == ("Unable to convert '<redacted>' to '<redacted>' object for '1.2.840.10008.5.1.4.1.1.1'"
+                           " at '(0010,0030)'")
+    assert redact('PatientName "DOE^JANE" too long') == 'PatientName "<redacted>" too long'
