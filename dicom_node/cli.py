@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -231,8 +232,10 @@ def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
     if not report["destinations"]:
         print("  (no deliveries yet)")
     for d in report["destinations"]:
-        line = (f"  {d['destination']}: pending {d['pending']}, sending {d['sending']}, delivered {d['delivered']},"
-                f" failed {d['failed']}")
+        line = f"  {d['destination']}: pending {d['pending']}"
+        if d["pending"] and d["next_attempt_at"]:
+            line += f" (next attempt {_when(max(d['next_attempt_at'], time.time()))})"
+        line += f", sending {d['sending']}, delivered {d['delivered']}, failed {d['failed']}"
         if d["last_error"]:
             line += f"; last error {_when(d['last_error_at'])}: {d['last_error']}"
         print(line)

@@ -667,7 +667,8 @@ class Database:
         """Per destination: pending / sending / delivered / failed counts and the last error."""
         rows = self.query(
             "SELECT destination, sum(state = 'pending') AS pending, sum(state = 'sending') AS sending,"
-            " sum(state = 'delivered') AS delivered, sum(state = 'failed') AS failed FROM deliveries"
+            " sum(state = 'delivered') AS delivered, sum(state = 'failed') AS failed,"
+            " min(CASE WHEN state = 'pending' THEN next_attempt_at END) AS next_attempt_at FROM deliveries"
             " GROUP BY destination ORDER BY destination"
         )
         for r in rows:
