@@ -277,3 +277,22 @@ def test_failing_analysis_fails_the_study_with_the_reason_and_retry_reruns_it(no
     from peers import echoscu
 
     assert echoscu(node.scp.port).returncode == 0
+
+
+def test_aborted_association_does_not_complete_a_study_early(node_factory, tmp_path: Path) -> None:
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    node = node_factory(stable_age_s=1.5)  # rule: complete on association release
+    path = make_study(tmp_path / "in", "aborted", images=1)[0]
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="FLAKYMOD")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.abort()  # the sender died: more instances may follow, so only the quiet time completes the study
+    wait_for(lambda: node.db.one("SELECT state FROM associations WHERE calling_ae = 'FLAKYMOD'")["state"] == "aborted",
+             10, what="association recorded as aborted")
+    assert stays(lambda: node.db.study(ds.StudyInstanceUID)["state"] == "received", 1.0)
+    wait_for(lambda: node.db.study(ds.StudyInstanceUID)["state"] in ("encoded", "delivered"), 30,
+             what="study analysed after its quiet time")
