@@ -296,3 +296,22 @@ def test_aborted_association_does_not_complete_a_study_early(node_factory, tmp_p
     assert stays(lambda: node.db.study(ds.StudyInstanceUID)["state"] == "received", 1.0)
     wait_for(lambda: node.db.study(ds.StudyInstanceUID)["state"] in ("encoded", "delivered"), 30,
              what="study analysed after its quiet time")
+
+
+@pytest.mark.slow
+def test_concurrent_senders_while_the_pipeline_writes(node_factory, storescp, tmp_path: Path) -> None:
+    """8 associations x 50 instances into a full node whose pipeline analyses and delivers meanwhile."""
+    node = node_factory(destinations=[{"name": "scp", "ae_title": storescp.ae_title, "host": "127.0.0.1",
+                                       "port": storescp.port, "outputs": ["sr"]}])
+    batches = [make_study(tmp_path / f"c{k}", f"busy{k}", images=50, rows=48, columns=32) for k in range(8)]
+    procs = [subprocess.Popen(["storescu", "-aet", f"SENDER{k}", "-aec", "AINODE", "-R", "127.0.0.1",
+                               str(node.scp.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for k, files in enumerate(batches)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-500:]
+    assert node.db.one("SELECT count(*) AS n FROM instances")["n"] == 400
+    wait_for(lambda: node.db.study_counts()["delivered"] == 8, 180, interval=0.2, what="8 studies delivered")
+    assert len(storescp.files()) == 8  # one SR per study
+    assert node.db.one("SELECT sum(failures) AS n FROM associations")["n"] == 0
