@@ -315,3 +315,19 @@ def test_concurrent_senders_while_the_pipeline_writes(node_factory, storescp, tm
     wait_for(lambda: node.db.study_counts()["delivered"] == 8, 180, interval=0.2, what="8 studies delivered")
     assert len(storescp.files()) == 8  # one SR per study
     assert node.db.one("SELECT sum(failures) AS n FROM associations")["n"] == 0
+
+
+def test_compressed_input_is_analysed_and_reported(node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    from pydicom.uid import JPEG2000Lossless
+
+    node = node_factory(destinations=[pacs_destination(orthanc)])
+    path = make_study(tmp_path / "in", "j2k-e2e", images=1)[0]
+    ds = pydicom.dcmread(path)
+    ds.compress(JPEG2000Lossless)
+    ds.save_as(path, enforce_file_format=True)
+    storescu([path], node.scp.port, extra=["-xv"])  # propose JPEG 2000 lossless
+    assert node.db.one("SELECT transfer_syntax_uid FROM instances")["transfer_syntax_uid"] == JPEG2000Lossless
+    wait_for(lambda: outputs_of(orthanc, ds.StudyInstanceUID) == expected_counts(1), 60,
+             what="outputs of a JPEG 2000 input in Orthanc")
+    summary = node.db.study_detail(ds.StudyInstanceUID)["jobs"][0]["summary"]
+    assert summary["images"][0]["vertebrae"]  # the model saw the decoded pixels
