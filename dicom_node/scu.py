@@ -26,6 +26,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.db import Database
+from dicom_node.errors import redact
 from dicom_node.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, set_tcp_nodelay
 from dicom_node.settings import DeliverySettings, Destination, Settings
 
@@ -174,7 +175,12 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
             except Exception as exc:  # noqa: BLE001 - our own file vanished or is damaged
                 results.append(ItemResult(item.key, PERMANENT, None, f"cannot read {item.path.name}: {exc}"))
                 continue
-            rsp = assoc.send_c_store(ds)
+            try:
+                rsp = assoc.send_c_store(ds)
+            except Exception as exc:  # noqa: BLE001 - e.g. a data set pynetdicom cannot encode
+                results.append(ItemResult(item.key, TRANSIENT, None,
+                                          f"cannot send {item.path.name}: {type(exc).__name__}: {redact(str(exc))}"))
+                continue
             status = getattr(rsp, "Status", None)
             if status is None:
                 # DIMSE timeout or abort: the reply may or may not have been sent; resend on a new association.
@@ -242,7 +248,12 @@ class Sender:
         self.db.mark_sending([r["id"] for r in batch])
         items = [Item(r, Path(r["path"]), r["sop_class_uid"], r["transfer_syntax_uid"]) for r in batch]
         started = time.monotonic()
-        results = send_batch(self.settings.node.ae_title, dest, items, self.settings.delivery)
+        try:
+            results = send_batch(self.settings.node.ae_title, dest, items, self.settings.delivery)
+        except Exception as exc:  # noqa: BLE001 - never leave rows 'sending' until the next restart
+            log.exception("%s: sending failed", dest.name)
+            message = f"internal error {type(exc).__name__}: {redact(str(exc))}"
+            results = [ItemResult(i.key, TRANSIENT, None, message) for i in items]
         delivered = 0
         for res in results:
             row = res.key
