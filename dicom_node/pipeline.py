@@ -167,6 +167,14 @@ class Pipeline:
         generation = self.db.claim_study(study_uid)
         if generation is None:
             return None
+        try:
+            return self._process_claimed(study_uid, generation)
+        except Exception as exc:  # noqa: BLE001 - never leave a study 'analysing' until the next restart
+            log.exception("study %s: internal error", study_uid)
+            self.db.finish_study(study_uid, generation, FAILED, f"internal error {type(exc).__name__}: {redact(str(exc))}")
+            return FAILED
+
+    def _process_claimed(self, study_uid: str, generation: int) -> str | None:
         started = time.monotonic()
         rows = self.db.source_instances(study_uid)
         routing = route([InstanceHeaders.from_row(r) for r in rows], self.settings.rules)
