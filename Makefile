@@ -41,14 +41,21 @@ lint: install
 bench: install
 	$(PY) -m bench.run_all
 
+# Vertebra model: the synthetic cache is rendered once by the data engine (~30 min on 2 cores), then
+# training runs <= 2 h at nice 10; checkpoints in ../cache/train-vertebrae make an interrupted run resume.
+VERTEBRA_CACHE ?= ../cache/synth-v1
 train-vertebrae: install
-	$(PY) -m inference.train.vertebrae --data $(DATA) --out inference/models/spine-xr-vertebrae
+	test -f $(VERTEBRA_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
+		--out $(VERTEBRA_CACHE) --count 1600 --seed 1 --workers 2 --max-side 768
+	nice -n 10 $(PY) -m inference.train.vertebrae --data $(DATA) --cache $(VERTEBRA_CACHE) \
+		--work ../cache/train-vertebrae --out inference/models/spine-xr-vertebrae
 
 train-hardware: install
 	$(PY) -m inference.train.hardware --data $(DATA) --out inference/models/spine-xr-hardware
 
 eval-vertebrae: install
-	$(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae
+	nice -n 10 $(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae \
+		--cache $(VERTEBRA_CACHE) --holdout ../cache/synth-holdout-v1 --lopo-work ../cache/lopo-vertebrae
 
 eval-hardware: install
 	$(PY) -m inference.evaluate.hardware --data $(DATA) --model inference/models/spine-xr-hardware
