@@ -35,6 +35,8 @@ class ChainParams:
     spacing_sigma: float = 0.2  # log-ratio of consecutive steps tolerated (1 sigma)
     turn_sigma_deg: float = 25.0  # turn between consecutive steps tolerated (1 sigma)
     gap_penalty: float = 0.8  # per vertebra counted as missed inside a long step
+    midpoint_penalty: float = 3.0  # a step whose midpoint lies on a vertebra centre skips that vertebra
+    midpoint_free: float = 0.25  # centre heatmap at the midpoint tolerated without penalty
     max_gap: int = 2  # vertebrae a single step may skip
     max_step_angle_deg: float = 60.0  # steps further from the cranio-caudal axis are not allowed
     body_threshold: float = 0.5
@@ -118,14 +120,34 @@ def _typical_step(points: np.ndarray, scores: np.ndarray, max_angle: float) -> f
     return float(np.median(dists)) if dists else float("nan")
 
 
-def find_chain(points: np.ndarray, scores: np.ndarray, params: ChainParams) -> tuple[list[int], list[int]]:
+def midpoint_values(points: np.ndarray, field_: np.ndarray) -> np.ndarray:
+    """`field_` at the midpoint of every pair of candidates (n, n).  On the centre heatmap: high when a
+    vertebra lies between them (the step would skip it), near 0 when a disc does."""
+    n = len(points)
+    if n == 0:
+        return np.zeros((0, 0))
+    mid = (points[:, None, :] + points[None, :, :]) / 2
+    return ndimage.map_coordinates(field_, [mid[..., 0].ravel(), mid[..., 1].ravel()], order=1, mode="nearest").reshape(n, n)
+
+
+def find_chain(
+    points: np.ndarray, scores: np.ndarray, params: ChainParams, mid_heat: np.ndarray | None = None
+) -> tuple[list[int], list[int]]:
     """Best chain through candidate `points` (row, column): their indices top to bottom, and for each
-    step the number of vertebrae counted as missed inside it (len = len(indices) - 1)."""
+    step the number of vertebrae counted as missed inside it (len = len(indices) - 1).
+
+    `mid_heat` (n, n), the centre heatmap at each pair's midpoint, makes a step over a visible vertebra
+    centre count as skipping it (or cost `midpoint_penalty`)."""
     n = len(points)
     if n == 0:
         return [], []
     order = np.argsort(points[:, 0], kind="stable")
     pts, sc = points[order], scores[order]
+    if mid_heat is None:
+        mid_cost = np.zeros((n, n))
+    else:
+        m = mid_heat[np.ix_(order, order)]
+        mid_cost = params.midpoint_penalty * np.clip(m - params.midpoint_free, 0.0, None)
     reward = (sc - params.reward_offset) * params.reward_scale
     typical = _typical_step(pts, sc, params.max_step_angle_deg)
     if not np.isfinite(typical):
@@ -145,6 +167,7 @@ def find_chain(points: np.ndarray, scores: np.ndarray, params: ChainParams) -> t
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio0 = dist[..., None] / ((gaps + 1)[None, None, :] * typical)
         cost0 = 0.25 * w_r * np.log(np.maximum(ratio0, 1e-6)) ** 2 + params.gap_penalty * gaps[None, None, :]
+    cost0[..., 0] += mid_cost
     g0 = np.argmin(cost0, axis=-1)
     init = np.where(valid, reward[:, None] + reward[None, :] - np.take_along_axis(cost0, g0[..., None], -1)[..., 0], -np.inf)
     score = init.copy()  # score[i, j]: best chain ending with step i -> j
@@ -164,6 +187,7 @@ def find_chain(points: np.ndarray, scores: np.ndarray, params: ChainParams) -> t
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = d_next / ((gaps + 1)[None, None, :] * u_prev)
             c_gap = w_r * np.log(np.maximum(ratio, 1e-6)) ** 2 + params.gap_penalty * gaps[None, None, :]
+        c_gap[..., 0] = c_gap[..., 0] + mid_cost[j, nxt][None, :]
         g = np.argmin(c_gap, axis=-1)  # (prev, next)
         c_sp = np.take_along_axis(c_gap, g[..., None], -1)[..., 0]
         turn = angle[j, nxt][None, :] - angle[prev, j][:, None]
@@ -271,7 +295,7 @@ def detect(prob: np.ndarray, params: ChainParams | None = None) -> SpineDetectio
         cc = np.clip(np.rint(points[:, 1]).astype(int), 0, shape[1] - 1)
         keep = prob[SACRUM, rr, cc] < np.maximum(prob[BODY, rr, cc], 0.5)
         points, scores = points[keep], scores[keep]
-    chain, gaps = find_chain(points, scores, params)
+    chain, gaps = find_chain(points, scores, params, midpoint_values(points, prob[CENTRE]))
     nodes: list[ChainNode] = []
     position = 0
     for idx, (k) in enumerate(chain):

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,11 +100,38 @@ def prepare_synth(sample) -> SynthItem:  # sample: inference.synth.sample.SynthS
     )
 
 
-def load_synth(cache: Path, sources: set[str] | None, limit: int | None) -> list[SynthItem]:
-    """Samples of a data-engine cache (optionally only from CT `sources`), on the network grid."""
+#: Minimum body-vs-surroundings contrast (normalised intensity) for a synthetic sample to teach anything.
+MIN_VISIBILITY = 0.05
+
+
+def visibility(item: SynthItem) -> float:
+    """Median over vertebral bodies of (mean intensity inside - mean in a thin ring around it), on the
+    normalised network image.  Many lateral DRRs show no vertebra at all (bone contrast lost in the
+    soft tissue); a network asked to find bodies there learns to hallucinate them."""
+    from scipy import ndimage
+
+    img = item.image.astype(np.float32)
+    scores = []
+    for code in np.unique(item.body):
+        if code < 1 or code == targets.S1_CODE:
+            continue
+        m = item.body == code
+        if m.sum() < 20:
+            continue
+        ring = ndimage.binary_dilation(m, iterations=3) & ~ndimage.binary_dilation(m, iterations=1) & (item.body <= 0)
+        if ring.sum() < 10:
+            continue
+        scores.append(float(img[m].mean() - img[ring].mean()))
+    return float(np.median(scores)) if scores else float("nan")
+
+
+def load_synth(cache: Path, sources: set[str] | None, limit: int | None, min_visibility: float = MIN_VISIBILITY) -> tuple[list[SynthItem], dict]:
+    """Samples of a data-engine cache (optionally only from CT `sources`), on the network grid, without
+    those whose vertebrae are not visible; returns the items and counts of what was dropped."""
     from inference.synth.build import iter_cache
 
     items = []
+    dropped: dict[str, int] = {}
     t0 = time.time()
     for sample in iter_cache(cache):
         meta = sample.meta or {}
@@ -111,12 +139,19 @@ def load_synth(cache: Path, sources: set[str] | None, limit: int | None) -> list
             continue  # implant overlays on real images: the real path already covers those images
         if sources and str(meta.get("source", "")) not in sources:
             continue
-        items.append(prepare_synth(sample))
+        item = prepare_synth(sample)
+        vis = visibility(item)
+        if not (vis >= min_visibility):
+            key = f"{item.view} {item.source}"
+            dropped[key] = dropped.get(key, 0) + 1
+            continue
+        items.append(item)
         if limit and len(items) >= limit:
             break
         if len(items) % 500 == 0:
             log.info("synthetic samples prepared: %d (%.0f s)", len(items), time.time() - t0)
-    return items
+    log.info("synthetic samples dropped as not visible (contrast < %.2f): %s", min_visibility, dropped)
+    return items, dropped
 
 
 def render_item(item: RealItem | SynthItem, sacrum_hint: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,6 +212,64 @@ def validate(net: torch.nn.Module, real: list[RealItem], synth: list[SynthItem],
     return out
 
 
+def _synth_detection(centroids: np.ndarray, item: SynthItem) -> tuple[int, int, int]:
+    """(tp, fp, fn) of network-grid centroids against a synthetic sample's marked bodies."""
+    marked = [(x, y) for x, y, _ in item.centres]
+    hit: set[int] = set()
+    fp = 0
+    for x, y in centroids:
+        r, c = int(np.clip(y - 0.5, 0, item.body.shape[0] - 1)), int(np.clip(x - 0.5, 0, item.body.shape[1] - 1))
+        code = int(item.body[r, c])
+        if code >= 1 and code != targets.S1_CODE and code not in hit:
+            hit.add(code)
+        elif code < 1 or code == targets.S1_CODE:
+            fp += 1
+    codes_marked = {int(item.body[int(np.clip(y - 0.5, 0, item.body.shape[0] - 1)), int(np.clip(x - 0.5, 0, item.body.shape[1] - 1))]) for x, y in marked}
+    tp = len(hit & codes_marked)
+    return tp, fp, len(codes_marked) - tp
+
+
+def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[SynthItem]) -> tuple[ChainParams, dict]:
+    """Grid-search the chain parameters on the validation images (network outputs computed once)."""
+    import itertools
+    from dataclasses import replace
+
+    net.eval()
+    real_probs = [(network.predict(net, it.image.astype(np.float32)), it) for it in real]
+    synth_probs = [(network.predict(net, it.image.astype(np.float32)), it) for it in synth]
+    grid = {
+        "peak_threshold": (0.1, 0.15, 0.25),
+        "reward_offset": (0.15, 0.3, 0.45),
+        "spacing_sigma": (0.15, 0.2, 0.3),
+        "midpoint_penalty": (0.0, 3.0),
+    }
+    defaults = {k: getattr(ChainParams(), k) for k in grid}
+    results = []
+    for values in itertools.product(*grid.values()):
+        params = replace(ChainParams(), **dict(zip(grid, values, strict=True)))
+        rc, sc = DetectionCounts(), DetectionCounts()
+        for prob, it in real_probs:
+            tp, fp, fn, _ = match_centroids_in_boxes(predicted_centroids(prob, params), it.boxes)
+            rc.add(tp, fp, fn)
+        for prob, it in synth_probs:
+            sc.add(*_synth_detection(predicted_centroids(prob, params), it))
+        score = rc.f1 + (0.5 * sc.f1 if synth_probs else 0.0)
+        results.append((score, dict(zip(grid, values, strict=True)), rc.f1, sc.f1))
+    results.sort(key=lambda r: -r[0])
+    best = results[0]
+    default = next((r for r in results if r[1] == defaults), None)
+    report = {
+        "chosen": best[1],
+        "score": round(best[0], 4),
+        "real_val_f1": round(best[2], 4),
+        "synth_val_f1": round(best[3], 4),
+        "defaults_score": round(default[0], 4) if default else None,
+        "grid": {k: list(v) for k, v in grid.items()},
+    }
+    net.train()
+    return replace(ChainParams(), **best[1]), report
+
+
 def selection_score(metrics: dict[str, float]) -> float:
     """What checkpoint selection maximises."""
     score = metrics.get("real_f1", 0.0) or 0.0
@@ -187,7 +280,7 @@ def selection_score(metrics: dict[str, float]) -> float:
     return score
 
 
-def write_model_folder(out: Path, weights: Path, info: dict) -> dict:
+def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams | None = None) -> dict:
     """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation)."""
     out.mkdir(parents=True, exist_ok=True)
     dest = out / "weights.pt"
@@ -213,7 +306,7 @@ def write_model_folder(out: Path, weights: Path, info: dict) -> dict:
             },
         },
         "outputs": {name: "sigmoid probability map" for name in network.CHANNELS},
-        "postprocess": asdict(ChainParams()),
+        "postprocess": asdict(params or ChainParams()),
         "training": info,
         "metrics": {},
     }
@@ -227,13 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="data-engine cache of synthetic .npz shards")
     ap.add_argument("--out", type=Path, required=True, help="model folder to write")
     ap.add_argument("--work", type=Path, default=Path("../cache/train-vertebrae"), help="checkpoints and log")
-    ap.add_argument("--iterations", type=int, default=5000)
+    ap.add_argument("--iterations", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-minutes", type=float, default=110.0, help="stop (keeping the best checkpoint) after this")
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--max-minutes", type=float, default=100.0, help="stop the loop (keeping the best checkpoint) after this")
+    ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--synth-fraction", type=float, default=0.5)
     ap.add_argument("--synth-sources", default="", help="comma list: only synthetic samples from these CT sources")
     ap.add_argument("--synth-limit", type=int, default=0)
@@ -258,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         real_val = [prepare_real(r) for r in splits["val"]]
         log.info("real radiographs: %d train, %d val (%.0f s)", len(real_train), len(real_val), time.time() - t_start)
     synth: list[SynthItem] = []
+    dropped: dict = {}
     if args.cache is not None:
         if not (args.cache / "manifest.json").is_file():
             raise SystemExit(
@@ -265,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  nice -n 10 python -m inference.synth.build --data {args.data} --out {args.cache} --count 3000 --seed 1"
             )
         sources = {s for s in args.synth_sources.split(",") if s} or None
-        synth = load_synth(args.cache, sources, args.synth_limit or None)
+        synth, dropped = load_synth(args.cache, sources, args.synth_limit or None)
         log.info("synthetic samples: %d (%.0f s)", len(synth), time.time() - t_start)
     if not real_train and not synth:
         raise SystemExit("no training data: give --data with real radiographs and/or --cache with synthetic shards")
@@ -301,6 +395,19 @@ def main(argv: list[str] | None = None) -> int:
     def draw(pool: list, count: int) -> list:
         return [pool[int(i)] for i in rng.integers(0, len(pool), size=count)] if count else []
 
+    # Laterals are scarce after the visibility filter but carry the heights: draw views evenly.
+    by_view: dict[str, list[SynthItem]] = {}
+    for item in synth_train:
+        by_view.setdefault(item.view, []).append(item)
+    views = sorted(by_view)
+
+    def draw_synth(count: int) -> list:
+        out = []
+        for _ in range(count):
+            pool = by_view[views[int(rng.integers(0, len(views)))]]
+            out.append(pool[int(rng.integers(0, len(pool)))])
+        return out
+
     net.train()
     t_log, losses = time.time(), []
     stop_reason = "iterations done"
@@ -308,10 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         if clock.elapsed > args.max_minutes * 60:
             stop_reason = f"time budget of {args.max_minutes} min reached"
             break
-        lr = common.cosine_lr(step, args.iterations, args.lr)
+        # Progress by iterations or by the time budget, whichever is further: on a busy machine the
+        # learning rate still anneals before the budget ends.
+        progress = max(step / args.iterations, clock.elapsed / (args.max_minutes * 60))
+        lr = common.cosine_lr(int(progress * args.iterations), args.iterations, args.lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        items = draw(real_train, n_real) + draw(synth_train, n_synth)
+        items = draw(real_train, n_real) + draw_synth(n_synth)
         xs, ts, ws = [], [], []
         for item in items:
             image, t, w = render_item(item, sacrum_hint)
@@ -349,9 +459,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     if not best_path.is_file():
         torch.save(net.state_dict(), best_path)
+    net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    tuned, tuning = tune_postprocess(net, real_val, synth_val)
+    log.info("post-processing tuned on the validation images: %s", tuning)
     best_entry = max(history, key=lambda h: h["score"]) if history else {}
     info = {
-        "command": "python -m inference.train.vertebrae " + " ".join(argv or []),
+        "command": "python -m inference.train.vertebrae " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "iterations": step,
         "stop": stop_reason,
@@ -361,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": n_params,
         "selected_checkpoint": best_entry,
         "validation_history": history,
+        "postprocess_tuning": tuning,
         "data": {
             "real": {
                 "source": str(cadma.SUBDIR),
@@ -375,13 +489,15 @@ def main(argv: list[str] | None = None) -> int:
                 "samples_val": len(synth_val),
                 "sources": sorted({s.source for s in synth}),
                 "views": {v: sum(1 for s in synth if s.view == v) for v in sorted({s.view for s in synth})},
+                "dropped_not_visible": dropped,
+                "visibility_threshold": MIN_VISIBILITY,
             },
         },
     }
     if args.cache is not None and (args.cache / "manifest.json").is_file():
         manifest = json.loads((args.cache / "manifest.json").read_text())
         info["data"]["synthetic"]["manifest"] = {k: manifest.get(k) for k in ("count", "seed", "parameters", "provenance") if k in manifest}
-    write_model_folder(args.out, best_path, info)
+    write_model_folder(args.out, best_path, info, tuned)
     log.info("wrote %s (best score %.4f at %s); %s", args.out, best, best_entry.get("iteration"), stop_reason)
     return 0
 

