@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from inference.radiograph import preprocess
-from inference.radiograph.analysis import HardwareOutcome, ImageWork, _mask_to_stored, _outline, combine_verdict
+from inference.radiograph.analysis import (
+    HardwareOutcome,
+    ImageWork,
+    _mask_to_stored,
+    _outline,
+    combine_verdict,
+)
 from inference.radiograph.model import SpineInstances
 from inference.results import (
     Finding,
