@@ -28,7 +28,7 @@ from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
 from dicom_node.storage import Store
 from inference import analyses
-from inference.registry import ModelRegistry
+from inference.registry import ModelError, ModelRegistry
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -46,6 +46,14 @@ class EncodedFile:
     transfer_syntax_uid: str
     path: Path
     size: int
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error: the node's and the model packages' own messages as they are, anything else
+    (pydicom, highdicom, torch ...) as ``Type: message`` with quoted values redacted."""
+    if isinstance(exc, (PipelineError, ModelError, analyses.AnalysisError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {redact(str(exc))}"
 
 
 def input_key(sop_instance_uids: Sequence[str]) -> str:
@@ -96,13 +104,26 @@ class Analyser:
                     raise PipelineError(str(exc)) from exc
             return self._cache[name]
 
+    def warm_up(self, names: Sequence[str]) -> dict[str, str]:
+        """Build each analysis and load its models now (not at the first study); returns name -> problem
+        for those that cannot run (one line each), and logs the outcome."""
+        problems: dict[str, str] = {}
+        for name in dict.fromkeys(names):
+            try:
+                models = self.get(name).models()
+                log.info("analysis %s ready (%s)", name, ", ".join(f"{m.name} {m.version}" for m in models) or "no models")
+            except Exception as exc:  # noqa: BLE001 - reported, studies routed to it will fail with the reason
+                problems[name] = describe(exc)
+                log.warning("analysis %s cannot run: %s", name, problems[name])
+        return problems
+
     def run(self, name: str, datasets: Sequence[Dataset]) -> Any:
         """Run analysis `name`; PipelineError with a one-line reason on any failure."""
         analysis = self.get(name)
         try:
             return analysis.run(datasets)
         except Exception as exc:  # noqa: BLE001 - a model failure fails the job, not the node
-            raise PipelineError(f"analysis {name!r} failed: {type(exc).__name__}: {redact(str(exc))}") from exc
+            raise PipelineError(f"analysis {name!r} failed: {describe(exc)}") from exc
 
 
 def build_encoded(result: Any, datasets: Sequence[Dataset], destinations: Sequence[Destination], *,

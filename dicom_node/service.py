@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from pathlib import Path
 
 from dicom_node.db import Database
@@ -46,7 +47,8 @@ class NodeService:
         self.store = Store(settings.data_dir, durability=settings.node.durability)
         load_plugins(settings)
         self.registry = make_registry(settings)
-        self.pipeline = Pipeline(settings, self.db, self.store, Analyser(self.registry))
+        self.analyser = Analyser(self.registry)
+        self.pipeline = Pipeline(settings, self.db, self.store, self.analyser)
         self.sender = Sender(settings, self.db)
         self.scp = StorageSCP(settings, self.db, self.store, on_association_end=lambda: self.scheduler.wake("assembly"))
         self.scheduler = NodeScheduler(settings, self.db, self.store, self.pipeline, self.sender,
@@ -63,6 +65,9 @@ class NodeService:
             log.info("recovered after restart: %s, %d temporary file(s) removed", recovered, cleaned)
         self.scheduler.start()
         self.scp.start()
+        # Load the models in the background: the node listens at once, the first study does not pay for it.
+        names = [a for rule in self.settings.rules for a in rule.analyses]
+        threading.Thread(target=self.analyser.warm_up, args=(names,), name="warm-up", daemon=True).start()
 
     def stop(self) -> None:
         """Stop listening, then stop the jobs (safe to call after a failed start)."""

@@ -95,6 +95,7 @@ class BlockFinderAnalysis:
         self.registry = registry
 
     def models(self) -> tuple[ModelInfo, ...]:
+        self.registry.load(MODEL, _build)  # as the protocol says: loads them if needed
         return (self.registry.spec(MODEL).info,)
 
     def run(self, datasets: Sequence) -> StudyResult:

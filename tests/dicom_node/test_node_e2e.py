@@ -331,3 +331,16 @@ def test_compressed_input_is_analysed_and_reported(node_factory, orthanc: Orthan
              what="outputs of a JPEG 2000 input in Orthanc")
     summary = node.db.study_detail(ds.StudyInstanceUID)["jobs"][0]["summary"]
     assert summary["images"][0]["vertebrae"]  # the model saw the decoded pixels
+
+
+def test_models_are_loaded_at_start_and_missing_ones_reported(node_factory, caplog) -> None:
+    import logging
+
+    from nodekit import node_test_analysis
+
+    caplog.set_level(logging.INFO, logger="dicom_node.pipeline")
+    node = node_factory()
+    wait_for(lambda: node_test_analysis.MODEL in node.registry.loaded(), 30, what="test model loaded at start")
+    problems = node.analyser.warm_up(["no-such-analysis"])
+    assert "unknown analysis 'no-such-analysis'" in problems["no-such-analysis"]
+    assert "analysis no-such-analysis cannot run" in caplog.text
