@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -16,6 +17,7 @@ from typing import Literal
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
+from pydicom.valuerep import DA, DT, TM
 
 from inference.results import ImageResult, ModelInfo, StudyResult
 from reports import codes
@@ -248,6 +250,37 @@ def apply_identity(ds: Dataset, source: Dataset) -> None:
             delattr(ds, keyword)
     # Our own text (dashes in level spans, the disclaimer) is not Latin-1; UTF-8 carries any name exactly.
     ds.SpecificCharacterSet = "ISO_IR 192"
+
+
+_DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}
+
+
+def encodable_copy(source: Dataset) -> Dataset:
+    """`source` with identity dates/times that do not parse emptied (e.g. PatientBirthDate "31.12.1960").
+
+    Some modalities send such values; highdicom refuses them while building.  The builders get this copy,
+    and `apply_identity` afterwards copies the source's values back verbatim, so identity stays exact.
+    """
+    bad = []
+    for keyword, _ in IDENTITY_ATTRIBUTES:
+        if keyword not in source or source[keyword].VR not in _DATE_TIME_VRS or not source[keyword].value:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _DATE_TIME_VRS[source[keyword].VR](str(source[keyword].value))
+        except ValueError:
+            bad.append(keyword)
+    if not bad:
+        return source
+    clean = Dataset()
+    clean.update(source)
+    if hasattr(source, "file_meta"):
+        clean.file_meta = source.file_meta
+    for keyword in bad:
+        del clean[keyword]  # the element object is shared with `source`: replace it, never mutate it
+        setattr(clean, keyword, None)  # empty, not absent: the builders read these Type 2 attributes
+    return clean
 
 
 def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:

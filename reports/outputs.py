@@ -13,7 +13,9 @@ from reports.common import (
     OutputOptions,
     Producer,
     SopReference,
+    apply_identity,
     check_one_study,
+    encodable_copy,
     image_sources,
     sources_by_uid,
 )
@@ -56,6 +58,8 @@ def build_outputs(
         raise ValueError(
             f"StudyInstanceUID of the sources ({study}) differs from the result's ({result.study_instance_uid})"
         )
+    originals = sources
+    sources = [encodable_copy(ds) for ds in sources]
     by_uid = sources_by_uid(sources)
     images = [(image, image_sources(image, by_uid)) for image in result.images]
     if not images:
@@ -78,4 +82,7 @@ def build_outputs(
         sr = build_sr(result, images, producer=producer, predecessor=predecessor_sr)
         all_refs = tuple(uid for image, _ in images for uid in image.source.sop_instance_uids)
         outputs.append(EncodedOutput(OutputKind.SR, sr, all_refs))
+    # The builders saw copies without unparsable dates/times; identity goes out exactly as the source sent it.
+    for out in outputs:
+        apply_identity(out.dataset, originals[0])
     return outputs

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import re
 import subprocess
+import warnings
 
 import highdicom as hd
 import numpy as np
@@ -508,3 +509,20 @@ def test_sagittal_series_gets_its_own_orientation(tmp_path, dciodvfy):
     seg = _by_kind(outs, OutputKind.SEG)[0].dataset
     assert [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
             .ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]
+
+
+def test_malformed_source_dates_are_copied_verbatim_not_fatal(cases):
+    """Modalities send e.g. PatientBirthDate "31.12.1960"; outputs still go out, carrying the value as sent."""
+    case = cases["lateral-dx"]
+    sources = [copy.deepcopy(ds) for ds in case.sources]
+    for ds in sources:
+        ds.PatientBirthDate = "31.12.1960"
+        ds.StudyTime = "10:15"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outputs = build_outputs(case.result, sources)
+    assert {o.kind for o in outputs} == set(OutputKind)
+    for out in outputs:
+        assert out.dataset.PatientBirthDate == "31.12.1960"
+        assert out.dataset.StudyTime == "10:15"
+    assert case.sources[0].PatientBirthDate != "31.12.1960"  # the caller's datasets are untouched
