@@ -101,6 +101,9 @@ class Radiograph:
     orientation: Orientation
     stored_shape: tuple[int, int]
     notes: tuple[str, ...] = ()
+    #: For frontal views: +1 when the patient's left lies toward larger column index in the canonical grid,
+    #: -1 toward smaller, None when the header does not say (PatientOrientation absent).
+    left_sign: int | None = None
 
 
 def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str, tuple[str, ...]]:
@@ -194,12 +197,21 @@ def orientation_of(ds: Dataset) -> Orientation:
 
 
 def _anterior_sign(ds: Dataset, orientation: Orientation) -> int | None:
+    return _row_sign(ds, orientation, {"A": 1, "P": -1})
+
+
+def _left_sign(ds: Dataset, orientation: Orientation) -> int | None:
+    return _row_sign(ds, orientation, {"L": 1, "R": -1})
+
+
+def _row_sign(ds: Dataset, orientation: Orientation, signs: dict[str, int]) -> int | None:
+    """+1 / -1 when the patient direction named +1 in `signs` runs along / against canonical columns."""
     patient_orientation = _patient_orientation(ds)
     if patient_orientation is None:
         return None
     # After the turn, the direction along a canonical row is the stored column direction when transposed.
     along = patient_orientation[1] if orientation.transpose else patient_orientation[0]
-    sign = {"A": 1, "P": -1}.get(along[:1])
+    sign = signs.get(along[:1])
     if sign is None:
         return None
     return -sign if orientation.flip_columns else sign
@@ -246,6 +258,7 @@ def decode(ds: Dataset) -> Radiograph:
     canonical = np.ascontiguousarray(orientation.to_canonical(values), dtype=np.float32)
     view = view_of(ds)
     anterior = _anterior_sign(ds, orientation) if view == "LAT" else None
+    left = _left_sign(ds, orientation) if view != "LAT" else None
     extra = ()
     if not orientation.identity:
         stated = "\\".join(_patient_orientation(ds) or ())
@@ -259,6 +272,7 @@ def decode(ds: Dataset) -> Radiograph:
         orientation=orientation,
         stored_shape=(int(values.shape[0]), int(values.shape[1])),
         notes=notes + extra,
+        left_sign=left,
     )
 
 
