@@ -143,6 +143,105 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE outputs ADD COLUMN purged_at REAL;   -- file deleted by retention; the row stays
         """,
     ),
+    (
+        "audit trail, counters, analysis time",
+        """
+        -- One row per finished association, delivery attempt and operator action (README "Operator dashboard").
+        CREATE TABLE audit_events (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,              -- association, delivery, action
+            action TEXT NOT NULL,            -- association: released/aborted/rejected; delivery: delivered/retry/
+                                             -- failed/interrupted; action: retry/reanalyse/echo/login
+            actor TEXT NOT NULL,             -- calling AE title, 'node', 'token:<id>' or 'user:<name>'
+            peer TEXT,                       -- host:port of the other side
+            destination TEXT,
+            study_instance_uid TEXT,
+            target TEXT,                     -- association id, output SOP Instance UID, or what an action acted on
+            instances INTEGER,
+            failures INTEGER,
+            status INTEGER,                  -- last DIMSE status of a delivery
+            outcome TEXT NOT NULL,           -- ok, failed, refused
+            detail TEXT
+        );
+        CREATE INDEX audit_events_at ON audit_events(at);
+        CREATE INDEX audit_events_study ON audit_events(study_instance_uid);
+
+        -- Monotonic totals kept by the trigger below, so /metrics counters survive restarts and cost O(1).
+        CREATE TABLE counters (
+            metric TEXT NOT NULL,
+            a TEXT NOT NULL DEFAULT '',
+            b TEXT NOT NULL DEFAULT '',
+            value REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (metric, a, b)
+        );
+        CREATE TRIGGER audit_events_count AFTER INSERT ON audit_events BEGIN
+            INSERT INTO counters (metric, a, b, value) SELECT 'associations', '', NEW.action, 1
+                WHERE NEW.kind = 'association' ON CONFLICT (metric, a, b) DO UPDATE SET value = value + 1;
+            INSERT INTO counters (metric, a, b, value) SELECT 'instances_received', NEW.actor, '', NEW.instances
+                WHERE NEW.kind = 'association' AND NEW.instances > 0
+                ON CONFLICT (metric, a, b) DO UPDATE SET value = value + excluded.value;
+            INSERT INTO counters (metric, a, b, value) SELECT 'store_failures', NEW.actor, '', NEW.failures
+                WHERE NEW.kind = 'association' AND NEW.failures > 0
+                ON CONFLICT (metric, a, b) DO UPDATE SET value = value + excluded.value;
+            INSERT INTO counters (metric, a, b, value) SELECT 'deliveries', NEW.destination, NEW.action, 1
+                WHERE NEW.kind = 'delivery' ON CONFLICT (metric, a, b) DO UPDATE SET value = value + 1;
+            INSERT INTO counters (metric, a, b, value) SELECT 'last_delivered_at', NEW.destination, '', NEW.at
+                WHERE NEW.kind = 'delivery' AND NEW.action = 'delivered'
+                ON CONFLICT (metric, a, b) DO UPDATE SET value = max(value, excluded.value);
+            INSERT INTO counters (metric, a, b, value) SELECT 'actions', NEW.action, NEW.outcome, 1
+                WHERE NEW.kind = 'action' ON CONFLICT (metric, a, b) DO UPDATE SET value = value + 1;
+        END;
+
+        -- What happened before this migration, so that the trail and the totals start complete.
+        INSERT INTO audit_events (at, kind, action, actor, peer, target, instances, failures, outcome, detail)
+            SELECT coalesce(ended_at, started_at), 'association', state, calling_ae,
+                   coalesce(peer_host, '') || ':' || coalesce(peer_port, ''), CAST(id AS TEXT), instances, failures,
+                   CASE WHEN state = 'released' AND failures = 0 THEN 'ok' ELSE 'failed' END, reason
+            FROM associations WHERE state <> 'open' ORDER BY id;
+        INSERT INTO audit_events (at, kind, action, actor, destination, study_instance_uid, target, status, outcome,
+                                  detail)
+            SELECT coalesce(delivered_at, updated_at), 'delivery', state, 'node', destination, study_instance_uid,
+                   output_sop_instance_uid, last_status, CASE state WHEN 'delivered' THEN 'ok' ELSE 'failed' END,
+                   last_error
+            FROM deliveries WHERE state IN ('delivered', 'failed') ORDER BY coalesce(delivered_at, updated_at), id;
+
+        -- From now on the database records them itself, in the same transaction as the change.
+        CREATE TRIGGER audit_association_end AFTER UPDATE OF state ON associations
+        WHEN OLD.state = 'open' AND NEW.state <> 'open' BEGIN
+            INSERT INTO audit_events (at, kind, action, actor, peer, target, instances, failures, outcome, detail)
+            VALUES (coalesce(NEW.ended_at, NEW.started_at), 'association', NEW.state, NEW.calling_ae,
+                    coalesce(NEW.peer_host, '') || ':' || coalesce(NEW.peer_port, ''), CAST(NEW.id AS TEXT),
+                    NEW.instances, NEW.failures,
+                    CASE WHEN NEW.state = 'released' AND NEW.failures = 0 THEN 'ok' ELSE 'failed' END, NEW.reason);
+        END;
+        CREATE TRIGGER audit_association_rejected AFTER INSERT ON associations WHEN NEW.state = 'rejected' BEGIN
+            INSERT INTO audit_events (at, kind, action, actor, peer, target, instances, failures, outcome, detail)
+            VALUES (NEW.started_at, 'association', 'rejected', NEW.calling_ae,
+                    coalesce(NEW.peer_host, '') || ':' || coalesce(NEW.peer_port, ''), CAST(NEW.id AS TEXT), 0, 0,
+                    'refused', NEW.reason);
+        END;
+        CREATE TRIGGER audit_delivery AFTER UPDATE OF state ON deliveries
+        WHEN OLD.state = 'sending' AND NEW.state <> 'sending' BEGIN
+            INSERT INTO audit_events (at, kind, action, actor, destination, study_instance_uid, target, status,
+                                      outcome, detail)
+            VALUES (NEW.updated_at, 'delivery',
+                    CASE WHEN NEW.state <> 'pending' THEN NEW.state
+                         WHEN NEW.next_attempt_at <> OLD.next_attempt_at THEN 'retry' ELSE 'interrupted' END,
+                    'node', NEW.destination, NEW.study_instance_uid, NEW.output_sop_instance_uid, NEW.last_status,
+                    CASE NEW.state WHEN 'delivered' THEN 'ok' ELSE 'failed' END,
+                    CASE WHEN NEW.state = 'delivered' THEN NULL
+                         WHEN NEW.state = 'pending' AND NEW.next_attempt_at = OLD.next_attempt_at
+                         THEN 'node stopped while sending' ELSE NEW.last_error END);
+        END;
+
+        ALTER TABLE jobs ADD COLUMN analysis_seconds REAL;    -- wall time of the analysis run (not encoding)
+        CREATE INDEX studies_received ON studies(first_received_at);
+        CREATE INDEX studies_updated ON studies(updated_at);
+        CREATE INDEX deliveries_updated ON deliveries(updated_at);
+        CREATE TABLE probes (name TEXT PRIMARY KEY, at REAL NOT NULL);    -- /readyz writes here
+        """,
+    ),
 )
 
 
@@ -704,6 +803,230 @@ class Database:
         """Latest associations (audit)."""
         return self.query("SELECT * FROM associations ORDER BY id DESC LIMIT ?", (limit,))
 
+    # ------------------------------------------------------------------ operator surface (web, CLI)
+
+    def record_action(self, action: str, actor: str, outcome: str, *, target: str | None = None,
+                      study_instance_uid: str | None = None, destination: str | None = None,
+                      peer: str | None = None, detail: str | None = None) -> int:
+        """Audit an operator action (who, what, on what, outcome); returns the event id."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO audit_events (at, kind, action, actor, peer, destination, study_instance_uid, target,"
+                " outcome, detail) VALUES (?, 'action', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), action, actor, peer, destination, study_instance_uid, target, outcome, detail),
+            )
+            return int(cur.lastrowid or 0)
+
+    def audit_events(self, *, since: float | None = None, until: float | None = None,
+                     kinds: Sequence[str] = (), study_instance_uid: str | None = None,
+                     limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
+        """Audit trail rows (associations, deliveries, operator actions) in time order."""
+        where, params = ["1"], []
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("at < ?")
+            params.append(until)
+        if kinds:
+            where.append(f"kind IN ({', '.join('?' for _ in kinds)})")
+            params.extend(kinds)
+        if study_instance_uid:
+            where.append("study_instance_uid = ?")
+            params.append(study_instance_uid)
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT * FROM audit_events WHERE {' AND '.join(where)} ORDER BY at {order}, id {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self.query(sql, params)
+
+    def counters(self) -> list[dict[str, Any]]:
+        """Monotonic totals (metric, a, b, value) kept by the audit trigger."""
+        return self.query("SELECT metric, a, b, value FROM counters ORDER BY metric, a, b")
+
+    def open_association_instances(self) -> dict[str, int]:
+        """Instances received so far on associations still open, by calling AE (not yet in `counters`)."""
+        return {r["calling_ae"]: int(r["n"] or 0) for r in self.query(
+            "SELECT calling_ae, sum(instances) AS n FROM associations WHERE state = 'open' GROUP BY calling_ae")}
+
+    def open_associations(self) -> int:
+        """Associations currently open."""
+        row = self.one("SELECT count(*) AS n FROM associations WHERE state = 'open'")
+        return int(row["n"]) if row else 0
+
+    def record_analysis_seconds(self, study_instance_uid: str, analysis: str, input_key: str, seconds: float) -> None:
+        """Wall time of the analysis run of one job (the job is identified by its input)."""
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET analysis_seconds = ? WHERE study_instance_uid = ? AND analysis = ?"
+                       " AND input_key = ?", (seconds, study_instance_uid, analysis, input_key))
+
+    def job_counts(self) -> list[dict[str, Any]]:
+        """Jobs per analysis and state."""
+        return self.query("SELECT analysis, state, count(*) AS n FROM jobs GROUP BY analysis, state ORDER BY 1, 2")
+
+    def oldest_waiting(self) -> dict[str, float]:
+        """Per unsettled study state, the oldest `updated_at` (how long the longest-waiting study has waited)."""
+        return {r["state"]: r["t"] for r in self.query(
+            "SELECT state, min(updated_at) AS t FROM studies WHERE state IN ('received', 'complete', 'analysing',"
+            " 'encoded') GROUP BY state")}
+
+    def oldest_pending_deliveries(self) -> dict[str, float]:
+        """Per destination, when the oldest delivery still pending or sending was queued."""
+        return {r["destination"]: r["t"] for r in self.query(
+            "SELECT destination, min(created_at) AS t FROM deliveries WHERE state IN ('pending', 'sending')"
+            " GROUP BY destination")}
+
+    def last_received_at(self) -> float | None:
+        """When the last source instance arrived."""
+        row = self.one("SELECT max(last_received_at) AS t FROM studies")
+        return row["t"] if row else None
+
+    def activity_since(self, since: float) -> dict[str, Any]:
+        """Throughput for the overview: associations, instances, studies settled, deliveries, failures."""
+        ev = {(r["kind"], r["action"]): (int(r["n"]), int(r["instances"] or 0)) for r in self.query(
+            "SELECT kind, action, count(*) AS n, sum(instances) AS instances FROM audit_events WHERE at >= ?"
+            " GROUP BY kind, action", (since,))}
+        studies = {r["state"]: int(r["n"]) for r in self.query(
+            "SELECT state, count(*) AS n FROM studies WHERE updated_at >= ? GROUP BY state", (since,))}
+        seconds = self.one("SELECT count(*) AS n, avg(analysis_seconds) AS mean, max(analysis_seconds) AS worst"
+                           " FROM jobs WHERE updated_at >= ? AND analysis_seconds IS NOT NULL", (since,))
+        return {
+            "since": since,
+            "associations": sum(n for (k, _), (n, _i) in ev.items() if k == "association"),
+            "associations_rejected": ev.get(("association", "rejected"), (0, 0))[0],
+            "instances_received": sum(i for (k, _), (_n, i) in ev.items() if k == "association")
+            + sum(self.open_association_instances().values()),
+            "studies_received": int((self.one("SELECT count(*) AS n FROM studies WHERE first_received_at >= ?",
+                                              (since,)) or {"n": 0})["n"]),
+            "studies_delivered": studies.get(DELIVERED, 0),
+            "studies_failed": studies.get(FAILED, 0),
+            "deliveries": ev.get(("delivery", "delivered"), (0, 0))[0],
+            "delivery_failures": ev.get(("delivery", "failed"), (0, 0))[0] + ev.get(("delivery", "retry"), (0, 0))[0],
+            "analyses": int(seconds["n"]) if seconds else 0,
+            "analysis_seconds_mean": seconds["mean"] if seconds else None,
+            "analysis_seconds_max": seconds["worst"] if seconds else None,
+        }
+
+    def studies_page(self, *, state: str | None = None, flagged: bool | None = None, since: float | None = None,
+                     until: float | None = None, uid_prefix: str | None = None, limit: int = 50,
+                     offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        """Studies for the list view, newest activity first, with their latest result summaries;
+        returns (total matching, rows).  `since` / `until` filter on when the study was first received."""
+        where, params = ["1"], []
+        if state:
+            where.append("s.state = ?")
+            params.append(state)
+        if since is not None:
+            where.append("s.first_received_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("s.first_received_at < ?")
+            params.append(until)
+        if uid_prefix:
+            where.append("s.study_instance_uid LIKE ? ESCAPE '!'")
+            params.append(uid_prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
+        if flagged is not None:
+            # Flagged: the latest result of any of the study's analyses says so.
+            where.append(("" if flagged else "NOT ") + "EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid ="
+                         " s.study_instance_uid AND json_extract(j.summary, '$.flagged') = 1 AND j.id = (SELECT"
+                         " max(k.id) FROM jobs k WHERE k.study_instance_uid = j.study_instance_uid AND k.analysis ="
+                         " j.analysis AND k.summary IS NOT NULL))")
+        cond = " AND ".join(where)
+        total = int((self.one(f"SELECT count(*) AS n FROM studies s WHERE {cond}", params) or {"n": 0})["n"])
+        rows = self.query(
+            "SELECT s.*, (SELECT group_concat(DISTINCT i.modality) FROM instances i WHERE i.study_instance_uid ="
+            " s.study_instance_uid AND i.own_output = 0) AS modalities, (SELECT i.study_description FROM instances i"
+            " WHERE i.study_instance_uid = s.study_instance_uid AND i.own_output = 0 LIMIT 1) AS study_description,"
+            " (SELECT count(*) FROM deliveries d WHERE d.study_instance_uid = s.study_instance_uid) AS deliveries,"
+            " (SELECT count(*) FROM deliveries d WHERE d.study_instance_uid = s.study_instance_uid AND d.state ="
+            f" 'delivered') AS delivered FROM studies s WHERE {cond} ORDER BY s.updated_at DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
+        summaries = self.latest_summaries([r["study_instance_uid"] for r in rows])
+        for r in rows:
+            r["results"] = summaries.get(r["study_instance_uid"], [])
+        return total, rows
+
+    def latest_summaries(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Per study, the latest result summary of each analysis (jobs that produced one)."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for start in range(0, len(study_uids), 500):
+            chunk = list(study_uids[start:start + 500])
+            for r in self.query(
+                "SELECT study_instance_uid, analysis, state, summary, analysis_seconds FROM jobs WHERE summary IS NOT"
+                f" NULL AND study_instance_uid IN ({', '.join('?' for _ in chunk)}) ORDER BY id", chunk,
+            ):
+                summary = json.loads(r["summary"])
+                summary["job_state"] = r["state"]
+                summary["analysis_seconds"] = r["analysis_seconds"]
+                out.setdefault(r["study_instance_uid"], {})[r["analysis"]] = summary
+        return {uid: list(by_analysis.values()) for uid, by_analysis in out.items()}
+
+    def study_associations(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """Associations that brought a study's source instances (while the instance rows exist)."""
+        return self.query(
+            "SELECT a.*, count(i.sop_instance_uid) AS study_instances FROM associations a JOIN instances i ON"
+            " i.association_id = a.id WHERE i.study_instance_uid = ? AND i.own_output = 0 GROUP BY a.id ORDER BY a.id",
+            (study_instance_uid,),
+        )
+
+    def requeue_failed_study(self, study_instance_uid: str) -> int:
+        """A study whose analysis failed (no failed delivery) -> complete again; returns 1 if it moved."""
+        with self.tx() as db:
+            return db.execute(
+                "UPDATE studies SET state = 'complete', reason = NULL, updated_at = ? WHERE study_instance_uid = ?"
+                " AND state = 'failed' AND study_instance_uid NOT IN (SELECT study_instance_uid FROM deliveries"
+                " WHERE state = 'failed')", (time.time(), study_instance_uid),
+            ).rowcount
+
+    def request_reanalysis(self, study_instance_uid: str) -> str | None:
+        """Send a settled study (delivered, failed, unrouted) back to `complete` so the pipeline routes and
+        analyses it again through its usual states; returns None, or why it cannot be done now.
+
+        Its earlier jobs are marked superseded (state failed) so that the pipeline runs them again instead of
+        skipping an input it has seen; outputs that come out identical keep their UIDs and are not resent.
+        """
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT state FROM studies WHERE study_instance_uid = ?", (study_instance_uid,)).fetchone()
+            if row is None:
+                return "no such study"
+            if row[0] not in (DELIVERED, FAILED, UNROUTED):
+                return f"the study is {row[0]}; re-analyse once it is delivered, failed or unrouted"
+            if db.execute("SELECT 1 FROM deliveries WHERE study_instance_uid = ? AND state IN ('pending', 'sending')",
+                          (study_instance_uid,)).fetchone():
+                return "deliveries of this study are still under way"
+            db.execute("UPDATE jobs SET state = 'failed', reason = 're-analysis requested', updated_at = ?"
+                       " WHERE study_instance_uid = ?", (now, study_instance_uid))
+            db.execute("UPDATE studies SET state = 'complete', reason = NULL, updated_at = ? WHERE"
+                       " study_instance_uid = ?", (now, study_instance_uid))
+        return None
+
+    def change_marks(self) -> dict[str, Any]:
+        """Cheap markers that move whenever a study, a delivery or the audit trail changes (page refresh)."""
+        row = self.one("SELECT (SELECT max(updated_at) FROM studies) AS studies, (SELECT max(updated_at) FROM"
+                       " deliveries) AS deliveries, (SELECT max(id) FROM audit_events) AS audit,"
+                       " (SELECT count(*) FROM studies) AS study_count")
+        return dict(row or {})
+
+    def probe_writable(self, timeout_s: float = 2.0) -> str | None:
+        """Write one row on a fresh connection with a short lock timeout; None when it worked, else why."""
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=timeout_s)
+        except sqlite3.Error as exc:
+            return f"cannot open {self.path.name}: {exc}"
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO probes (name, at) VALUES ('readyz', ?) ON CONFLICT(name) DO UPDATE SET"
+                         " at = excluded.at", (time.time(),))
+            conn.execute("COMMIT")
+            return None
+        except sqlite3.Error as exc:
+            return f"{self.path.name} not writable: {exc}"
+        finally:
+            _close_quietly(conn)
+
     # ------------------------------------------------------------------------------- retention
 
     def purgeable_studies(self, delivered_before: float) -> list[str]:
@@ -748,11 +1071,12 @@ def _close_quietly(conn: sqlite3.Connection) -> None:
 
 
 def _statements(script: str) -> list[str]:
+    # sqlite3.complete_statement knows that a trigger's inner ';' do not end the CREATE TRIGGER.
     out, buf = [], []
     for line in script.splitlines():
         code = line.split("--", 1)[0]
         buf.append(code)
-        if code.rstrip().endswith(";"):
+        if code.rstrip().endswith(";") and sqlite3.complete_statement("\n".join(buf)):
             stmt = "\n".join(buf).strip()
             if stmt.strip(";").strip():
                 out.append(stmt)

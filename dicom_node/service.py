@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from dicom_node.db import Database
-from dicom_node.pipeline import Analyser, Pipeline
+from dicom_node.errors import NodeError
+from dicom_node.pipeline import Pipeline
 from dicom_node.scheduler import NodeScheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.scu import Sender
@@ -42,17 +45,23 @@ class NodeService:
     """Everything `dicom-node serve` runs."""
 
     def __init__(self, settings: Settings) -> None:
+        from dicom_node.web.metrics import MeteredAnalyser, NodeMetrics
+
         self.settings = settings
+        self.started_at = time.time()
         self.db = open_database(settings)
         self.store = Store(settings.data_dir, durability=settings.node.durability)
         load_plugins(settings)
         self.registry = make_registry(settings)
-        self.analyser = Analyser(self.registry)
+        self.metrics = NodeMetrics()
+        self.analyser = MeteredAnalyser(self.registry, self.db, self.metrics)
         self.pipeline = Pipeline(settings, self.db, self.store, self.analyser)
         self.sender = Sender(settings, self.db)
         self.scp = StorageSCP(settings, self.db, self.store, on_association_end=lambda: self.scheduler.wake("assembly"))
         self.scheduler = NodeScheduler(settings, self.db, self.store, self.pipeline, self.sender,
                                        tune_polling=self.scp.relax_idle_associations)
+        self.metrics.attach(self)
+        self.http: Any = None
 
     def start(self) -> None:
         """Recover from an earlier stop, then start the jobs and listen."""
@@ -66,14 +75,98 @@ class NodeService:
         self.scheduler.start()
         self.scp.start()
         # Load the models in the background: the node listens at once, the first study does not pay for it.
-        names = [a for rule in self.settings.rules for a in rule.analyses]
+        names = self.routed_analyses()
+        for name in names:
+            self.analyser.status.setdefault(name, "loading")
         threading.Thread(target=self.analyser.warm_up, args=(names,), name="warm-up", daemon=True).start()
+        if self.settings.http.enabled:
+            self._start_http()
+
+    def _start_http(self) -> None:
+        from dicom_node.web import HttpServer, create_app
+
+        http = self.settings.http
+        self.http = HttpServer(create_app(self), http.host, http.port)
+        try:
+            self.http.start()
+        except OSError as exc:
+            self.http = None
+            raise NodeError(f"cannot listen for HTTP on {http.host}:{http.port}: {exc.strerror or exc}") from exc
+        log.info("dashboard on %s", self.http.url)
 
     def stop(self) -> None:
         """Stop listening, then stop the jobs (safe to call after a failed start)."""
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         self.scp.stop()
         try:
             self.scheduler.stop()
         except Exception:  # noqa: BLE001 - never started
             pass
         self.db.close()
+
+    # ------------------------------------------------------------------ state for the operator surface
+
+    def routed_analyses(self) -> list[str]:
+        """Analyses the routing rules name, in order, once each."""
+        return list(dict.fromkeys(a for rule in self.settings.rules for a in rule.analyses))
+
+    def listener_bound(self) -> bool:
+        """True while the DICOM listener holds its socket."""
+        server = getattr(self.scp, "_server", None)
+        try:
+            return server is not None and server.socket.fileno() >= 0
+        except (AttributeError, OSError):
+            return False
+
+    def scheduler_running(self) -> bool:
+        """True while the background jobs run."""
+        return bool(getattr(self.scheduler._scheduler, "running", False))
+
+    # --------------------------------------------------------------- operator actions (audited)
+
+    def retry_study(self, study_instance_uid: str, actor: str) -> dict[str, int]:
+        """Re-queue a study's failed deliveries, or its failed analysis; audited."""
+        deliveries = self.db.requeue_failed(study_instance_uid=study_instance_uid)
+        studies = self.db.requeue_failed_study(study_instance_uid) if not deliveries else 0
+        outcome = "ok" if deliveries or studies else "nothing to retry"
+        self.db.record_action("retry", actor, outcome, target=study_instance_uid,
+                              study_instance_uid=study_instance_uid,
+                              detail=f"re-queued {deliveries} delivery(ies), {studies} analysis(es)")
+        if deliveries:
+            self.scheduler.wake_senders()
+        if studies:
+            self.scheduler.wake("pipeline")
+        return {"deliveries": deliveries, "studies": studies}
+
+    def retry_destination(self, name: str, actor: str) -> int:
+        """Re-queue every failed delivery to destination `name`; audited."""
+        n = self.db.requeue_failed(destination=name)
+        self.db.record_action("retry", actor, "ok" if n else "nothing to retry", target=name, destination=name,
+                              detail=f"re-queued {n} delivery(ies)")
+        if n:
+            self.scheduler.wake(f"deliver:{name}")
+        return n
+
+    def reanalyse_study(self, study_instance_uid: str, actor: str) -> str | None:
+        """Send a settled study back through routing and analysis; None, or why not.  Audited either way."""
+        why = self.db.request_reanalysis(study_instance_uid)
+        self.db.record_action("reanalyse", actor, "ok" if why is None else "refused", target=study_instance_uid,
+                              study_instance_uid=study_instance_uid, detail=why)
+        if why is None:
+            self.scheduler.wake("pipeline")
+        return why
+
+    def echo_destination(self, name: str, actor: str) -> tuple[bool, str]:
+        """C-ECHO destination `name` (KeyError if unknown); audited."""
+        from dicom_node.scu import echo
+
+        dest = self.settings.destination(name)
+        ok, message = echo(self.settings.node.ae_title, dest, self.settings.delivery)
+        self.db.record_action("echo", actor, "ok" if ok else "failed", target=dest.address, destination=name,
+                              detail=message)
+        if ok:
+            self.db.expedite(name)  # it answers: what waits out a backoff may go now
+            self.scheduler.wake(f"deliver:{name}")
+        return ok, message

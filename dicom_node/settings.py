@@ -239,6 +239,71 @@ class ProducerSettings(_Section):
     institution_name: str | None = None
 
 
+class HttpToken(_Section):
+    """An API / dashboard token; `id` names who used it in the audit trail (the token itself is never logged)."""
+
+    id: str
+    token: str = Field(min_length=16)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"must be letters, digits, '_', '.', '-' (up to 64), got {value!r}")
+        return value
+
+
+class HttpUser(_Section):
+    """A basic-auth user; `password_hash` is what ``dicom-node http hash-password`` prints (PBKDF2-SHA256)."""
+
+    name: str
+    password_hash: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"must be letters, digits, '_', '.', '-' (up to 64), got {value!r}")
+        return value
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        parts = value.split("$")
+        if len(parts) != 4 or parts[0] != "pbkdf2_sha256" or not parts[1].isdigit():
+            raise ValueError("must be pbkdf2_sha256$<iterations>$<salt>$<hash> (make one with"
+                             " `dicom-node http hash-password`)")
+        return value
+
+
+class HttpSettings(_Section):
+    """The operator surface: dashboard, JSON API, /healthz, /readyz, /metrics.
+
+    Without an ``[http]`` section there is no HTTP server (the shipped configuration has one).  Every path
+    except /healthz needs one of `tokens` (``Authorization: Bearer``) or `users` (basic auth); with neither
+    configured the node creates ``<data_dir>/http-token`` on first start and accepts that token.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8480, ge=0, le=65535)
+    tokens: tuple[HttpToken, ...] = ()
+    users: tuple[HttpUser, ...] = ()
+    #: Show patient name, ID, birth date, accession number and study date (read from the stored files).
+    show_phi: bool = False
+    #: /readyz fails when the data directory's file system has less free space than this.
+    min_free_disk_mb: float = Field(1024.0, ge=0)
+    #: Dashboard pages poll the JSON API this often (0 = no auto-refresh).
+    refresh_s: float = Field(3.0, ge=0)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty (use 0.0.0.0 for every interface)")
+        return value
+
+
 class Settings(_Section):
     """The whole validated configuration."""
 
@@ -252,6 +317,7 @@ class Settings(_Section):
     models: ModelsSettings = ModelsSettings()
     logging: LoggingSettings = LoggingSettings()
     producer: ProducerSettings = ProducerSettings()
+    http: HttpSettings = HttpSettings()
 
     def destination(self, name: str) -> Destination:
         """The destination called `name` (KeyError if none)."""
@@ -287,6 +353,8 @@ class Overrides:
     allow: tuple[str, ...] = ()
     accept_any: bool | None = None
     log_level: str | None = None
+    http_port: int | None = None
+    http_token: str | None = None
 
 
 def default_config_text() -> str:
@@ -323,6 +391,7 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
         "DATA_DIR": ("node", "data_dir"),
         "ACCEPT_ANY": ("peers", "accept_any"),
         "LOG_LEVEL": ("logging", "level"),
+        "HTTP_PORT": ("http", "port"),
     }
     out = []
     for suffix, key in names.items():
@@ -356,6 +425,15 @@ def _merge_overrides(raw: dict[str, Any], env: Mapping[str, str], cli: Overrides
     ):
         if value is not None:
             _set(raw, key, value)
+    if cli.http_port is not None:
+        # Asking for a port means asking for the server.
+        _set(raw, ("http", "port"), cli.http_port)
+        _set(raw, ("http", "enabled"), True)
+    token = cli.http_token or env.get(ENV_PREFIX + "HTTP_TOKEN") or None
+    if token:
+        http = dict(raw.get("http") or {})
+        http["tokens"] = [*http.get("tokens", []), {"id": "cli" if cli.http_token else "env", "token": token}]
+        raw["http"] = http
     if cli.allow:
         peers = dict(raw.get("peers") or {})
         peers["allow"] = [*peers.get("allow", []), *(parse_peer_spec(s) for s in cli.allow)]
@@ -426,6 +504,15 @@ def _cross_checks(raw: Mapping[str, Any]) -> list[str]:
                 value = d.get(key)
                 if value and not Path(value).expanduser().is_file():
                     problems.append(f"destinations[{i}] ({d.get('name')}).{key}: file not found: {value}")
+    http = raw.get("http") if isinstance(raw.get("http"), dict) else {}
+    for key, field in (("tokens", "id"), ("users", "name")):
+        items = [t.get(field) for t in http.get(key) or [] if isinstance(t, dict)]
+        for i, value in enumerate(items):
+            if value is not None and items.index(value) != i:
+                problems.append(f"http.{key}[{i}].{field}: {value!r} used more than once")
+    node = raw.get("node") if isinstance(raw.get("node"), dict) else {}
+    if http.get("enabled") and http.get("port") not in (None, 0) and http.get("port") == node.get("port", 11112):
+        problems.append(f"http.port: {http.get('port')} is also the DICOM port (node.port)")
     rules = raw.get("rules") or []
     rule_names = [r.get("name") for r in rules if isinstance(r, dict)]
     for i, r in enumerate(rules):
@@ -509,6 +596,11 @@ def warnings_for(settings: Settings, available_analyses: Sequence[str]) -> list[
                 )
     if not settings.destinations:
         out.append("destinations: none configured; outputs are kept in the data directory only")
+    if settings.http.enabled and not _is_loopback(settings.http.host):
+        out.append(f"http.host: the dashboard listens on {settings.http.host} without TLS; tokens and passwords"
+                   " cross the network in clear text unless a TLS reverse proxy fronts it")
+    if settings.http.enabled and settings.http.show_phi:
+        out.append("http.show_phi: patient names, IDs and birth dates are shown to every dashboard user")
     return out
 
 
