@@ -1,4 +1,4 @@
-"""``dicom-node``: serve, analyze, echo, send, status, retry, config check.
+"""``dicom-node``: serve, analyze, echo, send, status, retry, audit export, config check, http hash-password.
 
 Every failure ends with a one-line reason on stderr and a non-zero exit code:
 1 = the operation failed (peer refused, analysis failed ...), 2 = bad usage or configuration.
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="receive, analyse and deliver until stopped")
     _common(p)
+    p.add_argument("--http-port", type=int, help="serve the dashboard, API and metrics on this port (enables [http])")
+    p.add_argument("--http-token", help="accept this bearer token (id 'cli'; at least 16 characters)")
 
     p = sub.add_parser("analyze", help="run routing, analyses and encoders on files; write the outputs")
     _common(p)
@@ -104,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--destination-name", help="only this destination")
 
+    p = sub.add_parser("audit", help="the audit trail: associations, deliveries, operator actions")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    a = asub.add_parser("export", help="write the audit trail as CSV or JSON")
+    _common(a)
+    a.add_argument("--format", choices=("csv", "json"), default="csv")
+    a.add_argument("--since", help="from this day (YYYY-MM-DD, local) or time (ISO 8601)")
+    a.add_argument("--until", help="up to and including this day, or before this time")
+    a.add_argument("--kind", action="append", choices=("association", "delivery", "action"), default=[],
+                   help="only these kinds (repeatable)")
+    a.add_argument("--out", type=Path, help="file to write (default: standard output)")
+
+    p = sub.add_parser("http", help="dashboard helpers")
+    hsub = p.add_subparsers(dest="http_command", required=True)
+    h = hsub.add_parser("hash-password", help="print a password hash for [http] users (reads the password"
+                        " from standard input, or asks)")
+    h.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)
     c = csub.add_parser("check", help="validate a configuration file and print every problem")
@@ -117,7 +136,8 @@ def _overrides(args: argparse.Namespace) -> Overrides:
         ae_title=getattr(args, "ae_title", None), port=getattr(args, "port", None),
         bind_host=getattr(args, "bind_host", None), data_dir=getattr(args, "data_dir", None),
         destinations=tuple(getattr(args, "destination", []) or ()), allow=tuple(getattr(args, "allow", []) or ()),
-        accept_any=getattr(args, "accept_any", None),
+        accept_any=getattr(args, "accept_any", None), http_port=getattr(args, "http_port", None),
+        http_token=getattr(args, "http_token", None),
     )
 
 
@@ -153,8 +173,17 @@ def cmd_serve(settings: Settings) -> int:
     except OSError as exc:
         service.stop()
         raise NodeError(f"cannot listen on {settings.node.bind_host}:{settings.node.port}: {exc.strerror or exc}") from exc
+    except NodeError:
+        service.stop()
+        raise
     print(f"dicom-node {__version__}: {settings.node.ae_title} listening on {settings.node.bind_host}:"
           f"{service.scp.port}, data in {settings.data_dir}", file=sys.stderr, flush=True)
+    if service.http is not None:
+        from dicom_node.web.auth import TOKEN_FILE
+
+        where = "" if settings.http.tokens or settings.http.users else \
+            f" (sign in with the token in {settings.data_dir / TOKEN_FILE})"
+        print(f"dicom-node: dashboard on {service.http.url}/{where}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(1.0):
             pass
@@ -163,12 +192,37 @@ def cmd_serve(settings: Settings) -> int:
     return EXIT_OK
 
 
+def _by_study(files: Sequence[Path]) -> dict[str, list[Path]]:
+    """Files grouped by StudyInstanceUID (headers only), in order of first appearance."""
+    import pydicom
+
+    from dicom_node.progress import progress
+
+    groups: dict[str, list[Path]] = {}
+    for f in progress(files, desc="reading headers", unit="file"):
+        try:
+            key = str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                      .get("StudyInstanceUID", ""))
+        except Exception:  # noqa: BLE001 - analysing it reports why it cannot be read
+            key = f"unreadable:{f}"
+        groups.setdefault(key, []).append(f)
+    return groups
+
+
 def cmd_analyze(settings: Settings, paths: Sequence[Path], out: Path) -> int:
     from dicom_node.pipeline import Analyser, analyze_offline
+    from dicom_node.progress import progress
     from dicom_node.service import load_plugins, make_registry
 
     load_plugins(settings)
-    written = analyze_offline(settings, Analyser(make_registry(settings)), _files(paths), out)
+    studies = _by_study(_files(paths))
+    analyser = Analyser(make_registry(settings))
+    written: list[Path] = []
+    # One study at a time: progress per study, and only one study's pixels in memory.
+    with progress(total=len(studies), desc="analysing", unit="study") as bar:
+        for files in studies.values():
+            written.extend(analyze_offline(settings, analyser, files, out))
+            bar.update()
     for p in written:
         print(p)
     return EXIT_OK
@@ -254,7 +308,72 @@ def cmd_retry(settings: Settings, destination: str | None) -> int:
     db = open_database(settings)
     n = db.requeue_failed(destination=destination)
     m = db.requeue_failed_studies() if destination is None else 0
+    db.record_action("retry", f"cli:{_os_user()}", "ok" if n or m else "nothing to retry",
+                     target=destination or "all", destination=destination,
+                     detail=f"re-queued {n} delivery(ies), {m} analysis(es)")
     print(f"re-queued {n} delivery(ies) and {m} study(ies); a running node picks them up within seconds")
+    return EXIT_OK
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        return "unknown"
+
+
+AUDIT_COLUMNS = ("id", "time", "kind", "action", "actor", "peer", "destination", "study_instance_uid", "target",
+                 "instances", "failures", "status", "outcome", "detail")
+
+
+def cmd_audit_export(settings: Settings, fmt: str, since: str | None, until: str | None, kinds: Sequence[str],
+                     out: Path | None) -> int:
+    import csv
+
+    from dicom_node.service import DB_NAME, open_database
+    from dicom_node.web.views import audit_entry, parse_when
+
+    if not (settings.data_dir / DB_NAME).exists():
+        raise NodeError(f"no node database in {settings.data_dir}")
+    try:
+        t0, t1 = parse_when(since), parse_when(until, end=True)
+    except ValueError as exc:
+        raise ConfigError([str(exc)], "command line") from None
+    db = open_database(settings)
+    rows = [audit_entry(r) for r in db.audit_events(since=t0, until=t1, kinds=kinds)]
+    fh = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115 - closed below
+    try:
+        if fmt == "json":
+            json.dump([{k: r.get(k) for k in AUDIT_COLUMNS} for r in rows], fh, indent=1)
+            fh.write("\n")
+        else:
+            writer = csv.DictWriter(fh, fieldnames=AUDIT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    finally:
+        if out:
+            fh.close()
+    if out:
+        print(f"{len(rows)} event(s) written to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_hash_password() -> int:
+    import getpass
+
+    from dicom_node.web.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise NodeError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise NodeError("use at least 8 characters")
+    print(hash_password(password))
     return EXIT_OK
 
 
@@ -295,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             _configure_logging(None)
             return cmd_config_check(args.file)
+        if args.command == "http":
+            return cmd_hash_password()
         settings = load(args.config, overrides=_overrides(args))
         _configure_logging(settings, args.verbose, one_shot=args.command != "serve")
         if args.command == "serve":
@@ -309,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(settings, args.json, args.studies)
         if args.command == "retry":
             return cmd_retry(settings, args.destination_name)
+        if args.command == "audit":
+            return cmd_audit_export(settings, args.format, args.since, args.until, args.kind, args.out)
     except ConfigError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         for problem in exc.problems[1:]:

@@ -476,6 +476,10 @@ def _key_of(raw: Any, loc: Sequence[int | str]) -> str:
     return "".join(parts) or "(top level)"
 
 
+#: Keys whose values are secrets: problems with them never quote the value.
+_SECRET_KEYS = ("token", "password_hash")
+
+
 def _message(err: Mapping[str, Any]) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", "invalid"))
@@ -485,6 +489,9 @@ def _message(err: Mapping[str, Any]) -> str:
         return "is required"
     msg = msg.removeprefix("Value error, ")
     given = err.get("input")
+    loc = tuple(err.get("loc") or ())
+    if loc and loc[-1] in _SECRET_KEYS:
+        return msg  # never echo a secret into a terminal or a log
     if kind not in ("missing",) and not isinstance(given, (dict, list)) and "got" not in msg:
         msg += f", got {given!r}"
     return msg

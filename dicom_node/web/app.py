@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -25,7 +24,7 @@ from dicom_node.db import STUDY_STATES
 from dicom_node.web import auth
 from dicom_node.web.health import as_json, readiness
 from dicom_node.web.metrics import CONTENT_TYPE
-from dicom_node.web.views import Views, iso
+from dicom_node.web.views import Views, iso, parse_when
 
 if TYPE_CHECKING:
     from dicom_node.service import NodeService
@@ -38,18 +37,10 @@ AUDIT_KINDS = ("association", "delivery", "action")
 
 
 def _parse_when(value: str | None, *, end: bool = False) -> float | None:
-    """``YYYY-MM-DD`` (local day; `end` = the day after) or an ISO 8601 date-time -> Unix time."""
-    if not value:
-        return None
-    value = value.strip()
     try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            start = datetime(day.year, day.month, day.day).astimezone()
-            return (start + timedelta(days=1) if end else start).timestamp()
-        return datetime.fromisoformat(value).astimezone().timestamp()
-    except ValueError:
-        raise HTTPException(400, f"expected a date YYYY-MM-DD or an ISO 8601 time, got {value!r}") from None
+        return parse_when(value, end=end)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 def _parse_flagged(value: str | None) -> bool | None:

@@ -11,7 +11,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,30 @@ PHI_FIELDS = {
     "PatientSex": "sex", "AccessionNumber": "accession_number", "StudyDate": "study_date",
 }
 THUMB_SIZES = {"thumb": 360, "full": 1600}
+
+
+def parse_when(value: str | None, *, end: bool = False) -> float | None:
+    """``YYYY-MM-DD`` (a local day; `end` = the start of the next day, so the day is included) or an ISO 8601
+    date-time -> Unix time; ValueError naming the value."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        if len(value) == 10:
+            day = datetime.strptime(value, "%Y-%m-%d")
+            return (day + timedelta(days=1) if end else day).astimezone().timestamp()
+        return datetime.fromisoformat(value).astimezone().timestamp()
+    except ValueError:
+        raise ValueError(f"expected a date YYYY-MM-DD or an ISO 8601 time, got {value!r}") from None
+
+
+def audit_entry(e: dict[str, Any]) -> dict[str, Any]:
+    """An audit row for display and export: its fields plus `time` (ISO 8601), delivery status in hex."""
+    out = dict(e)
+    out["time"] = iso(e["at"])
+    if e.get("status") is not None and e["kind"] == "delivery":
+        out["status"] = f"0x{int(e['status']):04X}"
+    return out
 
 
 def iso(t: float | None) -> str | None:
@@ -340,14 +364,7 @@ class Views:
 
     # -------------------------------------------------------------------------------------- audit
 
-    @staticmethod
-    def audit_entry(e: dict[str, Any]) -> dict[str, Any]:
-        """An audit row for display and export (times as ISO 8601)."""
-        out = dict(e)
-        out["time"] = iso(e["at"])
-        if e.get("status") is not None and e["kind"] == "delivery":
-            out["status"] = f"0x{int(e['status']):04X}"
-        return out
+    audit_entry = staticmethod(audit_entry)
 
     # ------------------------------------------------------------------------------------ config
 
