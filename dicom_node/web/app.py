@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -73,6 +73,12 @@ def _when(value: str | None) -> str:
     return value[:19].replace("T", " ")
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} s" if value < 10 else f"{value:.0f} s"
+
+
 def _size(n: float | None) -> str:
     if n is None:
         return "-"
@@ -103,6 +109,7 @@ def create_app(service: NodeService) -> FastAPI:
     env.filters["when"] = _when
     env.filters["ago"] = _ago
     env.filters["size"] = _size
+    env.filters["seconds"] = _seconds
     env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, default=str)
     env.globals.update(version=__version__, ae_title=service.settings.node.ae_title, states=STUDY_STATES,
                        refresh_s=http.refresh_s, show_phi=http.show_phi)
@@ -362,9 +369,10 @@ def create_app(service: NodeService) -> FastAPI:
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        form = await request.form()
-        token = str(form.get("token") or "")
-        target = _safe_next(str(form.get("next") or "/"))
+        # A urlencoded form of two fields: parsed here rather than pulling in python-multipart.
+        form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=10)
+        token = (form.get("token") or [""])[0]
+        target = _safe_next((form.get("next") or ["/"])[0])
         ident = authenticator.token_id(token) if token else None
         peer = f"{request.client.host}:{request.client.port}" if request.client else None
         if ident is None:

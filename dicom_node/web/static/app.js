@@ -41,7 +41,8 @@
         const print = fingerprint(await rsp.json());
         sinceFull += every;
         // Also refresh now and then (ages, readiness) even when nothing moved.
-        if ((last !== null && print !== last) || sinceFull >= 30) { await refreshMain(); sinceFull = 0; }
+        // The first answer may already differ from what the page was rendered with: refresh once then.
+        if (print !== last || sinceFull >= 30) { await refreshMain(); sinceFull = 0; }
         last = print;
       } catch (e) { /* the node restarts: try again next tick */ } finally { busy = false; }
     }, every * 1000);
