@@ -34,6 +34,9 @@ log = logging.getLogger("dicom_node.web")
 HERE = Path(__file__).resolve().parent
 PUBLIC_PATHS = ("/healthz", "/login", "/logout", "/static/", "/favicon.ico")
 AUDIT_KINDS = ("association", "delivery", "action")
+# Only the node's own scripts, styles and images: DICOM text shown on the pages can never run as code.
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self';"
+       " frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
 def _parse_when(value: str | None, *, end: bool = False) -> float | None:
@@ -143,6 +146,8 @@ def create_app(service: NodeService) -> FastAPI:
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
         response.headers.setdefault("Cache-Control", "no-store")
+        if not path.startswith("/api/docs"):  # Swagger UI loads its assets from a CDN
+            response.headers.setdefault("Content-Security-Policy", CSP)
         return response
 
     def actor(request: Request) -> str:
@@ -154,6 +159,10 @@ def create_app(service: NodeService) -> FastAPI:
     def healthz() -> dict[str, Any]:
         """Alive: the process answers (no authentication, no patient or configuration data)."""
         return {"status": "ok"}
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:

@@ -152,14 +152,20 @@ def test_a_study_from_storescu_to_storescp_through_the_api(web_node_factory, sto
 
 def test_phi_is_shown_only_when_enabled(web_node_factory, tmp_path) -> None:
     node = web_node_factory(http={"show_phi": True})
-    storescu(make_study(tmp_path / "in", "phi1", images=1, patient=PATIENT), node.port)
+    hostile = Patient(name=PATIENT.name, patient_id=PATIENT.patient_id, birth_date=PATIENT.birth_date,
+                      accession=PATIENT.accession, study_description='XR <script>alert(1)</script> SPINE')
+    storescu(make_study(tmp_path / "in", "phi1", images=1, patient=hostile), node.port)
     uid = wait_for(lambda: node.api("/api/studies")["studies"], 30, what="study listed")[0]["study_instance_uid"]
     s = node.api(f"/api/studies/{uid}")
     assert s["patient"]["patient_name"] == "DOE^JANE^Q" and s["patient"]["patient_id"] == "PHI-4711-X"
     assert s["patient"]["birth_date"] == "19471103" and s["patient"]["accession_number"] == "ACC-PHI-88"
     assert node.api("/api/studies")["studies"][0]["patient"]["patient_id"] == "PHI-4711-X"
     with node.client() as c:
-        assert "DOE^JANE^Q" in c.get(f"/studies/{uid}").text
+        page = c.get(f"/studies/{uid}")
+        assert "DOE^JANE^Q" in page.text
+        # DICOM text is data, never markup: escaped, and the policy allows only the node's own scripts.
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "<script>alert" not in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
     # ... and the database still holds none of it.
     dump = "\n".join(node.service.db.db.conn.iterdump())
     assert "PHI-4711-X" not in dump and "DOE^JANE" not in dump

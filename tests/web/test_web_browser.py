@@ -46,9 +46,10 @@ def shoot(page, folder: Path, name: str, *, full_page: bool = True) -> Path:
 
 def images_loaded(page, count: int) -> None:
     """Wait until `count` thumbnails have loaded (the node renders them from the SC on first request)."""
-    page.wait_for_function(
-        f"document.querySelectorAll('.thumbs img').length === {count} &&"
-        " [...document.querySelectorAll('.thumbs img')].every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+    # Polled from here: the page's Content-Security-Policy forbids the eval that wait_for_function uses.
+    js = (f"document.querySelectorAll('.thumbs img').length === {count} &&"
+          " [...document.querySelectorAll('.thumbs img')].every(i => i.complete && i.naturalWidth > 0)")
+    wait_for(lambda: page.evaluate(js), 30, what=f"{count} thumbnail(s) loaded")
 
 
 def test_unauthenticated_browser_lands_on_the_sign_in_page(browser, web_node_factory) -> None:
@@ -79,6 +80,9 @@ def test_dashboard_follows_a_study_and_retries_a_failed_delivery(browser, web_no
                             max_attempts=2, backoff_initial_s=0.2, backoff_max_s=0.2)
     context = browser.new_context(viewport={"width": 1360, "height": 900})
     page = context.new_page()
+    errors: list[str] = []  # script errors and Content-Security-Policy violations
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
     try:
         page.goto(node.url + "/")
         page.fill("input[name=token]", TOKEN)
@@ -146,5 +150,6 @@ def test_dashboard_follows_a_study_and_retries_a_failed_delivery(browser, web_no
         expect(page.locator("body")).to_contain_text("no model card yet")
         page.goto(node.url + "/audit")
         expect(page.locator("table.log")).to_contain_text("echo")
+        assert errors == []
     finally:
         context.close()

@@ -16,6 +16,7 @@
     if (!rsp.ok) return;
     main.innerHTML = await rsp.text();
     bindActions(main);
+    bindThumbs(main);
     if (note) {
       // Keep the outcome of the action that caused this refresh in view.
       const line = main.querySelector(".statusline .action-result");
@@ -72,6 +73,22 @@
     });
   }
 
+  // A thumbnail the node withholds (burned-in patient text possible, file removed): say so in its place.
+  function bindThumbs(root) {
+    root.querySelectorAll(".thumbs img").forEach((img) => {
+      const withheld = async () => {
+        const fig = img.closest("figure");
+        let why = "image not shown";
+        try { why = (await (await fetch(img.src, { credentials: "same-origin" })).json()).detail || why; } catch (e) { /* keep */ }
+        fig.classList.add("withheld");
+        const note = document.createElement("span");
+        note.textContent = why;
+        img.closest("a").replaceWith(note);
+      };
+      if (img.complete && img.naturalWidth === 0) withheld(); else img.addEventListener("error", withheld);
+    });
+  }
+
   function describe(body) {
     if (body.requeued !== undefined) {
       const r = body.requeued;
@@ -83,5 +100,6 @@
   }
 
   bindActions(document);
+  bindThumbs(document);
   startPolling();
 })();
