@@ -70,6 +70,7 @@ def expose(
     record: dict,
     *,
     collimation: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
     strength: float = 1.0,
 ) -> np.ndarray:
     """Processed radiograph (bone bright, [0, 1]) from line integrals (mu * mm) at `pixel_mm` spacing."""
@@ -89,12 +90,15 @@ def expose(
     # Scatter: a blurred fraction of the primary (scatter-to-primary ratio after the grid).
     spr = rng.uniform(0.1, 1.0) * strength
     sigma_px = rng.uniform(20.0, 60.0) / pixel_mm
-    scatter = _blur(intensity, sigma_px)
+    # Scatter originates in the patient (where the primary was attenuated), not in air beside it.
+    scatter = _blur(intensity * (1.0 - np.exp(-np.minimum(P, 20.0) * 0.5)), sigma_px)
     intensity = intensity + spr * scatter
     # Quantum noise: the exposure control sets the dose so that the median exposed pixel gets
     # `counts` quanta; thinner or denser regions follow Poisson statistics (Gaussian approximation).
-    exposed = intensity if collimation is None else intensity[collimation > 0.5]
-    ref = float(np.median(exposed)) if exposed.size else float(np.median(intensity))
+    # The chamber sits behind the dense part of the anatomy (spine), not in direct exposure.
+    anat = P if collimation is None else np.where(collimation > 0.5, P, 0.0)
+    dense = anat >= np.percentile(anat, 60)
+    ref = float(np.median(intensity[dense])) if dense.any() else float(np.median(intensity))
     counts = 10 ** rng.uniform(2.6, 4.0) / max(strength, 0.2)
     n0 = counts / max(ref, 1e-9)
     noise = rng.standard_normal(intensity.shape).astype(np.float32)
@@ -104,15 +108,29 @@ def expose(
     intensity = intensity + ref * rng.uniform(0.0, 0.01) * rng.standard_normal(intensity.shape).astype(np.float32)
     log = -np.log(np.maximum(intensity, 1e-5))
     # Window on the exposed area, as vendor processing does (collimated borders excluded).
-    valid = log if collimation is None else log[collimation > 0.5]
+    # Metal is left out of the histogram, as vendor processing does: it saturates instead.
+    keep = np.ones(log.shape, bool) if collimation is None else collimation > 0.5
+    if exclude is not None:
+        keep &= ~exclude
+    # Direct exposure (air beside the patient) is left out too; it saturates black.
+    body = P > 0.3 * float(np.percentile(P, 95))
+    if (keep & body).sum() > 64:
+        keep &= body
+    # Dynamic-range compression ("equalisation"): subtract part of the large-scale low-pass of the log
+    # image, so the spine stays visible through a thick abdomen or beside lungs (metal clipped first).
+    ref_vals = log[keep] if keep.sum() > 16 else log.ravel()
+    clipped = np.clip(log, np.percentile(ref_vals, 1), np.percentile(ref_vals, 99.5))
+    k_large = rng.uniform(0.3, 0.85) * strength
+    log = log - k_large * _blur(clipped, rng.uniform(12.0, 35.0) / pixel_mm)
+    valid = log[keep]
     if valid.size < 16:
-        valid = log
+        valid = log.ravel()
     lo = np.percentile(valid, rng.uniform(0.2, 3.0))
     hi = np.percentile(valid, rng.uniform(99.0, 99.95))
     x = (log - lo) / max(hi - lo, 1e-3)
-    # Unsharp masking / "multi-frequency" enhancement: large radius flattens, small radius sharpens.
-    k_large = rng.uniform(0.0, 0.7) * strength
-    x = x + k_large * (x - _blur(x, rng.uniform(15.0, 40.0) / pixel_mm))
+    # Metal and collimator edges far outside the window would smear through the unsharp masks.
+    x = np.clip(x, -0.2, 1.3)
+    # Unsharp masking: small radius sharpens edges (trabecular texture, cortices).
     k_small = rng.uniform(0.0, 1.5) * strength
     x = x + k_small * (x - _blur(x, rng.uniform(0.8, 3.0) / pixel_mm))
     # Tone curve: gamma and a sigmoid of random slope.

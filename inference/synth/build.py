@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", default="AP,LAT", help="comma list of AP, LAT (optionally name:weight)")
     ap.add_argument("--fields", default="lumbar:1,thoracolumbar:0.8,thoracic:0.4,whole:0.8")
     ap.add_argument("--sources", default="ts-abdomen:1,dd-chest:0.8,stitched:1.4,phantom:0.8")
-    ap.add_argument("--implants-prob", type=float, default=0.0, help="probability of implants in a DRR sample")
+    ap.add_argument("--implants-prob", type=float, default=0.3, help="probability of implants in a DRR sample")
     ap.add_argument("--fracture-prob", type=float, default=0.35)
     ap.add_argument("--curvature-prob", type=float, default=0.6)
     ap.add_argument("--real-prob", type=float, default=0.0, help="fraction of samples that are implant overlays on real radiographs")

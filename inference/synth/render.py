@@ -160,22 +160,21 @@ def render_sample(seed: int, config: SynthConfig = SynthConfig()) -> SynthSample
         grid = beam_grid(proj, anatomy, h)
     hu, lab = resample(anatomy, proj, grid, None if deformation.identity else deformation.inverse)
     kvp = float(rng.uniform(70.0, 90.0))
-    bone_gain = float(rng.uniform(0.85, 1.2))
+    bone_gain = float(rng.uniform(1.0, 1.6))
     mu = attenuation(hu, kvp, bone_gain)
-    implant_specs: list = []
-    implant_label = None
+    plan = None
+    implants = np.zeros((rows, cols), np.int16)
+    metal = np.zeros((rows, cols), np.float32)
+    line = project(mu, proj, grid).numpy()
     if config.p_implants > 0 or config.forced("implants"):
         from inference.synth.implants import insert_implants
 
-        implant_specs, implant_label = insert_implants(
-            anatomy, deformation, proj, grid, mu, rng, config, kvp=kvp
-        )
-    line = project(mu, proj, grid).numpy()
+        plan, implant_map, implant_line = insert_implants(anatomy, deformation, proj, grid, mu, rng, config, kvp=kvp)
+        if implant_map is not None:
+            implants = implant_map
+            line = line + implant_line
+            metal = implant_line
     body, vert, _ = label_maps(lab, proj, grid)
-    if implant_label is None:
-        implants = np.zeros((rows, cols), np.int16)
-    else:
-        implants = implant_label
 
     # ---- output matrix and look
     out_long = int(rng.integers(config.out_px[0], config.out_px[1] + 1))
@@ -186,6 +185,7 @@ def render_sample(seed: int, config: SynthConfig = SynthConfig()) -> SynthSample
     body_o = augment.resize(body, out_shape, order=0)
     vert_o = augment.resize(vert, out_shape, order=0)
     impl_o = augment.resize(implants, out_shape, order=0)
+    metal_o = augment.resize(metal, out_shape) > 0.3
     look: dict[str, Any] = {}
     collimation = augment.collimation_mask(out_shape, rng, look)
     hidden = collimation < 0.5  # anatomy behind the collimator blades is not shown: not a target
@@ -195,13 +195,15 @@ def render_sample(seed: int, config: SynthConfig = SynthConfig()) -> SynthSample
     flip = rng.random() < config.p_flip
     orientation = ["L", "F"] if view == "AP" else ["A", "F"]
     if flip:  # before the look, so burned-in text reads correctly
-        line_o, body_o, vert_o, impl_o, collimation = (a[:, ::-1].copy() for a in (line_o, body_o, vert_o, impl_o, collimation))
+        line_o, body_o, vert_o, impl_o, collimation, metal_o = (
+            a[:, ::-1].copy() for a in (line_o, body_o, vert_o, impl_o, collimation, metal_o)
+        )
         orientation[0] = {"L": "R", "A": "P"}[orientation[0]]
         for v in vertebrae:
             v.centroid = (round(out_shape[1] - v.centroid[0], 2), v.centroid[1])
             if v.corners:
                 v.corners = {k: (round(out_shape[1] - p[0], 2), p[1]) for k, p in v.corners.items()}
-    image = augment.expose(line_o, spacing[0], rng, look, collimation=collimation)
+    image = augment.expose(line_o, spacing[0], rng, look, collimation=collimation, exclude=metal_o)
     image = augment.finish(image, spacing[0], rng, look, dict(config.looks))
     meta = {
         "seed": int(seed),
@@ -228,6 +230,8 @@ def render_sample(seed: int, config: SynthConfig = SynthConfig()) -> SynthSample
         "look": look,
         "levels_in_image": sorted({LEVELS[c - 1] for c in np.unique(vert_o) if c > 0}, key=LEVELS.index),
     }
+    implant_specs, impl_o = _visible_implants(plan, impl_o, proj, collimation, (sx, sy), flip)
+    meta["implants"] = [dict(s.details) for s in implant_specs]
     sample = SynthSample(
         image=image,
         pixel_spacing_mm=(round(spacing[0], 5), round(spacing[1], 5)),
@@ -235,13 +239,41 @@ def render_sample(seed: int, config: SynthConfig = SynthConfig()) -> SynthSample
         body=body_o.astype(np.int16),
         vertebra=vert_o.astype(np.int16),
         implants=impl_o.astype(np.int16),
-        implant_specs=list(implant_specs),
+        implant_specs=implant_specs,
         vertebrae=vertebrae,
         meta=meta,
     )
     if config.max_px and max(out_shape) > config.max_px:
         sample = downscale(sample, config.max_px)
     return sample
+
+
+def _visible_implants(plan, impl_map: np.ndarray, proj: Projection, collimation: np.ndarray, scale, flipped: bool):
+    """Keep the implant instances with pixels in the (collimated) image, renumbered 1..n in plan order."""
+    from dataclasses import replace as dc_replace
+
+    if plan is None or not plan.specs:
+        return [], np.zeros_like(impl_map, dtype=np.int16)
+    sx, sy = scale
+    rows, cols = collimation.shape
+    present = set(np.unique(impl_map)) - {0}
+    out = np.zeros_like(impl_map, dtype=np.int16)
+    specs = []
+    for idx, spec in enumerate(plan.specs, start=1):
+        if idx not in present:
+            continue
+        px = proj.to_pixels(plan.points[idx - 1]) * [sx, sy]
+        if flipped:
+            px[:, 0] = cols - px[:, 0]
+        inside = (px[:, 0] >= 0) & (px[:, 0] < cols) & (px[:, 1] >= 0) & (px[:, 1] < rows)
+        ci = px[inside].astype(int)
+        vis = np.zeros(len(px), bool)
+        vis[inside] = collimation[ci[:, 1], ci[:, 0]] > 0.5
+        details = dict(spec.details)
+        details["visible_fraction"] = round(float(vis.mean()), 3)
+        specs.append(dc_replace(spec, details=details))
+        out[impl_map == idx] = len(specs)
+    return specs, out
 
 
 def _vertebra_specs(anatomy: Anatomy, deformation: Deformation, proj: Projection, view: str, collimation: np.ndarray, scale) -> list[VertebraSpec]:

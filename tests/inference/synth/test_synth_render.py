@@ -119,3 +119,36 @@ def test_build_cli_writes_shards_and_manifest(tmp_path):
     samples = list(iter_cache(out))
     assert len(samples) == 3 and all(max(s.image.shape) <= 200 for s in samples)
     assert [s.meta["seed"] for s in samples] == [4 * 10_000_000 + i for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("view", "force", "kinds", "complication"),
+    [
+        ("AP", ("posterior", "cage"), {"pedicle screw", "rod", "interbody cage"}, None),
+        ("LAT", ("posterior", "loosening", "rod_fracture"), {"pedicle screw", "rod"}, "rod fracture"),
+        ("LAT", ("plate",), {"plate"}, None),
+    ],
+)
+def test_implants_present_in_labels_where_inserted(small_config, view, force, kinds, complication):
+    cfg = replace(small_config, p_implants=1.0, shift=0.0, force=(("view", view), ("implants", force)))
+    s = render_sample(21, cfg)
+    assert s.implant_specs, "forced implants are in the field"
+    assert {sp.kind.value for sp in s.implant_specs} <= kinds
+    assert {sp.kind.value for sp in s.implant_specs} & kinds
+    for idx, spec in enumerate(s.implant_specs, start=1):
+        pixels = s.implants == idx
+        assert pixels.any(), spec
+        # Metal is bright where it is labelled.
+        assert s.image[pixels].mean() > np.median(s.image) + 0.05, spec
+        if spec.kind.value == "pedicle screw":
+            assert spec.side.value in ("left", "right") and len(spec.levels) == 1
+        if spec.kind.value == "rod":
+            assert len(spec.levels) >= 2
+    if complication:
+        assert any(complication in [c.value for c in sp.complications] for sp in s.implant_specs)
+    assert set(np.unique(s.implants)) == set(range(len(s.implant_specs) + 1))
+
+
+def test_no_implants_means_empty_map(small_config):
+    s = render_sample(2, replace(small_config, p_implants=0.0))
+    assert not s.implant_specs and not s.implants.any()
