@@ -104,19 +104,24 @@ def radiograph_dataset(
     patient: Patient = Patient(),
     view_position: str = "LL",
     body_part: str = "LSPINE",
-    pixel_spacing_mm: float = 0.2,
+    pixel_spacing_mm: float | tuple[float, float] = 0.2,
     photometric: str = "MONOCHROME2",
     bits_stored: int = 12,
     series_number: int = 1,
     instance_number: int = 1,
     study_uid: str | None = None,
     magnification: float | None = None,
+    patient_orientation: Sequence[str] | None = None,
+    distance_source_to_detector: float = 1150.0,
+    burned_in_annotation: bool = False,
 ) -> Dataset:
     """A DX (for presentation) or CR image of `pixels` (unsigned ints, `bits_stored` bits).
 
     `view_position` follows DICOM ViewPosition (AP, PA, LL, RL, LATERAL ...); PatientOrientation is
     set to match a standard upright projection.  `magnification` adds
-    EstimatedRadiographicMagnificationFactor.
+    EstimatedRadiographicMagnificationFactor (with `distance_source_to_detector`).  `pixel_spacing_mm`
+    is the detector pitch (ImagerPixelSpacing), a number or (row, column).  `patient_orientation`
+    overrides the default (e.g. ("R", "F") for a horizontally flipped AP image).
     """
     if modality not in ("DX", "CR"):
         raise ValueError(f"modality must be DX or CR, got {modality!r}")
@@ -136,7 +141,7 @@ def radiograph_dataset(
     lateral = view_position in ("LL", "RL", "LATERAL", "LAT")
     ds.ViewPosition = view_position
     # Upright projection: rows run head to feet; columns run to the patient's left (AP) or anterior (LL).
-    ds.PatientOrientation = ["A", "F"] if lateral else ["L", "F"]
+    ds.PatientOrientation = list(patient_orientation) if patient_orientation else (["A", "F"] if lateral else ["L", "F"])
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     _pixels(ds, pixels, bits_stored)
     ds.PhotometricInterpretation = photometric
@@ -147,12 +152,13 @@ def radiograph_dataset(
     ds.RescaleType = "US"
     ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
     ds.LossyImageCompression = "00"
-    ds.BurnedInAnnotation = "NO"
-    ds.ImagerPixelSpacing = [pixel_spacing_mm, pixel_spacing_mm]
+    ds.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
+    row_mm, col_mm = (pixel_spacing_mm, pixel_spacing_mm) if np.isscalar(pixel_spacing_mm) else pixel_spacing_mm
+    ds.ImagerPixelSpacing = [round(float(row_mm), 6), round(float(col_mm), 6)]
     if magnification:
-        ds.EstimatedRadiographicMagnificationFactor = magnification
-        ds.DistanceSourceToDetector = 1150.0
-        ds.DistanceSourceToPatient = round(1150.0 / magnification, 1)
+        ds.EstimatedRadiographicMagnificationFactor = round(float(magnification), 6)
+        ds.DistanceSourceToDetector = round(float(distance_source_to_detector), 1)
+        ds.DistanceSourceToPatient = round(float(distance_source_to_detector) / magnification, 1)
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.PixelIntensityRelationship = "LOG"
@@ -249,3 +255,55 @@ def ct_series(
         ds.WindowWidth = 1800
         out.append(ds)
     return out
+
+
+_BODY_PARTS = {"lumbar": "LSPINE", "thoracic": "TSPINE", "thoracolumbar": "SPINE", "whole": "SPINE"}
+
+
+def sample_dataset(
+    sample,
+    *,
+    seed: str,
+    modality: str = "DX",
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    patient: Patient = Patient(),
+    **kwargs,
+) -> Dataset:
+    """A DX or CR dataset of a `SynthSample` (`inference.synth.sample`), for end-to-end tests and demos.
+
+    The image (bone bright) is quantised to `bits_stored` bits and inverted for MONOCHROME1.
+    ImagerPixelSpacing is the detector pitch: the sample's isocentre spacing x its magnification, which is
+    written as EstimatedRadiographicMagnificationFactor with the source distances, so a reader recovers
+    the isocentre spacing.  View, body part and PatientOrientation follow the sample.
+    """
+    levels = 2**bits_stored - 1
+    image = np.clip(np.asarray(sample.image, dtype=np.float64), 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        image = 1.0 - image
+    pixels = np.rint(image * levels).astype(np.uint16 if bits_stored > 8 else np.uint8)
+    geometry = sample.meta.get("geometry", {})
+    magnification = float(geometry.get("magnification", 1.0))
+    sid = float(geometry.get("sid_mm", 1150.0))
+    row_mm, col_mm = sample.pixel_spacing_mm
+    view = "AP" if sample.view == "AP" else "LL"
+    options = {
+        "view_position": view,
+        "body_part": _BODY_PARTS.get(sample.meta.get("field", ""), "SPINE"),
+        "pixel_spacing_mm": (row_mm * magnification, col_mm * magnification),
+        "magnification": magnification,
+        "distance_source_to_detector": sid,
+        "patient_orientation": sample.meta.get("patient_orientation"),
+        "burned_in_annotation": bool(sample.meta.get("look", {}).get("burned_in")),
+    }
+    options.update(kwargs)
+    return radiograph_dataset(
+        pixels, seed=seed, modality=modality, patient=patient, photometric=photometric, bits_stored=bits_stored, **options
+    )
+
+
+def write_sample(sample, path, **kwargs) -> Dataset:
+    """Write `sample` as a DICOM file at `path` (see `sample_dataset`); returns the dataset."""
+    ds = sample_dataset(sample, **kwargs)
+    ds.save_as(str(path), enforce_file_format=True)
+    return ds
