@@ -13,7 +13,9 @@ One helper for the whole project::
             bar.update()
 
 On a terminal it is a tqdm bar on stderr.  When stderr is not a terminal (a log file, CI, systemd) it
-prints a plain line at most every `log_every_s` seconds and one at the end, so logs stay readable.
+prints a plain line every `log_every_s` seconds and a last one when done, and nothing for a job shorter
+than that, nor a last line after a failure: logs stay readable, and a command that fails quickly still
+ends with its one-line reason alone.
 ``DICOM_NODE_PROGRESS=0`` (or tqdm's own ``TQDM_DISABLE=1``) silences it; ``DICOM_NODE_PROGRESS=1`` forces
 the bar.  stdout is never touched, so commands that print results there stay pipeable.
 """
@@ -57,22 +59,25 @@ class LineProgress(Generic[T]):
         self.started = time.monotonic()
         self._last = self.started
         self._closed = False
+        self._printed = False
 
     def __iter__(self) -> Iterator[T]:
         if self.iterable is None:
             raise TypeError("no iterable given")
+        failed = True
         try:
             for item in self.iterable:
                 yield item
                 self.update()
+            failed = False
         finally:
-            self.close()
+            self.close(failed=failed)
 
     def __enter__(self) -> LineProgress[T]:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(failed=exc_type is not None)
 
     def update(self, n: int = 1) -> None:
         """`n` more done."""
@@ -95,13 +100,15 @@ class LineProgress(Generic[T]):
         """Print a message line."""
         print(text, file=self.file, flush=True)
 
-    def close(self) -> None:
-        """Print the final line (once)."""
+    def close(self, failed: bool = False) -> None:
+        """Print the final line (once, and only after progress lines and without a failure)."""
         if not self._closed:
             self._closed = True
-            self._print(final=True)
+            if self._printed and not failed:
+                self._print(final=True)
 
     def _print(self, final: bool = False) -> None:
+        self._printed = True
         elapsed = time.monotonic() - self.started
         rate = self.n / elapsed if elapsed > 0 else 0.0
         count = f"{self.n}/{self.total}" if self.total else str(self.n)
