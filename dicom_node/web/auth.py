@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ CSRF_HEADER = "x-requested-with"
 CSRF_VALUE = "dicom-node"
 TOKEN_FILE = "http-token"
 PBKDF2_ITERATIONS = 310_000
+#: A verified basic-auth header is remembered this long: browsers resend it with every request (each poll
+#: of a page), and one PBKDF2 check costs a few hundred ms of CPU.
+BASIC_CACHE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class Authenticator:
         self.tokens: dict[str, str] = {t.id: t.token for t in http.tokens}
         self.tokens.update(extra_tokens or {})
         self.users: dict[str, str] = {u.name: u.password_hash for u in http.users}
+        self._key = secrets.token_bytes(32)  # keys the cache below; never leaves the process
+        self._verified: dict[bytes, tuple[str, float]] = {}
+        self._lock = threading.Lock()
 
     @property
     def accepts_tokens(self) -> bool:
@@ -115,19 +123,32 @@ class Authenticator:
                 ident = self.token_id(value)
                 return Principal("token", ident, "bearer") if ident else None
             if scheme == "basic" and value:
-                try:
-                    name, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
-                except (ValueError, UnicodeDecodeError):
-                    return None
-                encoded = self.users.get(name)
-                if encoded and verify_password(password, encoded):
-                    return Principal("user", name, "basic")
-                return None
+                return self._basic(value)
         if cookie:
             ident, _, _mac = cookie.partition(".")
             if ident in self.tokens and hmac.compare_digest(self.session_value(ident).encode(), cookie.encode()):
                 return Principal("token", ident, "cookie")
         return None
+
+    def _basic(self, value: str) -> Principal | None:
+        digest = hmac.new(self._key, value.encode(), "sha256").digest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._verified.get(digest)
+        if hit and hit[1] > now:
+            return Principal("user", hit[0], "basic")
+        try:
+            name, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        encoded = self.users.get(name)
+        if not (encoded and verify_password(password, encoded)):
+            return None
+        with self._lock:
+            if len(self._verified) > 1000:
+                self._verified = {k: v for k, v in self._verified.items() if v[1] > now}
+            self._verified[digest] = (name, now + BASIC_CACHE_S)
+        return Principal("user", name, "basic")
 
     def challenge(self) -> str:
         """The WWW-Authenticate header value of a 401 answer."""

@@ -172,8 +172,8 @@ class _ServiceCollector(Collector):
         for ae, n in open_instances.items():
             if ae not in seen_ae and n:
                 families["instances_received"][0].add_metric([ae], n)
-        for fam, _ in families.values():
-            yield fam
+        for family, _ in families.values():
+            yield family
         yield last_delivered
 
     def _state(self, db: Database, now: float) -> Iterator[Any]:

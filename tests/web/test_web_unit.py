@@ -60,6 +60,8 @@ def test_passwords_tokens_and_sessions(tmp_path: Path) -> None:
     p = a.from_headers(f"Basic {basic}", None)
     assert p.actor == "user:alice" and p.ambient
     assert a.from_headers("Basic " + base64.b64encode(b"alice:nope").decode(), None) is None
+    # The verified header is remembered (browsers resend it with every poll), the wrong one is not.
+    assert len(a._verified) == 1 and a.from_headers(f"Basic {basic}", None).actor == "user:alice"
     cookie = a.session_value("ops")
     assert a.from_headers(None, cookie).via == "cookie"
     assert a.from_headers(None, "ops." + "0" * 64) is None
