@@ -62,22 +62,27 @@ def _render_shard(job: dict) -> dict:
     config = SynthConfig(**job["config"])
     arrays: dict[str, np.ndarray] = {}
     summary: list[dict] = []
+    failed: list[dict] = []
     t0 = time.time()
-    for j, index in enumerate(job["indices"]):
+    for index in job["indices"]:
         seed = sample_seed(job["seed"], index)
-        if _is_real(job["seed"], index, job["real_prob"]):
-            from inference.synth.real import render_real_sample
+        try:
+            if _is_real(job["seed"], index, job["real_prob"]):
+                from inference.synth.real import render_real_sample
 
-            sample = render_real_sample(seed, config, job["data"], split="train")
-        else:
-            sample = render_sample(seed, config)
-        arrays.update(sample.to_arrays(prefix=f"{j:03d}_"))
+                sample = render_real_sample(seed, config, job["data"], split="train")
+            else:
+                sample = render_sample(seed, config)
+        except Exception as exc:  # one bad draw must not lose a shard; it is listed in the manifest
+            failed.append({"index": index, "seed": seed, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        arrays.update(sample.to_arrays(prefix=f"{len(summary):03d}_"))
         summary.append(_summarise(index, sample))
     path = Path(job["out"]) / job["file"]
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
-    return {"file": job["file"], "samples": summary, "seconds": time.time() - t0}
+    return {"file": job["file"], "samples": summary, "failed": failed, "seconds": time.time() - t0}
 
 
 def _summarise(index: int, s: SynthSample) -> dict:
@@ -164,6 +169,7 @@ def build(
         },
         "provenance": _provenance(data, samples),
         "timing": {"seconds": round(elapsed, 1), "samples_per_second": round(len(samples) / max(elapsed, 1e-9), 3)},
+        "failed": [f for r in results for f in r["failed"]],
         "shards": [{"file": r["file"], "indices": [s["index"] for s in r["samples"]]} for r in results],
         "samples": samples,
     }

@@ -489,7 +489,7 @@ def insert_implants(anatomy, deformation, proj, grid, mu, rng, config, *, kvp: f
     """
     force = tuple(config.forced("implants") or ())
     if not force and rng.random() >= config.p_implants:
-        return [], None, None
+        return None, None, None
     frames = frames_from_anatomy(anatomy, deformation)
     # Hardware goes where the film is: levels whose body centre projects inside the field (plus a margin).
     margin = 0.1 * max(proj.rows, proj.cols)
@@ -500,6 +500,6 @@ def insert_implants(anatomy, deformation, proj, grid, mu, rng, config, *, kvp: f
     ]
     plan = plan_implants(frames, rng, kvp, force=force)
     if not plan.specs:
-        return [], None, None
+        return None, None, None
     line, inst = project_primitives(plan.primitives, proj, len(plan.specs))
     return plan, inst, line

@@ -149,6 +149,7 @@ def test_implants_present_in_labels_where_inserted(small_config, view, force, ki
     assert set(np.unique(s.implants)) == set(range(len(s.implant_specs) + 1))
 
 
-def test_no_implants_means_empty_map(small_config):
-    s = render_sample(2, replace(small_config, p_implants=0.0))
+@pytest.mark.parametrize("p", [0.0, 1e-9])
+def test_no_implants_means_empty_map(small_config, p):
+    s = render_sample(2, replace(small_config, p_implants=p))
     assert not s.implant_specs and not s.implants.any()
