@@ -85,7 +85,7 @@ def web_node_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[...,
 
     def factory(data_dir: Path | None = None, **kwargs: Any) -> WebNode:
         data_dir = data_dir or tmp_path / f"node{len(stack)}"
-        raw = web_config(data_dir, model_root=model_root, **kwargs)
+        raw = web_config(data_dir, model_root=kwargs.pop("model_root", model_root), **kwargs)
         cm = running_node(settings_from(raw))
         service = cm.__enter__()
         stack.append(cm)

@@ -303,3 +303,30 @@ def test_serve_subprocess_with_http_flags_and_audit_export(tmp_path: Path, model
     assert out.returncode == 0 and json.loads((tmp_path / "a.json").read_text()) == []
     bad = subprocess.run([*run, "--since", "last week"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "expected a date YYYY-MM-DD" in bad.stderr
+
+
+def test_model_cards_are_rendered_as_markdown_without_raw_html(web_node_factory, model_root: Path,
+                                                                tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(model_root, root)
+    folder = root / "carded"
+    folder.mkdir()
+    (folder / "weights.pt").write_bytes(b"not loaded by this test")
+    (folder / "model.json").write_text(json.dumps({
+        "name": "carded", "version": "2.1.0", "task": "a model with a card", "weights": "weights.pt",
+        "sha256": hashlib.sha256(b"not loaded by this test").hexdigest()}))
+    (folder / "MODEL_CARD.md").write_text("# Carded 2.1.0\n\n| metric | value |\n|---|---|\n| Dice | 0.91 |\n\n"
+                                          "<script>alert(1)</script>\n")
+    node = web_node_factory(model_root=root)
+    models = {m["name"]: m for m in node.api("/api/models")["models"]}
+    assert models["carded"]["has_card"] and not models["carded"]["loaded"]
+    assert not models["node-test-blockfinder"]["has_card"]
+    with node.client() as c:
+        page = c.get("/models/carded").text
+        assert "<h1>Carded 2.1.0</h1>" in page and "<td>Dice</td>" in page and "<td>0.91</td>" in page
+        assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+        assert c.get("/api/models/carded/card").text.startswith("# Carded 2.1.0")
+        assert c.get("/models/nothing-here").status_code == 404
