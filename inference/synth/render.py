@@ -114,6 +114,8 @@ def render_sample(seed: int, config: SynthConfig = SynthConfig()) -> SynthSample
             p_curvature=config.p_curvature if config.forced("curvature", True) else 0.0,
             p_fracture=config.p_fracture,
             forced_fracture=forced_fracture,
+            # Deformities where the film will be: within four levels of the field's centre.
+            fracture_levels=tuple(present[max(0, present.index(centre_level) - 4) : present.index(centre_level) + 5]),
         )
     else:
         deformation = identity_deformation(anatomy)
