@@ -374,11 +374,10 @@ class Views:
         http = raw.get("http", {})
         http["tokens"] = [{"id": t["id"], "token": "***"} for t in http.get("tokens", [])]
         http["users"] = [{"name": u["name"], "password_hash": "***"} for u in http.get("users", [])]
-        for d in raw.get("destinations", []):
-            for key in ("tls_key_file",):
-                if d.get(key):
-                    d[key] = str(d[key])
         raw["data_dir_resolved"] = str(self.settings.data_dir)
+        http_server = getattr(self.service, "http", None)
+        raw["listening"] = {"dicom_port": self.service.scp.port,
+                            "dashboard": http_server.url if http_server is not None else None}
         return raw
 
     # ------------------------------------------------------------------------------------ models
