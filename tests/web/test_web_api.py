@@ -298,9 +298,16 @@ def test_serve_subprocess_with_http_flags_and_audit_export(tmp_path: Path, model
     assert [(r["kind"], r["action"], r["actor"], r["instances"]) for r in rows] == [
         ("association", "released", "STORESCU", "1")]
     assert rows[0]["time"].startswith(rows[0]["time"][:4]) and "T" in rows[0]["time"]
+    # `dicom-node retry` is an operator action too, recorded with the Unix user who ran it.
+    retry = subprocess.run([*dicom_node_executable(), "retry", "--config", str(config)], capture_output=True,
+                           text=True, timeout=60, env=env)
+    assert retry.returncode == 0, retry.stderr
     out = subprocess.run([*run, "--format", "json", "--kind", "action", "--out", str(tmp_path / "a.json")],
                          capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 0 and json.loads((tmp_path / "a.json").read_text()) == []
+    assert out.returncode == 0 and "1 event(s) written" in out.stderr
+    (action,) = json.loads((tmp_path / "a.json").read_text())
+    assert action["action"] == "retry" and action["actor"].startswith("cli:")
+    assert action["outcome"] == "nothing to retry" and action["kind"] == "action"
     bad = subprocess.run([*run, "--since", "last week"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "expected a date YYYY-MM-DD" in bad.stderr
 
