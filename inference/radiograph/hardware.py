@@ -1,0 +1,602 @@
+"""The spinal hardware model: implants on a radiograph, their levels and sides, complications, a verdict.
+
+`HardwareModel.analyse(radiograph, vertebrae, source)` takes a decoded radiograph (canonical grid, see
+`preprocess`) and the `Vertebra` results already found on it (stored grid) and returns a
+`HardwareOutcome` (stored grid):
+
+1. the network (a compact MONAI 2D U-Net, channels in `hardware_post.CHANNELS`) runs at a fixed physical
+   scale (`SPACING_MM` per pixel at the patient; same preprocessing as the vertebra model otherwise);
+2. `hardware_post` separates instances per class (screws by the screw-centre heatmap, rods along their
+   direction, cages and plates by clustering, leftover metal as "other implant");
+3. each instance gets its source-resolution mask, outline and axis; screws the level of the body their tip
+   half projects into, cages the disc between two named vertebrae, rods and plates the levels they span;
+   a side from the spine midline and the patient orientation (lateral views: unknown);
+4. complications (loosening, breakage, rod fracture, subsidence) come from learned per-pixel maps scored
+   per instance against thresholds tuned on validation data, each with an evidence polygon;
+5. the image's hardware status: no implants / hardware intact / possible complication / not assessable
+   (implants at the image edge, or metal not recognised as spinal hardware), with reasons, and the
+   instrumentation as a surgeon would say it.
+
+Importing this module registers the step with the "spine-xr" analysis; the step is only used when the
+model folder ``spine-xr-hardware`` is installed.  torch is imported lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage
+
+from inference.radiograph import network, preprocess
+from inference.radiograph.analysis import HardwareOutcome, _mask_to_stored, _outline, register_hardware_step
+from inference.radiograph.hardware_post import (
+    CHANNELS,
+    CLASS_CHANNEL,
+    HardwareParams,
+    ImplantSummary,
+    Piece,
+    VertebraGeom,
+    covered_levels,
+    disc_levels,
+    find_pieces,
+    instrumentation_text,
+    midline_x,
+    principal_axis,
+    score_complications,
+    screw_level,
+    side_of,
+    spine_midline,
+)
+from inference.registry import ModelError, ModelRegistry
+from inference.results import (
+    COMPLICATION_FINDING,
+    Complication,
+    Finding,
+    HardwareStatus,
+    Implant,
+    ImplantKind,
+    ModelInfo,
+    Point,
+    RegionMask,
+    Severity,
+    Side,
+    SourceImage,
+    Vertebra,
+    level_index,
+    level_span,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from inference.registry import ModelSpec
+
+MODEL_NAME = "spine-xr-hardware"
+#: Network pixel size (mm at the patient).  Finer than the vertebra model's 1.25 mm: halos are 1-2.5 mm.
+SPACING_MM = 1.0
+#: Images without pixel spacing: vertebral step (mm) assumed to estimate the scale from the vertebrae found.
+ASSUMED_STEP_MM = 30.0
+
+DEFAULT_ARCHITECTURE: dict[str, Any] = {
+    "type": "monai.networks.nets.BasicUNet",
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": len(CHANNELS),
+    "features": [16, 24, 48, 96, 192, 16],
+    "channels": list(CHANNELS),
+    "spacing_mm": SPACING_MM,
+}
+
+SEVERITY: dict[Complication, Severity] = {
+    Complication.SCREW_LOOSENING: Severity.MODERATE,
+    Complication.SCREW_BREAKAGE: Severity.SEVERE,
+    Complication.ROD_FRACTURE: Severity.SEVERE,
+    Complication.CAGE_SUBSIDENCE: Severity.MODERATE,
+}
+WHAT: dict[Complication, str] = {
+    Complication.SCREW_LOOSENING: "loosening",
+    Complication.SCREW_BREAKAGE: "breakage",
+    Complication.ROD_FRACTURE: "fracture",
+    Complication.CAGE_SUBSIDENCE: "subsidence",
+}
+SIGN: dict[Complication, str] = {
+    Complication.SCREW_LOOSENING: "lucent halo around the screw",
+    Complication.SCREW_BREAKAGE: "discontinuity of the screw",
+    Complication.ROD_FRACTURE: "gap in the rod",
+    Complication.CAGE_SUBSIDENCE: "cage sunk into the endplate",
+}
+
+
+def build_network(architecture: dict[str, Any] | None = None) -> torch.nn.Module:
+    """An untrained hardware network for `architecture` (a model.json "architecture" entry)."""
+    from monai.networks.nets import BasicUNet
+
+    arch = dict(DEFAULT_ARCHITECTURE if architecture is None else architecture)
+    if arch.get("type") != DEFAULT_ARCHITECTURE["type"]:
+        raise ValueError(f"unsupported architecture type {arch.get('type')!r}")
+    if list(arch.get("channels", CHANNELS)) != list(CHANNELS):
+        raise ValueError(f"model channels {arch.get('channels')} differ from this code's {list(CHANNELS)}")
+    return BasicUNet(
+        spatial_dims=int(arch["spatial_dims"]),
+        in_channels=int(arch["in_channels"]),
+        out_channels=int(arch["out_channels"]),
+        features=tuple(int(f) for f in arch["features"]),
+    )
+
+
+def network_zoom(spacing_mm: float = SPACING_MM) -> float:
+    """Zoom for `preprocess.prepare` that puts `spacing_mm` at the patient into one network pixel."""
+    return preprocess.TARGET_SPACING_MM / spacing_mm
+
+
+def prepare(pixels: np.ndarray, spacing_mm: tuple[float, float] | None, net_spacing_mm: float = SPACING_MM) -> tuple[np.ndarray, tuple[float, float]]:
+    """Source pixels (canonical, bone bright) -> normalised network image and the (row, column) scale."""
+    return preprocess.prepare(pixels, spacing_mm, network_zoom(net_spacing_mm))
+
+
+# ------------------------------------------------------------------------------------ grid helpers
+
+
+def region_to_canonical(region: RegionMask, orientation: preprocess.Orientation) -> tuple[tuple[int, int], np.ndarray]:
+    """A stored-grid `RegionMask` as (offset, crop) on the canonical grid (inverse of the analysis' turn)."""
+    arr = region.array
+    r0, c0 = region.offset
+    rows, cols = region.shape
+    if orientation.transpose:
+        arr = arr.T
+        r0, c0 = c0, r0
+        rows, cols = cols, rows
+    h, w = arr.shape
+    if orientation.flip_rows:
+        arr = arr[::-1, :]
+        r0 = rows - (r0 + h)
+    if orientation.flip_columns:
+        arr = arr[:, ::-1]
+        c0 = cols - (c0 + w)
+    return (int(r0), int(c0)), np.ascontiguousarray(arr)
+
+
+def point_to_canonical(point: Point, orientation: preprocess.Orientation, canonical_shape: tuple[int, int]) -> Point:
+    """A stored-grid (x, y) point on the canonical grid (inverse of `Orientation.point_from_canonical`)."""
+    x, y = point
+    if orientation.transpose:
+        x, y = y, x
+    rows, cols = canonical_shape
+    if orientation.flip_rows:
+        y = rows - y
+    if orientation.flip_columns:
+        x = cols - x
+    return (x, y)
+
+
+def vertebra_geometry(vertebrae: Sequence[Vertebra], orientation: preprocess.Orientation) -> list[VertebraGeom]:
+    """The vertebrae (stored grid) as canonical-grid geometry for level assignment."""
+    out = []
+    for v in vertebrae:
+        if v.mask.empty:
+            continue
+        offset, crop = region_to_canonical(v.mask, orientation)
+        rr, cc = np.nonzero(crop)
+        centroid = (float(cc.mean() + offset[1] + 0.5), float(rr.mean() + offset[0] + 0.5))
+        out.append(VertebraGeom(v.level, centroid, crop, offset))
+    return out
+
+
+@dataclass
+class SourcePiece:
+    """One instance at source resolution, canonical grid."""
+
+    piece: Piece
+    offset: tuple[int, int]
+    mask: np.ndarray
+    centroid: Point
+    axis: tuple[Point, ...] = ()
+    tip: Point | None = None
+    touches_border: bool = False
+    levels: tuple[str, ...] = ()
+    side: Side = Side.UNKNOWN
+    complications: tuple[Complication, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+
+def to_source(piece: Piece, prob: np.ndarray, scale: tuple[float, float], shape: tuple[int, int], threshold: float, border_px: float) -> SourcePiece | None:
+    """The piece's mask at source resolution (class probability >= threshold inside the piece's region)."""
+    channel = CLASS_CHANNEL[piece.kind]
+    h, w = piece.mask.shape
+    r0, c0 = piece.offset
+    pad = 2
+    R0, C0 = max(r0 - pad, 0), max(c0 - pad, 0)
+    R1, C1 = min(r0 + h + pad, prob.shape[1]), min(c0 + w + pad, prob.shape[2])
+    owner = np.zeros((R1 - R0, C1 - C0), dtype=np.float32)
+    owner[r0 - R0 : r0 - R0 + h, c0 - C0 : c0 - C0 + w] = piece.mask
+    owner = ndimage.binary_dilation(owner > 0, iterations=1).astype(np.float32)
+    sr0 = max(int(math.floor(R0 / scale[0])), 0)
+    sr1 = min(int(math.ceil(R1 / scale[0])) + 1, shape[0])
+    sc0 = max(int(math.floor(C0 / scale[1])), 0)
+    sc1 = min(int(math.ceil(C1 / scale[1])) + 1, shape[1])
+    # Network index coordinates of the source pixel centres, relative to the network crop.
+    r = (np.arange(sr0, sr1) + 0.5) * scale[0] - 0.5 - R0
+    c = (np.arange(sc0, sc1) + 0.5) * scale[1] - 0.5 - C0
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    p = ndimage.map_coordinates(prob[channel, R0:R1, C0:C1], [rr, cc], order=1, mode="nearest")
+    o = ndimage.map_coordinates(owner, [rr, cc], order=0, mode="constant", cval=0.0) > 0.5
+    mask = (p >= threshold) & o
+    if mask.sum() < 3:
+        mask = o & (p >= 0.5 * threshold)
+    if mask.sum() < 3:
+        return None
+    rr_, cc_ = np.nonzero(mask)
+    a, b, c_, d = rr_.min(), rr_.max() + 1, cc_.min(), cc_.max() + 1
+    crop = mask[a:b, c_:d]
+    offset = (sr0 + int(a), sc0 + int(c_))
+    centroid = (float(cc_.mean() + sc0 + 0.5), float(rr_.mean() + sr0 + 0.5))
+    touches = bool(
+        offset[0] <= border_px
+        or offset[1] <= border_px
+        or offset[0] + crop.shape[0] >= shape[0] - border_px
+        or offset[1] + crop.shape[1] >= shape[1] - border_px
+    )
+    return SourcePiece(piece, offset, crop, centroid, touches_border=touches)
+
+
+def _axis_points(sp: SourcePiece) -> tuple[Point, Point]:
+    rr, cc = np.nonzero(sp.mask)
+    xy = np.stack([cc + sp.offset[1] + 0.5, rr + sp.offset[0] + 0.5], axis=1)
+    centre, d, _, _, _ = principal_axis(xy)
+    t = (xy - centre) @ d
+    a = centre + t.min() * d
+    b = centre + t.max() * d
+    return (float(a[0]), float(a[1])), (float(b[0]), float(b[1]))
+
+
+def _rod_polyline(sp: SourcePiece, step_px: float) -> tuple[Point, ...]:
+    """Polyline along a rod: mean column of the mask in bands of rows (rods run cranio-caudally)."""
+    rr, cc = np.nonzero(sp.mask)
+    if not len(rr):
+        return ()
+    rows = rr + sp.offset[0] + 0.5
+    cols = cc + sp.offset[1] + 0.5
+    top, bottom = rows.min(), rows.max()
+    n = max(2, int(math.ceil((bottom - top) / max(step_px, 1.0))) + 1)
+    edges = np.linspace(top, bottom + 1e-6, n + 1)
+    pts = []
+    for k in range(n):
+        sel = (rows >= edges[k]) & (rows < edges[k + 1])
+        if sel.any():
+            pts.append((float(cols[sel].mean()), float(rows[sel].mean())))
+    if len(pts) < 2:
+        return _axis_points(sp)
+    return tuple(pts)
+
+
+def _circle(centre: Point, radius: float, n: int = 16) -> tuple[Point, ...]:
+    return tuple(
+        (float(centre[0] + radius * math.cos(2 * math.pi * k / n)), float(centre[1] + radius * math.sin(2 * math.pi * k / n)))
+        for k in range(n)
+    )
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+class HardwareModel:
+    """Loaded hardware network plus its post-processing parameters."""
+
+    def __init__(self, net: torch.nn.Module, params: HardwareParams | None = None, spacing_mm: float = SPACING_MM, info: ModelInfo | None = None) -> None:
+        self.net = net.eval()
+        self.params = params or HardwareParams()
+        self.spacing_mm = spacing_mm
+        self.info = info or ModelInfo(MODEL_NAME, "untrained")
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, device: str = "cpu") -> HardwareModel:
+        """Build from a registry spec (weights already verified by the registry)."""
+        arch = spec.metadata.get("architecture")
+        net = build_network(arch)
+        network.load_state(net, str(spec.weights), device)
+        spacing = float((arch or {}).get("spacing_mm", SPACING_MM))
+        return cls(net, HardwareParams.from_dict(spec.metadata.get("postprocess")), spacing, spec.info)
+
+    @classmethod
+    def from_registry(cls, registry: ModelRegistry) -> HardwareModel:
+        """Load (once) through the registry."""
+        return registry.load(MODEL_NAME, cls.from_spec)
+
+    def probabilities(self, pixels: np.ndarray, spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float]]:
+        """Network probabilities (C, h, w) for canonical source pixels and the (row, column) scale used."""
+        image, _ = prepare(pixels, spacing_mm, self.spacing_mm)
+        prob = network.predict(self.net, image)
+        scale = (image.shape[0] / pixels.shape[0], image.shape[1] / pixels.shape[1])
+        return prob, scale
+
+    def analyse(self, radiograph: preprocess.Radiograph, vertebrae: Sequence[Vertebra], source: SourceImage) -> HardwareOutcome:
+        """Implants, complication findings and the hardware status of one radiograph (stored grid)."""
+        notes: list[str] = []
+        spacing = radiograph.pixel_spacing_mm
+        geoms = vertebra_geometry(vertebrae, radiograph.orientation)
+        if spacing is None:
+            spacing = estimated_spacing(geoms)
+            if spacing is not None:
+                notes.append("no pixel spacing: implant sizes judged at a scale estimated from the vertebral spacing")
+            else:
+                notes.append("no pixel spacing and too few vertebrae: implant sizes judged at an assumed scale")
+        prob, scale = self.probabilities(radiograph.pixels, spacing)
+        mm = (spacing[0] / scale[0]) if spacing is not None else self.spacing_mm
+        return interpret(prob, scale, mm, radiograph, geoms, source, self.params, notes)
+
+
+def estimated_spacing(geoms: Sequence[VertebraGeom]) -> tuple[float, float] | None:
+    """(row, column) mm per source pixel from the median distance between consecutive vertebrae (>= 3),
+    taken as `ASSUMED_STEP_MM` (the data engine scales its real-image overlays the same way); else None."""
+    pts = sorted((g.centroid[1], g.centroid[0]) for g in geoms if g.level != "S1")
+    if len(pts) < 3:
+        return None
+    xy = np.array(pts)
+    step = float(np.median(np.linalg.norm(np.diff(xy, axis=0), axis=1)))
+    if step <= 0:
+        return None
+    s = ASSUMED_STEP_MM / step
+    return (s, s)
+
+
+def interpret(
+    prob: np.ndarray,
+    scale: tuple[float, float],
+    mm: float,
+    radiograph: preprocess.Radiograph,
+    geoms: Sequence[VertebraGeom],
+    source: SourceImage,
+    params: HardwareParams,
+    notes: list[str] | None = None,
+) -> HardwareOutcome:
+    """Network probabilities -> `HardwareOutcome` (the part of `analyse` after the network; pure)."""
+    notes = list(notes or [])
+    shape = radiograph.pixels.shape
+    view = source.view or radiograph.view
+    pieces = find_pieces(prob, mm, params)
+    if not pieces:
+        notes.append("no implants found on this image")
+        return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes))
+    rod_gap = score_complications(prob, pieces)
+    src_mm = mm * scale[0]  # mm per source pixel
+    border_px = params.border_mm / max(src_mm, 1e-6)
+    placed: list[SourcePiece] = []
+    gaps: dict[int, Point] = {}
+    for k, p in enumerate(pieces):
+        sp = to_source(p, prob, scale, shape, params.class_threshold, border_px)
+        if sp is None:
+            continue
+        for comp, s in p.complication_scores.items():
+            if s >= params.complication_threshold.get(comp.value, 1.0):
+                sp.complications += (comp,)
+        if k in rod_gap and rod_gap[k] is not None:
+            r, c = rod_gap[k]
+            gaps[len(placed)] = ((c) / scale[1], (r) / scale[0])
+        placed.append(sp)
+    if not placed:
+        notes.append("no implants found on this image")
+        return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes))
+
+    left_sign = radiograph.left_sign if view != "LAT" else None
+    if view != "LAT" and left_sign is None:
+        notes.append("patient orientation not in the header: implant sides not named")
+    if view == "LAT":
+        notes.append("lateral view: left and right implants overlap, sides not named")
+    assign_geometry(placed, geoms, view, left_sign, src_mm)
+
+    implants: list[Implant] = []
+    findings: list[Finding] = []
+    for idx, sp in enumerate(placed):
+        implant = _implant(sp, radiograph)
+        implants.append(implant)
+        for comp in sp.complications:
+            findings.append(_finding(comp, sp, implant, radiograph, source, gaps.get(idx), src_mm, geoms))
+    summary = instrumentation_text([ImplantSummary(i.kind, i.levels) for i in implants], view)
+    status, reasons = hardware_status(placed, view)
+    notes.extend(reasons)
+    if not any(i.levels for i in implants if i.kind is not ImplantKind.OTHER):
+        notes.append("implant levels not named: vertebral levels unknown on this image")
+    return HardwareOutcome(
+        implants=tuple(implants),
+        findings=tuple(findings),
+        status=status,
+        instrumentation=summary,
+        notes=tuple(dict.fromkeys(notes)),
+    )
+
+
+def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], view: str | None, left_sign: int | None, src_mm: float) -> None:
+    """Axis, tip, levels and side of every placed piece (in place)."""
+    midline = spine_midline(geoms)
+    screws = [sp for sp in placed if sp.piece.kind is ImplantKind.PEDICLE_SCREW]
+    rods = [sp for sp in placed if sp.piece.kind is ImplantKind.ROD]
+    if midline is None:
+        # No vertebrae: the midline between the outermost posterior implants, if they straddle it.
+        xs = [sp.centroid[0] for sp in screws + rods]
+        if len(xs) >= 2 and (max(xs) - min(xs)) * src_mm >= 20.0:
+            ys = np.array([min(sp.centroid[1] for sp in placed), max(sp.centroid[1] for sp in placed) + 1.0])
+            mid = 0.5 * (max(xs) + min(xs))
+            midline = (ys, np.array([mid, mid]))
+    tol_px = 7.0 / max(src_mm, 1e-6)
+    for sp in placed:
+        kind = sp.piece.kind
+        a, b = _axis_points(sp)
+        if kind is ImplantKind.PEDICLE_SCREW:
+            ref = _tip_reference(sp, geoms, midline, view)
+            if ref is not None:
+                da = (a[0] - ref[0]) ** 2 + (a[1] - ref[1]) ** 2
+                db = (b[0] - ref[0]) ** 2 + (b[1] - ref[1]) ** 2
+                head, tip = (b, a) if da < db else (a, b)
+                sp.tip = tip
+                sp.axis = (head, tip)
+            else:
+                sp.axis = (a, b)
+            v = screw_level(sp.mask, sp.offset, sp.centroid, sp.tip, geoms)
+            sp.levels = (v.level,) if v is not None and v.level else ()
+        elif kind is ImplantKind.ROD:
+            sp.axis = _rod_polyline(sp, 10.0 / max(src_mm, 1e-6))
+        elif kind is ImplantKind.INTERBODY_CAGE:
+            sp.levels = disc_levels(sp.centroid, geoms)
+        elif kind is ImplantKind.PLATE:
+            sp.axis = (a, b)
+            rows = np.nonzero(sp.mask.any(axis=1))[0] + sp.offset[0]
+            sp.levels = covered_levels(float(rows.min()), float(rows.max() + 1), geoms)
+        mid = midline_x(midline, sp.centroid[1])
+        sp.side = side_of(
+            sp.centroid[0], mid, left_sign, tol_px, midline_allowed=kind in (ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE, ImplantKind.OTHER)
+        )
+        if view == "LAT" and sp.side is not Side.MIDLINE:
+            sp.side = Side.UNKNOWN
+        if view == "LAT" and kind in (ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE):
+            sp.side = Side.UNKNOWN
+    # Rods span the levels of the screws they hold (same side, close to the rod), else the bodies they cross.
+    for rod in rods:
+        held: set[str] = set()
+        grown = ndimage.binary_dilation(np.pad(rod.mask, 1), iterations=max(1, int(round(6.0 / max(src_mm, 1e-6)))))
+        grown_off = (rod.offset[0] - 1, rod.offset[1] - 1)
+        from inference.radiograph.hardware_post import overlap
+
+        for s in screws:
+            if s.levels and (rod.side in (Side.UNKNOWN,) or s.side in (Side.UNKNOWN, rod.side)) and overlap(s.mask, s.offset, grown, grown_off) > 0:
+                held.update(s.levels)
+        if held:
+            rod.levels = tuple(sorted(held, key=level_index))
+        else:
+            rows = np.nonzero(rod.mask.any(axis=1))[0] + rod.offset[0]
+            rod.levels = covered_levels(float(rows.min()), float(rows.max() + 1), geoms, min_fraction=0.5)
+
+
+def _tip_reference(sp: SourcePiece, geoms: Sequence[VertebraGeom], midline: tuple[np.ndarray, np.ndarray] | None, view: str | None) -> Point | None:
+    """Where a screw's tip points: the nearest vertebral body centre (the midline on frontal views)."""
+    if view != "LAT" and midline is not None:
+        return (midline_x(midline, sp.centroid[1]) or sp.centroid[0], sp.centroid[1])
+    if geoms:
+        v = min(geoms, key=lambda g: (g.centroid[0] - sp.centroid[0]) ** 2 + (g.centroid[1] - sp.centroid[1]) ** 2)
+        return v.centroid
+    return None
+
+
+def _implant(sp: SourcePiece, radiograph: preprocess.Radiograph) -> Implant:
+    shape = radiograph.pixels.shape
+    orient = radiograph.orientation
+    mask = _mask_to_stored(orient, shape, sp.offset, sp.mask)
+    outline = tuple(orient.point_from_canonical(p, shape) for p in _outline(sp.mask, sp.offset))
+    axis = tuple(orient.point_from_canonical(p, shape) for p in sp.axis)
+    return Implant(
+        kind=sp.piece.kind,
+        mask=mask,
+        outline=outline if len(outline) >= 3 else (),
+        centroid=orient.point_from_canonical(sp.centroid, shape),
+        levels=sp.levels,
+        side=sp.side,
+        complications=sp.complications,
+        axis=axis,
+        score=float(sp.piece.score),
+    )
+
+
+def _finding(
+    comp: Complication,
+    sp: SourcePiece,
+    implant: Implant,
+    radiograph: preprocess.Radiograph,
+    source: SourceImage,
+    gap: Point | None,
+    src_mm: float,
+    geoms: Sequence[VertebraGeom],
+) -> Finding:
+    shape = radiograph.pixels.shape
+    orient = radiograph.orientation
+    where = ""
+    if comp is Complication.ROD_FRACTURE and gap is not None:
+        evidence = tuple(orient.point_from_canonical(p, shape) for p in _circle(gap, 6.0 / max(src_mm, 1e-6)))
+        named = [g for g in geoms if g.level]
+        if named:
+            near = min(named, key=lambda g: abs(g.centroid[1] - gap[1]))
+            where = f" near {near.level}"
+    else:
+        ring = max(1, int(round(2.0 / max(src_mm, 1e-6))))
+        grown = ndimage.binary_dilation(np.pad(sp.mask, ring), iterations=ring)
+        off = (sp.offset[0] - ring, sp.offset[1] - ring)
+        evidence = tuple(orient.point_from_canonical(p, shape) for p in _outline(grown, off))
+        if len(evidence) < 3:
+            evidence = implant.outline
+    score = sp.piece.complication_scores.get(comp, 0.0)
+    name = _implant_words(sp)
+    description = f"possible {WHAT[comp]} of the {name}{where} ({SIGN[comp]}; score {score:.2f})"
+    return Finding(
+        kind=COMPLICATION_FINDING[comp],
+        severity=SEVERITY[comp],
+        levels=sp.levels,
+        evidence=evidence,
+        description=description,
+        sop_instance_uid=source.sop_instance_uids[0],
+    )
+
+
+def _implant_words(sp: SourcePiece) -> str:
+    """E.g. "left L4 pedicle screw", "right rod (L3–S1)", "interbody cage L4–5"."""
+    from inference.radiograph.hardware_post import compact_span
+
+    kind = sp.piece.kind
+    side = f"{sp.side.value} " if sp.side in (Side.LEFT, Side.RIGHT) else ""
+    if kind is ImplantKind.PEDICLE_SCREW:
+        level = f"{sp.levels[0]} " if sp.levels else ""
+        return f"{side}{level}pedicle screw"
+    if kind is ImplantKind.ROD:
+        return f"{side}rod" + (f" ({level_span(sp.levels)})" if sp.levels else "")
+    if kind is ImplantKind.INTERBODY_CAGE:
+        return "interbody cage" + (f" {compact_span(*sp.levels)}" if len(sp.levels) == 2 else "")
+    return f"{side}{kind.value}"
+
+
+def hardware_status(placed: Sequence[SourcePiece], view: str | None) -> tuple[HardwareStatus, list[str]]:
+    """The image's hardware status and the reasons behind a "not assessable"."""
+    if not placed:
+        return HardwareStatus.NO_IMPLANTS, []
+    if any(sp.complications for sp in placed):
+        return HardwareStatus.POSSIBLE_COMPLICATION, []
+    if all(sp.piece.kind is ImplantKind.OTHER for sp in placed):
+        return HardwareStatus.NOT_ASSESSABLE, ["hardware not assessable: metal found but not recognised as spinal hardware"]
+    cut = [sp for sp in placed if sp.touches_border and sp.piece.kind is not ImplantKind.OTHER]
+    if cut:
+        names = sorted({_implant_words(sp) for sp in cut})
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return HardwareStatus.NOT_ASSESSABLE, [
+            f"hardware not assessable: implants reach the image edge ({shown}); hardware beyond the field of view not seen"
+        ]
+    return HardwareStatus.INTACT, []
+
+
+# -------------------------------------------------------------------------------------------- step
+
+
+class HardwareStep:
+    """The "spine-xr" analysis' hardware step (see `inference.radiograph.analysis.HardwareStep`)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.info = registry.spec(MODEL_NAME).info
+
+    def model(self) -> HardwareModel:
+        """The loaded model (loaded once through the registry)."""
+        return HardwareModel.from_registry(self.registry)
+
+    def run(self, radiograph: preprocess.Radiograph, vertebrae: Sequence[Vertebra], source: SourceImage) -> HardwareOutcome:
+        """Implants on one radiograph (stored grid), given the vertebrae already found there."""
+        return self.model().analyse(radiograph, vertebrae, source)
+
+
+def hardware_step(registry: ModelRegistry) -> HardwareStep | None:
+    """Factory registered with the analysis: None when the model folder is not installed."""
+    try:
+        return HardwareStep(registry)
+    except ModelError:
+        return None
+
+
+register_hardware_step(hardware_step)

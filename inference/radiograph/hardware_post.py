@@ -1,0 +1,618 @@
+"""From the hardware network's probability maps to named implant instances, complications and a verdict.
+
+Everything here is pure numpy/scipy on two grids of the same (canonical, head-up) radiograph:
+
+* the **network grid** (about 1 mm per pixel), where instances are separated: connected components per
+  implant class with class-specific rules (screws split by the screw-centre heatmap, rod pieces interrupted
+  by screw heads or a fracture merged along their direction, cage markers clustered into one cage);
+* the **source grid** (the decoded radiograph's pixels), where each instance gets its mask, outline and
+  axis, is given levels from the vertebrae found on the same image, and a side from the image geometry and
+  the patient orientation (the patient's left, not the viewer's).
+
+Rods are told from screws by class, never by components: where a rod runs through a screw head the two
+probability maps overlap and both instances keep the pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from inference.results import LEVELS, Complication, ImplantKind, Point, Side, level_index, level_span
+
+#: Channels of the hardware network, in output order.
+CHANNELS: tuple[str, ...] = (
+    "metal",  # any implant
+    "screw",
+    "rod",
+    "cage",
+    "plate",
+    "screw_centre",  # Gaussian at each pedicle screw's centre: instance markers
+    "loosening",  # a loosened screw and its halo
+    "breakage",  # a broken screw
+    "rod_fracture",  # around the gap of a fractured rod
+    "subsidence",  # a cage sunk into an endplate
+)
+METAL, SCREW, ROD, CAGE, PLATE, SCREW_CENTRE, LOOSENING, BREAKAGE, ROD_FRACTURE, SUBSIDENCE = range(len(CHANNELS))
+CLASS_CHANNEL: dict[ImplantKind, int] = {
+    ImplantKind.PEDICLE_SCREW: SCREW,
+    ImplantKind.ROD: ROD,
+    ImplantKind.INTERBODY_CAGE: CAGE,
+    ImplantKind.PLATE: PLATE,
+    ImplantKind.OTHER: METAL,
+}
+COMPLICATION_CHANNEL: dict[Complication, int] = {
+    Complication.SCREW_LOOSENING: LOOSENING,
+    Complication.SCREW_BREAKAGE: BREAKAGE,
+    Complication.ROD_FRACTURE: ROD_FRACTURE,
+    Complication.CAGE_SUBSIDENCE: SUBSIDENCE,
+}
+#: Which complications each implant kind is checked for.
+CHECKED: dict[ImplantKind, tuple[Complication, ...]] = {
+    ImplantKind.PEDICLE_SCREW: (Complication.SCREW_LOOSENING, Complication.SCREW_BREAKAGE),
+    ImplantKind.ROD: (Complication.ROD_FRACTURE,),
+    ImplantKind.INTERBODY_CAGE: (Complication.CAGE_SUBSIDENCE,),
+    ImplantKind.PLATE: (),
+    ImplantKind.OTHER: (),
+}
+
+
+@dataclass(frozen=True)
+class HardwareParams:
+    """Tunable constants of the instance, level and complication steps (model.json "postprocess")."""
+
+    class_threshold: float = 0.5
+    metal_threshold: float = 0.5
+    centre_threshold: float = 0.3
+    centre_min_distance_mm: float = 6.0
+    min_area_mm2: dict[str, float] = field(
+        default_factory=lambda: {"pedicle screw": 12.0, "rod": 30.0, "interbody cage": 4.0, "plate": 40.0, "other implant": 40.0}
+    )
+    #: An image shows implants when the pieces kept cover at least this much.
+    min_total_mm2: float = 25.0
+    rod_merge_mm: float = 30.0
+    rod_merge_angle_deg: float = 35.0
+    cage_merge_mm: float = 9.0
+    plate_merge_mm: float = 10.0
+    #: "other implant": metal not covered by a classified instance, as a fraction of its area.
+    other_uncovered_fraction: float = 0.7
+    #: Per complication: the instance score (see `complication_score`) above which it is reported.
+    complication_threshold: dict[str, float] = field(
+        default_factory=lambda: {c.value: 0.5 for c in Complication}
+    )
+    #: Implants closer than this to the image border (or the unexposed area) are "at the edge".
+    border_mm: float = 2.0
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> HardwareParams:
+        """Parameters from model.json (unknown keys are an error naming them)."""
+        data = dict(data or {})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown hardware post-processing parameters: {', '.join(sorted(unknown))}")
+        base = cls()
+        if "min_area_mm2" in data:
+            data["min_area_mm2"] = {**base.min_area_mm2, **data["min_area_mm2"]}
+        if "complication_threshold" in data:
+            data["complication_threshold"] = {**base.complication_threshold, **data["complication_threshold"]}
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        """For model.json."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+@dataclass
+class Piece:
+    """One implant instance on the network grid."""
+
+    kind: ImplantKind
+    mask: np.ndarray  # bool crop on the network grid
+    offset: tuple[int, int]  # (row, column) of the crop
+    score: float = 1.0
+    complication_scores: dict[Complication, float] = field(default_factory=dict)
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    def coords(self) -> np.ndarray:
+        """(n, 2) network-grid (row, column) pixel-centre coordinates of the mask."""
+        rr, cc = np.nonzero(self.mask)
+        return np.stack([rr + self.offset[0] + 0.5, cc + self.offset[1] + 0.5], axis=1)
+
+    def dense(self, shape: tuple[int, int]) -> np.ndarray:
+        out = np.zeros(shape, dtype=bool)
+        h, w = self.mask.shape
+        out[self.offset[0] : self.offset[0] + h, self.offset[1] : self.offset[1] + w] = self.mask
+        return out
+
+
+#: At most this many candidate components per class are considered (an image never shows more implants;
+#: the cap bounds the time spent on a noisy probability map).
+MAX_COMPONENTS = 120
+
+
+def _piece_from(kind: ImplantKind, mask: np.ndarray, offset: tuple[int, int], prob: np.ndarray) -> Piece:
+    """A piece from a crop (trimmed to its bounding box); score = mean class probability inside."""
+    rows, cols = np.nonzero(mask)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop = np.ascontiguousarray(mask[r0:r1, c0:c1])
+    off = (int(offset[0] + r0), int(offset[1] + c0))
+    region = prob[off[0] : off[0] + crop.shape[0], off[1] : off[1] + crop.shape[1]]
+    return Piece(kind, crop, off, score=round(float(region[crop].mean()), 3))
+
+
+def components(labels: np.ndarray, n: int, min_px: float = 0.0, max_n: int = MAX_COMPONENTS) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """(crop mask, offset) of each labelled component with >= `min_px` pixels, largest first, at most `max_n`."""
+    if n == 0:
+        return []
+    sizes = ndimage.sum_labels(np.ones(labels.shape, dtype=np.int32), labels, index=np.arange(1, n + 1))
+    order = [k for k in np.argsort(sizes)[::-1] if sizes[k] >= min_px][:max_n]
+    boxes = ndimage.find_objects(labels)
+    out = []
+    for k in order:
+        sl = boxes[k]
+        if sl is None:
+            continue
+        out.append((labels[sl] == k + 1, (sl[0].start, sl[1].start)))
+    return out
+
+
+def principal_axis(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """(centre, unit direction, unit normal, length, width) of a point cloud (rows of (r, c) or (x, y))."""
+    centre = coords.mean(axis=0)
+    if len(coords) < 2:
+        return centre, np.array([1.0, 0.0]), np.array([0.0, 1.0]), 1.0, 1.0
+    cov = np.cov((coords - centre).T)
+    vals, vecs = np.linalg.eigh(cov)
+    d = vecs[:, 1]
+    n = vecs[:, 0]
+    t = (coords - centre) @ d
+    s = (coords - centre) @ n
+    return centre, d, n, float(t.max() - t.min() + 1.0), float(s.max() - s.min() + 1.0)
+
+
+def screw_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piece]:
+    """Pedicle screws: components of the screw map, split at screw-centre peaks by a watershed."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    mask = prob[SCREW] >= params.class_threshold
+    if not mask.any():
+        return []
+    centre = ndimage.gaussian_filter(prob[SCREW_CENTRE], 0.7)
+    min_dist = max(1, int(round(params.centre_min_distance_mm / mm)))
+    comps, n = ndimage.label(mask)
+    peaks = peak_local_max(centre, min_distance=min_dist, threshold_abs=params.centre_threshold, labels=comps, num_peaks=4 * MAX_COMPONENTS)
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    next_id = 1
+    for r, c in peaks:
+        markers[r, c] = next_id
+        next_id += 1
+    # Components without a peak keep one marker at their most central pixel.
+    have = set(np.unique(comps[markers > 0]).tolist()) - {0}
+    min_px = params.min_area_mm2[ImplantKind.PEDICLE_SCREW.value] / (mm * mm)
+    for crop, off in components(comps, n, min_px):
+        k = int(comps[off[0] + np.nonzero(crop)[0][0], off[1] + np.nonzero(crop)[1][0]])
+        if k in have:
+            continue
+        dist = ndimage.distance_transform_edt(crop)
+        r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        markers[off[0] + r, off[1] + c] = next_id
+        next_id += 1
+    labels = watershed(-centre, markers, mask=mask)
+    return [_piece_from(ImplantKind.PEDICLE_SCREW, crop, off, prob[SCREW]) for crop, off in components(labels, next_id - 1, min_px)]
+
+
+def _endpoints(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    centre, d, _, _, _ = principal_axis(coords)
+    t = (coords - centre) @ d
+    return coords[int(np.argmin(t))], coords[int(np.argmax(t))], d
+
+
+def _union_find(n: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+    return [find(i) for i in range(n)]
+
+
+def _merge(parts: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> tuple[np.ndarray, tuple[int, int]]:
+    """One crop holding several (crop, offset) parts."""
+    r0 = min(o[0] for _, o in parts)
+    c0 = min(o[1] for _, o in parts)
+    r1 = max(o[0] + m.shape[0] for m, o in parts)
+    c1 = max(o[1] + m.shape[1] for m, o in parts)
+    out = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+    for m, o in parts:
+        out[o[0] - r0 : o[0] - r0 + m.shape[0], o[1] - c0 : o[1] - c0 + m.shape[1]] |= m
+    return out, (r0, c0)
+
+
+def rod_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piece]:
+    """Rods: components of the rod map; pieces that continue each other (end to end, along their
+    direction) are one rod, whether a screw head or a fracture interrupts them."""
+    mask = prob[ROD] >= params.class_threshold
+    if not mask.any():
+        return []
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    parts = components(comps, n, 0.3 * params.min_area_mm2[ImplantKind.ROD.value] / (mm * mm), max_n=60)
+    if not parts:
+        return []
+    ends = []
+    for crop, off in parts:
+        rr, cc = np.nonzero(crop)
+        coords = np.stack([rr + off[0] + 0.5, cc + off[1] + 0.5], axis=1)
+        a, b, d = _endpoints(coords)
+        ends.append((a, b, d))
+    max_gap = params.rod_merge_mm / mm
+    cos_lim = math.cos(math.radians(params.rod_merge_angle_deg))
+    pairs = []
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            ai, bi, di = ends[i]
+            aj, bj, dj = ends[j]
+            best = min(((p, q) for p in (ai, bi) for q in (aj, bj)), key=lambda pq: float(np.linalg.norm(pq[0] - pq[1])))
+            gap = best[1] - best[0]
+            dist = float(np.linalg.norm(gap))
+            if dist > max_gap:
+                continue
+            if dist < 2.0:
+                pairs.append((i, j))
+                continue
+            u = gap / dist
+            # Both pieces must point across the gap (a rod continues straight-ish through it).
+            if abs(float(u @ di)) >= cos_lim and abs(float(u @ dj)) >= cos_lim:
+                pairs.append((i, j))
+    roots = _union_find(len(parts), pairs)
+    out = []
+    min_px = params.min_area_mm2[ImplantKind.ROD.value] / (mm * mm)
+    for root in sorted(set(roots)):
+        crop, off = _merge([parts[k] for k, r in enumerate(roots) if r == root])
+        if crop.sum() >= min_px:
+            out.append(_piece_from(ImplantKind.ROD, crop, off, prob[ROD]))
+    return out
+
+
+def clustered_pieces(prob: np.ndarray, channel: int, kind: ImplantKind, mm: float, merge_mm: float, params: HardwareParams) -> list[Piece]:
+    """Cages and plates: components of the class map, clustered when closer than `merge_mm` (a PEEK cage is
+    only its marker pins and a faint box)."""
+    mask = prob[channel] >= params.class_threshold
+    if not mask.any():
+        return []
+    radius = max(1, int(round(0.5 * merge_mm / mm)))
+    grown = ndimage.binary_dilation(mask, structure=_disk(radius))
+    groups, n = ndimage.label(grown)
+    groups[~mask] = 0
+    min_px = params.min_area_mm2[kind.value] / (mm * mm)
+    return [_piece_from(kind, crop, off, prob[channel]) for crop, off in components(groups, n, min_px)]
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return xx**2 + yy**2 <= radius**2
+
+
+def other_pieces(prob: np.ndarray, classified: Sequence[Piece], mm: float, params: HardwareParams) -> list[Piece]:
+    """Implant-like metal that no class claims ("other implant")."""
+    metal = prob[METAL] >= params.metal_threshold
+    if not metal.any():
+        return []
+    covered = np.zeros(metal.shape, dtype=bool)
+    for p in classified:
+        h, w = p.mask.shape
+        covered[p.offset[0] : p.offset[0] + h, p.offset[1] : p.offset[1] + w] |= p.mask
+    covered = ndimage.binary_dilation(covered, iterations=2)
+    comps, n = ndimage.label(metal)
+    min_px = params.min_area_mm2[ImplantKind.OTHER.value] / (mm * mm)
+    out = []
+    for crop, off in components(comps, n, min_px):
+        free = crop & ~covered[off[0] : off[0] + crop.shape[0], off[1] : off[1] + crop.shape[1]]
+        if free.sum() >= params.other_uncovered_fraction * crop.sum() and free.sum() >= min_px:
+            out.append(_piece_from(ImplantKind.OTHER, free, off, prob[METAL]))
+    return out
+
+
+def find_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piece]:
+    """Every implant instance on the network grid (screws, rods, cages, plates, other metal)."""
+    pieces = screw_pieces(prob, mm, params)
+    pieces += rod_pieces(prob, mm, params)
+    pieces += clustered_pieces(prob, CAGE, ImplantKind.INTERBODY_CAGE, mm, params.cage_merge_mm, params)
+    pieces += clustered_pieces(prob, PLATE, ImplantKind.PLATE, mm, params.plate_merge_mm, params)
+    pieces += other_pieces(prob, pieces, mm, params)
+    total = sum(p.area for p in pieces) * mm * mm
+    if total < params.min_total_mm2:
+        return []
+    return pieces
+
+
+# ----------------------------------------------------------------------------------- complications
+
+
+def complication_score(prob: np.ndarray, piece: Piece, channel: int, ring_px: int = 2) -> float:
+    """Instance score of one complication: the mean of the top half of the complication map over the
+    instance grown by `ring_px` (a halo lies just outside the screw)."""
+    pad = ring_px + 1
+    r0, c0 = piece.offset
+    h, w = piece.mask.shape
+    R0, C0 = max(r0 - pad, 0), max(c0 - pad, 0)
+    R1, C1 = min(r0 + h + pad, prob.shape[1]), min(c0 + w + pad, prob.shape[2])
+    local = np.zeros((R1 - R0, C1 - C0), dtype=bool)
+    local[r0 - R0 : r0 - R0 + h, c0 - C0 : c0 - C0 + w] = piece.mask
+    if ring_px:
+        local = ndimage.binary_dilation(local, iterations=ring_px)
+    values = np.sort(prob[channel, R0:R1, C0:C1][local])
+    if values.size == 0:
+        return 0.0
+    return float(values[values.size // 2 :].mean())
+
+
+def rod_fracture_score(prob: np.ndarray, piece: Piece, ring_px: int = 4) -> tuple[float, tuple[float, float] | None]:
+    """Score of a rod fracture (the smoothed map's maximum near the rod) and where (network row, column)."""
+    pad = ring_px + 1
+    r0, c0 = piece.offset
+    h, w = piece.mask.shape
+    R0, C0 = max(r0 - pad, 0), max(c0 - pad, 0)
+    R1, C1 = min(r0 + h + pad, prob.shape[1]), min(c0 + w + pad, prob.shape[2])
+    local = np.zeros((R1 - R0, C1 - C0), dtype=bool)
+    local[r0 - R0 : r0 - R0 + h, c0 - C0 : c0 - C0 + w] = piece.mask
+    local = ndimage.binary_dilation(local, iterations=ring_px)
+    smooth = ndimage.uniform_filter(prob[ROD_FRACTURE, R0:R1, C0:C1], size=3)
+    smooth = np.where(local, smooth, 0.0)
+    k = int(np.argmax(smooth))
+    r, c = np.unravel_index(k, smooth.shape)
+    return float(smooth[r, c]), (float(r + R0 + 0.5), float(c + C0 + 0.5))
+
+
+def score_complications(prob: np.ndarray, pieces: Sequence[Piece]) -> dict[int, tuple[float, float] | None]:
+    """Fill each piece's `complication_scores`; returns the rod-fracture location per rod piece index."""
+    where: dict[int, tuple[float, float] | None] = {}
+    for k, p in enumerate(pieces):
+        for comp in CHECKED[p.kind]:
+            if comp is Complication.ROD_FRACTURE:
+                s, loc = rod_fracture_score(prob, p)
+                where[k] = loc
+            else:
+                s = complication_score(prob, p, COMPLICATION_CHANNEL[comp], ring_px=2)
+            p.complication_scores[comp] = round(s, 4)
+    return where
+
+
+# --------------------------------------------------------------------------------- levels and sides
+
+
+@dataclass
+class VertebraGeom:
+    """A vertebra (or the sacrum, "S1") on the canonical source grid."""
+
+    level: str | None
+    centroid: tuple[float, float]  # (x, y) SCOORD
+    mask: np.ndarray  # bool crop
+    offset: tuple[int, int]  # (row, column)
+
+    @property
+    def height(self) -> float:
+        return float(self.mask.any(axis=1).sum())
+
+    @property
+    def width(self) -> float:
+        return float(self.mask.any(axis=0).sum())
+
+
+def overlap(a_mask: np.ndarray, a_off: tuple[int, int], b_mask: np.ndarray, b_off: tuple[int, int]) -> int:
+    """Pixels two offset crops share."""
+    r0, c0 = max(a_off[0], b_off[0]), max(a_off[1], b_off[1])
+    r1 = min(a_off[0] + a_mask.shape[0], b_off[0] + b_mask.shape[0])
+    c1 = min(a_off[1] + a_mask.shape[1], b_off[1] + b_mask.shape[1])
+    if r1 <= r0 or c1 <= c0:
+        return 0
+    a = a_mask[r0 - a_off[0] : r1 - a_off[0], c0 - a_off[1] : c1 - a_off[1]]
+    b = b_mask[r0 - b_off[0] : r1 - b_off[0], c0 - b_off[1] : c1 - b_off[1]]
+    return int((a & b).sum())
+
+
+def spine_midline(vertebrae: Sequence[VertebraGeom]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(y, x) samples of the spine's midline, top to bottom, from the vertebra centroids (>= 1 vertebra)."""
+    pts = sorted((v.centroid[1], v.centroid[0]) for v in vertebrae if v.level != "S1" or len(vertebrae) == 1)
+    if not pts:
+        return None
+    ys = np.array([p[0] for p in pts])
+    xs = np.array([p[1] for p in pts])
+    return ys, xs
+
+
+def midline_x(midline: tuple[np.ndarray, np.ndarray] | None, y: float) -> float | None:
+    """Midline column at row `y` (held constant beyond the end vertebrae)."""
+    if midline is None:
+        return None
+    ys, xs = midline
+    return float(np.interp(y, ys, xs))
+
+
+def _local_step(vertebrae: Sequence[VertebraGeom], y: float) -> float:
+    named = sorted(v.centroid[1] for v in vertebrae)
+    if len(named) >= 2:
+        steps = np.diff(named)
+        mids = (np.array(named[:-1]) + np.array(named[1:])) / 2
+        return float(steps[int(np.argmin(np.abs(mids - y)))])
+    if named:
+        return max(vertebrae[0].height * 1.3, 1.0)
+    return float("nan")
+
+
+def screw_level(mask: np.ndarray, offset: tuple[int, int], centroid: Point, tip: Point | None, vertebrae: Sequence[VertebraGeom]) -> VertebraGeom | None:
+    """The vertebra a screw belongs to: the body its shaft (tip half) projects into, else the nearest
+    vertebra within half a step along the spine; None when nothing is close."""
+    if not vertebrae:
+        return None
+    probe, probe_off = mask, offset
+    if tip is not None:
+        # Tip half of the screw: pixels nearer the tip than the centroid is.
+        rr, cc = np.nonzero(mask)
+        px, py = cc + offset[1] + 0.5, rr + offset[0] + 0.5
+        keep = (px - tip[0]) ** 2 + (py - tip[1]) ** 2 <= (centroid[0] - tip[0]) ** 2 + (centroid[1] - tip[1]) ** 2
+        if keep.sum() >= 4:
+            probe = np.zeros_like(mask)
+            probe[rr[keep], cc[keep]] = True
+    hits = [(overlap(probe, probe_off, v.mask, v.offset), v) for v in vertebrae]
+    best_n, best = max(hits, key=lambda h: h[0])
+    if best_n >= max(3, 0.1 * probe.sum()):
+        return best
+    y = (tip or centroid)[1]
+    step = _local_step(vertebrae, y)
+    nearest = min(vertebrae, key=lambda v: abs(v.centroid[1] - y))
+    if np.isfinite(step) and abs(nearest.centroid[1] - y) <= 0.5 * step:
+        return nearest
+    return None
+
+
+def disc_levels(centroid: Point, vertebrae: Sequence[VertebraGeom]) -> tuple[str, ...]:
+    """The two named vertebrae a cage (or disc-level implant) sits between, cranial first; () if unknown."""
+    named = sorted((v for v in vertebrae if v.level), key=lambda v: v.centroid[1])
+    y = centroid[1]
+    above = [v for v in named if v.centroid[1] <= y]
+    below = [v for v in named if v.centroid[1] > y]
+    upper = above[-1] if above else None
+    lower = below[0] if below else None
+    step = _local_step(named, y) if named else float("nan")
+    if upper is not None and lower is not None and level_index(lower.level) == level_index(upper.level) + 1:
+        return (upper.level, lower.level)
+    # One neighbour named and close: the other is the next level along the spine.
+    if upper is not None and np.isfinite(step) and y - upper.centroid[1] <= 0.9 * step:
+        i = level_index(upper.level)
+        if i + 1 < len(LEVELS):
+            return (upper.level, LEVELS[i + 1])
+    if lower is not None and np.isfinite(step) and lower.centroid[1] - y <= 0.9 * step:
+        i = level_index(lower.level)
+        if i >= 1:
+            return (LEVELS[i - 1], lower.level)
+    return ()
+
+
+def covered_levels(y0: float, y1: float, vertebrae: Sequence[VertebraGeom], min_fraction: float = 0.25) -> tuple[str, ...]:
+    """Named vertebrae whose body rows overlap [y0, y1] by at least `min_fraction` of their height."""
+    out = []
+    for v in vertebrae:
+        if not v.level:
+            continue
+        rows = np.nonzero(v.mask.any(axis=1))[0] + v.offset[0]
+        if not len(rows):
+            continue
+        top, bottom = rows.min(), rows.max() + 1
+        inter = max(0.0, min(bottom, y1) - max(top, y0))
+        if inter >= min_fraction * (bottom - top):
+            out.append(v.level)
+    return tuple(sorted(set(out), key=level_index))
+
+
+def side_of(x: float, mid: float | None, left_sign: int | None, midline_tol: float, midline_allowed: bool) -> Side:
+    """Patient side of a point at column `x` given the midline column and which way the patient's left is."""
+    if mid is None:
+        return Side.UNKNOWN
+    dx = x - mid
+    if midline_allowed and abs(dx) <= midline_tol:
+        return Side.MIDLINE
+    if left_sign is None:
+        return Side.UNKNOWN
+    if abs(dx) <= 0.25 * midline_tol:
+        return Side.UNKNOWN
+    return Side.LEFT if dx * left_sign > 0 else Side.RIGHT
+
+
+# ------------------------------------------------------------------------------------------- words
+
+
+def compact_span(upper: str, lower: str) -> str:
+    """Disc-level spelling: ("L4", "L5") -> "L4–5", ("L5", "S1") -> "L5–S1", ("T12", "L1") -> "T12–L1"."""
+    if upper[0] == lower[0] and lower != "S1":
+        return f"{upper}–{lower[1:]}"
+    return f"{upper}–{lower}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+@dataclass(frozen=True)
+class ImplantSummary:
+    """What `instrumentation_text` needs of one implant."""
+
+    kind: ImplantKind
+    levels: tuple[str, ...]
+
+
+def instrumentation_text(implants: Sequence[ImplantSummary], view: str | None) -> str:
+    """How a surgeon would say it, e.g. "posterior instrumentation L3–S1: 8 pedicle screws, 2 rods;
+    interbody cages L4–5, L5–S1".  Lateral views overlap left and right, so counts are not given there."""
+    if not implants:
+        return ""
+    lateral = view == "LAT"
+    screws = [i for i in implants if i.kind is ImplantKind.PEDICLE_SCREW]
+    rods = [i for i in implants if i.kind is ImplantKind.ROD]
+    cages = [i for i in implants if i.kind is ImplantKind.INTERBODY_CAGE]
+    plates = [i for i in implants if i.kind is ImplantKind.PLATE]
+    others = [i for i in implants if i.kind is ImplantKind.OTHER]
+    parts: list[str] = []
+    if screws or rods:
+        levels = sorted({lv for s in screws for lv in s.levels}, key=level_index)
+        if not levels:
+            levels = sorted({lv for r in rods for lv in r.levels}, key=level_index)
+        head = f"posterior instrumentation {level_span(levels)}" if levels else "posterior instrumentation (levels not named)"
+        if lateral:
+            screw_levels = {lv for s in screws for lv in s.levels}
+            items = []
+            if screws:
+                items.append(f"pedicle screws at {_plural(len(screw_levels), 'level')}" if screw_levels else "pedicle screws")
+            if rods:
+                items.append("rods")
+            parts.append(f"{head}: {', '.join(items)} (lateral view: left and right overlap, counts from a frontal view)")
+        else:
+            items = []
+            if screws:
+                unnamed = sum(1 for s in screws if not s.levels)
+                text = _plural(len(screws), "pedicle screw")
+                if unnamed and levels:
+                    text += f" ({unnamed} at unnamed levels)"
+                items.append(text)
+            if rods:
+                items.append(_plural(len(rods), "rod"))
+            parts.append(f"{head}: {', '.join(items)}")
+    if cages:
+        discs = sorted({c.levels for c in cages if len(c.levels) == 2}, key=lambda lv: level_index(lv[0]))
+        word = "interbody cages" if len(cages) > 1 else "interbody cage"
+        if discs:
+            text = f"{word} {', '.join(compact_span(*d) for d in discs)}"
+            unnamed = sum(1 for c in cages if len(c.levels) != 2)
+            if unnamed:
+                text += f" (+{unnamed} at unnamed levels)"
+        else:
+            text = f"{word} (levels not named)"
+        parts.append(text)
+    for p in plates:
+        if len(p.levels) >= 2:
+            ordered = sorted(p.levels, key=level_index)
+            parts.append(f"anterior plate {compact_span(ordered[0], ordered[-1])}")
+        elif p.levels:
+            parts.append(f"anterior plate {p.levels[0]}")
+        else:
+            parts.append("anterior plate (levels not named)")
+    if others:
+        parts.append(_plural(len(others), "other implant"))
+    return "; ".join(parts)

@@ -1,0 +1,421 @@
+"""Train the spinal hardware network (``make train-hardware``) on synthetic radiographs with implants,
+real radiographs with implants rendered onto them, and implant-free images of both kinds.
+
+    python -m inference.train.hardware --data ../shared/data --cache ../cache/synth-hardware-v1 \\
+        --out inference/models/spine-xr-hardware [--work ../cache/train-hardware] [--iterations N]
+
+* ``--cache``: the data engine's shards (``python -m inference.synth.build ... --implants-prob 0.7
+  --real-prob 0.4``): DRRs of the CTs and phantoms with implants inserted before projection, and REAL
+  radiographs (train split) with implants added in the log domain; both carry per-instance labels.
+* ``--data``: the real radiographs' train split is also used as it is, as images WITHOUT implants, so
+  the network learns that buttons, markers, ECG leads and text are not spinal hardware.
+* Every image goes through the node's preprocessing (`inference.radiograph.hardware.prepare`); targets
+  are made by `inference.radiograph.hardware_targets`.
+* Batches mix implants with and without complications, implant-free synthetic images and implant-free real
+  images (``--mix``).  Every 10th cache sample and the real val split are held out: checkpoint selection
+  uses pixel Dice of the class and complication maps and false hardware on the real val images; after
+  training, complication thresholds are tuned on the held-out samples (instance level, Youden's J).
+* Seeds are fixed; checkpoints in ``--work`` make a killed run resume (same command).  torch uses 2
+  threads; run under ``nice -n 10``.  ``--exclude-sources`` trains the leave-one-patient-out variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.radiograph import network
+from inference.radiograph.hardware import (
+    DEFAULT_ARCHITECTURE,
+    MODEL_NAME,
+    SPACING_MM,
+    build_network,
+    estimated_spacing,
+    prepare,
+)
+from inference.radiograph.hardware_post import (
+    CAGE,
+    CHANNELS,
+    COMPLICATION_CHANNEL,
+    METAL,
+    PLATE,
+    ROD,
+    SCREW,
+    SCREW_CENTRE,
+    HardwareParams,
+    VertebraGeom,
+    find_pieces,
+)
+from inference.radiograph.hardware_targets import TargetItem, dense_targets, make_item
+from inference.registry import sha256_file
+from inference.train import common
+
+log = logging.getLogger("inference.train.hardware")
+
+SEG_CHANNELS = (METAL, SCREW, ROD, CAGE, PLATE)
+COMP_CHANNELS = tuple(COMPLICATION_CHANNEL.values())
+POOLS = ("complication", "implants", "clean", "real_negative")
+
+
+def real_negative(path: Path) -> TargetItem:
+    """A real radiograph without implants, scaled from its vertebra boxes as the node scales from vertebrae."""
+    from inference.synth.real import load_real
+
+    pixels, boxes = load_real(path)
+    geoms = [VertebraGeom(None, ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2), np.ones((1, 1), bool), (0, 0)) for b in boxes]
+    spacing = estimated_spacing(geoms)
+    image, scale = prepare(pixels, spacing)
+    anchors = np.stack([(boxes[:, 1] + boxes[:, 3]) / 2 * scale[0], (boxes[:, 0] + boxes[:, 2]) / 2 * scale[1]], axis=1)
+    return TargetItem(
+        image=image.astype(np.float16),
+        bits=np.zeros(image.shape, dtype=np.uint16),
+        centres=np.zeros((0, 2), np.float32),
+        view="AP",
+        kind="real",
+        source="cadma",
+        meta={"key": path.name, "anchors": anchors},
+    )
+
+
+def pool_of(item: TargetItem) -> str:
+    """Which sampling pool an item belongs to."""
+    if item.kind == "real":
+        return "real_negative"
+    if item.complications:
+        return "complication"
+    return "implants" if item.n_implants else "clean"
+
+
+def load_cache(cache: Path, exclude_sources: set[str], limit: int | None, val_every: int) -> tuple[list[TargetItem], list[tuple[TargetItem, Any]], dict]:
+    """Cache samples as training items, and every `val_every`-th as (item, sample) for validation."""
+    from inference.synth.build import iter_cache
+
+    train, val = [], []
+    skipped = 0
+    t0 = time.time()
+    for k, sample in enumerate(iter_cache(cache)):
+        meta = sample.meta or {}
+        if str(meta.get("source", "")) in exclude_sources:
+            skipped += 1
+            continue
+        item = make_item(sample)
+        if k % val_every == 0:
+            val.append((item, sample))
+        else:
+            train.append(item)
+        if limit and len(train) >= limit:
+            break
+        if (len(train) + len(val)) % 250 == 0:
+            log.info("cache samples prepared: %d (%.0f s)", len(train) + len(val), time.time() - t0)
+    return train, val, {"skipped_sources": sorted(exclude_sources), "skipped": skipped}
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of per-channel losses: BCE + Dice for class and complication maps, focal loss for screw centres."""
+    parts: dict[str, torch.Tensor] = {}
+    for ch in SEG_CHANNELS + COMP_CHANNELS:
+        parts[CHANNELS[ch]] = common.masked_bce_dice(logits[:, ch], target[:, ch], weight[:, ch])
+    parts["screw_centre"] = common.centre_focal(logits[:, SCREW_CENTRE], target[:, SCREW_CENTRE], weight[:, SCREW_CENTRE])
+    total = sum(parts[CHANNELS[ch]] for ch in SEG_CHANNELS) + 0.5 * parts["screw_centre"]
+    total = total + sum(parts[CHANNELS[ch]] for ch in COMP_CHANNELS)
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def validate(net: torch.nn.Module, items: list[TargetItem], negatives: list[TargetItem], params: HardwareParams) -> dict[str, float]:
+    """Pooled pixel Dice per class / complication map on held-out samples; false hardware on real images."""
+    net.eval()
+    inter = np.zeros(len(CHANNELS))
+    total = np.zeros(len(CHANNELS))
+    for item in items:
+        prob = network.predict(net, item.image.astype(np.float32))
+        target, weight = dense_targets(item)
+        for ch in SEG_CHANNELS + COMP_CHANNELS:
+            p = (prob[ch] >= 0.5) & (weight[ch] > 0)
+            g = (target[ch] >= 0.5) & (weight[ch] > 0)
+            inter[ch] += 2 * float((p & g).sum())
+            total[ch] += float(p.sum() + g.sum())
+    false_hw = 0
+    for item in negatives:
+        prob = network.predict(net, item.image.astype(np.float32))
+        if find_pieces(prob, SPACING_MM, params):
+            false_hw += 1
+    net.train()
+    out = {f"dice_{CHANNELS[ch]}": (inter[ch] / total[ch] if total[ch] else float("nan")) for ch in SEG_CHANNELS + COMP_CHANNELS}
+    out["real_false_hardware_rate"] = false_hw / len(negatives) if negatives else float("nan")
+    return out
+
+
+def selection_score(m: dict[str, float]) -> float:
+    """What checkpoint selection maximises."""
+    seg = [m[f"dice_{CHANNELS[ch]}"] for ch in SEG_CHANNELS if np.isfinite(m.get(f"dice_{CHANNELS[ch]}", np.nan))]
+    comp = [m[f"dice_{CHANNELS[ch]}"] for ch in COMP_CHANNELS if np.isfinite(m.get(f"dice_{CHANNELS[ch]}", np.nan))]
+    score = float(np.mean(seg)) if seg else 0.0
+    if comp:
+        score += 0.5 * float(np.mean(comp))
+    fp = m.get("real_false_hardware_rate", float("nan"))
+    if np.isfinite(fp):
+        score -= 0.5 * fp
+    return score
+
+
+def tune_thresholds(net: torch.nn.Module, val: list[tuple[TargetItem, Any]], params: HardwareParams) -> tuple[HardwareParams, dict]:
+    """Per complication, the instance-score threshold with the best Youden's J on the held-out samples."""
+    from dataclasses import replace
+
+    from inference.evaluate.hardware import complication_pairs
+
+    net.eval()
+    pairs: dict[str, list[tuple[float, bool]]] = {}
+    for item, sample in val:
+        if not sample.implant_specs:
+            continue
+        prob = network.predict(net, item.image.astype(np.float32))
+        for comp, score, truth in complication_pairs(prob, sample, item.image.shape, params):
+            pairs.setdefault(comp, []).append((score, truth))
+    net.train()
+    chosen = dict(params.complication_threshold)
+    report: dict[str, Any] = {}
+    for comp, values in pairs.items():
+        scores = np.array([v[0] for v in values])
+        truth = np.array([v[1] for v in values])
+        n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+        entry: dict[str, Any] = {"positives": n_pos, "negatives": n_neg}
+        if n_pos >= 3 and n_neg >= 3:
+            best = (-1.0, 0.5)
+            for t in np.round(np.arange(0.1, 0.91, 0.025), 3):
+                pred = scores >= t
+                j = pred[truth].mean() + (~pred[~truth]).mean() - 1.0
+                if j > best[0] + 1e-9:
+                    best = (float(j), float(t))
+            chosen[comp] = best[1]
+            pred = scores >= best[1]
+            entry.update({"threshold": best[1], "youden_j": round(best[0], 4), "sensitivity": round(float(pred[truth].mean()), 4), "specificity": round(float((~pred[~truth]).mean()), 4)})
+        else:
+            entry["threshold"] = chosen[comp]
+            entry["note"] = "too few held-out instances to tune: default kept"
+        report[comp] = entry
+    return replace(params, complication_threshold=chosen), report
+
+
+def write_model_folder(out: Path, weights: Path, info: dict, params: HardwareParams) -> dict:
+    """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation)."""
+    from inference.radiograph import preprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / "weights.pt"
+    shutil.copyfile(weights, dest)
+    digest = sha256_file(dest)
+    meta = {
+        "name": MODEL_NAME,
+        "version": f"1.0+{digest[:8]}",
+        "task": "spinal implant segmentation (pedicle screws, rods, interbody cages, plates, other), instances, "
+        "levels and sides, complication findings (screw loosening, screw breakage, rod fracture, cage subsidence) "
+        "and the postoperative hardware verdict on projection radiographs",
+        "weights": "weights.pt",
+        "sha256": digest,
+        "format": "torch state dict",
+        "architecture": DEFAULT_ARCHITECTURE,
+        "parameters": info.get("parameters"),
+        "inputs": {
+            "image": "one projection radiograph (DX/CR), any size, MONOCHROME1/2, 8-16 bit",
+            "preprocessing": {
+                "network_spacing_mm": SPACING_MM,
+                "uncalibrated": "scale estimated from the vertebral step found by spine-xr-vertebrae (30 mm assumed), else "
+                f"a {preprocess.UNCALIBRATED_LONG_SIDE * preprocess.TARGET_SPACING_MM / SPACING_MM:.0f} px long side",
+                "max_network_side": preprocess.MAX_NETWORK_SIDE,
+                "normalisation": "as spine-xr-vertebrae: percentile 1-99.5 to [0,1], CLAHE",
+            },
+            "needs": "the vertebrae found by spine-xr-vertebrae on the same image (levels); PatientOrientation (sides)",
+        },
+        "outputs": {name: "sigmoid probability map" for name in CHANNELS},
+        "postprocess": params.as_dict(),
+        "training": info,
+        "metrics": {},
+    }
+    common.write_json(out / "model.json", meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inference.train.hardware", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="shared data folder (radiographs/cadma_train)")
+    ap.add_argument("--cache", type=Path, required=True, help="data-engine cache with implants (.npz shards)")
+    ap.add_argument("--out", type=Path, required=True, help="model folder to write")
+    ap.add_argument("--work", type=Path, default=Path("../cache/train-hardware"), help="checkpoints and log")
+    ap.add_argument("--iterations", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=100.0, help="stop the loop (keeping the best checkpoint) after this")
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--mix", default="complication:0.3,implants:0.35,clean:0.12,real_negative:0.23", help="batch pools and weights")
+    ap.add_argument("--exclude-sources", default="", help="comma list of CT sources left out (leave-one-patient-out)")
+    ap.add_argument("--no-real-negatives", action="store_true")
+    ap.add_argument("--limit", type=int, default=0, help="at most this many training samples from the cache")
+    ap.add_argument("--val-every", type=int, default=10)
+    ap.add_argument("--crop", default="224,192")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
+    args = ap.parse_args(argv)
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    common.setup_logging(work / "train.log")
+    common.setup(args.seed, args.threads)
+    log.info("arguments: %s", vars(args))
+    t_start = time.time()
+
+    # ---------------------------------------------------------------- data
+    if not (args.cache / "manifest.json").is_file():
+        raise SystemExit(
+            f"{args.cache}/manifest.json not found: build the cache first, e.g.\n  nice -n 10 python -m inference.synth.build "
+            f"--data {args.data} --out {args.cache} --count 2400 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2"
+        )
+    excluded = {s for s in args.exclude_sources.split(",") if s}
+    train, val, skipped = load_cache(args.cache, excluded, args.limit or None, args.val_every)
+    log.info("cache: %d train, %d held-out samples (%.0f s); %s", len(train), len(val), time.time() - t_start, skipped)
+    neg_train: list[TargetItem] = []
+    neg_val: list[TargetItem] = []
+    if not args.no_real_negatives:
+        from inference.synth.real import list_real_images
+
+        # The data engine's split (its overlays use only "train" images): "test" stays unseen.
+        neg_train = [real_negative(p) for p in list_real_images(args.data, "train")]
+        neg_val = [real_negative(p) for p in list_real_images(args.data, "val")]
+        log.info("real radiographs without implants: %d train, %d val", len(neg_train), len(neg_val))
+    pools: dict[str, list[TargetItem]] = {p: [] for p in POOLS}
+    for item in train + neg_train:
+        pools[pool_of(item)].append(item)
+    mix = {k: float(v) for k, v in (kv.split(":") for kv in args.mix.split(","))}
+    mix = {k: w for k, w in mix.items() if pools.get(k)}
+    names = sorted(mix)
+    probs = np.array([mix[k] for k in names])
+    probs = probs / probs.sum()
+    log.info("pools: %s; mix %s", {k: len(v) for k, v in pools.items()}, dict(zip(names, probs.round(3).tolist(), strict=True)))
+    val_items = [it for it, _ in val]
+    val_quick = val_items[:: max(1, len(val_items) // 80)][:80]
+
+    # ---------------------------------------------------------------- model
+    net = build_network()
+    with torch.no_grad():
+        # Implant pixels are rare: start every map near "nothing here" (p ~ 0.02), as CenterNet does for its
+        # heatmaps; otherwise the focal loss of crops without screws dwarfs everything at the start.
+        net.final_conv.bias.fill_(-4.0)
+    n_params = network.parameter_count(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    rng = np.random.default_rng(args.seed)
+    step, best, spent = 0, -1e9, 0.0
+    history: list[dict] = []
+    ckpt_path, best_path = work / "checkpoint.pt", work / "best.pt"
+    state = None if args.fresh else common.load_checkpoint(ckpt_path)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["data_rng"]
+        step, best, spent, history = state["step"], state["best"], state["spent"], state["history"]
+        log.info("resumed at iteration %d (best %.4f, %.0f s spent)", step, best, spent)
+    clock = common.Stopwatch(spent)
+    params = HardwareParams()
+    crop = tuple(int(v) for v in args.crop.split(","))
+    aug = common.AugmentConfig(crop=crop, scale=(0.8, 1.25), rotate_deg=12.0, spine_bias=0.85)
+    log.info("network: %d parameters; batch %d", n_params, args.batch)
+
+    net.train()
+    t_log, losses = time.time(), []
+    stop_reason = "iterations done"
+    while step < args.iterations:
+        if clock.elapsed > args.max_minutes * 60:
+            stop_reason = f"time budget of {args.max_minutes} min reached"
+            break
+        progress = max(step / args.iterations, clock.elapsed / (args.max_minutes * 60))
+        lr = common.cosine_lr(int(progress * args.iterations), args.iterations, args.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        xs, ts, ws = [], [], []
+        for _ in range(args.batch):
+            pool = pools[names[int(rng.choice(len(names), p=probs))]]
+            item = pool[int(rng.integers(len(pool)))]
+            target, weight = dense_targets(item)
+            anchors = item.meta.get("anchors") if item.kind == "real" else item.anchors
+            x, t, w = common.augment(item.image.astype(np.float32), target, weight, rng, aug, anchors if anchors is not None and len(anchors) else None)
+            xs.append(x)
+            ts.append(t)
+            ws.append(w)
+        x, t, w = torch.stack(xs), torch.stack(ts), torch.stack(ws)
+        logits = net(x)
+        loss, parts = loss_fn(logits, t, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        step += 1
+        losses.append([float(loss.detach())] + [parts[CHANNELS[ch]] for ch in (METAL, SCREW, ROD, SCREW_CENTRE)])
+        if step % 25 == 0:
+            m = np.mean(losses, axis=0)
+            log.info(
+                "it %d lr %.2e loss %.3f (metal %.3f screw %.3f rod %.3f centre %.3f) %.2f s/it elapsed %.1f min",
+                step, lr, *m, (time.time() - t_log) / 25, clock.elapsed / 60,
+            )
+            t_log, losses = time.time(), []
+        if step % args.eval_every == 0 or step == args.iterations:
+            metrics = validate(net, val_quick, neg_val[:40], params)
+            score = selection_score(metrics)
+            history.append({"iteration": step, "score": round(score, 4), **{k: round(float(v), 4) for k, v in metrics.items()}})
+            log.info("validation at %d: %s score %.4f (best %.4f)", step, {k: round(v, 3) for k, v in metrics.items()}, score, best)
+            if score > best:
+                best = score
+                torch.save(net.state_dict(), best_path)
+            common.save_checkpoint(
+                ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
+                step=step, best=best, spent=clock.elapsed, history=history,
+            )
+    if not best_path.is_file():
+        torch.save(net.state_dict(), best_path)
+    net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    tuned, tuning = tune_thresholds(net, val, params)
+    log.info("complication thresholds tuned on %d held-out samples: %s", len(val), tuning)
+    best_entry = max(history, key=lambda h: h["score"]) if history else {}
+    manifest = json.loads((args.cache / "manifest.json").read_text())
+    info = {
+        "command": "python -m inference.train.hardware " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
+        "iterations": step,
+        "stop": stop_reason,
+        "batch": args.batch,
+        "crop": list(crop),
+        "mix": dict(zip(names, probs.round(3).tolist(), strict=True)),
+        "wall_minutes": round(clock.elapsed / 60, 1),
+        "threads": args.threads,
+        "parameters": n_params,
+        "selected_checkpoint": best_entry,
+        "validation_history": history,
+        "complication_tuning": tuning,
+        "data": {
+            "cache": str(args.cache),
+            "samples_train": len(train),
+            "samples_held_out": len(val),
+            "pools": {k: len(v) for k, v in pools.items()},
+            "kinds": {k: sum(1 for it in train if it.kind == k) for k in sorted({it.kind for it in train})},
+            "views": {v: sum(1 for it in train if it.view == v) for v in sorted({it.view for it in train})},
+            "excluded_sources": sorted(excluded),
+            "real_negatives": {"source": "radiographs/cadma_train", "train": len(neg_train), "val": len(neg_val),
+                               "split": "inference.synth.real.real_split (sha256 of the source stem mod 100): 75% train, 10% val, 15% test"},
+            "manifest": {k: manifest.get(k) for k in ("count", "seed", "parameters", "counts", "provenance") if k in manifest},
+        },
+    }
+    write_model_folder(args.out, best_path, info, tuned)
+    log.info("wrote %s (best score %.4f at %s); %s; %.1f min total", args.out, best, best_entry.get("iteration"), stop_reason, (time.time() - t_start) / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""Hardware post-processing on constructed probability maps: instances, levels, sides, words, verdict.
+
+No network: the maps are drawn by hand on the network grid (1 mm per pixel) of a 0.5 mm radiograph, so each
+rule (screws split at centre peaks, rods followed through screw heads, levels from the bodies, the patient's
+left from the orientation, "no implants", "at the edge") is checked exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from inference.radiograph import preprocess
+from inference.radiograph.hardware import interpret, region_to_canonical, vertebra_geometry
+from inference.radiograph.hardware_post import (
+    CAGE,
+    CHANNELS,
+    LOOSENING,
+    METAL,
+    ROD,
+    ROD_FRACTURE,
+    SCREW,
+    SCREW_CENTRE,
+    HardwareParams,
+    ImplantSummary,
+    compact_span,
+    find_pieces,
+    instrumentation_text,
+)
+from inference.results import (
+    Complication,
+    FindingKind,
+    HardwareStatus,
+    ImplantKind,
+    RegionMask,
+    Side,
+    SourceImage,
+    Vertebra,
+)
+
+ROWS, COLS = 440, 320  # source pixels, 0.5 mm
+SPACING = (0.5, 0.5)
+SCALE = (0.5, 0.5)  # network px per source px -> 1 mm per network px
+BODIES = {"L3": 90, "L4": 160, "L5": 230}  # body centre rows (source)
+MID = 160  # midline column (source)
+
+
+def _rect(shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    m = np.zeros(shape, dtype=bool)
+    m[max(r0, 0) : r1, max(c0, 0) : c1] = True
+    return m
+
+
+def _vertebrae() -> list[Vertebra]:
+    out = []
+    for level, row in BODIES.items():
+        m = _rect((ROWS, COLS), row - 28, row + 28, MID - 40, MID + 40)
+        out.append(Vertebra(level, RegionMask.from_dense(m), (), (MID + 0.5, row + 0.5)))
+    sacrum = _rect((ROWS, COLS), 290, 380, MID - 60, MID + 60)
+    out.append(Vertebra("S1", RegionMask.from_dense(sacrum), (), (MID + 0.5, 335.5)))
+    return out
+
+
+def _line(prob: np.ndarray, ch: int, p0: tuple[float, float], p1: tuple[float, float], half_width: float, value: float = 0.95) -> None:
+    """Paint a thick segment between (x, y) network points into channel `ch`."""
+    h, w = prob.shape[1:]
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    d = np.array(p1) - np.array(p0)
+    t = np.clip(((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1]) / float(d @ d), 0, 1)
+    dist = np.hypot(xx - (p0[0] + t * d[0]), yy - (p0[1] + t * d[1]))
+    prob[ch] = np.maximum(prob[ch], np.where(dist <= half_width, value, 0.0))
+
+
+def _blob(prob: np.ndarray, ch: int, centre: tuple[float, float], sigma: float = 2.0) -> None:
+    h, w = prob.shape[1:]
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    prob[ch] = np.maximum(prob[ch], np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma**2)))
+
+
+def construct(levels=("L3", "L4", "L5"), cage: bool = True, loose: tuple[str, int] | None = None, rod_gap: bool = False) -> np.ndarray:
+    """Network-grid maps of a posterior construct: two screws per level, two rods, an L4-5 cage."""
+    prob = np.zeros((len(CHANNELS), ROWS // 2, COLS // 2), dtype=np.float32)
+    mid = MID / 2
+    for level in levels:
+        y = BODIES[level] / 2
+        for side in (-1, 1):  # column direction: +1 = larger column
+            head = (mid + side * 24, y)
+            tip = (mid + side * 8, y + 1)
+            _line(prob, SCREW, head, tip, 3.0)
+            _blob(prob, SCREW_CENTRE, ((head[0] + tip[0]) / 2, (head[1] + tip[1]) / 2))
+            if loose == (level, side):
+                _line(prob, LOOSENING, head, tip, 5.0, 0.9)
+    top = BODIES[levels[0]] / 2 - 8
+    bottom = BODIES[levels[-1]] / 2 + 8
+    for side in (-1, 1):
+        x = mid + side * 25
+        if rod_gap and side == 1:
+            _line(prob, ROD, (x, top), (x, 68.0), 2.5)
+            _line(prob, ROD, (x, 71.0), (x, bottom), 2.5)
+            _blob(prob, ROD_FRACTURE, (x, 69.5), 2.0)
+        else:
+            _line(prob, ROD, (x, top), (x, bottom), 2.5)
+    if cage:
+        _line(prob, CAGE, (mid - 10, 97.5), (mid + 10, 97.5), 3.0)
+    prob[METAL] = prob[[SCREW, ROD, CAGE]].max(axis=0)
+    return prob
+
+
+def radiograph(view: str = "AP", left_sign: int | None = 1) -> preprocess.Radiograph:
+    return preprocess.Radiograph(
+        pixels=np.zeros((ROWS, COLS), np.float32), pixel_spacing_mm=SPACING, spacing_source="PixelSpacing", view=view,
+        anterior_sign=None, orientation=preprocess.Orientation(), stored_shape=(ROWS, COLS), left_sign=left_sign,
+    )
+
+
+SOURCE = SourceImage("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", ("1.2.3.4.5",), ROWS, COLS, SPACING, view="AP", modality="DX")
+
+
+def run(prob: np.ndarray, rad: preprocess.Radiograph | None = None, vertebrae: list[Vertebra] | None = None, source: SourceImage = SOURCE):
+    rad = rad or radiograph()
+    geoms = vertebra_geometry(_vertebrae() if vertebrae is None else vertebrae, rad.orientation)
+    return interpret(prob, SCALE, 1.0, rad, geoms, source, HardwareParams())
+
+
+def test_posterior_construct_levels_sides_and_summary() -> None:
+    out = run(construct())
+    screws = [i for i in out.implants if i.kind is ImplantKind.PEDICLE_SCREW]
+    rods = [i for i in out.implants if i.kind is ImplantKind.ROD]
+    cages = [i for i in out.implants if i.kind is ImplantKind.INTERBODY_CAGE]
+    assert len(screws) == 6 and len(rods) == 2 and len(cages) == 1
+    # left_sign +1: the patient's left lies toward larger columns.
+    for s in screws:
+        assert s.side is (Side.LEFT if s.centroid[0] > MID else Side.RIGHT)
+        assert s.mask.shape == (ROWS, COLS) and len(s.outline) >= 3
+        # Axis runs head -> tip, the tip toward the midline.
+        head, tip = s.axis
+        assert abs(tip[0] - MID) < abs(head[0] - MID)
+    assert sorted(s.levels[0] for s in screws) == ["L3", "L3", "L4", "L4", "L5", "L5"]
+    for level, row in BODIES.items():
+        assert all(abs(s.centroid[1] - row) < 10 for s in screws if s.levels == (level,))
+    assert {r.side for r in rods} == {Side.LEFT, Side.RIGHT}
+    assert all(r.levels == ("L3", "L4", "L5") and len(r.axis) >= 3 for r in rods)
+    assert cages[0].levels == ("L4", "L5") and cages[0].side is Side.MIDLINE
+    assert out.instrumentation == "posterior instrumentation L3–L5: 6 pedicle screws, 2 rods; interbody cage L4–5"
+    assert out.status is HardwareStatus.INTACT and not out.findings
+
+
+def test_viewer_left_is_patient_right_when_orientation_says_so() -> None:
+    out = run(construct(cage=False), rad=radiograph(left_sign=-1))
+    for s in (i for i in out.implants if i.kind is ImplantKind.PEDICLE_SCREW):
+        assert s.side is (Side.RIGHT if s.centroid[0] > MID else Side.LEFT)
+
+
+def test_without_orientation_or_on_a_lateral_sides_are_unknown() -> None:
+    out = run(construct(cage=False), rad=radiograph(left_sign=None))
+    assert {i.side for i in out.implants} == {Side.UNKNOWN}
+    assert any("orientation" in n for n in out.notes)
+    lat = dataclasses.replace(SOURCE, view="LAT")
+    out = run(construct(cage=False), rad=radiograph(view="LAT", left_sign=None), source=lat)
+    assert {i.side for i in out.implants} == {Side.UNKNOWN}
+    assert out.instrumentation.startswith("posterior instrumentation L3–L5: pedicle screws at 3 levels, rods (lateral view")
+
+
+def test_loosened_screw_is_a_finding_with_evidence() -> None:
+    out = run(construct(loose=("L4", 1)))
+    assert out.status is HardwareStatus.POSSIBLE_COMPLICATION
+    assert len(out.findings) == 1
+    f = out.findings[0]
+    assert f.kind is FindingKind.SCREW_LOOSENING and f.levels == ("L4",)
+    assert "left L4 pedicle screw" in f.description and f.sop_instance_uid == SOURCE.sop_instance_uids[0]
+    loose = [i for i in out.implants if i.complications]
+    assert len(loose) == 1 and loose[0].complications == (Complication.SCREW_LOOSENING,)
+    xs = [p[0] for p in f.evidence]
+    assert len(f.evidence) >= 3 and min(xs) <= loose[0].centroid[0] <= max(xs)
+
+
+def test_fractured_rod_stays_one_rod_with_a_gap_finding() -> None:
+    out = run(construct(cage=False, rod_gap=True))
+    rods = [i for i in out.implants if i.kind is ImplantKind.ROD]
+    assert len(rods) == 2
+    broken = [r for r in rods if r.complications]
+    assert len(broken) == 1 and broken[0].side is Side.LEFT
+    f = next(f for f in out.findings if f.kind is FindingKind.ROD_FRACTURE)
+    cy = np.mean([p[1] for p in f.evidence])
+    assert abs(cy - 139) < 6  # the gap (network row ~69.5 -> source row ~139)
+
+
+def test_no_metal_means_no_implants() -> None:
+    out = run(np.zeros((len(CHANNELS), ROWS // 2, COLS // 2), np.float32))
+    assert out.status is HardwareStatus.NO_IMPLANTS and not out.implants and not out.findings
+    assert out.instrumentation == "" and any("no implants" in n for n in out.notes)
+    # A few scattered bright pixels are noise, not hardware.
+    prob = np.zeros((len(CHANNELS), ROWS // 2, COLS // 2), np.float32)
+    prob[[METAL, SCREW], 10, 10] = 0.9
+    prob[[METAL, ROD], 50, 100] = 0.9
+    assert find_pieces(prob, 1.0, HardwareParams()) == []
+
+
+def test_implants_cut_by_the_border_are_not_assessable() -> None:
+    prob = construct(cage=False)
+    _line(prob, ROD, (MID / 2 - 25, 0.0), (MID / 2 - 25, 60.0), 2.5)  # right rod runs off the top edge
+    out = run(prob)
+    assert out.status is HardwareStatus.NOT_ASSESSABLE
+    assert any("image edge" in n and "rod" in n for n in out.notes)
+
+
+def test_unnamed_vertebrae_leave_levels_unknown() -> None:
+    unnamed = [dataclasses.replace(v, level=None) for v in _vertebrae()]
+    out = run(construct(), vertebrae=unnamed)
+    assert all(i.levels == () for i in out.implants)
+    assert out.instrumentation == "posterior instrumentation (levels not named): 6 pedicle screws, 2 rods; interbody cage (levels not named)"
+    assert any("levels not named" in n for n in out.notes)
+
+
+def test_turned_image_masks_come_back_on_the_stored_grid() -> None:
+    # Stored grid transposed relative to canonical (PatientOrientation "F\L" style).
+    orient = preprocess.Orientation(transpose=True)
+    rad = dataclasses.replace(radiograph(), orientation=orient, stored_shape=(COLS, ROWS))
+    stored_vertebrae = []
+    for v in _vertebrae():
+        dense = orient.from_canonical(v.mask.dense())
+        cx, cy = v.centroid
+        stored_vertebrae.append(Vertebra(v.level, RegionMask.from_dense(dense), (), (cy, cx)))
+    source = dataclasses.replace(SOURCE, rows=COLS, columns=ROWS)
+    out = run(construct(), rad=rad, vertebrae=stored_vertebrae, source=source)
+    ref = run(construct())
+    assert len(out.implants) == len(ref.implants)
+    for a, b in zip(out.implants, ref.implants, strict=True):
+        assert a.mask.shape == (COLS, ROWS)
+        assert np.array_equal(a.mask.dense(), b.mask.dense().T)
+        assert a.centroid == pytest.approx((b.centroid[1], b.centroid[0]))
+        assert a.levels == b.levels
+    offset, crop = region_to_canonical(stored_vertebrae[0].mask, orient)
+    assert np.array_equal(crop, _vertebrae()[0].mask.array) and offset == _vertebrae()[0].mask.offset
+
+
+@pytest.mark.parametrize(
+    ("upper", "lower", "text"),
+    [("L4", "L5", "L4–5"), ("L5", "S1", "L5–S1"), ("T12", "L1", "T12–L1"), ("C5", "C6", "C5–6")],
+)
+def test_disc_levels_are_spelled_as_surgeons_do(upper: str, lower: str, text: str) -> None:
+    assert compact_span(upper, lower) == text
+
+
+def test_summary_sentence_of_the_issue() -> None:
+    implants = [ImplantSummary(ImplantKind.PEDICLE_SCREW, (lv,)) for lv in ("L3", "L4", "L5", "S1") for _ in range(2)]
+    implants += [ImplantSummary(ImplantKind.ROD, ("L3", "L4", "L5", "S1"))] * 2
+    implants += [ImplantSummary(ImplantKind.INTERBODY_CAGE, ("L4", "L5")), ImplantSummary(ImplantKind.INTERBODY_CAGE, ("L5", "S1"))]
+    assert instrumentation_text(implants, "AP") == "posterior instrumentation L3–S1: 8 pedicle screws, 2 rods; interbody cages L4–5, L5–S1"
+    plate = [ImplantSummary(ImplantKind.PLATE, ("C5", "C6", "C7"))]
+    assert instrumentation_text(plate, "AP") == "anterior plate C5–7"
+    assert instrumentation_text([], "AP") == ""
+
+
+def test_rod_interrupted_at_every_screw_head_is_one_rod() -> None:
+    prob = construct(cage=False)
+    for level in BODIES.values():  # the rod map drops where the heads cover the rod
+        prob[ROD, int(level / 2) - 4 : int(level / 2) + 4, :] = 0.0
+    out = run(prob)
+    rods = [i for i in out.implants if i.kind is ImplantKind.ROD]
+    assert len(rods) == 2 and not any(r.complications for r in rods)
+    assert all(r.levels == ("L3", "L4", "L5") for r in rods)
