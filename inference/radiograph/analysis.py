@@ -260,6 +260,10 @@ class HardwareOutcome:
     status: HardwareStatus = HardwareStatus.NOT_ASSESSABLE
     instrumentation: str = ""
     notes: tuple[str, ...] = ()
+    #: Why the status is "not assessable" (e.g. implants reaching the image edge); joins the verdict's reasons.
+    reasons: tuple[str, ...] = ()
+    #: View of the image ("AP", "PA", "LAT"): a frontal view's instrumentation text is preferred (counts).
+    view: str | None = None
 
 
 class HardwareStep(Protocol):
@@ -307,8 +311,14 @@ def _combine_hardware(outcomes: Sequence[HardwareOutcome]) -> tuple[HardwareStat
             break
     else:
         chosen = HardwareStatus.NOT_ASSESSABLE
-    text = next((o.instrumentation for o in outcomes if o.instrumentation), "")
+    texts = [o.instrumentation for o in outcomes if o.instrumentation]
+    frontal = [o.instrumentation for o in outcomes if o.instrumentation and o.view != "LAT"]
+    text = (frontal or texts or [""])[0]
     return chosen, text
+
+
+def _hardware_reasons(outcomes: Sequence[HardwareOutcome]) -> list[str]:
+    return [r for o in outcomes if o.status is HardwareStatus.NOT_ASSESSABLE for r in o.reasons]
 
 
 # ---------------------------------------------------------------------------------------- verdict
@@ -340,7 +350,7 @@ def combine_verdict(
             span = level_span(levels) if levels else f"{w.graded} vertebrae (levels unknown)"
             reasons.append(f"no compression deformity on the lateral view ({span} graded)")
         if hw_status is HardwareStatus.NOT_ASSESSABLE:
-            reasons.append("hardware not assessable")
+            reasons.extend(_hardware_reasons(hardware or ()) or ["hardware not assessable"])
     else:
         outcome = ScreeningOutcome.NOT_ASSESSABLE
         if not works:
@@ -354,6 +364,8 @@ def combine_verdict(
                 reasons.append(f"image {w.source.sop_instance_uids[0]}: too few vertebrae could be graded ({w.graded})")
     if hardware is None:
         reasons.append("hardware not assessed: no hardware model installed")
+    elif hw_status is HardwareStatus.NOT_ASSESSABLE and outcome is not ScreeningOutcome.NO_FINDING:
+        reasons.extend(_hardware_reasons(hardware))
     reasons.extend(skipped)
     return ScreeningVerdict(outcome=outcome, reasons=tuple(dict.fromkeys(reasons)), hardware=hw_status, instrumentation=instrumentation)
 
