@@ -360,7 +360,7 @@ def interpret(
     pieces = find_pieces(prob, mm, params)
     if not pieces:
         notes.append("no implants found on this image")
-        return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes))
+        return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
     rod_gap = score_complications(prob, pieces)
     src_mm = mm * scale[0]  # mm per source pixel
     border_px = params.border_mm / max(src_mm, 1e-6)
@@ -379,7 +379,7 @@ def interpret(
         placed.append(sp)
     if not placed:
         notes.append("no implants found on this image")
-        return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes))
+        return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
 
     left_sign = radiograph.left_sign if view != "LAT" else None
     if view != "LAT" and left_sign is None:
@@ -397,7 +397,6 @@ def interpret(
             findings.append(_finding(comp, sp, implant, radiograph, source, gaps.get(idx), src_mm, geoms))
     summary = instrumentation_text([ImplantSummary(i.kind, i.levels) for i in implants], view)
     status, reasons = hardware_status(placed, view)
-    notes.extend(reasons)
     if not any(i.levels for i in implants if i.kind is not ImplantKind.OTHER):
         notes.append("implant levels not named: vertebral levels unknown on this image")
     return HardwareOutcome(
@@ -406,6 +405,8 @@ def interpret(
         status=status,
         instrumentation=summary,
         notes=tuple(dict.fromkeys(notes)),
+        reasons=tuple(reasons),
+        view=view,
     )
 
 

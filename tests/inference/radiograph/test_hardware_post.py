@@ -203,7 +203,7 @@ def test_implants_cut_by_the_border_are_not_assessable() -> None:
     _line(prob, ROD, (MID / 2 - 25, 0.0), (MID / 2 - 25, 60.0), 2.5)  # right rod runs off the top edge
     out = run(prob)
     assert out.status is HardwareStatus.NOT_ASSESSABLE
-    assert any("image edge" in n and "rod" in n for n in out.notes)
+    assert any("image edge" in r and "rod" in r for r in out.reasons)
 
 
 def test_unnamed_vertebrae_leave_levels_unknown() -> None:
