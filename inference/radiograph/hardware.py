@@ -500,6 +500,12 @@ def _implant(sp: SourcePiece, radiograph: preprocess.Radiograph) -> Implant:
     )
 
 
+def _inside(points: Sequence[Point], shape: tuple[int, int]) -> tuple[Point, ...]:
+    """Points clipped to the image (canonical grid): a grown outline or a circle may reach past the border."""
+    rows, cols = shape
+    return tuple((float(min(max(x, 0.0), cols)), float(min(max(y, 0.0), rows))) for x, y in points)
+
+
 def _finding(
     comp: Complication,
     sp: SourcePiece,
@@ -514,7 +520,7 @@ def _finding(
     orient = radiograph.orientation
     where = ""
     if comp is Complication.ROD_FRACTURE and gap is not None:
-        evidence = tuple(orient.point_from_canonical(p, shape) for p in _circle(gap, 6.0 / max(src_mm, 1e-6)))
+        evidence = tuple(orient.point_from_canonical(p, shape) for p in _inside(_circle(gap, 6.0 / max(src_mm, 1e-6)), shape))
         named = [g for g in geoms if g.level]
         if named:
             near = min(named, key=lambda g: abs(g.centroid[1] - gap[1]))
@@ -523,7 +529,7 @@ def _finding(
         ring = max(1, int(round(2.0 / max(src_mm, 1e-6))))
         grown = ndimage.binary_dilation(np.pad(sp.mask, ring), iterations=ring)
         off = (sp.offset[0] - ring, sp.offset[1] - ring)
-        evidence = tuple(orient.point_from_canonical(p, shape) for p in _outline(grown, off))
+        evidence = tuple(orient.point_from_canonical(p, shape) for p in _inside(_outline(grown, off), shape))
         if len(evidence) < 3:
             evidence = implant.outline
     score = sp.piece.complication_scores.get(comp, 0.0)

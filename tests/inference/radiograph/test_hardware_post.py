@@ -262,3 +262,19 @@ def test_rod_interrupted_at_every_screw_head_is_one_rod() -> None:
     rods = [i for i in out.implants if i.kind is ImplantKind.ROD]
     assert len(rods) == 2 and not any(r.complications for r in rods)
     assert all(r.levels == ("L3", "L4", "L5") for r in rods)
+
+
+def test_evidence_stays_inside_the_image() -> None:
+    prob = construct(cage=False, loose=("L3", -1))
+    prob = prob[:, 43:, :]  # L3 now sits at the top edge of a shorter image
+    rows = prob.shape[1] * 2
+    rad = dataclasses.replace(radiograph(), pixels=np.zeros((rows, COLS), np.float32), stored_shape=(rows, COLS))
+    shifted = []
+    for v in _vertebrae():
+        dense = v.mask.dense()[86:]
+        if dense.any():
+            shifted.append(Vertebra(v.level, RegionMask.from_dense(dense), (), (v.centroid[0], v.centroid[1] - 86)))
+    out = run(prob, rad=rad, vertebrae=shifted, source=dataclasses.replace(SOURCE, rows=rows))
+    assert out.findings
+    for f in out.findings:
+        assert all(0 <= x <= COLS and 0 <= y <= rows for x, y in f.evidence)
