@@ -50,15 +50,22 @@ train-vertebrae: install
 	nice -n 10 $(PY) -m inference.train.vertebrae --data $(DATA) --cache $(VERTEBRA_CACHE) \
 		--work ../cache/train-vertebrae --out inference/models/spine-xr-vertebrae
 
+# Hardware model: the data engine renders a cache with implants (70 % of DRRs, 40 % implant overlays on real
+# radiographs; ~60 min on 2 cores), then training runs <= 2 h at nice 10 (resumable from ../cache/train-hardware).
+HARDWARE_CACHE ?= ../cache/synth-hardware-v1
 train-hardware: install
-	$(PY) -m inference.train.hardware --data $(DATA) --out inference/models/spine-xr-hardware
+	test -f $(HARDWARE_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
+		--out $(HARDWARE_CACHE) --count 2400 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2 --max-side 768
+	nice -n 10 $(PY) -m inference.train.hardware --data $(DATA) --cache $(HARDWARE_CACHE) \
+		--work ../cache/train-hardware --out inference/models/spine-xr-hardware
 
 eval-vertebrae: install
 	nice -n 10 $(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae \
 		--cache $(VERTEBRA_CACHE) --holdout ../cache/synth-holdout-v1 --lopo-work ../cache/lopo-vertebrae
 
 eval-hardware: install
-	$(PY) -m inference.evaluate.hardware --data $(DATA) --model inference/models/spine-xr-hardware
+	nice -n 10 $(PY) -m inference.evaluate.hardware --data $(DATA) --model inference/models/spine-xr-hardware \
+		--cache $(HARDWARE_CACHE) --holdout ../cache/synth-hardware-holdout-v1 --lopo-work ../cache/lopo-hardware
 
 render-docs: install
 	$(PY) -m reports.render_docs --out docs/images
