@@ -463,14 +463,14 @@ def real_overlay_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
         yield f"real-overlay/{k}", sample
 
 
-def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None) -> dict[str, Any]:
+def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None, limit: int | None = None) -> dict[str, Any]:
     """The real TEST-split radiographs (`inference.synth.real.real_split`) as they are, without implants:
     how often "no implants" comes out."""
     from inference.evaluate.vertebrae import radiograph_from_array
     from inference.radiograph.analysis import FractureStep, ImageWork
     from inference.synth.real import list_real_images, load_real
 
-    test = list_real_images(data, "test")
+    test = list_real_images(data, "test")[:limit] if limit else list_real_images(data, "test")
     said = Counter()
     false_pieces = []
     times = []
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         results["real_overlay_test"] = evaluate_samples(model, real_overlay_samples(args.data, args.real_overlays), "real test radiographs + rendered implants", vertebra_step)
         log.info("real overlays: %s", json.dumps(results["real_overlay_test"], indent=1)[:4000])
-        results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step)
+        results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None)
         log.info("real plain: %s", results["real_plain_test"])
     if not args.skip_lopo:
         results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, args.lopo_iterations, args.lopo_limit)
@@ -572,9 +572,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info("wrote %s and MODEL_CARD.md", args.model / "model.json")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # ---------------------------------------------------------------------------------------------- card
@@ -699,6 +696,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         f"Checkpoint chosen by held-out pixel Dice (classes + 0.5 x complications) minus 0.5 x false hardware on real val images: "
         f"{ {k: v for k, v in (tr.get('selected_checkpoint') or {}).items()} }.",
         "",
+        f"Instance thresholds tuned on held-out samples and real val images (grid search): `{tr.get('postprocess_tuning')}`",
+        "",
         f"Complication threshold tuning: `{tr.get('complication_tuning')}`",
         "",
         "## Evaluation",
@@ -739,3 +738,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     if notes is not None and notes.is_file():
         lines += ["## Observations, limits and failure modes", "", notes.read_text().strip(), ""]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -74,6 +74,8 @@ class HardwareParams:
     )
     #: An image shows implants when the pieces kept cover at least this much.
     min_total_mm2: float = 25.0
+    #: A piece is kept when its mean class probability reaches this (faint look-alikes on bone are dropped).
+    min_score: float = 0.0
     rod_merge_mm: float = 30.0
     rod_merge_angle_deg: float = 35.0
     cage_merge_mm: float = 9.0
@@ -337,6 +339,7 @@ def find_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Pie
     pieces += clustered_pieces(prob, CAGE, ImplantKind.INTERBODY_CAGE, mm, params.cage_merge_mm, params)
     pieces += clustered_pieces(prob, PLATE, ImplantKind.PLATE, mm, params.plate_merge_mm, params)
     pieces += other_pieces(prob, pieces, mm, params)
+    pieces = [p for p in pieces if p.score >= params.min_score]
     total = sum(p.area for p in pieces) * mm * mm
     if total < params.min_total_mm2:
         return []

@@ -167,6 +167,89 @@ def selection_score(m: dict[str, float]) -> float:
     return score
 
 
+def _screw_counts(pieces: list, sample: Any, net_shape: tuple[int, int]) -> tuple[int, int, int]:
+    """(tp, fp, fn) of screw pieces against the sample's screws: a piece matches a screw whose centroid it
+    covers (grown by 1 px), one to one."""
+    from scipy import ndimage
+
+    from inference.results import ImplantKind
+
+    scale = (net_shape[0] / sample.image.shape[0], net_shape[1] / sample.image.shape[1])
+    centres = []
+    for k, spec in enumerate(sample.implant_specs):
+        if spec.kind is ImplantKind.PEDICLE_SCREW:
+            rr, cc = np.nonzero(sample.implants == k + 1)
+            if len(rr) >= 3:
+                centres.append(((rr.mean() + 0.5) * scale[0], (cc.mean() + 0.5) * scale[1]))
+    screws = [p for p in pieces if p.kind is ImplantKind.PEDICLE_SCREW]
+    used: set[int] = set()
+    tp = 0
+    for p in screws:
+        grown = ndimage.binary_dilation(np.pad(p.mask, 1))
+        for j, (r, c) in enumerate(centres):
+            if j in used:
+                continue
+            rr, cc = int(r - p.offset[0] + 1), int(c - p.offset[1] + 1)
+            if 0 <= rr < grown.shape[0] and 0 <= cc < grown.shape[1] and grown[rr, cc]:
+                used.add(j)
+                tp += 1
+                break
+    return tp, len(screws) - tp, len(centres) - tp
+
+
+def tune_postprocess(net: torch.nn.Module, val: list[tuple[TargetItem, Any]], negatives: list[TargetItem], params: HardwareParams) -> tuple[HardwareParams, dict]:
+    """Grid-search the instance thresholds on held-out data (network outputs computed once): screw F1 on
+    held-out samples plus "no implants" on implant-free images (real and synthetic) and "implants" where
+    there are some."""
+    import itertools
+    from dataclasses import replace
+
+    net.eval()
+    val_probs = [(network.predict(net, it.image.astype(np.float32)), it, s) for it, s in val[:160]]
+    neg_probs = [network.predict(net, it.image.astype(np.float32)) for it in negatives[:80]]
+    net.train()
+    grid = {
+        "class_threshold": (0.5, 0.6),
+        "min_score": (0.0, 0.6, 0.7),
+        "min_total_mm2": (25.0, 80.0),
+        "screw_min_area_mm2": (12.0, 30.0),
+    }
+    results = []
+    for values in itertools.product(*grid.values()):
+        v = dict(zip(grid, values, strict=True))
+        trial = replace(params, class_threshold=v["class_threshold"], min_score=v["min_score"], min_total_mm2=v["min_total_mm2"],
+                        min_area_mm2={**params.min_area_mm2, "pedicle screw": v["screw_min_area_mm2"]})
+        tp = fp = fn = 0
+        hw_hit = hw_n = clean_ok = clean_n = 0
+        for prob, it, sample in val_probs:
+            pieces = find_pieces(prob, SPACING_MM, trial)
+            a, b, c = _screw_counts(pieces, sample, it.image.shape)
+            tp, fp, fn = tp + a, fp + b, fn + c
+            if it.n_implants:
+                hw_n += 1
+                hw_hit += bool(pieces)
+            else:
+                clean_n += 1
+                clean_ok += not pieces
+        real_ok = sum(1 for prob in neg_probs if not find_pieces(prob, SPACING_MM, trial))
+        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+        sens = hw_hit / max(hw_n, 1)
+        spec_synth = clean_ok / max(clean_n, 1)
+        spec_real = real_ok / max(len(neg_probs), 1)
+        score = f1 + sens + spec_synth + spec_real
+        results.append((score, v, {"screw_f1": round(f1, 4), "implant_images_found": round(sens, 4),
+                                   "clean_synthetic_no_implants": round(spec_synth, 4), "real_no_implants": round(spec_real, 4)}))
+    results.sort(key=lambda r: -r[0])
+    best = results[0]
+    v = best[1]
+    chosen = replace(params, class_threshold=v["class_threshold"], min_score=v["min_score"], min_total_mm2=v["min_total_mm2"],
+                     min_area_mm2={**params.min_area_mm2, "pedicle screw": v["screw_min_area_mm2"]})
+    default = next(r for r in results if r[1] == {"class_threshold": 0.5, "min_score": 0.0, "min_total_mm2": 25.0, "screw_min_area_mm2": 12.0})
+    report = {"chosen": v, "score": round(best[0], 4), "measured": best[2], "defaults": default[2],
+              "grid": {k: list(x) for k, x in grid.items()}, "samples": len(val_probs), "real_negatives": len(neg_probs)}
+    return chosen, report
+
+
 def tune_thresholds(net: torch.nn.Module, val: list[tuple[TargetItem, Any]], params: HardwareParams) -> tuple[HardwareParams, dict]:
     """Per complication, the instance-score threshold with the best Youden's J on the held-out samples."""
     from dataclasses import replace
@@ -265,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--crop", default="224,192")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
+    ap.add_argument("--tune-only", action="store_true", help="no training: tune post-processing for --work's best checkpoint, write --out")
     args = ap.parse_args(argv)
 
     work = args.work
@@ -332,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     net.train()
     t_log, losses = time.time(), []
     stop_reason = "iterations done"
-    while step < args.iterations:
+    if args.tune_only:
+        if state is None:
+            raise SystemExit(f"--tune-only: no checkpoint in {work}")
+        stop_reason = state.get("stop_reason", "loop not run here (--tune-only)")
+    while step < args.iterations and not args.tune_only:
         if clock.elapsed > args.max_minutes * 60:
             stop_reason = f"time budget of {args.max_minutes} min reached"
             break
@@ -376,11 +464,19 @@ def main(argv: list[str] | None = None) -> int:
                 torch.save(net.state_dict(), best_path)
             common.save_checkpoint(
                 ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
-                step=step, best=best, spent=clock.elapsed, history=history,
+                step=step, best=best, spent=clock.elapsed, history=history, stop_reason=stop_reason,
             )
+    if not args.tune_only:
+        common.save_checkpoint(
+            ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
+            step=step, best=best, spent=clock.elapsed, history=history, stop_reason=stop_reason,
+        )
+    train_minutes = (spent if args.tune_only else clock.elapsed) / 60
     if not best_path.is_file():
         torch.save(net.state_dict(), best_path)
     net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    params, post_tuning = tune_postprocess(net, val, neg_val, params)
+    log.info("instance thresholds tuned on held-out samples: %s", post_tuning)
     tuned, tuning = tune_thresholds(net, val, params)
     log.info("complication thresholds tuned on %d held-out samples: %s", len(val), tuning)
     best_entry = max(history, key=lambda h: h["score"]) if history else {}
@@ -393,11 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "crop": list(crop),
         "mix": dict(zip(names, probs.round(3).tolist(), strict=True)),
-        "wall_minutes": round(clock.elapsed / 60, 1),
+        "wall_minutes": round(train_minutes, 1),
         "threads": args.threads,
         "parameters": n_params,
         "selected_checkpoint": best_entry,
         "validation_history": history,
+        "postprocess_tuning": post_tuning,
         "complication_tuning": tuning,
         "data": {
             "cache": str(args.cache),
