@@ -210,8 +210,8 @@ def tune_postprocess(net: torch.nn.Module, val: list[tuple[TargetItem, Any]], ne
     net.train()
     grid = {
         "class_threshold": (0.5, 0.6),
-        "min_score": (0.0, 0.6, 0.7),
-        "min_total_mm2": (25.0, 80.0),
+        "min_score": (0.0, 0.6, 0.7, 0.8),
+        "min_total_mm2": (25.0, 80.0, 150.0),
         "screw_min_area_mm2": (12.0, 30.0),
     }
     results = []
