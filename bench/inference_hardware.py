@@ -73,8 +73,8 @@ def _timed(fn, *args):  # noqa: ANN001, ANN202
     return out, time.perf_counter() - t0
 
 
-def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
-    """Benchmark every case; returns one row per case."""
+def run(repeat: int = 3, threads: int = 2, model_root: str | None = None) -> list[dict[str, Any]]:
+    """Benchmark every case (the shipped models; a candidate under `model_root` overrides them); one row per case."""
     import torch
 
     from inference import analyses
@@ -85,7 +85,11 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
     from inference.registry import ModelRegistry
 
     torch.set_num_threads(threads)
-    registry = ModelRegistry()
+    from pathlib import Path
+
+    from inference.registry import BUILTIN_MODELS
+
+    registry = ModelRegistry([BUILTIN_MODELS] + ([Path(model_root)] if model_root else []))
     analysis = analyses.create("spine-xr", registry)
     if analysis.hardware_step is None:
         raise SystemExit("the hardware model (inference/models/spine-xr-hardware) is not installed")
@@ -155,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.inference_hardware", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model-root", default=None, help="extra model folder root (a candidate model, before it is shipped)")
     args = ap.parse_args(argv)
-    print("\n".join(report(run(args.repeat, args.threads), args.threads, args.repeat)))
+    print("\n".join(report(run(args.repeat, args.threads, args.model_root), args.threads, args.repeat)))
     return 0
 
 
