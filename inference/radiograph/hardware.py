@@ -286,20 +286,39 @@ def _circle(centre: Point, radius: float, n: int = 16) -> tuple[Point, ...]:
 class HardwareModel:
     """Loaded hardware network plus its post-processing parameters."""
 
-    def __init__(self, net: torch.nn.Module, params: HardwareParams | None = None, spacing_mm: float = SPACING_MM, info: ModelInfo | None = None) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        params: HardwareParams | None = None,
+        spacing_mm: float = SPACING_MM,
+        info: ModelInfo | None = None,
+        patch_net: torch.nn.Module | None = None,
+    ) -> None:
         self.net = net.eval()
         self.params = params or HardwareParams()
         self.spacing_mm = spacing_mm
         self.info = info or ModelInfo(MODEL_NAME, "untrained")
+        self.patch_net = patch_net.eval() if patch_net is not None else None
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, device: str = "cpu") -> HardwareModel:
         """Build from a registry spec (weights already verified by the registry)."""
+        import torch
+
         arch = spec.metadata.get("architecture")
         net = build_network(arch)
-        network.load_state(net, str(spec.weights), device)
+        state = torch.load(str(spec.weights), map_location=device, weights_only=True)
+        patch_net = None
+        if "segmentation" in state:  # both stages in one file
+            from inference.radiograph.hardware_patches import load_patch_net
+
+            net.load_state_dict(state["segmentation"])
+            if state.get("complications") is not None:
+                patch_net = load_patch_net(state["complications"], int((arch or {}).get("patch_width", 16)))
+        else:
+            net.load_state_dict(state)
         spacing = float((arch or {}).get("spacing_mm", SPACING_MM))
-        return cls(net, HardwareParams.from_dict(spec.metadata.get("postprocess")), spacing, spec.info)
+        return cls(net.eval(), HardwareParams.from_dict(spec.metadata.get("postprocess")), spacing, spec.info, patch_net)
 
     @classmethod
     def from_registry(cls, registry: ModelRegistry) -> HardwareModel:
@@ -326,7 +345,7 @@ class HardwareModel:
                 notes.append("no pixel spacing and too few vertebrae: implant sizes judged at an assumed scale")
         prob, scale = self.probabilities(radiograph.pixels, spacing)
         mm = (spacing[0] / scale[0]) if spacing is not None else self.spacing_mm
-        return interpret(prob, scale, mm, radiograph, geoms, source, self.params, notes)
+        return interpret(prob, scale, mm, radiograph, geoms, source, self.params, notes, self.patch_net)
 
 
 def estimated_spacing(geoms: Sequence[VertebraGeom]) -> tuple[float, float] | None:
@@ -352,8 +371,9 @@ def interpret(
     source: SourceImage,
     params: HardwareParams,
     notes: list[str] | None = None,
+    patch_net: Any | None = None,
 ) -> HardwareOutcome:
-    """Network probabilities -> `HardwareOutcome` (the part of `analyse` after the network; pure)."""
+    """Network probabilities -> `HardwareOutcome` (the part of `analyse` after the segmentation network)."""
     notes = list(notes or [])
     shape = radiograph.pixels.shape
     view = source.view or radiograph.view
@@ -361,22 +381,12 @@ def interpret(
     if not pieces:
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
-    rod_gap = score_complications(prob, pieces)
     src_mm = mm * scale[0]  # mm per source pixel
-    border_px = params.border_mm / max(src_mm, 1e-6)
-    placed: list[SourcePiece] = []
-    gaps: dict[int, Point] = {}
-    for k, p in enumerate(pieces):
-        sp = to_source(p, prob, scale, shape, params.class_threshold, border_px)
-        if sp is None:
-            continue
-        for comp, s in p.complication_scores.items():
+    placed, gaps = place_pieces(prob, pieces, scale, shape, params, src_mm, radiograph.pixels, patch_net)
+    for sp in placed:
+        for comp, s in sp.piece.complication_scores.items():
             if s >= params.complication_threshold.get(comp.value, 1.0):
                 sp.complications += (comp,)
-        if k in rod_gap and rod_gap[k] is not None:
-            r, c = rod_gap[k]
-            gaps[len(placed)] = ((c) / scale[1], (r) / scale[0])
-        placed.append(sp)
     if not placed:
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
@@ -408,6 +418,41 @@ def interpret(
         reasons=tuple(reasons),
         view=view,
     )
+
+
+def place_pieces(
+    prob: np.ndarray,
+    pieces: Sequence[Piece],
+    scale: tuple[float, float],
+    shape: tuple[int, int],
+    params: HardwareParams,
+    src_mm: float,
+    pixels: np.ndarray,
+    patch_net: Any | None = None,
+) -> tuple[list[SourcePiece], dict[int, Point]]:
+    """Pieces at source resolution with their complication scores (the patch classifier when given, else the
+    segmentation network's complication maps) and, per rod index, where its fracture score peaks."""
+    border_px = params.border_mm / max(src_mm, 1e-6)
+    placed: list[SourcePiece] = []
+    for p in pieces:
+        sp = to_source(p, prob, scale, shape, params.class_threshold, border_px)
+        if sp is not None:
+            placed.append(sp)
+    gaps: dict[int, Point] = {}
+    if patch_net is not None:
+        from inference.radiograph.hardware_patches import score_implants
+
+        scored = score_implants(patch_net, pixels, [(sp.piece.kind, sp.mask, sp.offset) for sp in placed], src_mm)
+        for k, (sp, sc) in enumerate(zip(placed, scored, strict=True)):
+            sp.piece.complication_scores = dict(sc.scores)
+            if sc.where is not None:
+                gaps[k] = sc.where
+    else:
+        where = score_complications(prob, [sp.piece for sp in placed])
+        for k, loc in where.items():
+            if loc is not None:
+                gaps[k] = (loc[1] / scale[1], loc[0] / scale[0])
+    return placed, gaps
 
 
 def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], view: str | None, left_sign: int | None, src_mm: float) -> None:

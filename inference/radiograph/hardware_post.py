@@ -89,6 +89,12 @@ class HardwareParams:
     #: Implants closer than this to the image border (or the unexposed area) are "at the edge".
     border_mm: float = 2.0
 
+    def __post_init__(self) -> None:
+        # Per-kind tables given in part keep the defaults for the kinds not named.
+        defaults = {"pedicle screw": 12.0, "rod": 30.0, "interbody cage": 4.0, "plate": 40.0, "other implant": 40.0}
+        object.__setattr__(self, "min_area_mm2", {**defaults, **self.min_area_mm2})
+        object.__setattr__(self, "complication_threshold", {**{c.value: 0.5 for c in Complication}, **self.complication_threshold})
+
     @classmethod
     def from_dict(cls, data: dict | None) -> HardwareParams:
         """Parameters from model.json (unknown keys are an error naming them)."""
@@ -96,11 +102,6 @@ class HardwareParams:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown hardware post-processing parameters: {', '.join(sorted(unknown))}")
-        base = cls()
-        if "min_area_mm2" in data:
-            data["min_area_mm2"] = {**base.min_area_mm2, **data["min_area_mm2"]}
-        if "complication_threshold" in data:
-            data["complication_threshold"] = {**base.complication_threshold, **data["complication_threshold"]}
         return cls(**data)
 
     def as_dict(self) -> dict:

@@ -84,8 +84,9 @@ def _resample_mask(mask: np.ndarray, shape: tuple[int, int], scale: tuple[float,
     return out >= threshold
 
 
-def _rod_gap(rod: np.ndarray, joined: np.ndarray) -> tuple[float, float] | None:
-    """(row, column) of the gap of a fractured rod, or None when the rod is not visibly in two pieces."""
+def rod_gap(rod: np.ndarray, joined: np.ndarray, max_gap_px: float = 15.0) -> tuple[float, float] | None:
+    """(row, column) of the gap of a fractured rod, or None when the rod is not visibly in two pieces (or the
+    two largest pieces lie farther apart than `max_gap_px`)."""
     comps, n = ndimage.label(joined, structure=np.ones((3, 3)))
     if n < 2:
         return None
@@ -100,7 +101,7 @@ def _rod_gap(rod: np.ndarray, joined: np.ndarray) -> tuple[float, float] | None:
     b = b[:: max(1, len(b) // 400)]
     d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
     i, j = np.unravel_index(int(np.argmin(d)), d.shape)
-    if d[i, j] > 15**2:  # pieces far apart: not a gap this rod shows
+    if d[i, j] > max_gap_px**2:  # pieces far apart: not a gap this rod shows
         return None
     mid = (a[i] + b[j]) / 2.0
     return float(mid[0] + 0.5), float(mid[1] + 0.5)
@@ -157,7 +158,7 @@ def make_item(sample: Any, net_spacing_mm: float | None = None) -> TargetItem:
             continue
         near = ndimage.binary_dilation(rod_k, iterations=3)
         joined = rod_k | (near & joinable & ~_other_rods(inst, specs, k, shape, scale))
-        gap = _rod_gap(rod_k, joined)
+        gap = rod_gap(rod_k, joined)
         if gap is None:
             bits |= near.astype(np.uint16) << IGNORE_BIT
             continue

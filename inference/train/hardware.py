@@ -42,6 +42,8 @@ from inference.radiograph.hardware import (
     estimated_spacing,
     prepare,
 )
+from inference.radiograph.hardware_patch_data import PatchBank, complication_scores, train_patch_net, youden
+from inference.radiograph.hardware_patches import CAGE_PATCH, PATCH_MM, ROD_PATCH, SCREW_PATCH
 from inference.radiograph.hardware_post import (
     CAGE,
     CHANNELS,
@@ -95,8 +97,11 @@ def pool_of(item: TargetItem) -> str:
     return "implants" if item.n_implants else "clean"
 
 
-def load_cache(cache: Path, exclude_sources: set[str], limit: int | None, val_every: int) -> tuple[list[TargetItem], list[tuple[TargetItem, Any]], dict]:
-    """Cache samples as training items, and every `val_every`-th as (item, sample) for validation."""
+def load_cache(
+    cache: Path, exclude_sources: set[str], limit: int | None, val_every: int, bank: PatchBank | None = None
+) -> tuple[list[TargetItem], list[tuple[TargetItem, Any]], dict]:
+    """Cache samples as training items, and every `val_every`-th as (item, sample) for validation; training
+    samples' implants also go into `bank` (complication classifier)."""
     from inference.synth.build import iter_cache
 
     train, val = [], []
@@ -112,6 +117,8 @@ def load_cache(cache: Path, exclude_sources: set[str], limit: int | None, val_ev
             val.append((item, sample))
         else:
             train.append(item)
+            if bank is not None:
+                bank.add(sample)
         if limit and len(train) >= limit:
             break
         if (len(train) + len(val)) % 250 == 0:
@@ -305,8 +312,10 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: HardwarePar
         "and the postoperative hardware verdict on projection radiographs",
         "weights": "weights.pt",
         "sha256": digest,
-        "format": "torch state dict",
-        "architecture": DEFAULT_ARCHITECTURE,
+        "format": "torch: {'segmentation': U-Net state dict, 'complications': patch classifier state dict} "
+        "(or the U-Net state dict alone)",
+        "architecture": {**DEFAULT_ARCHITECTURE, "patch_width": 16,
+                         "patches": {"mm_per_pixel": PATCH_MM, "screw": list(SCREW_PATCH), "rod": list(ROD_PATCH), "cage": list(CAGE_PATCH)}},
         "parameters": info.get("parameters"),
         "inputs": {
             "image": "one projection radiograph (DX/CR), any size, MONOCHROME1/2, 8-16 bit",
@@ -348,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--crop", default="224,192")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
+    ap.add_argument("--patch-iterations", type=int, default=3000, help="complication classifier iterations (0: use the maps)")
     ap.add_argument("--tune-only", action="store_true", help="no training: tune post-processing for --work's best checkpoint, write --out")
     args = ap.parse_args(argv)
 
@@ -365,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             f"--data {args.data} --out {args.cache} --count 2400 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2"
         )
     excluded = {s for s in args.exclude_sources.split(",") if s}
-    train, val, skipped = load_cache(args.cache, excluded, args.limit or None, args.val_every)
+    bank = PatchBank() if args.patch_iterations else None
+    train, val, skipped = load_cache(args.cache, excluded, args.limit or None, args.val_every, bank)
+    if bank is not None:
+        log.info("complication classifier items: %s", bank.counts())
     log.info("cache: %d train, %d held-out samples (%.0f s); %s", len(train), len(val), time.time() - t_start, skipped)
     neg_train: list[TargetItem] = []
     neg_val: list[TargetItem] = []
@@ -409,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resumed at iteration %d (best %.4f, %.0f s spent)", step, best, spent)
     clock = common.Stopwatch(spent)
     params = HardwareParams()
+    # False hardware on real images is judged with thresholds near the tuned ones, not the permissive defaults.
+    strict = HardwareParams(min_score=0.6, min_total_mm2=80.0, min_area_mm2={"pedicle screw": 30.0})
     crop = tuple(int(v) for v in args.crop.split(","))
     aug = common.AugmentConfig(crop=crop, scale=(0.8, 1.25), rotate_deg=12.0, spine_bias=0.85)
     log.info("network: %d parameters; batch %d", n_params, args.batch)
@@ -455,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             t_log, losses = time.time(), []
         if step % args.eval_every == 0 or step == args.iterations:
-            metrics = validate(net, val_quick, neg_val[:40], params)
+            metrics = validate(net, val_quick, neg_val[:40], strict)
             score = selection_score(metrics)
             history.append({"iteration": step, "score": round(score, 4), **{k: round(float(v), 4) for k, v in metrics.items()}})
             log.info("validation at %d: %s score %.4f (best %.4f)", step, {k: round(v, 3) for k, v in metrics.items()}, score, best)
@@ -472,12 +487,40 @@ def main(argv: list[str] | None = None) -> int:
             step=step, best=best, spent=clock.elapsed, history=history, stop_reason=stop_reason,
         )
     train_minutes = (spent if args.tune_only else clock.elapsed) / 60
+    # The checkpoint kept during training and the last one compete once more, each with its tuned instance
+    # thresholds: the periodic selection score is noisy (few real images, untuned thresholds).
+    last_path = work / "last.pt"
+    torch.save(net.state_dict(), last_path)
     if not best_path.is_file():
         torch.save(net.state_dict(), best_path)
-    net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-    params, post_tuning = tune_postprocess(net, val, neg_val, params)
-    log.info("instance thresholds tuned on held-out samples: %s", post_tuning)
-    tuned, tuning = tune_thresholds(net, val, params)
+    contest = {}
+    for name, path in (("selected during training", best_path), ("last", last_path)):
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        contest[name] = (path, *tune_postprocess(net, val, neg_val, HardwareParams()))
+        log.info("instance thresholds tuned for the %s checkpoint: %s", name, contest[name][2])
+    chosen_name = max(contest, key=lambda k: contest[k][2]["score"])
+    chosen_path, params, post_tuning = contest[chosen_name]
+    post_tuning = {**post_tuning, "checkpoint": chosen_name, "scores": {k: v[2]["score"] for k, v in contest.items()}}
+    net.load_state_dict(torch.load(chosen_path, map_location="cpu", weights_only=True))
+    weights_file = chosen_path
+    patch_info: dict[str, Any] = {}
+    if bank is not None:
+        from dataclasses import replace
+
+        from inference.radiograph.hardware import HardwareModel
+
+        t_patch = time.time()
+        patch_net = train_patch_net(bank, args.patch_iterations, args.seed, log)
+        model = HardwareModel(net, params, SPACING_MM, None, patch_net)
+        pairs = complication_scores(model, [s for _, s in val if s.implant_specs])
+        tuning = {comp: youden(values, params.complication_threshold[comp]) for comp, values in pairs.items()}
+        tuned = replace(params, complication_threshold={**params.complication_threshold, **{c: e["threshold"] for c, e in tuning.items()}})
+        weights_file = work / "model.pt"
+        torch.save({"segmentation": net.state_dict(), "complications": patch_net.state_dict()}, weights_file)
+        patch_info = {"iterations": args.patch_iterations, "minutes": round((time.time() - t_patch) / 60, 1), "items": bank.counts(),
+                      "parameters": network.parameter_count(patch_net)}
+    else:
+        tuned, tuning = tune_thresholds(net, val, params)
     log.info("complication thresholds tuned on %d held-out samples: %s", len(val), tuning)
     best_entry = max(history, key=lambda h: h["score"]) if history else {}
     manifest = json.loads((args.cache / "manifest.json").read_text())
@@ -494,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": n_params,
         "selected_checkpoint": best_entry,
         "validation_history": history,
+        "complication_classifier": patch_info,
         "postprocess_tuning": post_tuning,
         "complication_tuning": tuning,
         "data": {
@@ -509,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             "manifest": {k: manifest.get(k) for k in ("count", "seed", "parameters", "counts", "provenance") if k in manifest},
         },
     }
-    write_model_folder(args.out, best_path, info, tuned)
+    write_model_folder(args.out, weights_file, info, tuned)
     log.info("wrote %s (best score %.4f at %s); %s; %.1f min total", args.out, best, best_entry.get("iteration"), stop_reason, (time.time() - t_start) / 60)
     return 0
 

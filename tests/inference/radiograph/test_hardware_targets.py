@@ -7,7 +7,7 @@ import functools
 import numpy as np
 
 from inference.radiograph.hardware_post import CHANNELS, LOOSENING, METAL, PLATE, ROD, SCREW, SCREW_CENTRE
-from inference.radiograph.hardware_targets import _rod_gap, dense_targets, make_item
+from inference.radiograph.hardware_targets import dense_targets, make_item, rod_gap
 from inference.results import Complication, ImplantKind
 from inference.synth.render import SynthConfig, render_sample
 
@@ -42,15 +42,15 @@ def test_posterior_construct_targets() -> None:
     assert "screw loosening" in item.complications and item.n_implants == len(sample.implant_specs)
 
 
-def test_rod_gap_is_found_between_two_pieces() -> None:
+def testrod_gap_is_found_between_two_pieces() -> None:
     rod = np.zeros((60, 20), dtype=bool)
     rod[5:28, 8:12] = True
     rod[31:55, 9:13] = True
-    gap = _rod_gap(rod, rod)
+    gap = rod_gap(rod, rod)
     assert gap is not None and 27 <= gap[0] <= 32 and 8 <= gap[1] <= 13
     whole = np.zeros((60, 20), dtype=bool)
     whole[5:55, 8:12] = True
-    assert _rod_gap(whole, whole) is None
+    assert rod_gap(whole, whole) is None
 
 
 def test_image_without_implants_has_empty_targets() -> None:
