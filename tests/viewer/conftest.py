@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from viewer_stack import CHROMIUM, CHROMIUM_ARGS, OhifServer, Orthanc, fetch_ohif
+from viewer_stack import OhifServer, Orthanc, fetch_ohif
 
 
 @pytest.fixture(scope="session")
@@ -29,16 +29,3 @@ def ohif(ohif_dist, viewer_orthanc) -> Iterator[str]:
     with OhifServer(ohif_dist, viewer_orthanc.http_port) as server:
         yield server.url
 
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[object]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is not installed (make install installs the Debian package 'chromium')")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()

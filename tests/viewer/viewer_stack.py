@@ -35,9 +35,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 OHIF_VERSION = "3.13.2"
 OHIF_CACHE = REPO / ".viewer" / f"ohif-{OHIF_VERSION}"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ORTHANC_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 
 

@@ -24,9 +24,6 @@ from nodekit import node_config, running_node, settings_from  # noqa: E402
 from peers import StoreSCP, free_port  # noqa: E402
 
 TOKEN = "web-test-token-0123456789"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parents[2]
 #: Screenshots always go to the test's folder; UPDATE_SCREENSHOTS=1 also refreshes docs/images/dashboard_*.png.
 DOC_IMAGES = REPO / "docs" / "images" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else None
@@ -115,17 +112,3 @@ def destination(name: str, port: int, **extra: Any) -> dict[str, Any]:
     """A destination table for a storescp on loopback."""
     return {"name": name, "ae_title": "STORESCP", "host": "127.0.0.1", "port": port, **extra}
 
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """Headless Debian Chromium through playwright (never a downloaded browser)."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is not installed (make install installs the Debian package 'chromium')")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
