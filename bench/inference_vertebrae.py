@@ -116,22 +116,27 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.inference_vertebrae", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    rows = run(args.repeat, args.threads)
-    print(f"spine-xr inference, {args.threads} threads, median of {args.repeat} (budget {BUDGET_S:.1f} s per radiograph)")
+def report(rows: list[dict[str, Any]], threads: int = 2, repeat: int = 3) -> list[str]:
+    """Printable lines for `run`'s rows (for ``bench.run_all``)."""
+    lines = [f"spine-xr inference, {threads} threads, median of {repeat} (budget {BUDGET_S:.1f} s per radiograph)"]
     for r in rows:
         st = r["stages_s"]
-        print(
+        lines.append(
             f"  {r['case']:<32} {r['matrix']:>10}  {r['seconds']:.3f} s  = {r['ratio_to_budget']:.2f} x budget   "
             f"(decode {st['decode']:.3f}, preprocess {st['preprocess']:.3f}, network {st['network']:.3f}, "
             f"chain {st['postprocess']:.3f}; {r['vertebrae']} found)"
         )
     worst = max(r["ratio_to_budget"] for r in rows)
-    print(f"worst case: {worst:.2f} x budget -> {'OK' if worst <= 1.0 else 'OVER BUDGET'}")
+    lines.append(f"worst case: {worst:.2f} x budget -> {'OK' if worst <= 1.0 else 'OVER BUDGET'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.inference_vertebrae", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    print("\n".join(report(run(args.repeat, args.threads), args.threads, args.repeat)))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``make bench``: ingest throughput against storescp and Orthanc, and release-to-acknowledged latency."""
+"""``make bench``: ingest throughput against storescp and Orthanc, release-to-acknowledged latency, and the
+radiograph models' CPU time per image against their 1 s budget (when the model folders are present)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench import ingest, latency
+from bench import inference_hardware, inference_vertebrae, ingest, latency
+from inference.registry import ModelError, ModelRegistry
+
+
+def _has_model(name: str) -> bool:
+    try:
+        ModelRegistry().spec(name)
+    except ModelError:
+        return False
+    return True
 
 
 def main() -> None:
@@ -27,6 +37,14 @@ def main() -> None:
         shutil.rmtree(work / "ingest", ignore_errors=True)
         print("latency (association release -> last output acknowledged by Orthanc):")
         print("\n".join(latency.report(latency.run(work / "latency", args.studies))))
+        available = {name for name in ("spine-xr-vertebrae", "spine-xr-hardware") if _has_model(name)}
+        if "spine-xr-vertebrae" in available:
+            print("\n".join(inference_vertebrae.report(inference_vertebrae.run())))
+        if {"spine-xr-vertebrae", "spine-xr-hardware"} <= available:
+            print("\n".join(inference_hardware.report(inference_hardware.run())))
+        missing = {"spine-xr-vertebrae", "spine-xr-hardware"} - available
+        if missing:
+            print("not benchmarked (model folder missing):", ", ".join(sorted(missing)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

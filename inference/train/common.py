@@ -183,12 +183,15 @@ def photometric(img: np.ndarray, rng: np.random.Generator, config: AugmentConfig
 # -------------------------------------------------------------------------------------------- losses
 
 
-def masked_bce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted BCE + soft Dice over one channel of a batch (B, h, w); 0 where nothing is known."""
+def masked_bce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """Weighted BCE + soft Dice over one channel of a batch (B, h, w); 0 where nothing is known.
+
+    `pos_weight` > 1 makes missed positive pixels cost more (small structures such as the sacrum)."""
     total = weight.sum()
     if total < 1:
         return logits.sum() * 0.0
-    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / total
+    pw = torch.tensor(pos_weight, dtype=logits.dtype)
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw) * weight).sum() / total
     p = torch.sigmoid(logits) * weight
     t = target * weight
     inter = (p * t).sum()
