@@ -29,7 +29,7 @@ def _count(db_path: Path, sql: str) -> int:
 
 
 def test_kill9_during_ingest_and_during_delivery_loses_and_duplicates_nothing(
-        tmp_path: Path, model_root: Path, orthanc_factory) -> None:
+        tmp_path: Path, model_root: Path, orthanc_factory, request: pytest.FixtureRequest) -> None:
     # Orthanc with Nagle on is slow to acknowledge (~50 ms an instance): delivery lasts long enough to be cut.
     pacs: Orthanc = orthanc_factory(nodelay=False)
     port = free_port()
@@ -40,6 +40,7 @@ def test_kill9_during_ingest_and_during_delivery_loses_and_duplicates_nothing(
     config = write_config(tmp_path / "node.toml", raw)
     db_path = data / "node.sqlite"
     node = NodeProcess(config, port, extra_pythonpath=[HERE])
+    request.addfinalizer(node.stop)  # a failed assertion must not leave a serving node behind
     node.start()
 
     studies = [make_study(tmp_path / "in" / f"s{k:02d}", f"crash{k:02d}", images=IMAGES, rows=96, columns=64)
