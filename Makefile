@@ -18,6 +18,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@bash .ci/install-debian.sh $(DEB_PACKAGES)
+	# npm fetches the OHIF viewer for tests/viewer once; a NodeSource nodejs already brings its own npm
+	@command -v npm >/dev/null || bash .ci/install-debian.sh npm
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	# torch==2.13.0 is pinned in pyproject and installed in the same command: without it monai pulls a CUDA build
 	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[test]"

@@ -260,8 +260,8 @@ class StorageSCP:
             status = OUT_OF_RESOURCES
         try:
             self.db.count_failure(assoc_id)
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception:  # noqa: BLE001 - the failure status above matters more than its counter
+            log.warning("could not count the failed C-STORE", exc_info=True)
         return status
 
     def _store(self, event: Any, assoc_id: int | None) -> int:

@@ -9,6 +9,7 @@ expects of a histogram; use ``rate()`` / ``increase()``): ``dicom_node_analysis_
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,8 @@ from prometheus_client.registry import Collector
 from dicom_node import __version__
 from dicom_node.db import DELIVERY_STATES, Database
 from dicom_node.pipeline import Analyser, input_key
+
+log = logging.getLogger("dicom_node.web.metrics")
 
 if TYPE_CHECKING:
     from dicom_node.service import NodeService
@@ -94,7 +97,7 @@ class MeteredAnalyser(Analyser):
                 if uids:
                     self.db.record_analysis_seconds(str(datasets[0].StudyInstanceUID), name, input_key(uids), seconds)
             except Exception:  # noqa: BLE001 - timing must never fail a study
-                pass
+                log.warning("could not record the analysis time of %s", name, exc_info=True)
 
     def _models(self, name: str) -> str:
         try:

@@ -6,7 +6,7 @@ For each radiograph of the study (DX / CR; other instances are skipped with a re
    `Vertebra` results on the stored pixel grid (mask, outline, centroid, level or None).
 2. `FractureStep`: on lateral views, body heights (mm when the header gives a spacing) and Genant grades;
    a `Finding` per deformed body.  Frontal views are not graded (said in the notes).
-3. Hardware (later): a `HardwareStep` registered with `register_hardware_step` (e.g. by
+3. Hardware: a `HardwareStep` registered with `register_hardware_step` (e.g. by
    ``inference/radiograph/hardware.py``) runs after the vertebrae so implants can be given levels.
 4. `combine_verdict`: the one place where fracture and hardware outcomes become the study's
    `ScreeningVerdict`.
@@ -305,7 +305,10 @@ def _combine_hardware(outcomes: Sequence[HardwareOutcome]) -> tuple[HardwareStat
     if not outcomes:
         return None, ""
     statuses = {o.status for o in outcomes}
-    for status in (HardwareStatus.POSSIBLE_COMPLICATION, HardwareStatus.INTACT, HardwareStatus.NO_IMPLANTS):
+    # Metal that one image could not assess outweighs another image showing none; an intact construct seen
+    # on one view stays "intact" (the other view's reasons still reach the verdict).
+    for status in (HardwareStatus.POSSIBLE_COMPLICATION, HardwareStatus.INTACT, HardwareStatus.NOT_ASSESSABLE,
+                   HardwareStatus.NO_IMPLANTS):
         if status in statuses:
             chosen = status
             break
@@ -343,14 +346,16 @@ def combine_verdict(
     graded = [w for w in works if w.graded >= MIN_GRADED_FOR_NO_FINDING]
     if findings:
         outcome = ScreeningOutcome.FINDING_PRESENT
+    elif graded and hw_status is HardwareStatus.NOT_ASSESSABLE:
+        # A postoperative screen is not "negative" while metal in the image could not be judged.
+        outcome = ScreeningOutcome.NOT_ASSESSABLE
+        reasons.append("hardware not assessable")
     elif graded:
         outcome = ScreeningOutcome.NO_FINDING
         for w in graded:
             levels = [v.level for v in w.vertebrae if v.fracture is not None and v.level]
             span = level_span(levels) if levels else f"{w.graded} vertebrae (levels unknown)"
             reasons.append(f"no compression deformity on the lateral view ({span} graded)")
-        if hw_status is HardwareStatus.NOT_ASSESSABLE:
-            reasons.extend(_hardware_reasons(hardware or ()) or ["hardware not assessable"])
     else:
         outcome = ScreeningOutcome.NOT_ASSESSABLE
         if not works:
@@ -364,7 +369,8 @@ def combine_verdict(
                 reasons.append(f"image {w.source.sop_instance_uids[0]}: too few vertebrae could be graded ({w.graded})")
     if hardware is None:
         reasons.append("hardware not assessed: no hardware model installed")
-    elif hw_status is HardwareStatus.NOT_ASSESSABLE and outcome is not ScreeningOutcome.NO_FINDING:
+    else:
+        # Every image whose hardware could not be judged says why, whatever the study's status.
         reasons.extend(_hardware_reasons(hardware))
     reasons.extend(skipped)
     return ScreeningVerdict(outcome=outcome, reasons=tuple(dict.fromkeys(reasons)), hardware=hw_status, instrumentation=instrumentation)

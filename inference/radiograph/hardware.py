@@ -519,7 +519,8 @@ def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], vi
 def _tip_reference(sp: SourcePiece, geoms: Sequence[VertebraGeom], midline: tuple[np.ndarray, np.ndarray] | None, view: str | None) -> Point | None:
     """Where a screw's tip points: the nearest vertebral body centre (the midline on frontal views)."""
     if view != "LAT" and midline is not None:
-        return (midline_x(midline, sp.centroid[1]) or sp.centroid[0], sp.centroid[1])
+        x = midline_x(midline, sp.centroid[1])
+        return (sp.centroid[0] if x is None else x, sp.centroid[1])
     if geoms:
         v = min(geoms, key=lambda g: (g.centroid[0] - sp.centroid[0]) ** 2 + (g.centroid[1] - sp.centroid[1]) ** 2)
         return v.centroid

@@ -88,7 +88,7 @@ def contact_sheet(data: str | None, labels: bool = False, seed: int = 0) -> np.n
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m inference.synth.preview", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--data", required=True, help="data folder with ct/ (e.g. ../shared/data)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--labels", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

@@ -107,3 +107,18 @@ def test_outline_surrounds_the_mask() -> None:
     x, y = pts[:, 0], pts[:, 1]
     area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
     assert abs(area - mask.sum()) <= 0.03 * mask.sum()
+
+
+def test_hardware_in_doubt_keeps_the_screen_open() -> None:
+    edge = HardwareOutcome(status=HardwareStatus.NOT_ASSESSABLE, reasons=("implants cut by the image edge",))
+    verdict = combine_verdict([_work("LAT", 5)], [edge], [])
+    assert verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+    assert verdict.hardware is HardwareStatus.NOT_ASSESSABLE
+    assert "implants cut by the image edge" in verdict.reasons
+    # Metal one view could not judge is not outweighed by another view without implants ...
+    none = HardwareOutcome(status=HardwareStatus.NO_IMPLANTS)
+    assert combine_verdict([_work("LAT", 5)], [none, edge], []).hardware is HardwareStatus.NOT_ASSESSABLE
+    # ... while an intact construct on one view stays intact, and the other view's reason is still given.
+    both = combine_verdict([_work("LAT", 5)], [HardwareOutcome(status=HardwareStatus.INTACT), edge], [])
+    assert both.hardware is HardwareStatus.INTACT and both.outcome is ScreeningOutcome.NO_FINDING
+    assert "implants cut by the image edge" in both.reasons
