@@ -277,6 +277,14 @@ def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
         "recent_studies": db.recent_studies(n_studies),
         "recent_associations": db.recent_associations(5),
     }
+    n_flagged, flagged = db.studies_page(flagged=True, limit=n_studies)
+    report["flagged_total"] = n_flagged
+    report["flagged_studies"] = [
+        {"study_instance_uid": s["study_instance_uid"], "updated_at": s["updated_at"], "state": s["state"],
+         "results": [{k: r.get(k) for k in ("analysis", "verdict", "hardware", "instrumentation", "findings")}
+                     for r in s["results"] if r.get("flagged")]}
+        for s in flagged
+    ]
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return EXIT_OK
@@ -293,6 +301,13 @@ def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
         if d["last_error"]:
             line += f"; last error {_when(d['last_error_at'])}: {d['last_error']}"
         print(line)
+    # What a radiologist must look at first: a possible hardware complication or a new fracture.
+    print(f"flagged studies: {report['flagged_total']}" + (" (newest first)" if report["flagged_total"] else ""))
+    for s in report["flagged_studies"]:
+        for r in s["results"]:
+            what = "; ".join(f["description"] or f["kind"] for f in r["findings"]) or r["verdict"]
+            hardware = f", hardware {r['hardware']}" if r["hardware"] else ""
+            print(f"  {_when(s['updated_at'])} {s['study_instance_uid']} [{r['analysis']}{hardware}] {what}")
     print("recent studies:")
     for s in report["recent_studies"]:
         reason = f" ({s['reason']})" if s["reason"] else ""

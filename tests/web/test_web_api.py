@@ -99,6 +99,13 @@ def test_a_study_from_storescu_to_storescp_through_the_api(web_node_factory, sto
     assert row["verdicts"] == [{"analysis": "web-test-screening", "verdict": "finding present", "hardware": None,
                                 "flagged": True}]
     assert node.api("/api/studies?flagged=true")["total"] == 1 and node.api("/api/studies?flagged=false")["total"] == 0
+    # The same flag in `dicom-node status`, with what was found, for IT working from a shell.
+    status = subprocess.run([*dicom_node_executable(), "status", "--data-dir", str(node.service.settings.data_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    flagged_lines = status.stdout.split("flagged studies: 1", 1)[1].split("recent studies:", 1)[0]
+    assert uid in flagged_lines and "anterior height loss 30 % (test)" in flagged_lines
+    assert "DOE^JANE" not in status.stdout and "PHI-4711-X" not in status.stdout  # no patient data on the console
     assert node.api("/api/studies?state=failed")["total"] == 0
     assert node.api(f"/api/studies?q={uid[:12]}")["total"] == 1
     today = row["first_received_at"][:10]
