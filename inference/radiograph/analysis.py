@@ -163,7 +163,13 @@ def _with_view(source: SourceImage, view: str | None) -> SourceImage:
 
 
 class FractureStep:
-    """Heights and Genant grades on lateral views; notes why not on others."""
+    """Heights and Genant grades on lateral views; notes why not on others.
+
+    `enabled` comes from the vertebra model's ``fracture_grading`` metadata: a model whose evaluation showed
+    heights and grades no better than chance ships with them off, so no study is flagged (or cleared) by noise."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
 
     def run(self, work: ImageWork) -> None:
         """Fill `work.vertebrae`, `work.findings`, `work.measurements` from `work.instances`."""
@@ -171,8 +177,13 @@ class FractureStep:
         assert inst is not None
         bodies = inst.vertebrae
         heights: list[morphometry.MeasuredHeights | None] = [None] * len(bodies)
-        can_grade = inst.view == "LAT" and inst.anterior_sign is not None
-        if inst.view != "LAT" and bodies:
+        can_grade = self.enabled and inst.view == "LAT" and inst.anterior_sign is not None
+        if not self.enabled and bodies:
+            work.notes.append(
+                "vertebral heights and fracture grades are switched off for this model version (unreliable in "
+                "its evaluation, see its model card): fractures not assessed"
+            )
+        elif inst.view != "LAT" and bodies:
             work.notes.append(
                 f"{inst.view or 'unknown'} view: compression fractures are graded on lateral views only"
             )
@@ -363,6 +374,8 @@ def combine_verdict(
         for w in works:
             if w.instances is None or not w.instances.vertebrae:
                 reasons.append(f"image {w.source.sop_instance_uids[0]}: no vertebra found")
+            elif not w.graded and any("switched off" in n for n in w.notes):
+                reasons.append(f"image {w.source.sop_instance_uids[0]}: fractures not assessed (grading switched off for this model version)")
             elif w.instances.view != "LAT":
                 reasons.append(f"image {w.source.sop_instance_uids[0]}: {w.instances.view or 'unknown'} view, fractures are graded on lateral views")
             else:
@@ -406,7 +419,7 @@ class SpineXrAnalysis:
             self.vertebra_step = VertebraStep(registry)
         except ModelError as exc:
             raise AnalysisError(f"{ANALYSIS_NAME}: {exc}") from exc
-        self.fracture_step = FractureStep()
+        self.fracture_step = FractureStep(enabled=bool(registry.spec(MODEL_NAME).metadata.get("fracture_grading", True)))
         self.hardware_step = _hardware_step(registry)
 
     def models(self) -> tuple[ModelInfo, ...]:

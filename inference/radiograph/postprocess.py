@@ -42,6 +42,11 @@ class ChainParams:
     body_threshold: float = 0.5
     sacrum_threshold: float = 0.5
     sacrum_min_area_steps: float = 0.5  # a sacrum component needs this many (step length)^2 of area
+    #: Count levels up from the sacrum.  Off for a model whose evaluation showed wrong names: "level unknown"
+    #: is safer than a wrong level (one missed vertebra shifts every name).
+    name_levels: bool = True
+    #: Fewer vertebrae in a row than this is not a spine: blank and noise images gave 1-2 (measured).
+    min_chain: int = 3
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ChainParams:
@@ -313,6 +318,9 @@ def detect(prob: np.ndarray, params: ChainParams | None = None) -> SpineDetectio
                     nodes.append(ChainNode(r, c, float(prob[CENTRE, ri, ci]), position, inferred=True))
             position += 1
         nodes.append(ChainNode(float(points[k, 0]), float(points[k, 1]), float(scores[k]), position))
+    if 0 < len(nodes) < params.min_chain:
+        notes.append(f"no spine recognised: {len(nodes)} vertebra-like structure(s), fewer than {params.min_chain} in a row")
+        nodes = []
     if len(nodes) >= 2:
         steps = [
             math.hypot(b.row - a.row, b.column - a.column) / (b.position - a.position) for a, b in zip(nodes, nodes[1:], strict=False)
@@ -346,11 +354,15 @@ def detect(prob: np.ndarray, params: ChainParams | None = None) -> SpineDetectio
         if sacrum is None:
             sacrum = comps[0]
             notes.append("sacrum found but not right below the lowest vertebra found: levels not named")
-    elif comps:
-        sacrum = comps[0]
+    # (no vertebrae: a sacrum-like blob alone is not reported; blank images produced one)
     if nodes and sacrum is None:
         notes.append("levels not named: sacrum not in the field of view or not found")
-    levels = name_levels(nodes, adjacent)
+    if params.name_levels:
+        levels = name_levels(nodes, adjacent)
+    else:
+        levels = [None] * len(nodes)
+        if nodes:
+            notes.append("levels not named: level naming is switched off for this model (see its model card)")
     return SpineDetection(nodes, labels, sacrum, adjacent, levels, step, notes)
 
 

@@ -1,0 +1,152 @@
+"""The "spine-xr" analysis end to end on DICOM made from phantoms, with the SHIPPED weights.
+
+Phantoms are the data engine's procedural spines (no shared data).  Thresholds on the fixed synthetic set
+are set below what the shipped model measured (see the model card), so a worse model fails here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from phantoms import FIXED_SET, as_dicom, phantom
+
+from inference import analyses
+from inference.registry import ModelRegistry
+from inference.results import LEVELS, ScreeningOutcome, StudyResult
+from inference.synth.dicom import ct_series
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def analysis():  # noqa: ANN201
+    return analyses.create("spine-xr", ModelRegistry())
+
+
+def _run(analysis, *datasets) -> StudyResult:  # noqa: ANN001
+    return analysis.run(list(datasets))
+
+
+def _bodies(result: StudyResult, k: int = 0):  # noqa: ANN202
+    return [v for v in result.images[k].vertebrae if v.level != "S1"]
+
+
+def test_dx_monochrome2_and_cr_monochrome1_give_the_same_answer(analysis) -> None:  # noqa: ANN001
+    sample = phantom(12, "AP", "lumbar")
+    dx = as_dicom(sample, seed="an-dx", modality="DX", photometric="MONOCHROME2", bits=12)
+    cr = as_dicom(sample, seed="an-cr", modality="CR", photometric="MONOCHROME1", bits=10)
+    r_dx, r_cr = _run(analysis, dx), _run(analysis, cr)
+    for result, ds in ((r_dx, dx), (r_cr, cr)):
+        assert result.analysis == "spine-xr" and result.study_instance_uid == ds.StudyInstanceUID
+        assert [m.name for m in result.models] == ["spine-xr-vertebrae"]
+        image = result.images[0]
+        assert image.source.sop_instance_uids == (ds.SOPInstanceUID,)
+        assert image.source.view == "AP" and image.source.modality == ds.Modality
+        assert image.source.spacing_source == "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+        assert image.source.pixel_spacing_mm == pytest.approx(sample.pixel_spacing_mm, rel=1e-3)
+        assert len(_bodies(result)) >= 3
+        for v in image.vertebrae:
+            assert v.mask.shape == (ds.Rows, ds.Columns) and v.mask.area > 20
+            assert len(v.outline) >= 3
+            assert v.fracture is None and v.heights is None  # AP: not graded
+        assert any("switched off" in n for n in image.notes)  # fracture grading is off in the shipped model
+        assert result.verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+    a = np.array([v.centroid for v in _bodies(r_dx)])
+    b = np.array([v.centroid for v in _bodies(r_cr)])
+    assert a.shape == b.shape and np.abs(a - b).max() < 1.5  # 10 vs 12 bits, inverted: same anatomy
+
+
+def test_lateral_with_grading_switched_off_says_so_and_never_clears(analysis) -> None:  # noqa: ANN001
+    # The shipped model's heights and grades were no better than chance in its evaluation (MODEL_CARD.md),
+    # so it ships with them off: no heights, no grades, and the screen stays "not assessable", never
+    # "no finding".  Height geometry itself is tested in test_morphometry.py.
+    assert analysis.fracture_step.enabled is False
+    sample = phantom(*FIXED_SET[0])  # lateral lumbar, L1 wedge with 45 % anterior height loss
+    result = _run(analysis, as_dicom(sample, seed="an-lat"))
+    image = result.images[0]
+    assert image.source.view == "LAT" and len(_bodies(result)) >= 3
+    assert all(v.fracture is None and v.heights is None for v in image.vertebrae)
+    assert result.verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+    assert any("grading switched off" in r for r in result.verdict.reasons)
+
+
+def test_cropped_view_without_sacrum_says_level_unknown(analysis) -> None:  # noqa: ANN001
+    sample = phantom(12, "AP", "lumbar")
+    sacrum_rows = np.nonzero((sample.body == LEVELS.index("S1") + 1).any(axis=1))[0]
+    top = int(sacrum_rows.min()) - 40 if len(sacrum_rows) else sample.image.shape[0] // 2
+    cropped = dataclasses.replace(sample, image=sample.image[:top], body=sample.body[:top], vertebra=sample.vertebra[:top])
+    result = _run(analysis, as_dicom(cropped, seed="an-crop"))
+    bodies = _bodies(result)
+    assert bodies, "vertebrae above the crop line should still be found"
+    assert all(v.level is None and v.display_name == "level unknown" for v in bodies)
+    assert any("not named" in n for n in result.images[0].notes)
+
+
+def test_empty_image_is_not_assessable(analysis) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(3)
+    pixels = np.clip(rng.normal(0.5, 0.02, (300, 240)), 0, 1)
+    sample = phantom(12, "AP", "lumbar")
+    result = _run(analysis, as_dicom(sample, seed="an-empty", pixels=pixels))
+    assert result.images[0].vertebrae == ()
+    assert result.verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+    assert any("no vertebra" in r for r in result.verdict.reasons)
+
+
+def test_non_radiographs_are_skipped_with_a_reason(analysis) -> None:  # noqa: ANN001
+    sample = phantom(12, "AP", "lumbar")
+    xr = as_dicom(sample, seed="an-mixed")
+    ct = ct_series(np.zeros((2, 16, 16)), seed="an-mixed", study_uid=xr.StudyInstanceUID)[0]
+    result = _run(analysis, xr, ct)
+    assert len(result.images) == 1
+    assert any(r.startswith(f"instance {ct.SOPInstanceUID} skipped: modality CT") for r in result.verdict.reasons)
+    with pytest.raises(analyses.AnalysisError):
+        _run(analysis, ct_series(np.zeros((1, 8, 8)), seed="other-study")[0], xr)
+
+
+def test_head_down_image_gives_mirrored_results(analysis) -> None:  # noqa: ANN001
+    sample = phantom(12, "AP", "lumbar")
+    upright = _run(analysis, as_dicom(sample, seed="an-up"))
+    flipped_ds = as_dicom(sample, seed="an-down", pixels=sample.image[::-1])
+    flipped_ds.PatientOrientation = ["L", "H"]
+    down = _run(analysis, flipped_ds)
+    rows = sample.image.shape[0]
+    a = sorted((v.centroid[0], rows - v.centroid[1]) for v in _bodies(upright))
+    b = sorted(v.centroid for v in _bodies(down))
+    assert len(a) == len(b) and np.abs(np.array(a) - np.array(b)).max() < 1.5
+    assert [v.level for v in _bodies(upright)] == [v.level for v in sorted(_bodies(down), key=lambda v: -v.centroid[1])]
+
+
+def test_shipped_weights_on_the_fixed_synthetic_set(analysis) -> None:  # noqa: ANN001
+    found = truth = hits = named = named_right = 0
+    for k, args in enumerate(FIXED_SET):
+        sample = phantom(*args)
+        result = _run(analysis, as_dicom(sample, seed=f"fixed-{k}"))
+        rows, cols = sample.body.shape
+        visible = {
+            v.level
+            for v in sample.vertebrae
+            if v.level and v.level != "S1" and v.visible_fraction >= 0.9 and (sample.body == LEVELS.index(v.level) + 1).sum() > 50
+        }
+        truth += len(visible)
+        for v in _bodies(result):
+            found += 1
+            r, c = int(min(v.centroid[1], rows - 1)), int(min(v.centroid[0], cols - 1))
+            code = int(sample.body[r, c])
+            level = LEVELS[code - 1] if code >= 1 else None
+            if level in visible:
+                hits += 1
+                if v.level is not None:
+                    named += 1
+                    named_right += v.level == level
+    recall, precision = hits / truth, hits / max(found, 1)
+    assert recall >= RECALL_MIN and precision >= PRECISION_MIN, (recall, precision)
+    # Level naming is switched off in the shipped model (its evaluation named wrongly more often than
+    # rightly, see MODEL_CARD.md): "level unknown", never a guessed level.
+    assert named == 0, (named_right, named)
+
+
+# Measured on the shipped weights (see MODEL_CARD.md), with margin.
+RECALL_MIN = 0.5
+PRECISION_MIN = 0.7
