@@ -335,6 +335,11 @@ class HardwareModel:
     def analyse(self, radiograph: preprocess.Radiograph, vertebrae: Sequence[Vertebra], source: SourceImage) -> HardwareOutcome:
         """Implants, complication findings and the hardware status of one radiograph (stored grid)."""
         notes: list[str] = []
+        lo, hi = np.percentile(radiograph.pixels, [1.0, 99.5])
+        if hi - lo <= 1e-6 * max(1.0, abs(float(hi))):
+            # A uniform image has no metal; its percentile stretch would turn rounding noise into "implants"
+            # (measured: 12 on a mid-grey image).
+            return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=("image without contrast",), view=radiograph.view)
         spacing = radiograph.pixel_spacing_mm
         geoms = vertebra_geometry(vertebrae, radiograph.orientation)
         if spacing is None:

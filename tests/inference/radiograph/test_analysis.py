@@ -40,7 +40,7 @@ def test_dx_monochrome2_and_cr_monochrome1_give_the_same_answer(analysis) -> Non
     r_dx, r_cr = _run(analysis, dx), _run(analysis, cr)
     for result, ds in ((r_dx, dx), (r_cr, cr)):
         assert result.analysis == "spine-xr" and result.study_instance_uid == ds.StudyInstanceUID
-        assert [m.name for m in result.models] == ["spine-xr-vertebrae"]
+        assert [m.name for m in result.models] == ["spine-xr-vertebrae", "spine-xr-hardware"]
         image = result.images[0]
         assert image.source.sop_instance_uids == (ds.SOPInstanceUID,)
         assert image.source.view == "AP" and image.source.modality == ds.Modality
@@ -52,7 +52,9 @@ def test_dx_monochrome2_and_cr_monochrome1_give_the_same_answer(analysis) -> Non
             assert len(v.outline) >= 3
             assert v.fracture is None and v.heights is None  # AP: not graded
         assert any("switched off" in n for n in image.notes)  # fracture grading is off in the shipped model
-        assert result.verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+        # Never cleared while fractures are not graded (the hardware model may add a false flag on this
+        # implant-free phantom: its specificity is low, see its model card).
+        assert result.verdict.outcome is not ScreeningOutcome.NO_FINDING
     a = np.array([v.centroid for v in _bodies(r_dx)])
     b = np.array([v.centroid for v in _bodies(r_cr)])
     assert a.shape == b.shape and np.abs(a - b).max() < 1.5  # 10 vs 12 bits, inverted: same anatomy
@@ -68,7 +70,9 @@ def test_lateral_with_grading_switched_off_says_so_and_never_clears(analysis) ->
     image = result.images[0]
     assert image.source.view == "LAT" and len(_bodies(result)) >= 3
     assert all(v.fracture is None and v.heights is None for v in image.vertebrae)
-    assert result.verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+    # Never cleared while fractures are not graded (the hardware model may add a false flag on this
+    # implant-free phantom: its specificity is low, see its model card).
+    assert result.verdict.outcome is not ScreeningOutcome.NO_FINDING
     assert any("grading switched off" in r for r in result.verdict.reasons)
 
 

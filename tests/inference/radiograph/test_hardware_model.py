@@ -1,0 +1,137 @@
+"""The SHIPPED hardware model on a small fixed synthetic set, and through the "spine-xr" analysis.
+
+Phantoms are the data engine's procedural spines with implants inserted before projection (no shared data).
+Thresholds are set below what the shipped model measured on this set (see the model card for the real
+evaluation), so a worse model fails here.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inference import analyses
+from inference.evaluate.hardware import aggregate, sample_record
+from inference.radiograph.hardware import HardwareModel
+from inference.registry import ModelRegistry
+from inference.results import FindingKind, HardwareStatus, ImplantKind, ScreeningOutcome
+from inference.synth.dicom import radiograph_dataset
+from inference.synth.render import SynthConfig, render_sample
+
+pytestmark = pytest.mark.slow
+
+#: (seed, view, field, implants forced; () = none)
+FIXED_SET: tuple[tuple[int, str, str, tuple[str, ...]], ...] = (
+    (21, "AP", "lumbar", ("posterior", "cage")),
+    (22, "LAT", "lumbar", ("posterior",)),
+    (23, "AP", "thoracolumbar", ("posterior",)),
+    (24, "AP", "lumbar", ("plate",)),
+    (25, "AP", "lumbar", ()),
+    (26, "LAT", "thoracolumbar", ()),
+)
+
+
+@functools.lru_cache(maxsize=16)
+def postop(seed: int, view: str, field: str, implants: tuple[str, ...], max_px: int = 640) -> Any:
+    """A phantom radiograph with (or without) implants, deterministic by its arguments."""
+    force: list[tuple[str, Any]] = [("view", view), ("field", field), ("curvature", False)]
+    if implants:
+        force.append(("implants", implants))
+    config = SynthConfig(
+        sources=(("phantom", 1.0),), p_fracture=0.0, p_curvature=0.0, p_flip=0.0, shift=0.05, out_px=(max_px, max_px),
+        p_implants=1.0 if implants else 0.0, looks=(("clahe", 0.0),), force=tuple(force),
+    )
+    return render_sample(seed, config)
+
+
+def as_dicom(sample: Any, seed: str, study_uid: str | None = None) -> Any:
+    """The sample as a DX with the sample's PatientOrientation (the patient's left may be on either side)."""
+    stored = np.rint(np.clip(sample.image, 0.0, 1.0) * 4095).astype(np.uint16)
+    ds = radiograph_dataset(
+        stored, seed=seed, modality="DX", view_position="LL" if sample.view == "LAT" else "AP",
+        pixel_spacing_mm=round(float(sample.pixel_spacing_mm[0]) * 1.2, 6), photometric="MONOCHROME2", bits_stored=12,
+        magnification=1.2, study_uid=study_uid,
+    )
+    ds.PatientOrientation = list(sample.meta["patient_orientation"])
+    return ds
+
+
+@pytest.fixture(scope="module")
+def model() -> HardwareModel:
+    return HardwareModel.from_registry(ModelRegistry())
+
+
+@pytest.fixture(scope="module")
+def fixed_set_metrics(model: HardwareModel) -> dict[str, Any]:
+    records = [sample_record(model, postop(*case), f"fixed/{case[0]}", None) for case in FIXED_SET]
+    return aggregate(records, "fixed set")
+
+
+def test_shipped_model_folder_is_complete() -> None:
+    spec = ModelRegistry().spec("spine-xr-hardware")
+    spec.verify()
+    assert spec.weights.stat().st_size <= 20 * 2**20
+    card = Path(spec.folder / "MODEL_CARD.md").read_text()
+    for needed in ("Dice", "precision", "sensitivity", "AASCE", "research use", "REAL", "Read this first"):
+        assert needed in card, needed
+    assert "leave-one-patient-out" in card.lower()  # its numbers, or that it was not run
+    assert spec.metadata["metrics"]["synthetic_holdout"]["samples"] >= 100
+
+
+def test_segmentation_and_screw_detection_on_the_fixed_set(fixed_set_metrics: dict[str, Any]) -> None:
+    # Shipped model on this set (2026-12-03): Dice 0.71, AP screws recall 1.00 / precision 0.61 (extra
+    # screws are rod ends and cage markers), levels and sides 1.00.  Thresholds sit just below.
+    m = fixed_set_metrics
+    assert m["dice"]["all hardware"]["pooled"] >= 0.65
+    screws = m["detection"]["pedicle screw, AP"]
+    assert screws["recall"] >= 0.9 and screws["precision"] >= 0.5
+    assert m["screw_levels_true_vertebrae"]["accuracy_all"] >= 0.8
+    assert m["sides_frontal"]["accuracy_of_named"] >= 0.9
+
+
+def test_no_implants_means_no_implants(model: HardwareModel, fixed_set_metrics: dict[str, Any]) -> None:
+    assert fixed_set_metrics["no_implants"]["said_no_implants"] == 1.0
+    assert fixed_set_metrics["no_implants"]["images_with_implants_said_no_implants"] == 0.0
+    # An empty (uniform) radiograph is not noise either.
+    blank = postop(25, "AP", "lumbar", ())
+    from dataclasses import replace
+
+    for pixels in (np.zeros_like(blank.image), np.full_like(blank.image, 0.5)):
+        rec = sample_record(model, replace(blank, image=pixels), "blank", None)
+        assert rec["status"] == HardwareStatus.NO_IMPLANTS.value and rec["n_pred"] == 0
+
+
+def test_postoperative_dx_through_the_analysis() -> None:
+    analysis = analyses.create("spine-xr", ModelRegistry())
+    assert analysis.hardware_step is not None
+    sample = postop(21, "AP", "lumbar", ("posterior", "cage"))
+    ds = as_dicom(sample, "hw-postop")
+    result = analysis.run([ds])
+    assert [m.name for m in result.models] == ["spine-xr-vertebrae", "spine-xr-hardware"]
+    image = result.images[0]
+    screws = [i for i in image.implants if i.kind is ImplantKind.PEDICLE_SCREW]
+    rods = [i for i in image.implants if i.kind is ImplantKind.ROD]
+    assert len(screws) >= 4 and len(rods) >= 1
+    for i in image.implants:
+        assert i.mask.shape == (ds.Rows, ds.Columns) and len(i.outline) >= 3
+    assert result.verdict.hardware in (HardwareStatus.INTACT, HardwareStatus.POSSIBLE_COMPLICATION, HardwareStatus.NOT_ASSESSABLE)
+    assert result.verdict.instrumentation.startswith("posterior instrumentation")
+    summary = result.summary()
+    assert summary["hardware"] == result.verdict.hardware.value and summary["images"][0]["implants"] == len(image.implants)
+
+
+def test_forced_failures_become_findings_and_flag_the_study() -> None:
+    analysis = analyses.create("spine-xr", ModelRegistry())
+    sample = postop(27, "AP", "lumbar", ("posterior", "loosening", "breakage"))
+    result = analysis.run([as_dicom(sample, "hw-failed")])
+    kinds = {f.kind for f in result.all_findings()}
+    assert kinds & {FindingKind.SCREW_LOOSENING, FindingKind.SCREW_BREAKAGE}
+    assert result.verdict.hardware is HardwareStatus.POSSIBLE_COMPLICATION
+    assert result.verdict.outcome is ScreeningOutcome.FINDING_PRESENT and result.flagged
+    for f in result.all_findings():
+        if f.kind in (FindingKind.SCREW_LOOSENING, FindingKind.SCREW_BREAKAGE):
+            assert len(f.evidence) >= 3 and "pedicle screw" in f.description
