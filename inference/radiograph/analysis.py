@@ -117,6 +117,8 @@ class ImageWork:
     implants: list[Implant] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     graded: int = 0
+    #: The vertebra model ships with heights and grades off (see `FractureStep`).
+    grading_off: bool = False
 
     def point(self, p: Point) -> Point:
         """A canonical-grid point on the stored grid."""
@@ -178,6 +180,7 @@ class FractureStep:
         bodies = inst.vertebrae
         heights: list[morphometry.MeasuredHeights | None] = [None] * len(bodies)
         can_grade = self.enabled and inst.view == "LAT" and inst.anterior_sign is not None
+        work.grading_off = not self.enabled
         if not self.enabled and bodies:
             work.notes.append(
                 "vertebral heights and fracture grades are switched off for this model version (unreliable in "
@@ -374,7 +377,7 @@ def combine_verdict(
         for w in works:
             if w.instances is None or not w.instances.vertebrae:
                 reasons.append(f"image {w.source.sop_instance_uids[0]}: no vertebra found")
-            elif not w.graded and any("switched off" in n for n in w.notes):
+            elif w.grading_off:
                 reasons.append(f"image {w.source.sop_instance_uids[0]}: fractures not assessed (grading switched off for this model version)")
             elif w.instances.view != "LAT":
                 reasons.append(f"image {w.source.sop_instance_uids[0]}: {w.instances.view or 'unknown'} view, fractures are graded on lateral views")

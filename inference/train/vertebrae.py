@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,9 @@ class SynthItem:
     source: str
     meta: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def anchors(self) -> np.ndarray:
+        # Cached: read for every crop drawn, and the sacrum search scans the whole label map.
         points = [(y, x) for x, y, _ in self.centres]
         rows, cols = np.nonzero(self.body == targets.S1_CODE)
         if len(rows):
