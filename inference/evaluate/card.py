@@ -56,6 +56,7 @@ def _synth_section(title: str, s: dict[str, Any]) -> list[str]:
         f"| level naming: accuracy of named / named fraction / wrong names | {_f(n.get('accuracy_of_named'))} / "
         f"{_f(n.get('named_fraction'))} / {n.get('wrong_names')} | lowest detection = L5: {_f(n.get('baseline_lowest_is_L5_accuracy'))} |"
     )
+    by_source = n.get("by_source") or {}
     h = s.get("heights_mm")
     if h:
         mae, base = h.get("mae", {}), h.get("baseline_level_mean_mae", {})
@@ -68,6 +69,9 @@ def _synth_section(title: str, s: dict[str, Any]) -> list[str]:
         out.append(f"| fracture (grade >= 1) sensitivity / specificity | {_f(g.get('fracture_sensitivity'))} / {_f(g.get('fracture_specificity'))} | 0 / 1 |")
         out.append("")
         out.append(f"Grade confusion (rows truth 0-3, columns predicted 0-3): `{g.get('confusion_true_rows_pred_cols')}`")
+    if by_source:
+        out += ["", "Level naming by anatomy source (accuracy of named, named / matched vertebrae):"]
+        out += [f"- {src}: {_f(v.get('accuracy_of_named'))}, {v.get('named')} / {v.get('matched')}" for src, v in by_source.items()]
     a = s.get("anterior_side_from_image")
     if a:
         out.append("")

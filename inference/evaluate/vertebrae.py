@@ -337,6 +337,7 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "accuracy_of_named": _r(naming["correct"] / named_total) if named_total else None,
             "wrong_names": int(naming["wrong"]),
             "baseline_lowest_is_L5_accuracy": _r(naming_base["correct"] / max(1, sum(naming_base.values()))),
+            "by_source": _naming_by_source(records),
         },
         "anterior_side_from_image": dict(anterior),
     }
@@ -369,6 +370,22 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "fracture_specificity": _r(float((~frac_p & ~frac_t).sum() / (~frac_t).sum())) if (~frac_t).any() else None,
             "baseline_all_normal": {"kappa": 0.0, "accuracy": _r(float((gt == 0).mean()))},
             "accuracy": _r(float((gt == gp).mean())),
+        }
+    return out
+
+
+def _naming_by_source(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Naming per anatomy source: real CT anatomy and procedural phantoms fail differently."""
+    per: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        per[r["source"]].update(r["naming"])
+    out = {}
+    for source, c in sorted(per.items()):
+        named = c["correct"] + c["wrong"]
+        out[source] = {
+            "matched": int(sum(c.values())),
+            "named": int(named),
+            "accuracy_of_named": _r(c["correct"] / named) if named else None,
         }
     return out
 

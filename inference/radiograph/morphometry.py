@@ -62,6 +62,11 @@ class MeasuredHeights:
         return VertebralHeights(self.anterior, self.middle, self.posterior)
 
 
+#: How far (degrees) the endplates may tilt against the local spine axis; wedge fractures and the
+#: central-difference spine axis stay well inside this.
+ENDPLATE_SEARCH_DEG = 25.0
+
+
 def body_frame(
     membership: np.ndarray,
     offset: tuple[int, int],
@@ -69,8 +74,13 @@ def body_frame(
     spine_axis: tuple[float, float],
     anterior_sign: int,
 ) -> BodyFrame | None:
-    """Endplate direction from the body's principal axes (the one closer to perpendicular to the spine),
-    computed in mm so non-square pixels do not tilt it; None for an empty body."""
+    """Endplate direction of the body's smallest enclosing rectangle, searched within
+    `ENDPLATE_SEARCH_DEG` of perpendicular to the spine (in mm, so non-square pixels do not tilt it);
+    None for an empty body.
+
+    Principal axes were used before: on a nearly square body (lumbar bodies on a lateral are about as
+    tall as deep) they point anywhere, and chords along a tilted frame cut the corners (heights on the
+    true projected masks were off by 5 mm on average)."""
     rows, cols = np.nonzero(membership >= 0.5)
     if len(rows) < 4:
         return None
@@ -78,15 +88,17 @@ def body_frame(
     x = (cols + offset[1] + 0.5) * sx
     y = (rows + offset[0] + 0.5) * sy
     cx, cy = float(x.mean()), float(y.mean())
-    cov = np.cov(np.stack([x - cx, y - cy]))
-    evals, evecs = np.linalg.eigh(cov)
     t = np.array([spine_axis[0] * sx, spine_axis[1] * sy])
     t = t / (np.linalg.norm(t) or 1.0)
-    if evals[1] > 1.15**2 * evals[0]:
-        # Endplate direction: the principal axis most perpendicular to the spine.
-        e = evecs[:, int(np.argmin(np.abs(evecs.T @ t)))]
-    else:
-        e = np.array([-t[1], t[0]])
+    base = math.atan2(-t[0], t[1])  # direction (t_y, -t_x): perpendicular to the spine
+    angles = base + np.radians(np.arange(-ENDPLATE_SEARCH_DEG, ENDPLATE_SEARCH_DEG + 0.25, 0.5))
+    ex, ey = np.cos(angles), np.sin(angles)
+    px, py = x - cx, y - cy
+    u = np.outer(ex, px) + np.outer(ey, py)  # (angles, pixels) along the endplate
+    v = np.outer(-ey, px) + np.outer(ex, py)  # across it
+    area = (u.max(axis=1) - u.min(axis=1)) * (v.max(axis=1) - v.min(axis=1))
+    best = angles[int(np.argmin(area))]
+    e = np.array([math.cos(best), math.sin(best)])
     if e[0] * anterior_sign < 0 or (e[0] == 0 and e[1] < 0):
         e = -e
     a = np.array([-e[1], e[0]])

@@ -97,3 +97,17 @@ def test_spine_axes() -> None:
     assert axes[0] == pytest.approx((0.0, 1.0))
     assert axes[1] == pytest.approx((10 / np.hypot(10, 20), 20 / np.hypot(10, 20)))
     assert morphometry.spine_axes([(1.0, 1.0)]) == [(0.0, 1.0)]
+
+
+def test_nearly_square_tilted_body_follows_its_sides_not_its_principal_axes() -> None:
+    # Lumbar bodies on a lateral are about as tall as deep: a 38 x 36 px body tilted by 21 degrees, with the
+    # spine axis from neighbouring centroids 12 degrees off.  Chords must run along the body's sides.
+    angle = np.radians(21)
+    yy, xx = np.mgrid[0:120, 0:120] + 0.5
+    u = (xx - 60) * np.cos(angle) + (yy - 60) * np.sin(angle)
+    v = -(xx - 60) * np.sin(angle) + (yy - 60) * np.cos(angle)
+    mask = (np.abs(u) <= 18) & (np.abs(v) <= 19)
+    off = np.radians(33)
+    h = morphometry.measure_heights(mask, (0, 0), (1.0, 1.0), (-np.sin(off), np.cos(off)), anterior_sign=1)
+    for m in (h.anterior, h.middle, h.posterior):
+        assert m.value_mm == pytest.approx(38.0, abs=1.0)
