@@ -5,10 +5,11 @@ means "unknown here, no loss".
 
 * Real AP radiographs (boxes, no names): the box centre gives the centre heatmap; a rounded ellipse inside
   the box is vertebral body (and vertebra); the rim between that and the box is unknown; outside the boxes
-  is background, except bands above the top box and below the bottom box along the spine (unlabelled
-  cervical vertebrae, sacrum) which are unknown.  The sacrum channel is unknown except: background inside
-  and above the boxes, and (``sacrum_hint``) a small blob one step below the bottom box, because the boxes
-  end at L5 in this export (checked on overlays; see the model card).
+  is background, except a band above the top box along the spine (unlabelled cervical vertebrae), which
+  is unknown.  The sacrum channel is unknown except: background inside and above the boxes, and
+  (``sacrum_hint``) the first sacral body one step below the bottom box, because the boxes end at L5 in
+  this export (checked on overlays; see the model card); below the bottom box there is then no vertebra.
+  Without the hint the band below the bottom box is unknown too.
 * Synthetic samples (DRRs and phantoms, full label maps): everything is supervised.
 """
 
@@ -81,8 +82,12 @@ def real_targets(shape: tuple[int, int], boxes: np.ndarray, sacrum_hint: bool = 
     steps = np.hypot(*np.diff(centres, axis=0).T) if len(boxes) > 1 else np.array([sizes[0, 1] * 1.3])
     step = float(np.median(steps))
 
-    # Unlabelled continuation of the chain above the top box and below the bottom box.
-    for end, direction in ((0, -1), (len(boxes) - 1, +1)):
+    # Unlabelled continuation of the chain above the top box (cervical vertebrae) and, without the sacrum
+    # hint, below the bottom box.  With the hint, the bottom box is L5 and what lies right below it is the
+    # sacrum: no vertebral body and no vertebra centre there (the network had kept counting sacral
+    # segments as vertebrae on real images, measured on the test split, so no name was ever given).
+    ends = ((0, -1), (len(boxes) - 1, +1)) if not sacrum_hint else ((0, -1),)
+    for end, direction in ends:
         if len(boxes) > 1:
             nb = end - direction
             axis = centres[end] - centres[nb]
@@ -113,11 +118,12 @@ def real_targets(shape: tuple[int, int], boxes: np.ndarray, sacrum_hint: bool = 
         gaussian_into(target[CENTRE], cy, cx, max(MIN_SIGMA, HEAT_SIGMA_FRACTION * min(w, h)))
 
     if sacrum_hint and len(boxes) >= 3:
+        # The first sacral body: about one step below L5's centre, as wide as L5 (an ellipse inside it).
         last_step = centres[-1] - centres[-2]
-        s1 = centres[-1] + last_step * 1.05
+        s1 = centres[-1] + last_step * 1.15
         margin = 0.5 * np.linalg.norm(last_step)
         if margin <= s1[1] <= shape[0] - margin and 0 <= s1[0] < shape[1]:
-            win, inside = _superellipse(shape, s1[0], s1[1], 0.3 * sizes[-1, 0], 0.25 * np.linalg.norm(last_step), 2.0)
+            win, inside = _superellipse(shape, s1[0], s1[1], 0.4 * sizes[-1, 0], 0.33 * np.linalg.norm(last_step), 2.0)
             target[SACRUM][win][inside] = 1.0
             weight[SACRUM][win][inside] = 1.0
     return target, weight
