@@ -45,7 +45,7 @@ class ChainParams:
     sacrum_min_area_steps: float = 0.5  # a sacrum component needs this many (step length)^2 of area
     #: Where the sacrum's top may lie relative to the lowest vertebra's centre, in steps (+ = below).  On AP
     #: views the promontory projects over the lower half of L5, so its top sits near L5's centre (measured on
-    #: synthetic training samples); a top a whole step lower means L5 itself may be the one missed.
+    #: synthetic samples); a top a whole step lower means L5 itself may be the one missed.
     sacrum_top_min: float = -0.6
     sacrum_top_max: float = 0.45
     #: The sacrum's centre of mass must lie at least this far below the lowest vertebra (steps): a blob

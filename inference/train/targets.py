@@ -25,6 +25,8 @@ S1_CODE = 25  # 1 + LEVELS.index("S1")
 IGNORE, UNNAMED = -1, -2
 HEAT_SIGMA_FRACTION = 0.2  # centre Gaussian sigma as a fraction of the body's smaller side
 MIN_SIGMA = 1.2
+#: Where the first sacral body lies on real AP radiographs: this many L4->L5 steps below L5's centre.
+S1_STEPS_BELOW_L5 = 1.15
 
 
 def gaussian_into(heat: np.ndarray, row: float, col: float, sigma: float) -> None:
@@ -120,7 +122,7 @@ def real_targets(shape: tuple[int, int], boxes: np.ndarray, sacrum_hint: bool = 
     if sacrum_hint and len(boxes) >= 3:
         # The first sacral body: about one step below L5's centre, as wide as L5 (an ellipse inside it).
         last_step = centres[-1] - centres[-2]
-        s1 = centres[-1] + last_step * 1.15
+        s1 = centres[-1] + last_step * S1_STEPS_BELOW_L5
         margin = 0.5 * np.linalg.norm(last_step)
         if margin <= s1[1] <= shape[0] - margin and 0 <= s1[0] < shape[1]:
             win, inside = _superellipse(shape, s1[0], s1[1], 0.4 * sizes[-1, 0], 0.33 * np.linalg.norm(last_step), 2.0)

@@ -60,7 +60,7 @@ class RealItem:
         if len(points) >= 3:
             # As on synthetic samples, a third of the crops centre on the sacrum (one step below L5).
             order = np.argsort(points[:, 0])
-            s1 = points[order[-1]] + 1.15 * (points[order[-1]] - points[order[-2]])
+            s1 = points[order[-1]] + targets.S1_STEPS_BELOW_L5 * (points[order[-1]] - points[order[-2]])
             s1 = np.clip(s1, 0, np.array(self.image.shape, dtype=np.float64) - 1)
             points = np.concatenate([points, np.repeat(s1[None], max(1, len(points) // 2), axis=0)])
         return points
