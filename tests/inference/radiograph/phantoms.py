@@ -24,14 +24,20 @@ FIXED_SET: tuple[tuple[int, str, str, tuple | None], ...] = (
 
 
 @functools.lru_cache(maxsize=16)
-def phantom(seed: int, view: str, field: str, fracture: tuple | None = None, max_px: int = 640) -> SynthSample:
-    """A phantom radiograph sample, deterministic by its arguments."""
+def phantom(
+    seed: int, view: str, field: str, fracture: tuple | None = None, max_px: int = 640, implants: tuple[str, ...] = ()
+) -> SynthSample:
+    """A phantom radiograph sample, deterministic by its arguments; `implants` names implants and failure
+    modes to insert before projection (postoperative images), none by default."""
     force: list[tuple[str, object]] = [("view", view), ("field", field), ("curvature", False)]
     if fracture is not None:
         force.append(("fracture", fracture))
+    if implants:
+        force.append(("implants", implants))
     config = SynthConfig(
         sources=(("phantom", 1.0),),
         p_fracture=0.0 if fracture is None else 1.0,
+        p_implants=1.0 if implants else 0.0,
         p_curvature=0.0,
         p_flip=0.0,
         shift=0.05,

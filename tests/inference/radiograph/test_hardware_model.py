@@ -7,20 +7,19 @@ evaluation), so a worse model fails here.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from phantoms import phantom
 
 from inference import analyses
 from inference.evaluate.hardware import aggregate, sample_record
 from inference.radiograph.hardware import HardwareModel
 from inference.registry import ModelRegistry
 from inference.results import FindingKind, HardwareStatus, ImplantKind, ScreeningOutcome
-from inference.synth.dicom import radiograph_dataset
-from inference.synth.render import SynthConfig, render_sample
+from inference.synth.dicom import sample_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -35,29 +34,16 @@ FIXED_SET: tuple[tuple[int, str, str, tuple[str, ...]], ...] = (
 )
 
 
-@functools.lru_cache(maxsize=16)
-def postop(seed: int, view: str, field: str, implants: tuple[str, ...], max_px: int = 640) -> Any:
+def postop(seed: int, view: str, field: str, implants: tuple[str, ...]) -> Any:
     """A phantom radiograph with (or without) implants, deterministic by its arguments."""
-    force: list[tuple[str, Any]] = [("view", view), ("field", field), ("curvature", False)]
-    if implants:
-        force.append(("implants", implants))
-    config = SynthConfig(
-        sources=(("phantom", 1.0),), p_fracture=0.0, p_curvature=0.0, p_flip=0.0, shift=0.05, out_px=(max_px, max_px),
-        p_implants=1.0 if implants else 0.0, looks=(("clahe", 0.0),), force=tuple(force),
-    )
-    return render_sample(seed, config)
+    return phantom(seed, view, field, implants=implants)
 
 
 def as_dicom(sample: Any, seed: str, study_uid: str | None = None) -> Any:
-    """The sample as a DX with the sample's PatientOrientation (the patient's left may be on either side)."""
-    stored = np.rint(np.clip(sample.image, 0.0, 1.0) * 4095).astype(np.uint16)
-    ds = radiograph_dataset(
-        stored, seed=seed, modality="DX", view_position="LL" if sample.view == "LAT" else "AP",
-        pixel_spacing_mm=round(float(sample.pixel_spacing_mm[0]) * 1.2, 6), photometric="MONOCHROME2", bits_stored=12,
-        magnification=1.2, study_uid=study_uid,
-    )
-    ds.PatientOrientation = list(sample.meta["patient_orientation"])
-    return ds
+    """The sample as a DX with the sample's PatientOrientation (the patient's left may be on either side),
+    12 bits, ImagerPixelSpacing at a magnification of 1.2."""
+    spacing = round(float(sample.pixel_spacing_mm[0]) * 1.2, 6)
+    return sample_dataset(sample, seed=seed, pixel_spacing_mm=spacing, magnification=1.2, study_uid=study_uid)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 from peers import VENV_BIN, Orthanc, free_port, storescu, wait_for
-from test_hardware_model import postop
-
-from inference.synth.dicom import radiograph_dataset
+from test_hardware_model import as_dicom, postop
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +37,10 @@ def _walk(items: Any) -> Any:
 
 
 def test_postoperative_radiograph_comes_back_with_hardware(tmp_path: Path, orthanc: Orthanc) -> None:
-    import numpy as np
-
     from dicom_node.service import NodeService
 
-    sample = postop(21, "AP", "lumbar", ("posterior", "cage"))
-    stored = np.rint(np.clip(sample.image, 0.0, 1.0) * 4095).astype(np.uint16)
-    ds = radiograph_dataset(stored, seed="hw-node", view_position="AP", body_part="LSPINE",
-                            pixel_spacing_mm=round(float(sample.pixel_spacing_mm[0]) * 1.2, 6), magnification=1.2,
-                            patient_orientation=tuple(sample.meta["patient_orientation"]))
+    ds = as_dicom(postop(21, "AP", "lumbar", ("posterior", "cage")), "hw-node")
+    assert ds.BodyPartExamined == "LSPINE"  # what the default routing rule matches
     path = tmp_path / "postop.dcm"
     ds.save_as(path, enforce_file_format=True)
 
