@@ -42,7 +42,16 @@ from inference.radiograph import preprocess
 from inference.radiograph.hardware import HardwareModel
 from inference.radiograph.hardware_post import CHECKED, HardwareParams, find_pieces, score_complications
 from inference.registry import ModelRegistry
-from inference.results import LEVELS, HardwareStatus, ImplantKind, RegionMask, Side, SourceImage, Vertebra
+from inference.results import (
+    LEVELS,
+    HardwareStatus,
+    ImplantKind,
+    RegionMask,
+    Side,
+    SourceImage,
+    Vertebra,
+    level_index,
+)
 from inference.train import common
 
 log = logging.getLogger("inference.evaluate.hardware")
@@ -276,8 +285,9 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
 
 
 def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad: preprocess.Radiograph, source: SourceImage,
-                      truth: Sequence[TrueImplant]) -> list[tuple[str | None, str | None]]:
-    """(true level, level) of matched screws when the vertebrae come from the vertebra model."""
+                      truth: Sequence[TrueImplant]) -> dict[str, Any]:
+    """With the vertebrae from the vertebra model: (true level, level) of the matched screws, and (true, found)
+    number of vertebrae the screws span."""
     from inference.radiograph.analysis import FractureStep, ImageWork
 
     work = ImageWork(None, rad, source)  # type: ignore[arg-type]
@@ -287,7 +297,12 @@ def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad
     screws_p = [i for i in outcome.implants if i.kind is ImplantKind.PEDICLE_SCREW]
     screws_t = [t for t in truth if t.kind is ImplantKind.PEDICLE_SCREW]
     pairs = match([i.mask.dense() for i in screws_p], [t.mask for t in screws_t], 0.3)
-    return [(screws_t[j].levels[0] if screws_t[j].levels else None, screws_p[i].levels[0] if screws_p[i].levels else None) for i, j in pairs]
+    ranks = [level_index(t.levels[0]) for t in screws_t if t.levels]
+    true_span = max(ranks) - min(ranks) + 1 if len(set(ranks)) >= 2 else None
+    return {
+        "levels": [(screws_t[j].levels[0] if screws_t[j].levels else None, screws_p[i].levels[0] if screws_p[i].levels else None) for i, j in pairs],
+        "span": (true_span, outcome.vertebrae_spanned),
+    }
 
 
 # ------------------------------------------------------------------------------------- aggregate
@@ -346,7 +361,7 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
         "accuracy_all": _ratio(sum(1 for s in with_level if s["level"] == s["true_level"]), len(with_level)),
         "baseline_nearest_centroid_accuracy": _ratio(sum(1 for s in with_level if s["baseline_level"] == s["true_level"]), len(with_level)),
     }
-    e2e = [p for r in records for p in r.get("end_to_end", []) if p[0]]
+    e2e = [p for r in records for p in r.get("end_to_end", {}).get("levels", []) if p[0]]
     if e2e:
         named_e = [p for p in e2e if p[1]]
         out["screw_levels_vertebra_model"] = {
@@ -354,6 +369,16 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "named_fraction": _ratio(len(named_e), len(e2e)),
             "accuracy_of_named": _ratio(sum(1 for p in named_e if p[0] == p[1]), len(named_e)),
             "accuracy_all": _ratio(sum(1 for p in e2e if p[0] == p[1]), len(e2e)),
+        }
+    spans = [r["end_to_end"]["span"] for r in records if r.get("end_to_end", {}).get("span", (None,))[0]]
+    if spans:
+        found = [(t, p) for t, p in spans if p]
+        out["vertebrae_spanned_vertebra_model"] = {
+            "constructs": len(spans),
+            "found_fraction": _ratio(len(found), len(spans)),
+            "exact_of_found": _ratio(sum(1 for t, p in found if t == p), len(found)),
+            "within_one_of_found": _ratio(sum(1 for t, p in found if abs(t - p) <= 1), len(found)),
+            "baseline_most_common_exact": _ratio(Counter(t for t, _ in spans).most_common(1)[0][1], len(spans)),
         }
     sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
     sides += [p for r in records if r["view"] != "LAT" for p in r.get("rod_sides", [])]
@@ -627,6 +652,11 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     if le:
         out.append(f"| screw level, vertebrae from spine-xr-vertebrae: accuracy of named / named fraction ({le.get('screws')} screws) | "
                    f"{_f(le.get('accuracy_of_named'))} / {_f(le.get('named_fraction'))} | – |")
+    vs = s.get("vertebrae_spanned_vertebra_model")
+    if vs:
+        out.append(f"| vertebrae spanned by the screws, vertebrae from spine-xr-vertebrae (named or not): exact / within 1 / found fraction "
+                   f"({vs.get('constructs')} constructs) | {_f(vs.get('exact_of_found'))} / {_f(vs.get('within_one_of_found'))} / {_f(vs.get('found_fraction'))} | "
+                   f"most common span: {_f(vs.get('baseline_most_common_exact'))} |")
     sd = s.get("sides_frontal", {})
     if sd.get("implants"):
         out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {_f(sd.get('accuracy_of_named'))} / {_f(sd.get('named_fraction'))} | chance 0.5 |")

@@ -273,6 +273,8 @@ class HardwareOutcome:
     findings: tuple[Finding, ...] = ()
     status: HardwareStatus = HardwareStatus.NOT_ASSESSABLE
     instrumentation: str = ""
+    #: Vertebrae the pedicle screws span on the vertebra chain (named or not); None when unknown.
+    vertebrae_spanned: int | None = None
     notes: tuple[str, ...] = ()
     #: Why the status is "not assessable" (e.g. implants reaching the image edge); joins the verdict's reasons.
     reasons: tuple[str, ...] = ()

@@ -50,6 +50,7 @@ from inference.radiograph.hardware_post import (
     screw_level,
     side_of,
     spine_midline,
+    vertebrae_spanned,
 )
 from inference.registry import ModelError, ModelRegistry
 from inference.results import (
@@ -198,6 +199,8 @@ class SourcePiece:
     tip: Point | None = None
     touches_border: bool = False
     levels: tuple[str, ...] = ()
+    #: Screws: rank (top to bottom) of the vertebra assigned, named or not.
+    vertebra: int | None = None
     side: Side = Side.UNKNOWN
     complications: tuple[Complication, ...] = ()
     notes: list[str] = field(default_factory=list)
@@ -410,7 +413,8 @@ def interpret(
         implants.append(implant)
         for comp in sp.complications:
             findings.append(_finding(comp, sp, implant, radiograph, source, gaps.get(idx), src_mm, geoms))
-    summary = instrumentation_text([ImplantSummary(i.kind, i.levels) for i in implants], view)
+    summaries = [ImplantSummary(sp.piece.kind, sp.levels, sp.vertebra) for sp in placed]
+    summary = instrumentation_text(summaries, view)
     status, reasons = hardware_status(placed, view)
     if not any(i.levels for i in implants if i.kind is not ImplantKind.OTHER):
         notes.append("implant levels not named: vertebral levels unknown on this image")
@@ -419,6 +423,7 @@ def interpret(
         findings=tuple(findings),
         status=status,
         instrumentation=summary,
+        vertebrae_spanned=vertebrae_spanned(summaries),
         notes=tuple(dict.fromkeys(notes)),
         reasons=tuple(reasons),
         view=view,
@@ -473,6 +478,7 @@ def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], vi
             mid = 0.5 * (max(xs) + min(xs))
             midline = (ys, np.array([mid, mid]))
     tol_px = 7.0 / max(src_mm, 1e-6)
+    rank = {id(g): k for k, g in enumerate(sorted(geoms, key=lambda g: g.centroid[1]))}
     for sp in placed:
         kind = sp.piece.kind
         a, b = _axis_points(sp)
@@ -488,6 +494,7 @@ def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], vi
                 sp.axis = (a, b)
             v = screw_level(sp.mask, sp.offset, sp.centroid, sp.tip, geoms)
             sp.levels = (v.level,) if v is not None and v.level else ()
+            sp.vertebra = rank[id(v)] if v is not None else None
         elif kind is ImplantKind.ROD:
             sp.axis = _rod_polyline(sp, 10.0 / max(src_mm, 1e-6))
         elif kind is ImplantKind.INTERBODY_CAGE:

@@ -560,6 +560,17 @@ class ImplantSummary:
 
     kind: ImplantKind
     levels: tuple[str, ...]
+    #: Rank (top to bottom) of the vertebra a screw was assigned to, named or not; None when unassigned.
+    vertebra: int | None = None
+
+
+def vertebrae_spanned(implants: Sequence[ImplantSummary]) -> int | None:
+    """How many vertebrae the pedicle screws span, top screw to bottom screw, counted on the vertebra chain
+    whether or not its levels are named (a skipped level inside a construct still counts); None if unknown."""
+    ranks = [i.vertebra for i in implants if i.kind is ImplantKind.PEDICLE_SCREW and i.vertebra is not None]
+    if len(set(ranks)) < 2:
+        return None
+    return max(ranks) - min(ranks) + 1
 
 
 def instrumentation_text(implants: Sequence[ImplantSummary], view: str | None) -> str:
@@ -578,7 +589,13 @@ def instrumentation_text(implants: Sequence[ImplantSummary], view: str | None) -
         levels = sorted({lv for s in screws for lv in s.levels}, key=level_index)
         if not levels:
             levels = sorted({lv for r in rods for lv in r.levels}, key=level_index)
-        head = f"posterior instrumentation {level_span(levels)}" if levels else "posterior instrumentation (levels not named)"
+        span = vertebrae_spanned(implants)
+        if levels:
+            head = f"posterior instrumentation {level_span(levels)}"
+        elif span:
+            head = f"posterior instrumentation across {span} vertebrae (levels not named)"
+        else:
+            head = "posterior instrumentation (levels not named)"
         if lateral:
             screw_levels = {lv for s in screws for lv in s.levels}
             items = []

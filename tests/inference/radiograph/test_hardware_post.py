@@ -28,6 +28,7 @@ from inference.radiograph.hardware_post import (
     compact_span,
     find_pieces,
     instrumentation_text,
+    vertebrae_spanned,
 )
 from inference.results import (
     Complication,
@@ -210,7 +211,11 @@ def test_unnamed_vertebrae_leave_levels_unknown() -> None:
     unnamed = [dataclasses.replace(v, level=None) for v in _vertebrae()]
     out = run(construct(), vertebrae=unnamed)
     assert all(i.levels == () for i in out.implants)
-    assert out.instrumentation == "posterior instrumentation (levels not named): 6 pedicle screws, 2 rods; interbody cage (levels not named)"
+    # The chain still says how long the construct is.
+    assert out.vertebrae_spanned == 3
+    assert out.instrumentation == (
+        "posterior instrumentation across 3 vertebrae (levels not named): 6 pedicle screws, 2 rods; interbody cage (levels not named)"
+    )
     assert any("levels not named" in n for n in out.notes)
 
 
@@ -252,6 +257,18 @@ def test_summary_sentence_of_the_issue() -> None:
     plate = [ImplantSummary(ImplantKind.PLATE, ("C5", "C6", "C7"))]
     assert instrumentation_text(plate, "AP") == "anterior plate C5–7"
     assert instrumentation_text([], "AP") == ""
+
+
+def test_unnamed_construct_still_says_how_many_vertebrae_it_spans() -> None:
+    # Screws on chain ranks 2, 3 and 5 (a skipped level inside the construct still counts), no level names.
+    implants = [ImplantSummary(ImplantKind.PEDICLE_SCREW, (), rank) for rank in (2, 2, 3, 3, 5, 5)]
+    implants += [ImplantSummary(ImplantKind.ROD, ())] * 2
+    assert vertebrae_spanned(implants) == 4
+    assert instrumentation_text(implants, "AP") == "posterior instrumentation across 4 vertebrae (levels not named): 6 pedicle screws, 2 rods"
+    # One vertebra, or screws not assigned to any: no span claimed.
+    single = [ImplantSummary(ImplantKind.PEDICLE_SCREW, (), 3)] * 2 + [ImplantSummary(ImplantKind.PEDICLE_SCREW, ())]
+    assert vertebrae_spanned(single) is None
+    assert instrumentation_text(single, "AP") == "posterior instrumentation (levels not named): 3 pedicle screws"
 
 
 def test_rod_interrupted_at_every_screw_head_is_one_rod() -> None:
