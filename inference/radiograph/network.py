@@ -5,7 +5,10 @@ Channels (all sigmoid):
 * ``body``: vertebral body (C2-L5), the structure heights are measured on;
 * ``vertebra``: the whole vertebra (body + posterior elements), tells anterior from posterior on laterals;
 * ``sacrum``: the sacrum, the anchor for naming levels;
-* ``centre``: a Gaussian around each vertebral body centre, whose peaks are the instance markers.
+* ``centre``: a Gaussian around each vertebral body centre, whose peaks are the instance markers;
+* ``l5``: a Gaussian around the fifth lumbar body only, the anchor for naming levels on real radiographs
+  (the sacrum channel, taught by synthetic images, rarely fired on them).  Models trained before this
+  channel existed have the first four only (`LEGACY_CHANNELS`) and name levels from the sacrum.
 
 torch and MONAI are imported inside the functions so importing this module stays cheap.
 """
@@ -22,8 +25,9 @@ from inference.radiograph.preprocess import pad_to_multiple
 if TYPE_CHECKING:
     import torch
 
-CHANNELS: tuple[str, ...] = ("body", "vertebra", "sacrum", "centre")
-BODY, VERTEBRA, SACRUM, CENTRE = range(len(CHANNELS))
+CHANNELS: tuple[str, ...] = ("body", "vertebra", "sacrum", "centre", "l5")
+BODY, VERTEBRA, SACRUM, CENTRE, L5 = range(len(CHANNELS))
+LEGACY_CHANNELS = CHANNELS[:4]
 
 #: Architecture of the shipped model (also written to model.json so a folder is self-describing).
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
@@ -43,7 +47,7 @@ def build_network(architecture: dict[str, Any] | None = None) -> torch.nn.Module
     arch = dict(DEFAULT_ARCHITECTURE if architecture is None else architecture)
     if arch.get("type") != DEFAULT_ARCHITECTURE["type"]:
         raise ValueError(f"unsupported architecture type {arch.get('type')!r}")
-    if list(arch.get("channels", CHANNELS)) != list(CHANNELS):
+    if tuple(arch.get("channels", CHANNELS)) not in (CHANNELS, LEGACY_CHANNELS):
         raise ValueError(f"model channels {arch.get('channels')} differ from this code's {list(CHANNELS)}")
     return BasicUNet(
         spatial_dims=int(arch["spatial_dims"]),
@@ -69,6 +73,20 @@ def predict(net: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     import torch
 
     return torch.sigmoid(forward_logits(net, image)).numpy()
+
+
+def widen_state(state: dict[str, Any], out_channels: int) -> dict[str, Any]:
+    """A legacy (four-channel) state dict for a network with more output channels: each new channel starts
+    as a copy of the centre channel (it is a centre heatmap too, restricted to one vertebra)."""
+    import torch
+
+    state = dict(state)
+    for key in ("final_conv.weight", "final_conv.bias"):
+        old = state[key]
+        if old.shape[0] < out_channels:
+            extra = old[CENTRE : CENTRE + 1].repeat(out_channels - old.shape[0], *([1] * (old.dim() - 1)))
+            state[key] = torch.cat([old, extra], dim=0)
+    return state
 
 
 def load_state(net: torch.nn.Module, path: str, device: str = "cpu") -> torch.nn.Module:

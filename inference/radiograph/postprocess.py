@@ -7,9 +7,11 @@ heatmap, the path that maximises detection confidence minus penalties for uneven
 are scored).  Ribs, bowel gas, iliac crests and double peaks on the pedicles do not fit a chain and drop
 out.  A step about twice as long as its neighbours counts a missed vertebra.  Instances are then
 separated by a watershed on the body probability from the chain's markers, and levels are named by
-counting up from the sacrum when the sacrum sits right below the chain, along the unbroken run above it
-and for at most `ChainParams.name_max_levels` vertebrae; every other vertebra stays "level unknown"
-(`None`): a counted gap was wrong more often than right on the synthetic hold-out.
+counting up from an anchor known to be L5 -- the lowest vertebra when the sacrum sits right below the
+chain, or (models with an ``l5`` channel, `ChainParams.naming_anchor`) the one vertebra the L5 heatmap
+marks -- along the unbroken run above it and for at most `ChainParams.name_max_levels` vertebrae; every
+other vertebra stays "level unknown" (`None`): a counted gap was wrong more often than right on the
+synthetic hold-out.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from inference.radiograph.network import BODY, CENTRE, SACRUM, VERTEBRA
+from inference.radiograph.network import BODY, CENTRE, L5, SACRUM, VERTEBRA
 from inference.results import LEVELS
 
 
@@ -58,6 +60,13 @@ class ChainParams:
     #: counted as missed, none filled in): each further step is one more chance to be off by one, and
     #: on the hold-out names turned wrong mostly above L1 (a transitional vertebra would shift them all).
     name_max_levels: int = 5
+    #: What the count starts from: "sacrum" (the lowest vertebra is L5 when the sacrum sits right below
+    #: it) or "l5" (the chain vertebra the network's L5 heatmap marks; needs a model with that channel).
+    naming_anchor: str = "sacrum"
+    #: The L5 heatmap must reach this near one chain vertebra's centre ...
+    l5_threshold: float = 0.3
+    #: ... and stay below this fraction of that value at every other vertebra (else: which one is L5?).
+    l5_margin: float = 0.5
     #: Fewer vertebrae in a row than this is not a spine: blank and noise images gave 1-2 (measured).
     min_chain: int = 3
 
@@ -68,7 +77,10 @@ class ChainParams:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown post-processing parameters: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        params = cls(**data)
+        if params.naming_anchor not in ("sacrum", "l5"):
+            raise ValueError(f"naming_anchor must be 'sacrum' or 'l5', not {params.naming_anchor!r}")
+        return params
 
 
 @dataclass
@@ -313,17 +325,34 @@ def _sacrum_below(
     return None, False
 
 
-def name_levels(nodes: list[ChainNode], sacrum_adjacent: bool, max_levels: int = len(LEVELS)) -> list[str | None]:
-    """Level names counting up from the sacrum (lowest node = L5), or None.
+def l5_node(prob: np.ndarray, nodes: list[ChainNode], step: float, params: ChainParams) -> int | None:
+    """Index of the chain vertebra the L5 heatmap marks, or None: its value near that vertebra's centre
+    must reach `l5_threshold`, and no other vertebra may come within `l5_margin` of it."""
+    if prob.shape[0] <= L5 or not nodes or not np.isfinite(step):
+        return None
+    values = []
+    for node in nodes:
+        rr, cc = _disk(prob.shape[1:], node.row, node.column, max(1.0, 0.35 * step))
+        values.append(float(prob[L5, rr, cc].max()) if len(rr) else 0.0)
+    best = int(np.argmax(values))
+    others = values[:best] + values[best + 1 :]
+    if values[best] < params.l5_threshold or (others and max(others) >= params.l5_margin * values[best]):
+        return None
+    return best
+
+
+def name_levels(nodes: list[ChainNode], l5_index: int | None, max_levels: int = len(LEVELS)) -> list[str | None]:
+    """Level names counting up from ``nodes[l5_index]`` = L5, or None everywhere when there is no anchor.
 
     Names stop at the first break in the run (a vertebra counted as missed, or one filled into a gap)
-    and after `max_levels` names: above that, "level unknown" is safer than a count that may be off."""
+    and after `max_levels` names: above that, "level unknown" is safer than a count that may be off.
+    Vertebrae below the anchor (sacral segments taken for vertebrae) stay unnamed."""
     names: list[str | None] = [None] * len(nodes)
-    if not nodes or not sacrum_adjacent:
+    if not nodes or l5_index is None:
         return names
     l5 = LEVELS.index("L5")
-    for k in range(len(nodes) - 1, -1, -1):
-        rank = len(nodes) - 1 - k
+    for k in range(l5_index, -1, -1):
+        rank = l5_index - k
         if rank >= max_levels or nodes[k].inferred:
             break
         if rank > 0 and nodes[k + 1].position - nodes[k].position != 1:
@@ -380,19 +409,24 @@ def detect(prob: np.ndarray, params: ChainParams | None = None) -> SpineDetectio
     labels = separate(prob, nodes, step, params.body_threshold)
 
     sacrum, adjacent = None, False
+    by_sacrum = params.naming_anchor == "sacrum"
     comps = _sacrum_components(prob, params, step)
     if nodes and comps and np.isfinite(step):
         sacrum, adjacent = _sacrum_below(comps, nodes, step, params)
         if sacrum is None:
             sacrum = comps[0]
-            notes.append("sacrum found but not right below the lowest vertebra found: levels not named")
+            if by_sacrum:
+                notes.append("sacrum found but not right below the lowest vertebra found: levels not named")
     # (no vertebrae: a sacrum-like blob alone is not reported; blank images produced one)
-    if nodes and sacrum is None:
-        notes.append("levels not named: sacrum not in the field of view or not found")
-    if params.name_levels:
-        levels = name_levels(nodes, adjacent, params.name_max_levels)
-        if adjacent and any(lv is None for lv in levels):
-            notes.append("levels named up from the sacrum only as far as the count is unbroken; the others are 'level unknown'")
+    anchor = (len(nodes) - 1 if adjacent else None) if by_sacrum else l5_node(prob, nodes, step, params)
+    if params.name_levels and nodes:
+        if by_sacrum and sacrum is None:
+            notes.append("levels not named: sacrum not in the field of view or not found")
+        if not by_sacrum and anchor is None:
+            notes.append("levels not named: the fifth lumbar vertebra was not recognised with confidence")
+        levels = name_levels(nodes, anchor, params.name_max_levels)
+        if anchor is not None and any(lv is None for lv in levels[: anchor + 1]):
+            notes.append("levels named up from L5 only as far as the count is unbroken; the others are 'level unknown'")
     else:
         levels = [None] * len(nodes)
         if nodes:

@@ -9,8 +9,11 @@ means "unknown here, no loss".
   is unknown.  The sacrum channel is unknown except: background inside and above the boxes, and
   (``sacrum_hint``) the first sacral body one step below the bottom box, because the boxes end at L5 in
   this export (checked on overlays; see the model card); below the bottom box there is then no vertebra.
-  Without the hint the band below the bottom box is unknown too.
-* Synthetic samples (DRRs and phantoms, full label maps): everything is supervised.
+  Without the hint the band below the bottom box is unknown too.  The ``l5`` heatmap, with the hint, has its
+  one peak on the bottom box (L5) and is background everywhere else; without the hint it is unknown.
+* Synthetic samples (DRRs and phantoms, full label maps): everything is supervised; ``l5`` peaks on the
+  L5 body when it is in the image, and is unknown where L5 is cut off or where bodies carry no level
+  name (procedural phantoms without levels).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference.radiograph.network import BODY, CENTRE, CHANNELS, SACRUM, VERTEBRA
+from inference.radiograph.network import BODY, CENTRE, CHANNELS, L5, SACRUM, VERTEBRA
 
+L5_CODE = 24  # 1 + LEVELS.index("L5")
 S1_CODE = 25  # 1 + LEVELS.index("S1")
 IGNORE, UNNAMED = -1, -2
 HEAT_SIGMA_FRACTION = 0.2  # centre Gaussian sigma as a fraction of the body's smaller side
@@ -76,6 +80,8 @@ def real_targets(shape: tuple[int, int], boxes: np.ndarray, sacrum_hint: bool = 
     target = np.zeros((n_ch, *shape), dtype=np.float32)
     weight = np.ones((n_ch, *shape), dtype=np.float32)
     weight[SACRUM] = 0.0
+    if not sacrum_hint:
+        weight[L5] = 0.0
     if len(boxes) == 0:
         return target, weight
     boxes = boxes[np.argsort((boxes[:, 1] + boxes[:, 3]) / 2)]
@@ -118,6 +124,9 @@ def real_targets(shape: tuple[int, int], boxes: np.ndarray, sacrum_hint: bool = 
             target[ch][win][inside] = 1.0
             weight[ch][win][inside] = 1.0
         gaussian_into(target[CENTRE], cy, cx, max(MIN_SIGMA, HEAT_SIGMA_FRACTION * min(w, h)))
+    if sacrum_hint:
+        (cx, cy), (w, h) = centres[-1], sizes[-1]
+        gaussian_into(target[L5], cy, cx, max(MIN_SIGMA, HEAT_SIGMA_FRACTION * min(w, h)))
 
     if sacrum_hint and len(boxes) >= 3:
         # The first sacral body: about one step below L5's centre, as wide as L5 (an ellipse inside it).
@@ -160,6 +169,21 @@ def synth_targets(
     for x, y, radius in ignore_centres:
         win, inside = _superellipse(shape, x, y, radius, radius, 2.0)
         weight[CENTRE][win][inside] = 0.0
+    weight[L5] = weight[CENTRE]
+    if (body == UNNAMED).any():
+        weight[L5] = 0.0  # bodies without level names: L5 could be any of them
+    else:
+        rows, cols = np.nonzero(body == L5_CODE)
+        if len(rows):
+            # Same centre as `body_centres` computes: marked there -> a peak, cut off -> unknown.
+            x, y = float(cols.mean() + 0.5), float(rows.mean() + 0.5)
+            peak = [sigma for cx, cy, sigma in centres if abs(cx - x) < 0.5 and abs(cy - y) < 0.5]
+            if peak:
+                gaussian_into(target[L5], y, x, peak[0])
+            else:
+                r = float(max(rows.max() - rows.min(), cols.max() - cols.min()) + 2)
+                win, inside = _superellipse(shape, x, y, r, r, 2.0)
+                weight[L5][win][inside] = 0.0
     return target, weight
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from inference.evaluate.metrics import DetectionCounts, match_centroids_in_boxes
 from inference.radiograph import network, postprocess, preprocess
-from inference.radiograph.network import BODY, CENTRE, SACRUM, VERTEBRA
+from inference.radiograph.network import BODY, CENTRE, L5, SACRUM, VERTEBRA
 from inference.radiograph.postprocess import ChainParams
 from inference.registry import sha256_file
 from inference.results import LEVELS
@@ -190,7 +190,10 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) ->
     # the same loss alone learned it in 50 iterations; it gets a larger share of the clipped gradient.
     parts["sacrum"] = common.masked_bce_dice(logits[:, SACRUM], target[:, SACRUM], weight[:, SACRUM], pos_weight=10.0)
     parts["centre"] = common.centre_focal(logits[:, CENTRE], target[:, CENTRE], weight[:, CENTRE])
-    total = parts["body"] + 0.5 * parts["vertebra"] + 2.0 * parts["sacrum"] + parts["centre"]
+    # One peak per image (none in most crops): the focal loss is normalised by the peaks it has, so a
+    # half weight keeps it from drowning the other channels' gradient.
+    parts["l5"] = common.centre_focal(logits[:, L5], target[:, L5], weight[:, L5])
+    total = parts["body"] + 0.5 * parts["vertebra"] + 2.0 * parts["sacrum"] + parts["centre"] + 0.5 * parts["l5"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -211,10 +214,13 @@ def validate(net: torch.nn.Module, real: list[RealItem], synth: list[SynthItem],
     """Real val centroid-in-box F1 and synthetic body / sacrum Dice."""
     net.eval()
     counts = DetectionCounts()
+    l5_hits = []
     for item in real:
         prob = network.predict(net, item.image.astype(np.float32))
         tp, fp, fn, _ = match_centroids_in_boxes(predicted_centroids(prob, params), item.boxes)
         counts.add(tp, fp, fn)
+        if len(item.boxes):
+            l5_hits.append(_peak_in_box(prob[L5], item.boxes[np.argmax(item.boxes[:, 1] + item.boxes[:, 3])]))
     inter = {"body": 0.0, "sacrum": 0.0}
     total = {"body": 0.0, "sacrum": 0.0}
     for item in synth:
@@ -226,10 +232,17 @@ def validate(net: torch.nn.Module, real: list[RealItem], synth: list[SynthItem],
             inter[name] += 2 * float((p & g).sum())
             total[name] += float(p.sum() + g.sum())
     net.train()
-    out = {"real_f1": counts.f1, "real_precision": counts.precision, "real_recall": counts.recall}
+    out = {"real_f1": counts.f1, "real_precision": counts.precision, "real_recall": counts.recall,
+           "real_l5_peak_in_bottom_box": float(np.mean(l5_hits)) if l5_hits else float("nan")}
     for name in inter:
         out[f"synth_dice_{name}"] = inter[name] / total[name] if total[name] else float("nan")
     return out
+
+
+def _peak_in_box(heat: np.ndarray, box: np.ndarray) -> bool:
+    """Whether the heatmap's highest value lies inside `box` (x0, y0, x1, y1)."""
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return bool(box[0] <= c + 0.5 <= box[2] and box[1] <= r + 0.5 <= box[3])
 
 
 def _synth_detection(centroids: np.ndarray, item: SynthItem) -> tuple[int, int, int]:
@@ -280,10 +293,13 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
     default = next((r for r in results if r[1] == defaults), None)
     chain = replace(ChainParams(), **best[1])
 
-    # Then the sacrum threshold, by naming: a wrong name costs three right ones ("never guess").
+    # Then the naming anchor and its threshold, by naming: a wrong name costs three right ones ("never guess").
+    choices = [{"naming_anchor": "sacrum", "sacrum_threshold": t} for t in (0.2, 0.3, 0.4, 0.5)]
+    if net_channels(net) > L5:
+        choices += [{"naming_anchor": "l5", "l5_threshold": t, "l5_margin": m} for t in (0.2, 0.3, 0.5) for m in (0.35, 0.5, 0.7)]
     naming_rows = []
-    for threshold in (0.2, 0.3, 0.4, 0.5):
-        params = replace(chain, sacrum_threshold=threshold)
+    for choice in choices:
+        params = replace(chain, **choice)
         right = wrong = matched = 0
         for prob, it in synth_probs:
             det = postprocess.detect(prob, params)
@@ -308,12 +324,12 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
                     ok = assumed >= 0 and det.levels[p_idx] == LEVELS[assumed]
                     right += ok
                     wrong += not ok
-        naming_rows.append({"sacrum_threshold": threshold, "right": right, "wrong": wrong, "matched": matched,
+        naming_rows.append({**choice, "right": right, "wrong": wrong, "matched": matched,
                             "score": round((right - 3 * wrong) / max(matched, 1), 4)})
-    best_naming = max(naming_rows, key=lambda r: r["score"])
-    chain = replace(chain, sacrum_threshold=best_naming["sacrum_threshold"])
+    best_naming = max(range(len(choices)), key=lambda k: naming_rows[k]["score"])
+    chain = replace(chain, **choices[best_naming])
     report = {
-        "chosen": {**best[1], "sacrum_threshold": best_naming["sacrum_threshold"]},
+        "chosen": {**best[1], **choices[best_naming]},
         "score": round(best[0], 4),
         "real_val_f1": round(best[2], 4),
         "synth_val_f1": round(best[3], 4),
@@ -325,9 +341,17 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
     return chain, report
 
 
+def net_channels(net: torch.nn.Module) -> int:
+    """Output channels of a vertebra network."""
+    return int(net.state_dict()["final_conv.bias"].shape[0])
+
+
 def selection_score(metrics: dict[str, float]) -> float:
     """What checkpoint selection maximises."""
     score = metrics.get("real_f1", 0.0) or 0.0
+    l5 = metrics.get("real_l5_peak_in_bottom_box")
+    if l5 is not None and np.isfinite(l5):
+        score += 0.5 * float(l5)
     dice = [metrics.get(k) for k in ("synth_dice_body", "synth_dice_sacrum")]
     dice = [d for d in dice if d is not None and np.isfinite(d)]
     if dice:
@@ -444,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.init_weights is not None:
         # Fine-tuning: a loss change (e.g. the sacrum's positive weight) need not cost a whole new run.
         init = torch.load(args.init_weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(init.get("net", init))  # a model's weights.pt or a training checkpoint
+        # A model's weights.pt or a training checkpoint; a four-channel one gets its L5 channel added.
+        net.load_state_dict(network.widen_state(init.get("net", init), len(network.CHANNELS)))
         log.info("initialised from %s", args.init_weights)
     clock = common.Stopwatch(spent)
     params = ChainParams()
@@ -503,11 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
         step += 1
-        losses.append([float(loss.detach())] + [parts[k] for k in ("body", "vertebra", "sacrum", "centre")])
+        losses.append([float(loss.detach())] + [parts[k] for k in ("body", "vertebra", "sacrum", "centre", "l5")])
         if step % 25 == 0:
             m = np.mean(losses, axis=0)
             log.info(
-                "it %d lr %.2e loss %.3f (body %.3f vert %.3f sacrum %.3f centre %.3f) %.2f s/it elapsed %.1f min",
+                "it %d lr %.2e loss %.3f (body %.3f vert %.3f sacrum %.3f centre %.3f l5 %.3f) %.2f s/it elapsed %.1f min",
                 step, lr, *m, (time.time() - t_log) / 25, clock.elapsed / 60,
             )
             t_log, losses = time.time(), []

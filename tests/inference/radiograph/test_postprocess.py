@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from inference.radiograph import postprocess
-from inference.radiograph.network import BODY, CENTRE, CHANNELS, SACRUM, VERTEBRA
+from inference.radiograph.network import BODY, CENTRE, CHANNELS, L5, SACRUM, VERTEBRA
 from inference.radiograph.postprocess import ChainParams
 
 
@@ -52,6 +52,21 @@ def spine_probabilities(
             prob[CENTRE] = np.maximum(prob[CENTRE], 0.8 * _blob(shape, r, c, 3.0))
             prob[BODY] = np.maximum(prob[BODY], 0.7 * (_blob(shape, r, c, 6.0) > 0.5))
     return prob, centres
+
+
+def test_l5_heatmap_anchors_the_names_when_the_chain_runs_on_into_the_sacrum() -> None:
+    # Eight bodies found, the last one a sacral segment taken for a vertebra (as on real radiographs); no
+    # sacrum in the sacrum channel; the L5 heatmap marks the seventh.
+    prob, centres = spine_probabilities(count=8, sacrum=False, distractors=False)
+    prob[L5] = 0.8 * _blob(prob.shape[1:], *centres[6], 3.0) + 0.15 * _blob(prob.shape[1:], *centres[5], 3.0)
+    det = postprocess.detect(prob, ChainParams(naming_anchor="l5"))
+    assert det.levels == [None, None, "L1", "L2", "L3", "L4", "L5", None]
+    # The sacrum rule names nothing here, and a second strong L5 candidate means no names either.
+    assert postprocess.detect(prob, ChainParams()).levels == [None] * 8
+    prob[L5] = np.maximum(prob[L5], 0.7 * _blob(prob.shape[1:], *centres[7], 3.0))
+    det = postprocess.detect(prob, ChainParams(naming_anchor="l5"))
+    assert det.levels == [None] * 8
+    assert any("fifth lumbar" in n for n in det.notes)
 
 
 def test_chain_names_levels_from_the_sacrum_and_drops_distractors() -> None:
