@@ -80,6 +80,13 @@ def _synth_section(title: str, s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _anchor_words(meta: dict[str, Any]) -> str:
+    if meta.get("postprocess", {}).get("naming_anchor") == "l5":
+        return ("the one chain vertebra the network's L5 heatmap marks (taught by the lowest box of real radiographs and the L5 "
+                "label of synthetic ones), and only when no other vertebra comes close to it.")
+    return "the lowest vertebra, when the sacrum sits right below it."
+
+
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     """The model card text."""
     tr = meta.get("training", {})
@@ -92,8 +99,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "## What it does",
         "",
         "Finds the vertebral bodies (C2-L5) and the sacrum on a projection radiograph (AP or lateral), separates them into single",
-        "vertebrae, orders them along the spine and names their levels by counting up from the sacrum (lowest vertebra right",
-        "above it = L5). Without the sacrum next to the chain the levels stay **unknown** (never guessed). On lateral views the",
+        "vertebrae, orders them along the spine and names their levels by counting up from L5: " + _anchor_words(meta),
+        "Names stop at a missed vertebra and after five levels; every other vertebra stays **level unknown** (never guessed). On lateral views the",
         "analysis measures anterior, middle and posterior body heights (mm, at the patient plane when the header gives",
         "ImagerPixelSpacing and a magnification factor) and grades compression deformities (Genant 0-3, wedge / biconcave / crush).",
         "",
