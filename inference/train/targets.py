@@ -13,7 +13,7 @@ means "unknown here, no loss".
   one peak on the bottom box (L5) and is background everywhere else; without the hint it is unknown.
 * Synthetic samples (DRRs and phantoms, full label maps): everything is supervised; ``l5`` peaks on the
   L5 body when it is in the image, and is unknown where L5 is cut off or where bodies carry no level
-  name (procedural phantoms without levels).
+  name (UNNAMED, as on real images with rendered implants).
 """
 
 from __future__ import annotations

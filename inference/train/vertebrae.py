@@ -295,8 +295,7 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
 
     # Then the naming anchor and its threshold, by naming: a wrong name costs three right ones ("never guess").
     choices = [{"naming_anchor": "sacrum", "sacrum_threshold": t} for t in (0.2, 0.3, 0.4, 0.5)]
-    if net_channels(net) > L5:
-        choices += [{"naming_anchor": "l5", "l5_threshold": t, "l5_margin": m} for t in (0.2, 0.3, 0.5) for m in (0.35, 0.5, 0.7)]
+    choices += [{"naming_anchor": "l5", "l5_threshold": t, "l5_margin": m} for t in (0.2, 0.3, 0.5) for m in (0.35, 0.5, 0.7)]
     naming_rows = []
     for choice in choices:
         params = replace(chain, **choice)
@@ -339,11 +338,6 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
     }
     net.train()
     return chain, report
-
-
-def net_channels(net: torch.nn.Module) -> int:
-    """Output channels of a vertebra network."""
-    return int(net.state_dict()["final_conv.bias"].shape[0])
 
 
 def selection_score(metrics: dict[str, float]) -> float:
