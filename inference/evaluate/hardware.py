@@ -40,7 +40,14 @@ from scipy.optimize import linear_sum_assignment
 from inference.evaluate import metrics as M
 from inference.radiograph import preprocess
 from inference.radiograph.hardware import HardwareModel
-from inference.radiograph.hardware_post import CHECKED, HardwareParams, find_pieces, score_complications
+from inference.radiograph.hardware_post import (
+    CHECKED,
+    HardwareParams,
+    ImplantSummary,
+    find_pieces,
+    score_complications,
+    vertebrae_spanned,
+)
 from inference.registry import ModelRegistry
 from inference.results import (
     LEVELS,
@@ -297,8 +304,8 @@ def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad
     screws_p = [i for i in outcome.implants if i.kind is ImplantKind.PEDICLE_SCREW]
     screws_t = [t for t in truth if t.kind is ImplantKind.PEDICLE_SCREW]
     pairs = match([i.mask.dense() for i in screws_p], [t.mask for t in screws_t], 0.3)
-    ranks = [level_index(t.levels[0]) for t in screws_t if t.levels]
-    true_span = max(ranks) - min(ranks) + 1 if len(set(ranks)) >= 2 else None
+    # The true span counted by the same rule as the model's: level order stands in for the chain rank.
+    true_span = vertebrae_spanned([ImplantSummary(t.kind, t.levels, level_index(t.levels[0])) for t in screws_t if t.levels])
     return {
         "levels": [(screws_t[j].levels[0] if screws_t[j].levels else None, screws_p[i].levels[0] if screws_p[i].levels else None) for i, j in pairs],
         "span": (true_span, outcome.vertebrae_spanned),
