@@ -11,8 +11,9 @@ Test sets (none used for training, checkpoint selection or threshold tuning):
 2. REAL + RENDERED IMPLANTS: the real radiographs of the held-out TEST split with implants rendered onto
    them by the data engine (`inference.synth.real`, split "test"), and the same test images as they are
    (no implants: "no implants" must come out, not noise).
-3. LEAVE-ONE-PATIENT-OUT: the recipe retrained (shorter) without one CT patient, tested on synthetic
-   samples of that patient.
+3. LEAVE-ONE-PATIENT-OUT: the shipped model's recipe (read from its recorded training command) retrained
+   without one CT patient, tested on synthetic samples of that patient; the two folds train side by side
+   when there is a core per training thread (the shipped recipe uses one).
 
 Measured on each: Dice per implant class and for all hardware (source resolution, pooled), pedicle screw
 detection precision / recall (one-to-one matching, IoU >= 0.3), level-assignment accuracy (with the
@@ -531,24 +532,60 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
     }
 
 
-def lopo(data: Path, cache: Path, holdout: Path, work: Path, iterations: int, limit: int) -> dict[str, Any]:
-    """Leave-one-patient-out: retrain without one CT (and the stitched volume holding both), test on it."""
-    from inference.registry import ModelSpec
-    from inference.train import hardware as train
+#: Flags of the shipped model's training command that make up its recipe (budget, threads, sizes); a
+#: leave-one-patient-out fold reuses them so it measures a new patient, not a smaller training run.
+RECIPE_FLAGS = ("--iterations", "--batch", "--lr", "--seed", "--threads", "--max-minutes", "--eval-every", "--mix", "--crop",
+                "--patch-iterations", "--val-every")
 
+
+def recipe_args(command: str) -> list[str]:
+    """The `RECIPE_FLAGS` (with their values) of a recorded ``python -m inference.train.hardware ...`` command."""
+    import shlex
+
+    words = shlex.split(command or "")
+    out: list[str] = []
+    for k, word in enumerate(words):
+        if word in RECIPE_FLAGS and k + 1 < len(words):
+            out += [word, words[k + 1]]
+        elif word == "--no-real-negatives":
+            out.append(word)
+    return out
+
+
+def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], limit: int) -> dict[str, Any]:
+    """Leave-one-patient-out: retrain with the shipped recipe without one CT (and the stitched volume holding
+    both), test on that CT.  The folds train side by side when the machine has a core per training thread."""
+    import os
+    import subprocess
+    import sys
+
+    from inference.registry import ModelSpec
+
+    folders = {src: work / f"without-{src}" for src in LOPO_SOURCES}
+    todo = [src for src, folder in folders.items() if not (folder / "weights.pt").is_file()]
+    threads = int(recipe[recipe.index("--threads") + 1]) if "--threads" in recipe else 2
+    parallel = (os.cpu_count() or 1) >= threads * len(todo)
+    running = []
+    for src in todo:
+        folder = folders[src]
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "inference.train.hardware", "--data", str(data), "--cache", str(cache), "--out", str(folder),
+               "--work", str(folder / "work"), "--exclude-sources", f"{src},stitched", *recipe]
+        log.info("leave-one-patient-out fold without %s: %s", src, " ".join(cmd))
+        with (folder / "train.out").open("w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        running.append((src, proc))
+        if not parallel:
+            proc.wait()
+    for src, proc in running:
+        if proc.wait() != 0:
+            raise SystemExit(f"leave-one-patient-out training without {src} failed: see {folders[src] / 'train.out'}")
     results = {}
-    for test_src in LOPO_SOURCES:
-        folder = work / f"without-{test_src}"
-        if not (folder / "weights.pt").is_file():
-            train.main([
-                "--data", str(data), "--cache", str(cache), "--out", str(folder), "--work", str(folder / "work"),
-                "--iterations", str(iterations), "--eval-every", str(max(100, iterations // 4)),
-                "--exclude-sources", f"{test_src},stitched", "--max-minutes", "25",
-            ])
+    for test_src, folder in folders.items():
         spec = ModelSpec.read(folder)
         model = HardwareModel.from_spec(spec)
         res = evaluate_samples(model, cache_samples(holdout, {test_src}, limit), f"trained without {test_src} (and the stitched volume), tested on {test_src}")
-        res["training"] = {k: spec.metadata.get("training", {}).get(k) for k in ("iterations", "wall_minutes", "stop")}
+        res["training"] = {k: spec.metadata.get("training", {}).get(k) for k in ("command", "iterations", "wall_minutes", "stop")}
         results[f"test_{test_src}"] = res
     return results
 
@@ -562,7 +599,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout-count", type=int, default=320)
     ap.add_argument("--real-overlays", type=int, default=120, help="real test images with rendered implants")
     ap.add_argument("--lopo-work", type=Path, default=Path("../cache/lopo-hardware"))
-    ap.add_argument("--lopo-iterations", type=int, default=1000)
     ap.add_argument("--lopo-limit", type=int, default=150)
     ap.add_argument("--skip-lopo", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
@@ -596,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None)
         log.info("real plain: %s", results["real_plain_test"])
     if not args.skip_lopo:
-        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, args.lopo_iterations, args.lopo_limit)
+        recipe = recipe_args(meta.get("training", {}).get("command", ""))
+        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, recipe, args.lopo_limit)
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta["metrics"] = results
     common.write_json(args.model / "model.json", meta)
@@ -765,8 +802,9 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += [
             "### Leave one CT patient out",
             "",
-            "The same recipe retrained for fewer iterations without one CT patient and without the stitched volume (which contains",
-            "both), i.e. on phantoms + the other patient + real radiographs, tested on synthetic samples of the left-out patient.",
+            "The shipped model's recipe (its training command: same budget, threads, mix and complication classifier) retrained",
+            "without one CT patient and without the stitched volume (which contains both), i.e. on phantoms + the other patient +",
+            "real radiographs, tested on synthetic hold-out samples of the left-out patient (never seen in that training).",
             "",
         ]
         for name, s in lopo_.items():

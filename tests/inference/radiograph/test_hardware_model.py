@@ -15,7 +15,7 @@ import pytest
 from phantoms import phantom
 
 from inference import analyses
-from inference.evaluate.hardware import aggregate, sample_record
+from inference.evaluate.hardware import aggregate, recipe_args, sample_record
 from inference.radiograph.hardware import HardwareModel
 from inference.registry import ModelRegistry
 from inference.results import FindingKind, HardwareStatus, ImplantKind, ScreeningOutcome
@@ -66,6 +66,15 @@ def test_shipped_model_folder_is_complete() -> None:
         assert needed in card, needed
     assert "leave-one-patient-out" in card.lower()  # its numbers, or that it was not run
     assert spec.metadata["metrics"]["synthetic_holdout"]["samples"] >= 100
+
+
+def test_leave_one_patient_out_retrains_with_the_shipped_recipe() -> None:
+    """A fold must get the shipped model's budget and threads, not a shorter run (which would measure
+    under-training rather than a new patient); paths and the excluded sources are not recipe."""
+    command = "python -m inference.train.hardware --data d --cache c --out o --threads 1 --max-minutes 80 --mix 'a:1,b:2' --no-real-negatives"
+    assert recipe_args(command) == ["--threads", "1", "--max-minutes", "80", "--mix", "a:1,b:2", "--no-real-negatives"]
+    shipped = recipe_args(ModelRegistry().spec("spine-xr-hardware").metadata["training"]["command"])
+    assert "--max-minutes" in shipped and "--threads" in shipped
 
 
 def test_segmentation_and_screw_detection_on_the_fixed_set(fixed_set_metrics: dict[str, Any]) -> None:
