@@ -552,9 +552,11 @@ def recipe_args(command: str) -> list[str]:
     return out
 
 
-def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], limit: int) -> dict[str, Any]:
+def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], limit: int, shipped: HardwareModel | None = None) -> dict[str, Any]:
     """Leave-one-patient-out: retrain with the shipped recipe without one CT (and the stitched volume holding
-    both), test on that CT.  The folds train side by side when the machine has a core per training thread."""
+    both), test on that CT.  The folds train side by side when the machine has a core per training thread.
+    With `shipped`, the shipped model is measured on the same samples (it did see that patient): the
+    difference is what a new patient costs."""
     import os
     import subprocess
     import sys
@@ -587,6 +589,10 @@ def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], 
         res = evaluate_samples(model, cache_samples(holdout, {test_src}, limit), f"trained without {test_src} (and the stitched volume), tested on {test_src}")
         res["training"] = {k: spec.metadata.get("training", {}).get(k) for k in ("command", "iterations", "wall_minutes", "stop")}
         results[f"test_{test_src}"] = res
+        if shipped is not None:
+            results[f"shipped_on_{test_src}"] = evaluate_samples(
+                shipped, cache_samples(holdout, {test_src}, limit), f"the shipped model (trained with {test_src}) on the same {test_src} samples"
+            )
     return results
 
 
@@ -633,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("real plain: %s", results["real_plain_test"])
     if not args.skip_lopo:
         recipe = recipe_args(meta.get("training", {}).get("command", ""))
-        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, recipe, args.lopo_limit)
+        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, recipe, args.lopo_limit, model)
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta["metrics"] = results
     common.write_json(args.model / "model.json", meta)
