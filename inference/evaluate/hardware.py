@@ -563,8 +563,15 @@ def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], 
 
     from inference.registry import ModelSpec
 
+    def trained(folder: Path) -> bool:
+        # A fold left by an earlier run counts only if it was trained with this recipe (a new shipped
+        # recipe would otherwise be compared with folds of the old one).
+        if not (folder / "weights.pt").is_file():
+            return False
+        return recipe_args(ModelSpec.read(folder).metadata.get("training", {}).get("command", "")) == recipe
+
     folders = {src: work / f"without-{src}" for src in LOPO_SOURCES}
-    todo = [src for src, folder in folders.items() if not (folder / "weights.pt").is_file()]
+    todo = [src for src, folder in folders.items() if not trained(folder)]
     threads = int(recipe[recipe.index("--threads") + 1]) if "--threads" in recipe else 2
     parallel = (os.cpu_count() or 1) >= threads * len(todo)
     running = []
