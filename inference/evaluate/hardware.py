@@ -593,13 +593,13 @@ def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], 
     for test_src, folder in folders.items():
         spec = ModelSpec.read(folder)
         model = HardwareModel.from_spec(spec)
-        res = evaluate_samples(model, cache_samples(holdout, {test_src}, limit), f"trained without {test_src} (and the stitched volume), tested on {test_src}")
+        # Read once: the hold-out cache is scanned whole to pick one source's samples.
+        samples = list(cache_samples(holdout, {test_src}, limit))
+        res = evaluate_samples(model, samples, f"trained without {test_src} (and the stitched volume), tested on {test_src}")
         res["training"] = {k: spec.metadata.get("training", {}).get(k) for k in ("command", "iterations", "wall_minutes", "stop")}
         results[f"test_{test_src}"] = res
         if shipped is not None:
-            results[f"shipped_on_{test_src}"] = evaluate_samples(
-                shipped, cache_samples(holdout, {test_src}, limit), f"the shipped model (trained with {test_src}) on the same {test_src} samples"
-            )
+            results[f"shipped_on_{test_src}"] = evaluate_samples(shipped, samples, f"the shipped model (trained with {test_src}) on the same {test_src} samples")
     return results
 
 
