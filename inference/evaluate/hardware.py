@@ -535,7 +535,7 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
 #: Flags of the shipped model's training command that make up its recipe (budget, threads, sizes); a
 #: leave-one-patient-out fold reuses them so it measures a new patient, not a smaller training run.
 RECIPE_FLAGS = ("--iterations", "--batch", "--lr", "--seed", "--threads", "--max-minutes", "--eval-every", "--mix", "--crop",
-                "--patch-iterations", "--val-every")
+                "--patch-iterations", "--val-every", "--pos-weight")
 
 
 def recipe_args(command: str) -> list[str]:
@@ -552,9 +552,18 @@ def recipe_args(command: str) -> list[str]:
     return out
 
 
-def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], limit: int, shipped: HardwareModel | None = None) -> dict[str, Any]:
+def lopo(
+    data: Path,
+    cache: Path,
+    holdout: Path,
+    work: Path,
+    recipe: list[str],
+    limit: int,
+    shipped: HardwareModel | None = None,
+    sources: Sequence[str] = LOPO_SOURCES,
+) -> dict[str, Any]:
     """Leave-one-patient-out: retrain with the shipped recipe without one CT (and the stitched volume holding
-    both), test on that CT.  The folds train side by side when the machine has a core per training thread.
+    both), test on that CT; `sources` picks the folds (each costs one shipped training run).  The folds train side by side when the machine has a core per training thread.
     With `shipped`, the shipped model is measured on the same samples (it did see that patient): the
     difference is what a new patient costs."""
     import os
@@ -563,14 +572,19 @@ def lopo(data: Path, cache: Path, holdout: Path, work: Path, recipe: list[str], 
 
     from inference.registry import ModelSpec
 
+    manifest = json.loads((cache / "manifest.json").read_text())
+    cache_id = {k: manifest.get(k) for k in ("format", "count", "seed")}
+
     def trained(folder: Path) -> bool:
-        # A fold left by an earlier run counts only if it was trained with this recipe (a new shipped
-        # recipe would otherwise be compared with folds of the old one).
+        # A fold left by an earlier run counts only if it was trained with this recipe on this cache (a new
+        # shipped recipe, or labels that changed meaning, would otherwise be compared with folds of the old).
         if not (folder / "weights.pt").is_file():
             return False
-        return recipe_args(ModelSpec.read(folder).metadata.get("training", {}).get("command", "")) == recipe
+        training = ModelSpec.read(folder).metadata.get("training", {})
+        fold_cache = training.get("data", {}).get("manifest", {})
+        return recipe_args(training.get("command", "")) == recipe and {k: fold_cache.get(k) for k in cache_id} == cache_id
 
-    folders = {src: work / f"without-{src}" for src in LOPO_SOURCES}
+    folders = {src: work / f"without-{src}" for src in sources}
     todo = [src for src, folder in folders.items() if not trained(folder)]
     threads = int(recipe[recipe.index("--threads") + 1]) if "--threads" in recipe else 2
     parallel = (os.cpu_count() or 1) >= threads * len(todo)
@@ -614,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lopo-work", type=Path, default=Path("../cache/lopo-hardware"))
     ap.add_argument("--lopo-limit", type=int, default=150)
     ap.add_argument("--skip-lopo", action="store_true")
+    ap.add_argument("--lopo-sources", default=",".join(LOPO_SOURCES), help="CT patients to leave out, one fold each")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--no-vertebra-model", action="store_true", help="skip the end-to-end level check with the vertebra model")
     ap.add_argument("--limit", type=int, default=0)
@@ -646,7 +661,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("real plain: %s", results["real_plain_test"])
     if not args.skip_lopo:
         recipe = recipe_args(meta.get("training", {}).get("command", ""))
-        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, recipe, args.lopo_limit, model)
+        sources = [x for x in args.lopo_sources.split(",") if x]
+        unknown = set(sources) - set(LOPO_SOURCES)
+        if unknown:
+            ap.error(f"--lopo-sources: {sorted(unknown)} not among {list(LOPO_SOURCES)}")
+        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, recipe, args.lopo_limit, model, sources)
+        results["leave_one_patient_out_not_run"] = [x for x in LOPO_SOURCES if x not in sources]
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta["metrics"] = results
     common.write_json(args.model / "model.json", meta)
@@ -755,9 +775,9 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "",
         "Segments spinal hardware on a projection radiograph (AP or lateral): pedicle screws, rods, interbody cages, anterior",
         "plates and other implant-like metal, one instance per implant (screws split at screw-centre peaks; rods followed through",
-        "screw heads and gaps; cage marker pins grouped). Each screw gets the level of the vertebral body its tip half projects",
-        "into (vertebrae from `spine-xr-vertebrae` on the same image), cages the disc between two named vertebrae, rods and plates",
-        "the levels they span; a side (the patient's, from PatientOrientation) on frontal views, unknown on laterals. Complications",
+        "screw heads and gaps; a cage as its whole body, for PEEK cages inferred from their marker pins). Each screw gets the",
+        "level of the vertebral body its tip half projects into (vertebrae from `spine-xr-vertebrae` on the same image), cages",
+        "the disc between two named vertebrae, rods and plates the levels they span; a side (the patient's, from PatientOrientation) on frontal views, unknown on laterals. Complications",
         "(screw loosening, screw breakage, rod fracture, cage subsidence) come from learned maps scored per implant, each reported",
         "as a finding with an evidence polygon. Per image: no implants / hardware intact / possible complication / not assessable",
         "(implants at the image edge, or metal not recognised as spinal hardware), and the construct as a surgeon would say it.",
@@ -820,6 +840,9 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "real radiographs, tested on synthetic hold-out samples of the left-out patient (never seen in that training).",
             "",
         ]
+        not_run = m.get("leave_one_patient_out_not_run")
+        if not_run:
+            lines += [f"Not run for this version (one training run per fold): the fold without {', '.join(not_run)}.", ""]
         for name, s in lopo_.items():
             lines += _set_section(s.get("set", name), s)
     notes = Path(meta.get("_folder", "")) / "notes.md" if meta.get("_folder") else None

@@ -295,8 +295,8 @@ def rod_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piec
 
 
 def clustered_pieces(prob: np.ndarray, channel: int, kind: ImplantKind, mm: float, merge_mm: float, params: HardwareParams) -> list[Piece]:
-    """Cages and plates: components of the class map, clustered when closer than `merge_mm` (a PEEK cage is
-    only its marker pins and a faint box)."""
+    """Cages and plates: components of the class map, clustered when closer than `merge_mm` (a PEEK cage
+    shows only its marker pins and a faint box, so its map may come in pieces)."""
     mask = prob[channel] >= params.class_threshold
     if not mask.any():
         return []

@@ -31,6 +31,11 @@ import numpy as np
 from inference.synth.render import SynthConfig, render_sample
 from inference.synth.sample import SynthSample
 
+#: Written into every manifest; bumped when the labels of the same seed change meaning.
+#: v2: an implant's label covers its footprint where it shows no contrast (PEEK cage bodies), see
+#: `inference.synth.implants.project_primitives`.
+CACHE_FORMAT = "inference.synth cache v2 (see inference/synth/build.py and sample.py)"
+
 
 def sample_seed(build_seed: int, index: int) -> int:
     """Seed of sample `index` of a build started with `build_seed`."""
@@ -151,7 +156,7 @@ def build(
     elapsed = time.time() - t0
     samples = [s for r in results for s in r["samples"]]
     manifest = {
-        "format": "inference.synth cache v1 (see inference/synth/build.py and sample.py)",
+        "format": CACHE_FORMAT,
         "count": len(samples),
         "seed": seed,
         "sample_seed": "build_seed * 10_000_000 + index",

@@ -357,14 +357,20 @@ def _plate(frames, i, j, rng, mu_plate: float, mu_screw: float):
 # --------------------------------------------------------------------------------------- projection
 
 
+#: path length (mm) through an implant that labels a pixel even where the implant shows no contrast
+LABEL_CHORD_MM = 0.5
+
+
 def project_primitives(prims: list[Primitive], proj, n_instances: int) -> tuple[np.ndarray, np.ndarray]:
-    """Line integral image (rows, cols) of the primitives and the instance map (largest contribution wins).
+    """Line integral image (rows, cols) of the primitives and the instance map: the implant contributing the
+    most attenuation, else (radiolucent parts) the one with the longest path through it.
 
     `proj` is a `drr.Projection`; primitives are in world coordinates.
     """
     rows, cols = proj.rows, proj.cols
     total = np.zeros((rows, cols), np.float32)
     per_inst = np.zeros((n_instances + 1, rows, cols), np.float32) if n_instances else None
+    footprint = np.zeros_like(per_inst) if per_inst is not None else None
     src = np.array([0.0, 0.0, -proj.sod])
     for p in prims:
         c, rad = p.bounds()
@@ -386,10 +392,18 @@ def project_primitives(prims: list[Primitive], proj, n_instances: int) -> tuple[
         total[r0:r1, c0:c1] += contrib
         if per_inst is not None and p.label:
             per_inst[p.instance, r0:r1, c0:c1] += contrib
+            footprint[p.instance, r0:r1, c0:c1] += chord.astype(np.float32)
     if per_inst is None:
         return total, np.zeros((rows, cols), np.int16)
     best = per_inst.argmax(axis=0).astype(np.int16)
     best[per_inst.max(axis=0) < 0.05] = 0
+    # Where no implant shows by contrast, the footprint still belongs to its implant: a PEEK body is nearly as
+    # dense as the disc it replaces, so by contrast alone it was labelled only where the beam happened to cross
+    # enough of it (kVp and view dependent) and a cage's label was a few marker pins on one image, a box on
+    # the next.  Metal keeps the pixels it shows on.
+    body = footprint.argmax(axis=0).astype(np.int16)
+    fill = (best == 0) & (footprint.max(axis=0) >= LABEL_CHORD_MM)
+    best[fill] = body[fill]
     return total, best
 
 

@@ -17,9 +17,11 @@ from phantoms import phantom
 from inference import analyses
 from inference.evaluate.hardware import aggregate, recipe_args, sample_record
 from inference.radiograph.hardware import HardwareModel
+from inference.radiograph.hardware_post import CAGE, PLATE
 from inference.registry import ModelRegistry
 from inference.results import FindingKind, HardwareStatus, ImplantKind, ScreeningOutcome
 from inference.synth.dicom import sample_dataset
+from inference.train.hardware import parse_pos_weight
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,14 @@ def test_leave_one_patient_out_retrains_with_the_shipped_recipe() -> None:
     assert recipe_args(command) == ["--threads", "1", "--max-minutes", "80", "--mix", "a:1,b:2", "--no-real-negatives"]
     shipped = recipe_args(ModelRegistry().spec("spine-xr-hardware").metadata["training"]["command"])
     assert "--max-minutes" in shipped and "--threads" in shipped
+    assert recipe_args("python -m inference.train.hardware --pos-weight cage:10,plate:10") == ["--pos-weight", "cage:10,plate:10"]
+
+
+def test_positive_weights_name_class_maps_only() -> None:
+    assert parse_pos_weight("cage:10, plate:4") == {CAGE: 10.0, PLATE: 4.0}
+    assert parse_pos_weight("") == {}
+    with pytest.raises(ValueError, match="loosening"):
+        parse_pos_weight("loosening:5")  # a complication map, not a class map
 
 
 def test_segmentation_and_screw_detection_on_the_fixed_set(fixed_set_metrics: dict[str, Any]) -> None:
