@@ -326,6 +326,14 @@ def _ratio(a: float, b: float) -> float | None:
     return _r(a / b) if b else None
 
 
+POSTERIOR_KINDS = (ImplantKind.PEDICLE_SCREW, ImplantKind.ROD)
+
+
+def _shows(record: dict[str, Any], kinds: Sequence[ImplantKind]) -> bool:
+    """True when the image shows at least one implant of these kinds (true positives + misses)."""
+    return any(record["detection"][k.value][0] + record["detection"][k.value][2] for k in kinds)
+
+
 def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
     """Pooled metrics of a test set."""
     out: dict[str, Any] = {"set": label, "samples": len(records)}
@@ -429,6 +437,14 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
         "said_no_implants": _ratio(sum(1 for r in clean if r["status"] == HardwareStatus.NO_IMPLANTS.value), len(clean)),
         "images_with_implants_said_no_implants": _ratio(sum(1 for r in hw if r["status"] == HardwareStatus.NO_IMPLANTS.value), len(hw)),
     }
+    # A miss on a screw-and-rod construct is a different failure from a miss on a cage- or plate-only image
+    # (the classes the model does not find): split them so the card says which one it is.
+    for name, group in (("with_screws_or_rods", [r for r in hw if _shows(r, POSTERIOR_KINDS)]),
+                        ("cages_or_plates_only", [r for r in hw if not _shows(r, POSTERIOR_KINDS)])):
+        out["no_implants"][f"images_{name}_said_no_implants"] = {
+            "images": len(group),
+            "rate": _ratio(sum(1 for r in group if r["status"] == HardwareStatus.NO_IMPLANTS.value), len(group)),
+        }
     confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
         confusion[r["true_status"]][r["status"]] += 1
@@ -751,6 +767,10 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     if ni.get("images_without_implants"):
         out.append(f"| images without implants answered \"no implants\" ({ni.get('images_without_implants')}) | {_f(ni.get('said_no_implants'))} | – |")
     out.append(f"| images with implants answered \"no implants\" | {_f(ni.get('images_with_implants_said_no_implants'))} | – |")
+    for name, text in (("with_screws_or_rods", "with pedicle screws or rods"), ("cages_or_plates_only", "with cages or plates only")):
+        part = ni.get(f"images_{name}_said_no_implants")
+        if part and part.get("images"):
+            out.append(f"| &nbsp;&nbsp;of which images {text} ({part['images']}) | {_f(part.get('rate'))} | – |")
     out.append(f"| complications reported on things that are not implants (count) | {s.get('false_alarm_complications_on_non_implants')} | – |")
     out.append(f"| seconds per image in this evaluation (mean / p95) | {_f(s.get('seconds_per_image_mean'))} / {_f(s.get('seconds_per_image_p95'))} | budget 1 s |")
     out += ["", f"Verdict confusion (rows: truth): `{s.get('verdict_confusion_true_rows')}`", ""]
