@@ -63,7 +63,7 @@ train-hardware: install
 		--out $(HARDWARE_CACHE) --count 1200 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2 --max-side 768
 	nice -n 10 $(PY) -m inference.train.hardware --data $(DATA) --cache $(HARDWARE_CACHE) \
 		--work ../cache/train-hardware --out inference/models/spine-xr-hardware \
-		--threads 1 --max-minutes 80 --patch-iterations 1500 --pos-weight cage:10,plate:10
+		--threads 1 --max-minutes 80 --patch-iterations 1500 --pos-weight cage:10,plate:10 --disc-iterations 1200
 
 eval-vertebrae: install
 	nice -n 10 $(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae \

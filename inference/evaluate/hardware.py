@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from inference.evaluate import metrics as M
@@ -107,8 +108,17 @@ def sample_source(sample: Any, key: str) -> SourceImage:
 
 
 def true_vertebrae(sample: Any) -> list[Vertebra]:
-    """The sample's vertebral bodies (and sacrum) from its label map, as `Vertebra` results."""
+    """The sample's vertebral bodies (and sacrum) from its label map, as `Vertebra` results; on a real
+    radiograph (no level names) the cores of its annotated vertebra boxes, level unknown."""
     out = []
+    if not (np.asarray(sample.body) >= 1).any():
+        lab, n = ndimage.label(np.asarray(sample.body) == -2)
+        for k in range(1, n + 1):
+            mask = lab == k
+            if mask.sum() >= 10:
+                rr, cc = np.nonzero(mask)
+                out.append(Vertebra(None, RegionMask.from_dense(mask), (), (float(cc.mean() + 0.5), float(rr.mean() + 0.5))))
+        return out
     for code in np.unique(sample.body):
         if code < 1 or code > len(LEVELS):
             continue
@@ -170,6 +180,31 @@ def match(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], min_iou: float
     iou = iou_matrix(pred, true)
     rows, cols = linear_sum_assignment(-iou)
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= min_iou]
+
+
+#: A found cage is the cage whose centre lies within this of its own: the disc classifier reports where a cage
+#: is, not its outline, so IoU undercounts it.
+CAGE_CENTRE_MM = 10.0
+
+
+def centre_counts(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], max_px: float) -> tuple[int, int, int]:
+    """(tp, fp, fn) of one-to-one matching by mask centre distance <= `max_px` (Hungarian on distance)."""
+    if not pred or not true:
+        return 0, len(pred), len(true)
+    pc = np.array([np.argwhere(m).mean(axis=0) for m in pred])
+    tc = np.array([np.argwhere(m).mean(axis=0) for m in true])
+    d = np.linalg.norm(pc[:, None, :] - tc[None, :, :], axis=2)
+    rows, cols = linear_sum_assignment(d)
+    tp = int(sum(1 for r, c in zip(rows, cols, strict=True) if d[r, c] <= max_px))
+    return tp, len(pred) - tp, len(true) - tp
+
+
+def cage_centre_counts(outcome: Any, truth: Sequence[TrueImplant], sample: Any) -> tuple[int, int, int]:
+    """`centre_counts` of the predicted and true interbody cages of one image, `CAGE_CENTRE_MM` apart at most."""
+    mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+    pred = [i.mask.dense() for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
+    true = [t.mask for t in truth if t.kind is ImplantKind.INTERBODY_CAGE]
+    return centre_counts(pred, true, CAGE_CENTRE_MM / mm)
 
 
 def complication_pairs(prob: np.ndarray, sample: Any, net_shape: tuple[int, int], params: HardwareParams) -> Iterator[tuple[str, float, bool]]:
@@ -287,6 +322,7 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
     true_discs = {t.levels for t in truth if t.kind is ImplantKind.INTERBODY_CAGE and len(t.levels) == 2}
     pred_discs = {i.levels for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE and len(i.levels) == 2}
     rec["discs"] = (len(true_discs & pred_discs), len(pred_discs - true_discs), len(true_discs - pred_discs))
+    rec["cages_by_centre"] = cage_centre_counts(outcome, truth, sample)
     if vertebra_model is not None and truth:
         rec["end_to_end"] = end_to_end_levels(model, vertebra_model, sample, rad, source, truth)
     return rec
@@ -310,6 +346,8 @@ def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad
     return {
         "levels": [(screws_t[j].levels[0] if screws_t[j].levels else None, screws_p[i].levels[0] if screws_p[i].levels else None) for i, j in pairs],
         "span": (true_span, outcome.vertebrae_spanned),
+        # Cages are found per disc space between the vertebrae found: the vertebra model's misses are theirs.
+        "cages": cage_centre_counts(outcome, truth, sample),
     }
 
 
@@ -396,6 +434,12 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "within_one_of_found": _ratio(sum(1 for t, p in found if abs(t - p) <= 1), len(found)),
             "baseline_most_common_exact": _ratio(Counter(t for t, _ in spans).most_common(1)[0][1], len(spans)),
         }
+    by_centre = [r["cages_by_centre"] for r in records if "cages_by_centre" in r]
+    if any(sum(c) for c in by_centre):
+        out["cages_by_centre"] = M.DetectionCounts(*(sum(c[k] for c in by_centre) for k in range(3))).as_dict()
+    e2e_cages = [r["end_to_end"]["cages"] for r in records if "cages" in r.get("end_to_end", {})]
+    if any(sum(c) for c in e2e_cages):
+        out["cages_by_centre_vertebra_model"] = M.DetectionCounts(*(sum(c[k] for c in e2e_cages) for k in range(3))).as_dict()
     sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
     sides += [p for r in records if r["view"] != "LAT" for p in r.get("rod_sides", [])]
     sides = [(t, p) for t, p in sides if t in ("left", "right")]
@@ -551,7 +595,7 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
 #: Flags of the shipped model's training command that make up its recipe (budget, threads, sizes); a
 #: leave-one-patient-out fold reuses them so it measures a new patient, not a smaller training run.
 RECIPE_FLAGS = ("--iterations", "--batch", "--lr", "--seed", "--threads", "--max-minutes", "--eval-every", "--mix", "--crop",
-                "--patch-iterations", "--val-every", "--pos-weight")
+                "--patch-iterations", "--val-every", "--pos-weight", "--disc-iterations")
 
 
 def recipe_args(command: str) -> list[str]:
@@ -566,6 +610,15 @@ def recipe_args(command: str) -> list[str]:
         elif word == "--no-real-negatives":
             out.append(word)
     return out
+
+
+def training_recipe(training: dict[str, Any]) -> list[str]:
+    """`recipe_args` of a model's training record, with the disc classifier's iterations when the command
+    does not name them (a stage added by ``inference.train.hardware_discs``, or none: 0)."""
+    recipe = recipe_args(training.get("command", ""))
+    if "--disc-iterations" not in recipe:
+        recipe += ["--disc-iterations", str((training.get("disc_classifier") or {}).get("iterations", 0))]
+    return recipe
 
 
 def lopo(
@@ -598,7 +651,7 @@ def lopo(
             return False
         training = ModelSpec.read(folder).metadata.get("training", {})
         fold_cache = training.get("data", {}).get("manifest", {})
-        return recipe_args(training.get("command", "")) == recipe and {k: fold_cache.get(k) for k in cache_id} == cache_id
+        return training_recipe(training) == recipe and {k: fold_cache.get(k) for k in cache_id} == cache_id
 
     folders = {src: work / f"without-{src}" for src in sources}
     todo = [src for src, folder in folders.items() if not trained(folder)]
@@ -676,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None)
         log.info("real plain: %s", results["real_plain_test"])
     if not args.skip_lopo:
-        recipe = recipe_args(meta.get("training", {}).get("command", ""))
+        recipe = training_recipe(meta.get("training", {}))
         sources = [x for x in args.lopo_sources.split(",") if x]
         unknown = set(sources) - set(LOPO_SOURCES)
         if unknown:
@@ -750,6 +803,11 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
         out.append(f"| vertebrae spanned by the screws, vertebrae from spine-xr-vertebrae (named or not): exact / within 1 / found fraction "
                    f"({vs.get('constructs')} constructs) | {_f(vs.get('exact_of_found'))} / {_f(vs.get('within_one_of_found'))} / {_f(vs.get('found_fraction'))} | "
                    f"most common span: {_f(vs.get('baseline_most_common_exact'))} |")
+    for key, whose in (("cages_by_centre", "true vertebrae"), ("cages_by_centre_vertebra_model", "vertebrae from spine-xr-vertebrae")):
+        cv = s.get(key)
+        if cv:
+            out.append(f"| interbody cage found within {CAGE_CENTRE_MM:g} mm of a true cage's centre, {whose}: precision / recall / F1 "
+                       f"(tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {_f(cv.get('precision'))} / {_f(cv.get('recall'))} / {_f(cv.get('f1'))} | – |")
     sd = s.get("sides_frontal", {})
     if sd.get("implants"):
         out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {_f(sd.get('accuracy_of_named'))} / {_f(sd.get('named_fraction'))} | chance 0.5 |")
@@ -781,6 +839,18 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _disc_lines(meta: dict[str, Any]) -> list[str]:
+    """The card's description of the disc-space cage classifier, when the model has one."""
+    dc = meta.get("training", {}).get("disc_classifier")
+    if not dc:
+        return []
+    return [f"- Interbody cages: a small CNN ({dc.get('parameters')} parameters) asks of every disc space between two consecutive "
+            "vertebrae found \"is there a cage here?\" on a 48 x 48 mm patch at 0.5 mm per pixel along the spine; a cage is "
+            f"reported at probability >= {meta.get('postprocess', {}).get('cage_disc_threshold')} (best F1 on held-out discs; "
+            f"held-out AUC {dc.get('held_out_auc')}), as the middle of the disc space, half the bodies' width wide. It finds no cage "
+            "where the vertebrae around it are not found."]
+
+
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     """The model card text (MODEL_CARD.md), from model.json and the evaluation results."""
     tr = meta.get("training", {})
@@ -795,7 +865,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "",
         "Segments spinal hardware on a projection radiograph (AP or lateral): pedicle screws, rods, interbody cages, anterior",
         "plates and other implant-like metal, one instance per implant (screws split at screw-centre peaks; rods followed through",
-        "screw heads and gaps; a cage as its whole body, for PEEK cages inferred from their marker pins). Each screw gets the",
+        "screw heads and gaps; interbody cages from a disc-space classifier when the model has one, see below, else from the",
+        "network's cage channel). Each screw gets the",
         "level of the vertebral body its tip half projects into (vertebrae from `spine-xr-vertebrae` on the same image), cages",
         "the disc between two named vertebrae, rods and plates the levels they span; a side (the patient's, from PatientOrientation) on frontal views, unknown on laterals. Complications",
         "(screw loosening, screw breakage, rod fracture, cage subsidence) come from learned maps scored per implant, each reported",
@@ -807,6 +878,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "- Input: any DX/CR radiograph; resampled to the network spacing when the header gives a pixel spacing, otherwise scaled",
         "  from the vertebral step found by the vertebra model (30 mm per level assumed); percentile normalisation + CLAHE.",
         f"- Complication thresholds (tuned on held-out training samples, Youden's J): `{meta.get('postprocess', {}).get('complication_threshold')}`.",
+        *_disc_lines(meta),
         "",
         "## Training data",
         "",
@@ -827,12 +899,15 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "",
         f"Complication threshold tuning: `{tr.get('complication_tuning')}`",
         "",
+        *([f"Disc-space cage classifier: `{tr['disc_classifier']}`", ""] if tr.get("disc_classifier") else []),
         "## Evaluation",
         "",
         "Matching is one-to-one (Hungarian on IoU; screws IoU >= 0.3, other kinds >= 0.2) at source resolution. A true implant",
         f"counts when at least {MIN_VISIBLE_MM2:g} mm^2 of it is shown. Dice compares the union of the predicted instances of a class with the",
         "true label map, in which every pixel belongs to ONE implant (where a rod crosses a screw head the truth names one of them,",
-        "the prediction both), so class Dice is slightly pessimistic for screws and rods.",
+        "the prediction both), so class Dice is slightly pessimistic for screws and rods. The model is given the TRUE vertebrae",
+        "(real radiographs: the cores of their annotated boxes, level unknown); the rows marked spine-xr-vertebrae use that",
+        "model's vertebrae instead, as the node does.",
         "",
     ]
     if m.get("synthetic_holdout"):

@@ -88,6 +88,8 @@ class HardwareParams:
     )
     #: Implants closer than this to the image border (or the unexposed area) are "at the edge".
     border_mm: float = 2.0
+    #: Disc-space cage classifier (`hardware_discs`): a disc holds a cage at this probability or above.
+    cage_disc_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         # Per-kind tables given in part keep the defaults for the kinds not named.

@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pos-weight", default="", help="positive BCE weight of rare class maps, e.g. cage:5,plate:5")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
     ap.add_argument("--patch-iterations", type=int, default=3000, help="complication classifier iterations (0: use the maps)")
+    ap.add_argument("--disc-iterations", type=int, default=1200, help="disc-space cage classifier iterations (0: cages from the network)")
     ap.add_argument("--tune-only", action="store_true", help="no training: tune post-processing for --work's best checkpoint, write --out")
     args = ap.parse_args(argv)
     try:
@@ -578,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     write_model_folder(args.out, weights_file, info, tuned)
+    if args.disc_iterations:
+        from inference.train.hardware_discs import add_stage
+
+        add_stage(args.out, args.cache, excluded, args.val_every, args.disc_iterations, args.seed, info["command"])
     log.info("wrote %s (best score %.4f at %s); %s; %.1f min total", args.out, best, best_entry.get("iteration"), stop_reason, (time.time() - t_start) / 60)
     return 0
 

@@ -1,0 +1,217 @@
+"""Train the disc-space cage classifier (`inference.radiograph.hardware_discs`) into a hardware model folder.
+
+`python -m inference.train.hardware` runs this stage last (``--disc-iterations``); on its own it adds (or
+replaces) the stage in an existing model folder:
+
+    python -m inference.train.hardware_discs --cache ../cache/synth-hardware-v2 --model FOLDER
+
+Data: every disc space between consecutive true vertebral bodies of the cache samples (DRRs: the labelled
+bodies; real radiographs with rendered implants: the cores of their vertebra boxes), labelled by the true
+cages (`disc_labels`).  The samples held out from the segmentation training (every ``--val-every``-th) tune
+the threshold (Youden's J) and give the AUC written to model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from inference.radiograph.hardware_discs import DISC_PATCH, Body, build_disc_net, disc_labels, disc_patches, find_discs, predict
+from inference.radiograph.hardware_patch_data import MIN_VISIBLE_MM2, youden
+from inference.results import ImplantKind
+from inference.train import common
+
+log = logging.getLogger("inference.train.hardware_discs")
+
+#: Positive share of a training batch (cages sit in ~4 % of disc spaces).
+POSITIVE_FRACTION = 1 / 3
+
+
+def sample_bodies(sample: Any) -> list[Body]:
+    """The sample's vertebral bodies: labelled ones (DRRs), else the unnamed box cores (real radiographs)."""
+    body = np.asarray(sample.body)
+    codes = [int(c) for c in np.unique(body) if c >= 1]
+    if codes:
+        return [Body.from_mask(body == c) for c in codes if (body == c).sum() >= 10]
+    lab, n = ndimage.label(body == -2)
+    return [Body.from_mask(lab == k) for k in range(1, n + 1) if (lab == k).sum() >= 10]
+
+
+def sample_discs(sample: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(patches (n, 1, h, w) float16, labels (n,) bool) of a sample's disc spaces."""
+    src_mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+    discs = find_discs(sample_bodies(sample), src_mm)
+    if not discs:
+        return np.zeros((0, 1, *DISC_PATCH), np.float16), np.zeros(0, bool)
+    centres = []
+    min_px = MIN_VISIBLE_MM2 / src_mm**2
+    for k, spec in enumerate(sample.implant_specs or ()):
+        if spec.kind is not ImplantKind.INTERBODY_CAGE:
+            continue
+        rr, cc = np.nonzero(sample.implants == k + 1)
+        if len(rr) >= min_px:
+            centres.append((float(cc.mean() + 0.5), float(rr.mean() + 0.5)))
+    patches = disc_patches(np.asarray(sample.image, dtype=np.float32), discs, src_mm)
+    return patches.astype(np.float16), disc_labels(discs, centres, src_mm)
+
+
+def collect(cache: Path, exclude_sources: set[str], val_every: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train": (X, y), "held_out": (X, y)} with the segmentation training's split of the cache."""
+    from inference.synth.build import iter_cache
+
+    parts: dict[str, tuple[list, list]] = {"train": ([], []), "held_out": ([], [])}
+    t0 = time.time()
+    for k, sample in enumerate(iter_cache(cache)):
+        if str((sample.meta or {}).get("source", "")) in exclude_sources:
+            continue
+        x, y = sample_discs(sample)
+        if len(y):
+            part = parts["held_out" if k % val_every == 0 else "train"]
+            part[0].append(x)
+            part[1].append(y)
+    out = {name: (np.concatenate(xs) if xs else np.zeros((0, 1, *DISC_PATCH), np.float16), np.concatenate(ys) if ys else np.zeros(0, bool))
+           for name, (xs, ys) in parts.items()}
+    log.info("disc spaces: %s (%.0f s)", {k: {"discs": len(y), "cages": int(y.sum())} for k, (_, y) in out.items()}, time.time() - t0)
+    return out
+
+
+def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flips (left/right and head/foot look alike to a cage), gamma, a shift of up to 3 mm, noise."""
+    x = np.asarray(x, dtype=np.float32)
+    if rng.random() < 0.5:
+        x = x[..., ::-1]
+    if rng.random() < 0.5:
+        x = x[..., ::-1, :]
+    x = np.clip(x, 0.0, 1.0) ** rng.uniform(0.6, 1.6)
+    shift = tuple(int(v) for v in rng.integers(-6, 7, 2))
+    x = np.roll(x, shift, axis=(-2, -1))
+    return (x + rng.normal(0.0, 0.02, x.shape)).astype(np.float32)
+
+
+def train_disc_net(x: np.ndarray, y: np.ndarray, iterations: int, seed: int, batch: int = 48, lr: float = 2e-3) -> Any:
+    """The classifier trained on balanced batches of augmented disc patches."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = build_disc_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if not len(pos) or not len(neg):
+        raise ValueError(f"disc classifier needs discs with and without cages: {len(pos)} with, {len(neg)} without")
+    n_pos = max(1, int(round(batch * POSITIVE_FRACTION)))
+    net.train()
+    losses: list[float] = []
+    for step in range(iterations):
+        for group in opt.param_groups:
+            group["lr"] = common.cosine_lr(step, iterations, lr, warmup=100)
+        idx = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, batch - n_pos)])
+        xb = torch.from_numpy(np.stack([augment(x[i], rng) for i in idx]))
+        loss = F.binary_cross_entropy_with_logits(net(xb).ravel(), torch.from_numpy(y[idx].astype(np.float32)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 100 == 0:
+            log.info("disc classifier it %d loss %.4f", step + 1, float(np.mean(losses)))
+            losses = []
+    return net.eval()
+
+
+def f1_threshold(scores: np.ndarray, labels: np.ndarray, default: float = 0.5) -> dict[str, Any]:
+    """The threshold with the best F1 on held-out discs (a cage is rare: Youden's J would buy its
+    sensitivity with a false cage in many disc spaces), with its precision and recall."""
+    n_pos = int(labels.sum())
+    if n_pos < 3:
+        return {"threshold": default, "note": "too few held-out cages to tune: default kept"}
+    best = (-1.0, default, 0.0, 0.0)
+    for t in np.unique(np.round(scores, 3)):
+        t = float(max(t, 0.05))
+        pred = scores >= t
+        tp = int((pred & labels).sum())
+        precision = tp / max(int(pred.sum()), 1)
+        recall = tp / n_pos
+        f1 = 2 * precision * recall / max(precision + recall, 1e-9)
+        if f1 > best[0] + 1e-9:
+            best = (f1, t, precision, recall)
+    return {"threshold": round(best[1], 4), "f1": round(best[0], 4), "precision": round(best[2], 4), "recall": round(best[3], 4)}
+
+
+def add_stage(model_folder: Path, cache: Path, exclude_sources: set[str], val_every: int, iterations: int, seed: int, command: str) -> dict:
+    """Train the classifier, tune its threshold on the held-out discs, and write both into the model folder
+    (weights.pt gains "discs"; model.json its sha256, version, threshold and training record)."""
+    import torch
+
+    from inference.radiograph import network
+    from inference.registry import sha256_file
+
+    t0 = time.time()
+    data = collect(cache, exclude_sources, val_every)
+    x, y = data["train"]
+    net = train_disc_net(x, y, iterations, seed)
+    xv, yv = data["held_out"]
+    scores = predict(net, xv.astype(np.float32))
+    tuning = {**f1_threshold(scores, yv), "roc": youden([(float(s), bool(t)) for s, t in zip(scores, yv, strict=True)], 0.5)}
+    info = {
+        "command": command,
+        "iterations": iterations,
+        "minutes": round((time.time() - t0) / 60, 1),
+        "parameters": network.parameter_count(net),
+        "discs": {k: {"discs": int(len(v[1])), "cages": int(v[1].sum())} for k, v in data.items()},
+        "held_out_auc": tuning["roc"].get("auc"),
+        "tuning": tuning,
+        "excluded_sources": sorted(exclude_sources),
+    }
+    weights = model_folder / "weights.pt"
+    state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    if "segmentation" not in state:
+        state = {"segmentation": state, "complications": None}
+    state["discs"] = net.state_dict()
+    torch.save(state, weights)
+    meta_path = model_folder / "model.json"
+    meta = json.loads(meta_path.read_text())
+    digest = sha256_file(weights)
+    meta["sha256"] = digest
+    meta["version"] = f"1.0+{digest[:8]}"
+    meta["format"] = ("torch: {'segmentation': U-Net state dict, 'complications': patch classifier state dict, "
+                      "'discs': disc-space cage classifier state dict} (or the U-Net state dict alone)")
+    meta.setdefault("architecture", {})["disc_width"] = 16
+    meta["architecture"].setdefault("patches", {})["disc"] = list(DISC_PATCH)
+    meta.setdefault("postprocess", {})["cage_disc_threshold"] = tuning["threshold"]
+    meta.setdefault("training", {})["disc_classifier"] = info
+    meta["metrics"] = {}  # the weights changed: the evaluation must run again
+    common.write_json(meta_path, meta)
+    log.info("disc classifier: held-out AUC %s, %s; wrote %s (%s)", info["held_out_auc"], tuning, model_folder, meta["version"])
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m inference.train.hardware_discs", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, required=True, help="data-engine cache with implants (.npz shards)")
+    ap.add_argument("--model", type=Path, required=True, help="hardware model folder to add the stage to")
+    ap.add_argument("--iterations", type=int, default=1200)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--val-every", type=int, default=10, help="as the segmentation training: every n-th sample is held out")
+    ap.add_argument("--exclude-sources", default="", help="comma list of CT sources left out (leave-one-patient-out)")
+    args = ap.parse_args(argv)
+    common.setup_logging()
+    common.setup(args.seed, args.threads)
+    if not (args.model / "model.json").is_file():
+        ap.error(f"--model: {args.model}/model.json not found")
+    command = "python -m inference.train.hardware_discs " + " ".join(sys.argv[1:] if argv is None else argv)
+    add_stage(args.model, args.cache, {s for s in args.exclude_sources.split(",") if s}, args.val_every, args.iterations, args.seed, command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

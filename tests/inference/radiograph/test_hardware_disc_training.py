@@ -1,0 +1,73 @@
+"""The disc classifier's training data from data-engine samples, its threshold, the leave-one-patient-out
+recipe that includes it, and the shipped model loading it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from phantoms import phantom
+
+from inference.evaluate.hardware import training_recipe
+from inference.radiograph.hardware import HardwareModel
+from inference.radiograph.hardware_discs import DISC_PATCH
+from inference.registry import ModelRegistry
+from inference.train.hardware_discs import f1_threshold, sample_bodies, sample_discs, train_disc_net
+
+
+def test_a_phantom_with_a_cage_gives_one_positive_disc_space() -> None:
+    sample = phantom(21, "AP", "lumbar", implants=("posterior", "cage"))
+    bodies = sample_bodies(sample)
+    x, y = sample_discs(sample)
+    assert len(bodies) >= 4
+    assert x.shape == (len(y), 1, *DISC_PATCH) and x.dtype == np.float16
+    assert len(y) >= len(bodies) - 2  # a disc between almost every pair
+    cages = sum(1 for s in sample.implant_specs if s.kind.value == "interbody cage")
+    assert 1 <= int(y.sum()) <= cages
+    x0, y0 = sample_discs(phantom(25, "AP", "lumbar"))
+    assert len(y0) >= 3 and not y0.any()
+
+
+def test_f1_threshold_prefers_precision_on_rare_positives() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6] + [0.65] * 3 + [0.1] * 50)
+    labels = np.array([True, True, True, True] + [False] * 53)
+    t = f1_threshold(scores, labels)
+    # 0.6 would catch all four but with three false cages (F1 0.73); 0.7 misses one and adds none (F1 0.86).
+    assert t["threshold"] == pytest.approx(0.7) and t["precision"] == 1.0 and t["recall"] == 0.75
+    assert f1_threshold(scores[:2], labels[:2])["note"].startswith("too few")
+
+
+def test_training_needs_both_kinds_of_disc() -> None:
+    x = np.zeros((4, 1, *DISC_PATCH), np.float16)
+    with pytest.raises(ValueError, match="with and without"):
+        train_disc_net(x, np.zeros(4, bool), iterations=1, seed=0)
+
+
+def test_recipe_names_the_disc_stage_whether_or_not_the_command_does() -> None:
+    base = "python -m inference.train.hardware --threads 1 --max-minutes 80"
+    assert training_recipe({"command": base}) == ["--threads", "1", "--max-minutes", "80", "--disc-iterations", "0"]
+    added = {"command": base, "disc_classifier": {"iterations": 1200}}
+    assert training_recipe(added) == training_recipe({"command": base + " --disc-iterations 1200"})
+
+
+def test_the_shipped_model_loads_its_disc_classifier() -> None:
+    spec = ModelRegistry().spec("spine-xr-hardware")
+    model = HardwareModel.from_spec(spec)
+    assert model.disc_net is not None
+    assert 0.0 < model.params.cage_disc_threshold < 1.0
+    assert spec.metadata["training"]["disc_classifier"]["held_out_auc"] >= 0.8
+
+
+def test_cages_are_matched_by_centre_one_to_one() -> None:
+    from inference.evaluate.hardware import centre_counts
+
+    def box(r: int, c: int) -> np.ndarray:
+        m = np.zeros((100, 100), bool)
+        m[r : r + 6, c : c + 20] = True
+        return m
+
+    true = [box(20, 40), box(60, 40)]
+    # One prediction near the first cage, two near the second (one of them extra), one far from both.
+    pred = [box(22, 44), box(58, 38), box(63, 41), box(20, 80)]
+    assert centre_counts(pred, true, max_px=8) == (2, 2, 0)
+    assert centre_counts([], true, max_px=8) == (0, 0, 2)
+    assert centre_counts(pred[:1], [], max_px=8) == (0, 1, 0)
