@@ -61,6 +61,7 @@ from inference.results import (
     Vertebra,
     level_index,
 )
+from inference.synth.sample import UNNAMED
 from inference.train import common
 
 log = logging.getLogger("inference.evaluate.hardware")
@@ -112,7 +113,7 @@ def true_vertebrae(sample: Any) -> list[Vertebra]:
     radiograph (no level names) the cores of its annotated vertebra boxes, level unknown."""
     out = []
     if not (np.asarray(sample.body) >= 1).any():
-        lab, n = ndimage.label(np.asarray(sample.body) == -2)
+        lab, n = ndimage.label(np.asarray(sample.body) == UNNAMED)
         for k in range(1, n + 1):
             mask = lab == k
             if mask.sum() >= 10:

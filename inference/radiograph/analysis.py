@@ -83,10 +83,13 @@ def _mask_to_stored(orientation: preprocess.Orientation, canonical_shape: tuple[
     return RegionMask(shape, (int(r0), int(c0)), np.ascontiguousarray(arr, dtype=bool))
 
 
-def _outline(mask: np.ndarray, offset: tuple[int, int], tolerance: float = 1.0) -> list[Point]:
-    """Closed polygon (SCOORD, canonical grid) around the largest part of a boolean crop, within `tolerance`
-    pixels of the mask's contour.  One pixel: on a 3000 px radiograph a rod's outline at 0.6 px had 158
-    vertices and took 14 ms to simplify, at 1 px 26 vertices and 3 ms, and the difference is not visible."""
+#: Outlines stay within this many pixels of the mask's contour.  On a 3000 px radiograph a rod's outline at
+#: 0.6 px had 158 vertices and took 14 ms to simplify, at 1 px 26 vertices and 3 ms: the difference is not visible.
+OUTLINE_TOLERANCE_PX = 1.0
+
+
+def _outline(mask: np.ndarray, offset: tuple[int, int]) -> list[Point]:
+    """Closed polygon (SCOORD, canonical grid) around the largest part of a boolean crop."""
     from skimage.measure import approximate_polygon, find_contours
 
     padded = np.pad(mask.astype(np.float32), 1)
@@ -94,7 +97,7 @@ def _outline(mask: np.ndarray, offset: tuple[int, int], tolerance: float = 1.0) 
     if not contours:
         return []
     contour = max(contours, key=len)
-    contour = approximate_polygon(contour, tolerance=tolerance)
+    contour = approximate_polygon(contour, tolerance=OUTLINE_TOLERANCE_PX)
     if len(contour) > 1 and np.allclose(contour[0], contour[-1]):
         contour = contour[:-1]
     # find_contours works on pixel-centre indices of the padded crop: index i -> SCOORD i - 1 + 0.5.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference.radiograph.hardware_patches import PATCH_MM, Frame, cut, intensity_window
+from inference.radiograph.hardware_patches import Frame, cut, intensity_window
 
 if TYPE_CHECKING:
     import torch
@@ -78,12 +78,13 @@ def find_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
     """Disc spaces between consecutive bodies (ordered head to foot by centroid row); pairs too close,
     too far (a body missed between them) or with a body without pixels are skipped."""
     order = [i for i in sorted(range(len(bodies)), key=lambda i: bodies[i].centroid[1]) if len(bodies[i].xy)]
-    steps = [math.dist(bodies[a].centroid, bodies[b].centroid) for a, b in zip(order, order[1:])]
+    pairs = list(zip(order[:-1], order[1:], strict=True))
+    steps = [math.dist(bodies[a].centroid, bodies[b].centroid) for a, b in pairs]
     if not steps:
         return []
     median = float(np.median(steps))
     out = []
-    for (a, b), step in zip(zip(order, order[1:]), steps):
+    for (a, b), step in zip(pairs, steps, strict=True):
         step_mm = step * src_mm
         if not MIN_STEP_MM <= step_mm <= MAX_STEP_MM or step > MAX_STEP_RATIO * median:
             continue
@@ -92,13 +93,12 @@ def find_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
         n = np.array([-u[1], u[0]])
         # Along the axis, the upper body ends and the lower one begins; the disc is between (for the sacrum,
         # whose centroid lies low, this still finds its upper endplate).
-        pa = (bodies[a].xy - ca) @ u
-        pb = (bodies[b].xy - ca) @ u
-        end_a, start_b = float(np.percentile(pa, 98)), float(np.percentile(pb, 2))
+        da, db = bodies[a].xy - ca, bodies[b].xy - ca
+        end_a, start_b = float(np.percentile(da @ u, 98)), float(np.percentile(db @ u, 2))
         t = 0.5 * (end_a + start_b)
-        across = 0.5 * (float(np.median((bodies[a].xy - ca) @ n)) + float(np.median((bodies[b].xy - ca) @ n)))
-        centre = ca + t * u + across * n
-        width = 0.5 * sum(float(np.percentile(q, 98) - np.percentile(q, 2)) for q in ((bodies[a].xy - ca) @ n, (bodies[b].xy - ca) @ n))
+        na, nb = da @ n, db @ n
+        centre = ca + t * u + 0.5 * (float(np.median(na)) + float(np.median(nb))) * n
+        width = 0.5 * sum(float(np.percentile(q, 98) - np.percentile(q, 2)) for q in (na, nb))
         out.append(Disc(a, b, Frame((float(centre[0]), float(centre[1])), (float(u[0]), float(u[1]))), step, max(start_b - end_a, 0.0), width))
     return out
 
@@ -161,7 +161,7 @@ def predict(net: torch.nn.Module, patches: np.ndarray, batch: int = 128) -> np.n
 
 def cage_probabilities(net: torch.nn.Module, pixels: np.ndarray, discs: Sequence[Disc], src_mm: float) -> np.ndarray:
     """(n,) probability that each disc space holds an interbody cage."""
-    return predict(net, disc_patches(pixels, discs, src_mm), batch=128)
+    return predict(net, disc_patches(pixels, discs, src_mm))
 
 
 def footprint(disc: Disc, src_mm: float, shape: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray] | None:

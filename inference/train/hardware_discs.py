@@ -8,7 +8,7 @@ replaces) the stage in an existing model folder:
 Data: every disc space between consecutive true vertebral bodies of the cache samples (DRRs: the labelled
 bodies; real radiographs with rendered implants: the cores of their vertebra boxes), labelled by the true
 cages (`disc_labels`).  The samples held out from the segmentation training (every ``--val-every``-th) tune
-the threshold (Youden's J) and give the AUC written to model.json.
+the threshold (best F1) and give the AUC written to model.json.
 """
 
 from __future__ import annotations
@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from inference.radiograph.hardware_discs import DISC_PATCH, Body, build_disc_net, disc_labels, disc_patches, find_discs, predict
-from inference.radiograph.hardware_patch_data import MIN_VISIBLE_MM2, youden
+from inference.radiograph.hardware_discs import (
+    DISC_PATCH,
+    Body,
+    build_disc_net,
+    disc_labels,
+    disc_patches,
+    find_discs,
+    predict,
+)
+from inference.radiograph.hardware_patch_data import youden
 from inference.results import ImplantKind
 from inference.train import common
 
@@ -36,28 +43,25 @@ POSITIVE_FRACTION = 1 / 3
 
 
 def sample_bodies(sample: Any) -> list[Body]:
-    """The sample's vertebral bodies: labelled ones (DRRs), else the unnamed box cores (real radiographs)."""
-    body = np.asarray(sample.body)
-    codes = [int(c) for c in np.unique(body) if c >= 1]
-    if codes:
-        return [Body.from_mask(body == c) for c in codes if (body == c).sum() >= 10]
-    lab, n = ndimage.label(body == -2)
-    return [Body.from_mask(lab == k) for k in range(1, n + 1) if (lab == k).sum() >= 10]
+    """The sample's vertebral bodies (`true_vertebrae`: labelled ones on DRRs, box cores on real radiographs)."""
+    from inference.evaluate.hardware import true_vertebrae
+
+    return [Body.from_mask(v.mask.dense()) for v in true_vertebrae(sample)]
 
 
 def sample_discs(sample: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(patches (n, 1, h, w) float16, labels (n,) bool) of a sample's disc spaces."""
+    """(patches (n, 1, h, w) float16, labels (n,) bool) of a sample's disc spaces, labelled by the cages it
+    shows (`true_implants`)."""
+    from inference.evaluate.hardware import true_implants
+
     src_mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
     discs = find_discs(sample_bodies(sample), src_mm)
     if not discs:
         return np.zeros((0, 1, *DISC_PATCH), np.float16), np.zeros(0, bool)
     centres = []
-    min_px = MIN_VISIBLE_MM2 / src_mm**2
-    for k, spec in enumerate(sample.implant_specs or ()):
-        if spec.kind is not ImplantKind.INTERBODY_CAGE:
-            continue
-        rr, cc = np.nonzero(sample.implants == k + 1)
-        if len(rr) >= min_px:
+    for t in true_implants(sample):
+        if t.kind is ImplantKind.INTERBODY_CAGE:
+            rr, cc = np.nonzero(t.mask)
             centres.append((float(cc.mean() + 0.5), float(rr.mean() + 0.5)))
     patches = disc_patches(np.asarray(sample.image, dtype=np.float32), discs, src_mm)
     return patches.astype(np.float16), disc_labels(discs, centres, src_mm)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.radiograph.hardware_discs import DISC_PATCH, Body, disc_labels, disc_patches, find_discs, footprint
+from inference.radiograph.hardware_discs import (
+    DISC_PATCH,
+    Body,
+    disc_labels,
+    disc_patches,
+    find_discs,
+    footprint,
+)
 
 
 def column_of_bodies(n: int, step_px: int = 30, height_px: int = 22, width_px: int = 40, x0: int = 60, tilt: float = 0.0,
