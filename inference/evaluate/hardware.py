@@ -50,7 +50,7 @@ from inference.radiograph.hardware_post import (
     score_complications,
     vertebrae_spanned,
 )
-from inference.registry import ModelRegistry
+from inference.registry import ModelRegistry, ModelSpec
 from inference.results import (
     LEVELS,
     HardwareStatus,
@@ -708,9 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     common.setup(0, args.threads)
 
     meta = json.loads((args.model / "model.json").read_text())
-    registry = ModelRegistry([args.model.parent])
-    spec = registry.spec(meta["name"])
-    model = registry.load(spec.name, HardwareModel.from_spec)
+    # The folder given, not whichever folder of that name the registry finds beside it (work folders
+    # hold several copies of a model while it is trained).
+    spec = ModelSpec.read(args.model)
+    spec.verify()
+    model = HardwareModel.from_spec(spec)
     vertebra_step = None
     if not args.no_vertebra_model:
         from inference.radiograph.analysis import VertebraStep
