@@ -46,11 +46,18 @@ bench: install
 # Vertebra model: the synthetic cache is rendered once by the data engine (~30 min on 2 cores), then
 # training runs <= 2 h at nice 10; checkpoints in ../cache/train-vertebrae make an interrupted run resume.
 VERTEBRA_CACHE ?= ../cache/synth-v1
+# The six-point morphometry stage (heights, fractures) trains last, on lateral DRRs with compression deformities
+# (~20 min to render on 2 cores, ~17 min to train on 2 threads).
+LATERAL_CACHE ?= ../cache/synth-lat-fractures
 train-vertebrae: install
 	test -f $(VERTEBRA_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
 		--out $(VERTEBRA_CACHE) --count 1600 --seed 1 --workers 2 --max-side 768
 	nice -n 10 $(PY) -m inference.train.vertebrae --data $(DATA) --cache $(VERTEBRA_CACHE) \
 		--work ../cache/train-vertebrae --out inference/models/spine-xr-vertebrae
+	test -f $(LATERAL_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
+		--out $(LATERAL_CACHE) --count 900 --seed 31 --views LAT --fracture-prob 0.9 --implants-prob 0.2 --workers 2 --max-side 768
+	nice -n 10 $(PY) -m inference.train.endplates --cache $(LATERAL_CACHE) --model inference/models/spine-xr-vertebrae \
+		--work ../cache/train-endplates --iterations 2500 --threads 2
 
 # Hardware model: the data engine renders a cache with implants (70 % of DRRs, 40 % implant overlays on real
 # radiographs; ~15 min on 2 cores), then the shipped recipe trains 80 min on one thread (so eval-hardware can
@@ -67,7 +74,8 @@ train-hardware: install
 
 eval-vertebrae: install
 	nice -n 10 $(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae \
-		--cache $(VERTEBRA_CACHE) --holdout ../cache/synth-holdout-v1 --lopo-work ../cache/lopo-vertebrae
+		--cache $(VERTEBRA_CACHE) --holdout ../cache/synth-holdout-v1 --lopo-work ../cache/lopo-vertebrae \
+		--lateral-cache $(LATERAL_CACHE)
 
 eval-hardware: install
 	nice -n 10 $(PY) -m inference.evaluate.hardware --data $(DATA) --model inference/models/spine-xr-hardware \

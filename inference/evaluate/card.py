@@ -80,11 +80,88 @@ def _synth_section(title: str, s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _morphometry_section(title: str, s: dict[str, Any], intro: str) -> list[str]:
+    """Heights and Genant grades of the model's method (the six-point stage when it has one, else the body
+    silhouettes) beside the silhouettes, on the same bodies."""
+    out = [f"### {title}", "", intro, ""]
+    out.append(f"{s.get('samples')} samples; views {s.get('views')}; sources {s.get('sources')}.")
+    d = s.get("detection", {})
+    out.append(f"Vertebra detection on them: precision {_f(d.get('precision'))}, recall {_f(d.get('recall'))}; heights and grades are "
+               "scored on the detected bodies fully inside the field.")
+    h, hs = s.get("heights_mm") or {}, s.get("heights_mm_silhouette") or {}
+    g, gs = s.get("grades") or {}, s.get("grades_silhouette") or {}
+    if not (hs or gs):  # a model without the six-point stage: its method is the silhouette
+        return _single_method(out, h, g)
+    out += ["", "| metric | six endplate points | body silhouette | trivial baseline |", "|---|---|---|---|"]
+    base = h.get("baseline_level_mean_mae", {})
+    for k in ("anterior", "middle", "posterior"):
+        out.append(f"| height MAE {k} (mm); bias | {_f(h.get('mae', {}).get(k))}; {_f(h.get('bias', {}).get(k))} | "
+                   f"{_f(hs.get('mae', {}).get(k))}; {_f(hs.get('bias', {}).get(k))} | mean of the level: {_f(base.get(k))} |")
+    rows = (
+        ("Genant grade: Cohen's kappa (linear-weighted)", lambda x: f"{_f(x.get('kappa'))} ({_f(x.get('kappa_linear'))})", "0.000"),
+        ("Genant grade: accuracy", lambda x: _f(x.get("accuracy")), _f(g.get("baseline_all_normal", {}).get("accuracy"))),
+        ("fracture (grade >= 1): sensitivity / specificity", lambda x: f"{_f(x.get('fracture_sensitivity'))} / {_f(x.get('fracture_specificity'))}", "0 / 1"),
+        ("grade 2-3 found as grade 2-3 (sensitivity)", lambda x: _f(x.get("moderate_or_severe_sensitivity")), "0"),
+        ("normal bodies called grade 2-3", lambda x: _f(x.get("moderate_or_severe_false_positive_rate"), pct=True), "0"),
+        ("shape right on fractures found", lambda x: _f(x.get("shape_agreement_on_found_fractures")), "–"),
+    )
+    for name, fmt, baseline in rows:
+        out.append(f"| {name} | {fmt(g) if g else '–'} | {fmt(gs) if gs else '–'} | all normal: {baseline} |")
+    out.append(f"| bodies scored | {g.get('pairs')} | {gs.get('pairs')} | |")
+    out.append("")
+    out.append(f"Grade confusion, six points (rows truth 0-3, columns predicted 0-3): `{g.get('confusion_true_rows_pred_cols')}`; "
+               f"body silhouette: `{gs.get('confusion_true_rows_pred_cols')}`.")
+    a = s.get("anterior_side_six_point")
+    if a:
+        out.append(f"Anterior side read by the six-point stage without the header (whole chain vote): {a}; the posterior-element rule: "
+                   f"{s.get('anterior_side_from_image')}.")
+    out.append("")
+    return out
+
+
+def _single_method(out: list[str], h: dict[str, Any], g: dict[str, Any]) -> list[str]:
+    """The rows of `_morphometry_section` for one method (body silhouettes)."""
+    out += ["", "| metric | body silhouette | trivial baseline |", "|---|---|---|"]
+    base = h.get("baseline_level_mean_mae", {})
+    for k in ("anterior", "middle", "posterior"):
+        out.append(f"| height MAE {k} (mm); bias | {_f(h.get('mae', {}).get(k))}; {_f(h.get('bias', {}).get(k))} | mean of the level: {_f(base.get(k))} |")
+    out += [
+        f"| Genant grade: Cohen's kappa (linear-weighted) | {_f(g.get('kappa'))} ({_f(g.get('kappa_linear'))}) | all normal: 0.000 |",
+        f"| Genant grade: accuracy | {_f(g.get('accuracy'))} | all normal: {_f(g.get('baseline_all_normal', {}).get('accuracy'))} |",
+        f"| fracture (grade >= 1): sensitivity / specificity | {_f(g.get('fracture_sensitivity'))} / {_f(g.get('fracture_specificity'))} | 0 / 1 |",
+        f"| grade 2-3 found as grade 2-3 (sensitivity) | {_f(g.get('moderate_or_severe_sensitivity'))} | 0 |",
+        f"| normal bodies called grade 2-3 | {_f(g.get('moderate_or_severe_false_positive_rate'), pct=True)} | 0 |",
+        f"| shape right on fractures found | {_f(g.get('shape_agreement_on_found_fractures'))} | – |",
+        f"| bodies scored | {g.get('pairs')} | |",
+        "",
+        f"Grade confusion (rows truth 0-3, columns predicted 0-3): `{g.get('confusion_true_rows_pred_cols')}`.",
+        "",
+    ]
+    return out
+
+
 def _anchor_words(meta: dict[str, Any]) -> str:
     if meta.get("postprocess", {}).get("naming_anchor") == "l5":
         return ("the one chain vertebra the network's L5 heatmap marks (taught by the lowest box of real radiographs and the L5 "
                 "label of synthetic ones), and only when no other vertebra comes close to it.")
     return "the lowest vertebra, when the sacrum sits right below it."
+
+
+def _endplate_words(meta: dict[str, Any]) -> list[str]:
+    """The six-point morphometry stage, when the model has it."""
+    ep = meta.get("training", {}).get("endplates")
+    if not ep:
+        return []
+    held = ep.get("held_out", {})
+    return [
+        "- Heights (laterals): a second small CNN (`inference/radiograph/endplates.py`, "
+        f"{ep.get('parameters')} parameters) places the six morphometry points (anterior, middle, posterior on both endplates) on a",
+        "  64 px crop of each body turned to the spine and scaled to 1.6 vertebral steps, in two passes (the second re-cut around",
+        "  the first answer), and says which side is anterior; heights are the three point distances. Trained by",
+        f"  `{ep.get('command')}` ({ep.get('iterations')} iterations, {ep.get('minutes')} min; {ep.get('bodies', {}).get('train')} lateral DRR",
+        f"  bodies, {ep.get('bodies', {}).get('fractured_train')} of them deformed; held-out bodies at the true centroid: point error "
+        f"{held.get('point_error_mm')} mm, height MAE {held.get('height_mae_mm')} mm, anterior side {held.get('side_accuracy')}).",
+    ]
 
 
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
@@ -110,6 +187,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "  corrected zoom when the vertebrae come out far from the trained size); percentile normalisation + CLAHE.",
         "- Post-processing: centre-heatmap peaks -> best chain by dynamic programming (even spacing, smooth turns, missed",
         "  vertebrae counted) -> marker watershed on the body probability -> masks at source resolution.",
+        *_endplate_words(meta),
         "",
         "## Training data",
         "",
@@ -159,6 +237,19 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         ]
     if m.get("synthetic_holdout"):
         lines += _synth_section("Synthetic hold-out (seed never used in training)", m["synthetic_holdout"])
+    lat = m.get("lateral_fracture_holdout")
+    if lat:
+        lines += _morphometry_section(
+            "Heights and compression fractures: lateral hold-out with deformities (seed never used in training)", lat,
+            "Lateral DRRs only, most with one or two compression deformities (wedge, biconcave, crush; 10-60 % height loss) made "
+            "in the CT volume; truth = heights measured in 3D on the deformed body (isocentre scale) and the grade of the loss "
+            "against the same body before the deformity.",
+        )
+    for name, s in (m.get("lateral_leave_one_patient_out") or {}).items():
+        lines += _morphometry_section(
+            f"Heights and fractures, leave one CT patient out: {name}", s,
+            f"The six-point stage retrained without that CT patient ({s.get('training')}); the vertebra network is the shipped one.",
+        )
     lopo = m.get("leave_one_patient_out")
     if lopo:
         lines += [

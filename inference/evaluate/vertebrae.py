@@ -34,7 +34,7 @@ import numpy as np
 from inference.evaluate import metrics as M
 from inference.radiograph import preprocess
 from inference.radiograph.model import SpineInstances, VertebraModel
-from inference.registry import ModelRegistry, ModelSpec
+from inference.registry import ModelSpec
 from inference.results import LEVELS
 from inference.train import cadma, common
 
@@ -213,6 +213,55 @@ def ensure_holdout(holdout: Path, data: Path, count: int) -> Path:
     return holdout
 
 
+#: The lateral hold-out with compression deformities (heights and grades): the data engine's arguments.
+LATERAL_HOLDOUT_ARGS = ("--count", "160", "--seed", "32", "--views", "LAT", "--fracture-prob", "0.9", "--implants-prob", "0.2",
+                        "--workers", "2", "--max-side", "768")
+#: Leave-one-patient-out folds of the six-point stage: CT source left out (with the stitched volume, which
+#: holds both patients) -> its laterals in the lateral hold-out.
+LATERAL_LOPO = ("ts-abdomen", "dd-chest")
+
+
+def ensure_lateral_holdout(holdout: Path, data: Path) -> Path:
+    """Build the lateral hold-out with the data engine if it is not there yet."""
+    if not (holdout / "manifest.json").is_file():
+        from inference.synth import build
+
+        log.info("building the lateral hold-out in %s", holdout)
+        build.main(["--data", str(data), "--out", str(holdout), *LATERAL_HOLDOUT_ARGS])
+    return holdout
+
+
+def lateral_lopo(model_folder: Path, cache: Path, holdout: Path, work: Path, iterations: int) -> dict[str, Any]:
+    """The six-point stage retrained without one CT patient (and the stitched volume), tested on that
+    patient's laterals; the vertebra network stays the shipped one.  A fold is reused when its folder holds a
+    stage trained with the same iterations and cache."""
+    import shutil
+
+    from inference.synth.build import iter_cache
+    from inference.train import endplates as train_endplates
+
+    results = {}
+    for test_src in LATERAL_LOPO:
+        folder = work / f"endplates-without-{test_src}"
+        meta_path = folder / "model.json"
+        done = meta_path.is_file() and (json.loads(meta_path.read_text()).get("training", {}).get("endplates") or {})
+        if not done or done.get("iterations") != iterations or done.get("cache") != str(cache):
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            shutil.copy(model_folder / "model.json", folder / "model.json")
+            shutil.copy(model_folder / "weights.pt", folder / "weights.pt")
+            train_endplates.add_stage(folder, cache, 10, iterations, 1, f"lateral LOPO fold without {test_src}",
+                                      {test_src, "stitched"}, folder)
+        model = VertebraModel.from_spec(ModelSpec.read(folder))
+        samples = (s for s in iter_cache(holdout) if (s.meta or {}).get("source") == test_src)
+        res = evaluate_synthetic(model, samples, f"six-point stage trained without {test_src}, tested on its laterals")
+        ep = json.loads(meta_path.read_text())["training"]["endplates"]
+        res["training"] = f"{ep['iterations']} iterations, {ep['bodies']['train']} bodies, {ep['minutes']} min"
+        results[f"test_{test_src}"] = res
+    return results
+
+
 def _anterior_sign(meta: dict) -> int | None:
     orient = meta.get("patient_orientation") or []
     return {"A": 1, "P": -1}.get(str(orient[0])[:1]) if orient else None
@@ -220,7 +269,7 @@ def _anterior_sign(meta: dict) -> int | None:
 
 def sample_record(model: VertebraModel, sample: Any) -> dict[str, Any]:
     """Everything measured on one synthetic sample (aggregated by `aggregate`)."""
-    from inference.radiograph import morphometry
+    from inference.radiograph import endplates, morphometry
     from inference.train.vertebrae import prepare_synth, visibility
 
     meta = sample.meta or {}
@@ -282,24 +331,32 @@ def sample_record(model: VertebraModel, sample: Any) -> dict[str, Any]:
         pm[v.offset[0] : v.offset[0] + v.mask.shape[0], v.offset[1] : v.offset[1] + v.mask.shape[1]] = v.mask
         rec["dice_inst"].append(M.dice(pm, body == LEVELS.index(true_level) + 1))
 
-    # Heights and grades on laterals (the header's anterior side, as a DICOM lateral would give it).
-    rec["heights"], rec["grades"] = [], []
+    # Heights and grades on laterals (the header's anterior side, as a DICOM lateral would give it), by the
+    # model's method (six endplate points when it has the stage) and by body silhouettes for comparison.
+    rec["heights"], rec["grades"], rec["heights_silhouette"], rec["grades_silhouette"] = [], [], [], []
     if sample.view == "LAT" and sign is not None:
-        bodies = spine.vertebrae
-        axes = morphometry.spine_axes([b.centroid for b in bodies])
-        measured = []
-        for k, b in enumerate(bodies):
-            h = None if b.touches_border else morphometry.measure_heights(b.membership, b.offset, rad.pixel_spacing_mm, axes[k], sign)
-            measured.append(h.values() if h and all(x is not None for x in h.values()) else None)
-        grades = morphometry.grade_fractures(measured)
-        for k, true_level in matched.items():
-            spec = truth.get(true_level)
-            if spec is None or spec.visible_fraction < 0.99:
-                continue
-            if spec.heights_mm is not None and measured[k] is not None:
-                rec["heights"].append((true_level, tuple(spec.heights_mm), tuple(measured[k])))
-            if spec.grade is not None and grades[k] is not None:
-                rec["grades"].append((int(spec.grade), int(grades[k].grade)))
+        from inference.radiograph.analysis import chain_heights
+
+        methods = [("", model.endplates)] + ([("_silhouette", None)] if model.endplates is not None else [])
+        for suffix, net in methods:
+            hs = chain_heights(net, rad, spine.vertebrae, sign)
+            measured = [h.values() if h and all(x is not None for x in h.values()) else None for h in hs]
+            grades = morphometry.grade_fractures(measured)
+            for k, true_level in matched.items():
+                spec = truth.get(true_level)
+                if spec is None or spec.visible_fraction < 0.99:
+                    continue
+                if spec.heights_mm is not None and measured[k] is not None:
+                    rec["heights" + suffix].append((true_level, tuple(spec.heights_mm), tuple(measured[k])))
+                if spec.grade is not None and grades[k] is not None:
+                    rec["grades" + suffix].append((int(spec.grade), int(grades[k].grade), spec.shape.value, grades[k].shape.value))
+        if model.endplates is not None:
+            # The stage's own reading of the anterior side (no header), over the whole chain.
+            placed = endplates.place_points(model.endplates, rad.pixels, [b.centroid for b in spine.vertebrae])
+            if placed:
+                high = endplates.anterior_is_high(placed, None)[0]
+                guess = 1 if (placed[0].frame.across[0] >= 0) == high else -1
+                rec["anterior_six_point"] = "right" if guess == sign else "wrong"
     return rec
 
 
@@ -341,37 +398,56 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
         },
         "anterior_side_from_image": dict(anterior),
     }
-    heights = [h for r in records for h in r["heights"]]
-    if heights:
-        names = ("anterior", "middle", "posterior")
-        err = {n: np.array([p[i] - t[i] for _, t, p in heights]) for i, n in enumerate(names)}
-        truth = {n: [(lv, "", t[i], p[i]) for lv, t, p in heights] for i, n in enumerate(names)}
-        out["heights_mm"] = {
-            "pairs": len(heights),
-            "mae": {n: _r(float(np.abs(e).mean())) for n, e in err.items()},
-            "median_abs": {n: _r(float(np.median(np.abs(e)))) for n, e in err.items()},
-            "bias": {n: _r(float(e.mean())) for n, e in err.items()},
-            "baseline_level_mean_mae": _level_mean_baseline(truth),
-        }
-    grades = [g for r in records for g in r["grades"]]
-    if grades:
-        gt = np.array([g[0] for g in grades])
-        gp = np.array([g[1] for g in grades])
-        conf = np.zeros((4, 4), int)
-        for a, b in grades:
-            conf[a, b] += 1
-        frac_t, frac_p = gt > 0, gp > 0
-        out["grades"] = {
-            "pairs": len(grades),
-            "kappa": _r(M.cohen_kappa(gt, gp)),
-            "kappa_linear": _r(M.cohen_kappa(gt, gp, weights="linear")),
-            "confusion_true_rows_pred_cols": conf.tolist(),
-            "fracture_sensitivity": _r(float((frac_p & frac_t).sum() / frac_t.sum())) if frac_t.any() else None,
-            "fracture_specificity": _r(float((~frac_p & ~frac_t).sum() / (~frac_t).sum())) if (~frac_t).any() else None,
-            "baseline_all_normal": {"kappa": 0.0, "accuracy": _r(float((gt == 0).mean()))},
-            "accuracy": _r(float((gt == gp).mean())),
-        }
+    for suffix in ("", "_silhouette"):
+        heights = [h for r in records for h in r.get("heights" + suffix, [])]
+        if heights:
+            out["heights_mm" + suffix] = _height_metrics(heights)
+        grades = [g for r in records for g in r.get("grades" + suffix, [])]
+        if grades:
+            out["grades" + suffix] = _grade_metrics(grades)
+    six = Counter(r["anterior_six_point"] for r in records if "anterior_six_point" in r)
+    if six:
+        out["anterior_side_six_point"] = dict(six)
     return out
+
+
+def _height_metrics(heights: list[tuple[str, tuple[float, ...], tuple[float, ...]]]) -> dict[str, Any]:
+    """Errors (mm) of measured against true (anterior, middle, posterior) heights, beside the per-level mean."""
+    names = ("anterior", "middle", "posterior")
+    err = {n: np.array([p[i] - t[i] for _, t, p in heights]) for i, n in enumerate(names)}
+    truth = {n: [(lv, "", t[i], p[i]) for lv, t, p in heights] for i, n in enumerate(names)}
+    return {
+        "pairs": len(heights),
+        "mae": {n: _r(float(np.abs(e).mean())) for n, e in err.items()},
+        "median_abs": {n: _r(float(np.median(np.abs(e)))) for n, e in err.items()},
+        "bias": {n: _r(float(e.mean())) for n, e in err.items()},
+        "baseline_level_mean_mae": _level_mean_baseline(truth),
+    }
+
+
+def _grade_metrics(grades: list[tuple[int, int, str, str]]) -> dict[str, Any]:
+    """Genant grade agreement: kappa, confusion, fracture (grade >= 1) sensitivity / specificity, shape."""
+    gt = np.array([g[0] for g in grades])
+    gp = np.array([g[1] for g in grades])
+    conf = np.zeros((4, 4), int)
+    for g in grades:
+        conf[g[0], g[1]] += 1
+    frac_t, frac_p = gt > 0, gp > 0
+    both = [(ts, ps) for t, p, ts, ps in grades if t > 0 and p > 0]
+    moderate_t, moderate_p = gt >= 2, gp >= 2
+    return {
+        "pairs": len(grades),
+        "kappa": _r(M.cohen_kappa(gt, gp)),
+        "kappa_linear": _r(M.cohen_kappa(gt, gp, weights="linear")),
+        "confusion_true_rows_pred_cols": conf.tolist(),
+        "fracture_sensitivity": _r(float((frac_p & frac_t).sum() / frac_t.sum())) if frac_t.any() else None,
+        "fracture_specificity": _r(float((~frac_p & ~frac_t).sum() / (~frac_t).sum())) if (~frac_t).any() else None,
+        "moderate_or_severe_sensitivity": _r(float((moderate_p & moderate_t).sum() / moderate_t.sum())) if moderate_t.any() else None,
+        "moderate_or_severe_false_positive_rate": _r(float((moderate_p & ~frac_t).sum() / (~frac_t).sum())) if (~frac_t).any() else None,
+        "shape_agreement_on_found_fractures": _r(float(np.mean([a == b for a, b in both]))) if both else None,
+        "baseline_all_normal": {"kappa": 0.0, "accuracy": _r(float((gt == 0).mean()))},
+        "accuracy": _r(float((gt == gp).mean())),
+    }
 
 
 def _naming_by_source(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -486,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lopo-limit", type=int, default=120)
     ap.add_argument("--skip-lopo", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
+    ap.add_argument("--lateral-holdout", type=Path, default=Path("../cache/synth-lat-holdout"), help="laterals with deformities (built if missing)")
+    ap.add_argument("--lateral-cache", type=Path, default=Path("../cache/synth-lat-fractures"), help="the six-point stage's training cache (LOPO folds)")
+    ap.add_argument("--lateral-lopo-iterations", type=int, default=1500)
+    ap.add_argument("--skip-lateral", action="store_true")
+    ap.add_argument("--skip-lateral-lopo", action="store_true")
     ap.add_argument("--overlays", type=Path, default=Path("../cache/eval-vertebrae-overlays"))
     ap.add_argument("--real-limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -493,9 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     common.setup(0, args.threads)
 
-    registry = ModelRegistry([args.model.parent])
-    spec = registry.spec(json.loads((args.model / "model.json").read_text())["name"])
-    model = registry.load(spec.name, VertebraModel.from_spec)
+    # The folder given, not whichever folder of that name the registry finds beside it (work folders
+    # hold several copies of a model while it is trained).
+    spec = ModelSpec.read(args.model)
+    spec.verify()
+    model = VertebraModel.from_spec(spec)
     results: dict[str, Any] = {"evaluated": time.strftime("%Y-%m-%d"), "model_version": spec.version}
     t0 = time.time()
     results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None)
@@ -508,6 +591,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info("synthetic hold-out: %s", json.dumps(results["synthetic_holdout"], indent=1)[:3000])
         if not args.skip_lopo:
             results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, args.lopo_iterations, args.lopo_limit)
+    if not args.skip_lateral:
+        from inference.synth.build import iter_cache
+
+        lateral = ensure_lateral_holdout(args.lateral_holdout, args.data)
+        results["lateral_fracture_holdout"] = evaluate_synthetic(model, iter_cache(lateral), "lateral hold-out with deformities")
+        log.info("lateral hold-out: %s", json.dumps(results["lateral_fracture_holdout"], indent=1)[:3000])
+        if model.endplates is not None and not args.skip_lateral_lopo:
+            results["lateral_leave_one_patient_out"] = lateral_lopo(
+                args.model, args.lateral_cache, lateral, args.lopo_work, args.lateral_lopo_iterations
+            )
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta = json.loads((args.model / "model.json").read_text())
     meta["metrics"] = results

@@ -23,7 +23,7 @@ import numpy as np
 
 from inference import analyses
 from inference.analyses import AnalysisError
-from inference.radiograph import morphometry, preprocess
+from inference.radiograph import endplates, morphometry, preprocess
 from inference.radiograph.model import MODEL_NAME, SpineInstances, VertebraInstance, VertebraModel
 from inference.registry import ModelError, ModelRegistry
 from inference.results import (
@@ -32,6 +32,7 @@ from inference.results import (
     FractureAssessment,
     GenantGrade,
     HardwareStatus,
+    HeightMeasurement,
     ImageResult,
     Implant,
     Measurement,
@@ -50,6 +51,7 @@ from inference.results import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from pydicom import Dataset
 
 ANALYSIS_NAME = "spine-xr"
@@ -169,14 +171,46 @@ def _with_view(source: SourceImage, view: str | None) -> SourceImage:
     return replace(source, view=view)
 
 
+def chain_heights(
+    net: torch.nn.Module | None, radiograph: preprocess.Radiograph, bodies: Sequence[VertebraInstance], anterior_sign: int | None
+) -> list[morphometry.MeasuredHeights | None]:
+    """Anterior, middle and posterior height of each body of a lateral chain (None on bodies cut by the image
+    border).  With the six-point stage `net`: from the endplate points it places (the anterior side from
+    `anterior_sign`, else read by the stage); without it: from the body silhouettes (needs `anterior_sign`)."""
+    spacing = radiograph.pixel_spacing_mm
+    out: list[morphometry.MeasuredHeights | None] = [None] * len(bodies)
+    if net is None:
+        if anterior_sign is None:
+            return out
+        axes = morphometry.spine_axes([b.centroid for b in bodies])
+        for k, body in enumerate(bodies):
+            if not body.touches_border:
+                out[k] = morphometry.measure_heights(body.membership, body.offset, spacing, axes[k], anterior_sign)
+        return out
+    placed = endplates.place_points(net, radiograph.pixels, [b.centroid for b in bodies])
+    # (A chain of one body gets no points: `placed` is empty and every height stays None.)
+    for k, (body, p, high) in enumerate(zip(bodies, placed, endplates.anterior_is_high(placed, anterior_sign), strict=False)):
+        if body.touches_border:
+            continue
+        h = endplates.heights_px(p, high, spacing)
+        across = p.frame.across if high else (-p.frame.across[0], -p.frame.across[1])
+        frame = morphometry.BodyFrame(body.centroid, across, p.frame.axis)
+        out[k] = morphometry.MeasuredHeights(
+            *(HeightMeasurement(*h[name]) for name in ("anterior", "middle", "posterior")), calibrated=spacing is not None, frame=frame
+        )
+    return out
+
+
 class FractureStep:
     """Heights and Genant grades on lateral views; notes why not on others.
 
     `enabled` comes from the vertebra model's ``fracture_grading`` metadata: a model whose evaluation showed
     heights and grades no better than chance ships with them off, so no study is flagged (or cleared) by noise."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, model: Callable[[], VertebraModel] | None = None) -> None:
         self.enabled = enabled
+        #: The vertebra model (loaded on first use): its six-point stage measures heights when it has one.
+        self.model = model
 
     def run(self, work: ImageWork) -> None:
         """Fill `work.vertebrae`, `work.findings`, `work.measurements` from `work.instances`."""
@@ -184,7 +218,9 @@ class FractureStep:
         assert inst is not None
         bodies = inst.vertebrae
         heights: list[morphometry.MeasuredHeights | None] = [None] * len(bodies)
-        can_grade = self.enabled and inst.view == "LAT" and inst.anterior_sign is not None
+        net = self.model().endplates if (self.model is not None and self.enabled) else None
+        # The six-point stage reads the anterior side itself; the silhouette method needs it given.
+        can_grade = self.enabled and inst.view == "LAT" and (inst.anterior_sign is not None or net is not None)
         work.grading_off = not self.enabled
         if not self.enabled and bodies:
             work.notes.append(
@@ -195,15 +231,16 @@ class FractureStep:
             work.notes.append(
                 f"{inst.view or 'unknown'} view: compression fractures are graded on lateral views only"
             )
-        elif inst.view == "LAT" and inst.anterior_sign is None and bodies:
+        elif inst.view == "LAT" and inst.anterior_sign is None and bodies and net is None:
             work.notes.append("lateral view but anterior side unknown: heights and grades not given")
         spacing = work.radiograph.pixel_spacing_mm
         if can_grade:
-            axes = morphometry.spine_axes([b.centroid for b in bodies])
-            for k, body in enumerate(bodies):
-                if body.touches_border:
-                    continue
-                heights[k] = morphometry.measure_heights(body.membership, body.offset, spacing, axes[k], inst.anterior_sign or 1)
+            # The stage reads the anterior side better than the posterior-element rule (card), so it only
+            # takes the header's word.
+            sign = work.radiograph.anterior_sign if net is not None else inst.anterior_sign
+            heights = chain_heights(net, work.radiograph, bodies, sign)
+            if net is not None and sign is None and any(heights):
+                work.notes.append("anterior side not in the header: read by the morphometry network")
             if spacing is None and any(heights):
                 work.notes.append("no pixel spacing: fractures graded from height ratios, heights not given in mm")
         values = [h.values() if h and all(v is not None for v in h.values()) else None for h in heights]
@@ -429,7 +466,9 @@ class SpineXrAnalysis:
             self.vertebra_step = VertebraStep(registry)
         except ModelError as exc:
             raise AnalysisError(f"{ANALYSIS_NAME}: {exc}") from exc
-        self.fracture_step = FractureStep(enabled=bool(registry.spec(MODEL_NAME).metadata.get("fracture_grading", True)))
+        self.fracture_step = FractureStep(
+            enabled=bool(registry.spec(MODEL_NAME).metadata.get("fracture_grading", True)), model=self.vertebra_step.model
+        )
         self.hardware_step = _hardware_step(registry)
 
     def models(self) -> tuple[ModelInfo, ...]:

@@ -122,17 +122,30 @@ def _make_instance(
 class VertebraModel:
     """Loaded vertebra network plus its post-processing parameters."""
 
-    def __init__(self, net: torch.nn.Module, params: ChainParams | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, net: torch.nn.Module, params: ChainParams | None = None, threads: int | None = None, endplates: torch.nn.Module | None = None
+    ) -> None:
         self.net = net.eval()
         self.params = params or ChainParams()
         self.threads = threads
+        #: Six-point morphometry stage (`endplates`), when the model folder has one.
+        self.endplates = endplates
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, device: str = "cpu") -> VertebraModel:
         """Build from a registry spec (weights already verified by the registry)."""
-        net = network.build_network(spec.metadata.get("architecture"))
+        import torch
+
+        from inference.radiograph import endplates
+
+        arch = spec.metadata.get("architecture") or {}
+        net = network.build_network(arch)
         network.load_state(net, str(spec.weights), device)
-        return cls(net, ChainParams.from_dict(spec.metadata.get("postprocess")))
+        state = torch.load(str(spec.weights), map_location=device, weights_only=True)
+        stage = None
+        if isinstance(state.get("endplates"), dict):
+            stage = endplates.load_net(state["endplates"], int((arch.get("endplates") or {}).get("width", 24)))
+        return cls(net, ChainParams.from_dict(spec.metadata.get("postprocess")), endplates=stage)
 
     @classmethod
     def from_registry(cls, registry: ModelRegistry) -> VertebraModel:

@@ -94,6 +94,8 @@ def load_state(net: torch.nn.Module, path: str, device: str = "cpu") -> torch.nn
     import torch
 
     state = torch.load(path, map_location=device, weights_only=True)
+    if "segmentation" in state:  # a model folder with later stages: {"segmentation": ..., "endplates": ...}
+        state = state["segmentation"]
     net.load_state_dict(state)
     return net.eval()
 

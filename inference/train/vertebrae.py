@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         # Fine-tuning: a loss change (e.g. the sacrum's positive weight) need not cost a whole new run.
         init = torch.load(args.init_weights, map_location="cpu", weights_only=True)
         # A model's weights.pt or a training checkpoint; a four-channel one gets its L5 channel added.
-        net.load_state_dict(network.widen_state(init.get("net", init), len(network.CHANNELS)))
+        net.load_state_dict(network.widen_state(init.get("net", init.get("segmentation", init)), len(network.CHANNELS)))
         log.info("initialised from %s", args.init_weights)
     clock = common.Stopwatch(spent)
     params = ChainParams()
