@@ -88,6 +88,27 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def add_stage_weights(folder: Path, key: str, state: dict[str, Any], wrap_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Put one later stage's state dict under `key` in a model folder's weights.pt (a bare U-Net state dict
+    becomes ``{"segmentation": ..., **wrap_extra}``) and return the folder's model.json metadata with the new
+    sha256 and version and its metrics cleared (the weights changed: the evaluation must run again).  The
+    caller adds its stage's entries and writes the metadata with `write_json`."""
+    import torch
+
+    from inference.registry import sha256_file
+
+    weights = folder / "weights.pt"
+    states = torch.load(str(weights), map_location="cpu", weights_only=True)
+    if "segmentation" not in states:
+        states = {"segmentation": states, **(wrap_extra or {})}
+    states[key] = state
+    torch.save(states, weights)
+    meta = json.loads((folder / "model.json").read_text())
+    digest = sha256_file(weights)
+    meta.update(sha256=digest, version=f"1.0+{digest[:8]}", metrics={})
+    return meta
+
+
 # ---------------------------------------------------------------------------------------- augmentation
 
 

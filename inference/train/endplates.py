@@ -15,7 +15,6 @@ model.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -235,10 +234,7 @@ def add_stage(model_folder: Path, cache: Path, val_every: int, iterations: int, 
               exclude_sources: set[str] = frozenset(), work: Path | None = None) -> dict[str, Any]:
     """Train the stage and write it into the model folder (weights.pt gains "endplates"; model.json its
     sha256, version and training record; its metrics are cleared: the evaluation must run again)."""
-    import torch
-
     from inference.radiograph import network
-    from inference.registry import sha256_file
 
     t0 = time.time()
     images, items, held = collect(cache, val_every, set(exclude_sources))
@@ -257,23 +253,12 @@ def add_stage(model_folder: Path, cache: Path, val_every: int, iterations: int, 
         **record,
         "excluded_sources": sorted(exclude_sources),
     }
-    weights = model_folder / "weights.pt"
-    state = torch.load(str(weights), map_location="cpu", weights_only=True)
-    if "segmentation" not in state:
-        state = {"segmentation": state}
-    state["endplates"] = net.state_dict()
-    torch.save(state, weights)
-    meta_path = model_folder / "model.json"
-    meta = json.loads(meta_path.read_text())
-    digest = sha256_file(weights)
-    meta["sha256"] = digest
-    meta["version"] = f"1.0+{digest[:8]}"
+    meta = common.add_stage_weights(model_folder, "endplates", net.state_dict())
     meta["format"] = "torch: {'segmentation': U-Net state dict, 'endplates': six-point morphometry CNN state dict} (or the U-Net state dict alone)"
     meta.setdefault("architecture", {})["endplates"] = {"width": 24, "crop_px": CROP_PX, "points": list(SIDE_POINTS),
                                                      "network": "4 conv blocks + linear head: 12 coordinates and a side logit"}
     meta.setdefault("training", {})["endplates"] = info
-    meta["metrics"] = {}
-    common.write_json(meta_path, meta)
+    common.write_json(model_folder / "model.json", meta)
     log.info("endplate stage: %s; wrote %s (%s)", record, model_folder, meta["version"])
     return info
 

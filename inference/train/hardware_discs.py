@@ -14,7 +14,6 @@ the threshold (best F1) and give the AUC written to model.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -153,10 +152,7 @@ def f1_threshold(scores: np.ndarray, labels: np.ndarray, default: float = 0.5) -
 def add_stage(model_folder: Path, cache: Path, exclude_sources: set[str], val_every: int, iterations: int, seed: int, command: str) -> dict:
     """Train the classifier, tune its threshold on the held-out discs, and write both into the model folder
     (weights.pt gains "discs"; model.json its sha256, version, threshold and training record)."""
-    import torch
-
     from inference.radiograph import network
-    from inference.registry import sha256_file
 
     t0 = time.time()
     data = collect(cache, exclude_sources, val_every)
@@ -175,25 +171,14 @@ def add_stage(model_folder: Path, cache: Path, exclude_sources: set[str], val_ev
         "tuning": tuning,
         "excluded_sources": sorted(exclude_sources),
     }
-    weights = model_folder / "weights.pt"
-    state = torch.load(str(weights), map_location="cpu", weights_only=True)
-    if "segmentation" not in state:
-        state = {"segmentation": state, "complications": None}
-    state["discs"] = net.state_dict()
-    torch.save(state, weights)
-    meta_path = model_folder / "model.json"
-    meta = json.loads(meta_path.read_text())
-    digest = sha256_file(weights)
-    meta["sha256"] = digest
-    meta["version"] = f"1.0+{digest[:8]}"
+    meta = common.add_stage_weights(model_folder, "discs", net.state_dict(), {"complications": None})
     meta["format"] = ("torch: {'segmentation': U-Net state dict, 'complications': patch classifier state dict, "
                       "'discs': disc-space cage classifier state dict} (or the U-Net state dict alone)")
     meta.setdefault("architecture", {})["disc_width"] = 16
     meta["architecture"].setdefault("patches", {})["disc"] = list(DISC_PATCH)
     meta.setdefault("postprocess", {})["cage_disc_threshold"] = tuning["threshold"]
     meta.setdefault("training", {})["disc_classifier"] = info
-    meta["metrics"] = {}  # the weights changed: the evaluation must run again
-    common.write_json(meta_path, meta)
+    common.write_json(model_folder / "model.json", meta)
     log.info("disc classifier: held-out AUC %s, %s; wrote %s (%s)", info["held_out_auc"], tuning, model_folder, meta["version"])
     return info
 

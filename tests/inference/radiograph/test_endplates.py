@@ -1,4 +1,5 @@
-"""Geometry of the six-point morphometry stage (crop frames, targets, sides, heights); no weights needed."""
+"""Geometry of the six-point morphometry stage (crop frames, targets, sides, heights) and its training data;
+no weights needed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from phantoms import FIXED_SET, phantom
 
 from inference.radiograph import endplates
 from inference.radiograph.endplates import SIDE_POINTS, BodyPoints, CropFrame
@@ -92,3 +94,43 @@ def test_network_shapes_and_round_trip_of_its_state() -> None:
     assert pts.shape == (3, 6, 2) and side.shape == (3,) and np.all((side > 0) & (side < 1))
     placed = endplates.place_points(net.eval(), np.zeros((200, 200), np.float32), [(100.0, 60.0), (100.0, 90.0), (100.0, 120.0)])
     assert len(placed) == 3 and set(placed[0].points) == set(SIDE_POINTS)
+
+
+def test_training_items_and_examples_from_a_phantom_lateral() -> None:
+    from inference.train import endplates as train
+
+    sample = phantom(*FIXED_SET[0])  # lateral lumbar, L1 wedge
+    items = train.sample_items(0, sample)
+    assert len(items) >= 4 and all(min(i.heights_mm) >= train.MIN_HEIGHT_MM for i in items)
+    assert any(i.grade >= 2 for i in items)
+    images = [np.asarray(sample.image, dtype=np.float32)]
+    rng = np.random.default_rng(0)
+    for item in items:
+        crop, target, high = train.make_example(images, item, None)
+        assert crop.shape == (endplates.CROP_PX, endplates.CROP_PX) and np.abs(target).max() < 1.0
+        # Superior points above inferior ones; the anterior pair on the side the flag says.
+        assert np.all(target[0::2, 1] < target[1::2, 1])
+        ant, post = (target[4], target[0]) if high else (target[0], target[4])
+        assert (ant[0] > post[0]) == bool(high)
+        crop, target, high = train.make_example(images, item, rng)  # jittered, maybe mirrored
+        assert np.isfinite(crop).all() and np.abs(target).max() < 1.5 and np.all(target[0::2, 1] < target[1::2, 1])
+
+
+def test_a_stage_is_added_to_a_model_folder(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import torch
+
+    from inference.registry import sha256_file
+    from inference.train import common
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")
+    (tmp_path / "model.json").write_text(json.dumps({"name": "m", "version": "1.0+old", "metrics": {"f1": 1.0}}))
+    meta = common.add_stage_weights(tmp_path, "endplates", {"b": torch.zeros(3)})
+    assert meta["sha256"] == sha256_file(tmp_path / "weights.pt") and meta["version"] == "1.0+" + meta["sha256"][:8]
+    assert meta["metrics"] == {}
+    state = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert set(state) == {"segmentation", "endplates"} and torch.equal(state["segmentation"]["w"], torch.ones(2))
+    common.add_stage_weights(tmp_path, "endplates", {"b": torch.ones(3)})  # replaced, not nested again
+    state = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert set(state) == {"segmentation", "endplates"} and torch.equal(state["endplates"]["b"], torch.ones(3))
