@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
+from inference.radiograph.morphometry import spine_axes
+
 if TYPE_CHECKING:
     import torch
 
@@ -77,7 +79,7 @@ GAP_RATIO = 1.5
 
 
 def chain_frames(centroids: Sequence[Point]) -> list[CropFrame]:
-    """One crop frame per body of a chain ordered head to foot: axis by central differences, step the mean
+    """One crop frame per body of a chain ordered head to foot: axis by central differences (`spine_axes`), step the mean
     distance to the neighbours that are not across a gap (else the chain's median step); a chain of one
     gets no frame."""
     c = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
@@ -87,13 +89,10 @@ def chain_frames(centroids: Sequence[Point]) -> list[CropFrame]:
     gaps = np.hypot(*np.diff(c, axis=0).T)
     median = float(np.median(gaps))
     frames = []
-    for k in range(n):
-        a, b = c[max(k - 1, 0)], c[min(k + 1, n - 1)]
-        d = b - a
-        norm = float(np.hypot(*d)) or 1.0
+    for k, axis in enumerate(spine_axes([tuple(p) for p in c])):
         steps = [float(gaps[j]) for j in (k - 1, k) if 0 <= j < n - 1 and gaps[j] <= GAP_RATIO * median]
         step = float(np.mean(steps)) if steps else median
-        frames.append(CropFrame((float(c[k, 0]), float(c[k, 1])), (float(d[0] / norm), float(d[1] / norm)), CROP_STEPS * step))
+        frames.append(CropFrame((float(c[k, 0]), float(c[k, 1])), axis, CROP_STEPS * step))
     return frames
 
 
@@ -129,16 +128,10 @@ def build_net(width: int = 24) -> torch.nn.Module:
     of the crop, the superior and inferior endplates on top of each other.)"""
     from torch import nn
 
+    from inference.radiograph.network import double_conv
+
     def block(cin: int, cout: int) -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
+        return nn.Sequential(*double_conv(cin, cout), nn.MaxPool2d(2))
 
     w = width
     return nn.Sequential(

@@ -314,23 +314,18 @@ class HardwareModel:
     @classmethod
     def from_spec(cls, spec: ModelSpec, device: str = "cpu") -> HardwareModel:
         """Build from a registry spec (weights already verified by the registry)."""
-        import torch
+        from inference.radiograph.hardware_discs import load_disc_net
+        from inference.radiograph.hardware_patches import load_patch_net
 
         arch = spec.metadata.get("architecture")
         net = build_network(arch)
-        state = torch.load(str(spec.weights), map_location=device, weights_only=True)
+        stages = network.read_stages(str(spec.weights), device)
+        net.load_state_dict(stages["segmentation"])
         patch_net = disc_net = None
-        if "segmentation" in state:  # the stages in one file
-            from inference.radiograph.hardware_discs import load_disc_net
-            from inference.radiograph.hardware_patches import load_patch_net
-
-            net.load_state_dict(state["segmentation"])
-            if state.get("complications") is not None:
-                patch_net = load_patch_net(state["complications"], int((arch or {}).get("patch_width", 16)))
-            if state.get("discs") is not None:
-                disc_net = load_disc_net(state["discs"], int((arch or {}).get("disc_width", 16)))
-        else:
-            net.load_state_dict(state)
+        if stages.get("complications") is not None:
+            patch_net = load_patch_net(stages["complications"], int((arch or {}).get("patch_width", 16)))
+        if stages.get("discs") is not None:
+            disc_net = load_disc_net(stages["discs"], int((arch or {}).get("disc_width", 16)))
         spacing = float((arch or {}).get("spacing_mm", SPACING_MM))
         return cls(net.eval(), HardwareParams.from_dict(spec.metadata.get("postprocess")), spacing, spec.info, patch_net, disc_net)
 

@@ -130,9 +130,10 @@ def build_disc_net(width: int = 16) -> torch.nn.Module:
     """A small CNN: four conv blocks (pooling by 2), global average, one logit (a cage in this disc space)."""
     from torch import nn
 
+    from inference.radiograph.network import double_conv
+
     def block(i: int, o: int) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
-                nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        return [*double_conv(i, o), nn.MaxPool2d(2)]
 
     w = width
     return nn.Sequential(*block(1, w), *block(w, 2 * w), *block(2 * w, 3 * w), *block(3 * w, 4 * w),

@@ -152,9 +152,7 @@ def build_patch_net(width: int = 16) -> torch.nn.Module:
     import torch
     from torch import nn
 
-    def block(i: int, o: int) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
-                nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+    from inference.radiograph.network import double_conv as block
 
     w = width
 

@@ -134,18 +134,16 @@ class VertebraModel:
     @classmethod
     def from_spec(cls, spec: ModelSpec, device: str = "cpu") -> VertebraModel:
         """Build from a registry spec (weights already verified by the registry)."""
-        import torch
-
         from inference.radiograph import endplates
 
         arch = spec.metadata.get("architecture") or {}
         net = network.build_network(arch)
-        network.load_state(net, str(spec.weights), device)
-        state = torch.load(str(spec.weights), map_location=device, weights_only=True)
+        stages = network.read_stages(str(spec.weights), device)
+        net.load_state_dict(stages["segmentation"])
         stage = None
-        if isinstance(state.get("endplates"), dict):
-            stage = endplates.load_net(state["endplates"], int((arch.get("endplates") or {}).get("width", 24)))
-        return cls(net, ChainParams.from_dict(spec.metadata.get("postprocess")), endplates=stage)
+        if stages.get("endplates") is not None:
+            stage = endplates.load_net(stages["endplates"], int((arch.get("endplates") or {}).get("width", 24)))
+        return cls(net.eval(), ChainParams.from_dict(spec.metadata.get("postprocess")), endplates=stage)
 
     @classmethod
     def from_registry(cls, registry: ModelRegistry) -> VertebraModel:

@@ -89,15 +89,22 @@ def widen_state(state: dict[str, Any], out_channels: int) -> dict[str, Any]:
     return state
 
 
-def load_state(net: torch.nn.Module, path: str, device: str = "cpu") -> torch.nn.Module:
-    """Load a state dict saved by training into `net` (strict), set eval mode."""
+def read_stages(path: str, device: str = "cpu") -> dict[str, Any]:
+    """A model folder's weights file as ``{"segmentation": U-Net state dict, <later stage>: state dict, ...}``
+    (a file holding the U-Net state dict alone comes back under "segmentation"), read once."""
     import torch
 
     state = torch.load(path, map_location=device, weights_only=True)
-    if "segmentation" in state:  # a model folder with later stages: {"segmentation": ..., "endplates": ...}
-        state = state["segmentation"]
-    net.load_state_dict(state)
-    return net.eval()
+    return dict(state) if "segmentation" in state else {"segmentation": state}
+
+
+def double_conv(cin: int, cout: int) -> list[torch.nn.Module]:
+    """Two 3x3 conv + batch norm + ReLU layers: the block of the models' small second-stage CNNs (kept a
+    flat list so each network's state-dict keys stay as trained)."""
+    from torch import nn
+
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 def parameter_count(net: torch.nn.Module) -> int:
