@@ -226,9 +226,14 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "",
         ]
         n = real.get("naming_assuming_lowest_box_is_L5", {})
+        if m.get("naming_shipped") is False:
+            lines += ["Level naming is switched OFF in this model (every vertebra \"level unknown\"); the naming numbers on this card are "
+                      "the rule's, measured with it switched on for the evaluation.", ""]
         lines += [
             f"Level naming on real images, assuming the lowest box is L5 (the export's convention, checked by eye on overlays): "
-            f"{_f(n.get('named_fraction'))} of matched vertebrae named; accuracy of the named {_f(n.get('accuracy_of_named'))}; "
+            f"{_f(n.get('named_fraction'))} of matched vertebrae named (on {n.get('images_named')} images); accuracy of the named "
+            f"{_f(n.get('accuracy_of_named'))} ({n.get('wrong_names')} wrong names); trivial baseline \"the lowest detection is L5\", "
+            f"every matched vertebra named: {_f(n.get('baseline_lowest_is_L5_accuracy'))} right; "
             f"sacrum found on {n.get('images_with_sacrum_found')} of {real['images']} images.",
             "",
             f"Time per image in this evaluation (416 px JPEGs, 2 threads, shared machine): mean {_f(real.get('seconds_per_image_mean'))} s, "

@@ -21,6 +21,7 @@ The numbers go into ``model.json`` ("metrics") and ``MODEL_CARD.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -110,7 +111,7 @@ def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit
     log.info("midline baseline tuned on %d train images: %s", len(train), base)
     centroid, iou, base_pts, base_boxes = (M.DetectionCounts() for _ in range(4))
     labelled_region = M.DetectionCounts()
-    names = Counter()
+    names, names_base = Counter(), Counter()
     times = []
     per_image = []
     for n, item in enumerate(test):
@@ -143,6 +144,9 @@ def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit
                 names["correct"] += 1
             else:
                 names["wrong"] += 1
+            # Baseline: the lowest detection is L5, count up (vertebrae are ordered head to foot).
+            guess = L5 - (len(levels) - 1 - p)
+            names_base["correct" if guess >= 0 and LEVELS[guess] == assumed else "wrong"] += 1
         per_image.append({"key": item.key, "tp": tp, "fp": fp, "fn": fn, "named": named, "sacrum": spine.sacrum is not None})
         if overlays is not None and n < 40:
             _overlay(pixels, item.boxes, spine, overlays / f"real_{n:02d}_{item.key}.png")
@@ -160,6 +164,9 @@ def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit
             "matched": int(sum(names.values())),
             "named_fraction": _r(named_total / max(1, sum(names.values()))),
             "accuracy_of_named": _r(names["correct"] / named_total) if named_total else None,
+            "wrong_names": int(names["wrong"]),
+            "images_named": int(sum(1 for p in per_image if p["named"])),
+            "baseline_lowest_is_L5_accuracy": _r(names_base["correct"] / max(1, sum(names_base.values()))),
             "images_with_sacrum_found": int(sum(1 for p in per_image if p["sacrum"])),
         },
         "seconds_per_image_mean": _r(float(np.mean(times))),
@@ -579,7 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = ModelSpec.read(args.model)
     spec.verify()
     model = VertebraModel.from_spec(spec)
-    results: dict[str, Any] = {"evaluated": time.strftime("%Y-%m-%d"), "model_version": spec.version}
+    # The naming rule is measured switched on even when the model ships with it off: its numbers are the
+    # reason it is off (and what switching it on would do).
+    results: dict[str, Any] = {"evaluated": time.strftime("%Y-%m-%d"), "model_version": spec.version,
+                               "naming_shipped": model.params.name_levels}
+    model.params = dataclasses.replace(model.params, name_levels=True)
     t0 = time.time()
     results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None)
     log.info("real test: %s", json.dumps(results["real_test"], indent=1)[:2000])
