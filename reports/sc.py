@@ -401,6 +401,19 @@ def view_of(image: ImageResult, sources: Sequence[Dataset]) -> View:
     return View(display_pixels(ds), drawing, patient_orientation(ds), [ds], f"slice {drawing.index + 1} of {len(sources)}")
 
 
+def _on_image(x: float, label: annotations.Label, font: ImageFont.FreeTypeFont, detail_font: ImageFont.FreeTypeFont, width: int,
+              margin: int) -> float:
+    """The label's anchor x moved, if need be, so its text stays on the image (canvas x 0 .. `width`): a label
+    right-aligned left of an implant near the left edge ran off the canvas, one left-aligned near the right
+    edge into the results panel, which covers it."""
+    extent = font.getlength(label.text.translate(_PLAIN))
+    if label.detail:
+        extent = max(extent, detail_font.getlength(label.detail.translate(_PLAIN)))
+    start = x - extent if label.align == "right" else x
+    shift = max(margin - start, 0.0) or min(width - margin - (start + extent), 0.0)
+    return x + shift
+
+
 def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) -> Rendering:
     """Draw the annotated capture of one analysed image."""
     view = view_of(image, sources)
@@ -446,6 +459,7 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
         for label in drawing.labels:
             font = fonts.label if label.emphasis else fonts.detail
             x, y = rendering.to_canvas(*label.anchor)
+            x = _on_image(x, label, font, fonts.detail, width, round(fonts.unit * 0.5))
             anchor = "lm" if label.align == "left" else "rm"
             if label.detail:
                 y -= font.size * 0.45

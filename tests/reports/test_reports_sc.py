@@ -183,3 +183,25 @@ def test_height_loss_measurement_is_not_drawn_twice(dx_rendering):
     on_image = [t for t in rendering.texts if t.box[0] < rendering.panel_box[0] and "height loss" in t.text]
     assert on_image == []
     assert any("vertebral height loss L1: 38.0 %" in t.text for t in rendering.texts)
+
+
+def test_labels_of_implants_at_the_image_edge_stay_on_the_image(cases):
+    # Levels unknown (naming off) put a complication's label left of everything at its height; an implant
+    # near the left edge ran its text off the canvas.
+    import dataclasses
+
+    case = cases["ap-cr"]
+    image = case.result.images[0]
+    loose = next(i for i in image.implants if i.complications)
+    dx = min(x for x, _ in loose.outline) - 3.0
+    moved = dataclasses.replace(loose, levels=(), outline=tuple((x - dx, y) for x, y in loose.outline),
+                                centroid=(loose.centroid[0] - dx, loose.centroid[1]))
+    unnamed = dataclasses.replace(image, implants=tuple(moved if i is loose else i for i in image.implants),
+                                  vertebrae=tuple(dataclasses.replace(v, level=None) for v in image.vertebrae))
+    rendering = sc.render(case.result, unnamed, case.sources)
+    label = rendering.find("screw loosening?")
+    image_right = rendering.panel_box[0]
+    assert 0 <= label.box[0] and label.box[2] <= image_right, label.box
+    assert _near(_crop(rendering.pixels, label.box), style.ALERT_COLOUR).sum() >= 30
+    for text in rendering.texts:  # nothing else leaves the canvas either
+        assert text.box[0] >= 0 and text.box[2] <= rendering.pixels.shape[1], text
