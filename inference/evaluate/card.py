@@ -260,10 +260,11 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += [
             "### Leave one CT patient out",
             "",
-            "The same recipe retrained from random weights for at most 30 minutes (see each row) with real radiographs + phantoms +",
+            "The training recipe retrained from random weights (1400 iterations, about 30 min; see each row) with real radiographs + phantoms +",
             "ONE of the two CT patients (the stitched volume, which contains both, left out), tested on synthetic samples of the",
             "other patient. The shipped model trained longer and was fine-tuned from weights that had seen both patients, so the",
-            "gap to its per-source numbers above mixes the unseen patient with the shorter training. The control rows score each",
+            "gap to its per-source numbers above mixes the unseen patient with the shorter training. Heights here come from the body",
+            "silhouettes (the folds have no six-point stage; see the lateral sections for that). The control rows score each",
             "fold's model on the patient it DID train on: compare \"trained without X, tested on X\" with the other fold's",
             "control on X (same short recipe, same samples).",
             "",
