@@ -145,17 +145,34 @@ def test_seg_overlay_is_drawn_on_the_radiograph(browser, ohif, study):
         context.close()
 
 
+def _open_report(browser, ohif, study_uid: str, expected: str, tries: int = 2):  # noqa: ANN001, ANN202
+    """The viewer with the SR opened and `expected` drawn.  Under SwiftShader OHIF sometimes leaves an SR's
+    measurements in "preview" for good (its log: "Measurement is preview, skipping..."; about half the runs on
+    a loaded machine, whatever the SR): a reader reloads the viewer, and so does this helper, once."""
+    for attempt in range(tries):
+        context, page, messages = _open(browser, ohif, study_uid)
+        try:
+            _series_item(page, "AI Spine Report").dblclick()
+            grid = page.locator('[data-cy="viewport-grid"]')
+            wait_until(lambda grid=grid: expected in grid.inner_text(), timeout=45, interval=0.5,
+                       what=f"'{expected}' drawn by the SR viewport")
+            return context, page, messages
+        except Exception:
+            context.close()
+            if attempt + 1 == tries:
+                print("\n".join(messages[-40:]))
+                raise
+    raise AssertionError("unreachable")
+
+
 def test_sr_measurements_are_drawn_with_their_values(browser, ohif, study):
     case, _ = study
     image = case.result.images[0]
     l1 = next(v for v in image.vertebrae if v.level == "L1")
-    context, page, messages = _open(browser, ohif, case.result.study_instance_uid)
+    expected = f"Anterior vertebral body height: {l1.heights.anterior.value_mm:.2f} mm"
+    context, page, messages = _open_report(browser, ohif, case.result.study_instance_uid, expected)
     try:
-        _series_item(page, "AI Spine Report").dblclick()
-        expected = f"Anterior vertebral body height: {l1.heights.anterior.value_mm:.2f} mm"
         grid = page.locator('[data-cy="viewport-grid"]')
-        wait_until(lambda: expected in grid.inner_text(), timeout=60, interval=0.5,
-                   what=f"'{expected}' drawn by the SR viewport")
         text = grid.inner_text()
         assert "L1 vertebra" in text and "Sacrum" in text
         # Outlines are drawn as SVG annotations over the DX, one per measurement group with a region.
