@@ -513,6 +513,13 @@ def _r(v: float | None, digits: int = 4) -> float | None:
 # ------------------------------------------------------------------------------------------- LOPO
 
 
+def naming_switched_on(model: VertebraModel) -> VertebraModel:
+    """The model with its level naming rule on (in place): every evaluation measures the rule even when the model
+    ships with it off, since its numbers are the reason it is off (and what switching it on would do)."""
+    model.params = dataclasses.replace(model.params, name_levels=True)
+    return model
+
+
 def lopo(data: Path, cache: Path | None, holdout: Path, work: Path, iterations: int, limit: int, max_minutes: float = 30.0) -> dict[str, Any]:
     """Leave-one-patient-out: retrain without one CT (real + other CT + phantoms), test on that CT."""
     from inference.synth.build import iter_cache
@@ -532,8 +539,7 @@ def lopo(data: Path, cache: Path | None, holdout: Path, work: Path, iterations: 
                 ]
             )
         spec = ModelSpec.read(folder)
-        model = VertebraModel.from_spec(spec)
-        model.params = dataclasses.replace(model.params, name_levels=True)  # measured as the shipped model is
+        model = naming_switched_on(VertebraModel.from_spec(spec))
         training = {k: spec.metadata.get("training", {}).get(k) for k in ("iterations", "wall_minutes", "stop")}
         # The unseen patient, and as the control the patient the fold trained on (same short recipe): the gap
         # between the two is the patient effect, not the shorter training.
@@ -593,11 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = ModelSpec.read(args.model)
     spec.verify()
     model = VertebraModel.from_spec(spec)
-    # The naming rule is measured switched on even when the model ships with it off: its numbers are the
-    # reason it is off (and what switching it on would do).
     results: dict[str, Any] = {"evaluated": time.strftime("%Y-%m-%d"), "model_version": spec.version,
                                "naming_shipped": model.params.name_levels}
-    model.params = dataclasses.replace(model.params, name_levels=True)
+    model = naming_switched_on(model)
     t0 = time.time()
     results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None)
     log.info("real test: %s", json.dumps(results["real_test"], indent=1)[:2000])
