@@ -312,6 +312,8 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
             if kind in (ImplantKind.ROD,) and p is not None:
                 rec.setdefault("rod_sides", []).append((t.side.value, p.side.value))
             for comp in CHECKED[kind]:
+                if comp.value in model.params.not_assessed:
+                    continue  # never reported: no row (it would read "sensitivity 0")
                 rec["complications"].append({
                     "complication": comp.value,
                     "truth": comp in t.complications,
@@ -842,6 +844,16 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _complication_lines(meta: dict) -> list[str]:
+    """What the card says of complications the model does not assess."""
+    post = meta.get("postprocess", {})
+    out = []
+    if post.get("not_assessed"):
+        out.append(f"- Never reported (no better than chance on held-out data): {', '.join(post['not_assessed'])}; an image with an "
+                   "implant they apply to says \"<complication> not assessed\".")
+    return out
+
+
 def _disc_lines(meta: dict[str, Any]) -> list[str]:
     """The card's description of the disc-space cage classifier, when the model has one."""
     dc = meta.get("training", {}).get("disc_classifier")
@@ -881,6 +893,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "- Input: any DX/CR radiograph; resampled to the network spacing when the header gives a pixel spacing, otherwise scaled",
         "  from the vertebral step found by the vertebra model (30 mm per level assumed); percentile normalisation + CLAHE.",
         f"- Complication thresholds (tuned on held-out training samples, Youden's J): `{meta.get('postprocess', {}).get('complication_threshold')}`.",
+        *_complication_lines(meta),
         *_disc_lines(meta),
         "",
         "## Training data",

@@ -37,6 +37,7 @@ from inference.radiograph import network, preprocess
 from inference.radiograph.analysis import HardwareOutcome, _mask_to_stored, _outline, register_hardware_step
 from inference.radiograph.hardware_post import (
     CHANNELS,
+    CHECKED,
     CLASS_CHANNEL,
     HardwareParams,
     ImplantSummary,
@@ -409,6 +410,11 @@ def interpret(
         for sp in cages:
             sp.piece.complication_scores.pop(Complication.CAGE_SUBSIDENCE, None)
         notes.append("cage subsidence not assessed")
+    for sp in placed:
+        for comp in CHECKED[sp.piece.kind]:
+            if comp.value in params.not_assessed:
+                sp.piece.complication_scores.pop(comp, None)
+                notes.append(f"{comp.value} not assessed")
     for sp in placed:
         for comp, s in sp.piece.complication_scores.items():
             if s >= params.complication_threshold.get(comp.value, 1.0):

@@ -90,12 +90,20 @@ class HardwareParams:
     border_mm: float = 2.0
     #: Disc-space cage classifier (`hardware_discs`): a disc holds a cage at this probability or above.
     cage_disc_threshold: float = 0.5
+    #: Complications never reported, whatever their score (measured no better than chance on held-out data);
+    #: an image showing an implant they apply to says "<complication> not assessed".
+    not_assessed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Per-kind tables given in part keep the defaults for the kinds not named.
         defaults = {"pedicle screw": 12.0, "rod": 30.0, "interbody cage": 4.0, "plate": 40.0, "other implant": 40.0}
         object.__setattr__(self, "min_area_mm2", {**defaults, **self.min_area_mm2})
         object.__setattr__(self, "complication_threshold", {**{c.value: 0.5 for c in Complication}, **self.complication_threshold})
+        known = {c.value for c in Complication}
+        unknown = set(self.not_assessed) - known
+        if unknown:
+            raise ValueError(f"not_assessed: unknown complications {sorted(unknown)} (known: {sorted(known)})")
+        object.__setattr__(self, "not_assessed", tuple(self.not_assessed))
 
     @classmethod
     def from_dict(cls, data: dict | None) -> HardwareParams:

@@ -119,10 +119,11 @@ def radiograph(view: str = "AP", left_sign: int | None = 1) -> preprocess.Radiog
 SOURCE = SourceImage("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", ("1.2.3.4.5",), ROWS, COLS, SPACING, view="AP", modality="DX")
 
 
-def run(prob: np.ndarray, rad: preprocess.Radiograph | None = None, vertebrae: list[Vertebra] | None = None, source: SourceImage = SOURCE):
+def run(prob: np.ndarray, rad: preprocess.Radiograph | None = None, vertebrae: list[Vertebra] | None = None, source: SourceImage = SOURCE,
+        params: HardwareParams | None = None):
     rad = rad or radiograph()
     geoms = vertebra_geometry(_vertebrae() if vertebrae is None else vertebrae, rad.orientation)
-    return interpret(prob, SCALE, 1.0, rad, geoms, source, HardwareParams())
+    return interpret(prob, SCALE, 1.0, rad, geoms, source, params or HardwareParams())
 
 
 def test_posterior_construct_levels_sides_and_summary() -> None:
@@ -175,6 +176,14 @@ def test_loosened_screw_is_a_finding_with_evidence() -> None:
     assert len(loose) == 1 and loose[0].complications == (Complication.SCREW_LOOSENING,)
     xs = [p[0] for p in f.evidence]
     assert len(f.evidence) >= 3 and min(xs) <= loose[0].centroid[0] <= max(xs)
+
+
+def test_a_complication_not_assessed_is_never_reported_and_says_so() -> None:
+    out = run(construct(loose=("L4", 1)), params=HardwareParams(not_assessed=("screw loosening",)))
+    assert not out.findings and out.status is HardwareStatus.INTACT
+    assert "screw loosening not assessed" in out.notes
+    with pytest.raises(ValueError, match="unknown complications"):
+        HardwareParams.from_dict({"not_assessed": ["screw wobble"]})
 
 
 def test_fractured_rod_stays_one_rod_with_a_gap_finding() -> None:
