@@ -153,10 +153,13 @@ def true_implants(sample: Any) -> list[TrueImplant]:
     return out
 
 
-def true_status(truth: Sequence[TrueImplant]) -> HardwareStatus:
+def true_status(truth: Sequence[TrueImplant], not_assessed: Sequence[str] = ()) -> HardwareStatus:
+    """The verdict the truth calls for from a model that does not look for the complications `not_assessed`
+    (an image whose only failure is one of those is, for that model, rightly "hardware intact")."""
     if not truth:
         return HardwareStatus.NO_IMPLANTS
-    return HardwareStatus.POSSIBLE_COMPLICATION if any(t.complications for t in truth) else HardwareStatus.INTACT
+    failed = any(c.value not in not_assessed for t in truth for c in t.complications)
+    return HardwareStatus.POSSIBLE_COMPLICATION if failed else HardwareStatus.INTACT
 
 
 # --------------------------------------------------------------------------------------- matching
@@ -258,7 +261,7 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
         "source": str(meta.get("source")),
         "kind": "real-overlay" if meta.get("real_image") else "drr",
         "seconds": seconds,
-        "true_status": true_status(truth).value,
+        "true_status": true_status(truth, model.params.not_assessed).value,
         "status": outcome.status.value,
         "n_true": len(truth),
         "n_pred": len(outcome.implants),
@@ -477,6 +480,7 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
         "sensitivity": _ratio(sum(1 for r in pos if r["status"] == HardwareStatus.POSSIBLE_COMPLICATION.value), len(pos)),
         "specificity": _ratio(sum(1 for r in neg if r["status"] != HardwareStatus.POSSIBLE_COMPLICATION.value), len(neg)),
         "baseline_always_intact": {"sensitivity": 0.0, "specificity": 1.0},
+        "baseline_construct_size": construct_size_baseline([r["n_true"] for r in pos], [r["n_true"] for r in neg]),
     }
     clean = [r for r in records if not r["n_true"]]
     out["no_implants"] = {
@@ -598,7 +602,7 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
 #: Flags of the shipped model's training command that make up its recipe (budget, threads, sizes); a
 #: leave-one-patient-out fold reuses them so it measures a new patient, not a smaller training run.
 RECIPE_FLAGS = ("--iterations", "--batch", "--lr", "--seed", "--threads", "--max-minutes", "--eval-every", "--mix", "--crop",
-                "--patch-iterations", "--val-every", "--pos-weight", "--disc-iterations")
+                "--patch-iterations", "--val-every", "--pos-weight", "--disc-iterations", "--not-assessed")
 
 
 def recipe_args(command: str) -> list[str]:
@@ -824,8 +828,11 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
                    f"{_f(e.get('sensitivity'))} / {_f(e.get('specificity'))} | always intact: 0 / 1 |")
     ci = s.get("complications_per_image", {})
     if ci.get("images_with_complication") or ci.get("images_intact"):
+        size = ci.get("baseline_construct_size") or {}
+        size_text = (f"; at least {size['min_implants']} implants shown (k best on this set): {_f(size['sensitivity'])} / "
+                     f"{_f(size['specificity'])}" if size else "")
         out.append(f"| any complication per image: sensitivity / specificity ({ci.get('images_with_complication')} / {ci.get('images_intact')} images) | "
-                   f"{_f(ci.get('sensitivity'))} / {_f(ci.get('specificity'))} | always intact: 0 / 1 |")
+                   f"{_f(ci.get('sensitivity'))} / {_f(ci.get('specificity'))} | always intact: 0 / 1{size_text} |")
     ni = s.get("no_implants", {})
     if ni.get("images_without_implants"):
         out.append(f"| images without implants answered \"no implants\" ({ni.get('images_without_implants')}) | {_f(ni.get('said_no_implants'))} | – |")
@@ -842,6 +849,19 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
         out.append(f"Worst images (screw errors): `{worst[:5]}`")
         out.append("")
     return out
+
+
+def construct_size_baseline(with_complication: Sequence[int], intact: Sequence[int]) -> dict[str, Any]:
+    """Flag an image when it shows at least k implants, k the best (Youden's J) on these very images: what a
+    verdict knows when it knows only how big the construct is.  The data engine gives every screw and rod its
+    own chance of failing, so bigger constructs fail more often; a per-image flag is worth something only if it
+    beats this."""
+    pos, neg = np.asarray(with_complication), np.asarray(intact)
+    if not len(pos) or not len(neg):
+        return {}
+    best = max((float((pos >= k).mean() + (neg < k).mean() - 1.0), k) for k in range(1, int(max(pos.max(), neg.max())) + 2))
+    k = best[1]
+    return {"min_implants": k, "sensitivity": round(float((pos >= k).mean()), 4), "specificity": round(float((neg < k).mean()), 4)}
 
 
 def _complication_lines(meta: dict) -> list[str]:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -379,9 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch-iterations", type=int, default=3000, help="complication classifier iterations (0: use the maps)")
     ap.add_argument("--disc-iterations", type=int, default=1200, help="disc-space cage classifier iterations (0: cages from the network)")
     ap.add_argument("--tune-only", action="store_true", help="no training: tune post-processing for --work's best checkpoint, write --out")
+    ap.add_argument("--not-assessed", default="", help="comma list of complications the model will never report (model.json "
+                    "postprocess.not_assessed), e.g. 'screw loosening,screw breakage'")
     args = ap.parse_args(argv)
     try:
         pos_weight = parse_pos_weight(args.pos_weight)
+        not_assessed = tuple(c.strip() for c in args.not_assessed.split(",") if c.strip())
+        HardwareParams(not_assessed=not_assessed)  # an unknown name fails now, not after the training
     except ValueError as exc:
         ap.error(str(exc))
 
@@ -529,8 +535,6 @@ def main(argv: list[str] | None = None) -> int:
     weights_file = chosen_path
     patch_info: dict[str, Any] = {}
     if bank is not None:
-        from dataclasses import replace
-
         from inference.radiograph.hardware import HardwareModel
 
         t_patch = time.time()
@@ -549,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     best_entry = max(history, key=lambda h: h["score"]) if history else {}
     manifest = json.loads((args.cache / "manifest.json").read_text())
     info = {
-        "command": "python -m inference.train.hardware " + " ".join(sys.argv[1:] if argv is None else argv),
+        # shlex.join: the recipe is read back with shlex.split (leave-one-patient-out), values may hold spaces.
+        "command": "python -m inference.train.hardware " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "iterations": step,
         "stop": stop_reason,
@@ -578,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             "manifest": {k: manifest.get(k) for k in ("format", "count", "seed", "parameters", "counts", "provenance") if k in manifest},
         },
     }
-    write_model_folder(args.out, weights_file, info, tuned)
+    write_model_folder(args.out, weights_file, info, replace(tuned, not_assessed=not_assessed))
     if args.disc_iterations:
         from inference.train.hardware_discs import add_stage
 
