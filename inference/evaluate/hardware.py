@@ -831,7 +831,7 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
         size = ci.get("baseline_construct_size") or {}
         size_text = (f"; at least {size['min_implants']} implants shown (k best on this set): {_f(size['sensitivity'])} / "
                      f"{_f(size['specificity'])}" if size else "")
-        out.append(f"| any complication per image: sensitivity / specificity ({ci.get('images_with_complication')} / {ci.get('images_intact')} images) | "
+        out.append(f"| any complication the model looks for, per image: sensitivity / specificity ({ci.get('images_with_complication')} / {ci.get('images_intact')} images) | "
                    f"{_f(ci.get('sensitivity'))} / {_f(ci.get('specificity'))} | always intact: 0 / 1{size_text} |")
     ni = s.get("no_implants", {})
     if ni.get("images_without_implants"):
