@@ -322,6 +322,9 @@ class HardwareOutcome:
     reasons: tuple[str, ...] = ()
     #: View of the image ("AP", "PA", "LAT"): a frontal view's instrumentation text is preferred (counts).
     view: str | None = None
+    #: Complications the model did not look for on this image's implants (e.g. "screw loosening"): an
+    #: "intact" verdict says so, so that it is not read as "the screws are not loose".
+    not_assessed: tuple[str, ...] = ()
 
 
 class HardwareStep(Protocol):
@@ -379,7 +382,12 @@ def _combine_hardware(outcomes: Sequence[HardwareOutcome]) -> tuple[HardwareStat
 
 
 def _hardware_reasons(outcomes: Sequence[HardwareOutcome]) -> list[str]:
-    return [r for o in outcomes if o.status is HardwareStatus.NOT_ASSESSABLE for r in o.reasons]
+    reasons = [r for o in outcomes if o.status is HardwareStatus.NOT_ASSESSABLE for r in o.reasons]
+    judged = (HardwareStatus.INTACT, HardwareStatus.POSSIBLE_COMPLICATION)
+    unassessed = list(dict.fromkeys(c for o in outcomes if o.status in judged for c in o.not_assessed))
+    if unassessed:
+        reasons.append(f"hardware: {', '.join(unassessed)} not assessed by this model version")
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------- verdict
@@ -430,7 +438,8 @@ def combine_verdict(
     if hardware is None:
         reasons.append("hardware not assessed: no hardware model installed")
     else:
-        # Every image whose hardware could not be judged says why, whatever the study's status.
+        # Every image whose hardware could not be judged says why, whatever the study's status, and what a
+        # judged one was not checked for.
         reasons.extend(_hardware_reasons(hardware))
     reasons.extend(skipped)
     return ScreeningVerdict(outcome=outcome, reasons=tuple(dict.fromkeys(reasons)), hardware=hw_status, instrumentation=instrumentation)

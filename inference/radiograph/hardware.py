@@ -404,17 +404,20 @@ def interpret(
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
     placed, gaps = place_pieces(prob, pieces, scale, shape, params, src_mm, radiograph.pixels, patch_net, cages)
+    unassessed: list[str] = []
     if cages:
         # The subsidence head learned on true cage outlines; on the disc classifier's regions it measured
         # sensitivity 0 and flagged ~12 % of intact cages (synthetic hold-out, 2026-12-04): not reported.
         for sp in cages:
             sp.piece.complication_scores.pop(Complication.CAGE_SUBSIDENCE, None)
-        notes.append("cage subsidence not assessed")
+        unassessed.append(Complication.CAGE_SUBSIDENCE.value)
     for sp in placed:
         for comp in CHECKED[sp.piece.kind]:
             if comp.value in params.not_assessed:
                 sp.piece.complication_scores.pop(comp, None)
-                notes.append(f"{comp.value} not assessed")
+                unassessed.append(comp.value)
+    unassessed = list(dict.fromkeys(unassessed))
+    notes.extend(f"{name} not assessed" for name in unassessed)
     for sp in placed:
         for comp, s in sp.piece.complication_scores.items():
             if s >= params.complication_threshold.get(comp.value, 1.0):
@@ -451,6 +454,7 @@ def interpret(
         notes=tuple(dict.fromkeys(notes)),
         reasons=tuple(reasons),
         view=view,
+        not_assessed=tuple(unassessed),
     )
 
 

@@ -171,6 +171,8 @@ def test_forced_failures_become_findings_and_flag_the_study() -> None:
     assert FindingKind.ROD_FRACTURE in kinds
     assert not kinds & {FindingKind.SCREW_LOOSENING, FindingKind.SCREW_BREAKAGE}
     assert {"screw loosening not assessed", "screw breakage not assessed"} <= set(result.images[0].notes)
+    assert any(r.startswith("hardware: ") and "screw loosening" in r and "screw breakage" in r and r.endswith("not assessed by this model version")
+               for r in result.verdict.reasons)
     assert result.verdict.hardware is HardwareStatus.POSSIBLE_COMPLICATION
     assert result.verdict.outcome is ScreeningOutcome.FINDING_PRESENT and result.flagged
     for f in result.all_findings():

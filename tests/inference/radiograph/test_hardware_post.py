@@ -181,7 +181,7 @@ def test_loosened_screw_is_a_finding_with_evidence() -> None:
 def test_a_complication_not_assessed_is_never_reported_and_says_so() -> None:
     out = run(construct(loose=("L4", 1)), params=HardwareParams(not_assessed=("screw loosening",)))
     assert not out.findings and out.status is HardwareStatus.INTACT
-    assert "screw loosening not assessed" in out.notes
+    assert "screw loosening not assessed" in out.notes and out.not_assessed == ("screw loosening",)
     with pytest.raises(ValueError, match="unknown complications"):
         HardwareParams.from_dict({"not_assessed": ["screw wobble"]})
 

@@ -73,6 +73,17 @@ def test_hardware_outcome_joins_the_verdict() -> None:
     assert intact.outcome is ScreeningOutcome.NO_FINDING and intact.hardware is HardwareStatus.INTACT
 
 
+def test_an_intact_verdict_says_what_was_not_checked() -> None:
+    seen = HardwareOutcome(status=HardwareStatus.INTACT, not_assessed=("screw loosening", "screw breakage"))
+    lateral = HardwareOutcome(status=HardwareStatus.INTACT, not_assessed=("screw loosening",), view="LAT")
+    verdict = combine_verdict([_work("AP", 0)], [seen, lateral], [])
+    assert verdict.hardware is HardwareStatus.INTACT
+    assert "hardware: screw loosening, screw breakage not assessed by this model version" in verdict.reasons
+    # No implants: nothing to check, nothing to say.
+    clean = combine_verdict([_work("AP", 0)], [HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, not_assessed=())], [])
+    assert not any("not assessed by this model" in r for r in clean.reasons)
+
+
 def test_masks_and_points_return_to_the_stored_grid() -> None:
     stored = np.zeros((40, 30), dtype=bool)
     stored[5:9, 20:27] = True
