@@ -404,24 +404,21 @@ def interpret(
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
     placed, gaps = place_pieces(prob, pieces, scale, shape, params, src_mm, radiograph.pixels, patch_net, cages)
-    unassessed: list[str] = []
-    if cages:
-        # The subsidence head learned on true cage outlines; on the disc classifier's regions it measured
-        # sensitivity 0 and flagged ~12 % of intact cages (synthetic hold-out, 2026-12-04): not reported.
-        for sp in cages:
-            sp.piece.complication_scores.pop(Complication.CAGE_SUBSIDENCE, None)
-        unassessed.append(Complication.CAGE_SUBSIDENCE.value)
+    # Never reported: the model's `not_assessed` and, on the disc classifier's cages, subsidence (its head
+    # learned on true cage outlines; on those regions it measured sensitivity 0 and flagged ~12 % of intact
+    # cages, synthetic hold-out 2026-12-04).
+    skipped = set(params.not_assessed) | ({Complication.CAGE_SUBSIDENCE.value} if cages else set())
+    unassessed: set[Complication] = set()
     for sp in placed:
         for comp in CHECKED[sp.piece.kind]:
-            if comp.value in params.not_assessed:
+            if comp.value in skipped:
                 sp.piece.complication_scores.pop(comp, None)
-                unassessed.append(comp.value)
-    unassessed = list(dict.fromkeys(unassessed))
-    notes.extend(f"{name} not assessed" for name in unassessed)
-    for sp in placed:
+                unassessed.add(comp)
         for comp, s in sp.piece.complication_scores.items():
             if s >= params.complication_threshold.get(comp.value, 1.0):
                 sp.complications += (comp,)
+    not_assessed = tuple(c.value for c in Complication if c in unassessed)
+    notes.extend(f"{name} not assessed" for name in not_assessed)
     if not placed:
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
@@ -454,7 +451,7 @@ def interpret(
         notes=tuple(dict.fromkeys(notes)),
         reasons=tuple(reasons),
         view=view,
-        not_assessed=tuple(unassessed),
+        not_assessed=not_assessed,
     )
 
 
