@@ -254,6 +254,19 @@ class SourceImage:
     #: Projection view as read from ViewPosition / PatientOrientation ("AP", "PA", "LAT"...), None if unknown.
     view: str | None = None
     modality: str = ""
+    #: SeriesNumber and InstanceNumber, when the source has them: how a reader finds the image in a viewer.
+    series_number: int | None = None
+    instance_number: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The image as a reader names it ("AP image, series 3 no. 1"); its UID when it has no numbers."""
+        if self.series_number is None and self.instance_number is None:
+            return f"image {self.sop_instance_uids[0]}"
+        kind = f"{self.view} image" if self.view else "image"
+        numbers = [f"series {self.series_number}" if self.series_number is not None else "",
+                   f"no. {self.instance_number}" if self.instance_number is not None else ""]
+        return f"{kind}, {' '.join(n for n in numbers if n)}"
 
     @property
     def is_volume(self) -> bool:

@@ -157,8 +157,18 @@ def _fonts(image_height: int) -> _Fonts:
     )
 
 
+def _pieces(word: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """`word` cut into pieces that fit `width` (a UID or a long path has no space to break at)."""
+    pieces: list[str] = []
+    while word and font.getlength(word) > width:
+        cut = max(1, next((k for k in range(len(word), 0, -1) if font.getlength(word[:k]) <= width), 1))
+        pieces.append(word[:cut])
+        word = word[cut:]
+    return pieces + ([word] if word else [])
+
+
 def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
-    words = text.translate(_PLAIN).split()
+    words = [piece for word in text.translate(_PLAIN).split() for piece in _pieces(word, font, width)]
     lines: list[str] = []
     line = ""
     for word in words:

@@ -428,13 +428,13 @@ def combine_verdict(
             reasons.append("no radiograph (DX/CR) in the study")
         for w in works:
             if w.instances is None or not w.instances.vertebrae:
-                reasons.append(f"image {w.source.sop_instance_uids[0]}: no vertebra found")
+                reasons.append(f"{w.source.label}: no vertebra found")
             elif w.grading_off:
-                reasons.append(f"image {w.source.sop_instance_uids[0]}: fractures not assessed (grading switched off for this model version)")
+                reasons.append(f"{w.source.label}: fractures not assessed (grading switched off for this model version)")
             elif w.instances.view != "LAT":
-                reasons.append(f"image {w.source.sop_instance_uids[0]}: {w.instances.view or 'unknown'} view, fractures are graded on lateral views")
+                reasons.append(f"{w.source.label}: {w.instances.view or 'unknown'} view, fractures are graded on lateral views")
             else:
-                reasons.append(f"image {w.source.sop_instance_uids[0]}: too few vertebrae could be graded ({w.graded})")
+                reasons.append(f"{w.source.label}: too few vertebrae could be graded ({w.graded})")
     if hardware is None:
         reasons.append("hardware not assessed: no hardware model installed")
     else:
@@ -462,7 +462,18 @@ def source_image(ds: Dataset, radiograph: preprocess.Radiograph) -> SourceImage:
         spacing_source=source,
         view=radiograph.view,
         modality=str(ds.get("Modality", "")),
+        series_number=_number(ds, "SeriesNumber"),
+        instance_number=_number(ds, "InstanceNumber"),
     )
+
+
+def _number(ds: Dataset, keyword: str) -> int | None:
+    """An IS attribute as an int, None when absent, empty or not a number (it is type 2 or 3)."""
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 class SpineXrAnalysis:

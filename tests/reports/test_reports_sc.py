@@ -205,3 +205,14 @@ def test_labels_of_implants_at_the_image_edge_stay_on_the_image(cases):
     assert _near(_crop(rendering.pixels, label.box), style.ALERT_COLOUR).sum() >= 30
     for text in rendering.texts:  # nothing else leaves the canvas either
         assert text.box[0] >= 0 and text.box[2] <= rendering.pixels.shape[1], text
+
+
+def test_text_without_spaces_is_broken_to_the_panel_width():
+    # A UID in a reason has no space to break at; it ran off the right edge of the capture.
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=20)
+    text = "image 2.25.93665776931120283016100813198010555244: fractures not assessed"
+    lines = sc._wrap(text, font, 200)
+    assert all(font.getlength(line) <= 200 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")

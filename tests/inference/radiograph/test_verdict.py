@@ -133,3 +133,14 @@ def test_hardware_in_doubt_keeps_the_screen_open() -> None:
     both = combine_verdict([_work("LAT", 5)], [HardwareOutcome(status=HardwareStatus.INTACT), edge], [])
     assert both.hardware is HardwareStatus.INTACT and both.outcome is ScreeningOutcome.NO_FINDING
     assert "implants cut by the image edge" in both.reasons
+
+
+def test_reasons_name_the_image_as_a_reader_finds_it() -> None:
+    from dataclasses import replace
+
+    work = _work("AP", 0)
+    work.source = replace(work.source, series_number=3, instance_number=1)
+    verdict = combine_verdict([work], None, [])
+    assert any(r.startswith("AP image, series 3 no. 1: ") for r in verdict.reasons)
+    # Without numbers (they are optional in DICOM) the UID is the only name there is.
+    assert _work("AP", 0).source.label == "image 1.2.3.4"
