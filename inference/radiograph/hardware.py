@@ -47,6 +47,7 @@ from inference.radiograph.hardware_post import (
     disc_levels,
     find_pieces,
     instrumentation_text,
+    level_near,
     midline_x,
     principal_axis,
     score_complications,
@@ -641,10 +642,9 @@ def _finding(
     where = ""
     if comp is Complication.ROD_FRACTURE and gap is not None:
         evidence = tuple(orient.point_from_canonical(p, shape) for p in _inside(_circle(gap, 6.0 / max(src_mm, 1e-6)), shape))
-        named = [g for g in geoms if g.level]
-        if named:
-            near = min(named, key=lambda g: abs(g.centroid[1] - gap[1]))
-            where = f" near {near.level}"
+        level = level_near(gap[1], geoms)
+        if level:
+            where = f" near {level}"
     else:
         ring = max(1, int(round(2.0 / max(src_mm, 1e-6))))
         grown = ndimage.binary_dilation(np.pad(sp.mask, ring), iterations=ring)

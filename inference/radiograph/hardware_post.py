@@ -497,6 +497,19 @@ def screw_level(mask: np.ndarray, offset: tuple[int, int], centroid: Point, tip:
     return None
 
 
+def level_near(y: float, vertebrae: Sequence[VertebraGeom]) -> str | None:
+    """The level of the vertebra nearest to row `y` along the spine (within one step), None when that
+    vertebra is unnamed or none is close: the nearest NAMED one may be far away (with only the sacrum
+    named, every rod gap read "near S1")."""
+    if not vertebrae:
+        return None
+    nearest = min(vertebrae, key=lambda v: abs(v.centroid[1] - y))
+    step = _local_step(vertebrae, y)
+    if not np.isfinite(step) or abs(nearest.centroid[1] - y) > step:
+        return None
+    return nearest.level
+
+
 def disc_levels(centroid: Point, vertebrae: Sequence[VertebraGeom]) -> tuple[str, ...]:
     """The two named vertebrae a cage (or disc-level implant) sits between, cranial first; () if unknown."""
     named = sorted((v for v in vertebrae if v.level), key=lambda v: v.centroid[1])

@@ -25,9 +25,11 @@ from inference.radiograph.hardware_post import (
     SCREW_CENTRE,
     HardwareParams,
     ImplantSummary,
+    VertebraGeom,
     compact_span,
     find_pieces,
     instrumentation_text,
+    level_near,
     vertebrae_spanned,
 )
 from inference.results import (
@@ -304,3 +306,17 @@ def test_evidence_stays_inside_the_image() -> None:
     assert out.findings
     for f in out.findings:
         assert all(0 <= x <= COLS and 0 <= y <= rows for x, y in f.evidence)
+
+
+def test_rod_gap_level_is_the_nearest_vertebra_not_the_nearest_named_one() -> None:
+    # Seen on a lumbar film with naming off: only the sacrum carries a level ("S1"), and a rod gap four
+    # vertebrae higher was reported "near S1".
+    body = np.ones((20, 30), bool)
+    spine = [VertebraGeom(None, (100.0, 40.0 + 30 * k), body, (30 + 30 * k, 85)) for k in range(5)]
+    spine.append(VertebraGeom("S1", (100.0, 200.0), np.ones((40, 60), bool), (180, 70)))
+    assert level_near(75.0, spine) is None
+    named = [dataclasses.replace(v, level=lv) for v, lv in zip(spine, ("L1", "L2", "L3", "L4", "L5", "S1"), strict=True)]
+    assert level_near(75.0, named) == "L2"
+    assert level_near(205.0, named) == "S1"
+    # Far beyond the last vertebra: no level rather than the last one's.
+    assert level_near(400.0, named) is None
