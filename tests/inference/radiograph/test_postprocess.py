@@ -134,6 +134,25 @@ def test_sacrum_far_below_the_chain_is_not_used_for_naming() -> None:
     assert det.levels == [None] * 12
 
 
+def test_sacrum_signal_on_the_chest_or_beside_the_spine_is_not_reported() -> None:
+    # Seen on real radiographs: the sacrum channel lit a mid-thoracic body or bowel gas beside the spine,
+    # and the SEG and SC drew a "Sacrum" there.
+    rr, cc = np.mgrid[0:360, 0:200] + 0.5
+    for where in ("thoracic body", "beside the lower spine"):
+        prob, centres = spine_probabilities(sacrum=False)
+        r, c = centres[4] if where == "thoracic body" else (centres[-1][0] + 10, centres[-1][1] - 70)
+        prob[SACRUM][(np.abs(cc - c) < 20) & (np.abs(rr - r) < 12)] = 0.9
+        det = postprocess.detect(prob)
+        assert len(det.nodes) == 12, where
+        assert det.sacrum is None, where
+    # The real one below the chain is still found next to the decoy.
+    prob, centres = spine_probabilities()
+    prob[SACRUM][(np.abs(cc - centres[4][1]) < 20) & (np.abs(rr - centres[4][0]) < 12)] = 0.9
+    det = postprocess.detect(prob)
+    rows, _ = np.nonzero(det.sacrum)
+    assert det.sacrum_adjacent and rows.min() > centres[-1][0] - 20
+
+
 def test_empty_maps() -> None:
     prob = np.zeros((len(CHANNELS), 64, 48), dtype=np.float32)
     det = postprocess.detect(prob)
