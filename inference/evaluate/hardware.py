@@ -323,6 +323,15 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
                     "found": p is not None and comp in p.complications,
                     "matched": p is not None,
                 })
+    # Instrumented levels, as a reader states them ("screws at L3, L4, L5"): per image, the levels that
+    # carry a true screw against the levels the model's screws were assigned to, matched or not.  On
+    # laterals the left and right screws of a level superimpose, so a per-screw match undercounts there.
+    true_levels = {t.levels[0] for t in truth if t.kind is ImplantKind.PEDICLE_SCREW and t.levels}
+    rec["screw_levels"] = {
+        "true": sorted(true_levels),
+        "found": sorted({i.levels[0] for i in outcome.implants if i.kind is ImplantKind.PEDICLE_SCREW and i.levels}),
+        "visible": sorted({v.level for v in verts if v.level}),
+    }
     # Complications reported on implants that match no true implant.
     rec["false_alarm_complications"] = sum(len(imp.complications) for k, imp in enumerate(outcome.implants) if k not in matched_pred)
     true_discs = {t.levels for t in truth if t.kind is ImplantKind.INTERBODY_CAGE and len(t.levels) == 2}
@@ -378,6 +387,26 @@ def _shows(record: dict[str, Any], kinds: Sequence[ImplantKind]) -> bool:
     return any(record["detection"][k.value][0] + record["detection"][k.value][2] for k in kinds)
 
 
+def instrumented_levels(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Levels carrying a screw, per view, against the levels of the model's screws (true vertebrae, so only
+    images whose vertebrae have names count); beside the baseline "every vertebra in view is instrumented"
+    on the images that have screws."""
+    out: dict[str, Any] = {}
+    named = [r for r in records if r.get("screw_levels", {}).get("visible")]
+    for view in ("all", *sorted({r["view"] for r in named})):
+        model, base = M.DetectionCounts(), M.DetectionCounts()
+        for r in named:
+            if view != "all" and r["view"] != view:
+                continue
+            true, found = set(r["screw_levels"]["true"]), set(r["screw_levels"]["found"])
+            model.add(len(true & found), len(found - true), len(true - found))
+            if true:
+                visible = set(r["screw_levels"]["visible"])
+                base.add(len(true & visible), len(visible - true), len(true - visible))
+        out[view] = {"model": model.as_dict(), "baseline_every_visible_vertebra": base.as_dict()}
+    return out
+
+
 def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
     """Pooled metrics of a test set."""
     out: dict[str, Any] = {"set": label, "samples": len(records)}
@@ -411,6 +440,7 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
                 c.add(*r["detection"][ImplantKind.PEDICLE_SCREW.value])
         det[f"pedicle screw, {view}"] = c.as_dict()
     out["detection"] = det
+    out["instrumented_levels"] = instrumented_levels(records)
     screws = [s for r in records for s in r["screws"]]
     with_level = [s for s in screws if s["true_level"]]
     named = [s for s in with_level if s["level"]]
@@ -803,6 +833,14 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     if lv.get("screws"):
         out.append(f"| screw level, true vertebrae: accuracy (named fraction; {lv.get('screws')} screws) | {_f(lv.get('accuracy_all'))} ({_f(lv.get('named_fraction'))}) | "
                    f"nearest vertebra centroid: {_f(lv.get('baseline_nearest_centroid_accuracy'))} |")
+    for view, e in (s.get("instrumented_levels") or {}).items():
+        mdl, base = e.get("model", {}), e.get("baseline_every_visible_vertebra", {})
+        if not (mdl.get("tp") or mdl.get("fn")):
+            continue
+        where = "all views" if view == "all" else f"{view} views"
+        out.append(f"| instrumented levels (a level carrying a screw), {where}, true vertebrae: precision / recall / F1 "
+                   f"(tp {mdl.get('tp')}, fp {mdl.get('fp')}, fn {mdl.get('fn')}) | {_f(mdl.get('precision'))} / {_f(mdl.get('recall'))} / {_f(mdl.get('f1'))} | "
+                   f"every vertebra in view (images with screws): {_f(base.get('precision'))} / {_f(base.get('recall'))} / {_f(base.get('f1'))} |")
     le = s.get("screw_levels_vertebra_model")
     if le:
         out.append(f"| screw level, vertebrae from spine-xr-vertebrae: accuracy of named / named fraction ({le.get('screws')} screws) | "
