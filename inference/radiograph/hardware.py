@@ -43,6 +43,7 @@ from inference.radiograph.hardware_post import (
     ImplantSummary,
     Piece,
     VertebraGeom,
+    beside_spine,
     covered_levels,
     disc_levels,
     find_pieces,
@@ -405,6 +406,10 @@ def interpret(
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
     placed, gaps = place_pieces(prob, pieces, scale, shape, params, src_mm, radiograph.pixels, patch_net, cages)
+    if view != "LAT":
+        placed, gaps, beside = _drop_beside_spine(placed, gaps, geoms, params.max_off_spine_widths)
+        if beside:
+            notes.append(f"{beside} metal object(s) beside the spine not counted as spinal hardware (brace, clothing or marker?)")
     # Never reported: the model's `not_assessed` and, on the disc classifier's cages, subsidence (its head
     # learned on true cage outlines; on those regions it measured sensitivity 0 and flagged ~12 % of intact
     # cages, synthetic hold-out 2026-12-04).
@@ -454,6 +459,15 @@ def interpret(
         view=view,
         not_assessed=not_assessed,
     )
+
+
+def _drop_beside_spine(
+    placed: list[SourcePiece], gaps: dict[int, Point], geoms: Sequence[VertebraGeom], widths: float
+) -> tuple[list[SourcePiece], dict[int, Point], int]:
+    """`placed` without the pieces `beside_spine` rejects, `gaps` re-indexed, and how many were dropped."""
+    keep = [k for k, sp in enumerate(placed) if not beside_spine(sp.mask, sp.offset, geoms, widths)]
+    new_index = {old: new for new, old in enumerate(keep)}
+    return [placed[k] for k in keep], {new_index[k]: g for k, g in gaps.items() if k in new_index}, len(placed) - len(keep)
 
 
 def place_pieces(

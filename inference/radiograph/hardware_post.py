@@ -93,6 +93,10 @@ class HardwareParams:
     #: Complications never reported, whatever their score (measured no better than chance on held-out data);
     #: an image showing an implant they apply to says "<complication> not assessed".
     not_assessed: tuple[str, ...] = ()
+    #: Frontal views: a piece whose pixels, within the rows the vertebrae cover, all lie farther than this
+    #: many vertebral-body widths from the spine's midline is not spinal hardware (brace buckles and snaps,
+    #: skin markers); 0 switches the test off.
+    max_off_spine_widths: float = 1.0
 
     def __post_init__(self) -> None:
         # Per-kind tables given in part keep the defaults for the kinds not named.
@@ -450,6 +454,33 @@ def spine_midline(vertebrae: Sequence[VertebraGeom]) -> tuple[np.ndarray, np.nda
     ys = np.array([p[0] for p in pts])
     xs = np.array([p[1] for p in pts])
     return ys, xs
+
+
+def beside_spine(mask: np.ndarray, offset: tuple[int, int], vertebrae: Sequence[VertebraGeom], widths: float) -> bool:
+    """True when a piece (frontal view) lies beside the spine rather than on it: it sits within the rows
+    the vertebrae span (top centre to lowest centre) and none of its pixels comes within `widths` median
+    body widths of the midline through the vertebra centres.
+
+    Measured on the real radiographs (2026-12-05): most "implants" found on films without any were the
+    buckles and snaps of scoliosis braces, two to four body widths out. Pedicle screws, rods (even bent
+    along a scoliotic curve) and plates reach the vertebrae; iliac screws lie below the lowest vertebra,
+    where nothing is judged. Fewer than three vertebrae: no midline to judge by (False)."""
+    bodies = [v for v in vertebrae if v.level != "S1"]
+    if widths <= 0 or len(bodies) < 3:
+        return False
+    midline = spine_midline(bodies)
+    if midline is None:
+        return False
+    ys, xs = midline
+    rr, cc = np.nonzero(mask)
+    if not len(rr):
+        return False
+    y = rr + offset[0] + 0.5
+    x = cc + offset[1] + 0.5
+    if y.min() < ys[0] or y.max() > ys[-1]:
+        return False
+    body_width = float(np.median([v.width for v in bodies]))
+    return bool(np.min(np.abs(x - np.interp(y, ys, xs))) > widths * body_width)
 
 
 def midline_x(midline: tuple[np.ndarray, np.ndarray] | None, y: float) -> float | None:

@@ -320,3 +320,31 @@ def test_rod_gap_level_is_the_nearest_vertebra_not_the_nearest_named_one() -> No
     assert level_near(205.0, named) == "S1"
     # Far beyond the last vertebra: no level rather than the last one's.
     assert level_near(400.0, named) is None
+
+
+def test_metal_beside_the_spine_is_not_spinal_hardware() -> None:
+    # Seen on real scoliosis films: the buckles and snaps of a brace, two to four body widths out, were
+    # reported as screws, rods and plates.
+    prob = construct()
+    buckle_x = (MID + 130) / 2  # 1.6 body widths (bodies are 80 px wide) right of the midline
+    _line(prob, ROD, (buckle_x, 55.0), (buckle_x, 95.0), 2.5)
+    prob[METAL] = prob[[SCREW, ROD, CAGE]].max(axis=0)
+    out = run(prob)
+    assert len([i for i in out.implants if i.kind is ImplantKind.ROD]) == 2
+    assert out.instrumentation == "posterior instrumentation L3–L5: 6 pedicle screws, 2 rods; interbody cage L4–5"
+    assert any("1 metal object(s) beside the spine" in n for n in out.notes)
+    # Alone, it makes the image "no implants", not a construct.
+    alone = np.zeros_like(prob)
+    _line(alone, ROD, (buckle_x, 55.0), (buckle_x, 95.0), 2.5)
+    alone[METAL] = alone[ROD]
+    assert run(alone).status is HardwareStatus.NO_IMPLANTS
+    # Below the lowest vertebra (where iliac screws sit) and with too few vertebrae nothing is judged.
+    low = np.zeros_like(prob)
+    _line(low, ROD, (buckle_x, 125.0), (buckle_x, 150.0), 2.5)
+    low[METAL] = low[ROD]
+    assert run(low).status is not HardwareStatus.NO_IMPLANTS
+    assert run(alone, vertebrae=_vertebrae()[:2]).status is not HardwareStatus.NO_IMPLANTS
+    # 0 switches the test off; laterals are not judged (posterior elements and plates sit off the bodies there).
+    assert run(alone, params=HardwareParams(max_off_spine_widths=0.0)).status is not HardwareStatus.NO_IMPLANTS
+    lateral = run(alone, rad=radiograph("LAT", None), source=dataclasses.replace(SOURCE, view="LAT"))
+    assert lateral.status is not HardwareStatus.NO_IMPLANTS
