@@ -458,13 +458,14 @@ def spine_midline(vertebrae: Sequence[VertebraGeom]) -> tuple[np.ndarray, np.nda
 
 def beside_spine(mask: np.ndarray, offset: tuple[int, int], vertebrae: Sequence[VertebraGeom], widths: float) -> bool:
     """True when a piece (frontal view) lies beside the spine rather than on it: it sits within the rows
-    the vertebrae span (top centre to lowest centre) and none of its pixels comes within `widths` median
-    body widths of the midline through the vertebra centres.
+    the vertebrae span, from the top one's centre to 2.5 steps above the lowest one's, and none of its
+    pixels comes within `widths` median body widths of the midline through the vertebra centres.
 
     Measured on the real radiographs (2026-12-05): most "implants" found on films without any were the
     buckles and snaps of scoliosis braces, two to four body widths out. Pedicle screws, rods (even bent
-    along a scoliotic curve) and plates reach the vertebrae; iliac screws lie below the lowest vertebra,
-    where nothing is judged. Fewer than three vertebrae: no midline to judge by (False)."""
+    along a scoliotic curve) and plates reach the vertebrae. Iliac screws do not, but they sit at the
+    height of the upper sacrum, which the vertebra chain often takes for one or two more vertebrae on real
+    films: the lowest 2.5 steps are therefore never judged. Fewer than three vertebrae: False."""
     bodies = [v for v in vertebrae if v.level != "S1"]
     if widths <= 0 or len(bodies) < 3:
         return False
@@ -477,7 +478,8 @@ def beside_spine(mask: np.ndarray, offset: tuple[int, int], vertebrae: Sequence[
         return False
     y = rr + offset[0] + 0.5
     x = cc + offset[1] + 0.5
-    if y.min() < ys[0] or y.max() > ys[-1]:
+    step = float(np.median(np.diff(ys))) if len(ys) >= 2 else 0.0
+    if y.min() < ys[0] or y.max() > ys[-1] - 2.5 * step:
         return False
     body_width = float(np.median([v.width for v in bodies]))
     return bool(np.min(np.abs(x - np.interp(y, ys, xs))) > widths * body_width)

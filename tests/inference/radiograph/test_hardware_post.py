@@ -325,26 +325,33 @@ def test_rod_gap_level_is_the_nearest_vertebra_not_the_nearest_named_one() -> No
 def test_metal_beside_the_spine_is_not_spinal_hardware() -> None:
     # Seen on real scoliosis films: the buckles and snaps of a brace, two to four body widths out, were
     # reported as screws, rods and plates.
-    prob = construct()
-    buckle_x = (MID + 130) / 2  # 1.6 body widths (bodies are 80 px wide) right of the midline
-    _line(prob, ROD, (buckle_x, 55.0), (buckle_x, 95.0), 2.5)
-    prob[METAL] = prob[[SCREW, ROD, CAGE]].max(axis=0)
-    out = run(prob)
+    def spine(rows):  # bodies 80 px wide on the midline, unnamed (as the vertebra model gives them today)
+        return [Vertebra(None, RegionMask.from_dense(_rect((ROWS, COLS), r - 14, r + 14, MID - 40, MID + 40)), (), (MID + 0.5, r + 0.5))
+                for r in rows]
+
+    vertebrae = spine(range(20, 231, 35))  # seven bodies, 35 px apart: judged from row 20 to row 142
+    buckle_x = (MID + 130) / 2  # 1.6 body widths right of the midline (network grid: half the source)
+
+    def with_buckle(prob, top, bottom):
+        prob = prob.copy()
+        _line(prob, ROD, (buckle_x, top), (buckle_x, bottom), 2.5)
+        prob[METAL] = prob[[SCREW, ROD, CAGE]].max(axis=0)
+        return prob
+
+    out = run(with_buckle(construct(), 20.0, 60.0), vertebrae=vertebrae)
     assert len([i for i in out.implants if i.kind is ImplantKind.ROD]) == 2
-    assert out.instrumentation == "posterior instrumentation L3–L5: 6 pedicle screws, 2 rods; interbody cage L4–5"
+    assert len([i for i in out.implants if i.kind is ImplantKind.PEDICLE_SCREW]) == 6
     assert any("1 metal object(s) beside the spine" in n for n in out.notes)
     # Alone, it makes the image "no implants", not a construct.
-    alone = np.zeros_like(prob)
-    _line(alone, ROD, (buckle_x, 55.0), (buckle_x, 95.0), 2.5)
-    alone[METAL] = alone[ROD]
-    assert run(alone).status is HardwareStatus.NO_IMPLANTS
-    # Below the lowest vertebra (where iliac screws sit) and with too few vertebrae nothing is judged.
-    low = np.zeros_like(prob)
-    _line(low, ROD, (buckle_x, 125.0), (buckle_x, 150.0), 2.5)
-    low[METAL] = low[ROD]
-    assert run(low).status is not HardwareStatus.NO_IMPLANTS
-    assert run(alone, vertebrae=_vertebrae()[:2]).status is not HardwareStatus.NO_IMPLANTS
+    empty = np.zeros_like(construct())
+    assert run(with_buckle(empty, 20.0, 60.0), vertebrae=vertebrae).status is HardwareStatus.NO_IMPLANTS
+    # Near the lowest vertebrae found (where iliac screws sit, and where the chain often runs on into the
+    # sacrum) and below them nothing is judged; nor with fewer than three vertebrae.
+    assert run(with_buckle(empty, 85.0, 110.0), vertebrae=vertebrae).status is not HardwareStatus.NO_IMPLANTS
+    assert run(with_buckle(empty, 125.0, 150.0), vertebrae=vertebrae).status is not HardwareStatus.NO_IMPLANTS
+    assert run(with_buckle(empty, 20.0, 60.0), vertebrae=vertebrae[:2]).status is not HardwareStatus.NO_IMPLANTS
     # 0 switches the test off; laterals are not judged (posterior elements and plates sit off the bodies there).
-    assert run(alone, params=HardwareParams(max_off_spine_widths=0.0)).status is not HardwareStatus.NO_IMPLANTS
-    lateral = run(alone, rad=radiograph("LAT", None), source=dataclasses.replace(SOURCE, view="LAT"))
+    alone = with_buckle(empty, 20.0, 60.0)
+    assert run(alone, vertebrae=vertebrae, params=HardwareParams(max_off_spine_widths=0.0)).status is not HardwareStatus.NO_IMPLANTS
+    lateral = run(alone, rad=radiograph("LAT", None), vertebrae=vertebrae, source=dataclasses.replace(SOURCE, view="LAT"))
     assert lateral.status is not HardwareStatus.NO_IMPLANTS
