@@ -60,15 +60,9 @@ class Variant:
 
 
 def _plain(pixels: np.ndarray, spacing: tuple[float, float] | None = None) -> preprocess.Radiograph:
-    return preprocess.Radiograph(
-        pixels=np.asarray(pixels, dtype=np.float32),
-        pixel_spacing_mm=spacing,
-        spacing_source="ImagerPixelSpacing" if spacing else "none",
-        view="AP",
-        anterior_sign=None,
-        orientation=preprocess.Orientation(),
-        stored_shape=tuple(pixels.shape),
-    )
+    from inference.evaluate.vertebrae import radiograph_from_array
+
+    return radiograph_from_array(pixels, spacing, "AP", None)
 
 
 def pitch_mm_per_px(boxes: np.ndarray) -> float:
@@ -144,38 +138,38 @@ def _none() -> np.ndarray:
     return np.zeros((0, 4))
 
 
-def _as_exported(item, pixels, rng):
+def _as_exported(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     return VariantImage(_plain(pixels), item.boxes, _none())
 
 
-def _dicom_large(item, pixels, rng):
+def _dicom_large(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     big = np.clip(ndimage.zoom(pixels, LARGE_FACTOR, order=1), 0.0, 1.0)
     spacing = pitch_mm_per_px(item.boxes) / LARGE_FACTOR * DETECTOR_MAGNIFICATION
     return VariantImage(as_dicom(big, item.key, spacing), item.boxes * LARGE_FACTOR, _none())
 
 
-def _lumbar(item, pixels, rng):
+def _lumbar(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     big, boxes, cut = lumbar_field(pixels, item.boxes)
     return VariantImage(_plain(big), boxes, cut)
 
 
-def _lumbar_dicom(item, pixels, rng):
+def _lumbar_dicom(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     big, boxes, cut = lumbar_field(pixels, item.boxes)
     spacing = pitch_mm_per_px(boxes) * DETECTOR_MAGNIFICATION
     return VariantImage(as_dicom(big, item.key, spacing), boxes, cut)
 
 
-def _low_contrast(item, pixels, rng):
+def _low_contrast(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     flat = 0.35 + 0.3 * pixels + rng.normal(0.0, 0.02, pixels.shape)
     return VariantImage(_plain(np.clip(flat, 0.0, 1.0)), item.boxes, _none())
 
 
-def _tilted(item, pixels, rng):
+def _tilted(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     turned, boxes = rotate(pixels, item.boxes, 10.0 if rng.random() < 0.5 else -10.0)
     return VariantImage(_plain(turned), boxes, _none())
 
 
-def _implants(item, pixels, rng):
+def _implants(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     from inference.synth.real import real_split, render_real_sample
 
     # Implants rendered the way the hardware model's real overlays are (screws, rods, cages, plates);
