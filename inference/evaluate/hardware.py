@@ -1018,7 +1018,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         ]
         for film in rp.get("real_hardware") or []:
             lines += [
-                f"**The one real postoperative film in the test split** (`{film['key']}`; {film['on_the_film']}; seen by eye, no labels): "
+                f"**Real hardware on a test film** (`{film['key']}`; {film['on_the_film']}; seen by eye, no labels): "
                 f"status '{film['status']}', found {film['implants']}; summary '{film['instrumentation']}'.",
                 "",
             ]
