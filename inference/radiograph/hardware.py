@@ -405,11 +405,14 @@ def interpret(
     if not pieces and not cages:
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)
-    placed, gaps = place_pieces(prob, pieces, scale, shape, params, src_mm, radiograph.pixels, patch_net, cages)
+    placed = place_pieces(prob, pieces, scale, shape, params, src_mm, cages)
     if view != "LAT":
-        placed, gaps, beside = _drop_beside_spine(placed, gaps, geoms, params.max_off_spine_widths)
-        if beside:
-            notes.append(f"{beside} metal object(s) beside the spine not counted as spinal hardware (brace, clothing or marker?)")
+        # Dropped before scoring: a brace buckle needs no complication score.
+        on_spine = [sp for sp in placed if not beside_spine(sp.mask, sp.offset, geoms, params.max_off_spine_widths)]
+        if len(on_spine) < len(placed):
+            notes.append(f"{len(placed) - len(on_spine)} metal object(s) beside the spine not counted as spinal hardware (brace, clothing or marker?)")
+        placed = on_spine
+    gaps = score_pieces(prob, placed, scale, src_mm, radiograph.pixels, patch_net)
     # Never reported: the model's `not_assessed` and, on the disc classifier's cages, subsidence (its head
     # learned on true cage outlines; on those regions it measured sensitivity 0 and flagged ~12 % of intact
     # cages, synthetic hold-out 2026-12-04).
@@ -461,15 +464,6 @@ def interpret(
     )
 
 
-def _drop_beside_spine(
-    placed: list[SourcePiece], gaps: dict[int, Point], geoms: Sequence[VertebraGeom], widths: float
-) -> tuple[list[SourcePiece], dict[int, Point], int]:
-    """`placed` without the pieces `beside_spine` rejects, `gaps` re-indexed, and how many were dropped."""
-    keep = [k for k, sp in enumerate(placed) if not beside_spine(sp.mask, sp.offset, geoms, widths)]
-    new_index = {old: new for new, old in enumerate(keep)}
-    return [placed[k] for k in keep], {new_index[k]: g for k, g in gaps.items() if k in new_index}, len(placed) - len(keep)
-
-
 def place_pieces(
     prob: np.ndarray,
     pieces: Sequence[Piece],
@@ -477,20 +471,23 @@ def place_pieces(
     shape: tuple[int, int],
     params: HardwareParams,
     src_mm: float,
-    pixels: np.ndarray,
-    patch_net: Any | None = None,
     extra: Sequence[SourcePiece] = (),
-) -> tuple[list[SourcePiece], dict[int, Point]]:
-    """Pieces at source resolution, then `extra` ones already there (cages from the disc classifier), with
-    their complication scores (the patch classifier when given, else the segmentation network's complication
-    maps) and, per rod index, where its fracture score peaks."""
+) -> list[SourcePiece]:
+    """Pieces at source resolution, then `extra` ones already there (cages from the disc classifier)."""
     border_px = params.border_mm / max(src_mm, 1e-6)
     placed: list[SourcePiece] = []
     for p in pieces:
         sp = to_source(p, prob, scale, shape, params.class_threshold, border_px)
         if sp is not None:
             placed.append(sp)
-    placed += list(extra)
+    return placed + list(extra)
+
+
+def score_pieces(
+    prob: np.ndarray, placed: Sequence[SourcePiece], scale: tuple[float, float], src_mm: float, pixels: np.ndarray, patch_net: Any | None = None
+) -> dict[int, Point]:
+    """Complication scores of the placed pieces, set on them (the patch classifier when given, else the
+    segmentation network's complication maps), and, per rod index, where its fracture score peaks."""
     gaps: dict[int, Point] = {}
     if patch_net is not None:
         from inference.radiograph.hardware_patches import score_implants
@@ -505,7 +502,7 @@ def place_pieces(
         for k, loc in where.items():
             if loc is not None:
                 gaps[k] = (loc[1] / scale[1], loc[0] / scale[0])
-    return placed, gaps
+    return gaps
 
 
 def disc_cages(

@@ -215,7 +215,7 @@ def complication_scores(model: Any, samples: list[Any]) -> dict[str, list[tuple[
     """Per complication, (score, truth) of every implant the model finds on `samples` (a found implant that
     matches no true one of its kind counts as a negative)."""
     from inference.evaluate.hardware import sample_radiograph
-    from inference.radiograph.hardware import place_pieces
+    from inference.radiograph.hardware import place_pieces, score_pieces
     from inference.radiograph.hardware_post import CHECKED, find_pieces
 
     out: dict[str, list[tuple[float, bool]]] = {}
@@ -224,7 +224,8 @@ def complication_scores(model: Any, samples: list[Any]) -> dict[str, list[tuple[
         prob, scale = model.probabilities(rad.pixels, rad.pixel_spacing_mm)
         mm = rad.pixel_spacing_mm[0] / scale[0] if rad.pixel_spacing_mm else model.spacing_mm
         pieces = find_pieces(prob, mm, model.params)
-        placed, _ = place_pieces(prob, pieces, scale, rad.pixels.shape, model.params, mm * scale[0], rad.pixels, model.patch_net)
+        placed = place_pieces(prob, pieces, scale, rad.pixels.shape, model.params, mm * scale[0])
+        score_pieces(prob, placed, scale, mm * scale[0], rad.pixels, model.patch_net)
         for sp in placed:
             spec = match_truth(sp.mask, sp.offset, sample)
             for comp in CHECKED[sp.piece.kind]:
