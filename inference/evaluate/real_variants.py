@@ -27,10 +27,9 @@ from scipy import ndimage
 from inference.evaluate import metrics as M
 from inference.radiograph import preprocess
 from inference.radiograph.model import VertebraModel
+from inference.synth.real import estimate_pixel_mm
 from inference.train import cadma
 
-#: Vertebral pitch assumed to turn box spacing into mm (lumbar and lower thoracic levels, ~30 mm).
-LEVEL_PITCH_MM = 30.0
 #: ImagerPixelSpacing is at the detector; a spine sits ~15 % closer to the source, so the header value
 #: overstates the patient-plane pixel by about this much when no magnification factor is given.
 DETECTOR_MAGNIFICATION = 1.15
@@ -63,13 +62,6 @@ def _plain(pixels: np.ndarray, spacing: tuple[float, float] | None = None) -> pr
     from inference.evaluate.vertebrae import radiograph_from_array
 
     return radiograph_from_array(pixels, spacing, "AP", None)
-
-
-def pitch_mm_per_px(boxes: np.ndarray) -> float:
-    """Patient-plane pixel size guessed from the median distance between neighbouring box centres."""
-    centres = (boxes[:, 1] + boxes[:, 3]) / 2
-    steps = np.diff(np.sort(centres))
-    return LEVEL_PITCH_MM / float(np.median(steps)) if len(steps) else 1.0
 
 
 def as_dicom(pixels: np.ndarray, key: str, spacing_mm: float | None, photometric: str = "MONOCHROME1") -> preprocess.Radiograph:
@@ -144,7 +136,7 @@ def _as_exported(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.
 
 def _dicom_large(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     big = np.clip(ndimage.zoom(pixels, LARGE_FACTOR, order=1), 0.0, 1.0)
-    spacing = pitch_mm_per_px(item.boxes) / LARGE_FACTOR * DETECTOR_MAGNIFICATION
+    spacing = estimate_pixel_mm(item.boxes) / LARGE_FACTOR * DETECTOR_MAGNIFICATION
     return VariantImage(as_dicom(big, item.key, spacing), item.boxes * LARGE_FACTOR, _none())
 
 
@@ -155,7 +147,7 @@ def _lumbar(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Gener
 
 def _lumbar_dicom(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
     big, boxes, cut = lumbar_field(pixels, item.boxes)
-    spacing = pitch_mm_per_px(boxes) * DETECTOR_MAGNIFICATION
+    spacing = estimate_pixel_mm(boxes) * DETECTOR_MAGNIFICATION
     return VariantImage(as_dicom(big, item.key, spacing), boxes, cut)
 
 

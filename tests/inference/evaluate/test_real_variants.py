@@ -100,12 +100,6 @@ def test_dicom_round_trip_through_the_node_decoder():
     assert RV.as_dicom(pixels, "key", spacing_mm=None).pixel_spacing_mm is None
 
 
-def test_pitch_gives_mm_per_pixel_from_box_spacing():
-    _, boxes = _spine_image()
-    pitch_px = np.median(np.diff((boxes[:, 1] + boxes[:, 3]) / 2))
-    assert RV.pitch_mm_per_px(boxes) == pytest.approx(RV.LEVEL_PITCH_MM / pitch_px)
-
-
 def test_implant_variant_draws_on_the_same_grid(item):
     variant = next(v for v in RV.VARIANTS if v.name == "implants")
     pixels = item.load()
