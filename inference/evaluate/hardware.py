@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -649,13 +650,11 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
 #: Flags of the shipped model's training command that make up its recipe (budget, threads, sizes); a
 #: leave-one-patient-out fold reuses them so it measures a new patient, not a smaller training run.
 RECIPE_FLAGS = ("--iterations", "--batch", "--lr", "--seed", "--threads", "--max-minutes", "--eval-every", "--mix", "--crop",
-                "--patch-iterations", "--val-every", "--pos-weight", "--disc-iterations", "--not-assessed")
+                "--patch-iterations", "--val-every", "--pos-weight", "--disc-iterations", "--not-assessed", "--hard-negative-share")
 
 
 def recipe_args(command: str) -> list[str]:
     """The `RECIPE_FLAGS` (with their values) of a recorded ``python -m inference.train.hardware ...`` command."""
-    import shlex
-
     words = shlex.split(command or "")
     out: list[str] = []
     for k, word in enumerate(words):
@@ -675,12 +674,36 @@ def training_recipe(training: dict[str, Any]) -> list[str]:
     return recipe
 
 
+def training_stages(training: dict[str, Any]) -> list[list[str]]:
+    """The recipes a leave-one-patient-out fold runs in turn: the base training's first when the model was
+    fine-tuned from one (``--init-weights``; the training record keeps the base's), then its own."""
+    base = (training.get("base_training") or {}).get("training")
+    return ([] if not base else training_stages(base)) + [training_recipe(training)]
+
+
+def fold_commands(data: Path, cache: Path, folder: Path, source: str, stages: list[list[str]]) -> list[list[str]]:
+    """The training commands of the fold without `source` (and the stitched volume), one per stage: the last
+    writes the fold's model `folder`, each earlier one a ``stage-N`` folder the next starts from."""
+    import sys
+
+    commands = []
+    for k, recipe in enumerate(stages):
+        last = k == len(stages) - 1
+        out = folder if last else folder / f"stage-{k + 1}"
+        cmd = [sys.executable, "-m", "inference.train.hardware", "--data", str(data), "--cache", str(cache), "--out", str(out),
+               "--work", str(out / "work"), "--exclude-sources", f"{source},stitched", *recipe]
+        if k:
+            cmd += ["--init-weights", str(folder / f"stage-{k}" / "weights.pt")]
+        commands.append(cmd)
+    return commands
+
+
 def lopo(
     data: Path,
     cache: Path,
     holdout: Path,
     work: Path,
-    recipe: list[str],
+    stages: list[list[str]],
     limit: int,
     shipped: HardwareModel | None = None,
     sources: Sequence[str] = LOPO_SOURCES,
@@ -691,7 +714,6 @@ def lopo(
     difference is what a new patient costs."""
     import os
     import subprocess
-    import sys
 
     from inference.registry import ModelSpec
 
@@ -705,21 +727,22 @@ def lopo(
             return False
         training = ModelSpec.read(folder).metadata.get("training", {})
         fold_cache = training.get("data", {}).get("manifest", {})
-        return training_recipe(training) == recipe and {k: fold_cache.get(k) for k in cache_id} == cache_id
+        return training_stages(training) == stages and {k: fold_cache.get(k) for k in cache_id} == cache_id
 
     folders = {src: work / f"without-{src}" for src in sources}
     todo = [src for src, folder in folders.items() if not trained(folder)]
-    threads = int(recipe[recipe.index("--threads") + 1]) if "--threads" in recipe else 2
+    last = stages[-1]
+    threads = int(last[last.index("--threads") + 1]) if "--threads" in last else 2
     parallel = (os.cpu_count() or 1) >= threads * len(todo)
     running = []
     for src in todo:
         folder = folders[src]
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "inference.train.hardware", "--data", str(data), "--cache", str(cache), "--out", str(folder),
-               "--work", str(folder / "work"), "--exclude-sources", f"{src},stitched", *recipe]
-        log.info("leave-one-patient-out fold without %s: %s", src, " ".join(cmd))
+        line = " && ".join(shlex.join(cmd) for cmd in fold_commands(data, cache, folder, src, stages))
+        log.info("leave-one-patient-out fold without %s: %s", src, line)
         with (folder / "train.out").open("w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            # One shell line per fold: the stages run in turn, each fine-tuning the one before.
+            proc = subprocess.Popen(line, shell=True, stdout=out, stderr=subprocess.STDOUT)
         running.append((src, proc))
         if not parallel:
             proc.wait()
@@ -785,12 +808,12 @@ def main(argv: list[str] | None = None) -> int:
         results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None)
         log.info("real plain: %s", results["real_plain_test"])
     if not args.skip_lopo:
-        recipe = training_recipe(meta.get("training", {}))
+        stages = training_stages(meta.get("training", {}))
         sources = [x for x in args.lopo_sources.split(",") if x]
         unknown = set(sources) - set(LOPO_SOURCES)
         if unknown:
             ap.error(f"--lopo-sources: {sorted(unknown)} not among {list(LOPO_SOURCES)}")
-        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, recipe, args.lopo_limit, model, sources)
+        results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, stages, args.lopo_limit, model, sources)
         results["leave_one_patient_out_not_run"] = [x for x in LOPO_SOURCES if x not in sources]
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta["metrics"] = results

@@ -17,6 +17,10 @@ real radiographs with implants rendered onto them, and implant-free images of bo
   training, complication thresholds are tuned on the held-out samples (instance level, Youden's J).
 * Seeds are fixed; checkpoints in ``--work`` make a killed run resume (same command).  torch uses 2
   threads; run under ``nice -n 10``.  ``--exclude-sources`` trains the leave-one-patient-out variants.
+* Hard negatives (``--hard-negative-share``): part of each batch is drawn from the real train images on
+  which the network itself finds implants (scoliosis-brace buckles and snaps, skin markers), mined again
+  at every validation.  ``--init-weights`` starts from a trained network: ``make train-hardware`` trains
+  once without hard negatives and then fine-tunes with them (the second run's record keeps the first's).
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ log = logging.getLogger("inference.train.hardware")
 SEG_CHANNELS = (METAL, SCREW, ROD, CAGE, PLATE)
 COMP_CHANNELS = tuple(COMPLICATION_CHANNEL.values())
 POOLS = ("complication", "implants", "clean", "real_negative")
+#: Hard negatives are mined with instance thresholds near the tuned ones (as the false-hardware check of
+#: `validate`), so the faint blobs the tuned model would drop anyway do not fill the pool.
+MINING_PARAMS = HardwareParams(min_score=0.6, min_total_mm2=80.0, min_area_mm2={"pedicle screw": 30.0})
 
 
 def real_negative(path: Path) -> TargetItem:
@@ -179,6 +186,30 @@ def validate(net: torch.nn.Module, items: list[TargetItem], negatives: list[Targ
     out = {f"dice_{CHANNELS[ch]}": (inter[ch] / total[ch] if total[ch] else float("nan")) for ch in SEG_CHANNELS + COMP_CHANNELS}
     out["real_false_hardware_rate"] = false_hw / len(negatives) if negatives else float("nan")
     return out
+
+
+def mine_hard_negatives(net: torch.nn.Module, negatives: list[TargetItem], params: HardwareParams = MINING_PARAMS) -> list[TargetItem]:
+    """The implant-free real images on which `net` finds implants."""
+    net.eval()
+    hard = [item for item in negatives if find_pieces(network.predict(net, item.image.astype(np.float32)), SPACING_MM, params)]
+    net.train()
+    return hard
+
+
+def read_init_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The segmentation state dict in `path` (a model folder's weights.pt, or a bare state dict) and what is
+    known of its training (the folder's model.json record, when there is one)."""
+    states = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = states.get("segmentation", states)
+    record: dict[str, Any] = {"weights": str(path), "sha256": sha256_file(path)}
+    meta_file = path.parent / "model.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        training = meta.get("training", {})
+        record["version"] = meta.get("version")
+        keep = ("command", "iterations", "stop", "wall_minutes", "mix", "disc_classifier", "base_training")
+        record["training"] = {k: training[k] for k in keep if k in training}
+    return state, record
 
 
 def selection_score(m: dict[str, float]) -> float:
@@ -381,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch-iterations", type=int, default=3000, help="complication classifier iterations (0: use the maps)")
     ap.add_argument("--disc-iterations", type=int, default=1200, help="disc-space cage classifier iterations (0: cages from the network)")
     ap.add_argument("--tune-only", action="store_true", help="no training: tune post-processing for --work's best checkpoint, write --out")
+    ap.add_argument("--init-weights", type=Path, default=None, help="start from this trained network (a model folder's "
+                    "weights.pt): fine-tuning; its training record is kept as the base")
+    ap.add_argument("--hard-negative-share", type=float, default=0.0, help="share of each batch drawn from real train images "
+                    "on which the network finds implants (mined at the start with --init-weights and at every validation)")
     ap.add_argument("--not-assessed", default="", help="comma list of complications the model will never report (model.json "
                     "postprocess.not_assessed), e.g. 'screw loosening,screw breakage'")
     args = ap.parse_args(argv)
@@ -390,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         HardwareParams(not_assessed=not_assessed)  # an unknown name fails now, not after the training
     except ValueError as exc:
         ap.error(str(exc))
+    if not 0.0 <= args.hard_negative_share < 1.0:
+        ap.error("--hard-negative-share must lie in [0, 1)")
+    if args.init_weights is not None and not args.init_weights.is_file():
+        ap.error(f"--init-weights: {args.init_weights} not found")
+    if args.hard_negative_share and args.no_real_negatives:
+        ap.error("--hard-negative-share needs the real radiographs (drop --no-real-negatives)")
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -433,10 +474,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- model
     net = build_network()
-    with torch.no_grad():
-        # Implant pixels are rare: start every map near "nothing here" (p ~ 0.02), as CenterNet does for its
-        # heatmaps; otherwise the focal loss of crops without screws dwarfs everything at the start.
-        net.final_conv.bias.fill_(-4.0)
+    base_record: dict[str, Any] | None = None
+    if args.init_weights is not None:
+        init_state, base_record = read_init_weights(args.init_weights)
+        net.load_state_dict(init_state)
+        log.info("fine-tuning from %s (%s)", args.init_weights, base_record.get("version"))
+    else:
+        with torch.no_grad():
+            # Implant pixels are rare: start every map near "nothing here" (p ~ 0.02), as CenterNet does for
+            # its heatmaps; otherwise the focal loss of crops without screws dwarfs everything at the start.
+            net.final_conv.bias.fill_(-4.0)
     n_params = network.parameter_count(net)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
@@ -453,12 +500,20 @@ def main(argv: list[str] | None = None) -> int:
     clock = common.Stopwatch(spent)
     params = HardwareParams()
     # False hardware on real images is judged with thresholds near the tuned ones, not the permissive defaults.
-    strict = HardwareParams(min_score=0.6, min_total_mm2=80.0, min_area_mm2={"pedicle screw": 30.0})
+    strict = MINING_PARAMS
     crop = tuple(int(v) for v in args.crop.split(","))
     aug = common.AugmentConfig(crop=crop, scale=(0.8, 1.25), rotate_deg=12.0, spine_bias=0.85)
     log.info("network: %d parameters; batch %d", n_params, args.batch)
 
     net.train()
+    # A network trained from scratch finds implants everywhere at first: mining starts at the first
+    # validation, except when fine-tuning (the start network is already a detector).
+    hard: list[TargetItem] = []
+    mined: list[dict[str, int]] = []
+    if args.hard_negative_share and args.init_weights is not None and not args.tune_only:
+        hard = mine_hard_negatives(net, neg_train)
+        mined.append({"iteration": step, "hard": len(hard), "of": len(neg_train)})
+        log.info("hard negatives at iteration %d: %d of %d real train images", step, len(hard), len(neg_train))
     t_log, losses = time.time(), []
     stop_reason = "iterations done"
     if args.tune_only:
@@ -475,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = lr
         xs, ts, ws = [], [], []
         for _ in range(args.batch):
-            pool = pools[names[int(rng.choice(len(names), p=probs))]]
+            if hard and rng.random() < args.hard_negative_share:
+                pool = hard
+            else:
+                pool = pools[names[int(rng.choice(len(names), p=probs))]]
             item = pool[int(rng.integers(len(pool)))]
             target, weight = dense_targets(item)
             anchors = item.meta.get("anchors") if item.kind == "real" else item.anchors
@@ -507,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             if score > best:
                 best = score
                 torch.save(net.state_dict(), best_path)
+            if args.hard_negative_share:
+                hard = mine_hard_negatives(net, neg_train)
+                mined.append({"iteration": step, "hard": len(hard), "of": len(neg_train)})
+                log.info("hard negatives at iteration %d: %d of %d real train images", step, len(hard), len(neg_train))
             common.save_checkpoint(
                 ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
                 step=step, best=best, spent=clock.elapsed, history=history, stop_reason=stop_reason,
@@ -562,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         "crop": list(crop),
         "pos_weight": {CHANNELS[ch]: w for ch, w in pos_weight.items()},
         "mix": dict(zip(names, probs.round(3).tolist(), strict=True)),
+        "hard_negatives": {"share": args.hard_negative_share, "mined": mined} if args.hard_negative_share else None,
+        "base_training": base_record,
         "wall_minutes": round(train_minutes, 1),
         "threads": args.threads,
         "parameters": n_params,
