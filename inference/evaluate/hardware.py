@@ -964,6 +964,22 @@ def _disc_lines(meta: dict[str, Any]) -> list[str]:
             "where the vertebrae around it are not found."]
 
 
+def _fine_tune_lines(tr: dict[str, Any]) -> list[str]:
+    """The base run a fine-tuned network started from, and its hard negatives (empty for a single run)."""
+    lines = []
+    base = tr.get("base_training") or {}
+    if base:
+        bt = base.get("training") or {}
+        lines += [f"Fine-tuned from version {base.get('version')} (`{base.get('weights')}`), itself trained by `{bt.get('command')}`: "
+                  f"{bt.get('iterations')} iterations in {bt.get('wall_minutes')} min ({bt.get('stop')}).", ""]
+    hard = tr.get("hard_negatives") or {}
+    if hard:
+        mined = ", ".join(f"{h['hard']} of {h['of']} at iteration {h['iteration']}" for h in hard.get("mined", []))
+        lines += [f"Hard negatives: {hard.get('share'):.0%} of each batch from the real train images on which the network found implants "
+                  f"(mined: {mined}).", ""]
+    return lines
+
+
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     """The model card text (MODEL_CARD.md), from model.json and the evaluation results."""
     tr = meta.get("training", {})
@@ -1009,6 +1025,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         f"Checkpoint chosen by held-out pixel Dice (classes + 0.5 x complications) minus 0.5 x false hardware on real val images: "
         f"{ {k: v for k, v in (tr.get('selected_checkpoint') or {}).items()} }.",
         "",
+        *_fine_tune_lines(tr),
         f"Instance thresholds tuned on held-out samples and real val images (grid search): `{tr.get('postprocess_tuning')}`",
         "",
         f"Complication threshold tuning: `{tr.get('complication_tuning')}`",

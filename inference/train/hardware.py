@@ -189,9 +189,16 @@ def validate(net: torch.nn.Module, items: list[TargetItem], negatives: list[Targ
 
 
 def mine_hard_negatives(net: torch.nn.Module, negatives: list[TargetItem], params: HardwareParams = MINING_PARAMS) -> list[TargetItem]:
-    """The implant-free real images on which `net` finds implants."""
+    """The implant-free real images on which `net` finds implants, each with the found pieces' centres as its
+    crop anchors: a training crop is then centred on the false implant, not on any vertebra (a whole-spine
+    film is three crops tall, and a buckle off the spine would rarely be in view)."""
     net.eval()
-    hard = [item for item in negatives if find_pieces(network.predict(net, item.image.astype(np.float32)), SPACING_MM, params)]
+    hard = []
+    for item in negatives:
+        pieces = find_pieces(network.predict(net, item.image.astype(np.float32)), SPACING_MM, params)
+        if pieces:
+            centres = np.array([p.coords().mean(axis=0) for p in pieces], dtype=np.float32)
+            hard.append(replace(item, meta={**item.meta, "anchors": centres}))
     net.train()
     return hard
 
@@ -565,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             if score > best:
                 best = score
                 torch.save(net.state_dict(), best_path)
-            if args.hard_negative_share:
+            if args.hard_negative_share and step < args.iterations:  # (a pass takes ~3.5 min on one thread)
                 hard = mine_hard_negatives(net, neg_train)
                 mined.append({"iteration": step, "hard": len(hard), "of": len(neg_train)})
                 log.info("hard negatives at iteration %d: %d of %d real train images", step, len(hard), len(neg_train))

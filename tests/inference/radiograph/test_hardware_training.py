@@ -36,6 +36,8 @@ def test_hard_negatives_are_the_real_images_where_the_network_finds_implants() -
     buckle[20:44, 24:40] = 0.9  # a 24 x 16 mm bright block: a "plate" at 1 mm per pixel
     hard = mine_hard_negatives(BrightIsPlate(), [_real(dark, "plain"), _real(buckle, "brace"), _real(dark, "plain 2")])
     assert [item.meta["key"] for item in hard] == ["brace"]
+    # Its training crops are centred on the false implant.
+    np.testing.assert_allclose(hard[0].meta["anchors"], [[32.0, 32.0]])
 
 
 def test_fine_tuning_starts_from_a_model_folders_segmentation_network(tmp_path: Path) -> None:
