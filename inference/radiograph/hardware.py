@@ -207,6 +207,9 @@ class SourcePiece:
     #: Screws: rank (top to bottom) of the vertebra assigned, named or not.
     vertebra: int | None = None
     side: Side = Side.UNKNOWN
+    #: Frontal views: which side of the spine's midline the piece lies on in the image (-1 toward lower
+    #: columns, +1 higher), whether or not the patient's left is known; None on laterals or when unknown.
+    column: int | None = None
     complications: tuple[Complication, ...] = ()
     notes: list[str] = field(default_factory=list)
 
@@ -446,7 +449,7 @@ def interpret(
         implants.append(implant)
         for comp in sp.complications:
             findings.append(_finding(comp, sp, implant, radiograph, source, gaps.get(idx), src_mm, geoms))
-    summaries = [ImplantSummary(sp.piece.kind, sp.levels, sp.vertebra) for sp in placed]
+    summaries = [ImplantSummary(sp.piece.kind, sp.levels, sp.vertebra, sp.column) for sp in placed]
     summary = instrumentation_text(summaries, view)
     status, reasons = hardware_status(placed, view)
     if not any(i.levels for i in implants if i.kind is not ImplantKind.OTHER):
@@ -578,6 +581,8 @@ def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], vi
             rows = np.nonzero(sp.mask.any(axis=1))[0] + sp.offset[0]
             sp.levels = covered_levels(float(rows.min()), float(rows.max() + 1), geoms)
         mid = midline_x(midline, sp.centroid[1])
+        if view != "LAT" and mid is not None and abs(sp.centroid[0] - mid) > 0.25 * tol_px:
+            sp.column = 1 if sp.centroid[0] > mid else -1
         sp.side = side_of(
             sp.centroid[0], mid, left_sign, tol_px, midline_allowed=kind in (ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE, ImplantKind.OTHER)
         )

@@ -618,6 +618,8 @@ class ImplantSummary:
     levels: tuple[str, ...]
     #: Rank (top to bottom) of the vertebra a screw was assigned to, named or not; None when unassigned.
     vertebra: int | None = None
+    #: Frontal views: the image side of the spine's midline (-1 / +1), None when unknown.
+    column: int | None = None
 
 
 def vertebrae_spanned(implants: Sequence[ImplantSummary]) -> int | None:
@@ -627,6 +629,20 @@ def vertebrae_spanned(implants: Sequence[ImplantSummary]) -> int | None:
     if len(set(ranks)) < 2:
         return None
     return max(ranks) - min(ranks) + 1
+
+
+def _rods_text(rods: Sequence[ImplantSummary]) -> str:
+    """Rods on a frontal view.  The network often finds a long rod in pieces (where it runs under screw heads
+    and hooks, measured on the real postoperative film: two rods in 8 pieces), and "8 rods" is not what is
+    on the film: more pieces than sides of the spine holding them are reported as pieces (a real rod fracture
+    is a finding of its own)."""
+    columns = {r.column for r in rods if r.column is not None}
+    if len(rods) <= (len(columns) if columns else 2):  # sides unknown: two rods may well be one per side
+        return _plural(len(rods), "rod")
+    if not columns:
+        return f"{len(rods)} rod pieces"
+    where = "rods on both sides" if len(columns) == 2 else "rod on one side"
+    return f"{where} ({len(rods)} pieces)"
 
 
 def instrumentation_text(implants: Sequence[ImplantSummary], view: str | None) -> str:
@@ -669,7 +685,7 @@ def instrumentation_text(implants: Sequence[ImplantSummary], view: str | None) -
                     text += f" ({unnamed} at unnamed levels)"
                 items.append(text)
             if rods:
-                items.append(_plural(len(rods), "rod"))
+                items.append(_rods_text(rods))
             parts.append(f"{head}: {', '.join(items)}")
     if cages:
         discs = sorted({c.levels for c in cages if len(c.levels) == 2}, key=lambda lv: level_index(lv[0]))
@@ -688,8 +704,9 @@ def instrumentation_text(implants: Sequence[ImplantSummary], view: str | None) -
             parts.append(f"anterior plate {compact_span(ordered[0], ordered[-1])}")
         elif p.levels:
             parts.append(f"anterior plate {p.levels[0]}")
-        else:
-            parts.append("anterior plate (levels not named)")
+    unnamed_plates = sum(1 for p in plates if not p.levels)
+    if unnamed_plates:
+        parts.append(f"{'anterior plate' if unnamed_plates == 1 else f'{unnamed_plates} anterior plates'} (levels not named)")
     if others:
         parts.append(_plural(len(others), "other implant"))
     return "; ".join(parts)

@@ -267,6 +267,9 @@ def test_summary_sentence_of_the_issue() -> None:
     assert instrumentation_text(implants, "AP") == "posterior instrumentation L3–S1: 8 pedicle screws, 2 rods; interbody cages L4–5, L5–S1"
     plate = [ImplantSummary(ImplantKind.PLATE, ("C5", "C6", "C7"))]
     assert instrumentation_text(plate, "AP") == "anterior plate C5–7"
+    unnamed = [ImplantSummary(ImplantKind.PLATE, ())] * 3
+    assert instrumentation_text(plate + unnamed, "AP") == "anterior plate C5–7; 3 anterior plates (levels not named)"
+    assert instrumentation_text(unnamed[:1], "AP") == "anterior plate (levels not named)"
     assert instrumentation_text([], "AP") == ""
 
 
@@ -280,6 +283,20 @@ def test_unnamed_construct_still_says_how_many_vertebrae_it_spans() -> None:
     single = [ImplantSummary(ImplantKind.PEDICLE_SCREW, (), 3)] * 2 + [ImplantSummary(ImplantKind.PEDICLE_SCREW, ())]
     assert vertebrae_spanned(single) is None
     assert instrumentation_text(single, "AP") == "posterior instrumentation (levels not named): 3 pedicle screws"
+
+
+def test_rods_found_in_pieces_are_reported_as_pieces_not_as_rods() -> None:
+    """Two long rods the network found in 8 pieces (as on the real postoperative film) are not "8 rods"."""
+    screws = [ImplantSummary(ImplantKind.PEDICLE_SCREW, (), rank, column) for rank in range(3) for column in (-1, 1)]
+    pieces = [ImplantSummary(ImplantKind.ROD, (), None, column) for column in (-1, -1, -1, 1, 1, 1, 1, 1)]
+    text = "posterior instrumentation across 3 vertebrae (levels not named): 6 pedicle screws, rods on both sides (8 pieces)"
+    assert instrumentation_text(screws + pieces, "AP") == text
+    # One rod per side stays "2 rods"; a unilateral rod in three pieces; pieces whose side is unknown.
+    assert instrumentation_text(screws + pieces[2:4], "AP").endswith("6 pedicle screws, 2 rods")
+    assert instrumentation_text(screws + pieces[:3], "AP").endswith("6 pedicle screws, rod on one side (3 pieces)")
+    unknown = [ImplantSummary(ImplantKind.ROD, ())] * 3
+    assert instrumentation_text(screws + unknown, "AP").endswith("6 pedicle screws, 3 rod pieces")
+    assert instrumentation_text(screws + unknown[:2], "AP").endswith("6 pedicle screws, 2 rods")
 
 
 def test_rod_interrupted_at_every_screw_head_is_one_rod() -> None:
