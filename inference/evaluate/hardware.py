@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import shlex
+import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -677,8 +678,13 @@ def training_recipe(training: dict[str, Any]) -> list[str]:
 def training_stages(training: dict[str, Any]) -> list[list[str]]:
     """The recipes a leave-one-patient-out fold runs in turn: the base training's first when the model was
     fine-tuned from one (``--init-weights``; the training record keeps the base's), then its own."""
-    base = (training.get("base_training") or {}).get("training")
-    return ([] if not base else training_stages(base)) + [training_recipe(training)]
+    base = training.get("base_training")
+    if base and not (base.get("training") or {}).get("command"):
+        # Fine-tuned from weights without a training record: a fold cannot repeat the base run, and
+        # repeating the fine-tune alone would measure a different, barely trained model.
+        raise ValueError(f"the model was fine-tuned from {base.get('weights')}, whose training command is not recorded: "
+                         "leave-one-patient-out cannot repeat its recipe")
+    return ([] if not base else training_stages(base["training"])) + [training_recipe(training)]
 
 
 def fold_commands(data: Path, cache: Path, folder: Path, source: str, stages: list[list[str]]) -> list[list[str]]:
@@ -737,6 +743,11 @@ def lopo(
     running = []
     for src in todo:
         folder = folders[src]
+        if (folder / "model.json").is_file():
+            # A finished fold of another recipe (or cache) left its checkpoints: resuming from them would skip
+            # the training.  (An interrupted fold has no model.json yet and resumes.)
+            for stale in [folder / "work", *folder.glob("stage-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         line = " && ".join(shlex.join(cmd) for cmd in fold_commands(data, cache, folder, src, stages))
         log.info("leave-one-patient-out fold without %s: %s", src, line)
@@ -970,8 +981,9 @@ def _fine_tune_lines(tr: dict[str, Any]) -> list[str]:
     base = tr.get("base_training") or {}
     if base:
         bt = base.get("training") or {}
-        lines += [f"Fine-tuned from version {base.get('version')} (`{base.get('weights')}`), itself trained by `{bt.get('command')}`: "
-                  f"{bt.get('iterations')} iterations in {bt.get('wall_minutes')} min ({bt.get('stop')}).", ""]
+        how = (f", itself trained by `{bt['command']}`: {bt.get('iterations')} iterations in {bt.get('wall_minutes')} min ({bt.get('stop')})"
+               if bt.get("command") else " (its training is not recorded)")
+        lines += [f"Fine-tuned from version {base.get('version')} (`{base.get('weights')}`){how}.", ""]
     hard = tr.get("hard_negatives") or {}
     if hard:
         mined = ", ".join(f"{h['hard']} of {h['of']} at iteration {h['iteration']}" for h in hard.get("mined", []))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from inference.evaluate.hardware import fold_commands, recipe_args, training_stages
@@ -69,3 +70,6 @@ def test_leave_one_patient_out_repeats_both_stages_of_a_fine_tuned_model(tmp_pat
         assert cmd[cmd.index("--exclude-sources") + 1] == "x,stitched"
     # A model trained in one run keeps one stage.
     assert training_stages({"command": base}) == [recipe_args(base)]
+    # Fine-tuned from weights whose training is not recorded: not silently the fine-tune alone.
+    with pytest.raises(ValueError, match="not recorded"):
+        training_stages({"command": tuned, "base_training": {"weights": "work/best.pt"}})
