@@ -636,10 +636,11 @@ def _rods_text(rods: Sequence[ImplantSummary]) -> str:
     and hooks, measured on the real postoperative film: two rods in 8 pieces), and "8 rods" is not what is
     on the film: more pieces than sides of the spine holding them are reported as pieces (a real rod fracture
     is a finding of its own)."""
-    columns = {r.column for r in rods if r.column is not None}
-    if len(rods) <= (len(columns) if columns else 2):  # sides unknown: two rods may well be one per side
+    known = all(r.column is not None for r in rods)
+    columns = {r.column for r in rods} if known else set()
+    if len(rods) <= (len(columns) if known else 2):  # sides unknown: two rods may well be one per side
         return _plural(len(rods), "rod")
-    if not columns:
+    if not known:
         return f"{len(rods)} rod pieces"
     where = "rods on both sides" if len(columns) == 2 else "rod on one side"
     return f"{where} ({len(rods)} pieces)"

@@ -297,6 +297,8 @@ def test_rods_found_in_pieces_are_reported_as_pieces_not_as_rods() -> None:
     unknown = [ImplantSummary(ImplantKind.ROD, ())] * 3
     assert instrumentation_text(screws + unknown, "AP").endswith("6 pedicle screws, 3 rod pieces")
     assert instrumentation_text(screws + unknown[:2], "AP").endswith("6 pedicle screws, 2 rods")
+    # A piece whose side is unknown might lie on the other side: no side is claimed.
+    assert instrumentation_text(screws + pieces[:1] + unknown[:2], "AP").endswith("6 pedicle screws, 3 rod pieces")
 
 
 def test_rod_interrupted_at_every_screw_head_is_one_rod() -> None:
