@@ -47,6 +47,7 @@ from inference.radiograph.hardware_post import (
     covered_levels,
     disc_levels,
     find_pieces,
+    image_side,
     instrumentation_text,
     level_near,
     midline_x,
@@ -581,8 +582,8 @@ def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], vi
             rows = np.nonzero(sp.mask.any(axis=1))[0] + sp.offset[0]
             sp.levels = covered_levels(float(rows.min()), float(rows.max() + 1), geoms)
         mid = midline_x(midline, sp.centroid[1])
-        if view != "LAT" and mid is not None and abs(sp.centroid[0] - mid) > 0.25 * tol_px:
-            sp.column = 1 if sp.centroid[0] > mid else -1
+        if view != "LAT":
+            sp.column = image_side(sp.centroid[0], mid, tol_px)
         sp.side = side_of(
             sp.centroid[0], mid, left_sign, tol_px, midline_allowed=kind in (ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE, ImplantKind.OTHER)
         )

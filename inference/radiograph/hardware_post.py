@@ -582,18 +582,24 @@ def covered_levels(y0: float, y1: float, vertebrae: Sequence[VertebraGeom], min_
     return tuple(sorted(set(out), key=level_index))
 
 
+def image_side(x: float, mid: float | None, midline_tol: float) -> int | None:
+    """Which side of the midline column `mid` the column `x` lies on in the image (-1 / +1), None when the
+    midline is unknown or `x` is too close to it to say."""
+    if mid is None or abs(x - mid) <= 0.25 * midline_tol:
+        return None
+    return 1 if x > mid else -1
+
+
 def side_of(x: float, mid: float | None, left_sign: int | None, midline_tol: float, midline_allowed: bool) -> Side:
     """Patient side of a point at column `x` given the midline column and which way the patient's left is."""
     if mid is None:
         return Side.UNKNOWN
-    dx = x - mid
-    if midline_allowed and abs(dx) <= midline_tol:
+    if midline_allowed and abs(x - mid) <= midline_tol:
         return Side.MIDLINE
-    if left_sign is None:
+    column = image_side(x, mid, midline_tol)
+    if left_sign is None or column is None:
         return Side.UNKNOWN
-    if abs(dx) <= 0.25 * midline_tol:
-        return Side.UNKNOWN
-    return Side.LEFT if dx * left_sign > 0 else Side.RIGHT
+    return Side.LEFT if column * left_sign > 0 else Side.RIGHT
 
 
 # ------------------------------------------------------------------------------------------- words

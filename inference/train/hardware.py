@@ -499,13 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     history: list[dict] = []
     ckpt_path, best_path = work / "checkpoint.pt", work / "best.pt"
     state = None if args.fresh else common.load_checkpoint(ckpt_path)
-    mined_before: list[dict[str, int]] = []
+    mined: list[dict[str, int]] = []  # hard-negative minings: (iteration, images found) for the record
     if state is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["data_rng"]
         step, best, spent, history = state["step"], state["best"], state["spent"], state["history"]
-        mined_before = state.get("mined", [])
+        mined = state.get("mined", [])
         log.info("resumed at iteration %d (best %.4f, %.0f s spent)", step, best, spent)
     clock = common.Stopwatch(spent)
     params = HardwareParams()
@@ -520,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
     # validation, except when fine-tuning (the start network is already a detector) or resuming (the pool
     # is not in the checkpoint: it is mined again from the resumed network).
     hard: list[TargetItem] = []
-    mined: list[dict[str, int]] = list(mined_before)
     if args.hard_negative_share and (args.init_weights is not None or step > 0) and not args.tune_only and step < args.iterations:
         hard = mine_hard_negatives(net, neg_train)
         mined.append({"iteration": step, "hard": len(hard), "of": len(neg_train)})
