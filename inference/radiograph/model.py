@@ -28,6 +28,26 @@ TARGET_STEP_PX = 22.0
 STEP_BAND = (15.0, 34.0)
 
 
+@dataclass(frozen=True)
+class SecondPass:
+    """A second network pass at `factor` times the first pass's zoom; the chain is read from the weighted mean
+    of both passes' probabilities (`weight` on the second).  The network finds more vertebrae shown larger
+    than its step target suggests; the first pass's share keeps borderline candidates from flipping with
+    small changes of the input (measured on the real val split, see the model card).  factor 1: one pass."""
+
+    factor: float = 1.0
+    weight: float = 1.0
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> SecondPass:
+        """From model.json ("inputs.preprocessing.second_pass"); absent -> one pass."""
+        return cls(**(data or {}))
+
+
+#: What the shipped network was measured with (written into model.json by training).
+SHIPPED_SECOND_PASS = SecondPass(factor=1.3, weight=0.75)
+
+
 @dataclass
 class VertebraInstance:
     """One vertebra (or the sacrum) at source resolution, canonical grid."""
@@ -53,7 +73,7 @@ class SpineInstances:
     view_inferred: bool
     anterior_sign: int | None  # laterals: +1 anterior toward larger x
     step_px: float  # median step between vertebrae in source pixels (nan if < 2)
-    zoom: float
+    zoom: float  # size correction of the first pass (1.0: the header's scale was right)
     notes: list[str] = field(default_factory=list)
 
 
@@ -119,15 +139,30 @@ def _make_instance(
     return VertebraInstance(offset=offset, mask=mask, membership=membership, centroid=centroid, touches_border=touches, **kw)
 
 
+def _resample_maps(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(C, h, w) probabilities resampled bilinearly onto another network grid over the same field."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None]
+    return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
+
+
 class VertebraModel:
     """Loaded vertebra network plus its post-processing parameters."""
 
     def __init__(
-        self, net: torch.nn.Module, params: ChainParams | None = None, threads: int | None = None, endplates: torch.nn.Module | None = None
+        self,
+        net: torch.nn.Module,
+        params: ChainParams | None = None,
+        threads: int | None = None,
+        endplates: torch.nn.Module | None = None,
+        second_pass: SecondPass | None = None,
     ) -> None:
         self.net = net.eval()
         self.params = params or ChainParams()
         self.threads = threads
+        self.second_pass = second_pass or SecondPass()
         #: Six-point morphometry stage (`endplates`), when the model folder has one.
         self.endplates = endplates
 
@@ -143,7 +178,8 @@ class VertebraModel:
         stage = None
         if stages.get("endplates") is not None:
             stage = endplates.load_net(stages["endplates"], int((arch.get("endplates") or {}).get("width", 24)))
-        return cls(net.eval(), ChainParams.from_dict(spec.metadata.get("postprocess")), endplates=stage)
+        second = SecondPass.from_dict(((spec.metadata.get("inputs") or {}).get("preprocessing") or {}).get("second_pass"))
+        return cls(net.eval(), ChainParams.from_dict(spec.metadata.get("postprocess")), endplates=stage, second_pass=second)
 
     @classmethod
     def from_registry(cls, registry: ModelRegistry) -> VertebraModel:
@@ -158,8 +194,9 @@ class VertebraModel:
         return prob, scale
 
     def detect(self, pixels: np.ndarray, spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float], SpineDetection, float]:
-        """Probabilities, scale, chain detection and the zoom used (one re-run at a corrected zoom when the
-        vertebrae come out far smaller or larger than the network was trained on)."""
+        """Probabilities, scale, chain detection and the size-corrected zoom (one re-run at a corrected zoom when
+        the vertebrae come out far smaller or larger than the network was trained on; 1.0 when not needed),
+        then the second pass, if the model has one, at that zoom times its factor."""
         zoom = 1.0
         prob, scale = self.probabilities(pixels, spacing_mm, zoom)
         det = postprocess.detect(prob, self.params)
@@ -170,6 +207,14 @@ class VertebraModel:
                 zoom = new_zoom
                 prob, scale = self.probabilities(pixels, spacing_mm, zoom)
                 det = postprocess.detect(prob, self.params)
+        second = self.second_pass
+        # Skipped where the network-side cap leaves no room to enlarge (the pass would repeat the first).
+        if second.factor != 1.0 and abs(preprocess.network_scale(pixels.shape, spacing_mm, zoom * second.factor)[0] / scale[0] - 1.0) > 0.05:
+            first = prob
+            prob, scale = self.probabilities(pixels, spacing_mm, zoom * second.factor)
+            if second.weight < 1.0:
+                prob = second.weight * prob + (1.0 - second.weight) * _resample_maps(first, prob.shape[1:])
+            det = postprocess.detect(prob, self.params)
         return prob, scale, det, zoom
 
     def analyse(self, radiograph: preprocess.Radiograph) -> SpineInstances:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from inference.evaluate.metrics import DetectionCounts, match_centroids_in_boxes
 from inference.radiograph import network, postprocess, preprocess
+from inference.radiograph.model import SHIPPED_SECOND_PASS
 from inference.radiograph.network import BODY, CENTRE, L5, SACRUM, VERTEBRA
 from inference.radiograph.postprocess import ChainParams
 from inference.registry import sha256_file
@@ -376,6 +377,7 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams
                 "uncalibrated_long_side": preprocess.UNCALIBRATED_LONG_SIDE,
                 "max_network_side": preprocess.MAX_NETWORK_SIDE,
                 "normalisation": "percentile 1-99.5 to [0,1], CLAHE (skimage equalize_adapthist, kernel 1/8 of the long side, clip 0.01)",
+                "second_pass": asdict(SHIPPED_SECOND_PASS),
             },
         },
         "outputs": {name: "sigmoid probability map" for name in network.CHANNELS},
