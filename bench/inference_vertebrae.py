@@ -1,12 +1,15 @@
-"""CPU inference benchmark of the vertebra model (the "<= 1 s per radiograph on 2 cores" requirement).
+"""CPU inference benchmark of the vertebra model ("<= 1 s per radiograph on 2 cores") and of the whole analysis.
 
     .venv/bin/python -m bench.inference_vertebrae [--repeat 3] [--threads 2]
 
 Radiographs are made here (procedural phantoms from the data engine, written as real DICOM DX/CR at the
 matrix sizes hospitals send), then analysed exactly as the node does (`inference.analyses.create("spine-xr")`
 with the shipped model): decode, preprocessing, network, chain post-processing, source-resolution masks,
-heights and grades (the six-point stage timed on its own on laterals).  Printed per case: median wall time of the whole analysis and of its stages, and the
-ratio to the 1 s budget.
+heights and grades (the six-point stage timed on its own on laterals).  Printed per case: median wall time
+of the vertebra model (`VertebraModel.analyse` on the decoded image: both network passes, chain, masks)
+against its 1 s budget, of the whole analysis (vertebrae + hardware + encoding-ready results) against the
+two models' budgets together (1 s + the hardware model's 1 s, `bench.inference_hardware`), and of the
+first pass's stages.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 import numpy as np
 
 BUDGET_S = 1.0
+#: The whole "spine-xr" analysis: the vertebra model's second plus the hardware model's ("adds <= 1 s").
+ANALYSIS_BUDGET_S = 2.0
 
 # (name, view, field, output long side in px, pixel spacing mm, bits, modality, photometric)
 CASES: tuple[tuple[str, str, str, int, float, int, str, str], ...] = (
@@ -86,7 +91,7 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
         ds = make_case(case, seed=100 + k)
         ds.pixel_array  # noqa: B018 - decode once outside the timing, like a stored instance read from disk
         analysis.run([ds])  # warm-up
-        total, stages = [], {"decode": [], "preprocess": [], "network": [], "postprocess": []}
+        total, vertebra, stages = [], [], {"decode": [], "preprocess": [], "network": [], "postprocess": []}
         result = None
         for _ in range(repeat):
             ds2 = ds.copy()
@@ -94,6 +99,8 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
             total.append(dt)
             rad, t = _timed(preprocess.decode, ds)
             stages["decode"].append(t)
+            _, t = _timed(model.analyse, rad)
+            vertebra.append(t)
             (image, _), t = _timed(preprocess.prepare, rad.pixels, rad.pixel_spacing_mm)
             stages["preprocess"].append(t)
             prob, t = _timed(network.predict, model.net, image)
@@ -104,14 +111,16 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
                 centroids = [v.centroid for v in model.analyse(rad).vertebrae]
                 _, t = _timed(endplates.place_points, model.endplates, rad.pixels, centroids)
                 stages.setdefault("six_points", []).append(t)
-        median = statistics.median(total)
+        median, model_median = statistics.median(total), statistics.median(vertebra)
         image_result = result.images[0] if result and result.images else None
         rows.append(
             {
                 "case": case[0],
                 "matrix": f"{ds.Rows}x{ds.Columns}",
                 "seconds": round(median, 3),
-                "ratio_to_budget": round(median / BUDGET_S, 2),
+                "ratio_to_budget": round(median / ANALYSIS_BUDGET_S, 2),
+                "vertebra_model_seconds": round(model_median, 3),
+                "vertebra_model_ratio_to_budget": round(model_median / BUDGET_S, 2),
                 "stages_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
                 "vertebrae": len(image_result.vertebrae) if image_result else 0,
                 "levels": [v.level for v in image_result.vertebrae] if image_result else [],
@@ -122,18 +131,23 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
 
 def report(rows: list[dict[str, Any]], threads: int = 2, repeat: int = 3) -> list[str]:
     """Printable lines for `run`'s rows (for ``bench.run_all``)."""
-    lines = [f"spine-xr inference, {threads} threads, median of {repeat} (budget {BUDGET_S:.1f} s per radiograph)"]
+    lines = [
+        f"spine-xr inference, {threads} threads, median of {repeat}: the vertebra model (budget {BUDGET_S:.1f} s) and the whole "
+        f"analysis (budget {ANALYSIS_BUDGET_S:.1f} s: vertebrae 1 s + hardware 1 s) per radiograph"
+    ]
     for r in rows:
         st = r["stages_s"]
         lines.append(
-            f"  {r['case']:<32} {r['matrix']:>10}  {r['seconds']:.3f} s  = {r['ratio_to_budget']:.2f} x budget   "
-            f"(decode {st['decode']:.3f}, preprocess {st['preprocess']:.3f}, network {st['network']:.3f}, "
+            f"  {r['case']:<32} {r['matrix']:>10}  vertebra model {r['vertebra_model_seconds']:.3f} s = "
+            f"{r['vertebra_model_ratio_to_budget']:.2f} x budget; whole analysis {r['seconds']:.3f} s = {r['ratio_to_budget']:.2f} x budget   "
+            f"(first pass: decode {st['decode']:.3f}, preprocess {st['preprocess']:.3f}, network {st['network']:.3f}, "
             f"chain {st['postprocess']:.3f}"
             + (f", six points {st['six_points']:.3f}" if "six_points" in st else "")
             + f"; {r['vertebrae']} found)"
         )
-    worst = max(r["ratio_to_budget"] for r in rows)
-    lines.append(f"worst case: {worst:.2f} x budget -> {'OK' if worst <= 1.0 else 'OVER BUDGET'}")
+    for label, key in (("vertebra model", "vertebra_model_ratio_to_budget"), ("whole analysis", "ratio_to_budget")):
+        worst = max(r[key] for r in rows)
+        lines.append(f"worst case, {label}: {worst:.2f} x budget -> {'OK' if worst <= 1.0 else 'OVER BUDGET'}")
     return lines
 
 
