@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 BUDGET_S = 1.0
-#: The whole "spine-xr" analysis: the vertebra model's second plus the hardware model's ("adds <= 1 s").
+#: The whole "spine-xr" analysis: 1 s for the vertebra model plus 1 s for the hardware model ("adds <= 1 s").
 ANALYSIS_BUDGET_S = 2.0
 
 # (name, view, field, output long side in px, pixel spacing mm, bits, modality, photometric)
