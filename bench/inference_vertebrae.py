@@ -99,7 +99,7 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
             total.append(dt)
             rad, t = _timed(preprocess.decode, ds)
             stages["decode"].append(t)
-            _, t = _timed(model.analyse, rad)
+            spine, t = _timed(model.analyse, rad)
             vertebra.append(t)
             (image, _), t = _timed(preprocess.prepare, rad.pixels, rad.pixel_spacing_mm)
             stages["preprocess"].append(t)
@@ -108,7 +108,7 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
             _, t = _timed(postprocess.detect, prob, model.params)
             stages["postprocess"].append(t)
             if model.endplates is not None and rad.view == "LAT":
-                centroids = [v.centroid for v in model.analyse(rad).vertebrae]
+                centroids = [v.centroid for v in spine.vertebrae]
                 _, t = _timed(endplates.place_points, model.endplates, rad.pixels, centroids)
                 stages.setdefault("six_points", []).append(t)
         median, model_median = statistics.median(total), statistics.median(vertebra)

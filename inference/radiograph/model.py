@@ -199,14 +199,14 @@ class VertebraModel:
         then the second pass, if the model has one, at that zoom times its factor."""
         zoom = 1.0
         prob, scale = self.probabilities(pixels, spacing_mm, zoom)
-        det = postprocess.detect(prob, self.params)
+        det: SpineDetection | None = postprocess.detect(prob, self.params)
         if len(det.nodes) >= 4 and np.isfinite(det.step) and not (STEP_BAND[0] <= det.step <= STEP_BAND[1]):
             new_zoom = float(np.clip(TARGET_STEP_PX / det.step, 0.4, 2.5))
             capped = preprocess.network_scale(pixels.shape, spacing_mm, new_zoom)
             if abs(capped[0] / scale[0] - 1.0) > 0.2:
                 zoom = new_zoom
                 prob, scale = self.probabilities(pixels, spacing_mm, zoom)
-                det = postprocess.detect(prob, self.params)
+                det = None
         second = self.second_pass
         # Skipped where the network-side cap leaves no room to enlarge (the pass would repeat the first).
         if second.factor != 1.0 and abs(preprocess.network_scale(pixels.shape, spacing_mm, zoom * second.factor)[0] / scale[0] - 1.0) > 0.05:
@@ -214,6 +214,9 @@ class VertebraModel:
             prob, scale = self.probabilities(pixels, spacing_mm, zoom * second.factor)
             if second.weight < 1.0:
                 prob = second.weight * prob + (1.0 - second.weight) * _resample_maps(first, prob.shape[1:])
+            det = None
+        # The chain that answers is read once, from the final maps (a re-zoomed pass's own chain would only be replaced).
+        if det is None:
             det = postprocess.detect(prob, self.params)
         return prob, scale, det, zoom
 
