@@ -381,6 +381,13 @@ def name_levels(nodes: list[ChainNode], l5_index: int | None, max_levels: int = 
     return names
 
 
+def chain_steps(nodes: list[ChainNode]) -> list[float]:
+    """Length of each step along the chain per vertebra (a step over a missed vertebra counts half), top to bottom."""
+    return [
+        math.hypot(b.row - a.row, b.column - a.column) / (b.position - a.position) for a, b in zip(nodes, nodes[1:], strict=False)
+    ]
+
+
 def detect(prob: np.ndarray, params: ChainParams | None = None) -> SpineDetection:
     """Ordered, separated, named vertebrae from network probabilities (C, H, W)."""
     params = params or ChainParams()
@@ -414,13 +421,8 @@ def detect(prob: np.ndarray, params: ChainParams | None = None) -> SpineDetectio
     if 0 < len(nodes) < params.min_chain:
         notes.append(f"no spine recognised: {len(nodes)} vertebra-like structure(s), fewer than {params.min_chain} in a row")
         nodes = []
-    if len(nodes) >= 2:
-        steps = [
-            math.hypot(b.row - a.row, b.column - a.column) / (b.position - a.position) for a, b in zip(nodes, nodes[1:], strict=False)
-        ]
-        step = float(np.median(steps))
-    else:
-        step = float("nan")
+    steps = chain_steps(nodes)
+    step = float(np.median(steps)) if steps else float("nan")
     missed = sum(gaps) - sum(1 for n in nodes if n.inferred)
     if missed > 0:
         notes.append(f"{missed} vertebra(e) along the chain not found (counted as missed for naming)")

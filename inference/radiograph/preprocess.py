@@ -289,18 +289,23 @@ def network_scale(shape: tuple[int, int], spacing_mm: tuple[float, float] | None
     return (scale[0] * cap, scale[1] * cap)
 
 
-def resample(image: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
-    """Resize `image` by (row, column) `scale`, anti-aliased when shrinking (float32 out)."""
+def resample(image: np.ndarray, scale: tuple[float, float] | None = None, *, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Resize the last two axes of `image` (2-D, or channels first) by (row, column) `scale` or onto `shape`,
+    bilinear, anti-aliased when shrinking (float32 out)."""
     import torch
     import torch.nn.functional as F
 
-    out_shape = (max(int(round(image.shape[0] * scale[0])), 1), max(int(round(image.shape[1] * scale[1])), 1))
-    if out_shape == tuple(image.shape):
+    rows, cols = image.shape[-2:]
+    if shape is None:
+        assert scale is not None, "resample needs a scale or a shape"
+        shape = (max(int(round(rows * scale[0])), 1), max(int(round(cols * scale[1])), 1))
+    out_shape = (int(shape[0]), int(shape[1]))
+    if out_shape == (rows, cols):
         return image.astype(np.float32, copy=False)
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    shrinking = out_shape[0] < image.shape[0] or out_shape[1] < image.shape[1]
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).reshape(1, -1, rows, cols)
+    shrinking = out_shape[0] < rows or out_shape[1] < cols
     out = F.interpolate(tensor, size=out_shape, mode="bilinear", align_corners=False, antialias=shrinking)
-    return out[0, 0].numpy()
+    return out[0].reshape(*image.shape[:-2], *out_shape).numpy()
 
 
 def normalise(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.5, clahe: bool = True) -> np.ndarray:

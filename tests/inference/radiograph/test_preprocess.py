@@ -109,3 +109,15 @@ def test_network_scale_and_normalise() -> None:
     assert not preprocess.normalise(np.full((20, 20), 7.0)).any()
     padded, shape = preprocess.pad_to_multiple(np.zeros((33, 70), np.float32))
     assert padded.shape == (64, 96) and shape == (33, 70)
+
+
+def test_resample_by_scale_or_onto_a_shape_for_one_image_or_channels() -> None:
+    image = np.linspace(0.0, 1.0, 40 * 30, dtype=np.float32).reshape(40, 30)
+    by_scale = preprocess.resample(image, (0.5, 0.5))
+    assert by_scale.shape == (20, 15) and by_scale.dtype == np.float32
+    assert np.array_equal(preprocess.resample(image, shape=(20, 15)), by_scale)
+    maps = np.stack([image, 1.0 - image])  # channels first, as the network's probabilities
+    grown = preprocess.resample(maps, shape=(52, 39))
+    assert grown.shape == (2, 52, 39)
+    assert np.allclose(grown[0], preprocess.resample(image, shape=(52, 39)))
+    assert np.allclose(grown[0] + grown[1], 1.0, atol=1e-5)  # bilinear keeps a partition of one
