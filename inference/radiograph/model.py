@@ -26,6 +26,37 @@ MODEL_NAME = "spine-xr-vertebrae"
 #: Network-grid step (px) between vertebrae the network was trained around; far off -> re-run at a zoom.
 TARGET_STEP_PX = 22.0
 STEP_BAND = (15.0, 34.0)
+#: On a long field (columns / rows below LONG_FIELD_ASPECT: whole spine, thoracolumbar) shrinking is judged by
+#: the chain's smaller steps (this percentile), not its median: there the upper thoracic vertebrae are about
+#: half the size of the lower lumbar ones, and shrinking until the median step met the target merged the small
+#: ones (a real postoperative film, see the model card).  A single-cassette field (lumbar, about as wide as
+#: tall) holds vertebrae of one size, and there the first pass's giant vertebrae come out as fragments whose
+#: steps say little: the median decides, as before.
+SHRINK_PERCENTILE = 25.0
+LONG_FIELD_ASPECT = 0.65
+MIN_CHAIN_FOR_ZOOM = 4
+
+
+def corrected_zoom(steps: list[float], long_field: bool) -> float | None:
+    """Zoom for a re-run when the first pass's vertebrae (`steps`, network px, along the chain) are far from the
+    size the network was trained on; None when they are not or the chain is too short to say."""
+    if len(steps) + 1 < MIN_CHAIN_FOR_ZOOM:
+        return None
+    median = float(np.median(steps))
+    if median < STEP_BAND[0]:
+        return float(np.clip(TARGET_STEP_PX / median, 0.4, 2.5))
+    judged = float(np.percentile(steps, SHRINK_PERCENTILE)) if long_field else median
+    if judged > STEP_BAND[1]:
+        return float(np.clip(TARGET_STEP_PX / median, 0.4, 2.5))
+    return None
+
+
+def is_long_field(shape: tuple[int, int], spacing_mm: tuple[float, float] | None) -> bool:
+    """A field much taller than wide (canonical grid: the spine runs along the rows), in physical units when known."""
+    rows, cols = shape
+    if spacing_mm is not None:
+        rows, cols = rows * spacing_mm[0], cols * spacing_mm[1]
+    return cols < LONG_FIELD_ASPECT * rows
 
 
 @dataclass(frozen=True)
@@ -139,15 +170,6 @@ def _make_instance(
     return VertebraInstance(offset=offset, mask=mask, membership=membership, centroid=centroid, touches_border=touches, **kw)
 
 
-def _resample_maps(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """(C, h, w) probabilities resampled bilinearly onto another network grid over the same field."""
-    import torch
-    import torch.nn.functional as F
-
-    tensor = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None]
-    return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
-
-
 class VertebraModel:
     """Loaded vertebra network plus its post-processing parameters."""
 
@@ -200,8 +222,8 @@ class VertebraModel:
         zoom = 1.0
         prob, scale = self.probabilities(pixels, spacing_mm, zoom)
         det: SpineDetection | None = postprocess.detect(prob, self.params)
-        if len(det.nodes) >= 4 and np.isfinite(det.step) and not (STEP_BAND[0] <= det.step <= STEP_BAND[1]):
-            new_zoom = float(np.clip(TARGET_STEP_PX / det.step, 0.4, 2.5))
+        new_zoom = corrected_zoom(postprocess.chain_steps(det.nodes), is_long_field(pixels.shape, spacing_mm))
+        if new_zoom is not None:
             capped = preprocess.network_scale(pixels.shape, spacing_mm, new_zoom)
             if abs(capped[0] / scale[0] - 1.0) > 0.2:
                 zoom = new_zoom
@@ -213,7 +235,7 @@ class VertebraModel:
             first = prob
             prob, scale = self.probabilities(pixels, spacing_mm, zoom * second.factor)
             if second.weight < 1.0:
-                prob = second.weight * prob + (1.0 - second.weight) * _resample_maps(first, prob.shape[1:])
+                prob = second.weight * prob + (1.0 - second.weight) * preprocess.resample(first, shape=prob.shape[1:])
             det = None
         # The chain that answers is read once, from the final maps (a re-zoomed pass's own chain would only be replaced).
         if det is None:

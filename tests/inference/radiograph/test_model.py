@@ -1,4 +1,4 @@
-"""The vertebra model's passes: the second pass at a larger zoom and its mix with the first (fake network)."""
+"""The vertebra model's passes: the size correction, the second pass at a larger zoom and its mix with the first."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from inference.radiograph import preprocess
-from inference.radiograph.model import SHIPPED_SECOND_PASS, SecondPass, VertebraModel
+from inference.radiograph.model import (
+    SHIPPED_SECOND_PASS,
+    TARGET_STEP_PX,
+    SecondPass,
+    VertebraModel,
+    corrected_zoom,
+    is_long_field,
+)
 from inference.radiograph.network import CHANNELS
 
 
@@ -63,3 +70,34 @@ def test_second_pass_read_from_model_json() -> None:
 
     model = VertebraModel.from_registry(ModelRegistry())
     assert model.second_pass == SHIPPED_SECOND_PASS
+
+
+def test_no_re_zoom_for_vertebrae_of_the_trained_size_or_a_short_chain() -> None:
+    assert corrected_zoom([22.0, 24.0, 21.0, 23.0], long_field=True) is None
+    assert corrected_zoom([60.0, 62.0], long_field=False) is None  # three vertebrae say too little about their size
+
+
+def test_small_vertebrae_are_enlarged_to_the_target_step() -> None:
+    assert corrected_zoom([10.0, 11.0, 10.0, 11.0, 10.0], long_field=True) == pytest.approx(TARGET_STEP_PX / 10.0)
+
+
+@pytest.mark.parametrize("long_field", [True, False])
+def test_uniformly_large_vertebrae_are_shrunk_to_the_target_step(long_field: bool) -> None:
+    steps = [45.0, 47.0, 49.0, 51.0, 53.0]
+    assert corrected_zoom(steps, long_field) == pytest.approx(TARGET_STEP_PX / 49.0)
+
+
+def test_a_whole_spine_is_not_shrunk_by_its_large_lumbar_vertebrae() -> None:
+    # The real postoperative film at 1248 px: median step 34.1 px, upper thoracic 24-28 px, lower lumbar 41-44 px.
+    # Shrinking until the median met the target merged the thoracic vertebrae.
+    steps = [23.9, 24.8, 27.9, 28.1, 28.8, 31.2, 31.6, 34.1, 34.1, 34.7, 34.8, 36.9, 36.9, 41.1, 42.8, 44.3]
+    assert np.median(steps) > 34.0
+    assert corrected_zoom(steps, long_field=True) is None
+    # On a single-cassette field the same steps are one size of vertebra, split or not: the median decides.
+    assert corrected_zoom(steps, long_field=False) == pytest.approx(TARGET_STEP_PX / np.median(steps))
+
+
+def test_long_field_by_the_physical_aspect() -> None:
+    assert is_long_field((416, 229), None)  # a whole-spine export
+    assert not is_long_field((576, 484), None)  # a lumbar cassette, about as wide as tall
+    assert not is_long_field((400, 200), (0.2, 0.4))  # square in millimetres
