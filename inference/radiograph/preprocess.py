@@ -297,7 +297,8 @@ def resample(image: np.ndarray, scale: tuple[float, float] | None = None, *, sha
 
     rows, cols = image.shape[-2:]
     if shape is None:
-        assert scale is not None, "resample needs a scale or a shape"
+        if scale is None:
+            raise ValueError("resample needs a scale or a target shape")
         shape = (max(int(round(rows * scale[0])), 1), max(int(round(cols * scale[1])), 1))
     out_shape = (int(shape[0]), int(shape[1]))
     if out_shape == (rows, cols):

@@ -121,3 +121,8 @@ def test_resample_by_scale_or_onto_a_shape_for_one_image_or_channels() -> None:
     assert grown.shape == (2, 52, 39)
     assert np.allclose(grown[0], preprocess.resample(image, shape=(52, 39)))
     assert np.allclose(grown[0] + grown[1], 1.0, atol=1e-5)  # bilinear keeps a partition of one
+
+
+def test_resample_needs_a_scale_or_a_shape() -> None:
+    with pytest.raises(ValueError, match="scale or a target shape"):
+        preprocess.resample(np.zeros((4, 4), np.float32))
