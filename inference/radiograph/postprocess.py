@@ -382,7 +382,7 @@ def name_levels(nodes: list[ChainNode], l5_index: int | None, max_levels: int = 
 
 
 def chain_steps(nodes: list[ChainNode]) -> list[float]:
-    """Length of each step along the chain per vertebra (a step over missed vertebrae is divided by the levels it spans), top to bottom."""
+    """Step lengths along the chain, top to bottom, per vertebra (a step over missed vertebrae divided by the levels it spans)."""
     return [
         math.hypot(b.row - a.row, b.column - a.column) / (b.position - a.position) for a, b in zip(nodes, nodes[1:], strict=False)
     ]
