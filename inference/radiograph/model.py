@@ -38,8 +38,8 @@ MIN_CHAIN_FOR_ZOOM = 4
 
 
 def corrected_zoom(steps: list[float], long_field: bool) -> float | None:
-    """Zoom for a re-run when the first pass's vertebrae (`steps`, network px, along the chain) are far from the
-    size the network was trained on; None when they are not or the chain is too short to say."""
+    """Factor on the first pass's zoom for a re-run when its vertebrae (`steps`, network px, along the chain)
+    are far from the size the network was trained on; None when they are not or the chain is too short to say."""
     if len(steps) + 1 < MIN_CHAIN_FOR_ZOOM:
         return None
     median = float(np.median(steps))
@@ -49,6 +49,20 @@ def corrected_zoom(steps: list[float], long_field: bool) -> float | None:
     if judged > STEP_BAND[1]:
         return float(np.clip(TARGET_STEP_PX / median, 0.4, 2.5))
     return None
+
+
+#: Without a pixel spacing the preprocessing scales the long side to `UNCALIBRATED_LONG_SIDE` network pixels,
+#: a whole-spine field (576 x 1.25 mm = 72 cm).  A field about as wide as tall is one cassette (43 cm long
+#: side): its first pass starts at that scale, so its vertebrae do not come out three times the trained size
+#: and split into fragments (real val lumbar fields without a header: centroid F1 0.783 -> 0.809).
+CASSETTE_LONG_SIDE_MM = 430.0
+
+
+def first_zoom(shape: tuple[int, int], spacing_mm: tuple[float, float] | None) -> float:
+    """Zoom of the first pass: 1.0, or, for a single-cassette field without a pixel spacing, the 43 cm field's."""
+    if spacing_mm is not None or is_long_field(shape, None):
+        return 1.0
+    return CASSETTE_LONG_SIDE_MM / (preprocess.UNCALIBRATED_LONG_SIDE * preprocess.TARGET_SPACING_MM)
 
 
 def is_long_field(shape: tuple[int, int], spacing_mm: tuple[float, float] | None) -> bool:
@@ -104,7 +118,7 @@ class SpineInstances:
     view_inferred: bool
     anterior_sign: int | None  # laterals: +1 anterior toward larger x
     step_px: float  # median step between vertebrae in source pixels (nan if < 2)
-    zoom: float  # size correction of the first pass (1.0: the header's scale was right)
+    zoom: float  # size correction after the first pass (1.0: its scale was right)
     notes: list[str] = field(default_factory=list)
 
 
@@ -216,17 +230,17 @@ class VertebraModel:
         return prob, scale
 
     def detect(self, pixels: np.ndarray, spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float], SpineDetection, float]:
-        """Probabilities, scale, chain detection and the size-corrected zoom (one re-run at a corrected zoom when
-        the vertebrae come out far smaller or larger than the network was trained on; 1.0 when not needed),
-        then the second pass, if the model has one, at that zoom times its factor."""
-        zoom = 1.0
+        """Probabilities, scale, chain detection and the size correction (one re-run at a corrected zoom when
+        the first pass's vertebrae come out far smaller or larger than the network was trained on; 1.0 when
+        not needed), then the second pass, if the model has one, at that zoom times its factor."""
+        start = zoom = first_zoom(pixels.shape, spacing_mm)
         prob, scale = self.probabilities(pixels, spacing_mm, zoom)
         det: SpineDetection | None = postprocess.detect(prob, self.params)
-        new_zoom = corrected_zoom(postprocess.chain_steps(det.nodes), is_long_field(pixels.shape, spacing_mm))
-        if new_zoom is not None:
-            capped = preprocess.network_scale(pixels.shape, spacing_mm, new_zoom)
+        factor = corrected_zoom(postprocess.chain_steps(det.nodes), is_long_field(pixels.shape, spacing_mm))
+        if factor is not None:
+            capped = preprocess.network_scale(pixels.shape, spacing_mm, zoom * factor)
             if abs(capped[0] / scale[0] - 1.0) > 0.2:
-                zoom = new_zoom
+                zoom *= factor
                 prob, scale = self.probabilities(pixels, spacing_mm, zoom)
                 det = None
         second = self.second_pass
@@ -240,7 +254,7 @@ class VertebraModel:
         # The chain that answers is read once, from the final maps (a re-zoomed pass's own chain would only be replaced).
         if det is None:
             det = postprocess.detect(prob, self.params)
-        return prob, scale, det, zoom
+        return prob, scale, det, zoom / start
 
     def analyse(self, radiograph: preprocess.Radiograph) -> SpineInstances:
         """Vertebrae, sacrum and levels on one decoded radiograph."""
@@ -256,8 +270,10 @@ class VertebraModel:
                 torch.set_num_threads(previous)
         shape = radiograph.pixels.shape
         notes = list(det.notes)
+        if first_zoom(shape, radiograph.pixel_spacing_mm) != 1.0:
+            notes.append("no pixel spacing and about as wide as tall: read as one cassette (43 cm long side)")
         if zoom != 1.0:
-            notes.append(f"vertebrae far from the expected size at the header's scale: re-analysed at zoom {zoom:.2f}")
+            notes.append(f"vertebrae far from the expected size at the first pass's scale: re-analysed at zoom {zoom:.2f}")
         vertebrae = []
         for k, node in enumerate(det.nodes):
             made = _instance(prob[network.BODY], det.labels, k + 1, scale, shape)

@@ -13,6 +13,7 @@ from inference.radiograph.model import (
     SecondPass,
     VertebraModel,
     corrected_zoom,
+    first_zoom,
     is_long_field,
 )
 from inference.radiograph.network import CHANNELS
@@ -101,3 +102,15 @@ def test_long_field_by_the_physical_aspect() -> None:
     assert is_long_field((416, 229), None)  # a whole-spine export
     assert not is_long_field((576, 484), None)  # a lumbar cassette, about as wide as tall
     assert not is_long_field((400, 200), (0.2, 0.4))  # square in millimetres
+
+
+def test_a_square_field_without_spacing_starts_as_one_cassette() -> None:
+    # Without calibration the long side maps to a 72 cm whole-spine field; one about as wide as tall is one
+    # 43 cm cassette, so its first pass runs at 430 / 720 of that scale.
+    assert first_zoom((576, 484), None) == pytest.approx(430.0 / (preprocess.UNCALIBRATED_LONG_SIDE * preprocess.TARGET_SPACING_MM))
+    assert first_zoom((416, 229), None) == 1.0  # a long field keeps the whole-spine assumption
+    assert first_zoom((576, 484), (0.2, 0.2)) == 1.0  # a calibrated one keeps its spacing
+    net = SizeReader()
+    _, scale, _, zoom = VertebraModel(net).detect(_image(600, 500), None)
+    assert scale[0] == pytest.approx(first_zoom((600, 500), None) * preprocess.UNCALIBRATED_LONG_SIDE / 600, rel=0.01)
+    assert zoom == 1.0  # the start is not a size correction
