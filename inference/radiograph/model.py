@@ -43,10 +43,10 @@ def corrected_zoom(steps: list[float], long_field: bool) -> float | None:
     if len(steps) + 1 < MIN_CHAIN_FOR_ZOOM:
         return None
     median = float(np.median(steps))
-    if median < STEP_BAND[0]:
-        return float(np.clip(TARGET_STEP_PX / median, 0.4, 2.5))
+    # Enlarging is judged by the median; shrinking, on a long field, by the smaller steps.  Either way the
+    # median is brought to the target.
     judged = float(np.percentile(steps, SHRINK_PERCENTILE)) if long_field else median
-    if judged > STEP_BAND[1]:
+    if median < STEP_BAND[0] or judged > STEP_BAND[1]:
         return float(np.clip(TARGET_STEP_PX / median, 0.4, 2.5))
     return None
 
