@@ -10,6 +10,11 @@ Materials (linear attenuation at the spectrum's effective energy, NIST XCOM mass
 titanium alloy (4.4 g/cm3), cobalt-chrome (8.3), stainless steel (7.9), PEEK (1.32, nearly radiolucent,
 with tantalum marker pins, 16.6).
 
+Hooks: the cranial level of a posterior construct may hold laminar hooks instead of pedicle screws (a solid
+block seating the rod, its set screw, and a blade under the lamina), as long thoracic constructs often end.
+They belong to their rod's instance: the rod-fracture classifier must learn that a wide block at a rod's end
+is hardware, not a gap (a real postoperative film raised a false rod fracture there).
+
 Failure modes: screw loosening (a radiolucent halo of 1-2.5 mm around the shaft: bone replaced by soft
 tissue), screw breakage (the shaft split with a gap and the tip part tilted), rod fracture (a gap with
 offset between two heads), cage subsidence (the cage sunk 2-5 mm into an endplate).
@@ -123,9 +128,15 @@ def _levels(frames: list[Frame], idx: list[int]) -> tuple[str, ...]:
     return tuple(frames[i].level for i in idx if frames[i].level)
 
 
-def plan_implants(frames: list[Frame], rng: np.random.Generator, kvp: float, *, force: tuple[str, ...] = ()) -> Plan:
+def plan_implants(
+    frames: list[Frame], rng: np.random.Generator, kvp: float, *, force: tuple[str, ...] = (), hook_prob: float = 0.0
+) -> Plan:
     """Draw a construct on `frames` (ordered cranial to caudal): posterior screws + rods (+ cages),
-    an anterior plate, or standalone cages, with failure modes."""
+    an anterior plate, or standalone cages, with failure modes.
+
+    A posterior construct of three or more levels ends cranially in hooks with probability `hook_prob` (or
+    when "hooks" is forced).  At 0 no extra random number is drawn, so older caches render the same.
+    """
     plan = Plan()
     n = len(frames)
     if n < 2:
@@ -151,9 +162,16 @@ def plan_implants(frames: list[Frame], rng: np.random.Generator, kvp: float, *, 
     run = list(range(start, start + span))
     if "posterior" in kinds:
         heads = {-1.0: [], 1.0: []}
+        hooked = len(run) >= 3 and ("hooks" in force or (hook_prob > 0.0 and rng.random() < hook_prob))
+        hooks: dict[float, tuple[list[Primitive], np.ndarray]] = {}
         for i in run:
             f = frames[i]
             for side in (-1.0, 1.0):
+                if hooked and i == run[0]:
+                    head, prims, pts = _hook(f, side, rng, material_mu(screw_metal, kvp) - mu_bone)
+                    hooks[side] = (prims, pts)
+                    heads[side].append(head)
+                    continue
                 if len(run) > 3 and rng.random() < 0.05:
                     continue  # a skipped screw in a long construct
                 comps = []
@@ -172,6 +190,10 @@ def plan_implants(frames: list[Frame], rng: np.random.Generator, kvp: float, *, 
             broken = rng.random() < 0.1 or "rod_fracture" in force
             prims, pts, details = _rod(np.array(hs), frames, run, side, rng, material_mu(rod_metal, kvp) - mu_soft, broken)
             details["material"] = rod_metal
+            if side in hooks:  # the hook is part of the rod's instance (it seats the rod's cranial end)
+                prims = prims + hooks[side][0]
+                pts = np.vstack([pts, hooks[side][1]])
+                details["hooks"] = 1
             comps = (Complication.ROD_FRACTURE,) if broken else ()
             plan.add(
                 ImplantSpec(ImplantKind.ROD, _levels(frames, run), Side.LEFT if side > 0 else Side.RIGHT, comps, details),
@@ -235,6 +257,36 @@ def _pedicle_screw(f: Frame, side: float, rng, mu_net: float, mu_halo: float, co
     prims.append(_cyl(head_c - 6.0 * ant, head_c + 4.0 * ant, 5.5, mu_net * 0.6))  # hollow: rod seat
     pts = np.stack([entry + t * (tip - entry) for t in np.linspace(0, 1, 6)] + [head_c])
     return head_c - 3.0 * ant, prims, pts, details
+
+
+def _hook(f: Frame, side: float, rng, mu_net: float) -> tuple[np.ndarray, list[Primitive], np.ndarray]:
+    """Laminar hook(s) on `f`: (rod seat point, primitives, points for visibility).
+
+    A hook's body is a solid block (~9 x 10 x 13 mm) with a set screw on its dorsal face; its blade (6 mm wide,
+    2 mm thick) reaches under the lamina cranially or caudally.  Half the time a second hook facing the other
+    way sits beside it (a claw).  On an AP film that is a dense block on the rod, up to three times its width.
+    """
+    lat, ant, sup = f.axes
+    seat = (f.centre + (f.a_post - 0.22 * f.depth - 20.0) * ant + side * rng.uniform(0.28, 0.36) * f.width * lat
+            + rng.uniform(0.0, 0.3) * f.height * sup)
+    axes = np.stack([lat, ant, sup])
+    way = 1.0 if rng.random() < 0.5 else -1.0  # up- or down-going blade
+    bodies = [(seat, way)]
+    if rng.random() < 0.5:
+        bodies.append((seat + side * rng.uniform(7.0, 10.0) * lat + rng.uniform(-4.0, 4.0) * sup, -way))
+    prims, pts = [], []
+    for centre, w in bodies:
+        half = np.array([rng.uniform(4.0, 5.0), rng.uniform(4.5, 5.5), rng.uniform(5.5, 7.0)])
+        blade_c = centre + (half[1] + 3.0) * ant + w * (half[2] + 2.0) * sup
+        prims += [
+            Primitive("box", 0, mu_net, centre.copy(), axes=axes, half=half),
+            Primitive("box", 0, mu_net, centre + (half[1] + 1.5) * ant + w * 0.5 * half[2] * sup, axes=axes,
+                      half=np.array([3.0, 1.5, 0.5 * half[2] + 1.0])),
+            Primitive("box", 0, mu_net, blade_c, axes=axes, half=np.array([3.0, 1.0, 5.0])),
+            _cyl(centre - (half[1] + 2.0) * ant, centre - (half[1] - 3.0) * ant, 4.0, mu_net),
+        ]
+        pts += [centre, blade_c]
+    return seat - 1.0 * ant, prims, np.stack(pts)
 
 
 def _rod(heads: np.ndarray, frames, run, side, rng, mu_net: float, broken: bool):
@@ -512,7 +564,7 @@ def insert_implants(anatomy, deformation, proj, grid, mu, rng, config, *, kvp: f
         f for f, (x, y) in zip(frames, xy, strict=True)
         if -margin <= x < proj.cols + margin and -margin <= y < proj.rows + margin
     ]
-    plan = plan_implants(frames, rng, kvp, force=force)
+    plan = plan_implants(frames, rng, kvp, force=force, hook_prob=config.p_hooks)
     if not plan.specs:
         return None, None, None
     line, inst = project_primitives(plan.primitives, proj, len(plan.specs))

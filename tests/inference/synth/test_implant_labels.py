@@ -1,11 +1,19 @@
-"""Implant label maps from `project_primitives`: footprints, and metal winning where implants overlap."""
+"""Implant label maps from `project_primitives`: footprints, metal winning where implants overlap, hooks."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from inference.results import ImplantKind
 from inference.synth.drr import Projection
-from inference.synth.implants import Primitive, material_mu, project_primitives, tissue_mu
+from inference.synth.implants import (
+    Frame,
+    Primitive,
+    material_mu,
+    plan_implants,
+    project_primitives,
+    tissue_mu,
+)
 
 KVP = 110.0
 
@@ -54,3 +62,47 @@ def test_halo_is_never_labelled():
     halo = Primitive("cyl", 1, -0.02, np.array([0.0, 0.0, -10.0]), np.array([0.0, 0.0, 1.0]), 20.0, 4.0, label=False)
     total, inst = project_primitives([halo], _projection(), 1)
     assert total.min() < 0 and not inst.any()
+
+
+def _lumbar_frames(n: int = 4) -> list[Frame]:
+    """`n` lumbar vertebrae 32 mm apart, cranial first; beam along world z (anterior), superior = -y."""
+    axes = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+    return [Frame(f"L{i + 1}", np.array([0.0, -48.0 + 32.0 * i, 0.0]), axes, 45.0, 33.0, 26.0, -16.0, f"L{i + 1}") for i in range(n)]
+
+
+def test_hooks_end_a_posterior_construct_as_part_of_its_rods():
+    """Forced hooks on constructs of three or more levels: the cranial level holds no screw, each rod owns its
+    hook, and on an AP film the hook is a block wider than the rod it seats (what the rod-fracture classifier
+    must learn is not a gap).  Two-level constructs keep their screws."""
+    frames = _lumbar_frames(6)
+    proj = Projection(view="AP", sid=1100.0, sod=1000.0, rows=260, cols=120, pixel_mm=1.0, iso=(0.0, 0.0, 32.0),
+                      axes=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+    ratios = []
+    for seed in range(8):
+        plan = plan_implants(frames, np.random.default_rng(seed), KVP, force=("posterior", "hooks"))
+        screws = [s for s in plan.specs if s.kind is ImplantKind.PEDICLE_SCREW]
+        rods = [s for s in plan.specs if s.kind is ImplantKind.ROD]
+        assert len(rods) == 2
+        top = rods[0].levels[0]
+        if len(rods[0].levels) < 3:
+            assert not any(r.details.get("hooks") for r in rods) and any(s.levels == (top,) for s in screws)
+            continue
+        assert all(r.details.get("hooks") == 1 for r in rods)
+        assert screws and all(s.levels != (top,) for s in screws)
+        _, inst = project_primitives(plan.primitives, proj, len(plan.specs))
+        for rod in rods:
+            widths = (inst == plan.specs.index(rod) + 1).sum(axis=1)
+            rows = np.nonzero(widths)[0]
+            below = rows[rows > rows[0] + 25]  # the rod's course below its cranial end
+            ratios.append(widths[rows[0] : rows[0] + 15].max() / np.median(widths[below]))
+    assert len(ratios) >= 6
+    assert min(ratios) >= 1.2 and np.median(ratios) >= 1.5, ratios
+
+
+def test_no_hooks_unless_asked():
+    """The default draws no hooks (and no extra random number: caches rendered before hooks stay the same)."""
+    frames = _lumbar_frames()
+    a = plan_implants(frames, np.random.default_rng(9), KVP, force=("posterior",))
+    b = plan_implants(frames, np.random.default_rng(9), KVP, force=("posterior",), hook_prob=0.0)
+    assert [s.details for s in a.specs] == [s.details for s in b.specs]
+    assert not any(s.details.get("hooks") for s in a.specs)
