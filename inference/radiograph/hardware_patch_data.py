@@ -11,6 +11,12 @@ differs; labels:
   ignored between 6 and 12 mm, negative elsewhere; a fractured rod whose gap cannot be seen (hidden behind
   a head or the other rod) gives no windows.
 
+`PatchBank.add_found_rods(model, sample)` adds windows along the rod pieces a segmentation model finds on
+the sample, labelled the same way by the true gap under them.  At run time the classifier sees those pieces,
+not true masks: rods split under screw heads, merged with hooks and heads into wide blobs (a real
+postoperative film raised a false rod fracture on such a blob).  A found piece over no true rod gives
+negative windows.
+
 `complication_scores(...)` runs the whole model on held-out samples and pairs each predicted implant's
 scores with the truth of the true implant under it, for threshold tuning and evaluation.
 """
@@ -63,14 +69,17 @@ class PatchBank:
     images: list[tuple[np.ndarray, tuple[float, float], float]] = field(default_factory=list)  # pixels, window, mm/px
     items: dict[str, list[PatchItem]] = field(default_factory=lambda: {k: [] for k in HEADS})
 
+    def _store(self, sample: Any) -> tuple[int, float]:
+        """Keep a sample's image: (its index, mm per pixel)."""
+        src_mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+        self.images.append((np.asarray(sample.image, dtype=np.float16), intensity_window(sample.image), src_mm))
+        return len(self.images) - 1, src_mm
+
     def add(self, sample: Any) -> None:
         """Every visible implant of a sample (screws, rods, cages)."""
         if not sample.implant_specs:
             return
-        pixels = np.asarray(sample.image, dtype=np.float16)
-        src_mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
-        idx = len(self.images)
-        self.images.append((pixels, intensity_window(sample.image), src_mm))
+        idx, src_mm = self._store(sample)
         inst = sample.implants
         specs = sample.implant_specs
         boxes = ndimage.find_objects(np.clip(inst, 0, None).astype(np.int32))
@@ -98,12 +107,40 @@ class PatchBank:
                     gap = rod_gap_xy(inst == k + 1, joinable, src_mm)
                     if gap is None:
                         continue
-                for fr in frames:
-                    d_mm = math.inf if gap is None else math.hypot(fr.centre[0] - gap[0], fr.centre[1] - gap[1]) * src_mm
-                    if 6.0 < d_mm <= 12.0:
-                        continue
-                    label = np.array([d_mm <= 6.0], np.float32)
-                    self.items["rod"].append(PatchItem(idx, "rod", mask, offset, fr, label))
+                self._add_rod_windows(idx, mask, offset, frames, gap, src_mm)
+
+    def _add_rod_windows(self, idx: int, mask: np.ndarray, offset: tuple[int, int], frames: list[Frame],
+                         gap: tuple[float, float] | None, src_mm: float) -> None:
+        """Windows along one rod: positive within 6 mm of `gap`, ignored to 12 mm, negative beyond."""
+        for fr in frames:
+            d_mm = math.inf if gap is None else math.hypot(fr.centre[0] - gap[0], fr.centre[1] - gap[1]) * src_mm
+            if 6.0 < d_mm <= 12.0:
+                continue
+            self.items["rod"].append(PatchItem(idx, "rod", mask, offset, fr, np.array([d_mm <= 6.0], np.float32)))
+
+    def add_found_rods(self, model: Any, sample: Any) -> int:
+        """Windows along the rod pieces `model` (a `HardwareModel`) finds on a sample; the number of pieces."""
+        if not any(s.kind is ImplantKind.ROD for s in sample.implant_specs):
+            return 0
+        inst = sample.implants
+        rods = [sp for sp in found_pieces(model, sample) if sp.piece.kind is ImplantKind.ROD]
+        if not rods:
+            return 0
+        idx, src_mm = self._store(sample)
+        joinable = np.isin(inst, [k + 1 for k, s in enumerate(sample.implant_specs) if s.kind is ImplantKind.PEDICLE_SCREW])
+        gaps: dict[int, tuple[float, float] | None] = {}
+        for sp in rods:
+            k = truth_label(sp.mask, sp.offset, inst)
+            spec = sample.implant_specs[k - 1] if k else None
+            gap = None
+            if spec is not None and spec.kind is ImplantKind.ROD and Complication.ROD_FRACTURE in spec.complications:
+                if k not in gaps:
+                    gaps[k] = rod_gap_xy(inst == k, joinable, src_mm)
+                gap = gaps[k]
+                if gap is None:
+                    continue  # the gap does not show: no honest label for this rod's windows
+            self._add_rod_windows(idx, sp.mask, sp.offset, rod_frames(sp.mask, sp.offset, src_mm), gap, src_mm)
+        return len(rods)
 
     def draw(self, head: str, n: int, rng: np.random.Generator, positive_fraction: float = 0.4, jitter: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(patches (n, 2, h, w), labels (n, outputs)) with about `positive_fraction` positives."""
@@ -200,33 +237,46 @@ def train_patch_net(bank: PatchBank, iterations: int, seed: int, log: Any, batch
     return net.eval()
 
 
-def match_truth(sp_mask: np.ndarray, sp_offset: tuple[int, int], sample: Any) -> Any | None:
-    """The true implant spec covering most of a predicted implant (>= 30 % of it), else None."""
+def truth_label(sp_mask: np.ndarray, sp_offset: tuple[int, int], implants: np.ndarray) -> int:
+    """The label (1-based) of the true implant covering most of a predicted one (>= 30 % of it), else 0."""
     rr, cc = np.nonzero(sp_mask)
-    labels = sample.implants[rr + sp_offset[0], cc + sp_offset[1]]
+    labels = implants[rr + sp_offset[0], cc + sp_offset[1]]
     labels = labels[labels > 0]
     if len(labels) < 0.3 * len(rr) or not len(labels):
-        return None
-    k = int(np.bincount(labels).argmax())
-    return sample.implant_specs[k - 1]
+        return 0
+    return int(np.bincount(labels).argmax())
+
+
+def match_truth(sp_mask: np.ndarray, sp_offset: tuple[int, int], sample: Any) -> Any | None:
+    """The true implant spec covering most of a predicted implant (>= 30 % of it), else None."""
+    k = truth_label(sp_mask, sp_offset, sample.implants)
+    return sample.implant_specs[k - 1] if k else None
+
+
+def found_pieces(model: Any, sample: Any, scored: bool = False) -> list[Any]:
+    """The implants (`SourcePiece`s) the segmentation of `model` finds on a data-engine sample; `scored`: with
+    their complication scores (`model.patch_net`, else the segmentation's complication maps)."""
+    from inference.evaluate.hardware import sample_radiograph
+    from inference.radiograph.hardware import place_pieces, score_pieces
+    from inference.radiograph.hardware_post import find_pieces
+
+    rad = sample_radiograph(sample)
+    prob, scale = model.probabilities(rad.pixels, rad.pixel_spacing_mm)
+    mm = rad.pixel_spacing_mm[0] / scale[0] if rad.pixel_spacing_mm else model.spacing_mm
+    placed = place_pieces(prob, find_pieces(prob, mm, model.params), scale, rad.pixels.shape, model.params, mm * scale[0])
+    if scored:
+        score_pieces(prob, placed, scale, mm * scale[0], rad.pixels, model.patch_net)
+    return placed
 
 
 def complication_scores(model: Any, samples: list[Any]) -> dict[str, list[tuple[float, bool]]]:
     """Per complication, (score, truth) of every implant the model finds on `samples` (a found implant that
     matches no true one of its kind counts as a negative)."""
-    from inference.evaluate.hardware import sample_radiograph
-    from inference.radiograph.hardware import place_pieces, score_pieces
-    from inference.radiograph.hardware_post import CHECKED, find_pieces
+    from inference.radiograph.hardware_post import CHECKED
 
     out: dict[str, list[tuple[float, bool]]] = {}
     for sample in samples:
-        rad = sample_radiograph(sample)
-        prob, scale = model.probabilities(rad.pixels, rad.pixel_spacing_mm)
-        mm = rad.pixel_spacing_mm[0] / scale[0] if rad.pixel_spacing_mm else model.spacing_mm
-        pieces = find_pieces(prob, mm, model.params)
-        placed = place_pieces(prob, pieces, scale, rad.pixels.shape, model.params, mm * scale[0])
-        score_pieces(prob, placed, scale, mm * scale[0], rad.pixels, model.patch_net)
-        for sp in placed:
+        for sp in found_pieces(model, sample, scored=True):
             spec = match_truth(sp.mask, sp.offset, sample)
             for comp in CHECKED[sp.piece.kind]:
                 truth = spec is not None and spec.kind is sp.piece.kind and comp in spec.complications

@@ -13,8 +13,9 @@ real radiographs with implants rendered onto them, and implant-free images of bo
   are made by `inference.radiograph.hardware_targets`.
 * Batches mix implants with and without complications, implant-free synthetic images and implant-free real
   images (``--mix``).  Every 10th cache sample and the real val split are held out: checkpoint selection
-  uses pixel Dice of the class and complication maps and false hardware on the real val images; after
-  training, complication thresholds are tuned on the held-out samples (instance level, Youden's J).
+  uses pixel Dice of the class and complication maps and false hardware on the real val images.  After
+  training, the complication classifier is trained as its own stage (`inference.train.hardware_patches`,
+  ``--patch-iterations``) and its thresholds tuned on the held-out samples (instance level, Youden's J).
 * Seeds are fixed; checkpoints in ``--work`` make a killed run resume (same command).  torch uses 2
   threads; run under ``nice -n 10``.  ``--exclude-sources`` trains the leave-one-patient-out variants.
 * Hard negatives (``--hard-negative-share``): part of each batch is drawn from the real train images on
@@ -49,7 +50,6 @@ from inference.radiograph.hardware import (
     estimated_spacing,
     prepare,
 )
-from inference.radiograph.hardware_patch_data import PatchBank, complication_scores, train_patch_net, youden
 from inference.radiograph.hardware_patches import CAGE_PATCH, PATCH_MM, ROD_PATCH, SCREW_PATCH
 from inference.radiograph.hardware_post import (
     CAGE,
@@ -108,10 +108,9 @@ def pool_of(item: TargetItem) -> str:
 
 
 def load_cache(
-    cache: Path, exclude_sources: set[str], limit: int | None, val_every: int, bank: PatchBank | None = None
+    cache: Path, exclude_sources: set[str], limit: int | None, val_every: int
 ) -> tuple[list[TargetItem], list[tuple[TargetItem, Any]], dict]:
-    """Cache samples as training items, and every `val_every`-th as (item, sample) for validation; training
-    samples' implants also go into `bank` (complication classifier)."""
+    """Cache samples as training items, and every `val_every`-th as (item, sample) for validation."""
     from inference.synth.build import iter_cache
 
     train, val = [], []
@@ -127,8 +126,6 @@ def load_cache(
             val.append((item, sample))
         else:
             train.append(item)
-            if bank is not None:
-                bank.add(sample)
         if limit and len(train) >= limit:
             break
         if (len(train) + len(val)) % 250 == 0:
@@ -454,10 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--data {args.data} --out {args.cache} --count 2400 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2"
         )
     excluded = {s for s in args.exclude_sources.split(",") if s}
-    bank = PatchBank() if args.patch_iterations else None
-    train, val, skipped = load_cache(args.cache, excluded, args.limit or None, args.val_every, bank)
-    if bank is not None:
-        log.info("complication classifier items: %s", bank.counts())
+    train, val, skipped = load_cache(args.cache, excluded, args.limit or None, args.val_every)
     log.info("cache: %d train, %d held-out samples (%.0f s); %s", len(train), len(val), time.time() - t_start, skipped)
     neg_train: list[TargetItem] = []
     neg_val: list[TargetItem] = []
@@ -605,23 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     post_tuning = {**post_tuning, "checkpoint": chosen_name, "scores": {k: v[2]["score"] for k, v in contest.items()}}
     net.load_state_dict(torch.load(chosen_path, map_location="cpu", weights_only=True))
     weights_file = chosen_path
-    patch_info: dict[str, Any] = {}
-    if bank is not None:
-        from inference.radiograph.hardware import HardwareModel
-
-        t_patch = time.time()
-        patch_net = train_patch_net(bank, args.patch_iterations, args.seed, log)
-        model = HardwareModel(net, params, SPACING_MM, None, patch_net)
-        pairs = complication_scores(model, [s for _, s in val if s.implant_specs])
-        tuning = {comp: youden(values, params.complication_threshold[comp]) for comp, values in pairs.items()}
-        tuned = replace(params, complication_threshold={**params.complication_threshold, **{c: e["threshold"] for c, e in tuning.items()}})
-        weights_file = work / "model.pt"
-        torch.save({"segmentation": net.state_dict(), "complications": patch_net.state_dict()}, weights_file)
-        patch_info = {"iterations": args.patch_iterations, "minutes": round((time.time() - t_patch) / 60, 1), "items": bank.counts(),
-                      "parameters": network.parameter_count(patch_net)}
+    if args.patch_iterations:
+        tuned, tuning = params, {}  # the complication classifier's stage tunes them (below)
     else:
         tuned, tuning = tune_thresholds(net, val, params)
-    log.info("complication thresholds tuned on %d held-out samples: %s", len(val), tuning)
+        log.info("complication thresholds tuned on %d held-out samples: %s", len(val), tuning)
     best_entry = max(history, key=lambda h: h["score"]) if history else {}
     manifest = json.loads((args.cache / "manifest.json").read_text())
     info = {
@@ -641,7 +623,6 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": n_params,
         "selected_checkpoint": best_entry,
         "validation_history": history,
-        "complication_classifier": patch_info,
         "postprocess_tuning": post_tuning,
         "complication_tuning": tuning,
         "data": {
@@ -658,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     write_model_folder(args.out, weights_file, info, replace(tuned, not_assessed=not_assessed))
+    if args.patch_iterations:
+        from inference.train.hardware_patches import add_stage as add_patch_stage
+
+        add_patch_stage(args.out, args.cache, excluded, args.val_every, args.patch_iterations, args.seed, info["command"])
     if args.disc_iterations:
         from inference.train.hardware_discs import add_stage
 
