@@ -69,6 +69,7 @@ from inference.train import common
 log = logging.getLogger("inference.evaluate.hardware")
 HOLDOUT_SEED = 7927  # never used for a training cache
 REAL_TEST_SEED = 7933
+HOOKED_SEED = 7941  # constructs ending in hooks (DRRs and real test overlays), never a training seed
 LOPO_SOURCES = ("ts-abdomen", "dd-chest")
 KINDS = (ImplantKind.PEDICLE_SCREW, ImplantKind.ROD, ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE)
 #: A true implant counts as shown when it covers at least this much of the image (mm^2).
@@ -595,6 +596,23 @@ def real_overlay_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
         yield f"real-overlay/{k}", sample
 
 
+def hooked_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
+    """Posterior constructs ending in hooks (where they span three or more levels): half DRRs, half real
+    TEST-split radiographs with the construct rendered onto them.  The synthetic hold-out has no hooks (it
+    predates them); here the rod-fracture classifier meets wide metal blocks on rods that are not gaps."""
+    from inference.synth.real import render_real_sample
+    from inference.synth.render import SynthConfig, render_sample
+
+    force = (("implants", ("posterior", "hooks")),)
+    drr = SynthConfig(data_dir=str(data), max_px=768, p_implants=1.0, force=force)
+    real = SynthConfig(data_dir=str(data), p_implants=1.0, max_px=1024, force=force)
+    for k in range(count):
+        if k % 2:
+            yield f"hooked-real/{k}", render_real_sample(HOOKED_SEED * 10_000 + k, real, str(data), split="test")
+        else:
+            yield f"hooked-drr/{k}", render_sample(HOOKED_SEED * 10_000 + k, drr)
+
+
 #: Real radiographs of the export that show real spinal hardware, found by looking at every image on which
 #: the model reported implants (2026-12-05; the others were brace buckles and snaps, skin markers and bowel
 #: gas).  Source stem -> what is on the film.  They are scored apart: hardware found there is right.
@@ -668,10 +686,18 @@ def recipe_args(command: str) -> list[str]:
 
 def training_recipe(training: dict[str, Any]) -> list[str]:
     """`recipe_args` of a model's training record, with the disc classifier's iterations when the command
-    does not name them (a stage added by ``inference.train.hardware_discs``, or none: 0)."""
+    does not name them (a stage added by ``inference.train.hardware_discs``, or none: 0), and the complication
+    classifier's when it was trained as its own stage (``inference.train.hardware_patches``; a fold trains it
+    inside its run, on the fold's cache)."""
     recipe = recipe_args(training.get("command", ""))
     if "--disc-iterations" not in recipe:
         recipe += ["--disc-iterations", str((training.get("disc_classifier") or {}).get("iterations", 0))]
+    stage = training.get("complication_classifier") or {}
+    if str(stage.get("command", "")).startswith("python -m inference.train.hardware_patches"):
+        if "--patch-iterations" in recipe:  # in place: a fold's own record then reads the same
+            recipe[recipe.index("--patch-iterations") + 1] = str(stage.get("iterations", 0))
+        else:
+            recipe += ["--patch-iterations", str(stage.get("iterations", 0))]
     return recipe
 
 
@@ -787,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-lopo", action="store_true")
     ap.add_argument("--lopo-sources", default=",".join(LOPO_SOURCES), help="CT patients to leave out, one fold each")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--hooked", type=int, default=60, help="posterior constructs ending in hooks, rendered (half on real test images; 0: skip)")
     ap.add_argument("--no-vertebra-model", action="store_true", help="skip the end-to-end level check with the vertebra model")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -818,6 +845,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("real overlays: %s", json.dumps(results["real_overlay_test"], indent=1)[:4000])
         results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None)
         log.info("real plain: %s", results["real_plain_test"])
+    if args.hooked:
+        results["hooked_constructs"] = evaluate_samples(model, hooked_samples(args.data, args.hooked), "constructs ending in hooks", vertebra_step)
+        log.info("hooked constructs: %s", json.dumps(results["hooked_constructs"], indent=1)[:4000])
     if not args.skip_lopo:
         stages = training_stages(meta.get("training", {}))
         sources = [x for x in args.lopo_sources.split(",") if x]
@@ -1040,6 +1070,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         *_fine_tune_lines(tr),
         f"Instance thresholds tuned on held-out samples and real val images (grid search): `{tr.get('postprocess_tuning')}`",
         "",
+        *([f"Complication classifier: `{tr['complication_classifier']}`", ""] if tr.get("complication_classifier") else []),
         f"Complication threshold tuning: `{tr.get('complication_tuning')}`",
         "",
         *([f"Disc-space cage classifier: `{tr['disc_classifier']}`", ""] if tr.get("disc_classifier") else []),
@@ -1057,6 +1088,9 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += _set_section("Synthetic hold-out (DRRs, a seed never used in training)", m["synthetic_holdout"])
     if m.get("real_overlay_test"):
         lines += _set_section("REAL test radiographs with implants rendered onto them (data engine test split)", m["real_overlay_test"])
+    if m.get("hooked_constructs"):
+        lines += _set_section("Posterior constructs ending in hooks (half DRRs, half real test radiographs; hooks where a construct spans "
+                              "three or more levels; the two sets above have none)", m["hooked_constructs"])
         lines.append("Real images have no vertebra labels: level accuracy is not measured on them.")
         lines.append("")
     rp = m.get("real_plain_test")

@@ -1,5 +1,6 @@
 """The disc classifier's training data from data-engine samples, its threshold, the leave-one-patient-out
-recipe that includes it, and the shipped model loading it."""
+recipe that includes it (and a complication classifier trained as its own stage), and the shipped model
+loading it."""
 
 from __future__ import annotations
 
@@ -47,6 +48,17 @@ def test_recipe_names_the_disc_stage_whether_or_not_the_command_does() -> None:
     assert training_recipe({"command": base}) == ["--threads", "1", "--max-minutes", "80", "--disc-iterations", "0"]
     added = {"command": base, "disc_classifier": {"iterations": 1200}}
     assert training_recipe(added) == training_recipe({"command": base + " --disc-iterations 1200"})
+
+
+def test_recipe_names_a_complication_classifier_trained_as_its_own_stage() -> None:
+    """A classifier retrained by ``inference.train.hardware_patches`` replaces the run's own (``--patch-iterations 0``)
+    in the recipe a leave-one-patient-out fold repeats."""
+    base = "python -m inference.train.hardware --threads 1 --patch-iterations 0 --disc-iterations 1200"
+    stage = {"command": "python -m inference.train.hardware_patches --cache c --model m --iterations 1500", "iterations": 1500}
+    assert training_recipe({"command": base, "complication_classifier": stage}) == [
+        "--threads", "1", "--patch-iterations", "1500", "--disc-iterations", "1200"]
+    inline = {"command": base.replace("0 --disc", "900 --disc"), "complication_classifier": {"iterations": 900}}
+    assert training_recipe(inline)[training_recipe(inline).index("--patch-iterations") + 1] == "900"
 
 
 def test_the_shipped_model_loads_its_disc_classifier() -> None:
