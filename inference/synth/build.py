@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", default="ts-abdomen:1,dd-chest:0.8,stitched:1.4,phantom:0.8")
     ap.add_argument("--implants-prob", type=float, default=0.3, help="probability of implants in a DRR sample")
     ap.add_argument("--hooks-prob", type=float, default=0.0, help="share of posterior constructs (>= 3 levels) ending in hooks")
+    ap.add_argument("--rod-fracture-prob", type=float, default=0.1, help="probability that a rod of a posterior construct is fractured")
     ap.add_argument("--fracture-prob", type=float, default=0.35)
     ap.add_argument("--curvature-prob", type=float, default=0.6)
     ap.add_argument("--real-prob", type=float, default=0.0, help="fraction of samples that are implant overlays on real radiographs")
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         p_fracture=args.fracture_prob,
         p_implants=args.implants_prob,
         p_hooks=args.hooks_prob,
+        p_rod_fracture=args.rod_fracture_prob,
     )
     if not has_ct:
         print(f"no ct/ under {data}: phantoms only")

@@ -129,13 +129,15 @@ def _levels(frames: list[Frame], idx: list[int]) -> tuple[str, ...]:
 
 
 def plan_implants(
-    frames: list[Frame], rng: np.random.Generator, kvp: float, *, force: tuple[str, ...] = (), hook_prob: float = 0.0
+    frames: list[Frame], rng: np.random.Generator, kvp: float, *, force: tuple[str, ...] = (), hook_prob: float = 0.0,
+    rod_fracture_prob: float = 0.1,
 ) -> Plan:
     """Draw a construct on `frames` (ordered cranial to caudal): posterior screws + rods (+ cages),
     an anterior plate, or standalone cages, with failure modes.
 
     A posterior construct of three or more levels ends cranially in hooks with probability `hook_prob` (or
-    when "hooks" is forced).  At 0 no extra random number is drawn, so older caches render the same.
+    when "hooks" is forced).  At 0 no extra random number is drawn, so older caches render the same.  Each
+    rod breaks with probability `rod_fracture_prob` (or when "rod_fracture" is forced).
     """
     plan = Plan()
     n = len(frames)
@@ -187,7 +189,7 @@ def plan_implants(
         for side, hs in heads.items():
             if len(hs) < 2:
                 continue
-            broken = rng.random() < 0.1 or "rod_fracture" in force
+            broken = rng.random() < rod_fracture_prob or "rod_fracture" in force
             prims, pts, details = _rod(np.array(hs), frames, run, side, rng, material_mu(rod_metal, kvp) - mu_soft, broken)
             details["material"] = rod_metal
             if side in hooks:  # the hook is part of the rod's instance (it seats the rod's cranial end)
@@ -564,7 +566,7 @@ def insert_implants(anatomy, deformation, proj, grid, mu, rng, config, *, kvp: f
         f for f, (x, y) in zip(frames, xy, strict=True)
         if -margin <= x < proj.cols + margin and -margin <= y < proj.rows + margin
     ]
-    plan = plan_implants(frames, rng, kvp, force=force, hook_prob=config.p_hooks)
+    plan = plan_implants(frames, rng, kvp, force=force, hook_prob=config.p_hooks, rod_fracture_prob=config.p_rod_fracture)
     if not plan.specs:
         return None, None, None
     line, inst = project_primitives(plan.primitives, proj, len(plan.specs))

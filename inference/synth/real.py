@@ -149,7 +149,8 @@ def render_real_sample(seed: int, config, data_dir: str | Path, *, split: str = 
     frames = frames_from_boxes(boxes, (rows, cols), pixel_mm)
     kvp = float(rng.uniform(70.0, 90.0))
     force = tuple(config.forced("implants") or ()) if config is not None else ()
-    plan = plan_implants(frames, rng, kvp, force=force, hook_prob=config.p_hooks if config is not None else 0.0)
+    plan = plan_implants(frames, rng, kvp, force=force, hook_prob=config.p_hooks if config is not None else 0.0,
+                         rod_fracture_prob=config.p_rod_fracture if config is not None else 0.1)
     if not force and rng.random() < 0.15:
         plan.specs, plan.primitives = [], []  # real negatives: the implant map is known to be empty
     ss = 2

@@ -58,6 +58,8 @@ class SynthConfig:
     p_implants: float = 0.0
     #: Of posterior constructs of >= 3 levels, the share ending cranially in hooks (`implants.plan_implants`).
     p_hooks: float = 0.0
+    #: Probability that a rod of a posterior construct is fractured (complication training caches raise it).
+    p_rod_fracture: float = 0.1
     p_flip: float = 0.5
     #: Partial coverage: fraction of the field height the centre may move up or down.
     shift: float = 0.22

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.results import ImplantKind
+from inference.results import Complication, ImplantKind
 from inference.synth.drr import Projection
 from inference.synth.implants import (
     Frame,
@@ -106,3 +106,19 @@ def test_no_hooks_unless_asked():
     b = plan_implants(frames, np.random.default_rng(9), KVP, force=("posterior",), hook_prob=0.0)
     assert [s.details for s in a.specs] == [s.details for s in b.specs]
     assert not any(s.details.get("hooks") for s in a.specs)
+
+
+def test_rod_fracture_probability_sets_how_often_rods_break():
+    """Complication caches raise the share of fractured rods; the default keeps the old 10 %."""
+    frames = _lumbar_frames()
+
+    def broken(prob: float) -> list[bool]:
+        out = []
+        for seed in range(6):
+            plan = plan_implants(frames, np.random.default_rng(seed), KVP, force=("posterior",), rod_fracture_prob=prob)
+            out += [Complication.ROD_FRACTURE in s.complications for s in plan.specs if s.kind is ImplantKind.ROD]
+        return out
+
+    assert all(broken(1.0)) and not any(broken(0.0))
+    plan = plan_implants(frames, np.random.default_rng(2), KVP, force=("posterior",))
+    assert plan_implants(frames, np.random.default_rng(2), KVP, force=("posterior",), rod_fracture_prob=0.1).specs == plan.specs
