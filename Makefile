@@ -60,27 +60,19 @@ train-vertebrae: install
 		--work ../cache/train-endplates --iterations 2500 --threads 2
 
 # Hardware model: the data engine renders a cache with implants (70 % of DRRs, 40 % implant overlays on real
-# radiographs; ~15 min on 2 cores), then the shipped recipe trains the segmentation 80 min on one thread (so
-# eval-hardware can run its two leave-one-patient-out folds side by side with the same recipe) plus ~10 min of
-# tuning and the disc-space cage classifier, at nice 10 (resumable from ../cache/train-hardware).  The
-# complication classifier trains last, on a second cache whose posterior constructs end in hooks in 30 % of
-# cases (~20 min to render), on true implants and on the rods the segmentation finds (~25 min).  Screw
-# loosening and breakage and cage subsidence are not reported: per implant they measured no better than
-# chance (see the model card).
+# radiographs; ~15 min on 2 cores), then the shipped recipe trains 80 min on one thread (so eval-hardware can
+# run its two leave-one-patient-out folds side by side with the same recipe) plus ~10 min of tuning and the
+# complication classifier, at nice 10 (resumable from ../cache/train-hardware).  Screw loosening and breakage
+# and cage subsidence are not reported: per implant they measured no better than chance (see the model card).
 HARDWARE_CACHE ?= ../cache/synth-hardware-v2
-HARDWARE_HOOKS_CACHE ?= ../cache/synth-hardware-v3
 HARDWARE_HOLDOUT ?= ../cache/synth-hardware-holdout-v2
 train-hardware: install
 	test -f $(HARDWARE_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
 		--out $(HARDWARE_CACHE) --count 1200 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2 --max-side 768
 	nice -n 10 $(PY) -m inference.train.hardware --data $(DATA) --cache $(HARDWARE_CACHE) \
 		--work ../cache/train-hardware --out inference/models/spine-xr-hardware \
-		--threads 1 --max-minutes 80 --patch-iterations 0 --pos-weight cage:10,plate:10 --disc-iterations 1200 \
+		--threads 1 --max-minutes 80 --patch-iterations 1500 --pos-weight cage:10,plate:10 --disc-iterations 1200 \
 		--not-assessed "screw loosening,screw breakage,cage subsidence"
-	test -f $(HARDWARE_HOOKS_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
-		--out $(HARDWARE_HOOKS_CACHE) --count 1200 --seed 7 --implants-prob 0.7 --hooks-prob 0.3 --real-prob 0.4 --workers 2 --max-side 768
-	nice -n 10 $(PY) -m inference.train.hardware_patches --cache $(HARDWARE_HOOKS_CACHE) --model inference/models/spine-xr-hardware \
-		--iterations 1500 --threads 1
 
 eval-vertebrae: install
 	nice -n 10 $(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae \

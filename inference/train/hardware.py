@@ -414,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pos-weight", default="", help="positive BCE weight of rare class maps, e.g. cage:5,plate:5")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
     ap.add_argument("--patch-iterations", type=int, default=3000, help="complication classifier iterations (0: use the maps)")
+    ap.add_argument("--found-rods", action="store_true", help="complication classifier: also windows along the rods the "
+                    "segmentation finds (`inference.train.hardware_patches`)")
     ap.add_argument("--disc-iterations", type=int, default=1200, help="disc-space cage classifier iterations (0: cages from the network)")
     ap.add_argument("--tune-only", action="store_true", help="no training: tune post-processing for --work's best checkpoint, write --out")
     ap.add_argument("--init-weights", type=Path, default=None, help="start from this trained network (a model folder's "
@@ -642,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.patch_iterations:
         from inference.train.hardware_patches import add_stage as add_patch_stage
 
-        add_patch_stage(args.out, args.cache, excluded, args.val_every, args.patch_iterations, args.seed, info["command"])
+        add_patch_stage(args.out, args.cache, excluded, args.val_every, args.patch_iterations, args.seed, info["command"], args.found_rods)
     if args.disc_iterations:
         from inference.train.hardware_discs import add_stage
 

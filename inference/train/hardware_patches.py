@@ -5,9 +5,9 @@ own it adds (or replaces) the stage in an existing model folder, keeping its seg
 
     python -m inference.train.hardware_patches --cache ../cache/synth-hardware-v3 --model FOLDER
 
-Data (`PatchBank`): every visible true implant of the cache's training samples, and windows along the rod
-pieces the folder's own segmentation finds on them, labelled by the true gap (``--no-found-rods`` leaves
-those out).  The samples held out from the segmentation training (every ``--val-every``-th) tune each
+Data (`PatchBank`): every visible true implant of the cache's training samples; with ``--found-rods`` also
+windows along the rod pieces the folder's own segmentation finds on them, labelled by the true gap (measured
+2026-12-06 and not in the shipped recipe: see the hardware model's notes).  The samples held out from the segmentation training (every ``--val-every``-th) tune each
 complication's threshold (Youden's J on the implants the whole model finds) and give its AUC.
 """
 
@@ -52,7 +52,7 @@ def collect(model: Any, cache: Path, exclude_sources: set[str], val_every: int, 
 
 def add_stage(
     model_folder: Path, cache: Path, exclude_sources: set[str], val_every: int, iterations: int, seed: int, command: str,
-    found_rods: bool = True,
+    found_rods: bool = False,
 ) -> dict[str, Any]:
     """Train the classifier, tune the complication thresholds on the held-out samples, and write both into
     the model folder (weights.pt gains "complications"; model.json its thresholds and training record)."""
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-every", type=int, default=10, help="as the segmentation training: every n-th sample is held out")
     ap.add_argument("--exclude-sources", default="", help="comma list of CT sources left out (leave-one-patient-out)")
-    ap.add_argument("--no-found-rods", action="store_true", help="train on true implant masks only")
+    ap.add_argument("--found-rods", action="store_true", help="also windows along the rods the folder's segmentation finds")
     args = ap.parse_args(argv)
     common.setup_logging()
     common.setup(args.seed, args.threads)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--cache: {args.cache}/manifest.json not found")
     command = "python -m inference.train.hardware_patches " + " ".join(sys.argv[1:] if argv is None else argv)
     add_stage(args.model, args.cache, {s for s in args.exclude_sources.split(",") if s}, args.val_every, args.iterations, args.seed,
-              command, found_rods=not args.no_found_rods)
+              command, found_rods=args.found_rods)
     return 0
 
 

@@ -81,7 +81,7 @@ def test_the_stage_retrains_a_model_folders_classifier_and_keeps_the_rest(tmp_pa
     shutil.copytree(ModelRegistry().spec("spine-xr-hardware").folder, folder)
     before = json.loads((folder / "model.json").read_text())
     old = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
-    assert stage_main(["--cache", str(cache), "--model", str(folder), "--iterations", "3", "--threads", "1", "--val-every", "2"]) == 0
+    assert stage_main(["--cache", str(cache), "--model", str(folder), "--iterations", "3", "--threads", "1", "--val-every", "2", "--found-rods"]) == 0
     after = json.loads((folder / "model.json").read_text())
     new = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
     assert set(new) == set(old)
