@@ -2,7 +2,7 @@
 
     python -m inference.synth.build --data ../shared/data --out DIR --count N --seed S \\
         [--views AP,LAT] [--fields lumbar,thoracolumbar,thoracic,whole] [--implants-prob p] \\
-        [--real-prob q] [--workers k] [--shard-size 64] [--max-side 512]
+        [--hooks-prob h] [--rod-fracture-prob r] [--real-prob q] [--workers k] [--shard-size 64] [--max-side 512]
 
 Sample ``i`` of a build is ``render_sample(sample_seed(S, i), config)`` (or, with probability `--real-prob`,
 an implant overlay on a real radiograph of the TRAIN split, `inference.synth.real`), so any sample can be
