@@ -1088,11 +1088,11 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += _set_section("Synthetic hold-out (DRRs, a seed never used in training)", m["synthetic_holdout"])
     if m.get("real_overlay_test"):
         lines += _set_section("REAL test radiographs with implants rendered onto them (data engine test split)", m["real_overlay_test"])
-    if m.get("hooked_constructs"):
-        lines += _set_section("Posterior constructs ending in hooks (half DRRs, half real test radiographs; hooks where a construct spans "
-                              "three or more levels; the two sets above have none)", m["hooked_constructs"])
         lines.append("Real images have no vertebra labels: level accuracy is not measured on them.")
         lines.append("")
+    if m.get("hooked_constructs"):
+        lines += _set_section("Posterior constructs ending in hooks (half DRRs, half real test radiographs; hooks where a construct spans "
+                              "three or more levels; the two sets above have none; level rows count the DRRs only)", m["hooked_constructs"])
     rp = m.get("real_plain_test")
     if rp:
         lines += [

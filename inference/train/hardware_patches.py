@@ -7,8 +7,9 @@ own it adds (or replaces) the stage in an existing model folder, keeping its seg
 
 Data (`PatchBank`): every visible true implant of the cache's training samples; with ``--found-rods`` also
 windows along the rod pieces the folder's own segmentation finds on them, labelled by the true gap (measured
-2026-12-06 and not in the shipped recipe: see the hardware model's notes).  The samples held out from the segmentation training (every ``--val-every``-th) tune each
-complication's threshold (Youden's J on the implants the whole model finds) and give its AUC.
+2026-12-06 and not in the shipped recipe: see the hardware model's notes).  The samples held out from the
+segmentation training (every ``--val-every``-th) tune each complication's threshold (Youden's J on the
+implants the whole model finds) and give its AUC.
 """
 
 from __future__ import annotations
