@@ -75,10 +75,10 @@ class PatchBank:
         self.images.append((np.asarray(sample.image, dtype=np.float16), intensity_window(sample.image), src_mm))
         return len(self.images) - 1, src_mm
 
-    def add(self, sample: Any) -> None:
-        """Every visible implant of a sample (screws, rods, cages)."""
+    def add(self, sample: Any) -> int | None:
+        """Every visible implant of a sample (screws, rods, cages); the index of its kept image (None: no implants)."""
         if not sample.implant_specs:
-            return
+            return None
         idx, src_mm = self._store(sample)
         inst = sample.implants
         specs = sample.implant_specs
@@ -108,6 +108,7 @@ class PatchBank:
                     if gap is None:
                         continue
                 self._add_rod_windows(idx, mask, offset, frames, gap, src_mm)
+        return idx
 
     def _add_rod_windows(self, idx: int, mask: np.ndarray, offset: tuple[int, int], frames: list[Frame],
                          gap: tuple[float, float] | None, src_mm: float) -> None:
@@ -118,15 +119,16 @@ class PatchBank:
                 continue
             self.items["rod"].append(PatchItem(idx, "rod", mask, offset, fr, np.array([d_mm <= 6.0], np.float32)))
 
-    def add_found_rods(self, model: Any, sample: Any) -> int:
-        """Windows along the rod pieces `model` (a `HardwareModel`) finds on a sample; the number of pieces."""
+    def add_found_rods(self, model: Any, sample: Any, image: int | None = None) -> int:
+        """Windows along the rod pieces `model` (a `HardwareModel`) finds on a sample; the number of pieces.
+        `image`: the index `add` returned for the same sample (its image is then not kept twice)."""
         if not any(s.kind is ImplantKind.ROD for s in sample.implant_specs):
             return 0
         inst = sample.implants
         rods = [sp for sp in found_pieces(model, sample) if sp.piece.kind is ImplantKind.ROD]
         if not rods:
             return 0
-        idx, src_mm = self._store(sample)
+        idx, src_mm = (image, self.images[image][2]) if image is not None else self._store(sample)
         joinable = np.isin(inst, [k + 1 for k, s in enumerate(sample.implant_specs) if s.kind is ImplantKind.PEDICLE_SCREW])
         gaps: dict[int, tuple[float, float] | None] = {}
         for sp in rods:

@@ -88,6 +88,14 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def cache_role(index: int, sample: Any, exclude_sources: set[str], val_every: int) -> str | None:
+    """Where the `index`-th sample of a data-engine cache goes in the hardware stages' one split: "held_out"
+    (every `val_every`-th), "train", or None when its CT source is left out (leave-one-patient-out)."""
+    if str((sample.meta or {}).get("source", "")) in exclude_sources:
+        return None
+    return "held_out" if index % val_every == 0 else "train"
+
+
 def add_stage_weights(folder: Path, key: str, state: dict[str, Any], wrap_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Put one later stage's state dict under `key` in a model folder's weights.pt (a bare U-Net state dict
     becomes ``{"segmentation": ..., **wrap_extra}``) and return the folder's model.json metadata with the new

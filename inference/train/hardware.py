@@ -117,12 +117,12 @@ def load_cache(
     skipped = 0
     t0 = time.time()
     for k, sample in enumerate(iter_cache(cache)):
-        meta = sample.meta or {}
-        if str(meta.get("source", "")) in exclude_sources:
+        role = common.cache_role(k, sample, exclude_sources, val_every)
+        if role is None:
             skipped += 1
             continue
         item = make_item(sample)
-        if k % val_every == 0:
+        if role == "held_out":
             val.append((item, sample))
         else:
             train.append(item)

@@ -73,11 +73,12 @@ def collect(cache: Path, exclude_sources: set[str], val_every: int) -> dict[str,
     parts: dict[str, tuple[list, list]] = {"train": ([], []), "held_out": ([], [])}
     t0 = time.time()
     for k, sample in enumerate(iter_cache(cache)):
-        if str((sample.meta or {}).get("source", "")) in exclude_sources:
+        role = common.cache_role(k, sample, exclude_sources, val_every)
+        if role is None:
             continue
         x, y = sample_discs(sample)
         if len(y):
-            part = parts["held_out" if k % val_every == 0 else "train"]
+            part = parts[role]
             part[0].append(x)
             part[1].append(y)
     out = {name: (np.concatenate(xs) if xs else np.zeros((0, 1, *DISC_PATCH), np.float16), np.concatenate(ys) if ys else np.zeros(0, bool))

@@ -28,23 +28,24 @@ log = logging.getLogger("inference.train.hardware_patches")
 
 
 def collect(model: Any, cache: Path, exclude_sources: set[str], val_every: int, found_rods: bool) -> tuple[PatchBank, list[Any], dict[str, int]]:
-    """The patch bank of the training samples and the held-out samples with implants (the split of
-    `inference.train.hardware.load_cache`), and how many rod pieces the segmentation found."""
+    """The patch bank of the training samples and the held-out samples with implants (`common.cache_role`'s
+    split), and how many rod pieces the segmentation found."""
     from inference.synth.build import iter_cache
 
     bank, held_out = PatchBank(), []
     counted = {"samples": 0, "found_rod_pieces": 0}
     t0 = time.time()
     for k, sample in enumerate(iter_cache(cache)):
-        if str((sample.meta or {}).get("source", "")) in exclude_sources:
+        role = common.cache_role(k, sample, exclude_sources, val_every)
+        if role is None:
             continue
-        if k % val_every == 0:
+        if role == "held_out":
             if sample.implant_specs:
                 held_out.append(sample)
             continue
-        bank.add(sample)
+        image = bank.add(sample)
         if found_rods:
-            counted["found_rod_pieces"] += bank.add_found_rods(model, sample)
+            counted["found_rod_pieces"] += bank.add_found_rods(model, sample, image)
         counted["samples"] += 1
         if counted["samples"] % 200 == 0:
             log.info("patch data: %d samples (%.0f s)", counted["samples"], time.time() - t0)

@@ -51,6 +51,11 @@ def test_found_rods_are_labelled_by_the_true_gap_and_false_rods_are_negatives(fr
     assert on_spurious and not any(it.positive for it in on_spurious)
     positives = [it for it in on_rod if it.positive]
     assert 1 <= len(positives) < len(on_rod), "windows near the gap only"
+    # Beside the true implants of the same sample, its image is kept once.
+    both = PatchBank()
+    image = both.add(sample)
+    assert image == 0 and both.add_found_rods(None, sample, image) == 2
+    assert len(both.images) == 1 and len(both.items["rod"]) > len(items)
 
 
 def test_found_pieces_other_than_rods_add_nothing(fractured, monkeypatch) -> None:
