@@ -248,6 +248,18 @@ def nearest_level_baseline(implant_centroid: tuple[float, float], vertebrae: Seq
     return v.level
 
 
+NOT_ASSESSABLE_CAUSES = {
+    "reach the image edge": "implants at the image edge",
+    "no failure mode of the implants found is assessed": "no failure mode assessed",
+    "not recognised as spinal hardware": "metal not recognised",
+}
+
+
+def not_assessable_cause(reason: str) -> str:
+    """A "not assessable" reason's short name (the card counts them)."""
+    return next((cause for words, cause in NOT_ASSESSABLE_CAUSES.items() if words in reason), "other")
+
+
 def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: Any | None) -> dict[str, Any]:
     """Everything measured on one sample (aggregated by `aggregate`)."""
     rad = sample_radiograph(sample)
@@ -266,6 +278,7 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
         "seconds": seconds,
         "true_status": true_status(truth, model.params.not_assessed).value,
         "status": outcome.status.value,
+        "not_assessable_because": [not_assessable_cause(r) for r in outcome.reasons],
         "n_true": len(truth),
         "n_pred": len(outcome.implants),
         "instrumentation": outcome.instrumentation,
@@ -533,6 +546,13 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
     for r in records:
         confusion[r["true_status"]][r["status"]] += 1
     out["verdict_confusion_true_rows"] = {k: dict(v) for k, v in confusion.items()}
+    # Why images with implants were "not assessable" (an image can have two causes).
+    causes: dict[str, int] = defaultdict(int)
+    for r in hw:
+        if r["status"] == HardwareStatus.NOT_ASSESSABLE.value:
+            for cause in dict.fromkeys(r.get("not_assessable_because", [])):
+                causes[cause] += 1
+    out["not_assessable_causes_with_implants"] = dict(causes)
     secs = [r["seconds"] for r in records]
     out["seconds_per_image_mean"] = _r(float(np.mean(secs))) if secs else None
     out["seconds_per_image_p95"] = _r(float(np.percentile(secs, 95))) if secs else None
@@ -963,6 +983,8 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     out.append(f"| complications reported on things that are not implants (count) | {s.get('false_alarm_complications_on_non_implants')} | – |")
     out.append(f"| seconds per image in this evaluation (mean / p95) | {_f(s.get('seconds_per_image_mean'))} / {_f(s.get('seconds_per_image_p95'))} | budget 1 s |")
     out += ["", f"Verdict confusion (rows: truth): `{s.get('verdict_confusion_true_rows')}`", ""]
+    if s.get("not_assessable_causes_with_implants") is not None:
+        out += [f"Images with implants answered \"not assessable\", by cause: `{s['not_assessable_causes_with_implants']}`", ""]
     worst = s.get("worst_images")
     if worst:
         out.append(f"Worst images (screw errors): `{worst[:5]}`")

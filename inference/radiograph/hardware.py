@@ -212,6 +212,8 @@ class SourcePiece:
     #: columns, +1 higher), whether or not the patient's left is known; None on laterals or when unknown.
     column: int | None = None
     complications: tuple[Complication, ...] = ()
+    #: Failure modes looked for on this piece (its kind's, minus those the model version does not assess).
+    assessed: tuple[Complication, ...] = ()
     notes: list[str] = field(default_factory=list)
 
 
@@ -427,6 +429,8 @@ def interpret(
             if comp.value in skipped:
                 sp.piece.complication_scores.pop(comp, None)
                 unassessed.add(comp)
+            else:
+                sp.assessed += (comp,)
         for comp, s in sp.piece.complication_scores.items():
             if s >= params.complication_threshold.get(comp.value, 1.0):
                 sp.complications += (comp,)
@@ -699,21 +703,43 @@ def _implant_words(sp: SourcePiece) -> str:
 
 
 def hardware_status(placed: Sequence[SourcePiece], view: str | None) -> tuple[HardwareStatus, list[str]]:
-    """The image's hardware status and the reasons behind a "not assessable"."""
+    """The image's hardware status and the reasons behind a "not assessable".
+
+    "Hardware intact" needs at least one failure mode of the implants found to have been looked for
+    (`SourcePiece.assessed`): a construct whose every failure mode is switched off or not modelled (e.g.
+    cages only, subsidence not assessed) is "not assessable", so that the verdict never reads as a
+    negative nobody checked.
+    """
     if not placed:
         return HardwareStatus.NO_IMPLANTS, []
     if any(sp.complications for sp in placed):
         return HardwareStatus.POSSIBLE_COMPLICATION, []
     if all(sp.piece.kind is ImplantKind.OTHER for sp in placed):
         return HardwareStatus.NOT_ASSESSABLE, ["hardware not assessable: metal found but not recognised as spinal hardware"]
+    reasons: list[str] = []
     cut = [sp for sp in placed if sp.touches_border and sp.piece.kind is not ImplantKind.OTHER]
     if cut:
         names = sorted({_implant_words(sp) for sp in cut})
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return HardwareStatus.NOT_ASSESSABLE, [
+        reasons.append(
             f"hardware not assessable: implants reach the image edge ({shown}); hardware beyond the field of view not seen"
-        ]
+        )
+    if not any(sp.assessed for sp in placed):
+        reasons.append(f"hardware not assessable: {_unassessed_words(placed)}")
+    if reasons:
+        return HardwareStatus.NOT_ASSESSABLE, reasons
     return HardwareStatus.INTACT, []
+
+
+def _unassessed_words(placed: Sequence[SourcePiece]) -> str:
+    """E.g. "no failure mode of the implants found is assessed by this model version (interbody cages:
+    cage subsidence not assessed; plates: no failure mode modelled)"."""
+    parts = []
+    for kind in dict.fromkeys(sp.piece.kind for sp in placed if sp.piece.kind is not ImplantKind.OTHER):
+        modes = CHECKED[kind]
+        what = f"{', '.join(c.value for c in modes)} not assessed" if modes else "no failure mode modelled"
+        parts.append(f"{kind.value}s: {what}")
+    return f"no failure mode of the implants found is assessed by this model version ({'; '.join(parts)})"
 
 
 # -------------------------------------------------------------------------------------------- step

@@ -188,6 +188,29 @@ def test_a_complication_not_assessed_is_never_reported_and_says_so() -> None:
         HardwareParams.from_dict({"not_assessed": ["screw wobble"]})
 
 
+def test_hardware_nobody_checked_is_not_assessable_rather_than_intact() -> None:
+    # Screws and rods, every failure mode switched off: nothing was looked for, so no "intact".
+    off = HardwareParams(not_assessed=tuple(c.value for c in Complication))
+    out = run(construct(cage=False), params=off)
+    assert out.status is HardwareStatus.NOT_ASSESSABLE and not out.findings
+    assert out.instrumentation.startswith("posterior instrumentation L3–L5")
+    (reason,) = out.reasons
+    assert "no failure mode of the implants found is assessed" in reason
+    assert "pedicle screws: screw loosening, screw breakage not assessed" in reason and "rods: rod fracture not assessed" in reason
+    # A cage alone, subsidence not assessed: the same.
+    cage_only = np.zeros_like(construct())
+    _line(cage_only, CAGE, (MID / 2 - 10, 97.5), (MID / 2 + 10, 97.5), 3.0)
+    cage_only[METAL] = cage_only[CAGE]
+    out = run(cage_only, params=HardwareParams(not_assessed=("cage subsidence",)))
+    assert [i.kind for i in out.implants] == [ImplantKind.INTERBODY_CAGE]
+    assert out.status is HardwareStatus.NOT_ASSESSABLE
+    assert out.reasons == ("hardware not assessable: no failure mode of the implants found is assessed by this model "
+                           "version (interbody cages: cage subsidence not assessed)",)
+    # One failure mode still looked for (rod fracture) is enough for "intact".
+    rods_on = HardwareParams(not_assessed=("screw loosening", "screw breakage", "cage subsidence"))
+    assert run(construct(), params=rods_on).status is HardwareStatus.INTACT
+
+
 def test_fractured_rod_stays_one_rod_with_a_gap_finding() -> None:
     out = run(construct(cage=False, rod_gap=True))
     rods = [i for i in out.implants if i.kind is ImplantKind.ROD]
