@@ -72,7 +72,7 @@ train-hardware: install
 	nice -n 10 $(PY) -m inference.train.hardware --data $(DATA) --cache $(HARDWARE_CACHE) \
 		--work ../cache/train-hardware --out inference/models/spine-xr-hardware \
 		--threads 1 --max-minutes 80 --patch-iterations 1500 --pos-weight cage:10,plate:10 --disc-iterations 1200 \
-		--not-assessed "screw loosening,screw breakage,cage subsidence"
+		--not-assessed "screw loosening,screw breakage,rod fracture,cage subsidence"
 
 eval-vertebrae: install
 	nice -n 10 $(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae \

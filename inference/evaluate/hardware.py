@@ -966,7 +966,8 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
         out.append(f"| {comp}: sensitivity / specificity per implant ({e.get('positives')} positive, {e.get('negatives')} negative) | "
                    f"{_f(e.get('sensitivity'))} / {_f(e.get('specificity'))} | always intact: 0 / 1 |")
     ci = s.get("complications_per_image", {})
-    if ci.get("images_with_complication") or ci.get("images_intact"):
+    # No per-implant row means no failure mode is looked for: a per-image row would only read "specificity 1".
+    if s.get("complications_per_instance") and (ci.get("images_with_complication") or ci.get("images_intact")):
         size = ci.get("baseline_construct_size") or {}
         size_text = (f"; at least {size['min_implants']} implants shown (k best on this set): {_f(size['sensitivity'])} / "
                      f"{_f(size['specificity'])}" if size else "")
@@ -1010,8 +1011,12 @@ def _complication_lines(meta: dict) -> list[str]:
     post = meta.get("postprocess", {})
     out = []
     if post.get("not_assessed"):
-        out.append(f"- Never reported (no better than chance on held-out data): {', '.join(post['not_assessed'])}; an image with an "
-                   "implant they apply to says \"<complication> not assessed\".")
+        out.append(f"- Never reported (no better than chance, or than a construct-size baseline, on held-out data): "
+                   f"{', '.join(post['not_assessed'])}; an image with an implant they apply to says \"<complication> not "
+                   "assessed\", and an image none of whose implants has a failure mode left to look for is \"not "
+                   "assessable\", never \"hardware intact\".")
+        why = meta.get("switched_off", {})
+        out += [f"  - {name}: {why[name]}" for name in post["not_assessed"] if name in why]
     return out
 
 

@@ -418,7 +418,6 @@ def interpret(
         if len(on_spine) < len(placed):
             notes.append(f"{len(placed) - len(on_spine)} metal object(s) beside the spine not counted as spinal hardware (brace, clothing or marker?)")
         placed = on_spine
-    gaps = score_pieces(prob, placed, scale, src_mm, radiograph.pixels, patch_net)
     # Never reported: the model's `not_assessed` and, on the disc classifier's cages, subsidence (its head
     # learned on true cage outlines; on those regions it measured sensitivity 0 and flagged ~12 % of intact
     # cages, synthetic hold-out 2026-12-04).
@@ -427,10 +426,14 @@ def interpret(
     for sp in placed:
         for comp in CHECKED[sp.piece.kind]:
             if comp.value in skipped:
-                sp.piece.complication_scores.pop(comp, None)
                 unassessed.add(comp)
             else:
                 sp.assessed += (comp,)
+    # The classifier runs only when some piece has a failure mode left to look for.
+    gaps = score_pieces(prob, placed, scale, src_mm, radiograph.pixels, patch_net) if any(sp.assessed for sp in placed) else {}
+    for sp in placed:
+        for comp in unassessed:
+            sp.piece.complication_scores.pop(comp, None)
         for comp, s in sp.piece.complication_scores.items():
             if s >= params.complication_threshold.get(comp.value, 1.0):
                 sp.complications += (comp,)
