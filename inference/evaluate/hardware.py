@@ -733,6 +733,19 @@ def training_stages(training: dict[str, Any]) -> list[list[str]]:
     return ([] if not base else training_stages(base["training"])) + [training_recipe(training)]
 
 
+def reporting_as_shipped(stages: list[list[str]], not_assessed: Sequence[str]) -> list[list[str]]:
+    """`stages` with the last one's ``--not-assessed`` set to the shipped model's `postprocess.not_assessed`: a
+    failure mode can be switched off after training (a config change, same weights), and a fold must not
+    report what the shipped model does not."""
+    last = list(stages[-1])
+    if "--not-assessed" in last:
+        k = last.index("--not-assessed")
+        del last[k : k + 2]
+    if not_assessed:
+        last += ["--not-assessed", ",".join(not_assessed)]
+    return [*stages[:-1], last]
+
+
 def fold_commands(data: Path, cache: Path, folder: Path, source: str, stages: list[list[str]]) -> list[list[str]]:
     """The training commands of the fold without `source` (and the stitched volume), one per stage: the last
     writes the fold's model `folder`, each earlier one a ``stage-N`` folder the next starts from."""
@@ -869,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         results["hooked_constructs"] = evaluate_samples(model, hooked_samples(args.data, args.hooked), "constructs ending in hooks", vertebra_step)
         log.info("hooked constructs: %s", json.dumps(results["hooked_constructs"], indent=1)[:4000])
     if not args.skip_lopo:
-        stages = training_stages(meta.get("training", {}))
+        stages = reporting_as_shipped(training_stages(meta.get("training", {})), meta.get("postprocess", {}).get("not_assessed", []))
         sources = [x for x in args.lopo_sources.split(",") if x]
         unknown = set(sources) - set(LOPO_SOURCES)
         if unknown:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.evaluate.hardware import fold_commands, recipe_args, training_stages
+from inference.evaluate.hardware import fold_commands, recipe_args, reporting_as_shipped, training_stages
 from inference.radiograph.hardware_post import CHANNELS, METAL, PLATE
 from inference.radiograph.hardware_targets import TargetItem
 from inference.train.hardware import mine_hard_negatives, read_init_weights
@@ -73,3 +73,12 @@ def test_leave_one_patient_out_repeats_both_stages_of_a_fine_tuned_model(tmp_pat
     # Fine-tuned from weights whose training is not recorded: not silently the fine-tune alone.
     with pytest.raises(ValueError, match="not recorded"):
         training_stages({"command": tuned, "base_training": {"weights": "work/best.pt"}})
+
+
+def test_folds_report_what_the_shipped_model_reports() -> None:
+    """A failure mode switched off after training (model.json, same weights) is switched off in the folds too."""
+    trained = "python -m inference.train.hardware --threads 1 --not-assessed 'screw loosening,screw breakage'"
+    stages = reporting_as_shipped(training_stages({"command": trained}), ["screw loosening", "screw breakage", "rod fracture"])
+    assert stages == [["--threads", "1", "--disc-iterations", "0", "--not-assessed", "screw loosening,screw breakage,rod fracture"]]
+    # Everything reported again: no flag at all.
+    assert reporting_as_shipped(stages, []) == [["--threads", "1", "--disc-iterations", "0"]]
