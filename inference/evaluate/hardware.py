@@ -1080,9 +1080,10 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "network's cage channel). Each screw gets the",
         "level of the vertebral body its tip half projects into (vertebrae from `spine-xr-vertebrae` on the same image), cages",
         "the disc between two named vertebrae, rods and plates the levels they span; a side (the patient's, from PatientOrientation) on frontal views, unknown on laterals. Complications",
-        "(screw loosening, screw breakage, rod fracture, cage subsidence) come from learned maps scored per implant, each reported",
-        "as a finding with an evidence polygon. Per image: no implants / hardware intact / possible complication / not assessable",
-        "(implants at the image edge, or metal not recognised as spinal hardware), and the construct as a surgeon would say it.",
+        "(screw loosening, screw breakage, rod fracture, cage subsidence) come from learned scores per implant, each reported,",
+        "unless switched off (below), as a finding with an evidence polygon. Per image: no implants / hardware intact / possible",
+        "complication / not assessable (implants at the image edge, metal not recognised as spinal hardware, or no failure mode",
+        "of the implants found looked for), and the construct as a surgeon would say it.",
         "",
         f"- Network: MONAI BasicUNet 2D, features {arch.get('features')}, {tr.get('parameters')} parameters, channels {arch.get('channels')} "
         f"(sigmoid), {arch.get('spacing_mm')} mm per pixel at the patient; weights `{meta.get('weights')}` sha256 `{meta.get('sha256', '')[:16]}...`.",
