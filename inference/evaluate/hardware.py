@@ -1020,7 +1020,7 @@ def construct_size_baseline(with_complication: Sequence[int], intact: Sequence[i
 
 
 def _complication_lines(meta: dict) -> list[str]:
-    """What the card says of complications the model does not assess."""
+    """What the card says of complications the model does not assess and implant kinds it does not name."""
     post = meta.get("postprocess", {})
     out = []
     if post.get("not_assessed"):
@@ -1030,6 +1030,10 @@ def _complication_lines(meta: dict) -> list[str]:
                    "assessable\", never \"hardware intact\".")
         why = meta.get("switched_off", {})
         out += [f"  - {name}: {why[name]}" for name in post["not_assessed"] if name in why]
+    if post.get("not_named"):
+        why = meta.get("switched_off", {})
+        out.append(f"- Implant kinds not named (their pieces are reported as \"other implant\"): {', '.join(post['not_named'])}.")
+        out += [f"  - {name}: {why[name]}" for name in post["not_named"] if name in why]
     return out
 
 

@@ -97,6 +97,9 @@ class HardwareParams:
     #: many vertebral-body widths from the spine's midline is not spinal hardware (brace buckles and snaps,
     #: skin markers); 0 switches the test off.
     max_off_spine_widths: float = 1.0
+    #: Implant kinds this model version does not name (measured mostly wrong on held-out data): their pieces
+    #: are reported as "other implant" (metal whose kind is not named), not as a kind a reader would trust.
+    not_named: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Per-kind tables given in part keep the defaults for the kinds not named.
@@ -108,6 +111,10 @@ class HardwareParams:
         if unknown:
             raise ValueError(f"not_assessed: unknown complications {sorted(unknown)} (known: {sorted(known)})")
         object.__setattr__(self, "not_assessed", tuple(self.not_assessed))
+        kinds = {k.value for k in ImplantKind if k is not ImplantKind.OTHER}
+        if set(self.not_named) - kinds:
+            raise ValueError(f"not_named: unknown implant kinds {sorted(set(self.not_named) - kinds)} (known: {sorted(kinds)})")
+        object.__setattr__(self, "not_named", tuple(self.not_named))
 
     @classmethod
     def from_dict(cls, data: dict | None) -> HardwareParams:
@@ -355,6 +362,9 @@ def find_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Pie
     pieces += clustered_pieces(prob, PLATE, ImplantKind.PLATE, mm, params.plate_merge_mm, params)
     pieces += other_pieces(prob, pieces, mm, params)
     pieces = [p for p in pieces if p.score >= params.min_score]
+    for p in pieces:
+        if p.kind.value in params.not_named:
+            p.kind = ImplantKind.OTHER
     total = sum(p.area for p in pieces) * mm * mm
     if total < params.min_total_mm2:
         return []

@@ -19,6 +19,7 @@ from inference.radiograph.hardware_post import (
     CHANNELS,
     LOOSENING,
     METAL,
+    PLATE,
     ROD,
     ROD_FRACTURE,
     SCREW,
@@ -186,6 +187,27 @@ def test_a_complication_not_assessed_is_never_reported_and_says_so() -> None:
     assert "screw loosening not assessed" in out.notes and out.not_assessed == ("screw loosening",)
     with pytest.raises(ValueError, match="unknown complications"):
         HardwareParams.from_dict({"not_assessed": ["screw wobble"]})
+
+
+def test_a_kind_not_named_is_reported_as_other_metal() -> None:
+    plate = np.zeros_like(construct())
+    _line(plate, PLATE, (MID / 2, 40.0), (MID / 2, 85.0), 6.0)
+    plate[METAL] = plate[PLATE]
+    named = run(plate)
+    assert [i.kind for i in named.implants] == [ImplantKind.PLATE]
+    assert named.instrumentation.startswith("anterior plate")
+    out = run(plate, params=HardwareParams(not_named=("plate",)))
+    assert [i.kind for i in out.implants] == [ImplantKind.OTHER]
+    assert out.instrumentation == "1 other implant"
+    assert out.status is HardwareStatus.NOT_ASSESSABLE and "not recognised as spinal hardware" in out.reasons[0]
+    # Other kinds on the same image keep their names.
+    both = construct(cage=False)
+    _line(both, PLATE, (MID / 2, 40.0), (MID / 2, 85.0), 6.0)
+    both[METAL] = np.maximum(both[METAL], both[PLATE])
+    kinds = {i.kind for i in run(both, params=HardwareParams(not_named=("plate",))).implants}
+    assert ImplantKind.PLATE not in kinds and {ImplantKind.PEDICLE_SCREW, ImplantKind.ROD} <= kinds
+    with pytest.raises(ValueError, match="unknown implant kinds"):
+        HardwareParams(not_named=("staple",))
 
 
 def test_hardware_nobody_checked_is_not_assessable_rather_than_intact() -> None:
