@@ -823,6 +823,10 @@ def lopo(
     for test_src, folder in folders.items():
         spec = ModelSpec.read(folder)
         model = HardwareModel.from_spec(spec)
+        if shipped is not None:
+            # Kinds the shipped model does not name are not named by the fold either (a config change after
+            # training, which a fold's own run does not repeat).
+            model.params = dataclasses.replace(model.params, not_named=shipped.params.not_named)
         # Read once: the hold-out cache is scanned whole to pick one source's samples.
         samples = list(cache_samples(holdout, {test_src}, limit))
         res = evaluate_samples(model, samples, f"trained without {test_src} (and the stitched volume), tested on {test_src}")
