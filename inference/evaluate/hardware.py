@@ -733,17 +733,11 @@ def training_stages(training: dict[str, Any]) -> list[list[str]]:
     return ([] if not base else training_stages(base["training"])) + [training_recipe(training)]
 
 
-def reporting_as_shipped(stages: list[list[str]], not_assessed: Sequence[str]) -> list[list[str]]:
-    """`stages` with the last one's ``--not-assessed`` set to the shipped model's `postprocess.not_assessed`: a
-    failure mode can be switched off after training (a config change, same weights), and a fold must not
-    report what the shipped model does not."""
-    last = list(stages[-1])
-    if "--not-assessed" in last:
-        k = last.index("--not-assessed")
-        del last[k : k + 2]
-    if not_assessed:
-        last += ["--not-assessed", ",".join(not_assessed)]
-    return [*stages[:-1], last]
+def reporting_as_shipped(fold: HardwareParams, shipped: HardwareParams) -> HardwareParams:
+    """A fold's post-processing with the shipped model's `not_assessed` and `not_named`: both can be switched
+    after training (model.json, same weights; the training only records them), and a fold must not report
+    what the shipped model does not."""
+    return dataclasses.replace(fold, not_assessed=shipped.not_assessed, not_named=shipped.not_named)
 
 
 def fold_commands(data: Path, cache: Path, folder: Path, source: str, stages: list[list[str]]) -> list[list[str]]:
@@ -824,9 +818,7 @@ def lopo(
         spec = ModelSpec.read(folder)
         model = HardwareModel.from_spec(spec)
         if shipped is not None:
-            # Kinds the shipped model does not name are not named by the fold either (a config change after
-            # training, which a fold's own run does not repeat).
-            model.params = dataclasses.replace(model.params, not_named=shipped.params.not_named)
+            model.params = reporting_as_shipped(model.params, shipped.params)
         # Read once: the hold-out cache is scanned whole to pick one source's samples.
         samples = list(cache_samples(holdout, {test_src}, limit))
         res = evaluate_samples(model, samples, f"trained without {test_src} (and the stitched volume), tested on {test_src}")
@@ -886,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         results["hooked_constructs"] = evaluate_samples(model, hooked_samples(args.data, args.hooked), "constructs ending in hooks", vertebra_step)
         log.info("hooked constructs: %s", json.dumps(results["hooked_constructs"], indent=1)[:4000])
     if not args.skip_lopo:
-        stages = reporting_as_shipped(training_stages(meta.get("training", {})), meta.get("postprocess", {}).get("not_assessed", []))
+        stages = training_stages(meta.get("training", {}))
         sources = [x for x in args.lopo_sources.split(",") if x]
         unknown = set(sources) - set(LOPO_SOURCES)
         if unknown:
@@ -1026,16 +1018,15 @@ def construct_size_baseline(with_complication: Sequence[int], intact: Sequence[i
 def _complication_lines(meta: dict) -> list[str]:
     """What the card says of complications the model does not assess and implant kinds it does not name."""
     post = meta.get("postprocess", {})
+    why = meta.get("switched_off", {})
     out = []
     if post.get("not_assessed"):
         out.append(f"- Never reported (no better than chance, or than a construct-size baseline, on held-out data): "
                    f"{', '.join(post['not_assessed'])}; an image with an implant they apply to says \"<complication> not "
                    "assessed\", and an image none of whose implants has a failure mode left to look for is \"not "
                    "assessable\", never \"hardware intact\".")
-        why = meta.get("switched_off", {})
         out += [f"  - {name}: {why[name]}" for name in post["not_assessed"] if name in why]
     if post.get("not_named"):
-        why = meta.get("switched_off", {})
         out.append(f"- Implant kinds not named (their pieces are reported as \"other implant\"): {', '.join(post['not_named'])}.")
         out += [f"  - {name}: {why[name]}" for name in post["not_named"] if name in why]
     return out

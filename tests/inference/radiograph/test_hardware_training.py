@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inference.evaluate.hardware import fold_commands, recipe_args, reporting_as_shipped, training_stages
-from inference.radiograph.hardware_post import CHANNELS, METAL, PLATE
+from inference.radiograph.hardware_post import CHANNELS, METAL, PLATE, HardwareParams
 from inference.radiograph.hardware_targets import TargetItem
 from inference.train.hardware import mine_hard_negatives, read_init_weights
 
@@ -76,9 +76,14 @@ def test_leave_one_patient_out_repeats_both_stages_of_a_fine_tuned_model(tmp_pat
 
 
 def test_folds_report_what_the_shipped_model_reports() -> None:
-    """A failure mode switched off after training (model.json, same weights) is switched off in the folds too."""
+    """A failure mode switched off, or a kind un-named, after training (model.json, same weights) is so in the
+    folds too; the fold's own tuned values stay, and its recipe is not changed (no retraining)."""
+    fold = HardwareParams(min_score=0.7, not_assessed=("screw loosening", "screw breakage"))
+    shipped = HardwareParams(min_score=0.8, not_assessed=("screw loosening", "screw breakage", "rod fracture"), not_named=("plate",))
+    params = reporting_as_shipped(fold, shipped)
+    assert params.not_assessed == ("screw loosening", "screw breakage", "rod fracture") and params.not_named == ("plate",)
+    assert params.min_score == 0.7
+    # Everything reported again: nothing switched off in the fold either.
+    assert reporting_as_shipped(params, HardwareParams()).not_assessed == ()
     trained = "python -m inference.train.hardware --threads 1 --not-assessed 'screw loosening,screw breakage'"
-    stages = reporting_as_shipped(training_stages({"command": trained}), ["screw loosening", "screw breakage", "rod fracture"])
-    assert stages == [["--threads", "1", "--disc-iterations", "0", "--not-assessed", "screw loosening,screw breakage,rod fracture"]]
-    # Everything reported again: no flag at all.
-    assert reporting_as_shipped(stages, []) == [["--threads", "1", "--disc-iterations", "0"]]
+    assert training_stages({"command": trained}) == [["--threads", "1", "--not-assessed", "screw loosening,screw breakage", "--disc-iterations", "0"]]
