@@ -150,6 +150,11 @@ class Complication(str, enum.Enum):
     ROD_FRACTURE = "rod fracture"
     CAGE_SUBSIDENCE = "cage subsidence"
 
+    @property
+    def not_assessed_note(self) -> str:
+        """The image note saying this failure mode was not looked for ("screw loosening not assessed")."""
+        return f"{self.value} not assessed"
+
 
 class GenantGrade(enum.IntEnum):
     """Genant semi-quantitative grade of a vertebral compression deformity (height loss)."""

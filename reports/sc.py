@@ -21,7 +21,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence as DicomSequence
 
-from inference.results import HardwareStatus, ImageResult, ImplantKind, RegionMask, StudyResult
+from inference.results import Complication, HardwareStatus, ImageResult, ImplantKind, RegionMask, StudyResult
 from reports import annotations, geometry, style
 from reports.common import (
     DISCLAIMER,
@@ -193,7 +193,8 @@ class _Line:
     gap_before: float = 0.0
 
 
-def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts) -> list[_Line]:
+def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts, drawing: annotations.Drawing) -> list[_Line]:
+    """The panel's lines; its key names only colours `drawing` uses."""
     verdict = result.verdict
     lines: list[_Line] = [
         _Line(verdict.outcome.value.upper(), fonts.verdict, (0, 0, 0), background=style.OUTCOME_COLOURS[verdict.outcome]),
@@ -230,7 +231,7 @@ def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts) -> lis
             lines.append(_Line(f"{style.short_level(o.vertebra, o.ordinal)}: {vals}" + (f"  {grade}" if grade else ""),
                                fonts.body, colour, swatch=style.ALERT_COLOUR if grade else style.vertebra_colour(o.vertebra)))
     elif ordered:
-        lines.append(_Line("Vertebrae: " + ", ".join(o.label for o in ordered), fonts.body, PANEL_TEXT, gap_before=0.6))
+        lines.append(_Line(_vertebrae_text(ordered), fonts.body, PANEL_TEXT, gap_before=0.6))
     lines.append(_Line("Key", fonts.body, MUTED_TEXT, gap_before=0.6))
     if ordered:
         lines.append(_Line("vertebra outline (colour by level)", fonts.small, PANEL_TEXT,
@@ -242,11 +243,41 @@ def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts) -> lis
                                swatch=style.implant_colour(kind)))
     if any(v.heights for v in image.vertebrae) or any(m.evidence for m in image.measurements):
         lines.append(_Line("measurement lines", fonts.small, PANEL_TEXT, swatch=style.MEASUREMENT_COLOUR))
-    lines.append(_Line("finding / possible complication", fonts.small, PANEL_TEXT, swatch=style.ALERT_COLOUR))
-    for note in image.notes:
+    if _draws_alert(drawing):
+        lines.append(_Line("finding / possible complication", fonts.small, PANEL_TEXT, swatch=style.ALERT_COLOUR))
+    for note in _notes_not_in_verdict(image.notes, result.verdict.reasons):
         lines.append(_Line(f"Note: {note}", fonts.small, MUTED_TEXT, gap_before=0.3))
     lines.append(_Line(f"Models: {models_text(result.models)}", fonts.small, MUTED_TEXT, gap_before=0.6))
     return lines
+
+
+def _vertebrae_text(ordered: Sequence[style.Ordered]) -> str:
+    """The vertebrae found, as the image labels them: "Vertebrae: L3, L4, L5", and the unnamed ones counted
+    ("17 found, level unknown: ?1-?17 from the top") rather than listed one by one."""
+    named = [o.label for o in ordered if o.vertebra.level is not None]
+    unnamed = [o for o in ordered if o.vertebra.level is None]
+    parts = [", ".join(named)] if named else []
+    if unnamed:
+        span = style.short_level(unnamed[0].vertebra, unnamed[0].ordinal)
+        if len(unnamed) > 1:
+            span += f"–{style.short_level(unnamed[-1].vertebra, unnamed[-1].ordinal)}"
+        what = "found" if not named else "more"
+        parts.append(f"{len(unnamed)} {what}, level unknown: {span} from the top")
+    return "Vertebrae: " + "; ".join(parts)
+
+
+def _draws_alert(drawing: annotations.Drawing) -> bool:
+    """True when something on the image is drawn in the finding colour (the key explains only what is shown)."""
+    return any(s.colour == style.ALERT_COLOUR for s in drawing.shapes) or any(
+        lb.colour == style.ALERT_COLOUR for lb in drawing.labels)
+
+
+def _notes_not_in_verdict(notes: Sequence[str], reasons: Sequence[str]) -> list[str]:
+    """The image's notes less the "<complication> not assessed" ones whose complication a verdict reason above
+    already names (the hardware reason lists every failure mode that was not assessed)."""
+    said = " ".join(reasons)
+    repeated = {c.not_assessed_note for c in Complication if c.value in said}
+    return [n for n in notes if n not in repeated]
 
 
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: ImageFont.FreeTypeFont,
@@ -258,12 +289,13 @@ def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: I
     placed.append(PlacedText(text, tuple(int(round(v)) for v in box), colour))  # type: ignore[arg-type]
 
 
-def _panel(result: StudyResult, image: ImageResult, fonts: _Fonts, width: int) -> tuple[list[tuple[_Line, list[str]]], int]:
+def _panel(result: StudyResult, image: ImageResult, fonts: _Fonts, width: int,
+           drawing: annotations.Drawing) -> tuple[list[tuple[_Line, list[str]]], int]:
     pad = round(1.2 * fonts.unit)
     inner = width - 2 * pad
     laid: list[tuple[_Line, list[str]]] = []
     height = pad
-    for line in _legend_lines(result, image, fonts):
+    for line in _legend_lines(result, image, fonts, drawing):
         text_width = inner - (round(line.font.size * 1.6) if line.swatch else 0)
         wrapped = _wrap(line.text, line.font, text_width)
         laid.append((line, wrapped))
@@ -439,7 +471,7 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
         base = base.resize((width, height), resample)
     fonts = _fonts(height)
     panel_width = max(round(0.42 * width), round(22 * fonts.body.size))
-    laid, panel_height = _panel(result, image, fonts, panel_width)
+    laid, panel_height = _panel(result, image, fonts, panel_width, view.drawing)
     # Banner: the disclaimer large (readable in a thumbnail), the model versions on a second line.
     banner_width = width + panel_width - round(2 * fonts.unit)
     banner_font = _fit_font(DISCLAIMER, banner_width, max(16, round(5.0 * fonts.unit)))

@@ -438,7 +438,7 @@ def interpret(
             if s >= params.complication_threshold.get(comp.value, 1.0):
                 sp.complications += (comp,)
     not_assessed = tuple(c.value for c in Complication if c in unassessed)
-    notes.extend(f"{name} not assessed" for name in not_assessed)
+    notes.extend(c.not_assessed_note for c in Complication if c in unassessed)
     if not placed:
         notes.append("no implants found on this image")
         return HardwareOutcome(status=HardwareStatus.NO_IMPLANTS, notes=tuple(notes), view=view)

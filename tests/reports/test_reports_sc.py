@@ -216,3 +216,60 @@ def test_text_without_spaces_is_broken_to_the_panel_width():
     lines = sc._wrap(text, font, 200)
     assert all(font.getlength(line) <= 200 for line in lines)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+def _panel_text(rendering: sc.Rendering) -> str:
+    """Every text drawn in the results panel, joined as read (wrapped lines re-joined with spaces)."""
+    return " ".join(t.text for t in rendering.texts if t.box[0] >= rendering.panel_box[0])
+
+
+def test_the_key_shows_the_finding_colour_only_when_something_is_drawn_in_it(cases):
+    import dataclasses
+
+    from inference.results import HardwareStatus, ScreeningVerdict
+
+    case = cases["ap-cr"]
+    image = case.result.images[0]
+    flagged = sc.render(case.result, image, case.sources)
+    assert "finding / possible complication" in _panel_text(flagged)
+    intact = dataclasses.replace(image, findings=(),
+                                 implants=tuple(dataclasses.replace(i, complications=()) for i in image.implants))
+    result = dataclasses.replace(case.result, images=(intact,), verdict=ScreeningVerdict(
+        outcome=ScreeningOutcome.NOT_ASSESSABLE, reasons=("fractures not assessed",), hardware=HardwareStatus.INTACT))
+    rendering = sc.render(result, intact, case.sources)
+    text = _panel_text(rendering)
+    assert "finding / possible complication" not in text
+    assert "pedicle screws (4)" in text  # the rest of the key is still there
+
+
+def test_vertebrae_of_unknown_level_are_counted_not_listed(cases):
+    import dataclasses
+
+    case = cases["ap-cr"]
+    image = case.result.images[0]
+    named = _panel_text(sc.render(case.result, image, case.sources))
+    assert "Vertebrae: L2, L3, L4, L5" in named
+    unnamed = dataclasses.replace(image, vertebrae=tuple(dataclasses.replace(v, level=None) for v in image.vertebrae))
+    text = _panel_text(sc.render(case.result, unnamed, case.sources))
+    assert "Vertebrae: 4 found, level unknown: ?1-?4 from the top" in text
+    assert "(level unknown)" not in text
+    one_unknown = dataclasses.replace(image, vertebrae=(*image.vertebrae[:3], dataclasses.replace(image.vertebrae[3], level=None)))
+    text = _panel_text(sc.render(case.result, one_unknown, case.sources))
+    assert "Vertebrae: L2, L3, L4; 1 more, level unknown: ?1 from the top" in text
+
+
+def test_a_not_assessed_note_the_verdict_already_gives_is_not_repeated(cases):
+    import dataclasses
+
+    from inference.results import Complication
+
+    case = cases["ap-cr"]
+    image = dataclasses.replace(case.result.images[0], notes=(
+        Complication.SCREW_LOOSENING.not_assessed_note, Complication.ROD_FRACTURE.not_assessed_note, "an unrelated note"))
+    verdict = dataclasses.replace(case.result.verdict, reasons=(
+        *case.result.verdict.reasons, "hardware: screw loosening not assessed by this model version"))
+    result = dataclasses.replace(case.result, images=(image,), verdict=verdict)
+    text = _panel_text(sc.render(result, image, case.sources))
+    assert "Note: screw loosening not assessed" not in text
+    assert "Note: rod fracture not assessed" in text
+    assert "Note: an unrelated note" in text
