@@ -208,14 +208,20 @@ def test_retry_a_failed_delivery_once_the_destination_is_back(web_node_factory, 
 
     log = node.api(f"/api/studies/{uid}")["log"]
     kinds = [(e["kind"], e["action"]) for e in reversed(log)]
-    assert kinds.count(("delivery", "retry")) == 4 and kinds.count(("delivery", "failed")) == 4
-    assert kinds.count(("delivery", "delivered")) == 4
-    assert ("action", "retry") in kinds
+    # While the destination was down: each output tried twice (one retry, then failed).  After the operator's
+    # retry all four were delivered; a resend on a new association may come first (seen under load: pynetdicom
+    # 3.0.4's reactor took a C-STORE response off the queue, the send timed out and was retried), never a failure.
+    operator_retry = kinds.index(("action", "retry"))
+    down = kinds[:operator_retry]
+    after = [k for k in kinds[operator_retry + 1:] if k[0] == "delivery"]
+    assert down.count(("delivery", "retry")) == 4 and down.count(("delivery", "failed")) == 4
+    assert after.count(("delivery", "delivered")) == 4 and set(after) <= {("delivery", "delivered"), ("delivery", "retry")}
+    resent = after.count(("delivery", "retry"))
     retry = next(e for e in log if e["kind"] == "action")
     assert retry["actor"] == "token:ops" and retry["study_instance_uid"] == uid
     text = node.client().get("/metrics").text
     assert metric(text, "dicom_node_delivery_attempts_total", destination="pacs", outcome="failed") == 4
-    assert metric(text, "dicom_node_delivery_attempts_total", destination="pacs", outcome="retry") == 4
+    assert metric(text, "dicom_node_delivery_attempts_total", destination="pacs", outcome="retry") == 4 + resent
     assert metric(text, "dicom_node_operator_actions_total", action="echo", outcome="failed") == 1
     assert metric(text, "dicom_node_operator_actions_total", action="retry", outcome="ok") == 1
 
