@@ -519,21 +519,32 @@ def score_pieces(
 def disc_cages(
     disc_net: Any, pixels: np.ndarray, geoms: Sequence[VertebraGeom], src_mm: float, scale: tuple[float, float], params: HardwareParams
 ) -> list[SourcePiece]:
-    """One cage per disc space between consecutive vertebrae that the disc classifier scores at or above
-    `params.cage_disc_threshold`; its region is the middle of the disc space (`hardware_discs.footprint`)."""
-    from inference.radiograph.hardware_discs import Body, cage_probabilities, find_discs, footprint
+    """The cages the disc classifier finds: with `params.cage_scan_threshold` set, the strongest scanned
+    positions along the spine at or above it (`scan_discs`, `pick_cages`); else every disc space between
+    consecutive vertebrae scored at or above `params.cage_disc_threshold`. A cage's region is the middle of
+    its disc space (`hardware_discs.footprint`)."""
+    from inference.radiograph.hardware_discs import (
+        Body,
+        cage_probabilities,
+        find_discs,
+        footprint,
+        pick_cages,
+        scan_discs,
+    )
 
     bodies = [Body.from_mask(g.mask, g.offset) for g in geoms]
-    discs = find_discs(bodies, src_mm)
-    if not discs:
-        return []
-    probs = cage_probabilities(disc_net, pixels, discs, src_mm)
+    if params.cage_scan_threshold is not None:
+        candidates = scan_discs(bodies, src_mm)
+        probs = cage_probabilities(disc_net, pixels, candidates, src_mm) if candidates else np.zeros(0)
+        found = pick_cages(candidates, probs, params.cage_scan_threshold)
+    else:
+        candidates = find_discs(bodies, src_mm)
+        probs = cage_probabilities(disc_net, pixels, candidates, src_mm) if candidates else np.zeros(0)
+        found = [(d, float(p)) for d, p in zip(candidates, probs, strict=True) if p >= params.cage_disc_threshold]
     shape = pixels.shape
     border_px = params.border_mm / max(src_mm, 1e-6)
     out = []
-    for disc, p in zip(discs, probs, strict=True):
-        if p < params.cage_disc_threshold:
-            continue
+    for disc, p in found:
         region = footprint(disc, src_mm, shape)
         if region is None:
             continue

@@ -8,6 +8,10 @@ sees the pins, the distracted disc space and the titanium body.
 
 * `find_discs` places the disc spaces between consecutive vertebral bodies (from the vertebra model, or
   the true bodies when training);
+* `scan_discs` places candidates every fifth of a vertebral step along the spine instead, and `pick_cages`
+  keeps the strongest of neighbouring ones: at run time the vertebra model often merges the two bodies
+  around a cage into one (a cage fills the disc space) or misses one, so a disc space between found
+  bodies lies > 10 mm from 44 % of the true cages of the synthetic hold-out (2026-12-06);
 * `disc_labels` says which of them hold a true cage (training and evaluation);
 * `cage_probabilities` scores them; `footprint` is the region reported for a found cage: the middle of
   the disc space, about half as wide as the vertebral bodies (the classifier says where, not the outline).
@@ -40,6 +44,13 @@ LABEL_ACROSS_MM = 25.0
 FOOTPRINT_WIDTH = 0.5
 MIN_FOOTPRINT_MM = 4.0
 MAX_BODY_POINTS = 4000
+#: `scan_discs`: a candidate every this fraction of the median vertebral step along the spine, reaching
+#: this many steps beyond the end bodies (a cage under the lowest body found, as at L5-S1 when the sacrum
+#: is not found).
+SCAN_STEP = 0.2
+SCAN_REACH = 0.75
+#: `pick_cages`: candidates closer than this many vertebral steps along the spine are one cage.
+SCAN_SEPARATION = 0.7
 
 Point = tuple[float, float]
 
@@ -72,6 +83,7 @@ class Disc:
     step_px: float  # centroid distance of the two bodies
     height_px: float  # gap between the upper body's lower edge and the lower body's upper edge (>= 0)
     width_px: float  # mean width of the two bodies across the spine
+    along_px: float = 0.0  # position along the spine path (`scan_discs`)
 
 
 def find_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
@@ -101,6 +113,59 @@ def find_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
         width = 0.5 * sum(float(np.percentile(q, 98) - np.percentile(q, 2)) for q in (na, nb))
         out.append(Disc(a, b, Frame((float(centre[0]), float(centre[1])), (float(u[0]), float(u[1]))), step, max(start_b - end_a, 0.0), width))
     return out
+
+
+def _width(body: Body, normal: np.ndarray) -> float:
+    q = (body.xy - np.asarray(body.centroid)) @ normal
+    return float(np.percentile(q, 98) - np.percentile(q, 2))
+
+
+def scan_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
+    """Candidates every `SCAN_STEP` of the median vertebral step along the polyline through the body
+    centroids (head to foot), extended by `SCAN_REACH` steps at both ends; each oriented along the path,
+    with the width of its nearest bodies and the median disc height of `find_discs` (the footprint's size).
+    Empty with fewer than two bodies or a median step outside `MIN_STEP_MM`..`MAX_STEP_MM`."""
+    order = [i for i in sorted(range(len(bodies)), key=lambda i: bodies[i].centroid[1]) if len(bodies[i].xy)]
+    if len(order) < 2:
+        return []
+    pts = np.array([bodies[i].centroid for i in order], dtype=np.float64)
+    lengths = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    step = float(np.median(lengths))
+    if not MIN_STEP_MM <= step * src_mm <= MAX_STEP_MM or lengths.min() <= 0:
+        return []
+    first = (pts[1] - pts[0]) / lengths[0]
+    last = (pts[-1] - pts[-2]) / lengths[-1]
+    path = np.vstack([pts[0] - SCAN_REACH * step * first, pts, pts[-1] + SCAN_REACH * step * last])
+    seg = np.diff(path, axis=0)
+    seg_len = np.linalg.norm(seg, axis=1)
+    start = np.concatenate([[0.0], np.cumsum(seg_len)])
+    heights = [d.height_px for d in find_discs(bodies, src_mm)]
+    height = float(np.median(heights)) if heights else 0.0
+    out = []
+    for along in np.arange(0.0, start[-1] + 1e-6, SCAN_STEP * step):
+        k = min(int(np.searchsorted(start, along, side="right")) - 1, len(seg) - 1)
+        u = seg[k] / max(seg_len[k], 1e-9)
+        centre = path[k] + (along - start[k]) * u
+        # Path segment k runs between body order[k-1] and order[k] (segment 0 and the last lead in and out).
+        upper, lower = order[max(k - 1, 0)], order[min(k, len(order) - 1)]
+        n = np.array([-u[1], u[0]])
+        width = 0.5 * (_width(bodies[upper], n) + _width(bodies[lower], n))
+        out.append(Disc(upper, lower, Frame((float(centre[0]), float(centre[1])), (float(u[0]), float(u[1]))), step, height,
+                        width, float(along)))
+    return out
+
+
+def pick_cages(discs: Sequence[Disc], probs: np.ndarray, threshold: float) -> list[tuple[Disc, float]]:
+    """The scanned candidates at or above `threshold` that are the most probable within `SCAN_SEPARATION`
+    vertebral steps along the spine (greedy, strongest first), in path order."""
+    kept: list[tuple[Disc, float]] = []
+    for k in np.argsort(-np.asarray(probs), kind="stable"):
+        d, p = discs[int(k)], float(probs[int(k)])
+        if p < threshold:
+            break
+        if all(abs(d.along_px - o.along_px) > SCAN_SEPARATION * d.step_px for o, _ in kept):
+            kept.append((d, p))
+    return sorted(kept, key=lambda dp: dp[0].along_px)
 
 
 def disc_labels(discs: Sequence[Disc], cage_centres: Sequence[Point], src_mm: float) -> np.ndarray:

@@ -90,6 +90,9 @@ class HardwareParams:
     border_mm: float = 2.0
     #: Disc-space cage classifier (`hardware_discs`): a disc holds a cage at this probability or above.
     cage_disc_threshold: float = 0.5
+    #: When set, cages come from a scan along the spine (`hardware_discs.scan_discs`), kept at this
+    #: probability or above; else from the disc spaces between the vertebrae found, at `cage_disc_threshold`.
+    cage_scan_threshold: float | None = None
     #: Complications never reported, whatever their score (measured no better than chance on held-out data);
     #: an image showing an implant they apply to says "<complication> not assessed".
     not_assessed: tuple[str, ...] = ()

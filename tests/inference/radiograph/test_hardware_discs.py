@@ -12,6 +12,8 @@ from inference.radiograph.hardware_discs import (
     disc_patches,
     find_discs,
     footprint,
+    pick_cages,
+    scan_discs,
 )
 
 
@@ -109,3 +111,87 @@ def test_footprint_fills_the_disc_space_half_as_wide_as_the_bodies() -> None:
     # A disc at the image edge is clipped, not lost; one entirely outside gives nothing.
     assert footprint(disc, 1.0, (int(disc.frame.centre[1]) + 1, 200)) is not None
     assert footprint(disc, 1.0, (5, 5)) is None
+
+
+def test_the_scan_runs_along_the_spine_past_both_end_bodies() -> None:
+    bodies, _ = column_of_bodies(5, tilt=3.0)
+    scan = scan_discs(bodies, src_mm=1.0)
+    step = scan[0].step_px
+    assert step == pytest.approx(np.hypot(30, 3), abs=0.5)
+    alongs = [d.along_px for d in scan]
+    assert np.diff(alongs) == pytest.approx(0.2 * step)  # a candidate every fifth of a step
+    rows = [d.frame.centre[1] for d in scan]
+    tops = sorted(b.centroid[1] for b in bodies)
+    # From 0.75 steps above the top body's centre to 0.75 below the bottom one's.
+    assert rows[0] == pytest.approx(tops[0] - 0.75 * 30, abs=1.0)
+    assert rows[-1] == pytest.approx(tops[-1] + 0.75 * 30, abs=6.0)
+    for d in scan:
+        assert d.frame.direction[1] > 0.99  # along the column, head to foot
+        assert d.width_px == pytest.approx(40, abs=4)
+        assert d.height_px == pytest.approx(8, abs=1.5)  # the median disc height of the column
+    # A missing body, or two merged into one, still has candidates where the discs are.
+    gap, _ = column_of_bodies(6, skip=(3,))
+    rows = [d.frame.centre[1] for d in scan_discs(gap, src_mm=1.0)]
+    for disc_row in (20 + 22 + 4 + 30 * k for k in (2, 3)):  # either side of the missing body
+        assert min(abs(r - disc_row) for r in rows) <= 3.5
+    assert scan_discs(bodies[:1], src_mm=1.0) == []
+    assert scan_discs(bodies, src_mm=0.2) == []  # 6 mm apart: not vertebrae
+
+
+def test_pick_cages_keeps_the_strongest_of_neighbouring_candidates() -> None:
+    bodies, _ = column_of_bodies(5)
+    scan = scan_discs(bodies, src_mm=1.0)
+    probs = np.zeros(len(scan))
+    probs[[5, 6, 7]] = [0.95, 0.99, 0.97]  # one cage seen from three neighbouring positions
+    probs[16] = 0.96  # another two steps further down
+    probs[10] = 0.4  # below the threshold
+    kept = pick_cages(scan, probs, threshold=0.9)
+    assert [(round(d.along_px / scan[0].step_px, 1), p) for d, p in kept] == [(1.2, 0.99), (3.2, 0.96)]
+    assert pick_cages(scan, probs, threshold=0.995) == []
+    # A higher threshold keeps a subset of a lower one's cages (what tuning relies on).
+    low = {round(d.along_px) for d, _ in pick_cages(scan, probs, 0.3)}
+    assert {round(d.along_px) for d, _ in kept} <= low
+
+
+def test_a_cage_between_two_bodies_found_as_one_is_found_by_the_scan_only() -> None:
+    """The vertebra model often merges the two bodies around a cage (the cage fills the disc space): there is
+    then no disc space between found bodies to ask about, but the scan along the spine still asks there."""
+    import dataclasses
+
+    import torch
+
+    from inference.radiograph.hardware import disc_cages
+    from inference.radiograph.hardware_post import HardwareParams, VertebraGeom
+
+    class BrightCentre(torch.nn.Module):
+        """Stands in for the disc classifier (its decisions are the trained network's, tested elsewhere):
+        "a cage" when the middle of the patch is the brightest intensity."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, w = x.shape[-2:]
+            centre = x[..., h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].mean(dim=(-1, -2, -3))
+            return (40 * (centre - 0.75)).unsqueeze(1)
+
+    _, image = column_of_bodies(6)
+    rows = [20 + k * 30 for k in range(6)]  # each body's top row (22 px tall, 40 wide from column 60)
+    image[rows[2] + 22 : rows[3], 60:100] = 1.0  # a titanium cage filling the disc space between bodies 2 and 3
+    geoms = []
+    for k, top in enumerate(rows):
+        if k == 3:
+            continue  # bodies 2 and 3 found as one, with the cage between them
+        bottom = rows[3] + 22 if k == 2 else top + 22
+        mask = np.ones((bottom - top, 40), bool)
+        geoms.append(VertebraGeom(None, (80.0, (top + bottom) / 2), mask, (top, 60)))
+    assert len(geoms) == 5
+    net = BrightCentre().eval()
+    scan = HardwareParams(cage_scan_threshold=0.9)
+    found = disc_cages(net, image, geoms, 1.0, (1.0, 1.0), scan)
+    assert len(found) == 1
+    assert found[0].centroid[1] == pytest.approx(rows[3] - 4, abs=4.0)  # the middle of the filled disc space
+    assert found[0].centroid[0] == pytest.approx(80.0, abs=2.0)
+    between_found_bodies = dataclasses.replace(scan, cage_scan_threshold=None, cage_disc_threshold=0.9)
+    assert disc_cages(net, image, geoms, 1.0, (1.0, 1.0), between_found_bodies) == []
+    # The disc space as dense as bone (the brightest thing a lead marker in a corner): no cage.
+    image[rows[2] + 22 : rows[3], 60:100] = 0.5
+    image[:12, 170:200] = 1.0
+    assert disc_cages(net, image, geoms, 1.0, (1.0, 1.0), scan) == []
