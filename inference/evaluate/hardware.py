@@ -69,6 +69,7 @@ from inference.train import common
 log = logging.getLogger("inference.evaluate.hardware")
 HOLDOUT_SEED = 7927  # never used for a training cache
 REAL_TEST_SEED = 7933
+REAL_VAL_SEED = 7937  # real VAL-split radiographs with implants drawn on: tuning, never the card's test rows
 HOOKED_SEED = 7941  # constructs ending in hooks (DRRs and real test overlays), never a training seed
 LOPO_SOURCES = ("ts-abdomen", "dd-chest")
 KINDS = (ImplantKind.PEDICLE_SCREW, ImplantKind.ROD, ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE)
@@ -142,6 +143,7 @@ class TrueImplant:
     side: Side
     complications: tuple[Any, ...]
     mask: np.ndarray
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # the data engine's (cage "style", "material", ...)
 
 
 def true_implants(sample: Any) -> list[TrueImplant]:
@@ -152,7 +154,8 @@ def true_implants(sample: Any) -> list[TrueImplant]:
     for k, spec in enumerate(sample.implant_specs):
         mask = sample.implants == k + 1
         if mask.sum() >= min_px:
-            out.append(TrueImplant(k + 1, spec.kind, tuple(spec.levels), spec.side, tuple(spec.complications), mask))
+            out.append(TrueImplant(k + 1, spec.kind, tuple(spec.levels), spec.side, tuple(spec.complications), mask,
+                                   dict(spec.details or {})))
     return out
 
 
@@ -212,6 +215,43 @@ def cage_centre_counts(outcome: Any, truth: Sequence[TrueImplant], sample: Any) 
     pred = [i.mask.dense() for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
     true = [t.mask for t in truth if t.kind is ImplantKind.INTERBODY_CAGE]
     return centre_counts(pred, true, CAGE_CENTRE_MM / mm)
+
+
+def true_cage_discs(truth: Sequence[TrueImplant]) -> list[tuple[float, float]]:
+    """(x, y) pixel centre of each disc space holding true cages: a PLIF pair (two cages side by side, about
+    20 mm apart on AP views) is one disc space, as the model reports it and a surgeon says it ("interbody
+    cages L4-5").  Cages group by their two levels; without levels (real radiographs) a PLIF pair by the data
+    engine's order (its right cage, then its left one); any other cage counts alone."""
+    groups: dict[Any, list[np.ndarray]] = {}
+    for k, t in enumerate(truth):
+        if t.kind is ImplantKind.INTERBODY_CAGE:
+            if len(t.levels) == 2:
+                key: Any = t.levels
+            elif t.details.get("style") == "plif":
+                key = ("plif", t.index - (1 if t.side is Side.LEFT else 0))
+            else:
+                key = k
+            rr, cc = np.nonzero(t.mask)
+            groups.setdefault(key, []).append(np.array([cc.mean() + 0.5, rr.mean() + 0.5]))
+    return [tuple(float(v) for v in np.mean(g, axis=0)) for g in groups.values()]  # type: ignore[misc]
+
+
+def point_counts(pred: Sequence[tuple[float, float]], true: Sequence[tuple[float, float]], max_px: float) -> tuple[int, int, int]:
+    """(tp, fp, fn) of one-to-one matching of points by distance <= `max_px` (Hungarian on distance)."""
+    if not pred or not true:
+        return 0, len(pred), len(true)
+    d = np.linalg.norm(np.asarray(pred, dtype=float)[:, None, :] - np.asarray(true, dtype=float)[None, :, :], axis=2)
+    rows, cols = linear_sum_assignment(d)
+    tp = int(sum(1 for r, c in zip(rows, cols, strict=True) if d[r, c] <= max_px))
+    return tp, len(pred) - tp, len(true) - tp
+
+
+def cage_disc_counts(outcome: Any, truth: Sequence[TrueImplant], sample: Any) -> tuple[int, int, int]:
+    """(tp, fp, fn) of the reported cages against the disc spaces holding true cages (`true_cage_discs`),
+    `CAGE_CENTRE_MM` apart at most."""
+    mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+    pred = [i.centroid for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
+    return point_counts(pred, true_cage_discs(truth), CAGE_CENTRE_MM / mm)
 
 
 def complication_pairs(prob: np.ndarray, sample: Any, net_shape: tuple[int, int], params: HardwareParams) -> Iterator[tuple[str, float, bool]]:
@@ -354,6 +394,7 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
     pred_discs = {i.levels for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE and len(i.levels) == 2}
     rec["discs"] = (len(true_discs & pred_discs), len(pred_discs - true_discs), len(true_discs - pred_discs))
     rec["cages_by_centre"] = cage_centre_counts(outcome, truth, sample)
+    rec["cage_discs"] = cage_disc_counts(outcome, truth, sample)
     if vertebra_model is not None and truth:
         rec["end_to_end"] = end_to_end_levels(model, vertebra_model, sample, rad, source, truth)
     return rec
@@ -379,6 +420,7 @@ def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad
         "span": (true_span, outcome.vertebrae_spanned),
         # Cages are found per disc space between the vertebrae found: the vertebra model's misses are theirs.
         "cages": cage_centre_counts(outcome, truth, sample),
+        "cage_discs": cage_disc_counts(outcome, truth, sample),
     }
 
 
@@ -492,6 +534,10 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
     e2e_cages = [r["end_to_end"]["cages"] for r in records if "cages" in r.get("end_to_end", {})]
     if any(sum(c) for c in e2e_cages):
         out["cages_by_centre_vertebra_model"] = M.DetectionCounts(*(sum(c[k] for c in e2e_cages) for k in range(3))).as_dict()
+    for key, counts in (("cage_discs", [r["cage_discs"] for r in records if "cage_discs" in r]),
+                        ("cage_discs_vertebra_model", [r["end_to_end"]["cage_discs"] for r in records if "cage_discs" in r.get("end_to_end", {})])):
+        if any(sum(c) for c in counts):
+            out[key] = M.DetectionCounts(*(sum(c[k] for c in counts) for k in range(3))).as_dict()
     sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
     sides += [p for r in records if r["view"] != "LAT" for p in r.get("rod_sides", [])]
     sides = [(t, p) for t, p in sides if t in ("left", "right")]
@@ -605,15 +651,17 @@ def cache_samples(folder: Path, sources: set[str] | None = None, limit: int | No
             return
 
 
-def real_overlay_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
-    """Real TEST-split radiographs with implants rendered onto them by the data engine."""
+def real_overlay_samples(data: Path, count: int, split: str = "test") -> Iterator[tuple[str, Any]]:
+    """Real radiographs of `split` ("test": the card's rows; "val": tuning) with implants rendered onto them by
+    the data engine."""
     from inference.synth.real import render_real_sample
     from inference.synth.render import SynthConfig
 
     config = SynthConfig(data_dir=str(data), p_implants=1.0, max_px=1024)
+    seed = {"test": REAL_TEST_SEED, "val": REAL_VAL_SEED}[split]
     for k in range(count):
-        sample = render_real_sample(REAL_TEST_SEED * 10_000 + k, config, str(data), split="test")
-        yield f"real-overlay/{k}", sample
+        sample = render_real_sample(seed * 10_000 + k, config, str(data), split=split)
+        yield f"real-overlay-{split}/{k}" if split != "test" else f"real-overlay/{k}", sample
 
 
 def hooked_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
@@ -965,6 +1013,12 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
         if cv:
             out.append(f"| interbody cage found within {CAGE_CENTRE_MM:g} mm of a true cage's centre, {whose}: precision / recall / F1 "
                        f"(tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {_f(cv.get('precision'))} / {_f(cv.get('recall'))} / {_f(cv.get('f1'))} | – |")
+    for key, whose in (("cage_discs", "true vertebrae"), ("cage_discs_vertebra_model", "vertebrae from spine-xr-vertebrae")):
+        cv = s.get(key)
+        if cv:
+            out.append(f"| disc space with cages (a PLIF pair is one) found within {CAGE_CENTRE_MM:g} mm of its cages' centre, {whose}: "
+                       f"precision / recall / F1 (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {_f(cv.get('precision'))} / "
+                       f"{_f(cv.get('recall'))} / {_f(cv.get('f1'))} | – |")
     sd = s.get("sides_frontal", {})
     if sd.get("implants"):
         out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {_f(sd.get('accuracy_of_named'))} / {_f(sd.get('named_fraction'))} | chance 0.5 |")
@@ -1037,11 +1091,22 @@ def _disc_lines(meta: dict[str, Any]) -> list[str]:
     dc = meta.get("training", {}).get("disc_classifier")
     if not dc:
         return []
-    return [f"- Interbody cages: a small CNN ({dc.get('parameters')} parameters) asks of every disc space between two consecutive "
-            "vertebrae found \"is there a cage here?\" on a 48 x 48 mm patch at 0.5 mm per pixel along the spine; a cage is "
-            f"reported at probability >= {meta.get('postprocess', {}).get('cage_disc_threshold')} (best F1 on held-out discs; "
-            f"held-out AUC {dc.get('held_out_auc')}), as the middle of the disc space, half the bodies' width wide. It finds no cage "
-            "where the vertebrae around it are not found."]
+    head = (f"- Interbody cages: a small CNN ({dc.get('parameters')} parameters) trained on the disc spaces between consecutive true "
+            "vertebrae asks \"is there a cage here?\" of a 48 x 48 mm patch at 0.5 mm per pixel along the spine (held-out AUC "
+            f"{dc.get('held_out_auc')}). ")
+    post = meta.get("postprocess", {})
+    scan = (meta.get("training", {}).get("cage_scan") or {}).get("tuning", {})
+    if post.get("cage_scan_threshold") is not None:
+        return [head + "At run time it is asked every fifth of a vertebral step along the line through the vertebrae found, from "
+                "three quarters of a step above the top one to as far below the lowest (a cage between two bodies the vertebra "
+                "model merged, or below the lowest body found, is still seen); the most probable position within 0.7 steps is "
+                f"reported at probability >= {post['cage_scan_threshold']} (best F1 over held-out disc spaces with cages, on the "
+                f"vertebrae the vertebra model finds: precision {scan.get('precision')}, recall {scan.get('recall')}, "
+                f"{scan.get('disc_spaces')} disc spaces), as the middle of the disc space, half the bodies' width wide. It finds no "
+                "cage where no vertebra is found around it."]
+    return [head + f"It is asked of every disc space between two consecutive vertebrae found; a cage is reported at probability >= "
+            f"{post.get('cage_disc_threshold')} (best F1 on held-out discs), as the middle of the disc space, half the bodies' width "
+            "wide. It finds no cage where the vertebrae around it are not found."]
 
 
 def _fine_tune_lines(tr: dict[str, Any]) -> list[str]:

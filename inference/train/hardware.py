@@ -646,9 +646,10 @@ def main(argv: list[str] | None = None) -> int:
 
         add_patch_stage(args.out, args.cache, excluded, args.val_every, args.patch_iterations, args.seed, info["command"], args.found_rods)
     if args.disc_iterations:
-        from inference.train.hardware_discs import add_stage
+        from inference.train.hardware_discs import add_stage, tune_scan
 
         add_stage(args.out, args.cache, excluded, args.val_every, args.disc_iterations, args.seed, info["command"])
+        tune_scan(args.out, args.cache, excluded, args.val_every, info["command"], args.data)
     log.info("wrote %s (best score %.4f at %s); %s; %.1f min total", args.out, best, best_entry.get("iteration"), stop_reason, (time.time() - t_start) / 60)
     return 0
 

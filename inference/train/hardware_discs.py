@@ -9,6 +9,11 @@ Data: every disc space between consecutive true vertebral bodies of the cache sa
 bodies; real radiographs with rendered implants: the cores of their vertebra boxes), labelled by the true
 cages (`disc_labels`).  The samples held out from the segmentation training (every ``--val-every``-th) tune
 the threshold (best F1) and give the AUC written to model.json.
+
+Then the same held-out samples tune ``cage_scan_threshold``, the threshold of the scan along the spine the
+node runs (`hardware_discs.scan_discs`): with the vertebrae the vertebra model in the registry finds on them,
+as at run time, the threshold with the best F1 over disc spaces holding cages (`tune_scan`; alone:
+``--tune-scan-only``).
 """
 
 from __future__ import annotations
@@ -184,6 +189,98 @@ def add_stage(model_folder: Path, cache: Path, exclude_sources: set[str], val_ev
     return info
 
 
+#: The scan is run once at this threshold while tuning: the cages `pick_cages` keeps at any higher threshold
+#: are those of this run scoring at least that (suppression only ever comes from a stronger kept cage).
+TUNE_FLOOR = 0.5
+#: Real VAL-split radiographs with implants drawn on that tune the scan beside the cache's held-out samples
+#: (the held-out synthetic samples alone hold ~70 disc spaces with cages).
+REAL_VAL_OVERLAYS = 150
+
+
+def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
+    """Per sample: the scores and centres of the cages the model reports with the scan at `TUNE_FLOOR`, on
+    the vertebrae the vertebra model finds, and the true disc spaces with cages (`true_cage_discs`)."""
+    from dataclasses import replace
+
+    from inference.evaluate.hardware import (
+        CAGE_CENTRE_MM,
+        sample_radiograph,
+        sample_source,
+        true_cage_discs,
+        true_implants,
+    )
+    from inference.radiograph.analysis import FractureStep, ImageWork, VertebraStep
+    from inference.registry import ModelRegistry
+
+    model.params = replace(model.params, cage_scan_threshold=TUNE_FLOOR)
+    vertebra_step = VertebraStep(ModelRegistry())
+    out = []
+    for key, sample in samples:
+        rad, source = sample_radiograph(sample), sample_source(sample, key)
+        work = ImageWork(None, rad, source)  # type: ignore[arg-type]
+        vertebra_step.run(work)
+        FractureStep().run(work)
+        outcome = model.analyse(rad, work.vertebrae, source)
+        cages = [i for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
+        mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+        out.append({"scores": [i.score for i in cages], "centres": [i.centroid for i in cages],
+                    "true": true_cage_discs(true_implants(sample)), "max_px": CAGE_CENTRE_MM / mm})
+    return out
+
+
+def scan_threshold(records: list[dict[str, Any]], default: float | None = None) -> dict[str, Any]:
+    """The scan threshold with the best F1 over true disc spaces with cages (ties: the higher threshold),
+    with its counts; `default` when fewer than 3 such disc spaces."""
+    from inference.evaluate.hardware import point_counts
+
+    n_true = sum(len(r["true"]) for r in records)
+    if n_true < 3:
+        return {"threshold": default, "note": "too few held-out disc spaces with cages to tune: not set"}
+    best: tuple[float, float, tuple[int, int, int]] = (-1.0, TUNE_FLOOR, (0, 0, 0))
+    candidates = sorted({round(float(v), 3) for r in records for v in r["scores"] if v >= TUNE_FLOOR} | {TUNE_FLOOR})
+    for t in candidates:
+        tp = fp = fn = 0
+        for r in records:
+            kept = [c for c, v in zip(r["centres"], r["scores"], strict=True) if v >= t]
+            a, b, c = point_counts(kept, r["true"], r["max_px"])
+            tp, fp, fn = tp + a, fp + b, fn + c
+        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+        if f1 >= best[0] - 1e-9:
+            best = (f1, t, (tp, fp, fn))
+    f1, t, (tp, fp, fn) = best
+    return {"threshold": t, "f1": round(f1, 4), "precision": round(tp / max(tp + fp, 1), 4), "recall": round(tp / max(tp + fn, 1), 4),
+            "disc_spaces": n_true, "images": len(records)}
+
+
+def tune_scan(model_folder: Path, cache: Path, exclude_sources: set[str], val_every: int, command: str, data: Path | None = None,
+              real_val: int = REAL_VAL_OVERLAYS) -> dict[str, Any]:
+    """Tune `cage_scan_threshold` on the cache's held-out samples (and, with `data`, on `real_val` real
+    VAL-split radiographs with implants drawn on) and write it, with the tuning record, into the model
+    folder's model.json; the weights are unchanged."""
+    import itertools
+    import json
+
+    from inference.evaluate.hardware import real_overlay_samples
+    from inference.radiograph.hardware import HardwareModel
+    from inference.registry import ModelSpec
+    from inference.synth.build import iter_cache
+
+    t0 = time.time()
+    model = HardwareModel.from_spec(ModelSpec.read(model_folder))
+    held_out = ((f"{cache.name}/{k}", s) for k, s in enumerate(iter_cache(cache))
+                if common.cache_role(k, s, exclude_sources, val_every) == "held_out")
+    real = real_overlay_samples(data, real_val, split="val") if data is not None and real_val else iter(())
+    tuning = scan_threshold(scan_records(model, itertools.chain(held_out, real)))
+    tuning["real_val_overlays"] = real_val if data is not None else 0
+    meta = json.loads((model_folder / "model.json").read_text())
+    if tuning["threshold"] is not None:
+        meta.setdefault("postprocess", {})["cage_scan_threshold"] = tuning["threshold"]
+    meta.setdefault("training", {})["cage_scan"] = {"command": command, "minutes": round((time.time() - t0) / 60, 1), "tuning": tuning}
+    common.write_json(model_folder / "model.json", meta)
+    log.info("cage scan threshold: %s; wrote %s", tuning, model_folder)
+    return tuning
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m inference.train.hardware_discs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, required=True, help="data-engine cache with implants (.npz shards)")
@@ -193,13 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-every", type=int, default=10, help="as the segmentation training: every n-th sample is held out")
     ap.add_argument("--exclude-sources", default="", help="comma list of CT sources left out (leave-one-patient-out)")
+    ap.add_argument("--tune-scan-only", action="store_true", help="keep the classifier; only tune cage_scan_threshold")
+    ap.add_argument("--data", type=Path, help="data folder (../shared/data): real val radiographs also tune the scan")
     args = ap.parse_args(argv)
     common.setup_logging()
     common.setup(args.seed, args.threads)
     if not (args.model / "model.json").is_file():
         ap.error(f"--model: {args.model}/model.json not found")
     command = "python -m inference.train.hardware_discs " + " ".join(sys.argv[1:] if argv is None else argv)
-    add_stage(args.model, args.cache, {s for s in args.exclude_sources.split(",") if s}, args.val_every, args.iterations, args.seed, command)
+    excluded = {s for s in args.exclude_sources.split(",") if s}
+    if not args.tune_scan_only:
+        add_stage(args.model, args.cache, excluded, args.val_every, args.iterations, args.seed, command)
+    tune_scan(args.model, args.cache, excluded, args.val_every, command, args.data)
     return 0
 
 

@@ -83,3 +83,39 @@ def test_cages_are_matched_by_centre_one_to_one() -> None:
     assert centre_counts(pred, true, max_px=8) == (2, 2, 0)
     assert centre_counts([], true, max_px=8) == (0, 0, 2)
     assert centre_counts(pred[:1], [], max_px=8) == (0, 1, 0)
+
+
+def test_a_plif_pair_is_one_disc_space_and_the_scan_threshold_is_tuned_over_disc_spaces() -> None:
+    from inference.evaluate.hardware import TrueImplant, point_counts, true_cage_discs
+    from inference.results import ImplantKind, Side
+    from inference.train.hardware_discs import scan_threshold
+
+    def cage(r: int, c: int, levels: tuple[str, ...], index: int = 1, side: Side = Side.MIDLINE, style: str = "tlif") -> TrueImplant:
+        m = np.zeros((200, 200), bool)
+        m[r : r + 8, c : c + 10] = True
+        return TrueImplant(index, ImplantKind.INTERBODY_CAGE, levels, side, (), m, {"style": style})
+
+    # A PLIF pair at L4-5 (20 px either side of the midline), a single cage at L5-S1, and one without levels.
+    truth = [cage(100, 75, ("L4", "L5")), cage(100, 115, ("L4", "L5")), cage(140, 95, ("L5", "S1")), cage(20, 95, ())]
+    discs = sorted(true_cage_discs(truth), key=lambda p: p[1])
+    assert discs == [pytest.approx((100.0, 24.0)), pytest.approx((100.0, 104.0)), pytest.approx((100.0, 144.0))]
+    # On a real radiograph the data engine names no levels: a PLIF pair is its right cage and the next (left) one.
+    unnamed = [cage(60, 75, (), 3, Side.RIGHT, "plif"), cage(60, 115, (), 4, Side.LEFT, "plif"), cage(100, 95, (), 5),
+               cage(140, 75, (), 6, Side.RIGHT, "plif"), cage(140, 115, (), 7, Side.LEFT, "plif")]
+    assert sorted(true_cage_discs(unnamed), key=lambda p: p[1]) == [
+        pytest.approx((100.0, 64.0)), pytest.approx((100.0, 104.0)), pytest.approx((100.0, 144.0))]
+    # The model's one cage in the middle of the L4-5 disc space is found; against the pair's cages it was not.
+    assert point_counts([(100.0, 104.0)], discs, max_px=10) == (1, 0, 2)
+    assert point_counts([], discs, max_px=10) == (0, 0, 3)
+
+    def record(scores: list[float], hits: list[bool], n_true: int) -> dict:
+        true = [(float(10 + 40 * k), 50.0) for k in range(n_true)]
+        centres = [true[k] if hit else (500.0 + k, 500.0) for k, hit in enumerate(hits)]
+        return {"scores": scores, "centres": centres, "true": true, "max_px": 5.0}
+
+    # True cages score 0.97-0.99; false ones 0.6-0.96: the best F1 keeps three of four at 0.97 with no false cage.
+    records = [record([0.99, 0.6, 0.97], [True, False, True], 3), record([0.98, 0.96, 0.7], [True, False, False], 1)]
+    t = scan_threshold(records)
+    assert t["threshold"] == pytest.approx(0.97) and t["precision"] == 1.0 and t["recall"] == 0.75
+    assert t["disc_spaces"] == 4 and t["images"] == 2
+    assert scan_threshold(records[1:])["threshold"] is None
