@@ -51,6 +51,14 @@ SCAN_STEP = 0.2
 SCAN_REACH = 0.75
 #: `pick_cages`: candidates closer than this many vertebral steps along the spine are one cage.
 SCAN_SEPARATION = 0.7
+#: `scan_probabilities` asks at every `SCAN_COARSE`-th candidate first, then at the candidates between those
+#: scoring at least `SCAN_REFINE_FLOOR` and their neighbours: on the synthetic hold-out and real overlays
+#: (2026-12-06) the same cages as asking everywhere, with ~45 % of the patches (the classifier's time is most
+#: of the scan's: ~0.4 s for a whole spine when asked everywhere, 2 CPU threads).
+SCAN_COARSE = 3
+SCAN_REFINE_FLOOR = 0.5
+#: Patches per network call: on 2 CPU threads 32 ran faster than 128 (cache-sized batches).
+PREDICT_BATCH = 32
 
 Point = tuple[float, float]
 
@@ -206,13 +214,15 @@ def build_disc_net(width: int = 16) -> torch.nn.Module:
 
 
 def load_disc_net(state: dict[str, Any], width: int = 16) -> torch.nn.Module:
-    """The classifier from a state dict (eval mode)."""
+    """The classifier from a state dict (eval mode, channels-last: 1.9x faster on CPU, same outputs to 1e-6)."""
+    import torch
+
     net = build_disc_net(width)
     net.load_state_dict(state)
-    return net.eval()
+    return net.eval().to(memory_format=torch.channels_last)
 
 
-def predict(net: torch.nn.Module, patches: np.ndarray, batch: int = 128) -> np.ndarray:
+def predict(net: torch.nn.Module, patches: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray:
     """(n,) cage probabilities of `disc_patches` output."""
     import torch
 
@@ -221,8 +231,25 @@ def predict(net: torch.nn.Module, patches: np.ndarray, batch: int = 128) -> np.n
     out = []
     with torch.inference_mode():
         for i in range(0, len(patches), batch):
-            out.append(torch.sigmoid(net(torch.from_numpy(np.ascontiguousarray(patches[i : i + batch])))).numpy().ravel())
+            x = torch.from_numpy(np.ascontiguousarray(patches[i : i + batch])).contiguous(memory_format=torch.channels_last)
+            out.append(torch.sigmoid(net(x)).numpy().ravel())
     return np.concatenate(out)
+
+
+def scan_probabilities(net: torch.nn.Module, pixels: np.ndarray, discs: Sequence[Disc], src_mm: float) -> np.ndarray:
+    """(n,) cage probabilities of `scan_discs` candidates: asked at every `SCAN_COARSE`-th one, then within
+    `SCAN_COARSE` - 1 candidates of those scoring `SCAN_REFINE_FLOOR` or more; a candidate not asked scores 0."""
+    probs = np.zeros(len(discs), dtype=np.float32)
+    if not discs:
+        return probs
+    window = intensity_window(pixels)
+    first = list(range(0, len(discs), SCAN_COARSE))
+    probs[first] = predict(net, disc_patches(pixels, [discs[i] for i in first], src_mm, window))
+    near = sorted({j for i in first if probs[i] >= SCAN_REFINE_FLOOR for j in range(i - SCAN_COARSE + 1, i + SCAN_COARSE)
+                   if 0 <= j < len(discs) and j % SCAN_COARSE})
+    if near:
+        probs[near] = predict(net, disc_patches(pixels, [discs[j] for j in near], src_mm, window))
+    return probs
 
 
 def cage_probabilities(net: torch.nn.Module, pixels: np.ndarray, discs: Sequence[Disc], src_mm: float) -> np.ndarray:

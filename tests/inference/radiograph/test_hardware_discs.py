@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from inference.radiograph.hardware_discs import (
     DISC_PATCH,
@@ -13,7 +14,9 @@ from inference.radiograph.hardware_discs import (
     find_discs,
     footprint,
     pick_cages,
+    predict,
     scan_discs,
+    scan_probabilities,
 )
 
 
@@ -153,24 +156,47 @@ def test_pick_cages_keeps_the_strongest_of_neighbouring_candidates() -> None:
     assert {round(d.along_px) for d, _ in kept} <= low
 
 
+class BrightCentre(torch.nn.Module):
+    """Stands in for the disc classifier (its decisions are the trained network's, tested elsewhere): "a cage"
+    when the middle of the patch (`half` patch pixels either way) is brighter than `level` on average. With a
+    middle 24 mm wide its answer is as broad as the trained classifier's: a cage a scan step off still scores."""
+
+    def __init__(self, half: int, level: float) -> None:
+        super().__init__()
+        self.half, self.level = half, level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w, r = x.shape[-2] // 2, x.shape[-1] // 2, self.half
+        centre = x[..., h - r : h + r, w - r : w + r].mean(dim=(-1, -2, -3))
+        return (40 * (centre - self.level)).unsqueeze(1)
+
+
+def test_the_scan_asks_beside_promising_candidates_only_and_finds_what_asking_everywhere_finds() -> None:
+    bodies, image = column_of_bodies(8)
+    rows = sorted(b.centroid[1] for b in bodies)
+    for k in (1, 4):  # bright cages in two disc spaces
+        top = int(rows[k] + 11)
+        image[top : top + 8, 60:100] = 1.0
+    scan = scan_discs(bodies, src_mm=1.0)
+    net = BrightCentre(half=24, level=0.55).eval()
+    full = predict(net, disc_patches(image, scan, src_mm=1.0))
+    probs = scan_probabilities(net, image, scan, src_mm=1.0)
+    asked = np.nonzero(probs)[0]
+    assert len(asked) < 0.75 * len(scan)  # every other candidate, plus the neighbours of strong ones
+    assert probs[asked] == pytest.approx(full[asked], abs=1e-6)
+    everywhere = [round(d.frame.centre[1]) for d, _ in pick_cages(scan, full, 0.9)]
+    assert [round(d.frame.centre[1]) for d, _ in pick_cages(scan, probs, 0.9)] == everywhere
+    assert len(everywhere) == 2
+    assert scan_probabilities(net, image, [], src_mm=1.0).shape == (0,)
+
+
 def test_a_cage_between_two_bodies_found_as_one_is_found_by_the_scan_only() -> None:
     """The vertebra model often merges the two bodies around a cage (the cage fills the disc space): there is
     then no disc space between found bodies to ask about, but the scan along the spine still asks there."""
     import dataclasses
 
-    import torch
-
     from inference.radiograph.hardware import disc_cages
     from inference.radiograph.hardware_post import HardwareParams, VertebraGeom
-
-    class BrightCentre(torch.nn.Module):
-        """Stands in for the disc classifier (its decisions are the trained network's, tested elsewhere):
-        "a cage" when the middle of the patch is the brightest intensity."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h, w = x.shape[-2:]
-            centre = x[..., h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].mean(dim=(-1, -2, -3))
-            return (40 * (centre - 0.75)).unsqueeze(1)
 
     _, image = column_of_bodies(6)
     rows = [20 + k * 30 for k in range(6)]  # each body's top row (22 px tall, 40 wide from column 60)
@@ -183,11 +209,13 @@ def test_a_cage_between_two_bodies_found_as_one_is_found_by_the_scan_only() -> N
         mask = np.ones((bottom - top, 40), bool)
         geoms.append(VertebraGeom(None, (80.0, (top + bottom) / 2), mask, (top, 60)))
     assert len(geoms) == 5
-    net = BrightCentre().eval()
+    net = BrightCentre(half=24, level=0.55).eval()
     scan = HardwareParams(cage_scan_threshold=0.9)
     found = disc_cages(net, image, geoms, 1.0, (1.0, 1.0), scan)
     assert len(found) == 1
-    assert found[0].centroid[1] == pytest.approx(rows[3] - 4, abs=4.0)  # the middle of the filled disc space
+    # The middle of the filled disc space, to one scan step (a fifth of the 37.5 px median step; this stand-in
+    # answers alike on two neighbouring candidates).
+    assert found[0].centroid[1] == pytest.approx(rows[3] - 4, abs=7.5)
     assert found[0].centroid[0] == pytest.approx(80.0, abs=2.0)
     between_found_bodies = dataclasses.replace(scan, cage_scan_threshold=None, cage_disc_threshold=0.9)
     assert disc_cages(net, image, geoms, 1.0, (1.0, 1.0), between_found_bodies) == []
