@@ -67,6 +67,11 @@ def test_the_shipped_model_loads_its_disc_classifier() -> None:
     assert model.disc_net is not None
     assert 0.0 < model.params.cage_disc_threshold < 1.0
     assert spec.metadata["training"]["disc_classifier"]["held_out_auc"] >= 0.8
+    # Cages are looked for along the spine, at a threshold tuned on held-out disc spaces with the vertebra
+    # model's vertebrae (2026-12-06: 0.976, F1 0.63 over 172 disc spaces).
+    assert 0.9 <= model.params.cage_scan_threshold < 1.0
+    tuning = spec.metadata["training"]["cage_scan"]["tuning"]
+    assert tuning["threshold"] == model.params.cage_scan_threshold and tuning["disc_spaces"] >= 100 and tuning["f1"] >= 0.5
 
 
 def test_cages_are_matched_by_centre_one_to_one() -> None:

@@ -152,6 +152,8 @@ def test_postoperative_dx_through_the_analysis() -> None:
     screws = [i for i in image.implants if i.kind is ImplantKind.PEDICLE_SCREW]
     rods = [i for i in image.implants if i.kind is ImplantKind.ROD]
     assert len(screws) >= 4 and len(rods) >= 1
+    # Its PLIF pair (one disc space), found by the cage scan on the vertebra model's vertebrae.
+    assert [i.kind for i in image.implants].count(ImplantKind.INTERBODY_CAGE) == 1
     for i in image.implants:
         assert i.mask.shape == (ds.Rows, ds.Columns) and len(i.outline) >= 3
     assert result.verdict.hardware in (HardwareStatus.INTACT, HardwareStatus.POSSIBLE_COMPLICATION, HardwareStatus.NOT_ASSESSABLE)
