@@ -536,7 +536,7 @@ def disc_cages(
     bodies = [Body.from_mask(g.mask, g.offset) for g in geoms]
     if params.cage_scan_threshold is not None:
         candidates = scan_discs(bodies, src_mm)
-        found = pick_cages(candidates, scan_probabilities(disc_net, pixels, candidates, src_mm), params.cage_scan_threshold)
+        found = pick_cages(candidates, scan_probabilities(disc_net, pixels, candidates, src_mm), params.cage_scan_threshold, src_mm)
     else:
         candidates = find_discs(bodies, src_mm)
         probs = cage_probabilities(disc_net, pixels, candidates, src_mm) if candidates else np.zeros(0)

@@ -49,8 +49,11 @@ MAX_BODY_POINTS = 4000
 #: is not found).
 SCAN_STEP = 0.2
 SCAN_REACH = 0.75
-#: `pick_cages`: candidates closer than this many vertebral steps along the spine are one cage.
+#: `pick_cages`: candidates closer than this many vertebral steps along the spine, or than
+#: `SCAN_MIN_SEPARATION_MM`, are one cage (two disc spaces are a vertebral body apart; seen on a phantom
+#: whose pelvis the vertebra model cut into small "vertebrae": three cages stacked within one disc space).
 SCAN_SEPARATION = 0.7
+SCAN_MIN_SEPARATION_MM = 15.0
 #: `scan_probabilities` asks at every `SCAN_COARSE`-th candidate first, then at the candidates between those
 #: scoring at least `SCAN_REFINE_FLOOR` and their neighbours: on the synthetic hold-out and real overlays
 #: (2026-12-06) the same cages as asking everywhere, with ~45 % of the patches (the classifier's time is most
@@ -163,15 +166,17 @@ def scan_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
     return out
 
 
-def pick_cages(discs: Sequence[Disc], probs: np.ndarray, threshold: float) -> list[tuple[Disc, float]]:
+def pick_cages(discs: Sequence[Disc], probs: np.ndarray, threshold: float, src_mm: float) -> list[tuple[Disc, float]]:
     """The scanned candidates at or above `threshold` that are the most probable within `SCAN_SEPARATION`
-    vertebral steps along the spine (greedy, strongest first), in path order."""
+    vertebral steps (at least `SCAN_MIN_SEPARATION_MM`) along the spine (greedy, strongest first), in path
+    order.  A higher threshold keeps a subset of a lower one's cages (tuning relies on it)."""
     kept: list[tuple[Disc, float]] = []
     for k in np.argsort(-np.asarray(probs), kind="stable"):
         d, p = discs[int(k)], float(probs[int(k)])
         if p < threshold:
             break
-        if all(abs(d.along_px - o.along_px) > SCAN_SEPARATION * d.step_px for o, _ in kept):
+        apart = max(SCAN_SEPARATION * d.step_px, SCAN_MIN_SEPARATION_MM / max(src_mm, 1e-6))
+        if all(abs(d.along_px - o.along_px) > apart for o, _ in kept):
             kept.append((d, p))
     return sorted(kept, key=lambda dp: dp[0].along_px)
 

@@ -148,12 +148,15 @@ def test_pick_cages_keeps_the_strongest_of_neighbouring_candidates() -> None:
     probs[[5, 6, 7]] = [0.95, 0.99, 0.97]  # one cage seen from three neighbouring positions
     probs[16] = 0.96  # another two steps further down
     probs[10] = 0.4  # below the threshold
-    kept = pick_cages(scan, probs, threshold=0.9)
+    kept = pick_cages(scan, probs, threshold=0.9, src_mm=0.4)
     assert [(round(d.along_px / scan[0].step_px, 1), p) for d, p in kept] == [(1.2, 0.99), (3.2, 0.96)]
-    assert pick_cages(scan, probs, threshold=0.995) == []
+    assert pick_cages(scan, probs, threshold=0.995, src_mm=0.4) == []
     # A higher threshold keeps a subset of a lower one's cages (what tuning relies on).
-    low = {round(d.along_px) for d, _ in pick_cages(scan, probs, 0.3)}
+    low = {round(d.along_px) for d, _ in pick_cages(scan, probs, 0.3, src_mm=0.4)}
     assert {round(d.along_px) for d, _ in kept} <= low
+    # Small "vertebrae" (a pelvis cut into pieces) make a short step: candidates within 15 mm are still one cage.
+    # At 0.4 mm per pixel the two cages above lie 60 px = 24 mm apart; at 0.2 mm, 12 mm: one.
+    assert len(pick_cages(scan, probs, threshold=0.9, src_mm=0.2)) == 1
 
 
 class BrightCentre(torch.nn.Module):
@@ -184,8 +187,8 @@ def test_the_scan_asks_beside_promising_candidates_only_and_finds_what_asking_ev
     asked = np.nonzero(probs)[0]
     assert len(asked) < 0.75 * len(scan)  # every other candidate, plus the neighbours of strong ones
     assert probs[asked] == pytest.approx(full[asked], abs=1e-6)
-    everywhere = [round(d.frame.centre[1]) for d, _ in pick_cages(scan, full, 0.9)]
-    assert [round(d.frame.centre[1]) for d, _ in pick_cages(scan, probs, 0.9)] == everywhere
+    everywhere = [round(d.frame.centre[1]) for d, _ in pick_cages(scan, full, 0.9, src_mm=1.0)]
+    assert [round(d.frame.centre[1]) for d, _ in pick_cages(scan, probs, 0.9, src_mm=1.0)] == everywhere
     assert len(everywhere) == 2
     assert scan_probabilities(net, image, [], src_mm=1.0).shape == (0,)
 
