@@ -1097,10 +1097,13 @@ def _disc_lines(meta: dict[str, Any]) -> list[str]:
     post = meta.get("postprocess", {})
     scan = (meta.get("training", {}).get("cage_scan") or {}).get("tuning", {})
     if post.get("cage_scan_threshold") is not None:
-        return [head + "At run time its candidates lie every fifth of a vertebral step along the line through the vertebrae found, "
-                "from three quarters of a step above the top one to as far below the lowest (a cage between two bodies the vertebra "
-                "model merged, or below the lowest body found, is still seen); it is asked at every third candidate, then beside "
-                "those scoring 0.5 or more, and the most probable position within 0.7 steps is "
+        from inference.radiograph import hardware_discs as hd
+
+        return [head + f"At run time its candidates lie every {hd.SCAN_STEP:g} vertebral steps along the line through the vertebrae "
+                f"found, reaching {hd.SCAN_REACH:g} steps past the top and the lowest one (a cage between two bodies the vertebra "
+                f"model merged, or below the lowest body found, is still seen); it is asked at one candidate in {hd.SCAN_COARSE}, "
+                f"then around those scoring {hd.SCAN_REFINE_FLOOR:g} or more, and the most probable position within "
+                f"{hd.SCAN_SEPARATION:g} steps (at least {hd.SCAN_MIN_SEPARATION_MM:g} mm) is "
                 f"reported at probability >= {post['cage_scan_threshold']} (best F1 over held-out disc spaces with cages, on the "
                 f"vertebrae the vertebra model finds: precision {scan.get('precision')}, recall {scan.get('recall')}, "
                 f"{scan.get('disc_spaces')} disc spaces), as the middle of the disc space, half the bodies' width wide. It finds no "

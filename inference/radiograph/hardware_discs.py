@@ -8,7 +8,8 @@ sees the pins, the distracted disc space and the titanium body.
 
 * `find_discs` places the disc spaces between consecutive vertebral bodies (from the vertebra model, or
   the true bodies when training);
-* `scan_discs` places candidates every fifth of a vertebral step along the spine instead, and `pick_cages`
+* `scan_discs` places candidates every fifth of a vertebral step along the spine instead,
+  `scan_probabilities` scores them (every third first, then around the promising ones) and `pick_cages`
   keeps the strongest of neighbouring ones: at run time the vertebra model often merges the two bodies
   around a cage into one (a cage fills the disc space) or misses one, so a disc space between found
   bodies lies > 10 mm from 44 % of the true cages of the synthetic hold-out (2026-12-06);

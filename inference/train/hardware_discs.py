@@ -199,7 +199,9 @@ REAL_VAL_OVERLAYS = 150
 
 def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
     """Per sample: the scores and centres of the cages the model reports with the scan at `TUNE_FLOOR`, on
-    the vertebrae the vertebra model finds, and the true disc spaces with cages (`true_cage_discs`)."""
+    the vertebrae the registry's vertebra model finds (a leave-one-patient-out fold uses it too, though it was
+    trained on every patient), and the true disc spaces with cages (`true_cage_discs`).  The model's own
+    parameters are restored afterwards."""
     from dataclasses import replace
 
     from inference.evaluate.hardware import (
@@ -212,19 +214,23 @@ def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
     from inference.radiograph.analysis import FractureStep, ImageWork, VertebraStep
     from inference.registry import ModelRegistry
 
-    model.params = replace(model.params, cage_scan_threshold=TUNE_FLOOR)
+    own = model.params
+    model.params = replace(own, cage_scan_threshold=TUNE_FLOOR)
     vertebra_step = VertebraStep(ModelRegistry())
     out = []
-    for key, sample in samples:
-        rad, source = sample_radiograph(sample), sample_source(sample, key)
-        work = ImageWork(None, rad, source)  # type: ignore[arg-type]
-        vertebra_step.run(work)
-        FractureStep().run(work)
-        outcome = model.analyse(rad, work.vertebrae, source)
-        cages = [i for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
-        mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
-        out.append({"scores": [i.score for i in cages], "centres": [i.centroid for i in cages],
-                    "true": true_cage_discs(true_implants(sample)), "max_px": CAGE_CENTRE_MM / mm})
+    try:
+        for key, sample in samples:
+            rad, source = sample_radiograph(sample), sample_source(sample, key)
+            work = ImageWork(None, rad, source)  # type: ignore[arg-type]
+            vertebra_step.run(work)
+            FractureStep().run(work)
+            outcome = model.analyse(rad, work.vertebrae, source)
+            cages = [i for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
+            mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+            out.append({"scores": [i.score for i in cages], "centres": [i.centroid for i in cages],
+                        "true": true_cage_discs(true_implants(sample)), "max_px": CAGE_CENTRE_MM / mm})
+    finally:
+        model.params = own
     return out
 
 

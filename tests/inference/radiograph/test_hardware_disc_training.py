@@ -124,3 +124,18 @@ def test_a_plif_pair_is_one_disc_space_and_the_scan_threshold_is_tuned_over_disc
     assert t["threshold"] == pytest.approx(0.97) and t["precision"] == 1.0 and t["recall"] == 0.75
     assert t["disc_spaces"] == 4 and t["images"] == 2
     assert scan_threshold(records[1:])["threshold"] is None
+
+
+def test_tuning_records_read_the_cages_found_on_the_vertebra_models_vertebrae() -> None:
+    """`scan_records` runs the vertebra model and the scan at its floor, as the node would, and leaves the
+    model's own parameters as they were."""
+    from inference.train.hardware_discs import TUNE_FLOOR, scan_records
+
+    model = HardwareModel.from_spec(ModelRegistry().spec("spine-xr-hardware"))
+    own = model.params
+    sample = phantom(21, "AP", "lumbar", implants=("posterior", "cage"))  # a PLIF pair: one disc space
+    (record,) = scan_records(model, [("phantom-21", sample)])
+    assert model.params is own
+    assert len(record["true"]) == 1 and record["max_px"] > 0
+    assert record["scores"] and min(record["scores"]) >= TUNE_FLOOR
+    assert max(record["scores"]) >= own.cage_scan_threshold  # found at the shipped threshold too
