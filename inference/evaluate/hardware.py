@@ -199,14 +199,11 @@ CAGE_CENTRE_MM = 10.0
 
 def centre_counts(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], max_px: float) -> tuple[int, int, int]:
     """(tp, fp, fn) of one-to-one matching by mask centre distance <= `max_px` (Hungarian on distance)."""
-    if not pred or not true:
-        return 0, len(pred), len(true)
-    pc = np.array([np.argwhere(m).mean(axis=0) for m in pred])
-    tc = np.array([np.argwhere(m).mean(axis=0) for m in true])
-    d = np.linalg.norm(pc[:, None, :] - tc[None, :, :], axis=2)
-    rows, cols = linear_sum_assignment(d)
-    tp = int(sum(1 for r, c in zip(rows, cols, strict=True) if d[r, c] <= max_px))
-    return tp, len(pred) - tp, len(true) - tp
+    def centre(m: np.ndarray) -> tuple[float, float]:
+        rc = np.argwhere(m).mean(axis=0)
+        return float(rc[0]), float(rc[1])
+
+    return point_counts([centre(m) for m in pred], [centre(m) for m in true], max_px)
 
 
 def cage_centre_counts(outcome: Any, truth: Sequence[TrueImplant], sample: Any) -> tuple[int, int, int]:
@@ -400,16 +397,22 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
     return rec
 
 
-def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad: preprocess.Radiograph, source: SourceImage,
-                      truth: Sequence[TrueImplant]) -> dict[str, Any]:
-    """With the vertebrae from the vertebra model: (true level, level) of the matched screws, and (true, found)
-    number of vertebrae the screws span."""
+def found_vertebrae(vertebra_step: Any, rad: preprocess.Radiograph, source: SourceImage) -> list[Vertebra]:
+    """The vertebrae the vertebra model finds on `rad`, as the node's analysis fills them (`VertebraStep`, then
+    `FractureStep`)."""
     from inference.radiograph.analysis import FractureStep, ImageWork
 
     work = ImageWork(None, rad, source)  # type: ignore[arg-type]
     vertebra_step.run(work)
     FractureStep().run(work)
-    outcome = model.analyse(rad, work.vertebrae, source)
+    return work.vertebrae
+
+
+def end_to_end_levels(model: HardwareModel, vertebra_step: Any, sample: Any, rad: preprocess.Radiograph, source: SourceImage,
+                      truth: Sequence[TrueImplant]) -> dict[str, Any]:
+    """With the vertebrae from the vertebra model: (true level, level) of the matched screws, and (true, found)
+    number of vertebrae the screws span."""
+    outcome = model.analyse(rad, found_vertebrae(vertebra_step, rad, source), source)
     screws_p = [i for i in outcome.implants if i.kind is ImplantKind.PEDICLE_SCREW]
     screws_t = [t for t in truth if t.kind is ImplantKind.PEDICLE_SCREW]
     pairs = match([i.mask.dense() for i in screws_p], [t.mask for t in screws_t], 0.3)
@@ -528,14 +531,15 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "within_one_of_found": _ratio(sum(1 for t, p in found if abs(t - p) <= 1), len(found)),
             "baseline_most_common_exact": _ratio(Counter(t for t, _ in spans).most_common(1)[0][1], len(spans)),
         }
-    by_centre = [r["cages_by_centre"] for r in records if "cages_by_centre" in r]
-    if any(sum(c) for c in by_centre):
-        out["cages_by_centre"] = M.DetectionCounts(*(sum(c[k] for c in by_centre) for k in range(3))).as_dict()
-    e2e_cages = [r["end_to_end"]["cages"] for r in records if "cages" in r.get("end_to_end", {})]
-    if any(sum(c) for c in e2e_cages):
-        out["cages_by_centre_vertebra_model"] = M.DetectionCounts(*(sum(c[k] for c in e2e_cages) for k in range(3))).as_dict()
-    for key, counts in (("cage_discs", [r["cage_discs"] for r in records if "cage_discs" in r]),
-                        ("cage_discs_vertebra_model", [r["end_to_end"]["cage_discs"] for r in records if "cage_discs" in r.get("end_to_end", {})])):
+    # Cages per cage and per disc space, with the true vertebrae and (end to end) with the vertebra model's.
+    cage_rows = {
+        "cages_by_centre": lambda r: r.get("cages_by_centre"),
+        "cages_by_centre_vertebra_model": lambda r: r.get("end_to_end", {}).get("cages"),
+        "cage_discs": lambda r: r.get("cage_discs"),
+        "cage_discs_vertebra_model": lambda r: r.get("end_to_end", {}).get("cage_discs"),
+    }
+    for key, counts_of in cage_rows.items():
+        counts = [c for r in records if (c := counts_of(r)) is not None]
         if any(sum(c) for c in counts):
             out[key] = M.DetectionCounts(*(sum(c[k] for c in counts) for k in range(3))).as_dict()
     sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
@@ -694,7 +698,6 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
     """The real TEST-split radiographs (`inference.synth.real.real_split`) as they are, without implants:
     how often "no implants" comes out.  The films of `REAL_WITH_HARDWARE` are scored apart (what was found)."""
     from inference.evaluate.vertebrae import radiograph_from_array
-    from inference.radiograph.analysis import FractureStep, ImageWork
     from inference.synth.real import list_real_images, load_real, source_stem
 
     test = list_real_images(data, "test")[:limit] if limit else list_real_images(data, "test")
@@ -706,12 +709,7 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
         pixels, _ = load_real(path)
         rad = radiograph_from_array(pixels, None, "AP", None)
         source = SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.real{k}",), *pixels.shape, view="AP", modality="DX")
-        verts: list[Vertebra] = []
-        if vertebra_step is not None:
-            work = ImageWork(None, rad, source)  # type: ignore[arg-type]
-            vertebra_step.run(work)
-            FractureStep().run(work)
-            verts = work.vertebrae
+        verts = found_vertebrae(vertebra_step, rad, source) if vertebra_step is not None else []
         t0 = time.perf_counter()
         outcome = model.analyse(rad, verts, source)
         times.append(time.perf_counter() - t0)

@@ -539,7 +539,7 @@ def disc_cages(
         found = pick_cages(candidates, scan_probabilities(disc_net, pixels, candidates, src_mm), params.cage_scan_threshold, src_mm)
     else:
         candidates = find_discs(bodies, src_mm)
-        probs = cage_probabilities(disc_net, pixels, candidates, src_mm) if candidates else np.zeros(0)
+        probs = cage_probabilities(disc_net, pixels, candidates, src_mm)
         found = [(d, float(p)) for d, p in zip(candidates, probs, strict=True) if p >= params.cage_disc_threshold]
     shape = pixels.shape
     border_px = params.border_mm / max(src_mm, 1e-6)

@@ -98,6 +98,12 @@ class Disc:
     along_px: float = 0.0  # position along the spine path (`scan_discs`)
 
 
+def _width(body: Body, normal: np.ndarray) -> float:
+    """The body's extent along `normal` (2nd to 98th percentile of its pixels)."""
+    q = body.xy @ normal
+    return float(np.percentile(q, 98) - np.percentile(q, 2))
+
+
 def find_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
     """Disc spaces between consecutive bodies (ordered head to foot by centroid row); pairs too close,
     too far (a body missed between them) or with a body without pixels are skipped."""
@@ -122,14 +128,9 @@ def find_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
         t = 0.5 * (end_a + start_b)
         na, nb = da @ n, db @ n
         centre = ca + t * u + 0.5 * (float(np.median(na)) + float(np.median(nb))) * n
-        width = 0.5 * sum(float(np.percentile(q, 98) - np.percentile(q, 2)) for q in (na, nb))
+        width = 0.5 * (_width(bodies[a], n) + _width(bodies[b], n))
         out.append(Disc(a, b, Frame((float(centre[0]), float(centre[1])), (float(u[0]), float(u[1]))), step, max(start_b - end_a, 0.0), width))
     return out
-
-
-def _width(body: Body, normal: np.ndarray) -> float:
-    q = (body.xy - np.asarray(body.centroid)) @ normal
-    return float(np.percentile(q, 98) - np.percentile(q, 2))
 
 
 def scan_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
@@ -153,15 +154,19 @@ def scan_discs(bodies: Sequence[Body], src_mm: float) -> list[Disc]:
     start = np.concatenate([[0.0], np.cumsum(seg_len)])
     heights = [d.height_px for d in find_discs(bodies, src_mm)]
     height = float(np.median(heights)) if heights else 0.0
+    # Per path segment k (between bodies order[k-1] and order[k]; the first and last lead in and out): its
+    # direction, the bodies it joins and their width across it, shared by every candidate on it.
+    segments = []
+    for k in range(len(seg)):
+        u = seg[k] / max(seg_len[k], 1e-9)
+        upper, lower = order[max(k - 1, 0)], order[min(k, len(order) - 1)]
+        n = np.array([-u[1], u[0]])
+        segments.append((u, upper, lower, 0.5 * (_width(bodies[upper], n) + _width(bodies[lower], n))))
     out = []
     for along in np.arange(0.0, start[-1] + 1e-6, SCAN_STEP * step):
         k = min(int(np.searchsorted(start, along, side="right")) - 1, len(seg) - 1)
-        u = seg[k] / max(seg_len[k], 1e-9)
+        u, upper, lower, width = segments[k]
         centre = path[k] + (along - start[k]) * u
-        # Path segment k runs between body order[k-1] and order[k] (segment 0 and the last lead in and out).
-        upper, lower = order[max(k - 1, 0)], order[min(k, len(order) - 1)]
-        n = np.array([-u[1], u[0]])
-        width = 0.5 * (_width(bodies[upper], n) + _width(bodies[lower], n))
         out.append(Disc(upper, lower, Frame((float(centre[0]), float(centre[1])), (float(u[0]), float(u[1]))), step, height,
                         width, float(along)))
     return out

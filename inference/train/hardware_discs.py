@@ -206,12 +206,13 @@ def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
 
     from inference.evaluate.hardware import (
         CAGE_CENTRE_MM,
+        found_vertebrae,
         sample_radiograph,
         sample_source,
         true_cage_discs,
         true_implants,
     )
-    from inference.radiograph.analysis import FractureStep, ImageWork, VertebraStep
+    from inference.radiograph.analysis import VertebraStep
     from inference.registry import ModelRegistry
 
     own = model.params
@@ -221,10 +222,7 @@ def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
     try:
         for key, sample in samples:
             rad, source = sample_radiograph(sample), sample_source(sample, key)
-            work = ImageWork(None, rad, source)  # type: ignore[arg-type]
-            vertebra_step.run(work)
-            FractureStep().run(work)
-            outcome = model.analyse(rad, work.vertebrae, source)
+            outcome = model.analyse(rad, found_vertebrae(vertebra_step, rad, source), source)
             cages = [i for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
             mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
             out.append({"scores": [i.score for i in cages], "centres": [i.centroid for i in cages],
