@@ -694,34 +694,43 @@ REAL_WITH_HARDWARE = {
 }
 
 
-def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None, limit: int | None = None) -> dict[str, Any]:
-    """The real TEST-split radiographs (`inference.synth.real.real_split`) as they are, without implants:
-    how often "no implants" comes out.  The films of `REAL_WITH_HARDWARE` are scored apart (what was found)."""
+def real_plain_images(data: Path, split: str, limit: int | None = None) -> Iterator[tuple[str, preprocess.Radiograph, SourceImage]]:
+    """(file name, radiograph, source) of the real radiographs of `split` (`inference.synth.real.real_split`)
+    as they are: frontal views without spacing, header or implants."""
     from inference.evaluate.vertebrae import radiograph_from_array
-    from inference.synth.real import list_real_images, load_real, source_stem
+    from inference.synth.real import list_real_images, load_real
 
-    test = list_real_images(data, "test")[:limit] if limit else list_real_images(data, "test")
+    paths = list_real_images(data, split)
+    for k, path in enumerate(paths[:limit] if limit else paths):
+        pixels, _ = load_real(path)
+        rad = radiograph_from_array(pixels, None, "AP", None)
+        yield path.name, rad, SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.real{k}",), *pixels.shape,
+                                          view="AP", modality="DX")
+
+
+def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None, limit: int | None = None) -> dict[str, Any]:
+    """The real TEST-split radiographs as they are, without implants (`real_plain_images`): how often
+    "no implants" comes out.  The films of `REAL_WITH_HARDWARE` are scored apart (what was found)."""
+    from inference.synth.real import source_stem
+
     said = Counter()
     false_pieces = []
     with_hardware = []
     times = []
-    for k, path in enumerate(test):
-        pixels, _ = load_real(path)
-        rad = radiograph_from_array(pixels, None, "AP", None)
-        source = SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.real{k}",), *pixels.shape, view="AP", modality="DX")
+    for name, rad, source in real_plain_images(data, "test", limit):
         verts = found_vertebrae(vertebra_step, rad, source) if vertebra_step is not None else []
         t0 = time.perf_counter()
         outcome = model.analyse(rad, verts, source)
         times.append(time.perf_counter() - t0)
         found = dict(Counter(i.kind.value for i in outcome.implants))
-        if source_stem(path.name) in REAL_WITH_HARDWARE:
-            with_hardware.append({"key": path.name, "on_the_film": REAL_WITH_HARDWARE[source_stem(path.name)], "status": outcome.status.value,
+        if source_stem(name) in REAL_WITH_HARDWARE:
+            with_hardware.append({"key": name, "on_the_film": REAL_WITH_HARDWARE[source_stem(name)], "status": outcome.status.value,
                                   "implants": found, "instrumentation": outcome.instrumentation})
             continue
         said[outcome.status.value] += 1
         if outcome.implants:
-            false_pieces.append({"key": path.name, "implants": found})
-    plain = len(test) - len(with_hardware)
+            false_pieces.append({"key": name, "implants": found})
+    plain = len(times) - len(with_hardware)
     return {
         "images": plain,
         "status": dict(said),
@@ -1105,10 +1114,23 @@ def _disc_lines(meta: dict[str, Any]) -> list[str]:
                 f"reported at probability >= {post['cage_scan_threshold']} (best F1 over held-out disc spaces with cages, on the "
                 f"vertebrae the vertebra model finds: precision {scan.get('precision')}, recall {scan.get('recall')}, "
                 f"{scan.get('disc_spaces')} disc spaces), as the middle of the disc space, half the bodies' width wide. It finds no "
-                "cage where no vertebra is found around it."]
+                "cage where no vertebra is found around it." + _alone_text(post, scan.get("alone") or {})]
     return [head + f"It is asked of every disc space between two consecutive vertebrae found; a cage is reported at probability >= "
             f"{post.get('cage_disc_threshold')} (best F1 on held-out discs), as the middle of the disc space, half the bodies' width "
             "wide. It finds no cage where the vertebrae around it are not found."]
+
+
+def _alone_text(post: dict[str, Any], alone: dict[str, Any]) -> str:
+    """The card's sentence on `cage_alone_threshold` (empty when it is not set)."""
+    if post.get("cage_alone_threshold") is None:
+        return ""
+    before = alone.get("without") or {}
+    return (f" A cage with no other implant found on the film is reported only at probability >= {post['cage_alone_threshold']}: "
+            f"the lowest threshold at which at most {alone.get('max_false_share', 0) * 100:g} % of the {alone.get('plain_films')} real "
+            f"VAL-split films without implants show a cage ({before.get('plain_films_with_a_cage')} -> "
+            f"{alone.get('plain_films_with_a_cage')} films); its cost on the tuning films: recall of disc spaces where the truth holds "
+            f"nothing but cages {before.get('recall_cages_only')} -> {alone.get('recall_cages_only')} "
+            f"({alone.get('disc_spaces_cages_only')} disc spaces), F1 {before.get('f1')} -> {alone.get('f1')}.")
 
 
 def _fine_tune_lines(tr: dict[str, Any]) -> list[str]:

@@ -418,6 +418,7 @@ def interpret(
         if len(on_spine) < len(placed):
             notes.append(f"{len(placed) - len(on_spine)} metal object(s) beside the spine not counted as spinal hardware (brace, clothing or marker?)")
         placed = on_spine
+    placed = drop_doubtful_lone_cages(placed, params.cage_alone_threshold)
     # Never reported: the model's `not_assessed` and, on the disc classifier's cages, subsidence (its head
     # learned on true cage outlines; on those regions it measured sensitivity 0 and flagged ~12 % of intact
     # cages, synthetic hold-out 2026-12-04).
@@ -473,6 +474,14 @@ def interpret(
         view=view,
         not_assessed=not_assessed,
     )
+
+
+def drop_doubtful_lone_cages(placed: list[SourcePiece], alone_threshold: float | None) -> list[SourcePiece]:
+    """`placed` without the cages scoring below `alone_threshold` when nothing but cages was found: a cage
+    with no screw, rod or plate beside it needs the stronger evidence (None: `placed` as it is)."""
+    if alone_threshold is None or any(sp.piece.kind is not ImplantKind.INTERBODY_CAGE for sp in placed):
+        return placed
+    return [sp for sp in placed if sp.piece.score >= alone_threshold]
 
 
 def place_pieces(

@@ -93,6 +93,9 @@ class HardwareParams:
     #: When set, cages come from a scan along the spine (`hardware_discs.scan_discs`), kept at this
     #: probability or above; else from the disc spaces between the vertebrae found, at `cage_disc_threshold`.
     cage_scan_threshold: float | None = None
+    #: A cage on a film where no other spinal implant is found is kept only at this probability or above
+    #: (one false cage was the commonest noise on real films without implants); None: no stricter test.
+    cage_alone_threshold: float | None = None
     #: Complications never reported, whatever their score (measured no better than chance on held-out data);
     #: an image showing an implant they apply to says "<complication> not assessed".
     not_assessed: tuple[str, ...] = ()

@@ -13,7 +13,8 @@ the threshold (best F1) and give the AUC written to model.json.
 Then the same held-out samples tune ``cage_scan_threshold``, the threshold of the scan along the spine the
 node runs (`hardware_discs.scan_discs`): with the vertebrae the vertebra model in the registry finds on them,
 as at run time, the threshold with the best F1 over disc spaces holding cages (`tune_scan`; alone:
-``--tune-scan-only``).
+``--tune-scan-only``).  With ``--data``, real VAL-split radiographs take part: with implants drawn on (in the
+F1), and as they are, to set ``cage_alone_threshold`` for a cage found with no other implant (`alone_threshold`).
 """
 
 from __future__ import annotations
@@ -195,41 +196,67 @@ TUNE_FLOOR = 0.5
 #: Real VAL-split radiographs with implants drawn on that tune the scan beside the cache's held-out samples
 #: (the held-out synthetic samples alone hold ~70 disc spaces with cages).
 REAL_VAL_OVERLAYS = 150
+#: A cage alone on a film (no other implant found) is kept at the lowest threshold at which at most this
+#: share of the real VAL-split films without implants shows one: films without implants are most of what a
+#: node receives, and a false "interbody cage" on them is noise in the report (`alone_threshold`).
+ALONE_FALSE_SHARE = 0.01
 
 
 def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
-    """Per sample: the scores and centres of the cages the model reports with the scan at `TUNE_FLOOR`, on
-    the vertebrae the registry's vertebra model finds (a leave-one-patient-out fold uses it too, though it was
-    trained on every patient), and the true disc spaces with cages (`true_cage_discs`).  The model's own
-    parameters are restored afterwards."""
-    from dataclasses import replace
-
+    """Per sample: the scores and centres of the cages the model reports with the scan at `TUNE_FLOOR` (and
+    no stricter test for a cage alone), how many other implants it reports, on the vertebrae the registry's
+    vertebra model finds (a leave-one-patient-out fold uses it too, though it was trained on every patient),
+    and the true disc spaces with cages (`true_cage_discs`).  The model's own parameters are restored afterwards."""
     from inference.evaluate.hardware import (
         CAGE_CENTRE_MM,
-        found_vertebrae,
         sample_radiograph,
         sample_source,
         true_cage_discs,
         true_implants,
     )
+
+    vertebra_step = _vertebra_step()
+    out = []
+    for key, sample in samples:
+        mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+        truth = true_implants(sample)
+        found = _found_cages(model, vertebra_step, sample_radiograph(sample), sample_source(sample, key))
+        out.append({**found, "true": true_cage_discs(truth), "true_others": sum(1 for t in truth if t.kind is not ImplantKind.INTERBODY_CAGE),
+                    "max_px": CAGE_CENTRE_MM / mm})
+    return out
+
+
+def plain_scan_records(model: Any, data: Path, split: str = "val") -> list[dict[str, Any]]:
+    """`scan_records` of the real radiographs of `split` as they are (no implants: no true cages)."""
+    from inference.evaluate.hardware import CAGE_CENTRE_MM, real_plain_images
+
+    vertebra_step = _vertebra_step()
+    return [{**_found_cages(model, vertebra_step, rad, source), "true": [], "true_others": 0, "max_px": CAGE_CENTRE_MM}
+            for _, rad, source in real_plain_images(data, split)]
+
+
+def _vertebra_step() -> Any:
     from inference.radiograph.analysis import VertebraStep
     from inference.registry import ModelRegistry
 
+    return VertebraStep(ModelRegistry())
+
+
+def _found_cages(model: Any, vertebra_step: Any, rad: Any, source: Any) -> dict[str, Any]:
+    """The cages (scores, centres) the scan finds at `TUNE_FLOOR` on the vertebra model's vertebrae, and the
+    number of other implants found."""
+    from dataclasses import replace
+
+    from inference.evaluate.hardware import found_vertebrae
+
     own = model.params
-    model.params = replace(own, cage_scan_threshold=TUNE_FLOOR)
-    vertebra_step = VertebraStep(ModelRegistry())
-    out = []
+    model.params = replace(own, cage_scan_threshold=TUNE_FLOOR, cage_alone_threshold=None)
     try:
-        for key, sample in samples:
-            rad, source = sample_radiograph(sample), sample_source(sample, key)
-            outcome = model.analyse(rad, found_vertebrae(vertebra_step, rad, source), source)
-            cages = [i for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
-            mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
-            out.append({"scores": [i.score for i in cages], "centres": [i.centroid for i in cages],
-                        "true": true_cage_discs(true_implants(sample)), "max_px": CAGE_CENTRE_MM / mm})
+        outcome = model.analyse(rad, found_vertebrae(vertebra_step, rad, source), source)
     finally:
         model.params = own
-    return out
+    cages = [i for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
+    return {"scores": [i.score for i in cages], "centres": [i.centroid for i in cages], "others": len(outcome.implants) - len(cages)}
 
 
 def scan_threshold(records: list[dict[str, Any]], default: float | None = None) -> dict[str, Any]:
@@ -256,11 +283,44 @@ def scan_threshold(records: list[dict[str, Any]], default: float | None = None) 
             "disc_spaces": n_true, "images": len(records)}
 
 
+def alone_threshold(records: list[dict[str, Any]], plain: list[dict[str, Any]], scan_t: float, max_false_share: float = ALONE_FALSE_SHARE
+                    ) -> dict[str, Any]:
+    """The threshold for a cage alone on a film (`HardwareParams.cage_alone_threshold`): the lowest, from
+    `scan_t` up, at which at most `max_false_share` of the `plain` films (no implants) show a cage; with what
+    it costs on `records` (F1 over disc spaces with cages, recall where the truth holds nothing but cages).
+    None when there are no plain films."""
+    from inference.evaluate.hardware import point_counts
+
+    if not plain:
+        return {"threshold": None, "note": "no films without implants to tune on: not set"}
+
+    def kept(r: dict[str, Any], alone: float) -> list[Any]:
+        t = scan_t if r["others"] else alone
+        return [c for c, v in zip(r["centres"], r["scores"], strict=True) if v >= t]
+
+    def measured(alone: float) -> dict[str, Any]:
+        tp = fp = fn = only_tp = only_n = 0
+        for r in records:
+            a, b, c = point_counts(kept(r, alone), r["true"], r["max_px"])
+            tp, fp, fn = tp + a, fp + b, fn + c
+            if not r["true_others"]:
+                only_tp, only_n = only_tp + a, only_n + a + c
+        false_films = sum(1 for r in plain if kept(r, alone))
+        return {"threshold": alone, "plain_films_with_a_cage": false_films, "f1": round(2 * tp / max(2 * tp + fp + fn, 1), 4),
+                "recall_cages_only": round(only_tp / max(only_n, 1), 4), "disc_spaces_cages_only": only_n}
+
+    lone = {round(float(v), 3) for r in records + plain if not r["others"] for v in r["scores"] if v > scan_t}
+    allowed = int(max_false_share * len(plain))
+    chosen = next((m for t in sorted(lone | {scan_t}) if (m := measured(t))["plain_films_with_a_cage"] <= allowed), measured(1.0))
+    return {**chosen, "plain_films": len(plain), "max_false_share": max_false_share, "without": measured(scan_t)}
+
+
 def tune_scan(model_folder: Path, cache: Path, exclude_sources: set[str], val_every: int, command: str, data: Path | None = None,
               real_val: int = REAL_VAL_OVERLAYS) -> dict[str, Any]:
     """Tune `cage_scan_threshold` on the cache's held-out samples (and, with `data`, on `real_val` real
-    VAL-split radiographs with implants drawn on) and write it, with the tuning record, into the model
-    folder's model.json; the weights are unchanged."""
+    VAL-split radiographs with implants drawn on) and, with `data`, `cage_alone_threshold` on the VAL-split
+    films as they are; write both, with the tuning record, into the model folder's model.json; the weights
+    are unchanged."""
     import itertools
     import json
 
@@ -274,11 +334,16 @@ def tune_scan(model_folder: Path, cache: Path, exclude_sources: set[str], val_ev
     held_out = ((f"{cache.name}/{k}", s) for k, s in enumerate(iter_cache(cache))
                 if common.cache_role(k, s, exclude_sources, val_every) == "held_out")
     real = real_overlay_samples(data, real_val, split="val") if data is not None and real_val else iter(())
-    tuning = scan_threshold(scan_records(model, itertools.chain(held_out, real)))
+    records = scan_records(model, itertools.chain(held_out, real))
+    tuning = scan_threshold(records)
     tuning["real_val_overlays"] = real_val if data is not None else 0
     meta = json.loads((model_folder / "model.json").read_text())
+    post = meta.setdefault("postprocess", {})
     if tuning["threshold"] is not None:
-        meta.setdefault("postprocess", {})["cage_scan_threshold"] = tuning["threshold"]
+        post["cage_scan_threshold"] = tuning["threshold"]
+        plain = plain_scan_records(model, data, "val") if data is not None else []
+        tuning["alone"] = alone_threshold(records, plain, tuning["threshold"])
+        post["cage_alone_threshold"] = tuning["alone"]["threshold"]
     meta.setdefault("training", {})["cage_scan"] = {"command": command, "minutes": round((time.time() - t0) / 60, 1), "tuning": tuning}
     common.write_json(model_folder / "model.json", meta)
     log.info("cage scan threshold: %s; wrote %s", tuning, model_folder)

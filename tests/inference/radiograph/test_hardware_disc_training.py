@@ -126,6 +126,30 @@ def test_a_plif_pair_is_one_disc_space_and_the_scan_threshold_is_tuned_over_disc
     assert scan_threshold(records[1:])["threshold"] is None
 
 
+def test_a_cage_alone_is_held_to_the_threshold_that_keeps_films_without_implants_clean() -> None:
+    """`alone_threshold`: the lowest threshold (from the scan's) at which at most 1 % of the films without
+    implants show a cage; what it costs is recorded, and a cage beside other implants keeps the scan's."""
+    from inference.train.hardware_discs import alone_threshold
+
+    def record(scores: list[float], hits: list[bool], others: int, true_others: int = 0) -> dict:
+        true = [(float(10 + 40 * k), 50.0) for k, hit in enumerate(hits) if hit]
+        centres = [true[k] if hit else (500.0 + k, 500.0) for k, hit in enumerate(hits)]
+        return {"scores": scores, "centres": centres, "true": true, "others": others, "true_others": true_others, "max_px": 5.0}
+
+    records = [record([0.985], [True], 0), record([0.97], [True], 2, 4)]  # a stand-alone cage; a cage in a construct
+    plain = [record([0.975], [False], 0), record([0.98], [False], 0)] + [record([], [], 0) for _ in range(98)]
+    t = alone_threshold(records, plain, 0.97)
+    assert t["threshold"] == pytest.approx(0.98) and t["plain_films_with_a_cage"] == 1 and t["plain_films"] == 100
+    assert t["recall_cages_only"] == 1.0 and t["f1"] == 1.0  # the construct's 0.97 cage is kept: it is not alone
+    assert t["without"]["plain_films_with_a_cage"] == 2
+    # Films without implants that demand more than the stand-alone cage reaches: it is lost, and that is shown.
+    strict = alone_threshold(records, [record([0.99], [False], 0), record([0.995], [False], 0)] + plain[2:], 0.97)
+    assert strict["threshold"] == pytest.approx(0.995) and strict["recall_cages_only"] == 0.0
+    # No threshold below 1 clears them: no cage alone is ever reported.
+    assert alone_threshold(records, [record([0.999], [False], 0)], 0.97, max_false_share=0.0)["threshold"] == 1.0
+    assert alone_threshold(records, [], 0.97)["threshold"] is None
+
+
 def test_tuning_records_read_the_cages_found_on_the_vertebra_models_vertebrae() -> None:
     """`scan_records` runs the vertebra model and the scan at its floor, as the node would, and leaves the
     model's own parameters as they were."""

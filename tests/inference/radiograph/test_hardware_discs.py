@@ -226,3 +226,22 @@ def test_a_cage_between_two_bodies_found_as_one_is_found_by_the_scan_only() -> N
     image[rows[2] + 22 : rows[3], 60:100] = 0.5
     image[:12, 170:200] = 1.0
     assert disc_cages(net, image, geoms, 1.0, (1.0, 1.0), scan) == []
+
+
+def test_a_cage_with_no_other_implant_needs_the_stronger_evidence() -> None:
+    """One false cage was the commonest noise on real films without implants: alone on a film a cage must
+    reach `cage_alone_threshold`; beside a screw, rod or plate the scan's threshold is enough."""
+    from inference.radiograph.hardware import SourcePiece, drop_doubtful_lone_cages
+    from inference.radiograph.hardware_post import Piece
+    from inference.results import ImplantKind
+
+    def piece(kind: ImplantKind, score: float) -> SourcePiece:
+        mask = np.ones((4, 4), bool)
+        return SourcePiece(Piece(kind, mask, (0, 0), score=score), (0, 0), mask, (2.0, 2.0))
+
+    weak, strong = piece(ImplantKind.INTERBODY_CAGE, 0.98), piece(ImplantKind.INTERBODY_CAGE, 0.995)
+    assert drop_doubtful_lone_cages([weak, strong], 0.99) == [strong]
+    assert drop_doubtful_lone_cages([weak], 0.99) == []
+    screw = piece(ImplantKind.PEDICLE_SCREW, 0.6)
+    assert drop_doubtful_lone_cages([screw, weak], 0.99) == [screw, weak]
+    assert drop_doubtful_lone_cages([weak], None) == [weak]
