@@ -124,6 +124,12 @@ def test_a_plif_pair_is_one_disc_space_and_the_scan_threshold_is_tuned_over_disc
     assert t["threshold"] == pytest.approx(0.97) and t["precision"] == 1.0 and t["recall"] == 0.75
     assert t["disc_spaces"] == 4 and t["images"] == 2
     assert scan_threshold(records[1:])["threshold"] is None
+    # Where the F1 is flat, the higher threshold: at 0.95 one more true and one more false cage raise the F1 by
+    # 0.005 (0.7273 -> 0.7321), within the tolerance.
+    flat = [record([0.99] * 50 + [0.95, 0.95], [True] * 40 + [False] * 10 + [True, False], 60)]
+    exact = scan_threshold(flat, tolerance=0.0)
+    assert exact["threshold"] == pytest.approx(0.95) and exact["f1"] == pytest.approx(0.7321, abs=1e-4)
+    assert scan_threshold(flat)["threshold"] == pytest.approx(0.99) and scan_threshold(flat)["best_f1"] == exact["f1"]
 
 
 def test_a_cage_alone_is_held_to_the_threshold_that_keeps_films_without_implants_clean() -> None:
