@@ -1111,13 +1111,20 @@ def _disc_lines(meta: dict[str, Any]) -> list[str]:
                 f"model merged, or below the lowest body found, is still seen); it is asked at one candidate in {hd.SCAN_COARSE}, "
                 f"then around those scoring {hd.SCAN_REFINE_FLOOR:g} or more, and the most probable position within "
                 f"{hd.SCAN_SEPARATION:g} steps (at least {hd.SCAN_MIN_SEPARATION_MM:g} mm) is "
-                f"reported at probability >= {post['cage_scan_threshold']} (best F1 over held-out disc spaces with cages, on the "
-                f"vertebrae the vertebra model finds: precision {scan.get('precision')}, recall {scan.get('recall')}, "
+                f"reported at probability >= {post['cage_scan_threshold']} ({_scan_choice(scan)} over held-out disc spaces with "
+                f"cages, on the vertebrae the vertebra model finds: precision {scan.get('precision')}, recall {scan.get('recall')}, "
                 f"{scan.get('disc_spaces')} disc spaces), as the middle of the disc space, half the bodies' width wide. It finds no "
                 "cage where no vertebra is found around it." + _alone_text(post, scan.get("alone") or {})]
     return [head + f"It is asked of every disc space between two consecutive vertebrae found; a cage is reported at probability >= "
             f"{post.get('cage_disc_threshold')} (best F1 on held-out discs), as the middle of the disc space, half the bodies' width "
             "wide. It finds no cage where the vertebrae around it are not found."]
+
+
+def _scan_choice(scan: dict[str, Any]) -> str:
+    """How the scan threshold was chosen, from its tuning record (records before the tolerance: best F1)."""
+    if scan.get("f1_tolerance"):
+        return f"the highest threshold within {scan['f1_tolerance']:g} of the best F1, {scan.get('best_f1')}; F1 {scan.get('f1')}"
+    return "best F1"
 
 
 def _alone_text(post: dict[str, Any], alone: dict[str, Any]) -> str:

@@ -68,10 +68,15 @@ def test_the_shipped_model_loads_its_disc_classifier() -> None:
     assert 0.0 < model.params.cage_disc_threshold < 1.0
     assert spec.metadata["training"]["disc_classifier"]["held_out_auc"] >= 0.8
     # Cages are looked for along the spine, at a threshold tuned on held-out disc spaces with the vertebra
-    # model's vertebrae (2026-12-06: 0.976, F1 0.63 over 172 disc spaces).
+    # model's vertebrae (2026-12-06: 0.978, F1 0.63 over 172 disc spaces) ...
     assert 0.9 <= model.params.cage_scan_threshold < 1.0
     tuning = spec.metadata["training"]["cage_scan"]["tuning"]
     assert tuning["threshold"] == model.params.cage_scan_threshold and tuning["disc_spaces"] >= 100 and tuning["f1"] >= 0.5
+    # ... and a cage alone on a film at a higher one, which left a cage on at most 1 % of the real VAL films
+    # without implants (0.984: 3 -> 1 of 113).
+    alone = tuning["alone"]
+    assert model.params.cage_scan_threshold < model.params.cage_alone_threshold == alone["threshold"] < 1.0
+    assert alone["plain_films_with_a_cage"] <= 0.01 * alone["plain_films"] and alone["plain_films"] >= 100
 
 
 def test_cages_are_matched_by_centre_one_to_one() -> None:
