@@ -156,7 +156,7 @@ def test_a_cage_alone_is_held_to_the_threshold_that_keeps_films_without_implants
     # Films without implants that demand more than the stand-alone cage reaches: it is lost, and that is shown.
     strict = alone_threshold(records, [record([0.99], [False], 0), record([0.995], [False], 0)] + plain[2:], 0.97)
     assert strict["threshold"] == pytest.approx(0.995) and strict["recall_cages_only"] == 0.0
-    # No threshold below 1 clears them: no cage alone is ever reported.
+    # No threshold below 1 clears them: a cage alone must then score 1 (as rounded to 4 decimals).
     assert alone_threshold(records, [record([0.999], [False], 0)], 0.97, max_false_share=0.0)["threshold"] == 1.0
     assert alone_threshold(records, [], 0.97)["threshold"] is None
 
