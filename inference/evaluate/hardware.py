@@ -1157,6 +1157,49 @@ def _fine_tune_lines(tr: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    """"At a glance": what a reader can rely on and where it fails, from the evaluation's own numbers (the
+    sections below give every row); empty when the card's metrics lack the sets it reads."""
+    syn, real, plain = m.get("synthetic_holdout") or {}, m.get("real_overlay_test") or {}, m.get("real_plain_test") or {}
+    if not (syn.get("detection") and real.get("detection") and plain.get("images")):
+        return []
+
+    def prf(d: dict[str, Any] | None) -> str:
+        d = d or {}
+        return f"F1 {_f(d.get('f1'))} (precision {_f(d.get('precision'))}, recall {_f(d.get('recall'))})"
+
+    post = meta.get("postprocess", {})
+    off = list(post.get("not_assessed") or [])
+    named = syn.get("screw_levels_vertebra_model") or {}
+    true_named = syn.get("screw_levels_true_vertebrae") or {}
+    only_cages = (syn.get("no_implants") or {}).get("images_cages_or_plates_only_said_no_implants") or {}
+    lines = [
+        "## At a glance",
+        "",
+        "What a reader of this model's results can rely on, and where it fails (rows of the sections below; \"real films\" are",
+        "real radiographs with implants drawn on by the data engine: no real radiograph with labelled hardware exists in the data).",
+        "",
+        f"- Pedicle screws: real films {prf(real['detection'].get('pedicle screw'))}; synthetic AP "
+        f"{prf(syn['detection'].get('pedicle screw, AP'))}, lateral {prf(syn['detection'].get('pedicle screw, LAT'))}.",
+        f"- Rods (reported as the pieces seen): real films {prf(real['detection'].get('rod'))}; synthetic {prf(syn['detection'].get('rod'))}.",
+        f"- Interbody cages, by disc space, with the vertebra model's vertebrae as in the node: real films "
+        f"{prf(real.get('cage_discs_vertebra_model'))}; synthetic {prf(syn.get('cage_discs_vertebra_model'))}. Synthetic images whose only "
+        f"implants are cages or plates are answered \"no implants\" {_f(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).",
+        f"- Real radiographs without implants, as they are, answered \"no implants\": {_f(plain.get('said_no_implants'), pct=True)} of "
+        f"{plain.get('images')} (the films with false pieces are listed below).",
+    ]
+    if off:
+        lines.append(f"- **Hardware failure is not assessed** ({', '.join(off)} switched off: no better than chance, or than a construct-size baseline, on held-out data): an "
+                     "image with implants is \"not assessable\" with the reason, never \"hardware intact\", and no study is flagged for hardware.")
+    if named:
+        lines.append(f"- Screw levels: with the vertebra model as in the node {_f(named.get('named_fraction'), pct=True)} of screws get a level "
+                     f"({_f(named.get('accuracy_of_named'), pct=True)} of those right; levels come from the vertebra model); with the true vertebrae "
+                     f"{_f(true_named.get('accuracy_of_named'), pct=True)} right.")
+    if post.get("not_named"):
+        lines.append(f"- Not named (reported as \"other implant\"): {', '.join(post['not_named'])}.")
+    return lines + [""]
+
+
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     """The model card text (MODEL_CARD.md), from model.json and the evaluation results."""
     tr = meta.get("training", {})
@@ -1167,6 +1210,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "",
         f"Written by `make eval-hardware` (`inference/evaluate/hardware.py`) on {m.get('evaluated')}; do not edit by hand.",
         "",
+        *_glance_lines(meta, m),
         "## What it does",
         "",
         "Segments spinal hardware on a projection radiograph (AP or lateral): pedicle screws, rods, interbody cages, anterior",
