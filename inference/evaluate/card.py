@@ -189,6 +189,49 @@ def _variants_section(variants: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    """"At a glance": what a reader can rely on and where it fails, from the evaluation's own numbers (the
+    sections below give every row); empty when the card's metrics lack the sets it reads."""
+    real, syn, lat = m.get("real_test") or {}, m.get("synthetic_holdout") or {}, m.get("lateral_fracture_holdout") or {}
+    if not (real.get("centroid_in_box") and syn.get("detection")):
+        return []
+
+    def prf(d: dict[str, Any] | None) -> str:
+        d = d or {}
+        return f"F1 {_f(d.get('f1'))} (precision {_f(d.get('precision'))}, recall {_f(d.get('recall'))})"
+
+    real_names = real.get("naming_assuming_lowest_box_is_L5") or {}
+    syn_names = syn.get("naming") or {}
+    naming_on = meta.get("postprocess", {}).get("name_levels", True)
+    named = (f"real test radiographs {_f(real_names.get('named_fraction'), pct=True)} of vertebrae named, "
+             f"{_f(real_names.get('accuracy_of_named'), pct=True)} of those right (taking the lowest labelled box as L5); synthetic hold-out "
+             f"{_f(syn_names.get('named_fraction'), pct=True)} named, {_f(syn_names.get('accuracy_of_named'), pct=True)} right")
+    lines = [
+        "## At a glance",
+        "",
+        "What a reader of this model's results can rely on, and where it fails (rows of the sections below).",
+        "",
+        f"- Vertebrae found on real AP radiographs ({real.get('images')} test images, centre inside a labelled box): "
+        f"{prf(real.get('centroid_in_box'))}; evenly spaced points on the midline: {prf(real.get('baseline_midline_points'))}.",
+        f"- Synthetic hold-out ({syn.get('samples')} radiographs made from CT and phantoms): vertebrae {prf(syn.get('detection'))}; "
+        f"body Dice {_f(syn.get('dice_body_pooled'))}.",
+        ("- Level names: " if naming_on else "- **Level names are switched off**: every vertebra is reported \"level unknown\". "
+         "Measured with the rule on: ") + named + ".",
+    ]
+    grades = lat.get("grades") or {}
+    if grades:
+        heights = (lat.get("heights_mm") or {}).get("mae") or {}
+        base = (lat.get("heights_mm") or {}).get("baseline_level_mean_mae") or {}
+        lines.append(
+            ("- Heights and fracture grades: " if meta.get("fracture_grading", True) else
+             "- **Heights and fracture grades are switched off**: no fracture is reported. Measured with them on: ")
+            + f"synthetic lateral hold-out ({lat.get('samples')} radiographs) Genant kappa {_f(grades.get('kappa'))}, fracture sensitivity "
+            f"{_f(grades.get('fracture_sensitivity'), pct=True)} / specificity {_f(grades.get('fracture_specificity'), pct=True)}; height error "
+            f"(anterior / middle / posterior) {_f(heights.get('anterior'))} / {_f(heights.get('middle'))} / {_f(heights.get('posterior'))} mm "
+            f"against {_f(base.get('anterior'))} / {_f(base.get('middle'))} / {_f(base.get('posterior'))} mm for each level's mean height.")
+    return lines + [""]
+
+
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     """The model card text."""
     tr = meta.get("training", {})
@@ -198,6 +241,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "",
         "Written by `make eval-vertebrae` (`inference/evaluate/vertebrae.py`) on " + str(m.get("evaluated")) + "; do not edit by hand.",
         "",
+        *_glance_lines(meta, m),
         "## What it does",
         "",
         "Finds the vertebral bodies (C2-L5) and the sacrum on a projection radiograph (AP or lateral), separates them into single",
