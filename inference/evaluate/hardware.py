@@ -55,6 +55,7 @@ from inference.radiograph.hardware_post import (
 from inference.registry import ModelRegistry, ModelSpec
 from inference.results import (
     LEVELS,
+    Complication,
     HardwareStatus,
     ImplantKind,
     RegionMask,
@@ -1188,9 +1189,11 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"- Real radiographs without implants, as they are, answered \"no implants\": {_f(plain.get('said_no_implants'), pct=True)} of "
         f"{plain.get('images')} (the films with false pieces are listed below).",
     ]
-    if off:
+    if set(off) >= {c.value for c in Complication}:
         lines.append(f"- **Hardware failure is not assessed** ({', '.join(off)} switched off: no better than chance, or than a construct-size baseline, on held-out data): an "
                      "image with implants is \"not assessable\" with the reason, never \"hardware intact\", and no study is flagged for hardware.")
+    elif off:
+        lines.append(f"- **Not assessed** (switched off: no better than chance, or than a construct-size baseline, on held-out data): {', '.join(off)}.")
     if named:
         lines.append(f"- Screw levels: with the vertebra model as in the node {_f(named.get('named_fraction'), pct=True)} of screws get a level "
                      f"({_f(named.get('accuracy_of_named'), pct=True)} of those right; levels come from the vertebra model); with the true vertebrae "
