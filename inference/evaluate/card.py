@@ -26,7 +26,8 @@ deformities, with exposure, noise, scatter, grid lines, collimation, text/marker
 (`inference.synth`)."""
 
 
-def _f(v: Any, pct: bool = False) -> str:
+def value_text(v: Any, pct: bool = False) -> str:
+    """A number as the cards print it: three decimals (or a percentage), "–" when there is none."""
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -34,10 +35,16 @@ def _f(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
+def detection_text(d: dict[str, Any] | None) -> str:
+    """"F1 x (precision y, recall z)" of a detection-counts dict (the cards' "At a glance" lines)."""
+    d = d or {}
+    return f"F1 {value_text(d.get('f1'))} (precision {value_text(d.get('precision'))}, recall {value_text(d.get('recall'))})"
+
+
 def _det_row(name: str, d: dict[str, Any] | None) -> str:
     if not d:
         return f"| {name} | – | – | – |"
-    return f"| {name} | {_f(d.get('precision'))} | {_f(d.get('recall'))} | {_f(d.get('f1'))} |"
+    return f"| {name} | {value_text(d.get('precision'))} | {value_text(d.get('recall'))} | {value_text(d.get('f1'))} |"
 
 
 def _synth_section(title: str, s: dict[str, Any]) -> list[str]:
@@ -46,32 +53,32 @@ def _synth_section(title: str, s: dict[str, Any]) -> list[str]:
     if s.get("training"):
         out.append(f"Model for this row: {s['training']}.")
     out += ["", "| metric | model | trivial baseline |", "|---|---|---|"]
-    out.append(f"| Dice vertebral bodies (pooled / mean per image) | {_f(s.get('dice_body_pooled'))} / {_f(s.get('dice_body_mean'))} | – |")
-    out.append(f"| Dice per matched vertebra (mean) | {_f(s.get('dice_per_vertebra_mean'))} | – |")
-    out.append(f"| Dice sacrum (pooled / mean per image with sacrum) | {_f(s.get('dice_sacrum_pooled'))} / {_f(s.get('dice_sacrum_mean'))} | – |")
+    out.append(f"| Dice vertebral bodies (pooled / mean per image) | {value_text(s.get('dice_body_pooled'))} / {value_text(s.get('dice_body_mean'))} | – |")
+    out.append(f"| Dice per matched vertebra (mean) | {value_text(s.get('dice_per_vertebra_mean'))} | – |")
+    out.append(f"| Dice sacrum (pooled / mean per image with sacrum) | {value_text(s.get('dice_sacrum_pooled'))} / {value_text(s.get('dice_sacrum_mean'))} | – |")
     d = s.get("detection", {})
-    out.append(f"| detection precision / recall / F1 | {_f(d.get('precision'))} / {_f(d.get('recall'))} / {_f(d.get('f1'))} | – |")
+    out.append(f"| detection precision / recall / F1 | {value_text(d.get('precision'))} / {value_text(d.get('recall'))} / {value_text(d.get('f1'))} | – |")
     n = s.get("naming", {})
     out.append(
-        f"| level naming: accuracy of named / named fraction / wrong names | {_f(n.get('accuracy_of_named'))} / "
-        f"{_f(n.get('named_fraction'))} / {n.get('wrong_names')} | lowest detection = L5: {_f(n.get('baseline_lowest_is_L5_accuracy'))} |"
+        f"| level naming: accuracy of named / named fraction / wrong names | {value_text(n.get('accuracy_of_named'))} / "
+        f"{value_text(n.get('named_fraction'))} / {n.get('wrong_names')} | lowest detection = L5: {value_text(n.get('baseline_lowest_is_L5_accuracy'))} |"
     )
     by_source = n.get("by_source") or {}
     h = s.get("heights_mm")
     if h:
         mae, base = h.get("mae", {}), h.get("baseline_level_mean_mae", {})
         for k in ("anterior", "middle", "posterior"):
-            out.append(f"| height MAE {k} (mm), {h.get('pairs')} bodies; bias {_f(h.get('bias', {}).get(k))} | {_f(mae.get(k))} | mean of the level: {_f(base.get(k))} |")
+            out.append(f"| height MAE {k} (mm), {h.get('pairs')} bodies; bias {value_text(h.get('bias', {}).get(k))} | {value_text(mae.get(k))} | mean of the level: {value_text(base.get(k))} |")
     g = s.get("grades")
     if g:
-        out.append(f"| Genant grade: Cohen's kappa (linear-weighted), {g.get('pairs')} bodies | {_f(g.get('kappa'))} ({_f(g.get('kappa_linear'))}) | all normal: 0.000 |")
-        out.append(f"| Genant grade: accuracy | {_f(g.get('accuracy'))} | all normal: {_f(g.get('baseline_all_normal', {}).get('accuracy'))} |")
-        out.append(f"| fracture (grade >= 1) sensitivity / specificity | {_f(g.get('fracture_sensitivity'))} / {_f(g.get('fracture_specificity'))} | 0 / 1 |")
+        out.append(f"| Genant grade: Cohen's kappa (linear-weighted), {g.get('pairs')} bodies | {value_text(g.get('kappa'))} ({value_text(g.get('kappa_linear'))}) | all normal: 0.000 |")
+        out.append(f"| Genant grade: accuracy | {value_text(g.get('accuracy'))} | all normal: {value_text(g.get('baseline_all_normal', {}).get('accuracy'))} |")
+        out.append(f"| fracture (grade >= 1) sensitivity / specificity | {value_text(g.get('fracture_sensitivity'))} / {value_text(g.get('fracture_specificity'))} | 0 / 1 |")
         out.append("")
         out.append(f"Grade confusion (rows truth 0-3, columns predicted 0-3): `{g.get('confusion_true_rows_pred_cols')}`")
     if by_source:
         out += ["", "Level naming by anatomy source (accuracy of named, named / matched vertebrae):"]
-        out += [f"- {src}: {_f(v.get('accuracy_of_named'))}, {v.get('named')} / {v.get('matched')}" for src, v in by_source.items()]
+        out += [f"- {src}: {value_text(v.get('accuracy_of_named'))}, {v.get('named')} / {v.get('matched')}" for src, v in by_source.items()]
     a = s.get("anterior_side_from_image")
     if a:
         out.append("")
@@ -86,7 +93,7 @@ def _morphometry_section(title: str, s: dict[str, Any], intro: str) -> list[str]
     out = [f"### {title}", "", intro, ""]
     out.append(f"{s.get('samples')} samples; views {s.get('views')}; sources {s.get('sources')}.")
     d = s.get("detection", {})
-    out.append(f"Vertebra detection on them: precision {_f(d.get('precision'))}, recall {_f(d.get('recall'))}; heights and grades are "
+    out.append(f"Vertebra detection on them: precision {value_text(d.get('precision'))}, recall {value_text(d.get('recall'))}; heights and grades are "
                "scored on the detected bodies fully inside the field.")
     h, hs = s.get("heights_mm") or {}, s.get("heights_mm_silhouette") or {}
     g, gs = s.get("grades") or {}, s.get("grades_silhouette") or {}
@@ -95,15 +102,15 @@ def _morphometry_section(title: str, s: dict[str, Any], intro: str) -> list[str]
     out += ["", "| metric | six endplate points | body silhouette | trivial baseline |", "|---|---|---|---|"]
     base = h.get("baseline_level_mean_mae", {})
     for k in ("anterior", "middle", "posterior"):
-        out.append(f"| height MAE {k} (mm); bias | {_f(h.get('mae', {}).get(k))}; {_f(h.get('bias', {}).get(k))} | "
-                   f"{_f(hs.get('mae', {}).get(k))}; {_f(hs.get('bias', {}).get(k))} | mean of the level: {_f(base.get(k))} |")
+        out.append(f"| height MAE {k} (mm); bias | {value_text(h.get('mae', {}).get(k))}; {value_text(h.get('bias', {}).get(k))} | "
+                   f"{value_text(hs.get('mae', {}).get(k))}; {value_text(hs.get('bias', {}).get(k))} | mean of the level: {value_text(base.get(k))} |")
     rows = (
-        ("Genant grade: Cohen's kappa (linear-weighted)", lambda x: f"{_f(x.get('kappa'))} ({_f(x.get('kappa_linear'))})", "0.000"),
-        ("Genant grade: accuracy", lambda x: _f(x.get("accuracy")), _f(g.get("baseline_all_normal", {}).get("accuracy"))),
-        ("fracture (grade >= 1): sensitivity / specificity", lambda x: f"{_f(x.get('fracture_sensitivity'))} / {_f(x.get('fracture_specificity'))}", "0 / 1"),
-        ("grade 2-3 found as grade 2-3 (sensitivity)", lambda x: _f(x.get("moderate_or_severe_sensitivity")), "0"),
-        ("normal bodies called grade 2-3", lambda x: _f(x.get("moderate_or_severe_false_positive_rate"), pct=True), "0"),
-        ("shape right on fractures found", lambda x: _f(x.get("shape_agreement_on_found_fractures")), "–"),
+        ("Genant grade: Cohen's kappa (linear-weighted)", lambda x: f"{value_text(x.get('kappa'))} ({value_text(x.get('kappa_linear'))})", "0.000"),
+        ("Genant grade: accuracy", lambda x: value_text(x.get("accuracy")), value_text(g.get("baseline_all_normal", {}).get("accuracy"))),
+        ("fracture (grade >= 1): sensitivity / specificity", lambda x: f"{value_text(x.get('fracture_sensitivity'))} / {value_text(x.get('fracture_specificity'))}", "0 / 1"),
+        ("grade 2-3 found as grade 2-3 (sensitivity)", lambda x: value_text(x.get("moderate_or_severe_sensitivity")), "0"),
+        ("normal bodies called grade 2-3", lambda x: value_text(x.get("moderate_or_severe_false_positive_rate"), pct=True), "0"),
+        ("shape right on fractures found", lambda x: value_text(x.get("shape_agreement_on_found_fractures")), "–"),
     )
     for name, fmt, baseline in rows:
         out.append(f"| {name} | {fmt(g) if g else '–'} | {fmt(gs) if gs else '–'} | all normal: {baseline} |")
@@ -124,14 +131,14 @@ def _single_method(out: list[str], h: dict[str, Any], g: dict[str, Any]) -> list
     out += ["", "| metric | body silhouette | trivial baseline |", "|---|---|---|"]
     base = h.get("baseline_level_mean_mae", {})
     for k in ("anterior", "middle", "posterior"):
-        out.append(f"| height MAE {k} (mm); bias | {_f(h.get('mae', {}).get(k))}; {_f(h.get('bias', {}).get(k))} | mean of the level: {_f(base.get(k))} |")
+        out.append(f"| height MAE {k} (mm); bias | {value_text(h.get('mae', {}).get(k))}; {value_text(h.get('bias', {}).get(k))} | mean of the level: {value_text(base.get(k))} |")
     out += [
-        f"| Genant grade: Cohen's kappa (linear-weighted) | {_f(g.get('kappa'))} ({_f(g.get('kappa_linear'))}) | all normal: 0.000 |",
-        f"| Genant grade: accuracy | {_f(g.get('accuracy'))} | all normal: {_f(g.get('baseline_all_normal', {}).get('accuracy'))} |",
-        f"| fracture (grade >= 1): sensitivity / specificity | {_f(g.get('fracture_sensitivity'))} / {_f(g.get('fracture_specificity'))} | 0 / 1 |",
-        f"| grade 2-3 found as grade 2-3 (sensitivity) | {_f(g.get('moderate_or_severe_sensitivity'))} | 0 |",
-        f"| normal bodies called grade 2-3 | {_f(g.get('moderate_or_severe_false_positive_rate'), pct=True)} | 0 |",
-        f"| shape right on fractures found | {_f(g.get('shape_agreement_on_found_fractures'))} | – |",
+        f"| Genant grade: Cohen's kappa (linear-weighted) | {value_text(g.get('kappa'))} ({value_text(g.get('kappa_linear'))}) | all normal: 0.000 |",
+        f"| Genant grade: accuracy | {value_text(g.get('accuracy'))} | all normal: {value_text(g.get('baseline_all_normal', {}).get('accuracy'))} |",
+        f"| fracture (grade >= 1): sensitivity / specificity | {value_text(g.get('fracture_sensitivity'))} / {value_text(g.get('fracture_specificity'))} | 0 / 1 |",
+        f"| grade 2-3 found as grade 2-3 (sensitivity) | {value_text(g.get('moderate_or_severe_sensitivity'))} | 0 |",
+        f"| normal bodies called grade 2-3 | {value_text(g.get('moderate_or_severe_false_positive_rate'), pct=True)} | 0 |",
+        f"| shape right on fractures found | {value_text(g.get('shape_agreement_on_found_fractures'))} | – |",
         f"| bodies scored | {g.get('pairs')} | |",
         "",
         f"Grade confusion (rows truth 0-3, columns predicted 0-3): `{g.get('confusion_true_rows_pred_cols')}`.",
@@ -183,8 +190,8 @@ def _variants_section(variants: dict[str, Any] | None) -> list[str]:
     for v in variants.values():
         c, i = v.get("centroid_in_box") or {}, v.get("box_iou_0.3") or {}
         lines.append(
-            f"| {v.get('description')} | {_f(c.get('precision'))} / {_f(c.get('recall'))} / {_f(c.get('f1'))} | {_f(i.get('f1'))} | "
-            f"{v.get('images_re_zoomed')} | {v.get('images_without_spine')} | {_f(v.get('seconds_per_image_mean'))} |"
+            f"| {v.get('description')} | {value_text(c.get('precision'))} / {value_text(c.get('recall'))} / {value_text(c.get('f1'))} | {value_text(i.get('f1'))} | "
+            f"{v.get('images_re_zoomed')} | {v.get('images_without_spine')} | {value_text(v.get('seconds_per_image_mean'))} |"
         )
     return lines + [""]
 
@@ -196,25 +203,21 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     if not (real.get("centroid_in_box") and syn.get("detection")):
         return []
 
-    def prf(d: dict[str, Any] | None) -> str:
-        d = d or {}
-        return f"F1 {_f(d.get('f1'))} (precision {_f(d.get('precision'))}, recall {_f(d.get('recall'))})"
-
     real_names = real.get("naming_assuming_lowest_box_is_L5") or {}
     syn_names = syn.get("naming") or {}
     naming_on = meta.get("postprocess", {}).get("name_levels", True)
-    named = (f"real test radiographs {_f(real_names.get('named_fraction'), pct=True)} of vertebrae named, "
-             f"{_f(real_names.get('accuracy_of_named'), pct=True)} of those right (taking the lowest labelled box as L5); synthetic hold-out "
-             f"{_f(syn_names.get('named_fraction'), pct=True)} named, {_f(syn_names.get('accuracy_of_named'), pct=True)} right")
+    named = (f"real test radiographs {value_text(real_names.get('named_fraction'), pct=True)} of vertebrae named, "
+             f"{value_text(real_names.get('accuracy_of_named'), pct=True)} of those right (taking the lowest labelled box as L5); synthetic hold-out "
+             f"{value_text(syn_names.get('named_fraction'), pct=True)} named, {value_text(syn_names.get('accuracy_of_named'), pct=True)} right")
     lines = [
         "## At a glance",
         "",
         "What a reader of this model's results can rely on, and where it fails (rows of the sections below).",
         "",
         f"- Vertebrae found on real AP radiographs ({real.get('images')} test images, centre inside a labelled box): "
-        f"{prf(real.get('centroid_in_box'))}; evenly spaced points on the midline: {prf(real.get('baseline_midline_points'))}.",
-        f"- Synthetic hold-out ({syn.get('samples')} radiographs made from CT and phantoms): vertebrae {prf(syn.get('detection'))}; "
-        f"body Dice {_f(syn.get('dice_body_pooled'))}.",
+        f"{detection_text(real.get('centroid_in_box'))}; evenly spaced points on the midline: {detection_text(real.get('baseline_midline_points'))}.",
+        f"- Synthetic hold-out ({syn.get('samples')} radiographs made from CT and phantoms): vertebrae {detection_text(syn.get('detection'))}; "
+        f"body Dice {value_text(syn.get('dice_body_pooled'))}.",
         ("- Level names: " if naming_on else "- **Level names are switched off**: every vertebra is reported \"level unknown\". "
          "Measured with the rule on: ") + named + ".",
     ]
@@ -225,10 +228,10 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         lines.append(
             ("- Heights and fracture grades: " if meta.get("fracture_grading", True) else
              "- **Heights and fracture grades are switched off**: no fracture is reported. Measured with them on: ")
-            + f"synthetic lateral hold-out ({lat.get('samples')} radiographs) Genant kappa {_f(grades.get('kappa'))}, fracture sensitivity "
-            f"{_f(grades.get('fracture_sensitivity'), pct=True)} / specificity {_f(grades.get('fracture_specificity'), pct=True)}; height error "
-            f"(anterior / middle / posterior) {_f(heights.get('anterior'))} / {_f(heights.get('middle'))} / {_f(heights.get('posterior'))} mm "
-            f"against {_f(base.get('anterior'))} / {_f(base.get('middle'))} / {_f(base.get('posterior'))} mm for each level's mean height.")
+            + f"synthetic lateral hold-out ({lat.get('samples')} radiographs) Genant kappa {value_text(grades.get('kappa'))}, fracture sensitivity "
+            f"{value_text(grades.get('fracture_sensitivity'), pct=True)} / specificity {value_text(grades.get('fracture_specificity'), pct=True)}; height error "
+            f"(anterior / middle / posterior) {value_text(heights.get('anterior'))} / {value_text(heights.get('middle'))} / {value_text(heights.get('posterior'))} mm "
+            f"against {value_text(base.get('anterior'))} / {value_text(base.get('middle'))} / {value_text(base.get('posterior'))} mm for each level's mean height.")
     return lines + [""]
 
 
@@ -300,13 +303,13 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
                       "the rule's, measured with it switched on for the evaluation.", ""]
         lines += [
             f"Level naming on real images, assuming the lowest box is L5 (the export's convention, checked by eye on overlays): "
-            f"{_f(n.get('named_fraction'))} of matched vertebrae named (on {n.get('images_named')} images); accuracy of the named "
-            f"{_f(n.get('accuracy_of_named'))} ({n.get('wrong_names')} wrong names); trivial baseline \"the lowest detection is L5\", "
-            f"every matched vertebra named: {_f(n.get('baseline_lowest_is_L5_accuracy'))} right; "
+            f"{value_text(n.get('named_fraction'))} of matched vertebrae named (on {n.get('images_named')} images); accuracy of the named "
+            f"{value_text(n.get('accuracy_of_named'))} ({n.get('wrong_names')} wrong names); trivial baseline \"the lowest detection is L5\", "
+            f"every matched vertebra named: {value_text(n.get('baseline_lowest_is_L5_accuracy'))} right; "
             f"sacrum found on {n.get('images_with_sacrum_found')} of {real['images']} images.",
             "",
-            f"Time per image in this evaluation (416 px JPEGs, 2 threads, shared machine): mean {_f(real.get('seconds_per_image_mean'))} s, "
-            f"p95 {_f(real.get('seconds_per_image_p95'))} s. See `bench/inference_vertebrae.py` for DICOM-sized inputs.",
+            f"Time per image in this evaluation (416 px JPEGs, 2 threads, shared machine): mean {value_text(real.get('seconds_per_image_mean'))} s, "
+            f"p95 {value_text(real.get('seconds_per_image_p95'))} s. See `bench/inference_vertebrae.py` for DICOM-sized inputs.",
             "",
         ]
     lines += _variants_section(m.get("real_test_variants"))

@@ -42,6 +42,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from inference.evaluate import metrics as M
+from inference.evaluate.card import detection_text, value_text
 from inference.radiograph import preprocess
 from inference.radiograph.hardware import HardwareModel
 from inference.radiograph.hardware_post import (
@@ -966,14 +967,6 @@ No real radiograph with real, labelled hardware was available: every implant the
 (projected exactly from 3D primitives with NIST attenuation), on DRRs or on real radiographs."""
 
 
-def _f(v: Any, pct: bool = False) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
-    return str(v)
-
-
 def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     out = [f"### {title}", ""]
     out.append(f"{s.get('samples')} images ({s.get('samples_with_implants')} with implants); views {s.get('views')}; sources {s.get('sources')}.")
@@ -983,77 +976,77 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
     d = s.get("dice", {})
     base = s.get("baseline_brightest_pixels_dice", {})
     best_base = max((v for v in base.values() if v is not None), default=None)
-    out.append(f"| Dice all hardware (pooled / mean per image) | {_f(d.get('all hardware', {}).get('pooled'))} / {_f(d.get('all hardware', {}).get('mean_per_image'))} | "
-               f"brightest pixels (best of 3 thresholds): {_f(best_base)}; literature 0.940 (instrumentation segmentation) |")
+    out.append(f"| Dice all hardware (pooled / mean per image) | {value_text(d.get('all hardware', {}).get('pooled'))} / {value_text(d.get('all hardware', {}).get('mean_per_image'))} | "
+               f"brightest pixels (best of 3 thresholds): {value_text(best_base)}; literature 0.940 (instrumentation segmentation) |")
     for kind in KINDS:
         e = d.get(kind.value, {})
-        out.append(f"| Dice {kind.value} (pooled / mean per image, {e.get('images')} images) | {_f(e.get('pooled'))} / {_f(e.get('mean_per_image'))} | – |")
+        out.append(f"| Dice {kind.value} (pooled / mean per image, {e.get('images')} images) | {value_text(e.get('pooled'))} / {value_text(e.get('mean_per_image'))} | – |")
     det = s.get("detection", {})
     for name in ("pedicle screw", "pedicle screw, AP", "pedicle screw, LAT", "rod", "interbody cage", "plate"):
         e = det.get(name)
         if e:
             anchor = "literature: 97-98.7 % screw identification" if name.startswith("pedicle") else "–"
             out.append(f"| {name} detection precision / recall / F1 (tp {e.get('tp')}, fp {e.get('fp')}, fn {e.get('fn')}) | "
-                       f"{_f(e.get('precision'))} / {_f(e.get('recall'))} / {_f(e.get('f1'))} | {anchor} |")
+                       f"{value_text(e.get('precision'))} / {value_text(e.get('recall'))} / {value_text(e.get('f1'))} | {anchor} |")
     lv = s.get("screw_levels_true_vertebrae", {})
     if lv.get("screws"):
-        out.append(f"| screw level, true vertebrae: accuracy (named fraction; {lv.get('screws')} screws) | {_f(lv.get('accuracy_all'))} ({_f(lv.get('named_fraction'))}) | "
-                   f"nearest vertebra centroid: {_f(lv.get('baseline_nearest_centroid_accuracy'))} |")
+        out.append(f"| screw level, true vertebrae: accuracy (named fraction; {lv.get('screws')} screws) | {value_text(lv.get('accuracy_all'))} ({value_text(lv.get('named_fraction'))}) | "
+                   f"nearest vertebra centroid: {value_text(lv.get('baseline_nearest_centroid_accuracy'))} |")
     for view, e in (s.get("instrumented_levels") or {}).items():
         mdl, base = e.get("model", {}), e.get("baseline_every_visible_vertebra", {})
         if not (mdl.get("tp") or mdl.get("fn")):
             continue
         where = "all views" if view == "all" else f"{view} views"
         out.append(f"| instrumented levels (a level carrying a screw), {where}, true vertebrae: precision / recall / F1 "
-                   f"(tp {mdl.get('tp')}, fp {mdl.get('fp')}, fn {mdl.get('fn')}) | {_f(mdl.get('precision'))} / {_f(mdl.get('recall'))} / {_f(mdl.get('f1'))} | "
-                   f"every vertebra in view (images with screws): {_f(base.get('precision'))} / {_f(base.get('recall'))} / {_f(base.get('f1'))} |")
+                   f"(tp {mdl.get('tp')}, fp {mdl.get('fp')}, fn {mdl.get('fn')}) | {value_text(mdl.get('precision'))} / {value_text(mdl.get('recall'))} / {value_text(mdl.get('f1'))} | "
+                   f"every vertebra in view (images with screws): {value_text(base.get('precision'))} / {value_text(base.get('recall'))} / {value_text(base.get('f1'))} |")
     le = s.get("screw_levels_vertebra_model")
     if le:
         out.append(f"| screw level, vertebrae from spine-xr-vertebrae: accuracy of named / named fraction ({le.get('screws')} screws) | "
-                   f"{_f(le.get('accuracy_of_named'))} / {_f(le.get('named_fraction'))} | – |")
+                   f"{value_text(le.get('accuracy_of_named'))} / {value_text(le.get('named_fraction'))} | – |")
     vs = s.get("vertebrae_spanned_vertebra_model")
     if vs:
         out.append(f"| vertebrae spanned by the screws, vertebrae from spine-xr-vertebrae (named or not): exact / within 1 / found fraction "
-                   f"({vs.get('constructs')} constructs) | {_f(vs.get('exact_of_found'))} / {_f(vs.get('within_one_of_found'))} / {_f(vs.get('found_fraction'))} | "
-                   f"most common span: {_f(vs.get('baseline_most_common_exact'))} |")
+                   f"({vs.get('constructs')} constructs) | {value_text(vs.get('exact_of_found'))} / {value_text(vs.get('within_one_of_found'))} / {value_text(vs.get('found_fraction'))} | "
+                   f"most common span: {value_text(vs.get('baseline_most_common_exact'))} |")
     for key, whose in (("cages_by_centre", "true vertebrae"), ("cages_by_centre_vertebra_model", "vertebrae from spine-xr-vertebrae")):
         cv = s.get(key)
         if cv:
             out.append(f"| interbody cage found within {CAGE_CENTRE_MM:g} mm of a true cage's centre, {whose}: precision / recall / F1 "
-                       f"(tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {_f(cv.get('precision'))} / {_f(cv.get('recall'))} / {_f(cv.get('f1'))} | – |")
+                       f"(tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / {value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
     for key, whose in (("cage_discs", "true vertebrae"), ("cage_discs_vertebra_model", "vertebrae from spine-xr-vertebrae")):
         cv = s.get(key)
         if cv:
             out.append(f"| disc space with cages (a PLIF pair is one) found within {CAGE_CENTRE_MM:g} mm of its cages' centre, {whose}: "
-                       f"precision / recall / F1 (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {_f(cv.get('precision'))} / "
-                       f"{_f(cv.get('recall'))} / {_f(cv.get('f1'))} | – |")
+                       f"precision / recall / F1 (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / "
+                       f"{value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
     sd = s.get("sides_frontal", {})
     if sd.get("implants"):
-        out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {_f(sd.get('accuracy_of_named'))} / {_f(sd.get('named_fraction'))} | chance 0.5 |")
+        out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {value_text(sd.get('accuracy_of_named'))} / {value_text(sd.get('named_fraction'))} | chance 0.5 |")
     cd = s.get("cage_disc_levels", {})
     if cd.get("tp") or cd.get("fn"):
-        out.append(f"| cage disc levels precision / recall | {_f(cd.get('precision'))} / {_f(cd.get('recall'))} | – |")
+        out.append(f"| cage disc levels precision / recall | {value_text(cd.get('precision'))} / {value_text(cd.get('recall'))} | – |")
     for comp, e in s.get("complications_per_instance", {}).items():
         out.append(f"| {comp}: sensitivity / specificity per implant ({e.get('positives')} positive, {e.get('negatives')} negative) | "
-                   f"{_f(e.get('sensitivity'))} / {_f(e.get('specificity'))} | always intact: 0 / 1 |")
+                   f"{value_text(e.get('sensitivity'))} / {value_text(e.get('specificity'))} | always intact: 0 / 1 |")
     ci = s.get("complications_per_image", {})
     # No per-implant row means no failure mode is looked for: a per-image row would only read "specificity 1".
     if s.get("complications_per_instance") and (ci.get("images_with_complication") or ci.get("images_intact")):
         size = ci.get("baseline_construct_size") or {}
-        size_text = (f"; at least {size['min_implants']} implants shown (k best on this set): {_f(size['sensitivity'])} / "
-                     f"{_f(size['specificity'])}" if size else "")
+        size_text = (f"; at least {size['min_implants']} implants shown (k best on this set): {value_text(size['sensitivity'])} / "
+                     f"{value_text(size['specificity'])}" if size else "")
         out.append(f"| any complication the model looks for, per image: sensitivity / specificity ({ci.get('images_with_complication')} / {ci.get('images_intact')} images) | "
-                   f"{_f(ci.get('sensitivity'))} / {_f(ci.get('specificity'))} | always intact: 0 / 1{size_text} |")
+                   f"{value_text(ci.get('sensitivity'))} / {value_text(ci.get('specificity'))} | always intact: 0 / 1{size_text} |")
     ni = s.get("no_implants", {})
     if ni.get("images_without_implants"):
-        out.append(f"| images without implants answered \"no implants\" ({ni.get('images_without_implants')}) | {_f(ni.get('said_no_implants'))} | – |")
-    out.append(f"| images with implants answered \"no implants\" | {_f(ni.get('images_with_implants_said_no_implants'))} | – |")
+        out.append(f"| images without implants answered \"no implants\" ({ni.get('images_without_implants')}) | {value_text(ni.get('said_no_implants'))} | – |")
+    out.append(f"| images with implants answered \"no implants\" | {value_text(ni.get('images_with_implants_said_no_implants'))} | – |")
     for name, text in (("with_screws_or_rods", "with pedicle screws or rods"), ("cages_or_plates_only", "with cages or plates only")):
         part = ni.get(f"images_{name}_said_no_implants")
         if part and part.get("images"):
-            out.append(f"| &nbsp;&nbsp;of which images {text} ({part['images']}) | {_f(part.get('rate'))} | – |")
+            out.append(f"| &nbsp;&nbsp;of which images {text} ({part['images']}) | {value_text(part.get('rate'))} | – |")
     out.append(f"| complications reported on things that are not implants (count) | {s.get('false_alarm_complications_on_non_implants')} | – |")
-    out.append(f"| seconds per image in this evaluation (mean / p95) | {_f(s.get('seconds_per_image_mean'))} / {_f(s.get('seconds_per_image_p95'))} | budget 1 s |")
+    out.append(f"| seconds per image in this evaluation (mean / p95) | {value_text(s.get('seconds_per_image_mean'))} / {value_text(s.get('seconds_per_image_p95'))} | budget 1 s |")
     out += ["", f"Verdict confusion (rows: truth): `{s.get('verdict_confusion_true_rows')}`", ""]
     if s.get("not_assessable_causes_with_implants") is not None:
         out += [f"Images with implants answered \"not assessable\", by cause: `{s['not_assessable_causes_with_implants']}`", ""]
@@ -1165,10 +1158,6 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     if not (syn.get("detection") and real.get("detection") and plain.get("images")):
         return []
 
-    def prf(d: dict[str, Any] | None) -> str:
-        d = d or {}
-        return f"F1 {_f(d.get('f1'))} (precision {_f(d.get('precision'))}, recall {_f(d.get('recall'))})"
-
     post = meta.get("postprocess", {})
     off = list(post.get("not_assessed") or [])
     named = syn.get("screw_levels_vertebra_model") or {}
@@ -1180,13 +1169,13 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         "What a reader of this model's results can rely on, and where it fails (rows of the sections below; \"real films\" are",
         "real radiographs with implants drawn on by the data engine: no real radiograph with labelled hardware exists in the data).",
         "",
-        f"- Pedicle screws: real films {prf(real['detection'].get('pedicle screw'))}; synthetic AP "
-        f"{prf(syn['detection'].get('pedicle screw, AP'))}, lateral {prf(syn['detection'].get('pedicle screw, LAT'))}.",
-        f"- Rods (reported as the pieces seen): real films {prf(real['detection'].get('rod'))}; synthetic {prf(syn['detection'].get('rod'))}.",
+        f"- Pedicle screws: real films {detection_text(real['detection'].get('pedicle screw'))}; synthetic AP "
+        f"{detection_text(syn['detection'].get('pedicle screw, AP'))}, lateral {detection_text(syn['detection'].get('pedicle screw, LAT'))}.",
+        f"- Rods (reported as the pieces seen): real films {detection_text(real['detection'].get('rod'))}; synthetic {detection_text(syn['detection'].get('rod'))}.",
         f"- Interbody cages, by disc space, with the vertebra model's vertebrae as in the node: real films "
-        f"{prf(real.get('cage_discs_vertebra_model'))}; synthetic {prf(syn.get('cage_discs_vertebra_model'))}. Synthetic images whose only "
-        f"implants are cages or plates are answered \"no implants\" {_f(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).",
-        f"- Real radiographs without implants, as they are, answered \"no implants\": {_f(plain.get('said_no_implants'), pct=True)} of "
+        f"{detection_text(real.get('cage_discs_vertebra_model'))}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}. Synthetic images whose only "
+        f"implants are cages or plates are answered \"no implants\" {value_text(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).",
+        f"- Real radiographs without implants, as they are, answered \"no implants\": {value_text(plain.get('said_no_implants'), pct=True)} of "
         f"{plain.get('images')} (the films with false pieces are listed below).",
     ]
     if set(off) >= {c.value for c in Complication}:
@@ -1195,9 +1184,9 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     elif off:
         lines.append(f"- **Not assessed** (switched off: no better than chance, or than a construct-size baseline, on held-out data): {', '.join(off)}.")
     if named:
-        lines.append(f"- Screw levels: with the vertebra model as in the node {_f(named.get('named_fraction'), pct=True)} of screws get a level "
-                     f"({_f(named.get('accuracy_of_named'), pct=True)} of those right; levels come from the vertebra model); with the true vertebrae "
-                     f"{_f(true_named.get('accuracy_of_named'), pct=True)} right.")
+        lines.append(f"- Screw levels: with the vertebra model as in the node {value_text(named.get('named_fraction'), pct=True)} of screws get a level "
+                     f"({value_text(named.get('accuracy_of_named'), pct=True)} of those right; levels come from the vertebra model); with the true vertebrae "
+                     f"{value_text(true_named.get('accuracy_of_named'), pct=True)} right.")
     if post.get("not_named"):
         lines.append(f"- Not named (reported as \"other implant\"): {', '.join(post['not_named'])}.")
     return lines + [""]
@@ -1281,8 +1270,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += [
             "### REAL test radiographs as they are (no implants)",
             "",
-            f"{rp.get('images')} images: answered \"no implants\" on {_f(rp.get('said_no_implants'))}; status counts {rp.get('status')}; "
-            f"mean {_f(rp.get('seconds_per_image_mean'))} s per image. Images with false implants (first 20): `{rp.get('images_with_false_implants')}`.",
+            f"{rp.get('images')} images: answered \"no implants\" on {value_text(rp.get('said_no_implants'))}; status counts {rp.get('status')}; "
+            f"mean {value_text(rp.get('seconds_per_image_mean'))} s per image. Images with false implants (first 20): `{rp.get('images_with_false_implants')}`.",
             "",
         ]
         for film in rp.get("real_hardware") or []:
