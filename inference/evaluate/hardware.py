@@ -148,10 +148,14 @@ class TrueImplant:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # the data engine's (cage "style", "material", ...)
 
 
+def sample_mm(sample: Any) -> float:
+    """Millimetres per pixel of a data-engine sample (1.0 when it has no pixel spacing)."""
+    return float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+
+
 def true_implants(sample: Any) -> list[TrueImplant]:
     """Implants the sample shows (at least `MIN_VISIBLE_MM2`)."""
-    spacing = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
-    min_px = MIN_VISIBLE_MM2 / spacing**2
+    min_px = MIN_VISIBLE_MM2 / sample_mm(sample) ** 2
     out = []
     for k, spec in enumerate(sample.implant_specs):
         mask = sample.implants == k + 1
@@ -199,6 +203,11 @@ def match(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], min_iou: float
 CAGE_CENTRE_MM = 10.0
 
 
+def cage_match_px(sample: Any) -> float:
+    """`CAGE_CENTRE_MM` in the sample's pixels: how far a reported cage may lie from a true one's centre."""
+    return CAGE_CENTRE_MM / sample_mm(sample)
+
+
 def centre_counts(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], max_px: float) -> tuple[int, int, int]:
     """(tp, fp, fn) of one-to-one matching by mask centre distance <= `max_px` (Hungarian on distance)."""
     def centre(m: np.ndarray) -> tuple[float, float]:
@@ -210,10 +219,9 @@ def centre_counts(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], max_px
 
 def cage_centre_counts(outcome: Any, truth: Sequence[TrueImplant], sample: Any) -> tuple[int, int, int]:
     """`centre_counts` of the predicted and true interbody cages of one image, `CAGE_CENTRE_MM` apart at most."""
-    mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
     pred = [i.mask.dense() for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
     true = [t.mask for t in truth if t.kind is ImplantKind.INTERBODY_CAGE]
-    return centre_counts(pred, true, CAGE_CENTRE_MM / mm)
+    return centre_counts(pred, true, cage_match_px(sample))
 
 
 def true_cage_discs(truth: Sequence[TrueImplant]) -> list[tuple[float, float]]:
@@ -248,9 +256,8 @@ def point_counts(pred: Sequence[tuple[float, float]], true: Sequence[tuple[float
 def cage_disc_counts(outcome: Any, truth: Sequence[TrueImplant], sample: Any) -> tuple[int, int, int]:
     """(tp, fp, fn) of the reported cages against the disc spaces holding true cages (`true_cage_discs`),
     `CAGE_CENTRE_MM` apart at most."""
-    mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
     pred = [i.centroid for i in outcome.implants if i.kind is ImplantKind.INTERBODY_CAGE]
-    return point_counts(pred, true_cage_discs(truth), CAGE_CENTRE_MM / mm)
+    return point_counts(pred, true_cage_discs(truth), cage_match_px(sample))
 
 
 def complication_pairs(prob: np.ndarray, sample: Any, net_shape: tuple[int, int], params: HardwareParams) -> Iterator[tuple[str, float, bool]]:

@@ -58,9 +58,9 @@ def sample_bodies(sample: Any) -> list[Body]:
 def sample_discs(sample: Any) -> tuple[np.ndarray, np.ndarray]:
     """(patches (n, 1, h, w) float16, labels (n,) bool) of a sample's disc spaces, labelled by the cages it
     shows (`true_implants`)."""
-    from inference.evaluate.hardware import true_implants
+    from inference.evaluate.hardware import sample_mm, true_implants
 
-    src_mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+    src_mm = sample_mm(sample)
     discs = find_discs(sample_bodies(sample), src_mm)
     if not discs:
         return np.zeros((0, 1, *DISC_PATCH), np.float16), np.zeros(0, bool)
@@ -213,7 +213,7 @@ def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
     vertebra model finds (a leave-one-patient-out fold uses it too, though it was trained on every patient),
     and the true disc spaces with cages (`true_cage_discs`).  The model's own parameters are restored afterwards."""
     from inference.evaluate.hardware import (
-        CAGE_CENTRE_MM,
+        cage_match_px,
         sample_radiograph,
         sample_source,
         true_cage_discs,
@@ -223,11 +223,10 @@ def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
     vertebra_step = _vertebra_step()
     out = []
     for key, sample in samples:
-        mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
         truth = true_implants(sample)
         found = _found_cages(model, vertebra_step, sample_radiograph(sample), sample_source(sample, key))
         out.append({**found, "true": true_cage_discs(truth), "true_others": sum(1 for t in truth if t.kind is not ImplantKind.INTERBODY_CAGE),
-                    "max_px": CAGE_CENTRE_MM / mm})
+                    "max_px": cage_match_px(sample)})
     return out
 
 
@@ -264,6 +263,11 @@ def _found_cages(model: Any, vertebra_step: Any, rad: Any, source: Any) -> dict[
     return {"scores": [i.score for i in cages], "centres": [i.centroid for i in cages], "others": len(outcome.implants) - len(cages)}
 
 
+def _kept(record: dict[str, Any], threshold: float) -> list[Any]:
+    """The centres of a tuning record's cages scoring `threshold` or more."""
+    return [c for c, v in zip(record["centres"], record["scores"], strict=True) if v >= threshold]
+
+
 def scan_threshold(records: list[dict[str, Any]], default: float | None = None, tolerance: float = F1_TOLERANCE) -> dict[str, Any]:
     """The highest scan threshold whose F1 over true disc spaces with cages is within `tolerance` of the best,
     with its counts; `default` when fewer than 3 such disc spaces."""
@@ -276,8 +280,7 @@ def scan_threshold(records: list[dict[str, Any]], default: float | None = None, 
     for t in sorted({round(float(v), 3) for r in records for v in r["scores"] if v >= TUNE_FLOOR} | {TUNE_FLOOR}):
         tp = fp = fn = 0
         for r in records:
-            kept = [c for c, v in zip(r["centres"], r["scores"], strict=True) if v >= t]
-            a, b, c = point_counts(kept, r["true"], r["max_px"])
+            a, b, c = point_counts(_kept(r, t), r["true"], r["max_px"])
             tp, fp, fn = tp + a, fp + b, fn + c
         measured.append((t, 2 * tp / max(2 * tp + fp + fn, 1), (tp, fp, fn)))
     best = max(f1 for _, f1, _ in measured)
@@ -297,9 +300,8 @@ def alone_threshold(records: list[dict[str, Any]], plain: list[dict[str, Any]], 
     if not plain:
         return {"threshold": None, "note": "no films without implants to tune on: not set"}
 
-    def kept(r: dict[str, Any], alone: float) -> list[Any]:
-        t = scan_t if r["others"] else alone
-        return [c for c, v in zip(r["centres"], r["scores"], strict=True) if v >= t]
+    def kept(r: dict[str, Any], alone: float) -> list[Any]:  # a cage beside other implants keeps the scan's threshold
+        return _kept(r, scan_t if r["others"] else alone)
 
     def measured(alone: float) -> dict[str, Any]:
         tp = fp = fn = only_tp = only_n = 0
