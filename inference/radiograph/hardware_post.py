@@ -78,6 +78,9 @@ class HardwareParams:
     min_score: float = 0.0
     rod_merge_mm: float = 30.0
     rod_merge_angle_deg: float = 35.0
+    #: A rod piece lying alongside a larger one (at least `ROD_HUG_FRACTION` of its pixels within this many
+    #: mm of it) is part of that rod, not a rod of its own (see `absorb_hugging_rods`); 0: off.
+    rod_hug_mm: float = 0.0
     cage_merge_mm: float = 9.0
     plate_merge_mm: float = 10.0
     #: "other implant": metal not covered by a classified instance, as a fraction of its area.
@@ -312,13 +315,48 @@ def rod_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piec
             if abs(float(u @ di)) >= cos_lim and abs(float(u @ dj)) >= cos_lim:
                 pairs.append((i, j))
     roots = _union_find(len(parts), pairs)
-    out = []
+    merged = [_merge([parts[k] for k, r in enumerate(roots) if r == root]) for root in sorted(set(roots))]
+    if params.rod_hug_mm > 0:
+        merged = absorb_hugging_rods(merged, params.rod_hug_mm / mm)
     min_px = params.min_area_mm2[ImplantKind.ROD.value] / (mm * mm)
-    for root in sorted(set(roots)):
-        crop, off = _merge([parts[k] for k, r in enumerate(roots) if r == root])
-        if crop.sum() >= min_px:
-            out.append(_piece_from(ImplantKind.ROD, crop, off, prob[ROD]))
-    return out
+    return [_piece_from(ImplantKind.ROD, crop, off, prob[ROD]) for crop, off in merged if crop.sum() >= min_px]
+
+
+#: Share of a rod piece's pixels that must lie near a larger piece for `absorb_hugging_rods` to join them.
+ROD_HUG_FRACTION = 0.3
+
+
+def absorb_hugging_rods(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], near_px: float) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Rod pieces (crop, offset) with each piece that lies alongside a larger one joined to it.
+
+    The end-to-end merge of `rod_pieces` misses pieces that run beside a rod or touch its middle (seen on
+    the real films with implants drawn on: most false rods were such fragments of a rod found whole). A
+    piece joins the largest larger piece that has `ROD_HUG_FRACTION` of its pixels within `near_px`;
+    pieces are never joined through a smaller one, so a cross-link touching both rods does not make the
+    left and right rods one. A second rod running within `near_px` of the first (a satellite or tandem rod
+    of a revision) would be reported as part of it."""
+    from scipy.spatial import cKDTree
+
+    order = sorted(range(len(parts)), key=lambda k: -int(parts[k][0].sum()))
+    coords = []
+    for k in order:
+        crop, off = parts[k]
+        rr, cc = np.nonzero(crop)
+        coords.append(np.stack([rr + off[0], cc + off[1]], axis=1).astype(float))
+    trees = [cKDTree(c) for c in coords]
+    owner = list(range(len(order)))  # index (in `order`) of the piece each one joins
+    for j in range(1, len(order)):
+        for i in range(j):
+            if owner[i] != i:
+                continue
+            dist, _ = trees[i].query(coords[j], distance_upper_bound=near_px)
+            if np.isfinite(dist).mean() >= ROD_HUG_FRACTION:
+                owner[j] = i
+                break
+    groups: dict[int, list[tuple[np.ndarray, tuple[int, int]]]] = {}
+    for j, k in enumerate(order):
+        groups.setdefault(owner[j], []).append(parts[k])
+    return [_merge(group) for group in groups.values()]
 
 
 def clustered_pieces(prob: np.ndarray, channel: int, kind: ImplantKind, mm: float, merge_mm: float, params: HardwareParams) -> list[Piece]:

@@ -356,6 +356,26 @@ def test_rod_interrupted_at_every_screw_head_is_one_rod() -> None:
     assert all(r.levels == ("L3", "L4", "L5") for r in rods)
 
 
+def test_a_piece_alongside_a_rod_is_part_of_it() -> None:
+    # Seen on real films with implants drawn on: most false rods were fragments beside a rod found whole.
+    prob = construct(cage=False)
+    mid = MID / 2
+    _line(prob, ROD, (mid + 31, 64.0), (mid + 41, 66.0), 1.5)  # a sliver 2-13 mm beside the right rod, across it
+    _line(prob, ROD, (mid - 17, 100.0), (mid + 17, 100.0), 1.5)  # a cross-link 4 mm short of both rods
+    prob[METAL] = prob[[SCREW, ROD, CAGE]].max(axis=0)
+
+    def rods(params: HardwareParams) -> list:
+        return [p for p in find_pieces(prob, 1.0, params) if p.kind is ImplantKind.ROD]
+
+    assert len(rods(HardwareParams())) == 4  # off: the sliver and the cross-link are rods of their own
+    joined = rods(HardwareParams(rod_hug_mm=10.0))
+    # The sliver joins the right rod; the cross-link (mostly farther than 10 mm from either) and the two
+    # rods, 50 mm apart, stay apart.
+    assert len(joined) == 3
+    columns = sorted(p.offset[1] + p.mask.shape[1] / 2 for p in joined)
+    assert columns[0] < mid - 20 and abs(columns[1] - mid) < 3 and columns[2] > mid + 20
+
+
 def test_evidence_stays_inside_the_image() -> None:
     prob = construct(cage=False, loose=("L3", -1))
     prob = prob[:, 43:, :]  # L3 now sits at the top edge of a shorter image
