@@ -331,9 +331,9 @@ def absorb_hugging_rods(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], nea
 
     The end-to-end merge of `rod_pieces` misses pieces that run beside a rod or touch its middle (seen on
     the real films with implants drawn on: most false rods were such fragments of a rod found whole). A
-    piece joins the largest larger piece that has `ROD_HUG_FRACTION` of its pixels within `near_px`;
-    pieces are never joined through a smaller one, so a cross-link touching both rods does not make the
-    left and right rods one. A second rod running within `near_px` of the first (a satellite or tandem rod
+    piece joins the largest larger piece that has `ROD_HUG_FRACTION` of its pixels within `near_px`, and a
+    piece that has joined another takes in no more: a short piece near both rods (a cross-link) joins one
+    of them and never makes the left and right rods one. A second rod running within `near_px` of the first (a satellite or tandem rod
     of a revision) would be reported as part of it."""
     from scipy.spatial import cKDTree
 

@@ -27,6 +27,7 @@ from inference.radiograph.hardware_post import (
     HardwareParams,
     ImplantSummary,
     VertebraGeom,
+    absorb_hugging_rods,
     compact_span,
     find_pieces,
     instrumentation_text,
@@ -374,6 +375,14 @@ def test_a_piece_alongside_a_rod_is_part_of_it() -> None:
     assert len(joined) == 3
     columns = sorted(p.offset[1] + p.mask.shape[1] / 2 for p in joined)
     assert columns[0] < mid - 20 and abs(columns[1] - mid) < 3 and columns[2] > mid + 20
+
+
+def test_a_piece_near_both_rods_joins_one_of_them_not_the_rods_to_each_other() -> None:
+    left = (np.ones((80, 5), bool), (0, 0))
+    right = (np.ones((70, 5), bool), (0, 21))  # 16 px from the left rod: neither hugs the other at 10 px
+    bridge = (np.ones((3, 14), bool), (40, 6))  # between them, within 10 px of both
+    joined = absorb_hugging_rods([bridge, right, left], 10.0)
+    assert sorted(int(crop.sum()) for crop, _ in joined) == [350, 400 + 42]
 
 
 def test_evidence_stays_inside_the_image() -> None:
