@@ -79,8 +79,9 @@ class HardwareParams:
     rod_merge_mm: float = 30.0
     rod_merge_angle_deg: float = 35.0
     #: A rod piece lying alongside a larger one (at least `ROD_HUG_FRACTION` of its pixels within this many
-    #: mm of it) is part of that rod, not a rod of its own (see `absorb_hugging_rods`); 0: off.
-    rod_hug_mm: float = 0.0
+    #: mm of it) is part of that rod, not a rod of its own (see `absorb_hugging_rods`; 10 chosen on the real
+    #: VAL films with implants drawn on, 2026-12-06); 0: off.
+    rod_hug_mm: float = 10.0
     cage_merge_mm: float = 9.0
     plate_merge_mm: float = 10.0
     #: "other implant": metal not covered by a classified instance, as a fraction of its area.

@@ -368,8 +368,8 @@ def test_a_piece_alongside_a_rod_is_part_of_it() -> None:
     def rods(params: HardwareParams) -> list:
         return [p for p in find_pieces(prob, 1.0, params) if p.kind is ImplantKind.ROD]
 
-    assert len(rods(HardwareParams())) == 4  # off: the sliver and the cross-link are rods of their own
-    joined = rods(HardwareParams(rod_hug_mm=10.0))
+    assert len(rods(HardwareParams(rod_hug_mm=0.0))) == 4  # off: the sliver and the cross-link are rods of their own
+    joined = rods(HardwareParams())  # on by default (10 mm)
     # The sliver joins the right rod; the cross-link (mostly farther than 10 mm from either) and the two
     # rods, 50 mm apart, stay apart.
     assert len(joined) == 3
