@@ -159,14 +159,19 @@ class Piece:
 
     def coords(self) -> np.ndarray:
         """(n, 2) network-grid (row, column) pixel-centre coordinates of the mask."""
-        rr, cc = np.nonzero(self.mask)
-        return np.stack([rr + self.offset[0] + 0.5, cc + self.offset[1] + 0.5], axis=1)
+        return part_coords(self.mask, self.offset)
 
     def dense(self, shape: tuple[int, int]) -> np.ndarray:
         out = np.zeros(shape, dtype=bool)
         h, w = self.mask.shape
         out[self.offset[0] : self.offset[0] + h, self.offset[1] : self.offset[1] + w] = self.mask
         return out
+
+
+def part_coords(mask: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
+    """(n, 2) (row, column) pixel-centre coordinates of a crop's pixels, offset into the full grid."""
+    rr, cc = np.nonzero(mask)
+    return np.stack([rr + offset[0] + 0.5, cc + offset[1] + 0.5], axis=1)
 
 
 #: At most this many candidate components per class are considered (an image never shows more implants;
@@ -292,10 +297,7 @@ def rod_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piec
         return []
     ends = []
     for crop, off in parts:
-        rr, cc = np.nonzero(crop)
-        coords = np.stack([rr + off[0] + 0.5, cc + off[1] + 0.5], axis=1)
-        a, b, d = _endpoints(coords)
-        ends.append((a, b, d))
+        ends.append(_endpoints(part_coords(crop, off)))
     max_gap = params.rod_merge_mm / mm
     cos_lim = math.cos(math.radians(params.rod_merge_angle_deg))
     pairs = []
@@ -334,16 +336,12 @@ def absorb_hugging_rods(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], nea
     the real films with implants drawn on: most false rods were such fragments of a rod found whole). A
     piece joins the largest larger piece that has `ROD_HUG_FRACTION` of its pixels within `near_px`, and a
     piece that has joined another takes in no more: a short piece near both rods (a cross-link) joins one
-    of them and never makes the left and right rods one. A second rod running within `near_px` of the first (a satellite or tandem rod
-    of a revision) would be reported as part of it."""
+    of them and never makes the left and right rods one. A second rod running within `near_px` of the first
+    (a satellite or tandem rod of a revision) would be reported as part of it."""
     from scipy.spatial import cKDTree
 
     order = sorted(range(len(parts)), key=lambda k: -int(parts[k][0].sum()))
-    coords = []
-    for k in order:
-        crop, off = parts[k]
-        rr, cc = np.nonzero(crop)
-        coords.append(np.stack([rr + off[0], cc + off[1]], axis=1).astype(float))
+    coords = [part_coords(*parts[k]) for k in order]
     trees = [cKDTree(c) for c in coords]
     owner = list(range(len(order)))  # index (in `order`) of the piece each one joins
     for j in range(1, len(order)):
