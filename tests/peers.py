@@ -31,6 +31,14 @@ class PeerError(RuntimeError):
     """A peer did not start or did not answer."""
 
 
+def dcmtk(tool: str) -> str:
+    """Path of the DCMTK program `tool` ("storescu", ...), never the venv's: pynetdicom installs console
+    scripts of the same names (other options) into the venv's bin, which an activated venv puts first."""
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != VENV_BIN.resolve())
+    return shutil.which(tool, path=path) or tool
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -89,7 +97,7 @@ def storescu(files: Sequence[Path | str], port: int, *, called: str = "AINODE", 
              host: str = "127.0.0.1", extra: Sequence[str] = (), timeout: float = 300.0,
              check: bool = True) -> subprocess.CompletedProcess[str]:
     """Send `files` on one association with dcmtk storescu (TCP_NODELAY=1, only the needed contexts)."""
-    cmd = ["storescu", "-aet", calling, "-aec", called, "-R", *extra, host, str(port), *map(str, files)]
+    cmd = [dcmtk("storescu"), "-aet", calling, "-aec", called, "-R", *extra, host, str(port), *map(str, files)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=nodelay_env())
     if check and proc.returncode != 0:
         raise PeerError(f"storescu failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
@@ -99,7 +107,7 @@ def storescu(files: Sequence[Path | str], port: int, *, called: str = "AINODE", 
 def echoscu(port: int, *, called: str = "AINODE", calling: str = "ECHOSCU", host: str = "127.0.0.1",
             timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """C-ECHO with dcmtk echoscu (never raises for a failed echo: look at returncode)."""
-    return subprocess.run(["echoscu", "-aet", calling, "-aec", called, host, str(port)], capture_output=True,
+    return subprocess.run([dcmtk("echoscu"), "-aet", calling, "-aec", called, host, str(port)], capture_output=True,
                           text=True, timeout=timeout, env=nodelay_env())
 
 
@@ -117,7 +125,7 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), *self.extra, str(self.port)],
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), *self.extra, str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=nodelay_env(),
         )
         wait_for(lambda: port_open(self.port), 20, what=f"storescp on port {self.port}")
@@ -300,7 +308,7 @@ class NodeProcess:
 
 
 def dcmtk_available() -> bool:
-    return all(shutil.which(t) for t in ("storescu", "storescp", "echoscu"))
+    return all(os.path.isabs(dcmtk(t)) for t in ("storescu", "storescp", "echoscu"))
 
 
 def orthanc_available() -> bool:

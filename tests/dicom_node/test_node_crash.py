@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from nodekit import HERE, make_study, node_config, write_config
-from peers import NodeProcess, Orthanc, free_port, nodelay_env, storescu, wait_for
+from peers import NodeProcess, Orthanc, dcmtk, free_port, nodelay_env, storescu, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def test_kill9_during_ingest_and_during_delivery_loses_and_duplicates_nothing(
     files = [f for study in studies for f in study]
 
     # 1. kill -9 in the middle of one association carrying 100 instances.
-    sender = subprocess.Popen(["storescu", "-aet", "MODALITY", "-aec", "AINODE", "-R", "127.0.0.1", str(port),
+    sender = subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "AINODE", "-R", "127.0.0.1", str(port),
                                *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=nodelay_env())
     wait_for(lambda: _count(db_path, "SELECT count(*) FROM instances") >= 30, 60, interval=0.01,
              what="30 instances received")

@@ -14,7 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 from nodekit import E2E_ANALYSIS, make_study, node_config, running_node, settings_from
-from peers import VENV_BIN, Orthanc, free_port, stays, storescu, wait_for
+from peers import VENV_BIN, Orthanc, dcmtk, free_port, stays, storescu, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -307,7 +307,7 @@ def test_concurrent_senders_while_the_pipeline_writes(node_factory, storescp, tm
     node = node_factory(destinations=[{"name": "scp", "ae_title": storescp.ae_title, "host": "127.0.0.1",
                                        "port": storescp.port, "outputs": ["sr"]}])
     batches = [make_study(tmp_path / f"c{k}", f"busy{k}", images=50, rows=48, columns=32) for k in range(8)]
-    procs = [subprocess.Popen(["storescu", "-aet", f"SENDER{k}", "-aec", "AINODE", "-R", "127.0.0.1",
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", f"SENDER{k}", "-aec", "AINODE", "-R", "127.0.0.1",
                                str(node.scp.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
              for k, files in enumerate(batches)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from nodekit import make_study, node_config, settings_from
-from peers import echoscu, free_port, storescu, wait_for
+from peers import dcmtk, echoscu, free_port, storescu, wait_for
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
@@ -159,7 +159,7 @@ def test_disk_failure_answers_out_of_resources(scp: StorageSCP, tmp_path: Path) 
 @pytest.mark.slow
 def test_eight_concurrent_associations_of_fifty_instances(scp: StorageSCP, tmp_path: Path) -> None:
     batches = [make_study(tmp_path / f"c{k}", f"conc{k}", images=50, rows=64, columns=64) for k in range(8)]
-    procs = [subprocess.Popen(["storescu", "-aet", f"SENDER{k}", "-aec", "AINODE", "-R", "127.0.0.1", str(scp.port),
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", f"SENDER{k}", "-aec", "AINODE", "-R", "127.0.0.1", str(scp.port),
                                *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k, files in enumerate(batches)]
     errors = []
