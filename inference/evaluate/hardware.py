@@ -148,14 +148,9 @@ class TrueImplant:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # the data engine's (cage "style", "material", ...)
 
 
-def sample_mm(sample: Any) -> float:
-    """Millimetres per pixel of a data-engine sample (1.0 when it has no pixel spacing)."""
-    return float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
-
-
 def true_implants(sample: Any) -> list[TrueImplant]:
     """Implants the sample shows (at least `MIN_VISIBLE_MM2`)."""
-    min_px = MIN_VISIBLE_MM2 / sample_mm(sample) ** 2
+    min_px = MIN_VISIBLE_MM2 / sample.mm_per_pixel ** 2
     out = []
     for k, spec in enumerate(sample.implant_specs):
         mask = sample.implants == k + 1
@@ -205,7 +200,7 @@ CAGE_CENTRE_MM = 10.0
 
 def cage_match_px(sample: Any) -> float:
     """`CAGE_CENTRE_MM` in the sample's pixels: how far a reported cage may lie from a true one's centre."""
-    return CAGE_CENTRE_MM / sample_mm(sample)
+    return CAGE_CENTRE_MM / sample.mm_per_pixel
 
 
 def centre_counts(pred: Sequence[np.ndarray], true: Sequence[np.ndarray], max_px: float) -> tuple[int, int, int]:

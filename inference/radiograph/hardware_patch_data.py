@@ -71,7 +71,7 @@ class PatchBank:
 
     def _store(self, sample: Any) -> tuple[int, float]:
         """Keep a sample's image: (its index, mm per pixel)."""
-        src_mm = float(sample.pixel_spacing_mm[0]) if sample.pixel_spacing_mm else 1.0
+        src_mm = sample.mm_per_pixel
         self.images.append((np.asarray(sample.image, dtype=np.float16), intensity_window(sample.image), src_mm))
         return len(self.images) - 1, src_mm
 

@@ -85,6 +85,11 @@ class SynthSample:
     vertebrae: list[VertebraSpec]
     meta: dict[str, Any]
 
+    @property
+    def mm_per_pixel(self) -> float:
+        """Millimetres per pixel (row spacing; 1.0 when the sample has no pixel spacing)."""
+        return float(self.pixel_spacing_mm[0]) if self.pixel_spacing_mm else 1.0
+
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """Arrays + a JSON string for `np.savez_compressed` (labels stored as int8: they fit)."""
         info = {

@@ -58,9 +58,9 @@ def sample_bodies(sample: Any) -> list[Body]:
 def sample_discs(sample: Any) -> tuple[np.ndarray, np.ndarray]:
     """(patches (n, 1, h, w) float16, labels (n,) bool) of a sample's disc spaces, labelled by the cages it
     shows (`true_implants`)."""
-    from inference.evaluate.hardware import sample_mm, true_implants
+    from inference.evaluate.hardware import true_implants
 
-    src_mm = sample_mm(sample)
+    src_mm = sample.mm_per_pixel
     discs = find_discs(sample_bodies(sample), src_mm)
     if not discs:
         return np.zeros((0, 1, *DISC_PATCH), np.float16), np.zeros(0, bool)
