@@ -51,6 +51,7 @@ from inference.radiograph.hardware_post import (
     instrumentation_text,
     level_near,
     midline_x,
+    overlap,
     principal_axis,
     score_complications,
     screw_level,
@@ -418,6 +419,9 @@ def interpret(
         if len(on_spine) < len(placed):
             notes.append(f"{len(placed) - len(on_spine)} metal object(s) beside the spine not counted as spinal hardware (brace, clothing or marker?)")
         placed = on_spine
+        # Frontal views only: on laterals a screw's tip meets the disc space beside the cage (the rule removed
+        # 2 false screws for 1 true one on 200 training samples, 8 for 5 on the synthetic hold-out).
+        placed = drop_screws_on_cages(placed, params.screw_on_cage_fraction)
     placed = drop_doubtful_lone_cages(placed, params.cage_alone_threshold)
     # Never reported: the model's `not_assessed` and, on the disc classifier's cages, subsidence (its head
     # learned on true cage outlines; on those regions it measured sensitivity 0 and flagged ~12 % of intact
@@ -474,6 +478,20 @@ def interpret(
         view=view,
         not_assessed=not_assessed,
     )
+
+
+def drop_screws_on_cages(placed: list[SourcePiece], fraction: float) -> list[SourcePiece]:
+    """`placed` without the screws lying on a cage: at least `fraction` of the screw's pixels inside a cage
+    found (a tantalum marker or the cage's edge read as a screw; 0: `placed` as it is)."""
+    cages = [sp for sp in placed if sp.piece.kind is ImplantKind.INTERBODY_CAGE]
+    if fraction <= 0 or not cages:
+        return placed
+
+    def on_cage(sp: SourcePiece) -> bool:
+        covered = sum(overlap(sp.mask, sp.offset, c.mask, c.offset) for c in cages)
+        return covered >= fraction * max(int(sp.mask.sum()), 1)
+
+    return [sp for sp in placed if sp.piece.kind is not ImplantKind.PEDICLE_SCREW or not on_cage(sp)]
 
 
 def drop_doubtful_lone_cages(placed: list[SourcePiece], alone_threshold: float | None) -> list[SourcePiece]:

@@ -100,6 +100,10 @@ class HardwareParams:
     #: A cage on a film where no other spinal implant is found is kept only at this probability or above
     #: (one false cage was the commonest noise on real films without implants); None: no stricter test.
     cage_alone_threshold: float | None = None
+    #: Frontal views: a screw piece with at least this fraction of its pixels on a cage found is the cage's
+    #: marker or edge, not a screw (22 of 161 false screws on the real VAL films with implants drawn on lay on
+    #: cages; 0.2 chosen there and on 200 training samples, 2026-12-06); 0: off.
+    screw_on_cage_fraction: float = 0.2
     #: Complications never reported, whatever their score (measured no better than chance on held-out data);
     #: an image showing an implant they apply to says "<complication> not assessed".
     not_assessed: tuple[str, ...] = ()

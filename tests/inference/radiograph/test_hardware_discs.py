@@ -245,3 +245,23 @@ def test_a_cage_with_no_other_implant_needs_the_stronger_evidence() -> None:
     screw = piece(ImplantKind.PEDICLE_SCREW, 0.6)
     assert drop_doubtful_lone_cages([screw, weak], 0.99) == [screw, weak]
     assert drop_doubtful_lone_cages([weak], None) == [weak]
+
+
+def test_a_screw_lying_on_a_cage_is_the_cage_not_a_screw() -> None:
+    """A tantalum marker or the edge of a cage read as a screw: a screw piece with `fraction` of its pixels
+    inside a cage found is dropped; a screw beside the cage, or any screw when no cage is found, stays."""
+    from inference.radiograph.hardware import SourcePiece, drop_screws_on_cages
+    from inference.radiograph.hardware_post import Piece
+    from inference.results import ImplantKind
+
+    def piece(kind: ImplantKind, offset: tuple[int, int], shape: tuple[int, int]) -> SourcePiece:
+        mask = np.ones(shape, bool)
+        return SourcePiece(Piece(kind, mask, offset, score=0.9), offset, mask, (offset[1] + shape[1] / 2, offset[0] + shape[0] / 2))
+
+    cage = piece(ImplantKind.INTERBODY_CAGE, (50, 40), (12, 30))
+    marker = piece(ImplantKind.PEDICLE_SCREW, (52, 60), (6, 20))  # 10 of its 20 columns on the cage
+    pedicle = piece(ImplantKind.PEDICLE_SCREW, (20, 20), (10, 30))  # above the disc space
+    grazing = piece(ImplantKind.PEDICLE_SCREW, (60, 10), (10, 31))  # one column of 31 on the cage
+    assert drop_screws_on_cages([cage, marker, pedicle, grazing], 0.2) == [cage, pedicle, grazing]
+    assert drop_screws_on_cages([cage, marker], 0.0) == [cage, marker]
+    assert drop_screws_on_cages([marker, pedicle], 0.2) == [marker, pedicle]
