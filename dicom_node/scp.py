@@ -222,7 +222,12 @@ class StorageSCP:
         self._end(event, "aborted")
 
     def _on_conn_close(self, event: Any) -> None:
-        # A connection that dropped without release or abort still ends its association.
+        # A connection that dropped without release or abort still ends its association.  In state Sta13 the
+        # node has already answered a release (or sent an abort) and pynetdicom's association thread reports
+        # which one right after; the peer closing first must not decide it (seen under load: a released
+        # association recorded as aborted).
+        if event.assoc.dul.state_machine.current_state == "Sta13":
+            return
         self._end(event, "aborted")
 
     # ----------------------------------------------------------------------------------- services

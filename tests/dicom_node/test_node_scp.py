@@ -326,3 +326,32 @@ def test_deflated_input_is_stored_and_readable(scp: StorageSCP, tmp_path: Path) 
     row = scp.db.one("SELECT * FROM instances")
     assert row["transfer_syntax_uid"] == DeflatedExplicitVRLittleEndian and row["modality"] == "DX"
     assert (pydicom.dcmread(row["path"]).pixel_array == pydicom.dcmread(src).pixel_array).all()
+
+
+def test_a_released_association_is_recorded_released_whichever_event_comes_first(scp: StorageSCP) -> None:
+    """pynetdicom reports the peer closing the connection (its DUL thread) and the release (its association
+    thread) independently; under load the close came first and a clean release was recorded as an abort.
+    After the node has answered the release (state Sta13) the close leaves the verdict to the release event;
+    a connection that drops while established (Sta6) is an abort."""
+    from types import SimpleNamespace
+
+    def event(state: str) -> SimpleNamespace:
+        aid = scp.db.open_association("MODALITY", "AINODE", "127.0.0.1", 104)
+        dul = SimpleNamespace(state_machine=SimpleNamespace(current_state=state))
+        return SimpleNamespace(assoc=SimpleNamespace(node_association_id=aid, dul=dul))
+
+    def state(ev: SimpleNamespace) -> str:
+        (row,) = [r for r in scp.db.recent_associations(10) if r["id"] == ev.assoc.node_association_id]
+        return row["state"]
+
+    released = event("Sta13")
+    scp._on_conn_close(released)
+    assert state(released) == "open"
+    scp._on_released(released)
+    assert state(released) == "released"
+    scp._on_conn_close(released)  # recorded once
+    assert state(released) == "released"
+
+    dropped = event("Sta6")
+    scp._on_conn_close(dropped)
+    assert state(dropped) == "aborted"
