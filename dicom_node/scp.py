@@ -81,6 +81,14 @@ def own_output_producer() -> tuple[str, str]:
         return "Spine PACS AI Node project", "spine-pacs-ai-node"
 
 
+def _fsm_state(assoc: Any) -> str | None:
+    """The DICOM upper layer state (PS3.8 9.2, "Sta1".."Sta13") of a pynetdicom association, None if unknown."""
+    try:
+        return str(assoc.dul.state_machine.current_state)
+    except AttributeError:
+        return None
+
+
 class StorageSCP:
     """The node's Storage SCP (and Verification SCP)."""
 
@@ -226,7 +234,7 @@ class StorageSCP:
         # node has already answered a release (or sent an abort) and pynetdicom's association thread reports
         # which one right after; the peer closing first must not decide it (seen under load: a released
         # association recorded as aborted).
-        if event.assoc.dul.state_machine.current_state == "Sta13":
+        if _fsm_state(event.assoc) == "Sta13":
             return
         self._end(event, "aborted")
 

@@ -31,12 +31,16 @@ class PeerError(RuntimeError):
     """A peer did not start or did not answer."""
 
 
+def _which_dcmtk(tool: str) -> str | None:
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != VENV_BIN.resolve())
+    return shutil.which(tool, path=path)
+
+
 def dcmtk(tool: str) -> str:
     """Path of the DCMTK program `tool` ("storescu", ...), never the venv's: pynetdicom installs console
     scripts of the same names (other options) into the venv's bin, which an activated venv puts first."""
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and Path(p).resolve() != VENV_BIN.resolve())
-    return shutil.which(tool, path=path) or tool
+    return _which_dcmtk(tool) or tool
 
 
 def free_port() -> int:
@@ -308,7 +312,7 @@ class NodeProcess:
 
 
 def dcmtk_available() -> bool:
-    return all(os.path.isabs(dcmtk(t)) for t in ("storescu", "storescp", "echoscu"))
+    return all(_which_dcmtk(t) for t in ("storescu", "storescp", "echoscu"))
 
 
 def orthanc_available() -> bool:

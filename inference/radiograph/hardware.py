@@ -419,8 +419,8 @@ def interpret(
         if len(on_spine) < len(placed):
             notes.append(f"{len(placed) - len(on_spine)} metal object(s) beside the spine not counted as spinal hardware (brace, clothing or marker?)")
         placed = on_spine
-        # Frontal views only: on laterals a screw's tip meets the disc space beside the cage (the rule removed
-        # 2 false screws for 1 true one on 200 training samples, 8 for 5 on the synthetic hold-out).
+        # Frontal views only: on laterals the rule removed 2 false screws for 1 true one on 200 training
+        # samples (8 for 5 on the synthetic hold-out).
         placed = drop_screws_on_cages(placed, params.screw_on_cage_fraction)
     placed = drop_doubtful_lone_cages(placed, params.cage_alone_threshold)
     # Never reported: the model's `not_assessed` and, on the disc classifier's cages, subsidence (its head
