@@ -116,9 +116,11 @@ def test_true_verdict_ignores_complications_the_model_does_not_assess() -> None:
 def test_segmentation_and_screw_detection_on_the_fixed_set(fixed_set_metrics: dict[str, Any]) -> None:
     # Shipped model on this set (2026-12-04): Dice 0.67 (the plate is missed), AP screws recall 0.91 /
     # precision 0.91, levels 0.95, sides 1.00; the cage disc (seed 21) found at its level, nothing else
-    # called a cage.  Thresholds sit just below.
+    # called a cage.  Thresholds sit just below.  Since 1.5 (2026-12-06) Dice 0.62: faint screw pieces beside
+    # confident ones are dropped, here on the lateral image (its screws overlap, none is matched either way);
+    # on the 320-sample hold-out Dice stayed 0.83.
     m = fixed_set_metrics
-    assert m["dice"]["all hardware"]["pooled"] >= 0.65
+    assert m["dice"]["all hardware"]["pooled"] >= 0.6
     screws = m["detection"]["pedicle screw, AP"]
     assert screws["recall"] >= 0.9 and screws["precision"] >= 0.5
     assert m["screw_levels_true_vertebrae"]["accuracy_all"] >= 0.8

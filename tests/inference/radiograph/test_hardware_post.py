@@ -256,6 +256,31 @@ def test_no_metal_means_no_implants() -> None:
     assert find_pieces(prob, 1.0, HardwareParams()) == []
 
 
+def test_a_faint_screw_beside_a_confident_construct_is_not_reported() -> None:
+    """Beside confident hardware, a screw piece whose mean probability stays below `screw_min_score` (most of
+    them were false on the validation films) is dropped; a rod as faint is not held to it; on a film where
+    everything is faint the screw stays (left to `min_score`: dropping it would answer "no implants")."""
+    prob = construct(cage=False)
+    mid = MID / 2
+    _line(prob, SCREW, (mid + 24, 145.0), (mid + 8, 146.0), 3.0, value=0.8)  # below the construct
+    _blob(prob, SCREW_CENTRE, (mid + 16, 145.5))
+    _line(prob, ROD, (mid - 60, 20.0), (mid - 60, 70.0), 2.5, value=0.8)  # beside it
+    prob[METAL] = prob[[SCREW, ROD, CAGE]].max(axis=0)
+
+    def kinds(params: HardwareParams) -> list[ImplantKind]:
+        return [p.kind for p in find_pieces(prob, 1.0, params)]
+
+    assert kinds(HardwareParams()).count(ImplantKind.PEDICLE_SCREW) == 6
+    assert kinds(HardwareParams()).count(ImplantKind.ROD) == 3
+    assert kinds(HardwareParams(screw_min_score=0.0)).count(ImplantKind.PEDICLE_SCREW) == 7
+
+    prob = np.zeros_like(prob)
+    _line(prob, SCREW, (mid + 24, 145.0), (mid + 8, 146.0), 3.0, value=0.8)
+    _blob(prob, SCREW_CENTRE, (mid + 16, 145.5))
+    prob[METAL] = prob[SCREW]
+    assert kinds(HardwareParams()) == [ImplantKind.PEDICLE_SCREW]
+
+
 def test_implants_cut_by_the_border_are_not_assessable() -> None:
     prob = construct(cage=False)
     _line(prob, ROD, (MID / 2 - 25, 0.0), (MID / 2 - 25, 60.0), 2.5)  # right rod runs off the top edge
