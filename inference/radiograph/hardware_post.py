@@ -78,7 +78,7 @@ class HardwareParams:
     min_score: float = 0.0
     #: Beside a screw, rod or plate reaching it, pedicle screws need this mean probability (see
     #: `drop_faint_screws`): on the real VAL films with implants drawn on, screws scoring below 0.84 were 45
-    #: false for 21 true (200 training samples: 35 false for 13 true; 2026-12-06).
+    #: false for 21 true (200 training samples: 35 false for 13 true; 2026-12-06); 0: off.
     screw_min_score: float = 0.84
     rod_merge_mm: float = 30.0
     rod_merge_angle_deg: float = 35.0
