@@ -341,8 +341,7 @@ def test_a_released_association_is_recorded_released_whichever_event_comes_first
         return SimpleNamespace(assoc=SimpleNamespace(node_association_id=aid, dul=dul))
 
     def state(ev: SimpleNamespace) -> str:
-        (row,) = [r for r in scp.db.recent_associations(10) if r["id"] == ev.assoc.node_association_id]
-        return row["state"]
+        return scp.db.one("SELECT state FROM associations WHERE id = ?", (ev.assoc.node_association_id,))["state"]
 
     released = event("Sta13")
     scp._on_conn_close(released)

@@ -270,8 +270,9 @@ def test_a_faint_screw_beside_a_confident_construct_is_not_reported() -> None:
     def kinds(params: HardwareParams) -> list[ImplantKind]:
         return [p.kind for p in find_pieces(prob, 1.0, params)]
 
-    assert kinds(HardwareParams()).count(ImplantKind.PEDICLE_SCREW) == 6
-    assert kinds(HardwareParams()).count(ImplantKind.ROD) == 3
+    found = kinds(HardwareParams())
+    assert found.count(ImplantKind.PEDICLE_SCREW) == 6
+    assert found.count(ImplantKind.ROD) == 3
     assert kinds(HardwareParams(screw_min_score=0.0)).count(ImplantKind.PEDICLE_SCREW) == 7
 
     prob = np.zeros_like(prob)
