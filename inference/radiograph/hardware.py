@@ -52,7 +52,9 @@ from inference.radiograph.hardware_post import (
     level_near,
     midline_x,
     overlap,
+    part_xy,
     principal_axis,
+    rod_course,
     score_complications,
     screw_level,
     side_of,
@@ -263,8 +265,7 @@ def touches_border(offset: tuple[int, int], crop_shape: tuple[int, ...], shape: 
 
 
 def _axis_points(sp: SourcePiece) -> tuple[Point, Point]:
-    rr, cc = np.nonzero(sp.mask)
-    xy = np.stack([cc + sp.offset[1] + 0.5, rr + sp.offset[0] + 0.5], axis=1)
+    xy = part_xy(sp.mask, sp.offset)
     centre, d, _, _, _ = principal_axis(xy)
     t = (xy - centre) @ d
     a = centre + t.min() * d
@@ -273,23 +274,13 @@ def _axis_points(sp: SourcePiece) -> tuple[Point, Point]:
 
 
 def _rod_polyline(sp: SourcePiece, step_px: float) -> tuple[Point, ...]:
-    """Polyline along a rod: mean column of the mask in bands of rows (rods run cranio-caudally)."""
-    rr, cc = np.nonzero(sp.mask)
-    if not len(rr):
+    """Polyline along a rod (its course in bands of rows, `rod_course`); its axis when shorter than a band."""
+    if not sp.mask.any():
         return ()
-    rows = rr + sp.offset[0] + 0.5
-    cols = cc + sp.offset[1] + 0.5
-    top, bottom = rows.min(), rows.max()
-    n = max(2, int(math.ceil((bottom - top) / max(step_px, 1.0))) + 1)
-    edges = np.linspace(top, bottom + 1e-6, n + 1)
-    pts = []
-    for k in range(n):
-        sel = (rows >= edges[k]) & (rows < edges[k + 1])
-        if sel.any():
-            pts.append((float(cols[sel].mean()), float(rows[sel].mean())))
+    pts = rod_course(part_xy(sp.mask, sp.offset), step_px)
     if len(pts) < 2:
         return _axis_points(sp)
-    return tuple(pts)
+    return tuple((float(x), float(y)) for x, y in pts)
 
 
 def _circle(centre: Point, radius: float, n: int = 16) -> tuple[Point, ...]:

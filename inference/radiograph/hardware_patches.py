@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
+from inference.radiograph.hardware_post import part_xy, rod_course
 from inference.results import Complication, ImplantKind
 
 if TYPE_CHECKING:
@@ -91,14 +92,9 @@ def cut(
     return np.stack([img, msk.astype(np.float32)])
 
 
-def _xy(mask: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
-    rr, cc = np.nonzero(mask)
-    return np.stack([cc + offset[1] + 0.5, rr + offset[0] + 0.5], axis=1).astype(np.float64)
-
-
 def axis_frame(mask: np.ndarray, offset: tuple[int, int]) -> Frame:
     """Frame along the principal axis of a mask (screws)."""
-    xy = _xy(mask, offset)
+    xy = part_xy(mask, offset)
     centre = xy.mean(axis=0)
     if len(xy) < 2:
         return Frame((float(centre[0]), float(centre[1])), (1.0, 0.0))
@@ -109,28 +105,16 @@ def axis_frame(mask: np.ndarray, offset: tuple[int, int]) -> Frame:
 
 def rod_frames(mask: np.ndarray, offset: tuple[int, int], src_mm: float, step_mm: float = ROD_STEP_MM) -> list[Frame]:
     """Windows every `step_mm` along a rod: centres on the rod's course (row bands), directions its tangent."""
-    xy = _xy(mask, offset)
+    xy = part_xy(mask, offset)
     if len(xy) < 3:
         return []
-    step = max(step_mm / max(src_mm, 1e-6), 1.0)
-    # A rod runs cranio-caudally: its course is the mean column of bands of rows.
-    ys = xy[:, 1]
-    top, bottom = ys.min(), ys.max()
-    n = max(2, int(math.ceil((bottom - top) / step)) + 1)
-    edges = np.linspace(top, bottom + 1e-6, n + 1)
-    pts = []
-    for k in range(n):
-        sel = (ys >= edges[k]) & (ys < edges[k + 1])
-        if sel.any():
-            pts.append(xy[sel].mean(axis=0))
+    pts = rod_course(xy, step_mm / max(src_mm, 1e-6))
     if len(pts) < 2:
-        f = axis_frame(mask, offset)
-        return [f]
-    pts_a = np.array(pts)
+        return [axis_frame(mask, offset)]
     frames = []
-    for k, p in enumerate(pts_a):
-        a = pts_a[max(k - 1, 0)]
-        b = pts_a[min(k + 1, len(pts_a) - 1)]
+    for k, p in enumerate(pts):
+        a = pts[max(k - 1, 0)]
+        b = pts[min(k + 1, len(pts) - 1)]
         d = b - a
         norm = float(np.hypot(*d)) or 1.0
         frames.append(Frame((float(p[0]), float(p[1])), (float(d[0] / norm), float(d[1] / norm))))
@@ -139,7 +123,7 @@ def rod_frames(mask: np.ndarray, offset: tuple[int, int], src_mm: float, step_mm
 
 def cage_frame(mask: np.ndarray, offset: tuple[int, int]) -> Frame:
     """An upright frame (long axis = image rows) centred on a cage; the patch shows both endplates."""
-    xy = _xy(mask, offset)
+    xy = part_xy(mask, offset)
     c = xy.mean(axis=0)
     return Frame((float(c[0]), float(c[1])), (0.0, 1.0))
 

@@ -182,6 +182,25 @@ def part_coords(mask: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
     return np.stack([rr + offset[0] + 0.5, cc + offset[1] + 0.5], axis=1)
 
 
+def part_xy(mask: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
+    """The same pixel centres as `part_coords` in (x, y) order (column, row), as drawing and patch frames use."""
+    return part_coords(mask, offset)[:, ::-1].astype(np.float64)
+
+
+def rod_course(xy: np.ndarray, step_px: float) -> np.ndarray:
+    """(k, 2) (x, y) points along a rod about every `step_px`: the mean of its pixels in bands of rows (a rod
+    runs cranio-caudally, so a band of rows crosses it once even where it bends). Fewer than two points when
+    the rod is shorter than a band."""
+    if not len(xy):
+        return np.zeros((0, 2))
+    ys = xy[:, 1]
+    top, bottom = ys.min(), ys.max()
+    n = max(2, int(math.ceil((bottom - top) / max(step_px, 1.0))) + 1)
+    edges = np.linspace(top, bottom + 1e-6, n + 1)
+    band = np.clip(np.searchsorted(edges, ys, side="right") - 1, 0, n - 1)
+    return np.array([xy[band == k].mean(axis=0) for k in range(n) if (band == k).any()]).reshape(-1, 2)
+
+
 #: At most this many candidate components per class are considered (an image never shows more implants;
 #: the cap bounds the time spent on a noisy probability map).
 MAX_COMPONENTS = 120
