@@ -86,6 +86,11 @@ class HardwareParams:
     #: mm of it) is part of that rod, not a rod of its own (see `absorb_hugging_rods`; 10 chosen on the real
     #: VAL films with implants drawn on, 2026-12-06); 0: off.
     rod_hug_mm: float = 10.0
+    #: Rod pieces that meet end to end in the rows (row gap at most this many mm, their end columns within
+    #: `rod_join_offset_mm`) are one rod, whatever their principal axes say (see `join_rods_end_to_end`;
+    #: chosen on the real VAL films with implants drawn on, 2026-12-06); 0: off.
+    rod_join_gap_mm: float = 10.0
+    rod_join_offset_mm: float = 8.0
     cage_merge_mm: float = 9.0
     plate_merge_mm: float = 10.0
     #: "other implant": metal not covered by a classified instance, as a fraction of its area.
@@ -348,6 +353,8 @@ def rod_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piec
     merged = [_merge([parts[k] for k, r in enumerate(roots) if r == root]) for root in sorted(set(roots))]
     if params.rod_hug_mm > 0:
         merged = absorb_hugging_rods(merged, params.rod_hug_mm / mm)
+    if params.rod_join_gap_mm > 0:
+        merged = join_rods_end_to_end(merged, params.rod_join_gap_mm / mm, params.rod_join_offset_mm / mm, ROD_END_MM / mm)
     min_px = params.min_area_mm2[ImplantKind.ROD.value] / (mm * mm)
     return [_piece_from(ImplantKind.ROD, crop, off, prob[ROD]) for crop, off in merged if crop.sum() >= min_px]
 
@@ -383,6 +390,46 @@ def absorb_hugging_rods(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], nea
     for j, k in enumerate(order):
         groups.setdefault(owner[j], []).append(parts[k])
     return [_merge(group) for group in groups.values()]
+
+
+#: `join_rods_end_to_end`: a rod's end column is the mean column of its pixels within this many mm of its end row.
+ROD_END_MM = 6.0
+#: `join_rods_end_to_end`: pieces sharing more than this fraction of the shorter one's rows lie side by side
+#: (the left and the right rod), not end to end.
+ROD_JOIN_ROW_OVERLAP = 0.25
+
+
+def join_rods_end_to_end(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], gap_px: float, offset_px: float,
+                         end_px: float) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Rod pieces (crop, offset) with the pieces that continue each other down the spine joined.
+
+    `rod_pieces` joins pieces whose principal axes both point across the gap; a short or wide piece (a rod
+    stretch with a screw head on it) has no reliable axis, and on the real VAL films with implants drawn on
+    (2026-12-06) such fragments of a rod found whole were a third of the false rods. Here a rod runs
+    cranio-caudally: two pieces are one rod when one ends at most `gap_px` rows above where the other starts
+    (or overlaps it by at most `ROD_JOIN_ROW_OVERLAP` of the shorter's rows) and their end columns there
+    are within `offset_px`. The left and right rods share their rows, so they are never joined this way."""
+    if len(parts) < 2:
+        return list(parts)
+    coords = [part_coords(*p) for p in parts]
+    spans = []
+    for c in coords:
+        r = c[:, 0]
+        top, bottom = float(r.min()), float(r.max())
+        spans.append((top, bottom, float(c[r <= top + end_px, 1].mean()), float(c[r >= bottom - end_px, 1].mean())))
+    pairs = []
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            (ti, bi, cti, cbi), (tj, bj, ctj, cbj) = spans[i], spans[j]
+            shared = max(0.0, min(bi, bj) - max(ti, tj))
+            if shared > ROD_JOIN_ROW_OVERLAP * (min(bi - ti, bj - tj) + 1.0):
+                continue
+            upper_first = (ti + bi) <= (tj + bj)
+            gap, off = (tj - bi, abs(ctj - cbi)) if upper_first else (ti - bj, abs(cti - cbj))
+            if gap <= gap_px and off <= offset_px:
+                pairs.append((i, j))
+    roots = _union_find(len(parts), pairs)
+    return [_merge([parts[k] for k, r in enumerate(roots) if r == root]) for root in sorted(set(roots))]
 
 
 def clustered_pieces(prob: np.ndarray, channel: int, kind: ImplantKind, mm: float, merge_mm: float, params: HardwareParams) -> list[Piece]:

@@ -31,7 +31,9 @@ from inference.radiograph.hardware_post import (
     compact_span,
     find_pieces,
     instrumentation_text,
+    join_rods_end_to_end,
     level_near,
+    rod_pieces,
     vertebrae_spanned,
 )
 from inference.results import (
@@ -409,6 +411,32 @@ def test_a_piece_near_both_rods_joins_one_of_them_not_the_rods_to_each_other() -
     bridge = (np.ones((3, 14), bool), (40, 6))  # between them, within 10 px of both
     joined = absorb_hugging_rods([bridge, right, left], 10.0)
     assert sorted(int(crop.sum()) for crop, _ in joined) == [350, 400 + 42]
+
+
+def test_rod_pieces_meeting_end_to_end_are_one_rod() -> None:
+    # Seen on the real VAL films with implants drawn on: a rod stretch under a screw head is as wide as it is
+    # long, so its principal axis does not point along the rod and the axis rule left it a rod of its own.
+    prob = np.zeros((len(CHANNELS), 120, 80), np.float32)
+    prob[ROD, 0:60, 20:25] = 0.9  # the rod above
+    prob[ROD, 65:85, 14:32] = 0.9  # 5 rows below it: 20 rows, 18 columns, centred on the rod's column
+
+    def rods(params: HardwareParams) -> int:
+        return len(rod_pieces(prob, 1.0, params))
+
+    assert rods(HardwareParams(rod_join_gap_mm=0.0)) == 2  # off: the axis and the "alongside" rules leave it apart
+    assert rods(HardwareParams()) == 1  # on by default (10 mm gap, 8 mm offset)
+    prob[ROD, 65:85, 14:32] = 0.0
+    prob[ROD, 65:85, 34:52] = 0.9  # the same piece 20 columns to the side: another rod's, or not a rod
+    assert rods(HardwareParams()) == 2
+
+
+def test_side_by_side_rods_are_not_joined_end_to_end() -> None:
+    upper = (np.ones((40, 5), bool), (0, 20))
+    lower = (np.ones((40, 5), bool), (46, 22))  # 6 rows below, 2 columns over: the same rod
+    other_side = (np.ones((100, 5), bool), (0, 60))  # the other rod, beside both
+    offside = (np.ones((30, 5), bool), (106, 45))  # 6 rows below the other rod, 15 columns off its end
+    joined = join_rods_end_to_end([upper, lower, other_side, offside], gap_px=10.0, offset_px=8.0, end_px=6.0)
+    assert sorted(int(crop.sum()) for crop, _ in joined) == [150, 400, 500]
 
 
 def test_evidence_stays_inside_the_image() -> None:
