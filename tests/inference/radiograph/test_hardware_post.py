@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from inference.radiograph import preprocess
-from inference.radiograph.hardware import interpret, region_to_canonical, vertebra_geometry
+from inference.radiograph.hardware import (
+    SourcePiece,
+    absorb_screws_along_rods,
+    interpret,
+    region_to_canonical,
+    vertebra_geometry,
+)
 from inference.radiograph.hardware_post import (
     CAGE,
     CHANNELS,
@@ -26,6 +32,7 @@ from inference.radiograph.hardware_post import (
     SCREW_CENTRE,
     HardwareParams,
     ImplantSummary,
+    Piece,
     VertebraGeom,
     absorb_hugging_rods,
     compact_span,
@@ -34,6 +41,7 @@ from inference.radiograph.hardware_post import (
     join_rods_end_to_end,
     level_near,
     rod_pieces,
+    screws_along_rods,
     vertebrae_spanned,
 )
 from inference.results import (
@@ -437,6 +445,30 @@ def test_side_by_side_rods_are_not_joined_end_to_end() -> None:
     offside = (np.ones((30, 5), bool), (106, 45))  # 6 rows below the other rod, 15 columns off its end
     joined = join_rods_end_to_end([upper, lower, other_side, offside], gap_px=10.0, offset_px=8.0, end_px=6.0)
     assert sorted(int(crop.sum()) for crop, _ in joined) == [150, 400, 500]
+
+
+def test_a_screw_running_along_a_rod_is_part_of_it_on_laterals() -> None:
+    def piece(kind: ImplantKind, r0: int, r1: int, c0: int, c1: int) -> Piece:
+        return Piece(kind, np.ones((r1 - r0, c1 - c0), bool), (r0, c0))
+
+    rod = piece(ImplantKind.ROD, 0, 100, 40, 45)  # the posterior rod, cranio-caudal
+    along = piece(ImplantKind.PEDICLE_SCREW, 30, 50, 39, 46)  # on it and along it: a stretch of rod
+    across = piece(ImplantKind.PEDICLE_SCREW, 70, 76, 15, 60)  # a lateral screw crossing the rod front to back
+    across_short = piece(ImplantKind.PEDICLE_SCREW, 60, 65, 36, 50)  # mostly on the rod, but across it
+    apart = piece(ImplantKind.PEDICLE_SCREW, 10, 30, 70, 75)  # along the rod's direction, 25 px from it
+    pieces = [rod, along, across, across_short, apart]
+    assert screws_along_rods(pieces, 1.0, 0.5, 30.0) == {1: 0}
+    assert screws_along_rods(pieces, 1.0, 0.0, 30.0) == {}  # 0: off
+    assert screws_along_rods([along, across], 1.0, 0.5, 30.0) == {}  # no rod found: nothing to lie along
+    # The stretch is metal of the rod: it joins the rod's outline (at source resolution, here twice the
+    # network grid's) rather than vanishing from the segmentation.
+    placed = [SourcePiece(p, (2 * p.offset[0], 2 * p.offset[1]), np.kron(p.mask, np.ones((2, 2), bool)), (0.0, 0.0)) for p in pieces]
+    kept = absorb_screws_along_rods(placed, 1.0, 0.5, 30.0)
+    assert [sp.piece.kind for sp in kept] == [ImplantKind.ROD] + [ImplantKind.PEDICLE_SCREW] * 3
+    assert int(kept[0].mask.sum()) == 4 * (100 * 5 + 20 * 2) and kept[0].offset == (0, 78)
+    # Centroid row (source pixels): the rod's 2000 pixels centred on row 100, the stretch's 160 new ones on row 80.
+    assert kept[0].centroid[1] == pytest.approx((2000 * 100 + 160 * 80) / 2160, abs=0.5)
+    assert all(a is b for a, b in zip(kept[1:], placed[2:], strict=True))
 
 
 def test_evidence_stays_inside_the_image() -> None:
