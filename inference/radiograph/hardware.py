@@ -504,8 +504,8 @@ def absorb_screws_along_rods(placed: list[SourcePiece], mm: float, fraction: flo
         taken = [placed[s] for s, rod in along.items() if rod == k]
         if taken:
             mask, offset = merge_crops([(sp.mask, sp.offset)] + [(t.mask, t.offset) for t in taken])
-            rr, cc = np.nonzero(mask)
-            centroid = (float(cc.mean() + offset[1] + 0.5), float(rr.mean() + offset[0] + 0.5))
+            cx, cy = part_xy(mask, offset).mean(axis=0)
+            centroid = (float(cx), float(cy))
             at_edge = sp.touches_border or any(t.touches_border for t in taken)
             sp = replace(sp, mask=mask, offset=offset, centroid=centroid, touches_border=at_edge)
         out.append(sp)

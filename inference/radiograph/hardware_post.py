@@ -323,6 +323,12 @@ def merge_crops(parts: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> tuple[np
     return out, (r0, c0)
 
 
+def merge_joined(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], pairs: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """One crop per group of `parts` linked (directly or through others) by the index `pairs`."""
+    roots = _union_find(len(parts), pairs)
+    return [merge_crops([parts[k] for k, r in enumerate(roots) if r == root]) for root in sorted(set(roots))]
+
+
 def rod_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piece]:
     """Rods: components of the rod map; pieces that continue each other (end to end, along their
     direction) are one rod, whether a screw head or a fracture interrupts them."""
@@ -355,8 +361,7 @@ def rod_pieces(prob: np.ndarray, mm: float, params: HardwareParams) -> list[Piec
             # Both pieces must point across the gap (a rod continues straight-ish through it).
             if abs(float(u @ di)) >= cos_lim and abs(float(u @ dj)) >= cos_lim:
                 pairs.append((i, j))
-    roots = _union_find(len(parts), pairs)
-    merged = [merge_crops([parts[k] for k, r in enumerate(roots) if r == root]) for root in sorted(set(roots))]
+    merged = merge_joined(parts, pairs)
     if params.rod_hug_mm > 0:
         merged = absorb_hugging_rods(merged, params.rod_hug_mm / mm)
     if params.rod_join_gap_mm > 0:
@@ -434,8 +439,7 @@ def join_rods_end_to_end(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], ga
             gap, off = (tj - bi, abs(ctj - cbi)) if upper_first else (ti - bj, abs(cti - cbj))
             if gap <= gap_px and off <= offset_px:
                 pairs.append((i, j))
-    roots = _union_find(len(parts), pairs)
-    return [merge_crops([parts[k] for k, r in enumerate(roots) if r == root]) for root in sorted(set(roots))]
+    return merge_joined(parts, pairs)
 
 
 def clustered_pieces(prob: np.ndarray, channel: int, kind: ImplantKind, mm: float, merge_mm: float, params: HardwareParams) -> list[Piece]:
