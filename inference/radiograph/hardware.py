@@ -53,6 +53,7 @@ from inference.radiograph.hardware_post import (
     merge_crops,
     midline_x,
     overlap,
+    centroid_xy,
     part_xy,
     principal_axis,
     rod_course,
@@ -192,9 +193,7 @@ def vertebra_geometry(vertebrae: Sequence[Vertebra], orientation: preprocess.Ori
         if v.mask.empty:
             continue
         offset, crop = region_to_canonical(v.mask, orientation)
-        rr, cc = np.nonzero(crop)
-        centroid = (float(cc.mean() + offset[1] + 0.5), float(rr.mean() + offset[0] + 0.5))
-        out.append(VertebraGeom(v.level, centroid, crop, offset))
+        out.append(VertebraGeom(v.level, centroid_xy(crop, offset), crop, offset))
     return out
 
 
@@ -252,8 +251,7 @@ def to_source(piece: Piece, prob: np.ndarray, scale: tuple[float, float], shape:
     a, b, c_, d = rr_.min(), rr_.max() + 1, cc_.min(), cc_.max() + 1
     crop = mask[a:b, c_:d]
     offset = (sr0 + int(a), sc0 + int(c_))
-    centroid = (float(cc_.mean() + sc0 + 0.5), float(rr_.mean() + sr0 + 0.5))
-    return SourcePiece(piece, offset, crop, centroid, touches_border=touches_border(offset, crop.shape, shape, border_px))
+    return SourcePiece(piece, offset, crop, centroid_xy(crop, offset), touches_border=touches_border(offset, crop.shape, shape, border_px))
 
 
 def touches_border(offset: tuple[int, int], crop_shape: tuple[int, ...], shape: tuple[int, ...], border_px: float) -> bool:
@@ -504,10 +502,8 @@ def absorb_screws_along_rods(placed: list[SourcePiece], mm: float, fraction: flo
         taken = [placed[s] for s, rod in along.items() if rod == k]
         if taken:
             mask, offset = merge_crops([(sp.mask, sp.offset)] + [(t.mask, t.offset) for t in taken])
-            cx, cy = part_xy(mask, offset).mean(axis=0)
-            centroid = (float(cx), float(cy))
             at_edge = sp.touches_border or any(t.touches_border for t in taken)
-            sp = replace(sp, mask=mask, offset=offset, centroid=centroid, touches_border=at_edge)
+            sp = replace(sp, mask=mask, offset=offset, centroid=centroid_xy(mask, offset), touches_border=at_edge)
         out.append(sp)
     return out
 
@@ -599,10 +595,8 @@ def disc_cages(
         net_mask = ndimage.zoom(mask.astype(np.uint8), scale, order=0).astype(bool)
         if not net_mask.any():
             net_mask = np.ones((1, 1), dtype=bool)
-        rr, cc = np.nonzero(mask)
         out.append(SourcePiece(Piece(ImplantKind.INTERBODY_CAGE, net_mask, net_offset, score=round(float(p), 4)), offset, mask,
-                               (float(cc.mean() + offset[1] + 0.5), float(rr.mean() + offset[0] + 0.5)),
-                               touches_border=touches_border(offset, mask.shape, shape, border_px)))
+                               centroid_xy(mask, offset), touches_border=touches_border(offset, mask.shape, shape, border_px)))
     return out
 
 

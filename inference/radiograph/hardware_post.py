@@ -198,6 +198,12 @@ def part_xy(mask: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
     return part_coords(mask, offset)[:, ::-1].astype(np.float64)
 
 
+def centroid_xy(mask: np.ndarray, offset: tuple[int, int]) -> tuple[float, float]:
+    """(x, y) centre of a non-empty crop's pixels in the full grid (SCOORD: pixel centre = index + 0.5)."""
+    cx, cy = part_xy(mask, offset).mean(axis=0)
+    return float(cx), float(cy)
+
+
 def rod_course(xy: np.ndarray, step_px: float) -> np.ndarray:
     """(k, 2) (x, y) points along a rod about every `step_px`: the mean of its pixels in bands of rows (a rod
     runs cranio-caudally, so a band of rows crosses it once even where it bends). Fewer than two points when
