@@ -217,6 +217,37 @@ def test_instrumented_levels_count_levels_not_screws() -> None:
     assert (m["all"]["baseline_every_visible_vertebra"]["tp"], m["all"]["baseline_every_visible_vertebra"]["fp"]) == (4, 4)
 
 
+def test_superimposed_screws_are_counted_per_group() -> None:
+    from inference.evaluate.hardware import match, superimposed_screw_counts
+
+    shape = (60, 80)
+
+    def box(r0, r1, c0, c1):
+        m = np.zeros(shape, bool)
+        m[r0:r1, c0:c1] = True
+        return m
+
+    # A lateral level: the left and right screws cross; the label map gives the crossing to the left one,
+    # so the right one shows as two stubs touching it.  A third screw one level lower stands alone.
+    left = box(10, 16, 10, 50)
+    right_a, right_b = box(16, 20, 14, 30), box(16, 20, 34, 50)
+    lower = box(40, 46, 10, 50)
+    true = [left, right_a | right_b, lower]
+    pair = box(10, 20, 10, 50)  # one piece drawn over the pair: IoU 0.6 with the left screw, 0.32 with the right
+    half = box(10, 20, 10, 30)  # the pair read as two pieces, end to end
+    other = box(10, 20, 30, 50)
+    noise = box(50, 56, 60, 70)
+    assert superimposed_screw_counts([pair, lower], true) == (2, 0, 1)  # the pair read as one screw: one missed
+    assert superimposed_screw_counts([half, other, lower], true) == (3, 0, 0)
+    assert len(match([half, other, lower], true, 0.3)) == 2  # per screw at IoU 0.3 the right stubs go unmatched
+    assert superimposed_screw_counts([half, other, pair, lower, noise], true) == (3, 2, 0)  # a third piece on the pair, a piece on none
+    assert superimposed_screw_counts([], true) == (0, 0, 3)
+    assert superimposed_screw_counts([noise], []) == (0, 1, 0)
+    # Screws that do not touch are never grouped: one piece per screw, each on its own screw.
+    assert superimposed_screw_counts([left, lower], [left, lower]) == (2, 0, 0)
+    assert superimposed_screw_counts([left | lower], [left, lower]) == (1, 0, 1)
+
+
 def test_instrumented_levels_on_the_fixed_set(fixed_set_metrics: dict[str, Any]) -> None:
     # Shipped model on this set (2026-12-05): AP 11 of 12 instrumented levels, none false; the lateral
     # construct 2 of 5 (lateral screws are weak, see the card).  Thresholds sit just below.
