@@ -601,6 +601,14 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
         counts = [c for r in records if (c := counts_of(r)) is not None]
         if any(sum(c) for c in counts):
             out[key] = M.DetectionCounts(*(sum(c[k] for c in counts) for k in range(3))).as_dict()
+    # End to end per view: laterals carry cages and screws of the same levels on top of each other.
+    by_view = {}
+    for view in sorted({r["view"] for r in records}):
+        counts = [c for r in records if r["view"] == view and (c := cage_rows["cage_discs_vertebra_model"](r)) is not None]
+        if any(sum(c) for c in counts):
+            by_view[view] = M.DetectionCounts(*(sum(c[k] for c in counts) for k in range(3))).as_dict()
+    if len(by_view) > 1:
+        out["cage_discs_vertebra_model_by_view"] = by_view
     sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
     sides += [p for r in records if r["view"] != "LAT" for p in r.get("rod_sides", [])]
     sides = [(t, p) for t, p in sides if t in ("left", "right")]
@@ -1082,6 +1090,9 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
             out.append(f"| disc space with cages (a PLIF pair is one) found within {CAGE_CENTRE_MM:g} mm of its cages' centre, {whose}: "
                        f"precision / recall / F1 (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / "
                        f"{value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
+    for view, cv in (s.get("cage_discs_vertebra_model_by_view") or {}).items():
+        out.append(f"| &nbsp;&nbsp;of which {view} views (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / "
+                   f"{value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
     sd = s.get("sides_frontal", {})
     if sd.get("implants"):
         out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {value_text(sd.get('accuracy_of_named'))} / {value_text(sd.get('named_fraction'))} | chance 0.5 |")
@@ -1225,6 +1236,8 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     named = syn.get("screw_levels_vertebra_model") or {}
     true_named = syn.get("screw_levels_true_vertebrae") or {}
     only_cages = (syn.get("no_implants") or {}).get("images_cages_or_plates_only_said_no_implants") or {}
+    views = syn.get("cage_discs_vertebra_model_by_view") or {}
+    cage_views = (f": frontal views {detection_text(views['AP'])}, laterals {detection_text(views['LAT'])}" if {"AP", "LAT"} <= set(views) else "")
     lateral_groups = (f" per screw at IoU 0.3, which the superimposed left and right screws of a lateral defeat; counted per superimposed "
                       f"group {detection_text(syn['lateral_screws_superimposed'])}" if syn.get("lateral_screws_superimposed") else "")
     lines = [
@@ -1237,7 +1250,7 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"{detection_text(syn['detection'].get('pedicle screw, AP'))}, lateral {detection_text(syn['detection'].get('pedicle screw, LAT'))}{lateral_groups}.",
         f"- Rods (reported as the pieces seen): real films {detection_text(real['detection'].get('rod'))}; synthetic {detection_text(syn['detection'].get('rod'))}.",
         f"- Interbody cages, by disc space, with the vertebra model's vertebrae as in the node: real films "
-        f"{detection_text(real.get('cage_discs_vertebra_model'))}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}. Synthetic images whose only "
+        f"{detection_text(real.get('cage_discs_vertebra_model'))}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}{cage_views}. Synthetic images whose only "
         f"implants are cages or plates are answered \"no implants\" {value_text(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).",
         f"- Real radiographs without implants, as they are, answered \"no implants\": {value_text(plain.get('said_no_implants'), pct=True)} of "
         f"{plain.get('images')} (the films with false pieces are listed below).",
