@@ -51,6 +51,7 @@ from inference.radiograph.hardware_post import (
     ImplantSummary,
     find_pieces,
     score_complications,
+    union_find,
     vertebrae_spanned,
 )
 from inference.registry import ModelRegistry, ModelSpec
@@ -211,21 +212,11 @@ def superimposed_screw_counts(pred: Sequence[np.ndarray], true: Sequence[np.ndar
         return 0, len(pred), 0
     grown = [ndimage.binary_dilation(t, iterations=TOUCH_PX) for t in true]
     sizes = [int(t.sum()) for t in true]
-    parent = list(range(len(true)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(len(true)):
-        for j in range(i + 1, len(true)):
-            if (grown[i] & true[j]).sum() >= TOUCH_FRACTION * min(sizes[i], sizes[j]):
-                parent[root(i)] = root(j)
+    touching = [(i, j) for i in range(len(true)) for j in range(i + 1, len(true))
+                if (grown[i] & true[j]).sum() >= TOUCH_FRACTION * min(sizes[i], sizes[j])]
     members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(true)):
-        members[root(i)].append(i)
+    for i, r in enumerate(union_find(len(true), touching)):
+        members[r].append(i)
     groups = [np.logical_or.reduce([true[i] for i in idx]) for idx in members.values()]
     counts = [len(idx) for idx in members.values()]
     pieces = [0] * len(groups)

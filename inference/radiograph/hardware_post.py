@@ -301,7 +301,8 @@ def _endpoints(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return coords[int(np.argmin(t))], coords[int(np.argmax(t))], d
 
 
-def _union_find(n: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
+def union_find(n: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """The group root of each of `n` items linked (directly or through others) by the index `pairs`."""
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -331,7 +332,7 @@ def merge_crops(parts: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> tuple[np
 
 def merge_joined(parts: Sequence[tuple[np.ndarray, tuple[int, int]]], pairs: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, tuple[int, int]]]:
     """One crop per group of `parts` linked (directly or through others) by the index `pairs`."""
-    roots = _union_find(len(parts), pairs)
+    roots = union_find(len(parts), pairs)
     return [merge_crops([parts[k] for k, r in enumerate(roots) if r == root]) for root in sorted(set(roots))]
 
 
