@@ -1,7 +1,9 @@
 """`make render-docs`: PNGs of what the radiologist sees, from the synthetic test studies.
 
-For each example study (`reports.examples`) the outputs are built exactly as the node builds them,
-then rendered from the encoded DICOM objects, not from the results:
+For each example study (`reports.examples`, results built by hand to show every kind of content) and
+for one phantom postoperative radiograph analysed by the shipped models (`model_case`: what the node
+says today), the outputs are built exactly as the node builds them, then rendered from the encoded
+DICOM objects, not from the results:
 
 * ``<case>_sc.png``: the Secondary Capture's pixels, and ``<case>_sc_thumb.png`` at PACS thumbnail
   size (256 px);
@@ -126,12 +128,31 @@ def render_case(case: examples.Case, out: Path) -> list[Path]:
     return written
 
 
+#: Data-engine seed of the phantom in `model_case`, chosen because its whole construct lies inside the field.
+MODEL_CASE_SEED = 300
+
+
+def model_case(seed: int = MODEL_CASE_SEED) -> examples.Case:
+    """A phantom postoperative lumbar AP (pedicle screws, rods, a cage) made by the data engine and analysed
+    by the shipped models, so the docs also show what the node reports today, switched-off outputs included."""
+    from inference import analyses
+    from inference.registry import ModelRegistry
+    from inference.synth.dicom import sample_dataset
+    from inference.synth.render import SynthConfig, render_sample
+
+    force = (("view", "AP"), ("field", "lumbar"), ("implants", ("posterior", "cage")))
+    sample = render_sample(seed, SynthConfig(sources=(("phantom", 1.0),), p_implants=1.0, force=force))
+    source = sample_dataset(sample, seed=f"docs-model-case-{seed}")
+    result = analyses.create("spine-xr", ModelRegistry()).run([source])
+    return examples.Case("model-ap-dx", (source,), result)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    cases = (examples.lateral_dx(scale=3.0), examples.ap_cr(scale=3.0), examples.ct(slices=60, size=160))
+    cases = (examples.lateral_dx(scale=3.0), examples.ap_cr(scale=3.0), examples.ct(slices=60, size=160), model_case())
     for case in cases:
         for path in render_case(case, args.out):
             print(path)
