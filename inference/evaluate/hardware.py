@@ -71,6 +71,12 @@ from inference.train import common
 
 log = logging.getLogger("inference.evaluate.hardware")
 HOLDOUT_SEED = 7927  # never used for a training cache
+#: A second hold-out with the same engine settings and another seed: how much each row moves between draws
+#: (the cage rows rest on a few dozen cages per view).
+SECOND_HOLDOUT_SEED = 7929
+#: The rows of the second hold-out kept in the metrics (the card compares them with the first).
+SECOND_HOLDOUT_ROWS = ("set", "samples", "views", "dice", "detection", "lateral_screws_superimposed", "instrumented_levels",
+                       "cage_discs", "cage_discs_vertebra_model", "cage_discs_vertebra_model_by_view")
 REAL_TEST_SEED = 7933
 REAL_VAL_SEED = 7937  # real VAL-split radiographs with implants drawn on: tuning, never the card's test rows
 HOOKED_SEED = 7941  # constructs ending in hooks (DRRs and real test overlays), never a training seed
@@ -687,15 +693,15 @@ def evaluate_samples(model: HardwareModel, samples: Iterable[tuple[str, Any]], l
 # ------------------------------------------------------------------------------------------ sets
 
 
-def ensure_holdout(holdout: Path, data: Path, count: int) -> Path:
-    """Build the synthetic hold-out cache (implants in ~70 % of samples) if it is not there yet."""
+def ensure_holdout(holdout: Path, data: Path, count: int, seed: int = HOLDOUT_SEED) -> Path:
+    """Build a synthetic hold-out cache (implants in ~70 % of samples) if it is not there yet."""
     if (holdout / "manifest.json").is_file():
         return holdout
     from inference.synth.build import build
     from inference.synth.render import SynthConfig
 
-    log.info("building synthetic hold-out (%d samples, seed %d) in %s", count, HOLDOUT_SEED, holdout)
-    build(str(data), str(holdout), count, HOLDOUT_SEED, SynthConfig(data_dir=str(data), max_px=768, p_implants=0.7), workers=2, log=log.info)
+    log.info("building synthetic hold-out (%d samples, seed %d) in %s", count, seed, holdout)
+    build(str(data), str(holdout), count, seed, SynthConfig(data_dir=str(data), max_px=768, p_implants=0.7), workers=2, log=log.info)
     return holdout
 
 
@@ -952,6 +958,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-overlays", type=int, default=120, help="real test images with rendered implants")
     ap.add_argument("--lopo-work", type=Path, default=Path("../cache/lopo-hardware"))
     ap.add_argument("--lopo-limit", type=int, default=150)
+    ap.add_argument("--second-holdout", type=Path, default=Path("../cache/synth-hardware-holdout-b"),
+                    help=f"a second hold-out drawn like the first (seed {SECOND_HOLDOUT_SEED}; built if missing)")
+    ap.add_argument("--skip-second-holdout", action="store_true")
     ap.add_argument("--skip-lopo", action="store_true")
     ap.add_argument("--lopo-sources", default=",".join(LOPO_SOURCES), help="CT patients to leave out, one fold each")
     ap.add_argument("--skip-real", action="store_true")
@@ -982,6 +991,11 @@ def main(argv: list[str] | None = None) -> int:
     holdout = ensure_holdout(args.holdout, args.data, args.holdout_count)
     results["synthetic_holdout"] = evaluate_samples(model, cache_samples(holdout, limit=args.limit or None), "synthetic hold-out", vertebra_step)
     log.info("synthetic hold-out: %s", json.dumps(results["synthetic_holdout"], indent=1)[:4000])
+    if not args.skip_second_holdout:
+        second = ensure_holdout(args.second_holdout, args.data, args.holdout_count, SECOND_HOLDOUT_SEED)
+        rows = evaluate_samples(model, cache_samples(second, limit=args.limit or None), "second synthetic hold-out", vertebra_step)
+        results["synthetic_second_holdout"] = {k: rows[k] for k in SECOND_HOLDOUT_ROWS if k in rows} | {"seed": SECOND_HOLDOUT_SEED}
+        log.info("second synthetic hold-out: %s", json.dumps(results["synthetic_second_holdout"], indent=1)[:4000])
     if not args.skip_real:
         results["real_overlay_test"] = evaluate_samples(model, real_overlay_samples(args.data, args.real_overlays), "real test radiographs + rendered implants", vertebra_step)
         log.info("real overlays: %s", json.dumps(results["real_overlay_test"], indent=1)[:4000])
@@ -1229,6 +1243,12 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     only_cages = (syn.get("no_implants") or {}).get("images_cages_or_plates_only_said_no_implants") or {}
     views = syn.get("cage_discs_vertebra_model_by_view") or {}
     cage_views = (f": frontal views {detection_text(views['AP'])}, laterals {detection_text(views['LAT'])}" if {"AP", "LAT"} <= set(views) else "")
+    second = m.get("synthetic_second_holdout") or {}
+    second_views = second.get("cage_discs_vertebra_model_by_view") or {}
+    second_cages = (f" **On a second synthetic hold-out drawn the same way** ({second.get('samples')} images, seed {second.get('seed')}) cages "
+                    f"{detection_text(second.get('cage_discs_vertebra_model'))}, laterals {detection_text(second_views.get('LAT'))}: the cage rows "
+                    "rest on a few dozen cages per view and swing between draws (the other rows: section \"A second synthetic hold-out\")."
+                    if second.get("cage_discs_vertebra_model") else "")
     lateral_groups = (f" per screw at IoU 0.3, which the superimposed left and right screws of a lateral defeat; counted per superimposed "
                       f"group {detection_text(syn['lateral_screws_superimposed'])}" if syn.get("lateral_screws_superimposed") else "")
     lines = [
@@ -1242,7 +1262,7 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"- Rods (reported as the pieces seen): real films {detection_text(real['detection'].get('rod'))}; synthetic {detection_text(syn['detection'].get('rod'))}.",
         f"- Interbody cages, by disc space, with the vertebra model's vertebrae as in the node: real films "
         f"{detection_text(real.get('cage_discs_vertebra_model'))}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}{cage_views}. Synthetic images whose only "
-        f"implants are cages or plates are answered \"no implants\" {value_text(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).",
+        f"implants are cages or plates are answered \"no implants\" {value_text(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).{second_cages}",
         f"- Real radiographs without implants, as they are, answered \"no implants\": {value_text(plain.get('said_no_implants'), pct=True)} of "
         f"{plain.get('images')} (the films with false pieces are listed below).",
     ]
@@ -1258,6 +1278,36 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     if post.get("not_named"):
         lines.append(f"- Not named (reported as \"other implant\"): {', '.join(post['not_named'])}.")
     return lines + [""]
+
+
+def _second_holdout_section(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """The rows of the second synthetic hold-out beside the first's: what moves between two draws of the engine."""
+
+    def f1(d: dict[str, Any] | None) -> str:
+        d = d or {}
+        return f"{value_text(d.get('f1'))} ({value_text(d.get('precision'))} / {value_text(d.get('recall'))})" if d else "–"
+
+    def rows(m: dict[str, Any]) -> list[str]:
+        det, by_view = m.get("detection") or {}, m.get("cage_discs_vertebra_model_by_view") or {}
+        levels = (m.get("instrumented_levels") or {}).get("all") or {}
+        dice = ((m.get("dice") or {}).get("all hardware") or {}).get("pooled")
+        return [value_text(dice), f1(det.get("pedicle screw, AP")), f1(det.get("pedicle screw, LAT")), f1(m.get("lateral_screws_superimposed")),
+                f1(det.get("rod")), f1(levels.get("model")), f1(m.get("cage_discs")), f1(m.get("cage_discs_vertebra_model")),
+                f1(by_view.get("AP")), f1(by_view.get("LAT"))]
+
+    names = ["all hardware Dice (pooled)", "pedicle screws, AP", "pedicle screws, LAT (per screw)", "pedicle screws, LAT (per superimposed group)",
+             "rods", "instrumented levels (true vertebrae)", "cage disc spaces (true vertebrae)", "cage disc spaces (spine-xr-vertebrae)",
+             "  frontal views", "  laterals"]
+    lines = [
+        f"### A second synthetic hold-out drawn the same way (seed {second.get('seed')}, {second.get('samples')} images)",
+        "",
+        "Same engine settings as the hold-out above, another seed: how far each row moves between two draws. F1 (precision / recall).",
+        "",
+        "| row | synthetic hold-out | second hold-out |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {n} | {a} | {b} |" for n, a, b in zip(names, rows(first), rows(second), strict=True)]
+    return [*lines, ""]
 
 
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
@@ -1326,6 +1376,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     ]
     if m.get("synthetic_holdout"):
         lines += _set_section("Synthetic hold-out (DRRs, a seed never used in training)", m["synthetic_holdout"])
+    if m.get("synthetic_holdout") and m.get("synthetic_second_holdout"):
+        lines += _second_holdout_section(m["synthetic_holdout"], m["synthetic_second_holdout"])
     if m.get("real_overlay_test"):
         lines += _set_section("REAL test radiographs with implants rendered onto them (data engine test split)", m["real_overlay_test"])
         lines.append("Real images have no vertebra labels: level accuracy is not measured on them.")

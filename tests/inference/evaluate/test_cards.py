@@ -38,3 +38,19 @@ def test_the_vertebra_card_is_rendered_from_model_json_and_says_what_is_switched
     assert f"F1 {real['f1']:.3f}" in glance
     assert ("Level names are switched off" in glance) is (not meta["postprocess"].get("name_levels", True))
     assert ("Heights and fracture grades are switched off" in glance) is (not meta.get("fracture_grading", True))
+
+
+def test_the_hardware_card_says_how_far_the_rows_move_on_a_second_hold_out() -> None:
+    """A second synthetic hold-out drawn like the first is set beside it, row by row, and the glance names its cage
+    numbers: the cage rows rest on a few dozen cages and must not be read as one precise figure."""
+    from inference.evaluate.hardware import render_card
+
+    spec = ModelRegistry().spec("spine-xr-hardware")
+    meta = spec.metadata
+    second = meta["metrics"].get("synthetic_second_holdout")
+    assert second, "the shipped card is evaluated on a second hold-out too"
+    card = render_card({**meta, "_folder": str(spec.folder)}, meta["metrics"])
+    assert f"F1 {second['cage_discs_vertebra_model']['f1']:.3f}" in _glance(card)
+    section = card[card.index("### A second synthetic hold-out") :]
+    lateral = second["cage_discs_vertebra_model_by_view"]["LAT"]
+    assert f"| {lateral['f1']:.3f} ({lateral['precision']:.3f} / {lateral['recall']:.3f}) |" in section.split("\n\n### ")[0]
