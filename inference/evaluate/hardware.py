@@ -74,6 +74,7 @@ HOLDOUT_SEED = 7927  # never used for a training cache
 #: A second hold-out with the same engine settings and another seed: how much each row moves between draws
 #: (the cage rows rest on a few dozen cages per view).
 SECOND_HOLDOUT_SEED = 7929
+SECOND_HOLDOUT_COUNT = 240
 #: The rows of the second hold-out kept in the metrics (the card compares them with the first).
 SECOND_HOLDOUT_ROWS = ("set", "samples", "views", "dice", "detection", "lateral_screws_superimposed", "instrumented_levels",
                        "cage_discs", "cage_discs_vertebra_model", "cage_discs_vertebra_model_by_view")
@@ -959,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lopo-work", type=Path, default=Path("../cache/lopo-hardware"))
     ap.add_argument("--lopo-limit", type=int, default=150)
     ap.add_argument("--second-holdout", type=Path, default=Path("../cache/synth-hardware-holdout-b"),
-                    help=f"a second hold-out drawn like the first (seed {SECOND_HOLDOUT_SEED}; built if missing)")
+                    help=f"a second hold-out drawn like the first ({SECOND_HOLDOUT_COUNT} samples, seed {SECOND_HOLDOUT_SEED}; built if missing)")
     ap.add_argument("--skip-second-holdout", action="store_true")
     ap.add_argument("--skip-lopo", action="store_true")
     ap.add_argument("--lopo-sources", default=",".join(LOPO_SOURCES), help="CT patients to leave out, one fold each")
@@ -992,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
     results["synthetic_holdout"] = evaluate_samples(model, cache_samples(holdout, limit=args.limit or None), "synthetic hold-out", vertebra_step)
     log.info("synthetic hold-out: %s", json.dumps(results["synthetic_holdout"], indent=1)[:4000])
     if not args.skip_second_holdout:
-        second = ensure_holdout(args.second_holdout, args.data, args.holdout_count, SECOND_HOLDOUT_SEED)
+        second = ensure_holdout(args.second_holdout, args.data, SECOND_HOLDOUT_COUNT, SECOND_HOLDOUT_SEED)
         rows = evaluate_samples(model, cache_samples(second, limit=args.limit or None), "second synthetic hold-out", vertebra_step)
         results["synthetic_second_holdout"] = {k: rows[k] for k in SECOND_HOLDOUT_ROWS if k in rows} | {"seed": SECOND_HOLDOUT_SEED}
         log.info("second synthetic hold-out: %s", json.dumps(results["synthetic_second_holdout"], indent=1)[:4000])
