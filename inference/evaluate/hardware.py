@@ -522,6 +522,14 @@ def instrumented_levels(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def summed_counts(counts: Iterable[Sequence[int]]) -> dict[str, float] | None:
+    """Per-image (tp, fp, fn) triples summed into one detection row; None when they hold nothing at all."""
+    total = M.DetectionCounts()
+    for c in counts:
+        total.add(*c)
+    return total.as_dict() if total.tp + total.fp + total.fn else None
+
+
 def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
     """Pooled metrics of a test set."""
     out: dict[str, Any] = {"set": label, "samples": len(records)}
@@ -555,9 +563,8 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
                 c.add(*r["detection"][ImplantKind.PEDICLE_SCREW.value])
         det[f"pedicle screw, {view}"] = c.as_dict()
     out["detection"] = det
-    lat = [r["screws_superimposed"] for r in records if "screws_superimposed" in r]
-    if any(sum(c) for c in lat):
-        out["lateral_screws_superimposed"] = M.DetectionCounts(*(sum(c[k] for c in lat) for k in range(3))).as_dict()
+    if lat := summed_counts([r["screws_superimposed"] for r in records if "screws_superimposed" in r]):
+        out["lateral_screws_superimposed"] = lat
     out["instrumented_levels"] = instrumented_levels(records)
     screws = [s for r in records for s in r["screws"]]
     with_level = [s for s in screws if s["true_level"]]
@@ -596,15 +603,13 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
         "cage_discs_vertebra_model": lambda r: r.get("end_to_end", {}).get("cage_discs"),
     }
     for key, counts_of in cage_rows.items():
-        counts = [c for r in records if (c := counts_of(r)) is not None]
-        if any(sum(c) for c in counts):
-            out[key] = M.DetectionCounts(*(sum(c[k] for c in counts) for k in range(3))).as_dict()
+        if row := summed_counts([c for r in records if (c := counts_of(r)) is not None]):
+            out[key] = row
     # End to end per view: laterals carry cages and screws of the same levels on top of each other.
     by_view = {}
     for view in sorted({r["view"] for r in records}):
-        counts = [c for r in records if r["view"] == view and (c := cage_rows["cage_discs_vertebra_model"](r)) is not None]
-        if any(sum(c) for c in counts):
-            by_view[view] = M.DetectionCounts(*(sum(c[k] for c in counts) for k in range(3))).as_dict()
+        if row := summed_counts([c for r in records if r["view"] == view and (c := cage_rows["cage_discs_vertebra_model"](r)) is not None]):
+            by_view[view] = row
     if len(by_view) > 1:
         out["cage_discs_vertebra_model_by_view"] = by_view
     sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
