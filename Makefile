@@ -61,8 +61,8 @@ train-vertebrae: install
 
 # Hardware model: the data engine renders a cache with implants (70 % of DRRs, 40 % implant overlays on real
 # radiographs; ~15 min on 2 cores), then the shipped recipe trains 80 min on one thread (so eval-hardware can
-# run its two leave-one-patient-out folds side by side with the same recipe) plus ~10 min of tuning and the
-# complication classifier, at nice 10 (resumable from ../cache/train-hardware).  Screw loosening and breakage
+# run its two leave-one-patient-out folds side by side with the same recipe) plus ~26 min for the
+# complication and disc-space cage classifiers and a few minutes of tuning, at nice 10 (resumable from ../cache/train-hardware).  Screw loosening and breakage
 # and cage subsidence are not reported: per implant they measured no better than chance (see the model card).
 HARDWARE_CACHE ?= ../cache/synth-hardware-v2
 HARDWARE_HOLDOUT ?= ../cache/synth-hardware-holdout-v2
