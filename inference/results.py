@@ -156,6 +156,17 @@ class Complication(str, enum.Enum):
         return f"{self.value} not assessed"
 
 
+#: The failure modes of each implant kind (what a model could look for; which it does is per implant,
+#: `Implant.assessed`).
+FAILURE_MODES: dict[ImplantKind, tuple[Complication, ...]] = {
+    ImplantKind.PEDICLE_SCREW: (Complication.SCREW_LOOSENING, Complication.SCREW_BREAKAGE),
+    ImplantKind.ROD: (Complication.ROD_FRACTURE,),
+    ImplantKind.INTERBODY_CAGE: (Complication.CAGE_SUBSIDENCE,),
+    ImplantKind.PLATE: (),
+    ImplantKind.OTHER: (),
+}
+
+
 class GenantGrade(enum.IntEnum):
     """Genant semi-quantitative grade of a vertebral compression deformity (height loss)."""
 
@@ -359,6 +370,9 @@ class Implant:
     levels: tuple[str, ...] = ()
     side: Side = Side.UNKNOWN
     complications: tuple[Complication, ...] = ()
+    #: The failure modes looked for on this implant. Empty when none was (switched off or not modelled): the
+    #: SR then states no complication status for it, rather than "no complications" nobody checked.
+    assessed: tuple[Complication, ...] = ()
     #: Optional polyline along the implant's long axis (screw shaft, rod), for drawing and lengths.
     axis: tuple[Point, ...] = ()
     score: float = 1.0

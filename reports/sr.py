@@ -204,11 +204,15 @@ def _implant_group(regions: _Regions, implant: Implant, label: str,
     if placed is None:
         return None
     index, polygon = placed
+    # "No complications" only where the model looked for one: an implant none of whose failure modes was
+    # assessed gets no Complications item (the verdict says "not assessable" and why).
     if implant.complications:
         evaluations = [hd.sr.QualitativeEvaluation(codes.COMPLICATIONS, codes.complication_code(c))
                        for c in implant.complications]
-    else:
+    elif implant.assessed:
         evaluations = [hd.sr.QualitativeEvaluation(codes.COMPLICATIONS, codes.NO_COMPLICATIONS)]
+    else:
+        evaluations = []
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(regions.image, "implant", label),
         referenced_region=_image_region(regions, index, "POLYLINE", polygon),
@@ -216,7 +220,7 @@ def _implant_group(regions: _Regions, implant: Implant, label: str,
         finding_category=codes.PHYSICAL_OBJECT,
         finding_sites=_implant_sites(implant),
         algorithm_id=algorithm,
-        qualitative_evaluations=evaluations,
+        qualitative_evaluations=evaluations or None,
     )
     cx, cy = regions.centroid(implant, index)
     _append(group, _scoord(regions, index, codes.CENTER, "POINT", np.asarray([[cx, cy]], dtype=np.float32)))

@@ -46,7 +46,6 @@ from inference.evaluate.card import detection_text, value_text
 from inference.radiograph import preprocess
 from inference.radiograph.hardware import HardwareModel
 from inference.radiograph.hardware_post import (
-    CHECKED,
     HardwareParams,
     ImplantSummary,
     find_pieces,
@@ -56,6 +55,7 @@ from inference.radiograph.hardware_post import (
 )
 from inference.registry import ModelRegistry, ModelSpec
 from inference.results import (
+    FAILURE_MODES,
     LEVELS,
     Complication,
     HardwareStatus,
@@ -321,7 +321,7 @@ def complication_pairs(prob: np.ndarray, sample: Any, net_shape: tuple[int, int]
         if len(labels) >= 0.3 * len(coords):
             k = Counter(labels.tolist()).most_common(1)[0][0]
             spec = specs[k - 1]
-        for comp in CHECKED[p.kind]:
+        for comp in FAILURE_MODES[p.kind]:
             truth = spec is not None and spec.kind is p.kind and comp in spec.complications
             yield comp.value, p.complication_scores.get(comp, 0.0), truth
 
@@ -421,7 +421,7 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
                 })
             if kind in (ImplantKind.ROD,) and p is not None:
                 rec.setdefault("rod_sides", []).append((t.side.value, p.side.value))
-            for comp in CHECKED[kind]:
+            for comp in FAILURE_MODES[kind]:
                 if comp.value in model.params.not_assessed:
                     continue  # never reported: no row (it would read "sensitivity 0")
                 rec["complications"].append({

@@ -37,7 +37,6 @@ from inference.radiograph import network, preprocess
 from inference.radiograph.analysis import HardwareOutcome, _mask_to_stored, _outline, register_hardware_step
 from inference.radiograph.hardware_post import (
     CHANNELS,
-    CHECKED,
     CLASS_CHANNEL,
     HardwareParams,
     ImplantSummary,
@@ -67,6 +66,7 @@ from inference.radiograph.hardware_post import (
 from inference.registry import ModelError, ModelRegistry
 from inference.results import (
     COMPLICATION_FINDING,
+    FAILURE_MODES,
     Complication,
     Finding,
     HardwareStatus,
@@ -423,7 +423,7 @@ def interpret(
     skipped = set(params.not_assessed) | ({Complication.CAGE_SUBSIDENCE.value} if cages else set())
     unassessed: set[Complication] = set()
     for sp in placed:
-        for comp in CHECKED[sp.piece.kind]:
+        for comp in FAILURE_MODES[sp.piece.kind]:
             if comp.value in skipped:
                 unassessed.add(comp)
             else:
@@ -690,6 +690,7 @@ def _implant(sp: SourcePiece, radiograph: preprocess.Radiograph) -> Implant:
         levels=sp.levels,
         side=sp.side,
         complications=sp.complications,
+        assessed=sp.assessed,
         axis=axis,
         score=float(sp.piece.score),
     )
@@ -789,7 +790,7 @@ def _unassessed_words(placed: Sequence[SourcePiece]) -> str:
     cage subsidence not assessed; plates: no failure mode modelled)"."""
     parts = []
     for kind in dict.fromkeys(sp.piece.kind for sp in placed if sp.piece.kind is not ImplantKind.OTHER):
-        modes = CHECKED[kind]
+        modes = FAILURE_MODES[kind]
         what = f"{', '.join(c.value for c in modes)} not assessed" if modes else "no failure mode modelled"
         parts.append(f"{kind.value}s: {what}")
     return f"no failure mode of the implants found is assessed by this model version ({'; '.join(parts)})"

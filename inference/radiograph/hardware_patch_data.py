@@ -42,7 +42,7 @@ from inference.radiograph.hardware_patches import (
     intensity_window,
     rod_frames,
 )
-from inference.results import Complication, ImplantKind
+from inference.results import FAILURE_MODES, Complication, ImplantKind
 
 PATCH_OF = {"screw": SCREW_PATCH, "rod": ROD_PATCH, "cage": CAGE_PATCH}
 MIN_VISIBLE_MM2 = 8.0
@@ -274,13 +274,11 @@ def found_pieces(model: Any, sample: Any, scored: bool = False) -> list[Any]:
 def complication_scores(model: Any, samples: list[Any]) -> dict[str, list[tuple[float, bool]]]:
     """Per complication, (score, truth) of every implant the model finds on `samples` (a found implant that
     matches no true one of its kind counts as a negative)."""
-    from inference.radiograph.hardware_post import CHECKED
-
     out: dict[str, list[tuple[float, bool]]] = {}
     for sample in samples:
         for sp in found_pieces(model, sample, scored=True):
             spec = match_truth(sp.mask, sp.offset, sample)
-            for comp in CHECKED[sp.piece.kind]:
+            for comp in FAILURE_MODES[sp.piece.kind]:
                 truth = spec is not None and spec.kind is sp.piece.kind and comp in spec.complications
                 out.setdefault(comp.value, []).append((sp.piece.complication_scores.get(comp, 0.0), truth))
     return out

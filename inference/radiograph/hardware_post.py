@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from inference.results import LEVELS, Complication, ImplantKind, Point, Side, level_index, level_span
+from inference.results import (
+    FAILURE_MODES,
+    LEVELS,
+    Complication,
+    ImplantKind,
+    Point,
+    Side,
+    level_index,
+    level_span,
+)
 
 #: Channels of the hardware network, in output order.
 CHANNELS: tuple[str, ...] = (
@@ -50,14 +59,6 @@ COMPLICATION_CHANNEL: dict[Complication, int] = {
     Complication.SCREW_BREAKAGE: BREAKAGE,
     Complication.ROD_FRACTURE: ROD_FRACTURE,
     Complication.CAGE_SUBSIDENCE: SUBSIDENCE,
-}
-#: Which complications each implant kind is checked for.
-CHECKED: dict[ImplantKind, tuple[Complication, ...]] = {
-    ImplantKind.PEDICLE_SCREW: (Complication.SCREW_LOOSENING, Complication.SCREW_BREAKAGE),
-    ImplantKind.ROD: (Complication.ROD_FRACTURE,),
-    ImplantKind.INTERBODY_CAGE: (Complication.CAGE_SUBSIDENCE,),
-    ImplantKind.PLATE: (),
-    ImplantKind.OTHER: (),
 }
 
 
@@ -603,7 +604,7 @@ def score_complications(prob: np.ndarray, pieces: Sequence[Piece]) -> dict[int, 
     """Fill each piece's `complication_scores`; returns the rod-fracture location per rod piece index."""
     where: dict[int, tuple[float, float] | None] = {}
     for k, p in enumerate(pieces):
-        for comp in CHECKED[p.kind]:
+        for comp in FAILURE_MODES[p.kind]:
             if comp is Complication.ROD_FRACTURE:
                 s, loc = rod_fracture_score(prob, p)
                 where[k] = loc

@@ -370,6 +370,28 @@ def test_sr_implant_groups_and_study_evaluations(cases, outputs, tmp_path):
     assert sr.CompletionFlag == "COMPLETE"
 
 
+
+def test_sr_says_no_complications_only_where_failure_modes_were_looked_for(cases, tmp_path):
+    """A model with every failure mode switched off must not clear its implants in the SR: their groups carry no
+    Complications item; the implants whose modes were assessed keep "No complications"."""
+    case = cases["ap-cr"]
+    image = case.result.images[0]
+    unchecked = tuple(dataclasses.replace(i, complications=(), assessed=()) for i in image.implants)
+    result = dataclasses.replace(case.result, images=(dataclasses.replace(image, implants=unchecked),))
+    (path,) = _write(tmp_path, _by_kind(build_outputs(result, case.sources), OutputKind.SR), "unchecked")
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(path)])
+    groups = [g for kind in ImplantKind
+              for g in report.get_planar_roi_measurement_groups(finding_type=codes.implant_code(kind))]
+    assert len(groups) == len(unchecked) > 0
+    assert all(e.name != codes.COMPLICATIONS for g in groups for e in g.get_qualitative_evaluations())
+
+    (path,) = _write(tmp_path, _by_kind(build_outputs(case.result, case.sources), OutputKind.SR), "checked")
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(path)])
+    values = [e.value.meaning for kind in ImplantKind
+              for g in report.get_planar_roi_measurement_groups(finding_type=codes.implant_code(kind))
+              for e in g.get_qualitative_evaluations() if e.name == codes.COMPLICATIONS]
+    assert "No complications" in values and "Screw loosening" in values
+
 def test_sr_reads_well_as_plain_text(outputs, tmp_path):
     (path,) = _write(tmp_path, _by_kind(outputs["lateral-dx"], OutputKind.SR), "dx")
     text = subprocess.run(["dsrdump", "+Pn", str(path)], capture_output=True, text=True, check=True).stdout
