@@ -155,6 +155,14 @@ def analysed_sop_instance_uids(result: StudyResult) -> tuple[str, ...]:
     return tuple(sorted({uid for im in result.images for uid in im.source.sop_instance_uids}))
 
 
+def sc_uid(result: StudyResult, image: ImageResult) -> UID:
+    """SOP Instance UID of an image's annotated SC. The SC draws the study's verdict beside the image, so, like the
+    SR's, it changes when the set of analysed instances changes: a PACS that keeps the first object stored under
+    a UID would otherwise go on showing a stale verdict."""
+    return derive_uid(*image_key(image), OutputKind.SC.value, models_fingerprint(result.models),
+                      "study", *analysed_sop_instance_uids(result))
+
+
 def sr_uid(result: StudyResult) -> UID:
     """SOP Instance UID of the study's SR: changes when the set of analysed instances changes."""
     return derive_uid(result.study_instance_uid, OutputKind.SR.value, models_fingerprint(result.models),

@@ -33,9 +33,9 @@ from reports.common import (
     copy_image_attributes,
     direction_letters,
     fit_lo,
-    image_output_uid,
     models_text,
     patient_orientation,
+    sc_uid,
     series_uid,
 )
 
@@ -539,7 +539,7 @@ def build_sc(
         study_instance_uid=str(source.StudyInstanceUID),
         series_instance_uid=series_uid(result, OutputKind.SC),
         series_number=1,  # replaced by apply_series
-        sop_instance_uid=image_output_uid(result, image, OutputKind.SC),
+        sop_instance_uid=sc_uid(result, image),
         instance_number=instance_number,
         manufacturer=producer.manufacturer,
         patient_orientation=orientation or ("", ""),

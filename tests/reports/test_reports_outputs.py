@@ -119,7 +119,7 @@ def test_new_model_version_gives_new_uids(cases, outputs):
     assert before.isdisjoint(o.dataset.SOPInstanceUID for o in changed)
 
 
-def test_sr_uid_follows_the_set_of_analysed_instances_and_references_its_predecessor(cases, outputs):
+def test_sr_and_sc_uids_follow_the_set_of_analysed_instances_and_the_sr_references_its_predecessor(cases, outputs):
     dx, cr = cases["lateral-dx"], cases["ap-cr"]
     # Put the CR into the DX's study, as if a second view arrived later.
     cr_ds = copy.deepcopy(cr.sources[0])
@@ -137,9 +137,14 @@ def test_sr_uid_follows_the_set_of_analysed_instances_and_references_its_predece
     ref = sr.PredecessorDocumentsSequence[0]
     assert ref.StudyInstanceUID == first_sr.StudyInstanceUID
     assert ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
-    # The per-image outputs of the DX keep their UIDs: they derive from that image only.
-    old_seg = _by_kind(outputs["lateral-dx"], OutputKind.SEG)[0].dataset.SOPInstanceUID
-    assert old_seg in {o.dataset.SOPInstanceUID for o in _by_kind(outs, OutputKind.SEG)}
+    # The DX's SEG and PR keep their UIDs: they draw that image's results only. Its SC draws the study's
+    # verdict too, which the second view changed, so it is a new object (a PACS may ignore a second store
+    # under a known UID and go on showing the stale verdict).
+    for kind in (OutputKind.SEG, OutputKind.PR):
+        old = _by_kind(outputs["lateral-dx"], kind)[0].dataset.SOPInstanceUID
+        assert old in {o.dataset.SOPInstanceUID for o in _by_kind(outs, kind)}
+    old_sc = _by_kind(outputs["lateral-dx"], OutputKind.SC)[0].dataset.SOPInstanceUID
+    assert old_sc not in {o.dataset.SOPInstanceUID for o in _by_kind(outs, OutputKind.SC)}
     again = build_outputs(both, [*dx.sources, cr_ds], predecessor_sr=earlier)
     assert _by_kind(again, OutputKind.SR)[0].dataset.SOPInstanceUID == sr.SOPInstanceUID
 
