@@ -210,7 +210,7 @@ def _by_study(files: Sequence[Path]) -> dict[str, list[Path]]:
 
 
 def cmd_analyze(settings: Settings, paths: Sequence[Path], out: Path) -> int:
-    from dicom_node.pipeline import Analyser, analyze_offline
+    from dicom_node.pipeline import Analyser, analyze_offline, describe
     from dicom_node.progress import progress
     from dicom_node.service import load_plugins, make_registry
 
@@ -218,13 +218,21 @@ def cmd_analyze(settings: Settings, paths: Sequence[Path], out: Path) -> int:
     studies = _by_study(_files(paths))
     analyser = Analyser(make_registry(settings))
     written: list[Path] = []
-    # One study at a time: progress per study, and only one study's pixels in memory.
+    failed: list[str] = []
+    # One study at a time: progress per study, and only one study's pixels in memory. A study that fails is
+    # reported and the others still run, as in the node.
     with progress(total=len(studies), desc="analysing", unit="study") as bar:
-        for files in studies.values():
-            written.extend(analyze_offline(settings, analyser, files, out))
+        for study, files in studies.items():
+            try:
+                written.extend(analyze_offline(settings, analyser, files, out))
+            except Exception as exc:  # noqa: BLE001 - any failure of one study is reported with its reason
+                failed.append(study)
+                print(f"study {study or '(no StudyInstanceUID)'}: {describe(exc)}", file=sys.stderr)
             bar.update()
     for p in written:
         print(p)
+    if failed:
+        raise NodeError(f"{len(failed)} of {len(studies)} studies not analysed (reasons above)")
     return EXIT_OK
 
 

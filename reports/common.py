@@ -247,6 +247,11 @@ def check_one_study(sources: Sequence[Dataset]) -> None:
             )
 
 
+#: Every output is UTF-8: our own text (dashes in level spans, the disclaimer) is not Latin-1, and UTF-8
+#: carries any patient name exactly, whatever character set the source used.
+CHARACTER_SET = "ISO_IR 192"
+
+
 def apply_identity(ds: Dataset, source: Dataset) -> None:
     """Overwrite `ds`'s patient and study attributes with exact copies of the source's."""
     for keyword, type_ in IDENTITY_ATTRIBUTES:
@@ -256,8 +261,7 @@ def apply_identity(ds: Dataset, source: Dataset) -> None:
             setattr(ds, keyword, None)  # present but empty, as the IODs require
         elif keyword in ds:
             delattr(ds, keyword)
-    # Our own text (dashes in level spans, the disclaimer) is not Latin-1; UTF-8 carries any name exactly.
-    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SpecificCharacterSet = CHARACTER_SET
 
 
 _DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from inference.results import ImageResult, StudyResult
 from reports import annotations, style
 from reports.common import (
+    CHARACTER_SET,
     DISCLAIMER,
     OutputKind,
     Producer,
@@ -106,6 +107,7 @@ def build_pr(
         else hd.PresentationLUTShapeValues.IDENTITY)
     referenced_images = [sources[d.index] for d in drawings]
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
+        specific_character_set=CHARACTER_SET,  # not the source's: see CHARACTER_SET
         referenced_images=referenced_images,
         series_instance_uid=series_uid(result, OutputKind.PR),
         series_number=1,  # replaced by apply_series

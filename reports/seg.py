@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from inference.results import ImageResult, ImplantKind, RegionMask, StudyResult
 from reports import codes, style
 from reports.common import (
+    CHARACTER_SET,
     DISCLAIMER,
     OutputKind,
     OutputOptions,
@@ -195,6 +196,7 @@ def build_seg(
     ]
     transfer_syntax = JPEG2000Lossless if options.seg_compression == "jpeg2000" else ExplicitVRLittleEndian
     seg = hd.seg.Segmentation(
+        specific_character_set=CHARACTER_SET,  # not the source's: see CHARACTER_SET
         source_images=used_sources,
         pixel_array=pixels,
         segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP if labelmap

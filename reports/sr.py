@@ -42,6 +42,7 @@ from inference.results import (
 )
 from reports import codes, geometry, style
 from reports.common import (
+    CHARACTER_SET,
     OutputKind,
     Producer,
     SopReference,
@@ -395,6 +396,7 @@ def build_sr(
     report[0].ContentSequence.append(_study_evaluations(result))
     source = all_sources[0]
     sr = hd.sr.Comprehensive3DSR(
+        specific_character_set=CHARACTER_SET,  # not the source's: see CHARACTER_SET
         evidence=all_sources,
         content=report[0],
         series_instance_uid=series_uid(result, OutputKind.SR),

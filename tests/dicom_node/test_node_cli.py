@@ -119,11 +119,18 @@ def test_analyze_writes_outputs_offline(tmp_path: Path, model_root: Path) -> Non
 
 @pytest.mark.parametrize("body_part", ["CHEST"])
 def test_analyze_of_unrouted_input_fails_with_the_reason(tmp_path: Path, model_root: Path, body_part: str) -> None:
+    """One study that cannot be analysed is named with its reason; the other studies are still analysed."""
     config = write_config(tmp_path / "node.toml", node_config(tmp_path / "data", free_port(), model_root=model_root))
-    make_study(tmp_path / "in", "unrouted", images=1, body_part=body_part)
+    unrouted = make_study(tmp_path / "in", "unrouted", images=1, body_part=body_part)
+    routed = make_study(tmp_path / "in", "routed", images=1)
     proc = run("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(config))
     assert proc.returncode == 1
-    assert "no rule matched" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    study = pydicom.dcmread(unrouted[0]).StudyInstanceUID
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith(f"study {study}: ") and "no rule matched" in lines[0]
+    assert lines[-1] == "dicom-node: 1 of 2 studies not analysed (reasons above)"
+    written = [pydicom.dcmread(line) for line in proc.stdout.split()]
+    assert written and {ds.StudyInstanceUID for ds in written} == {pydicom.dcmread(routed[0]).StudyInstanceUID}
 
 
 def test_serve_on_a_busy_port_fails_with_one_line(tmp_path: Path) -> None:

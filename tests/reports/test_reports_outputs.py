@@ -98,6 +98,28 @@ def test_non_ascii_patient_name_survives(tmp_path):
         assert ds.PatientID == "ÄÖ-7"
 
 
+@pytest.mark.parametrize(("charset", "name"), [
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+    ("GB18030", "Wang^XiaoDong=王^小東"),
+])
+def test_sources_in_any_character_set_give_all_outputs_in_utf8(cases, tmp_path, charset, name):
+    """Japanese and Korean sources (ISO 2022 code extensions, an empty first value) are valid DICOM; highdicom
+    refuses some of them when it copies the source's character set, which used to fail the whole study."""
+    case = cases["lateral-dx"]
+    source = copy.deepcopy(case.sources[0])
+    source.SpecificCharacterSet = charset
+    source.PatientName = name
+    source.save_as(tmp_path / "source.dcm", enforce_file_format=True)
+    encoded = pydicom.dcmread(tmp_path / "source.dcm")  # names as the modality's bytes, decoded on access
+    outs = build_outputs(case.result, [encoded])
+    assert sorted(o.kind.value for o in outs) == ["pr", "sc", "seg", "sr"]
+    for path in _write(tmp_path, outs, "cs"):
+        ds = pydicom.dcmread(path)
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert str(ds.PatientName) == name
+
+
 # -------------------------------------------------------------------------------------------- UIDs
 
 
