@@ -231,6 +231,10 @@ def build_seg(
         add_projection_geometry(seg, source)
     if any(codes.uses_private_scheme(s.property_type, s.category) for s in specs):
         declare_private_scheme(seg)
+    # highdicom draws the Dimension Organization UID at random; derived, the same input gives the same object.
+    dimension_uid = derive_uid(str(seg.SOPInstanceUID), "dimension-organization")
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimension_uid
     return seg
 
 

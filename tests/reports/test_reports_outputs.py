@@ -131,6 +131,18 @@ def test_same_input_gives_same_uids(cases, outputs):
     uids = [o.dataset.SOPInstanceUID for o in again]
     assert len(set(uids)) == len(uids)
     assert all(u.startswith("2.25.") for u in uids)
+    # Every UID inside the objects too (highdicom draws some at random), not only the instances' own.
+    first_uids = [sorted(_uids(o.dataset)) for o in outputs["lateral-dx"]]
+    assert [sorted(_uids(o.dataset)) for o in again] == first_uids
+
+
+def _uids(ds) -> set[str]:
+    """Every UI value in a dataset, nested sequences included."""
+    found: set[str] = set()
+    for element in ds.iterall():
+        if element.VR == "UI" and element.value:
+            found.update(str(v) for v in (element.value if element.VM > 1 else [element.value]))
+    return found
 
 
 def test_new_model_version_gives_new_uids(cases, outputs):
