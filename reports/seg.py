@@ -64,6 +64,8 @@ class SegmentSpec:
     masks: tuple[RegionMask, ...]
     tracking_id: str
     anatomic_region: Code | None = None
+    #: The implant class of an implant segment (None: anatomy).
+    kind: ImplantKind | None = None
 
 
 def segment_specs(image: ImageResult) -> list[SegmentSpec]:
@@ -100,6 +102,7 @@ def segment_specs(image: ImageResult) -> list[SegmentSpec]:
             colour=style.implant_colour(kind),
             masks=members,
             tracking_id=label,
+            kind=kind,
         ))
     return specs
 
@@ -123,15 +126,27 @@ def _stacked(specs: Sequence[SegmentSpec], grid: tuple[int, ...], frames: slice)
     return out
 
 
+#: LABELMAP paint order of the implant classes (later wins where they overlap): the generic "other implant"
+#: region first, then the classes from the largest to the smallest, so a screw head under a rod or a screw
+#: inside an unrecognised metal region keeps its label.
+_LABELMAP_IMPLANT_ORDER = (ImplantKind.OTHER, ImplantKind.PLATE, ImplantKind.ROD, ImplantKind.INTERBODY_CAGE,
+                           ImplantKind.PEDICLE_SCREW)
+
+
 def _labelmap(specs: Sequence[SegmentSpec], grid: tuple[int, ...], frames: slice) -> np.ndarray:
-    """LABELMAP input: one label per pixel; later segments (implants) win where structures overlap."""
+    """LABELMAP input: one label per pixel. Where segments overlap, implants win over anatomy; among anatomy the
+    smaller structure wins (the sacrum's overlap with the lowest vertebra), among implants the order above."""
     dtype = np.uint8 if len(specs) < 256 else np.uint16
     labels = np.zeros(grid, dtype=dtype)
+    painted = []
     for spec in specs:
         dense = np.zeros(grid, dtype=bool)
         for mask in spec.masks:
             _paint(dense, mask)
-        labels[dense] = spec.number
+        rank = (1, _LABELMAP_IMPLANT_ORDER.index(spec.kind)) if spec.kind is not None else (0, -int(dense.sum()))
+        painted.append((rank, spec.number, dense))
+    for _, number, dense in sorted(painted, key=lambda p: p[:2]):
+        labels[dense] = number
     if len(grid) == 2:
         labels = labels[np.newaxis]
     return labels[frames]

@@ -307,14 +307,23 @@ def test_seg_options_validate_and_round_trip(cases, case, options, tmp_path, dci
         assert seg.SegmentationType == "LABELMAP"
         assert [item.SegmentNumber for item in seg.SegmentSequence] == [s.number for s in specs]  # no background
         labels = seg.get_pixels_by_source_instance(referenced, combine_segments=True)
-        expected = np.zeros(image.source.grid_shape, dtype=np.uint16)
-        for spec in specs:  # implants are painted last: they win where they overlap a vertebra
-            expected[_dense(spec.masks)] = spec.number
+        dense = {s.number: _dense(s.masks) for s in specs}
         if image.source.is_volume:
-            expected = expected[[uids.index(u) for u in referenced]]
+            dense = {n: d[[uids.index(u) for u in referenced]] for n, d in dense.items()}
         else:
-            expected = expected[np.newaxis]
-        assert np.array_equal(labels, expected)
+            dense = {n: d[np.newaxis] for n, d in dense.items()}
+        cover = sum(d.astype(int) for d in dense.values())
+        implants = np.zeros(labels.shape, bool)
+        for s in specs:
+            if s.category == codes.PHYSICAL_OBJECT:
+                implants |= dense[s.number]
+        assert np.array_equal(labels > 0, cover > 0)
+        for s in specs:
+            only = dense[s.number] & (cover == 1)
+            assert np.all(labels[only] == s.number)  # where one segment lies, it is that segment
+            assert (labels == s.number).any(), s.label  # none painted out
+            if s.category != codes.PHYSICAL_OBJECT:
+                assert not np.any(np.isin(labels[implants], [s.number]))  # implants over anatomy
     else:
         pixels = seg.get_pixels_by_source_instance(referenced, segment_numbers=[s.number for s in specs])
         assert pixels.any()
@@ -323,6 +332,30 @@ def test_seg_options_validate_and_round_trip(cases, case, options, tmp_path, dci
         assert out.dataset.SOPInstanceUID != default.SOPInstanceUID  # another SOP class, another instance
     else:
         assert out.dataset.SOPInstanceUID == default.SOPInstanceUID  # same instance, other transfer syntax
+
+
+def test_labelmap_keeps_a_segment_lying_inside_another(cases, tmp_path):
+    """A screw inside a larger "other implant" region stays visible in a LABELMAP SEG (it used to be painted
+    over by the segment listed after it and declared with no pixel)."""
+    from scipy import ndimage
+
+    from inference.results import RegionMask
+
+    case = cases["ap-cr"]
+    image = case.result.images[0]
+    screw = next(i for i in image.implants if i.kind is ImplantKind.PEDICLE_SCREW)
+    around = RegionMask.from_dense(ndimage.binary_dilation(screw.mask.dense(), iterations=6))
+    other = dataclasses.replace(screw, kind=ImplantKind.OTHER, mask=around, complications=(), assessed=())
+    result = dataclasses.replace(case.result, images=(dataclasses.replace(image, implants=(*image.implants, other)),))
+    (out,) = build_outputs(result, case.sources, kinds=[OutputKind.SEG], options=OutputOptions(seg_format="labelmap"))
+    (path,) = _write(tmp_path, [out], "inside")
+    seg = hd.seg.segread(path)
+    labels = seg.get_pixels_by_source_instance(list(image.source.sop_instance_uids), combine_segments=True)
+    numbers = {item.SegmentLabel: item.SegmentNumber for item in seg.SegmentSequence}
+    assert set(np.unique(labels)) - {0} == set(numbers.values())
+    on_screw = labels[0][screw.mask.dense()]
+    assert not np.any(on_screw == numbers["Other implants"])  # the region around it does not cover it
+    assert np.mean(on_screw == numbers["Pedicle screws"]) > 0.5  # (a rod crossing its head may)
 
 
 # ---------------------------------------------------------------------------------------------- SR
