@@ -27,7 +27,6 @@ from reports.common import (
     copy_image_attributes,
     fit_lo,
     image_output_uid,
-    models_text,
     series_uid,
 )
 
@@ -118,7 +117,8 @@ def build_pr(
         software_versions=producer.software_version,
         device_serial_number=producer.device_serial_number,
         content_label="SPINE_AI",
-        content_description=fit_lo(f"{DISCLAIMER} ({models_text(result.models)})"),
+        # LO holds 64 bytes: the model versions (SR, SC, SEG carry them) would be cut off mid-version.
+        content_description=fit_lo(f"{DISCLAIMER}: outlines and labels"),
         graphic_annotations=graphic_annotations,
         graphic_layers=list(layers.values()),
         presentation_lut_transformation=presentation_lut,
