@@ -280,10 +280,43 @@ def _notes_not_in_verdict(notes: Sequence[str], reasons: Sequence[str]) -> list[
     return [n for n in notes if n not in repeated]
 
 
+def _stroke(font: ImageFont.FreeTypeFont) -> int:
+    """Width of the dark outline around text drawn on the image."""
+    return max(1, round(font.size / 12))
+
+
+def _clear_of(draw: ImageDraw.ImageDraw, xy: tuple[float, float], label: annotations.Label, font: ImageFont.FreeTypeFont,
+              detail_font: ImageFont.FreeTypeFont, anchor: str, taken: list[tuple[float, float, float, float]]) -> float:
+    """The row at which `label` (and its detail line) overlaps no label drawn before it, moving it down from
+    `xy` (two detections a few pixels apart would print their names on top of each other); the box it will
+    occupy is added to `taken`."""
+    x, y = xy
+
+    def box_at(row: float) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = draw.textbbox((x, row), label.text.translate(_PLAIN), font=font, anchor=anchor,
+                                       stroke_width=_stroke(font))
+        if label.detail:
+            detail_anchor = "la" if label.align == "left" else "ra"
+            d = draw.textbbox((x, row + font.size * 0.55), label.detail.translate(_PLAIN), font=detail_font,
+                              anchor=detail_anchor, stroke_width=_stroke(detail_font))
+            x0, y0, x1, y1 = min(x0, d[0]), min(y0, d[1]), max(x1, d[2]), max(y1, d[3])
+        return x0, y0, x1, y1
+
+    box = box_at(y)
+    for _ in range(len(taken) + 1):
+        hit = next((b for b in taken if box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]), None)
+        if hit is None:
+            break
+        y += hit[3] - box[1] + 1
+        box = box_at(y)
+    taken.append(box)
+    return y
+
+
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: ImageFont.FreeTypeFont,
           colour: style.RGB, placed: list[PlacedText], *, stroke: bool = True, anchor: str = "la") -> None:
     shown = text.translate(_PLAIN)
-    stroke_width = max(1, round(font.size / 12)) if stroke else 0
+    stroke_width = _stroke(font) if stroke else 0
     draw.text(xy, shown, font=font, fill=colour, anchor=anchor, stroke_width=stroke_width, stroke_fill=(0, 0, 0))
     box = draw.textbbox(xy, shown, font=font, anchor=anchor, stroke_width=stroke_width)
     placed.append(PlacedText(text, tuple(int(round(v)) for v in box), colour))  # type: ignore[arg-type]
@@ -498,6 +531,7 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
             if shape.closed:
                 pts.append(pts[0])
             draw.line(pts, fill=shape.colour, width=line_unit * shape.weight, joint="curve")
+        taken: list[tuple[float, float, float, float]] = []
         for label in drawing.labels:
             font = fonts.label if label.emphasis else fonts.detail
             x, y = rendering.to_canvas(*label.anchor)
@@ -505,6 +539,7 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
             anchor = "lm" if label.align == "left" else "rm"
             if label.detail:
                 y -= font.size * 0.45
+            y = _clear_of(draw, (x, y), label, font, fonts.detail, anchor, taken)
             _text(draw, (x, y), label.text, font, label.colour, placed, anchor=anchor)
             if label.detail:
                 _text(draw, (x, y + font.size * 0.55), label.detail, fonts.detail, style.ALERT_COLOUR, placed,

@@ -273,3 +273,22 @@ def test_a_not_assessed_note_the_verdict_already_gives_is_not_repeated(cases):
     assert "Note: screw loosening not assessed" not in text
     assert "Note: rod fracture not assessed" in text
     assert "Note: an unrelated note" in text
+
+
+def test_level_labels_of_detections_a_few_pixels_apart_do_not_overlap(cases):
+    """Two detections whose centres lie a few pixels apart (a fragment beside a body) printed "?7" over "?8"."""
+    import dataclasses
+
+    case = cases["lateral-dx"]
+    image = case.result.images[0]
+    first = image.vertebrae[0]
+    twin = dataclasses.replace(first, level=None, centroid=(first.centroid[0], first.centroid[1] + 4.0),
+                               outline=tuple((x, y + 4.0) for x, y in first.outline))
+    crowded = dataclasses.replace(image, vertebrae=(*image.vertebrae, twin))
+    rendering = sc.render(case.result, crowded, case.sources)
+    on_image = [t for t in rendering.texts if t.box[2] <= rendering.panel_box[0] and t.box[1] >= rendering.banner_height]
+    assert len(on_image) >= len(crowded.vertebrae)
+    for k, a in enumerate(on_image):
+        for b in on_image[k + 1:]:
+            apart = a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
+            assert apart, (a, b)
