@@ -322,8 +322,10 @@ def _study_evaluations(result: StudyResult) -> Dataset:
         if finding.description:
             items.append(hd.sr.TextContentItem(codes.COMMENT, fit_lo(finding.description, 1024), _REL.CONTAINS))
     for image in result.images:
+        # With several images, each note says which image it is about ("screw loosening not assessed" on one).
+        where = f"{image.source.label}: " if len(result.images) > 1 else ""
         for note in image.notes:
-            items.append(hd.sr.TextContentItem(codes.IMAGE_NOTE, fit_lo(note, 1024), _REL.CONTAINS))
+            items.append(hd.sr.TextContentItem(codes.IMAGE_NOTE, fit_lo(where + note, 1024), _REL.CONTAINS))
     for model in result.models:
         items.append(hd.sr.TextContentItem(codes.MODEL, f"{model.name} {model.version}", _REL.CONTAINS))
     container.ContentSequence = hd.sr.ContentSequence(items)

@@ -153,14 +153,19 @@ def test_new_model_version_gives_new_uids(cases, outputs):
     assert before.isdisjoint(o.dataset.SOPInstanceUID for o in changed)
 
 
-def test_sr_and_sc_uids_follow_the_set_of_analysed_instances_and_the_sr_references_its_predecessor(cases, outputs):
+def _two_views(cases):
+    """The DX case's study with the CR case's image put into it, as if a second view arrived later."""
     dx, cr = cases["lateral-dx"], cases["ap-cr"]
-    # Put the CR into the DX's study, as if a second view arrived later.
     cr_ds = copy.deepcopy(cr.sources[0])
     cr_ds.StudyInstanceUID = dx.result.study_instance_uid
     cr_image = dataclasses.replace(cr.result.images[0], source=dataclasses.replace(
         cr.result.images[0].source, study_instance_uid=dx.result.study_instance_uid))
-    both = dataclasses.replace(dx.result, images=(*dx.result.images, cr_image))
+    return dataclasses.replace(dx.result, images=(*dx.result.images, cr_image)), cr_ds
+
+
+def test_sr_and_sc_uids_follow_the_set_of_analysed_instances_and_the_sr_references_its_predecessor(cases, outputs):
+    dx = cases["lateral-dx"]
+    both, cr_ds = _two_views(cases)
     first_sr = _by_kind(outputs["lateral-dx"], OutputKind.SR)[0].dataset
     earlier = SopReference(str(first_sr.StudyInstanceUID), str(first_sr.SeriesInstanceUID),
                            str(first_sr.SOPClassUID), str(first_sr.SOPInstanceUID))
@@ -182,6 +187,16 @@ def test_sr_and_sc_uids_follow_the_set_of_analysed_instances_and_the_sr_referenc
     again = build_outputs(both, [*dx.sources, cr_ds], predecessor_sr=earlier)
     assert _by_kind(again, OutputKind.SR)[0].dataset.SOPInstanceUID == sr.SOPInstanceUID
 
+
+
+def test_sr_notes_of_a_two_image_study_name_their_image(cases, tmp_path):
+    both, cr_ds = _two_views(cases)
+    (sr,) = _by_kind(build_outputs(both, [*cases["lateral-dx"].sources, cr_ds], kinds=[OutputKind.SR]), OutputKind.SR)
+    notes = [i.TextValue for i in _walk(sr.dataset.ContentSequence)
+             if i.ConceptNameCodeSequence[0].CodeValue == codes.IMAGE_NOTE.value]
+    labels = [image.source.label for image in both.images]
+    assert len(notes) == sum(len(image.notes) for image in both.images) > 0
+    assert all(any(n.startswith(f"{label}: ") for label in labels) for n in notes), notes
 
 def test_refuses_sources_of_two_studies_or_patients(cases):
     dx, cr = cases["lateral-dx"], cases["ap-cr"]
