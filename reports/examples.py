@@ -346,7 +346,8 @@ def ct(*, seed: str = "reports-ct", slices: int = 24, size: int = 64, patient: P
 
     k, r, col = np.nonzero(screw)
     implant = Implant(kind=ImplantKind.PEDICLE_SCREW, mask=RegionMask.from_dense(screw), outline=(),
-                      centroid=(float(col.mean()) + 0.5, float(r.mean()) + 0.5), levels=("L4",), side=Side.LEFT)
+                      centroid=(float(col.mean()) + 0.5, float(r.mean()) + 0.5), levels=("L4",), side=Side.LEFT,
+                      assessed=FAILURE_MODES[ImplantKind.PEDICLE_SCREW])
     image_result = ImageResult(source=source, vertebrae=(vert("L3", l3), vert("L4", l4)), implants=(implant,))
     result = StudyResult(
         study_instance_uid=str(first.StudyInstanceUID),
