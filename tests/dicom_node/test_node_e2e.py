@@ -95,8 +95,10 @@ def test_new_instance_after_analysis_replaces_outputs_with_a_successor_report(
 
     second = make_study(tmp_path / "b", "late", images=1, first_instance=2)
     storescu(second, node.scp.port)
-    # Re-analysis: a new SR naming the first as predecessor, one more SEG/SC/PR for the new image only.
-    want = {"SEG": 2, "OT": 2, "PR": 2, "SR": 2}
+    # Re-analysis: a new SR naming the first as predecessor, one more SEG and PR for the new image only, and
+    # a new SC for both images (an SC draws the study's verdict, so it is a new object when that can change;
+    # the first SC stays in the PACS).
+    want = {"SEG": 2, "OT": 3, "PR": 2, "SR": 2}
     wait_for(lambda: outputs_of(orthanc, study_uid) == want, 60,
              what=f"re-analysis outputs {want} (has {outputs_of(orthanc, study_uid)})")
     srs = node.db.query("SELECT * FROM outputs WHERE kind = 'sr' ORDER BY created_at")
