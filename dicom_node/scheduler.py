@@ -29,15 +29,16 @@ log = logging.getLogger("dicom_node.scheduler")
 
 
 class _Wakeable:
-    """Runs `work` until it reports no more work and no wake is pending."""
+    """Runs `work` until it reports no more work and no wake is pending, or the node is stopping."""
 
-    def __init__(self, name: str, work: Callable[[], int]) -> None:
+    def __init__(self, name: str, work: Callable[[], int], stopping: threading.Event) -> None:
         self.name = name
         self.work = work
         self.pending = threading.Event()
+        self.stopping = stopping
 
     def __call__(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             self.pending.clear()
             try:
                 done = self.work()
@@ -67,6 +68,11 @@ class NodeScheduler:
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
         self._jobs: dict[str, _Wakeable] = {}
+        # Set (under `_wake_lock`) when stopping: from then on wakes are dropped. apscheduler's shutdown holds
+        # its job-store lock while it waits for running jobs, so a job that woke another (`modify_job`, which
+        # needs that lock) after shutdown began would wait for ever, and so would the shutdown.
+        self._stopping = threading.Event()
+        self._wake_lock = threading.Lock()
         self._add("assembly", self._assembly, settings.assembly.sweep_interval_s)
         self._add("pipeline", self._pipeline, 2.0)
         for dest in settings.destinations:
@@ -76,7 +82,7 @@ class NodeScheduler:
             self._scheduler.add_job(tune_polling, "interval", seconds=0.5, id="polling", name="polling")
 
     def _add(self, name: str, work: Callable[[], int], interval: float) -> None:
-        job = _Wakeable(name, work)
+        job = _Wakeable(name, work, self._stopping)
         self._jobs[name] = job
         self._scheduler.add_job(job, "interval", seconds=interval, id=name, name=name,
                                 next_run_time=datetime.now() + timedelta(seconds=0.2))
@@ -86,20 +92,25 @@ class NodeScheduler:
         self._scheduler.start()
 
     def stop(self) -> None:
-        """Stop; waits for running jobs to finish their current step."""
+        """Stop; waits for running jobs to finish their current step (work they leave is in the database)."""
+        with self._wake_lock:
+            self._stopping.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
 
     def wake(self, name: str) -> None:
-        """Run job `name` as soon as possible."""
+        """Run job `name` as soon as possible (nothing once stopping)."""
         job = self._jobs.get(name)
         if job is None:
             return
         job.pending.set()
-        try:
-            self._scheduler.modify_job(name, next_run_time=datetime.now())
-        except Exception:  # noqa: BLE001 - e.g. during shutdown
-            pass
+        with self._wake_lock:
+            if self._stopping.is_set():
+                return
+            try:
+                self._scheduler.modify_job(name, next_run_time=datetime.now())
+            except Exception:  # noqa: BLE001 - e.g. not started yet
+                pass
 
     def wake_senders(self) -> None:
         """Wake every delivery job."""
