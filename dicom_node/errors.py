@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 _QUOTED = re.compile(r"""(?P<q>['"])(?P<v>[^'"]{0,200})(?P=q)""")
-# Kept: numbers, UIDs (4 or more components, unlike a date such as 31.12.1960) and tags such as (0010,0030).
-_SAFE = re.compile(r"^-?[0-9]+(\.[0-9]+)?$|^[0-9]+(\.[0-9]+){3,}$|^\(?[0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)?$")
+# Kept: empty values (they say "missing", which is the point of many messages), numbers, UIDs (4 or more
+# components, unlike a date such as 31.12.1960) and tags such as (0010,0030).
+_SAFE = re.compile(r"^$|^-?[0-9]+(\.[0-9]+)?$|^[0-9]+(\.[0-9]+){3,}$|^\(?[0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)?$")
 
 
 def redact(text: str) -> str:

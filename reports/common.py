@@ -317,9 +317,14 @@ def apply_series(ds: Dataset, kind: OutputKind) -> None:
 
 
 def copy_image_attributes(ds: Dataset, source: Dataset, keywords: Sequence[str]) -> None:
-    """Copy series/image attributes the source has (PatientOrientation, Laterality, BodyPartExamined ...)."""
+    """Copy series/image attributes the source has (PatientOrientation, Laterality, BodyPartExamined ...); a
+    PatientOrientation that is not two valid direction values is not copied (it would make the output invalid)."""
     for keyword in keywords:
-        if keyword in source and source[keyword].value not in (None, ""):
+        if keyword == "PatientOrientation" and "PatientOrientation" in source:
+            pair = patient_orientation(source)
+            if pair is not None:
+                ds.PatientOrientation = list(pair)
+        elif keyword in source and source[keyword].value not in (None, ""):
             setattr(ds, keyword, copy.deepcopy(source[keyword].value))
 
 
@@ -351,10 +356,12 @@ def fit_lo(text: str, limit: int = 64) -> str:
 
 
 def patient_orientation(source: Dataset) -> tuple[str, str] | None:
-    """PatientOrientation of a source: its own, or derived from ImageOrientationPatient (CT/MR)."""
+    """PatientOrientation of a source: its own, or derived from ImageOrientationPatient (CT/MR); None when it
+    gives none that is valid (absent, empty as CR allows, or letters other than A P L R H F)."""
     value = source.get("PatientOrientation")
     if value and len(value) == 2:
-        return (str(value[0]), str(value[1]))
+        pair = (str(value[0]).strip(), str(value[1]).strip())
+        return pair if all(p and set(p) <= set("APLRHF") for p in pair) else None
     iop = source.get("ImageOrientationPatient")
     if not iop or len(iop) != 6:
         return None

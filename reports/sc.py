@@ -577,8 +577,12 @@ def build_sc(
         sop_instance_uid=sc_uid(result, image),
         instance_number=instance_number,
         manufacturer=producer.manufacturer,
-        patient_orientation=orientation or ("", ""),
+        # highdicom wants two direction values for a patient image; a source that gives none (PatientOrientation
+        # absent or empty, as CR allows) gets an empty one below, as the General Image module's Type 2C allows.
+        patient_orientation=orientation or ("L", "F"),
     )
+    if orientation is None:
+        sc.PatientOrientation = None
     apply_identity(sc, source)
     apply_equipment(sc, source, producer)
     apply_series(sc, OutputKind.SC)

@@ -68,3 +68,4 @@ def test_redact_keeps_uids_and_tags_but_not_values() -> None:
     assert redact(msg) == ("Unable to convert '<redacted>' to '<redacted>' object for '1.2.840.10008.5.1.4.1.1.1'"
                            " at '(0010,0030)'")
     assert redact('PatientName "DOE^JANE" too long') == 'PatientName "<redacted>" too long'
+    assert redact("'' is not a valid PatientOrientationValuesBiped") == "'' is not a valid PatientOrientationValuesBiped"

@@ -198,6 +198,25 @@ def test_sr_notes_of_a_two_image_study_name_their_image(cases, tmp_path):
     assert len(notes) == sum(len(image.notes) for image in both.images) > 0
     assert all(any(n.startswith(f"{label}: ") for label in labels) for n in notes), notes
 
+
+@pytest.mark.parametrize("orientation", ["absent", "empty", "not letters"])
+def test_a_radiograph_without_patient_orientation_still_gets_every_output(cases, tmp_path, dciodvfy, orientation):
+    """PatientOrientation absent (DX without it), empty (CR: Type 2C) or invalid: every object is still written and
+    valid, the SC with an empty PatientOrientation (it used to fail the whole study's outputs)."""
+    case = cases["ap-cr"]
+    source = copy.deepcopy(case.sources[0])
+    if orientation == "absent":
+        del source.PatientOrientation
+    else:
+        source.PatientOrientation = None if orientation == "empty" else ["X", "Y"]
+    outs = build_outputs(case.result, [source])
+    assert sorted(o.kind.value for o in outs) == ["pr", "sc", "seg", "sr"]
+    for path in _write(tmp_path, outs, orientation.replace(" ", "-")):
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
+    sc_ds = _by_kind(outs, OutputKind.SC)[0].dataset
+    assert "PatientOrientation" in sc_ds and not sc_ds.PatientOrientation
+
 def test_refuses_sources_of_two_studies_or_patients(cases):
     dx, cr = cases["lateral-dx"], cases["ap-cr"]
     with pytest.raises(ValueError, match="StudyInstanceUID"):
