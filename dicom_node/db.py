@@ -242,7 +242,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE TABLE probes (name TEXT PRIMARY KEY, at REAL NOT NULL);    -- /readyz writes here
         """,
     ),
+    (
+        "analyses cut by a crash, counted",
+        """
+        -- Analyses of the study the node died during, in a row (reset when one ends); see Database.recover.
+        ALTER TABLE studies ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 )
+
+#: A study whose analysis the node died during this many times in a row (e.g. killed for memory by an
+#: enormous image) is failed at the next start instead of being run again: a restart loop would never end.
+MAX_INTERRUPTED_ANALYSES = 3
 
 
 @dataclass(frozen=True)
@@ -530,7 +541,7 @@ class Database:
         """analysing -> `state`, unless new instances arrived meanwhile (then it stays `received`)."""
         with self.tx() as db:
             cur = db.execute(
-                "UPDATE studies SET state = ?, reason = ?, updated_at = ? WHERE study_instance_uid = ?"
+                "UPDATE studies SET state = ?, reason = ?, interrupted = 0, updated_at = ? WHERE study_instance_uid = ?"
                 " AND state = 'analysing' AND generation = ?",
                 (state, reason, time.time(), study_instance_uid, generation),
             )
@@ -732,7 +743,7 @@ class Database:
         """Studies that failed before delivery (analysis errors) -> complete again (``dicom-node retry``)."""
         with self.tx() as db:
             cur = db.execute(
-                "UPDATE studies SET state = 'complete', reason = NULL, updated_at = ? WHERE state = 'failed'"
+                "UPDATE studies SET state = 'complete', reason = NULL, interrupted = 0, updated_at = ? WHERE state = 'failed'"
                 " AND study_instance_uid NOT IN (SELECT study_instance_uid FROM deliveries WHERE state = 'failed')",
                 (time.time(),),
             )
@@ -741,9 +752,17 @@ class Database:
     # ---------------------------------------------------------------------------------- recovery
 
     def recover(self) -> dict[str, int]:
-        """After a crash: interrupted work goes back one step so it is redone exactly once."""
+        """After a crash: interrupted work goes back one step so it is redone exactly once; a study whose
+        analysis was cut `MAX_INTERRUPTED_ANALYSES` times in a row is failed instead (``dicom-node retry``)."""
         now = time.time()
         with self.tx() as db:
+            db.execute("UPDATE studies SET interrupted = interrupted + 1 WHERE state = 'analysing'")
+            given_up = db.execute(
+                "UPDATE studies SET state = 'failed', interrupted = 0, updated_at = ?, reason = 'analysis interrupted '"
+                " || interrupted || ' times in a row (the node stopped or crashed during it, e.g. out of memory): not"
+                " started again automatically; dicom-node retry runs it again' WHERE state = 'analysing' AND"
+                " interrupted >= ?", (now, MAX_INTERRUPTED_ANALYSES),
+            ).rowcount
             a = db.execute("UPDATE studies SET state = 'complete', updated_at = ? WHERE state = 'analysing'", (now,)).rowcount
             b = db.execute("UPDATE deliveries SET state = 'pending', updated_at = ? WHERE state = 'sending'", (now,)).rowcount
             c = db.execute(
@@ -751,7 +770,8 @@ class Database:
                 " WHERE state = 'open'", (now,),
             ).rowcount
             db.execute("DELETE FROM jobs WHERE state = 'analysing'")
-        return {"studies_reanalysed": a, "deliveries_resent": b, "associations_closed": c}
+        return {"studies_reanalysed": a, "studies_failed_after_interruptions": given_up, "deliveries_resent": b,
+                "associations_closed": c}
 
     # ------------------------------------------------------------------------ status (CLI, web API)
 
@@ -999,7 +1019,7 @@ class Database:
                 return "deliveries of this study are still under way"
             db.execute("UPDATE jobs SET state = 'failed', reason = 're-analysis requested', updated_at = ?"
                        " WHERE study_instance_uid = ?", (now, study_instance_uid))
-            db.execute("UPDATE studies SET state = 'complete', reason = NULL, updated_at = ? WHERE"
+            db.execute("UPDATE studies SET state = 'complete', reason = NULL, interrupted = 0, updated_at = ? WHERE"
                        " study_instance_uid = ?", (now, study_instance_uid))
         return None
 

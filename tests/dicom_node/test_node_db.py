@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.db import MIGRATIONS, Database, InstanceRecord
+from dicom_node.db import MAX_INTERRUPTED_ANALYSES, MIGRATIONS, Database, InstanceRecord
 
 
 @pytest.fixture
@@ -59,6 +59,30 @@ def _job_with_delivery(db: Database) -> tuple[int, int]:
     db.finish_study("1.2.3", gen, "encoded")
     return job["id"], db.one("SELECT id FROM deliveries")["id"]
 
+
+
+def test_a_study_the_node_keeps_dying_on_is_failed_at_the_third_restart_and_retry_runs_it_again(db: Database) -> None:
+    """kill -9 (or the OOM killer) during an analysis: the study is analysed again at start, but a study that
+    takes the node down every time would make a restart loop without end."""
+    db.record_instance(rec("1.1"))
+    db.mark_complete("1.2.3")
+    for restart in range(1, MAX_INTERRUPTED_ANALYSES):
+        assert db.claim_study("1.2.3") is not None
+        assert db.recover()["studies_reanalysed"] == 1
+        assert db.study("1.2.3")["state"] == "complete" and db.study("1.2.3")["interrupted"] == restart
+    db.claim_study("1.2.3")
+    assert db.recover()["studies_failed_after_interruptions"] == 1
+    study = db.study("1.2.3")
+    assert study["state"] == "failed" and study["reason"].startswith(f"analysis interrupted {MAX_INTERRUPTED_ANALYSES} times")
+    assert "dicom-node retry" in study["reason"]
+    assert db.requeue_failed_studies() == 1
+    assert db.study("1.2.3")["state"] == "complete" and db.study("1.2.3")["interrupted"] == 0
+    # An analysis that ends (here: fails on its own) clears the count: only interruptions in a row count.
+    gen = db.claim_study("1.2.3")
+    db.recover()
+    gen = db.claim_study("1.2.3")
+    assert db.finish_study("1.2.3", gen, "failed", "bad pixels")
+    assert db.study("1.2.3")["interrupted"] == 0
 
 def test_recovery_after_crash_resends_and_settles(db: Database) -> None:
     _, delivery = _job_with_delivery(db)
