@@ -57,6 +57,10 @@ if TYPE_CHECKING:
 ANALYSIS_NAME = "spine-xr"
 #: Modalities analysed as projection radiographs.
 RADIOGRAPH_MODALITIES = frozenset({"DX", "CR", "RG"})
+#: Largest matrix read (rows x columns). Real radiographs stay under about 30 million pixels (a stitched
+#: long-length film); decoding a far larger one would take the node's memory (a 20000 x 25000 image took
+#: 11 GB) for no reading the models were made for.
+MAX_PIXELS = 60_000_000
 GRADE_SEVERITY = {GenantGrade.MILD: Severity.MILD, GenantGrade.MODERATE: Severity.MODERATE, GenantGrade.SEVERE: Severity.SEVERE}
 #: A lateral view needs this many graded bodies before "no fracture" can be said.
 MIN_GRADED_FOR_NO_FINDING = 2
@@ -514,6 +518,11 @@ class SpineXrAnalysis:
             modality = str(ds.get("Modality", "")).upper()
             if modality not in RADIOGRAPH_MODALITIES:
                 skipped.append(f"instance {uid} skipped: modality {modality or 'missing'} is not a radiograph")
+                continue
+            rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+            if rows * columns > MAX_PIXELS:
+                skipped.append(f"instance {uid} skipped: {rows} x {columns} pixels, more than the "
+                               f"{MAX_PIXELS // 1_000_000} million this analysis reads")
                 continue
             try:
                 radiograph = preprocess.decode(ds)

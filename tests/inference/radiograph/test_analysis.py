@@ -109,6 +109,20 @@ def test_non_radiographs_are_skipped_with_a_reason(analysis) -> None:  # noqa: A
         _run(analysis, ct_series(np.zeros((1, 8, 8)), seed="other-study")[0], xr)
 
 
+
+def test_an_image_too_large_to_read_is_skipped_with_a_reason_before_decoding(analysis) -> None:  # noqa: ANN001
+    """A 20000 x 25000 radiograph took the node to 11 GB; the header's matrix is checked before any pixel is read."""
+    from inference.radiograph.analysis import MAX_PIXELS
+
+    xr = as_dicom(phantom(12, "AP", "lumbar"), seed="an-huge")
+    huge = as_dicom(phantom(13, "AP", "lumbar"), seed="an-huge-2")
+    huge.StudyInstanceUID = xr.StudyInstanceUID
+    huge.Rows, huge.Columns = 20000, 25000  # the header says so; the pixel data is never touched
+    assert huge.Rows * huge.Columns > MAX_PIXELS
+    result = _run(analysis, xr, huge)
+    assert [im.source.sop_instance_uids for im in result.images] == [(xr.SOPInstanceUID,)]
+    assert any(r.startswith(f"instance {huge.SOPInstanceUID} skipped: 20000 x 25000 pixels") for r in result.verdict.reasons)
+
 def test_head_down_image_gives_mirrored_results(analysis) -> None:  # noqa: ANN001
     sample = phantom(12, "AP", "lumbar")
     upright = _run(analysis, as_dicom(sample, seed="an-up"))
