@@ -383,18 +383,21 @@ def parse_peer_spec(spec: str) -> dict[str, Any]:
     return {"ae_title": aet, "host": host or None}
 
 
+#: Environment variables (after ``DICOM_NODE_``) and the keys they set.
+_ENV_KEYS: dict[str, tuple[str, str]] = {
+    "AE_TITLE": ("node", "ae_title"),
+    "BIND_HOST": ("node", "bind_host"),
+    "PORT": ("node", "port"),
+    "DATA_DIR": ("node", "data_dir"),
+    "ACCEPT_ANY": ("peers", "accept_any"),
+    "LOG_LEVEL": ("logging", "level"),
+    "HTTP_PORT": ("http", "port"),
+}
+
+
 def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
-    names = {
-        "AE_TITLE": ("node", "ae_title"),
-        "BIND_HOST": ("node", "bind_host"),
-        "PORT": ("node", "port"),
-        "DATA_DIR": ("node", "data_dir"),
-        "ACCEPT_ANY": ("peers", "accept_any"),
-        "LOG_LEVEL": ("logging", "level"),
-        "HTTP_PORT": ("http", "port"),
-    }
     out = []
-    for suffix, key in names.items():
+    for suffix, key in _ENV_KEYS.items():
         value = env.get(ENV_PREFIX + suffix)
         if value is None or value == "":
             continue
@@ -584,7 +587,20 @@ def load(config: Path | None = None, *, env: Mapping[str, str] | None = None,
         raw, source = parse_toml(default_config_text(), "embedded default"), "embedded default configuration"
     else:
         raw, source = read_toml(config), str(config)
+    given = _override_names(env, overrides)
+    if given:
+        # A problem may lie in an override, not in the file: the file's name alone would send one looking there.
+        source = f"{source} with {', '.join(given)}"
     return validate(_merge_overrides(raw, env, overrides), source)
+
+
+def _override_names(env: Mapping[str, str], cli: Overrides) -> list[str]:
+    """The environment variables and command-line options that override the file, as the user typed them."""
+    names = [ENV_PREFIX + s for s in (*_ENV_KEYS, "HTTP_TOKEN") if env.get(ENV_PREFIX + s)]
+    flags = {"--ae-title": cli.ae_title, "--port": cli.port, "--bind-host": cli.bind_host, "--data-dir": cli.data_dir,
+             "--destination": cli.destinations, "--allow": cli.allow, "--accept-any": cli.accept_any,
+             "--http-port": cli.http_port, "--http-token": cli.http_token}
+    return names + [flag for flag, value in flags.items() if value not in (None, (), "")]
 
 
 def warnings_for(settings: Settings, available_analyses: Sequence[str]) -> list[str]:

@@ -75,6 +75,11 @@ def test_env_value_errors_name_the_key() -> None:
     with pytest.raises(ConfigError) as err:
         load(env={"DICOM_NODE_PORT": "http"})
     assert err.value.problems[0].startswith("node.port:")
+    # The message says the value came from the environment, not only which file was read.
+    assert "embedded default configuration with DICOM_NODE_PORT" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load(env={}, overrides=Overrides(http_port=11112))
+    assert "with --http-port" in str(err.value)
 
 
 def test_destination_specs() -> None:
