@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -161,9 +162,14 @@ def _target(spec: str) -> Destination:
 # --------------------------------------------------------------------------------------- commands
 
 
+#: What `serve` creates (received instances, outputs, the database) is patient data: no access for other users.
+SERVE_UMASK = 0o027
+
+
 def cmd_serve(settings: Settings) -> int:
     from dicom_node.service import NodeService
 
+    os.umask(SERVE_UMASK)
     service = NodeService(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

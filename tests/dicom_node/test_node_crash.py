@@ -62,6 +62,9 @@ def test_kill9_during_ingest_and_during_delivery_loses_and_duplicates_nothing(
         ds = pydicom.dcmread(path)  # every acknowledged instance is complete on disk
         assert len(ds.PixelData) == ds.Rows * ds.Columns * 2
     con.close()
+    # Patient data on disk: nothing the node wrote is open to other local users (serve sets umask 027).
+    exposed = [p for p in [data, *data.rglob("*")] if p.stat().st_mode & 0o007]
+    assert not exposed, exposed[:5]
 
     # The modality retries the whole transfer after the node is back.
     node.start()
