@@ -3,7 +3,8 @@
 Handlers only acknowledge.  A C-STORE handler writes the bytes exactly as received (plus a file meta
 header) to a temporary file, fdatasyncs, renames it into the store, records the row, and only then answers
 0x0000.  Disk or database trouble answers 0xA700 (out of resources), a dataset that cannot be understood
-answers 0xC210 with the reason logged; no exception ever leaves a handler, so the node stays up.
+answers 0xC210 with the reason logged and, shortened, in the status's Error Comment for the sender; no
+exception ever leaves a handler, so the node stays up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
@@ -37,6 +39,16 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
+
+
+def failure(status: int, reason: str) -> Dataset:
+    """A C-STORE failure status carrying the reason as Error Comment, which the sender logs or shows (the
+    node's log has the full reason). LO: 64 characters, no backslash or control characters."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = "".join(c if c.isprintable() and c != "\\" else " " for c in reason)[:64].rstrip()
+    return ds
+
 
 # Identifies this implementation in every association and file meta; derived, so it never changes.
 IMPLEMENTATION_CLASS_UID = derive_uid("implementation class", "spine-pacs-ai-node")
@@ -255,7 +267,7 @@ class StorageSCP:
                 n += 1
         return n
 
-    def _on_store(self, event: Any) -> int:
+    def _on_store(self, event: Any) -> int | Dataset:
         if getattr(event.assoc, "node_last_store", None) is None:
             _set_poll(event.assoc, ACTIVE_POLL_S)
         event.assoc.node_last_store = time.monotonic()
@@ -264,20 +276,20 @@ class StorageSCP:
             return self._store(event, assoc_id)
         except DatasetError as exc:
             log.warning("C-STORE refused (0x%04X): %s", CANNOT_UNDERSTAND, exc)
-            status = CANNOT_UNDERSTAND
+            status = failure(CANNOT_UNDERSTAND, str(exc))
         except (StorageError, DatabaseError) as exc:
             log.error("C-STORE failed (0x%04X): %s", OUT_OF_RESOURCES, exc)
-            status = OUT_OF_RESOURCES
+            status = failure(OUT_OF_RESOURCES, "node cannot store now (disk or database); retry later")
         except Exception as exc:  # noqa: BLE001 - e.g. sqlite3 errors, MemoryError: never escape
             log.exception("C-STORE failed (0x%04X): %s", OUT_OF_RESOURCES, type(exc).__name__)
-            status = OUT_OF_RESOURCES
+            status = failure(OUT_OF_RESOURCES, "node cannot store now; retry later")
         try:
             self.db.count_failure(assoc_id)
         except Exception:  # noqa: BLE001 - the failure status above matters more than its counter
             log.warning("could not count the failed C-STORE", exc_info=True)
         return status
 
-    def _store(self, event: Any, assoc_id: int | None) -> int:
+    def _store(self, event: Any, assoc_id: int | None) -> int | Dataset:
         request = event.request
         ts = UID(event.context.transfer_syntax)
         received = getattr(request, "DataSet", None)
@@ -300,7 +312,7 @@ class StorageSCP:
                 log.warning("C-STORE refused (0x%04X): SOPClassUID %s differs from the request's %s",
                             DATASET_DOES_NOT_MATCH_SOP_CLASS, ident["SOPClassUID"], affected_class)
                 self.db.count_failure(assoc_id)
-                return DATASET_DOES_NOT_MATCH_SOP_CLASS
+                return failure(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID in the data set differs from the request's")
             if pixel_offset is not None and ts != DeflatedExplicitVRLittleEndian:
                 _check_pixel_data(ds, data, pixel_offset, ts)
 

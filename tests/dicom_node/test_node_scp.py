@@ -97,8 +97,14 @@ def _encode(ds: pydicom.Dataset) -> bytes:
 
 def _send_raw(port: int, payload: bytes, sop_uid: str = "1.2.3.4.5.6.7", folder: Path | None = None,
               ts: str = ExplicitVRLittleEndian) -> int:
-    """C-STORE `payload` as the data set, bytes exactly as given: pynetdicom streams a file's body unparsed
-    when STORE_SEND_CHUNKED_DATASET is on, so the file holds valid file meta and then `payload`."""
+    """The status code of `_store_raw`."""
+    return int(_store_raw(port, payload, sop_uid, folder, ts).Status)
+
+
+def _store_raw(port: int, payload: bytes, sop_uid: str = "1.2.3.4.5.6.7", folder: Path | None = None,
+               ts: str = ExplicitVRLittleEndian) -> pydicom.Dataset:
+    """C-STORE `payload` as the data set, bytes exactly as given (pynetdicom streams a file's body unparsed
+    when STORE_SEND_CHUNKED_DATASET is on, so the file holds valid file meta and then `payload`); the status."""
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -114,7 +120,7 @@ def _send_raw(port: int, payload: bytes, sop_uid: str = "1.2.3.4.5.6.7", folder:
     assert assoc.is_established
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        return int(assoc.send_c_store(path).Status)
+        return assoc.send_c_store(path)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
         assoc.release()
@@ -128,11 +134,15 @@ def test_malformed_and_truncated_data_sets_are_refused_and_node_stays_up(scp: St
     path = make_study(tmp_path / "in", "trunc", images=1)[0]
     ds = pydicom.dcmread(path)
     encoded = _encode(ds)
-    assert _send_raw(scp.port, encoded[: len(encoded) - 5000], str(ds.SOPInstanceUID)) == CANNOT_UNDERSTAND
+    status = _store_raw(scp.port, encoded[: len(encoded) - 5000], str(ds.SOPInstanceUID))
+    assert status.Status == CANNOT_UNDERSTAND
+    # The sender is told why, not only that (Error Comment; LO, 64 characters).
+    assert status.ErrorComment.startswith("Pixel Data declares") and len(status.ErrorComment) <= 64
     # Identity missing entirely.
     empty = pydicom.Dataset()
     empty.Modality = "DX"
-    assert _send_raw(scp.port, _encode(empty)) == CANNOT_UNDERSTAND
+    status = _store_raw(scp.port, _encode(empty))
+    assert status.Status == CANNOT_UNDERSTAND and status.ErrorComment.startswith("data set lacks SOPClassUID")
     assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 0
     assert scp.db.query("SELECT sum(failures) AS n FROM associations")[0]["n"] == 3
     # The node is alive and still stores good data.
