@@ -471,6 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:
+        # `dicom-node status | head`: the reader has what it wanted. Quiet, as other Unix tools are.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for operators
         log.debug("unexpected error", exc_info=True)
         print(f"dicom-node: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
