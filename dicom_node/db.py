@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-from dicom_node.errors import DatabaseError
+from dicom_node.errors import DatabaseError, InstanceConflict
 
 # Study states, in the order a study moves through them (see README "Operations").
 RECEIVED, COMPLETE, ANALYSING, ENCODED, DELIVERED, FAILED, UNROUTED = (
@@ -251,6 +251,11 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     ),
 )
 
+def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
+    """Why an instance whose UID the node holds in another study is refused."""
+    return f"SOPInstanceUID already held in another study (instance {sop_instance_uid}, study {held_in})"
+
+
 #: A study whose analysis the node died during this many times in a row (e.g. killed for memory by an
 #: enormous image) is failed at the next start instead of being run again: a restart loop would never end.
 MAX_INTERRUPTED_ANALYSES = 3
@@ -443,9 +448,14 @@ class Database:
         """Record a stored instance; returns True if it is new.  A new source instance (re)opens its study."""
         now = time.time()
         with self.tx() as db:
-            existed = db.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
-            ).fetchone() is not None
+            row = db.execute(
+                "SELECT study_instance_uid FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+            ).fetchone()
+            if row is not None and row[0] != rec.study_instance_uid:
+                # One UID names one instance: taking it would point the first study at the second's file
+                # (another patient's, when an anonymiser or a merge rewrote only the Study UID).
+                raise InstanceConflict(conflict_reason(rec.sop_instance_uid, row[0]))
+            existed = row is not None
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
                 " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
@@ -479,6 +489,11 @@ class Database:
                     (now, rec.study_instance_uid),
                 )
             return not existed
+
+    def instance_study(self, sop_instance_uid: str) -> str | None:
+        """The study the node holds instance `sop_instance_uid` in, if any."""
+        row = self.one("SELECT study_instance_uid FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return row["study_instance_uid"] if row else None
 
     def is_known_output(self, sop_instance_uid: str) -> bool:
         """True when the node produced an instance with this UID."""

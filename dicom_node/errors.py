@@ -47,6 +47,10 @@ class DatasetError(NodeError):
     """A received dataset cannot be understood (missing identity, truncated, undecodable)."""
 
 
+class InstanceConflict(DatasetError):
+    """A received instance carries the SOP Instance UID of an instance the node holds in another study."""
+
+
 class RoutingError(NodeError):
     """A routing rule is invalid or refers to something that does not exist."""
 

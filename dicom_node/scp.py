@@ -10,6 +10,7 @@ exception ever leaves a handler, so the node stays up.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import threading
@@ -27,8 +28,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import __version__, transfer_syntaxes
-from dicom_node.db import Database, InstanceRecord
-from dicom_node.errors import DatabaseError, DatasetError, StorageError, redact
+from dicom_node.db import Database, InstanceRecord, conflict_reason
+from dicom_node.errors import DatabaseError, DatasetError, InstanceConflict, StorageError, redact
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
 from reports.uids import derive_uid
@@ -56,6 +57,14 @@ IMPLEMENTATION_VERSION_NAME = f"SPINENODE_{__version__}"[:16]
 
 PIXEL_DATA = 0x7FE00010
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: PS3.5 9.1: components of digits separated by dots, at most 64 characters. Anything else would be copied
+#: into every output (invalid objects) and could not be named in a URL of the dashboard.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _is_uid(value: str) -> bool:
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
 
 # pynetdicom's upper-layer reactor sleeps `_run_loop_delay` (1 ms) whenever it finds nothing to do, which
 # adds several ms to every C-STORE round trip.  While an association is storing, the node polls every
@@ -302,6 +311,12 @@ class StorageSCP:
             missing = [k for k, v in ident.items() if not v]
             if missing:
                 raise DatasetError(f"data set lacks {', '.join(missing)}")
+            for keyword, value in ident.items():
+                if not _is_uid(value):
+                    raise DatasetError(f"{keyword} is not a UID (digits and dots, at most 64)")
+            held_in = self.db.instance_study(ident["SOPInstanceUID"])
+            if held_in is not None and held_in != ident["StudyInstanceUID"]:
+                raise DatasetError(conflict_reason(ident["SOPInstanceUID"], held_in))
             affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
             if affected_sop and affected_sop != ident["SOPInstanceUID"]:
                 raise DatasetError(
@@ -343,6 +358,9 @@ class StorageSCP:
         )
         try:
             self.db.record_instance(rec)
+        except InstanceConflict:
+            self.store.remove([path])  # the same UID arrived for another study meanwhile
+            raise
         except Exception as exc:
             raise DatabaseError(f"cannot record {ident['SOPInstanceUID']}: {exc}") from exc
         if own:

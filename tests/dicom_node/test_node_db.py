@@ -43,6 +43,17 @@ def test_study_state_machine_and_generation_guard(db: Database) -> None:
     assert gen2 == 2 and db.finish_study("1.2.3", gen2, "encoded")
 
 
+
+def test_an_instance_uid_held_in_another_study_is_refused_by_the_database_too(db: Database) -> None:
+    """The SCP checks before writing; the database checks again inside the transaction (two associations)."""
+    from dicom_node.errors import InstanceConflict
+
+    assert db.record_instance(rec("1.1", study="1.2.3"))
+    with pytest.raises(InstanceConflict, match="already held in another study"):
+        db.record_instance(rec("1.1", study="4.5.6"))
+    assert db.instance_study("1.1") == "1.2.3" and db.study("4.5.6") is None
+    assert not db.record_instance(rec("1.1", study="1.2.3"))  # a resend in its own study
+
 def test_own_outputs_do_not_open_studies(db: Database) -> None:
     db.record_instance(rec("9.9", study="7.7", own=True))
     assert db.study("7.7") is None

@@ -151,6 +151,55 @@ def test_malformed_and_truncated_data_sets_are_refused_and_node_stays_up(scp: St
     assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 1
 
 
+
+def _store(port: int, ds: pydicom.Dataset) -> pydicom.Dataset:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+
+def test_a_known_instance_uid_in_another_study_is_refused_and_the_first_study_keeps_its_file(
+        scp: StorageSCP, tmp_path: Path) -> None:
+    """The same SOP Instance UID under a second study (an anonymiser that rewrote only the Study UID, a merge):
+    taking it pointed the first study's instance at the second's file, another patient's."""
+    first = make_study(tmp_path / "a", "dup-a", images=1)[0]
+    storescu([first], scp.port)
+    held = scp.db.one("SELECT * FROM instances")
+    other = pydicom.dcmread(first)
+    other.StudyInstanceUID = other.StudyInstanceUID + ".9"
+    other.PatientID, other.PatientName = "SOMEONE-ELSE", "ELSE^SOMEONE"
+    status = _store(scp.port, other)
+    assert status.Status == CANNOT_UNDERSTAND
+    assert status.ErrorComment.startswith("SOPInstanceUID already held in another study")
+    assert scp.db.one("SELECT * FROM instances") == held
+    assert scp.db.study(str(other.StudyInstanceUID)) is None
+    assert pydicom.dcmread(held["path"]).PatientID == pydicom.dcmread(first).PatientID
+    assert not any("SOMEONE" in str(pydicom.dcmread(p).PatientID) for p in (tmp_path / "data").rglob("*.dcm"))
+    # The same instance again in its own study is a plain resend.
+    assert _store(scp.port, pydicom.dcmread(first)).Status == 0
+
+
+@pytest.mark.parametrize("study_uid", ["hello/world?x#y", "../../../../tmp/pwned", "1.2.3.4.700.é", "1." + "2" * 70])
+def test_a_study_uid_that_is_not_a_uid_is_refused(scp: StorageSCP, tmp_path: Path, study_uid: str) -> None:
+    ds = pydicom.dcmread(make_study(tmp_path / "in", "baduid", images=1)[0])
+    ds.StudyInstanceUID = "1.2.3"  # replaced in the raw bytes below: pydicom would refuse to write some of these
+    raw = _encode(ds).replace(b"\x20\x00\x0d\x00UI\x06\x001.2.3\x00", _uid_element(study_uid))
+    status = _store_raw(scp.port, raw, str(ds.SOPInstanceUID))
+    assert status.Status == CANNOT_UNDERSTAND  # not 0xA700, which a sender would retry for ever
+    assert status.ErrorComment == "StudyInstanceUID is not a UID (digits and dots, at most 64)"
+    assert scp.db.one("SELECT count(*) AS n FROM instances")["n"] == 0
+
+
+def _uid_element(value: str) -> bytes:
+    """(0020,000D) Study Instance UID, Explicit VR Little Endian, with `value`'s UTF-8 bytes as they are."""
+    data = value.encode("utf-8")
+    data += b"\x00" * (len(data) % 2)
+    return b"\x20\x00\x0d\x00UI" + len(data).to_bytes(2, "little") + data
+
 def test_disk_failure_answers_out_of_resources(scp: StorageSCP, tmp_path: Path) -> None:
     files = make_study(tmp_path / "in", "diskfail", images=1)
     scp.store.tmp.rmdir()  # the tmp folder vanishing makes every write fail
