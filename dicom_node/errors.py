@@ -10,14 +10,27 @@ _QUOTED = re.compile(r"""(?P<q>['"])(?P<v>[^'"]{0,200})(?P=q)""")
 _SAFE = re.compile(r"^$|^-?[0-9]+(\.[0-9]+)?$|^[0-9]+(\.[0-9]+){3,}$|^\(?[0-9A-Fa-f]{4}, ?[0-9A-Fa-f]{4}\)?$")
 
 
+#: Quoted names that say where a problem is, not what a patient is called: pydicom's classes ("'Dataset'
+#: object has no attribute 'PatientSex'").
+_SAFE_NAMES = frozenset({"Dataset", "FileDataset", "DataElement", "Sequence", "FileMetaDataset", "RawDataElement"})
+
+
+def _safe(value: str) -> bool:
+    if _SAFE.match(value) or value in _SAFE_NAMES:
+        return True
+    from pydicom.datadict import keyword_dict
+
+    return value in keyword_dict  # an attribute's keyword ("PatientSex"), never its value
+
+
 def redact(text: str) -> str:
-    """Replace quoted values in a third-party error message by '<redacted>', keeping UIDs, numbers and tags.
+    """Replace quoted values in a third-party error message by '<redacted>', keeping UIDs, numbers, tags,
+    DICOM keywords and pydicom's class names.
 
     pydicom and highdicom quote the offending value ("Unable to convert '31.12.1960' to 'DA'"), which can be
     patient data; such messages end up in logs and in the reasons `dicom-node status` shows.
     """
-    return _QUOTED.sub(lambda m: m.group(0) if _SAFE.match(m.group("v")) else f"{m.group('q')}<redacted>{m.group('q')}",
-                       text)
+    return _QUOTED.sub(lambda m: m.group(0) if _safe(m.group("v")) else f"{m.group('q')}<redacted>{m.group('q')}", text)
 
 
 class NodeError(Exception):

@@ -268,10 +268,12 @@ _DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}
 
 
 def encodable_copy(source: Dataset) -> Dataset:
-    """`source` with identity dates/times that do not parse emptied (e.g. PatientBirthDate "31.12.1960").
+    """`source` with identity dates/times that do not parse emptied (e.g. PatientBirthDate "31.12.1960") and
+    absent Type 2 identity attributes present but empty (a DX without PatientSex or StudyID).
 
-    Some modalities send such values; highdicom refuses them while building.  The builders get this copy,
-    and `apply_identity` afterwards copies the source's values back verbatim, so identity stays exact.
+    Some modalities send such data; highdicom refuses unparseable values and reads Type 2 attributes
+    unconditionally while building.  The builders get this copy, and `apply_identity` afterwards copies the
+    source's values back verbatim (absent Type 2 ones empty, as the IODs require), so identity stays exact.
     """
     bad = []
     for keyword, _ in IDENTITY_ATTRIBUTES:
@@ -283,7 +285,8 @@ def encodable_copy(source: Dataset) -> Dataset:
                 _DATE_TIME_VRS[source[keyword].VR](str(source[keyword].value))
         except ValueError:
             bad.append(keyword)
-    if not bad:
+    absent = [keyword for keyword, type_ in IDENTITY_ATTRIBUTES if type_ == 2 and keyword not in source]
+    if not bad and not absent:
         return source
     clean = Dataset()
     clean.update(source)
@@ -291,6 +294,7 @@ def encodable_copy(source: Dataset) -> Dataset:
         clean.file_meta = source.file_meta
     for keyword in bad:
         del clean[keyword]  # the element object is shared with `source`: replace it, never mutate it
+    for keyword in (*bad, *absent):
         setattr(clean, keyword, None)  # empty, not absent: the builders read these Type 2 attributes
     return clean
 

@@ -69,3 +69,7 @@ def test_redact_keeps_uids_and_tags_but_not_values() -> None:
                            " at '(0010,0030)'")
     assert redact('PatientName "DOE^JANE" too long') == 'PatientName "<redacted>" too long'
     assert redact("'' is not a valid PatientOrientationValuesBiped") == "'' is not a valid PatientOrientationValuesBiped"
+    # Where the problem is stays readable: keywords and pydicom's class names are not patient data.
+    msg = "'Dataset' object has no attribute 'PatientSex'"
+    assert redact(msg) == msg
+    assert redact("name 'Smith' is not 'PatientName'") == "name '<redacted>' is not 'PatientName'"

@@ -217,6 +217,23 @@ def test_a_radiograph_without_patient_orientation_still_gets_every_output(cases,
     sc_ds = _by_kind(outs, OutputKind.SC)[0].dataset
     assert "PatientOrientation" in sc_ds and not sc_ds.PatientOrientation
 
+
+def test_a_source_without_its_type_2_identity_attributes_gets_every_output_with_them_empty(cases, tmp_path, dciodvfy):
+    """A DX without PatientSex or StudyID (Type 2, often left out) failed the study: highdicom reads them."""
+    case = cases["ap-cr"]
+    source = copy.deepcopy(case.sources[0])
+    type_2 = [k for k, type_ in IDENTITY_ATTRIBUTES if type_ == 2 and k not in ("PatientName", "PatientID")]
+    for keyword in type_2:
+        del source[keyword]
+    outs = build_outputs(case.result, [source])
+    assert sorted(o.kind.value for o in outs) == ["pr", "sc", "seg", "sr"]
+    for path in _write(tmp_path, outs, "type2"):
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
+        ds = pydicom.dcmread(path)
+        assert all(k in ds and ds[k].value in (None, "") for k in type_2)
+        assert ds.PatientID == case.sources[0].PatientID
+
 def test_refuses_sources_of_two_studies_or_patients(cases):
     dx, cr = cases["lateral-dx"], cases["ap-cr"]
     with pytest.raises(ValueError, match="StudyInstanceUID"):
