@@ -91,6 +91,14 @@ def set_tcp_nodelay(event: Any) -> None:
         log.debug("TCP_NODELAY not set: %s", exc)
 
 
+def max_pdu_read(max_pdu_bytes: int) -> int | None:
+    """Longest PDU body the SCP reads: a P-DATA-TF within the maximum length it announces (plus its own
+    headers), an A-ASSOCIATE-RQ of up to 64 KiB whatever that maximum; None when the maximum is 0 (none)."""
+    if max_pdu_bytes == 0:
+        return None
+    return max(max_pdu_bytes, 65536) + 1024
+
+
 def own_output_producer() -> tuple[str, str]:
     """(Manufacturer, ManufacturerModelName) the node writes into its outputs."""
     try:
@@ -150,7 +158,7 @@ class StorageSCP:
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """Event handlers bound to the server."""
         return [
-            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_released),
@@ -159,6 +167,33 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+
+    def _on_conn_open(self, event: Any) -> None:
+        """A new connection, before any association: TCP_NODELAY, and limits on what it may hold.
+
+        pynetdicom reads a PDU with blocking `recv` calls for as many bytes as the PDU's length field claims,
+        before the association (and so before the allow list): six bytes announcing 4 GiB, then silence,
+        held a connection slot for ever, and a long stream of zeros grew the node's memory. A socket
+        timeout (`network_timeout_s`) closes a connection that stops sending in the middle of a PDU, and a
+        PDU longer than the node accepts closes it at once (pynetdicom offers no hook for either)."""
+        set_tcp_nodelay(event)
+        try:
+            asock = event.assoc.dul.socket
+            asock.socket.settimeout(self.settings.node.network_timeout_s)
+        except (AttributeError, OSError) as exc:  # already gone
+            log.debug("connection limits not set: %s", exc)
+            return
+        limit = max_pdu_read(self.settings.node.max_pdu_bytes)
+        if limit is None:
+            return
+        read = asock.recv
+
+        def recv(nr_bytes: int) -> bytearray:
+            if nr_bytes > limit:
+                raise OSError(f"PDU of {nr_bytes} bytes, more than the {limit} this node reads")
+            return read(nr_bytes)
+
+        asock.recv = recv
 
     def start(self) -> None:
         """Listen on the configured host and port (returns at once)."""

@@ -59,12 +59,14 @@ def node_config(data_dir: Path, port: int, *, model_root: Path | None = None,
                 complete_on: str = "association-release", stable_age_s: float = 30.0,
                 backoff_initial_s: float = 0.3, backoff_max_s: float = 2.0, max_attempts: int = 20,
                 durability: str = "data", dimse_timeout_s: float = 30.0,
-                retention: dict[str, float] | None = None, max_associations: int = 16) -> dict[str, Any]:
+                retention: dict[str, float] | None = None, max_associations: int = 16,
+                network_timeout_s: float = 120.0, acse_timeout_s: float = 30.0) -> dict[str, Any]:
     """Raw configuration tables for a test node (valid input for `settings.validate` / TOML)."""
     return {
         "node": {"ae_title": "AINODE", "bind_host": "127.0.0.1", "port": port, "data_dir": str(data_dir),
                  "durability": durability, "dimse_timeout_s": dimse_timeout_s,
-                 "max_associations": max_associations},
+                 "max_associations": max_associations, "network_timeout_s": network_timeout_s,
+                 "acse_timeout_s": acse_timeout_s},
         "peers": {"accept_any": accept_any, "allow": list(allow)},
         "delivery": {"backoff_initial_s": backoff_initial_s, "backoff_max_s": backoff_max_s,
                      "max_attempts": max_attempts, "jitter": 0.1, "connect_timeout_s": 3.0,

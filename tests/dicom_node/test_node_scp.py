@@ -87,6 +87,42 @@ def test_allowed_ae_from_wrong_host_is_rejected(scp: StorageSCP) -> None:
     assert echoscu(scp.port, calling="PACS").returncode != 0
 
 
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True once the node has closed (or reset) our end of the connection."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("scp", [{"max_associations": 2, "network_timeout_s": 2.0, "acse_timeout_s": 3.0}], indirect=True)
+def test_connections_stalled_inside_a_pdu_are_closed_and_free_their_slots(scp: StorageSCP) -> None:
+    """A PDU header announcing 1000 bytes, then silence, held a slot for ever (before the allow list; with a
+    4 GiB length it was the same, now refused at once: see the next test)."""
+    stalled = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"\x01\x00" + (1000).to_bytes(4, "big"))
+        wait_for(lambda: all(_closed_by_peer(s) for s in stalled), 30, interval=0.2,
+                 what="the stalled connections closed by the node")
+        # Their association threads end at the ACSE timeout (no A-ASSOCIATE-RQ came): the slots come back.
+        wait_for(lambda: echoscu(scp.port).returncode == 0, 20, interval=0.2, what="a C-ECHO accepted again")
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_pdu_longer_than_the_node_reads_closes_the_connection_at_once(scp: StorageSCP) -> None:
+    """A 600 MiB PDU (its length field, then zeros) grew the node's memory as the zeros arrived."""
+    with socket.create_connection(("127.0.0.1", scp.port)) as sock:
+        sock.sendall(b"\x01\x00" + (600 * 2**20).to_bytes(4, "big") + b"\x00" * 65536)
+        wait_for(lambda: _closed_by_peer(sock), 10, interval=0.1, what="the oversized PDU's connection closed")
+    wait_for(lambda: echoscu(scp.port).returncode == 0, 20, interval=0.2, what="a C-ECHO accepted again")
+
 def _encode(ds: pydicom.Dataset) -> bytes:
     """The data set encoded Explicit VR Little Endian, without file meta."""
     fp = DicomBytesIO()
