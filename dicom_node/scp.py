@@ -426,13 +426,27 @@ def _text(ds: Any, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+#: Largest size a Deflated Explicit VR data set may expand to: half a megabyte of zeros deflates a
+#: gigabyte (the node's memory holds about twice the expanded size while it reads it).
+MAX_INFLATED_BYTES = 512 * 2**20
+
+
+def _inflate(data: bytes) -> bytes:
+    """A Deflated Explicit VR Little Endian data set, expanded; DatasetError beyond `MAX_INFLATED_BYTES`."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = inflater.decompress(data, MAX_INFLATED_BYTES)
+    if inflater.unconsumed_tail:
+        raise DatasetError(f"deflated data set expands beyond {MAX_INFLATED_BYTES // 2**20} MiB")
+    return out + inflater.flush()
+
+
 def _read_headers(received: BytesIO, size: int, ts: UID) -> tuple[Any, int | None]:
     """Decode every top-level element before Pixel Data; returns the data set and the offset of the
     Pixel Data element (None when absent).  The pixel bytes are neither decoded nor copied.
     DatasetError if the bytes cannot be parsed."""
     try:
         if ts == DeflatedExplicitVRLittleEndian:
-            fp = BytesIO(zlib.decompress(received.getvalue(), -zlib.MAX_WBITS))
+            fp = BytesIO(_inflate(received.getvalue()))
             size = len(fp.getbuffer())
         else:
             fp = received
@@ -444,6 +458,8 @@ def _read_headers(received: BytesIO, size: int, ts: UID) -> tuple[Any, int | Non
         for keyword in (*_REQUIRED, "Modality"):
             ds.get(keyword)
         return ds, offset
+    except DatasetError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
         raise DatasetError(f"cannot decode the data set ({type(exc).__name__}: {redact(str(exc))})") from None
 

@@ -423,6 +423,26 @@ def test_deflated_input_is_stored_and_readable(scp: StorageSCP, tmp_path: Path) 
     assert (pydicom.dcmread(row["path"]).pixel_array == pydicom.dcmread(src).pixel_array).all()
 
 
+
+def test_a_deflated_data_set_that_expands_beyond_the_limit_is_refused(
+        scp: StorageSCP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a megabyte of deflated zeros expands to a gigabyte, and the node held twice that while reading."""
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from dicom_node import scp as scp_module
+
+    monkeypatch.setattr(scp_module, "MAX_INFLATED_BYTES", 2**20)  # the same check, at a test's size
+    ds = pydicom.dcmread(make_study(tmp_path / "in", "bomb", images=1, rows=1024, columns=1024)[0])
+    ds.PixelData = bytes(len(ds.PixelData))  # 2 MiB of zeros
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    payload = packer.compress(_encode(ds)) + packer.flush()
+    assert len(payload) < 2**20
+    status = _store_raw(scp.port, payload, str(ds.SOPInstanceUID), ts=DeflatedExplicitVRLittleEndian)
+    assert status.Status == CANNOT_UNDERSTAND and status.ErrorComment == "deflated data set expands beyond 1 MiB"
+    assert scp.db.one("SELECT count(*) AS n FROM instances")["n"] == 0
+
 def test_a_released_association_is_recorded_released_whichever_event_comes_first(scp: StorageSCP) -> None:
     """pynetdicom reports the peer closing the connection (its DUL thread) and the release (its association
     thread) independently; under load the close came first and a clean release was recorded as an abort.
