@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
@@ -34,6 +35,10 @@ log = logging.getLogger("dicom_node.web")
 HERE = Path(__file__).resolve().parent
 PUBLIC_PATHS = ("/healthz", "/login", "/logout", "/static/", "/favicon.ico")
 AUDIT_KINDS = ("association", "delivery", "action")
+#: Largest page offset asked of the database (its integers end at 2**63; no node holds more studies).
+MAX_OFFSET = 10**9
+#: The studies filter `q`: the beginning of a Study Instance UID (the SCP accepts no other kind of UID).
+_UID_PREFIX = re.compile(r"[0-9.]{1,64}")
 # Only the node's own scripts, styles and images: DICOM text shown on the pages can never run as code.
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self';"
        " frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
@@ -192,13 +197,16 @@ def create_app(service: NodeService) -> FastAPI:
         q = request.query_params
         try:
             limit = min(500, max(1, int(q.get("limit") or 50)))
-            offset = max(0, int(q.get("offset") or 0))
+            offset = min(MAX_OFFSET, max(0, int(q.get("offset") or 0)))  # SQLite integers end at 2**63
         except ValueError:
             raise HTTPException(400, "limit and offset must be integers") from None
+        prefix = (q.get("q") or "").strip()
+        if prefix and not _UID_PREFIX.fullmatch(prefix):
+            raise HTTPException(400, "q must be the beginning of a Study Instance UID (digits and dots, at most 64)")
         try:
             return views.studies(state=q.get("state") or None, flagged=_parse_flagged(q.get("flagged")),
                                  since=_parse_when(q.get("since")), until=_parse_when(q.get("until"), end=True),
-                                 uid_prefix=(q.get("q") or "").strip() or None, limit=limit, offset=offset)
+                                 uid_prefix=prefix or None, limit=limit, offset=offset)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -219,8 +227,9 @@ def create_app(service: NodeService) -> FastAPI:
     def api_output_image(study_uid: str, sop_uid: str, size: str = "thumb") -> Response:
         data, why = views.output_image(study_uid, sop_uid, size)
         if data is None:
-            raise HTTPException(404 if "no such" in why else 403 if "show_phi" in why or "burned-in" in why else 410,
-                                why)
+            status = (400 if why.startswith("size must") else 404 if "no such" in why
+                      else 403 if "show_phi" in why or "burned-in" in why else 410)
+            raise HTTPException(status, why)
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/studies/{study_uid}/retry")

@@ -41,7 +41,7 @@ def parse_when(value: str | None, *, end: bool = False) -> float | None:
             day = datetime.strptime(value, "%Y-%m-%d")
             return (day + timedelta(days=1) if end else day).astimezone().timestamp()
         return datetime.fromisoformat(value).astimezone().timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: the day after 9999-12-31
         raise ValueError(f"expected a date YYYY-MM-DD or an ISO 8601 time, got {value!r}") from None
 
 

@@ -114,6 +114,11 @@ def test_a_study_from_storescu_to_storescp_through_the_api(web_node_factory, sto
     with node.client() as c:
         assert c.get("/api/studies?since=yesterday").status_code == 400
         assert c.get("/api/studies?state=lost").status_code == 400
+        # Odd values are the caller's mistake (400), never a server error (they gave 500 before).
+        for odd in ("q=" + "1" * 60000, "q=%25", "q=hello", "until=9999-12-31", "offset=" + "9" * 30):
+            answer = c.get(f"/api/studies?{odd}")
+            assert answer.status_code in (200, 400), (odd[:30], answer.status_code)
+        assert c.get("/api/studies?offset=" + "9" * 30).json()["studies"] == []
 
     s = node.api(f"/api/studies/{uid}")
     assert s["routing"]["routed"] and s["routing"]["matches"][0]["destinations"] == ["pacs"]
