@@ -29,6 +29,11 @@ PBKDF2_ITERATIONS = 310_000
 #: A verified basic-auth header is remembered this long: browsers resend it with every request (each poll
 #: of a page), and one PBKDF2 check costs a few hundred ms of CPU.
 BASIC_CACHE_S = 300.0
+#: Wrong passwords for one user name within this window, after which that name's basic-auth attempts are
+#: refused unchecked until the window has passed: each check costs a PBKDF2 computation, and 40 threads
+#: guessing kept both cores busy (bearer tokens and sessions are not affected).
+BASIC_MAX_FAILURES = 5
+BASIC_FAILURE_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,9 @@ class Authenticator:
         self.users: dict[str, str] = {u.name: u.password_hash for u in http.users}
         self._key = secrets.token_bytes(32)  # keys the cache below; never leaves the process
         self._verified: dict[bytes, tuple[str, float]] = {}
+        self._failures: dict[str, list[float]] = {}  # user name -> times of recent wrong passwords
         self._lock = threading.Lock()
+        self._hashing = threading.Semaphore(1)  # one PBKDF2 check at a time: a core stays free for the node
 
     @property
     def accepts_tokens(self) -> bool:
@@ -142,7 +149,18 @@ class Authenticator:
         except (ValueError, UnicodeDecodeError):
             return None
         encoded = self.users.get(name)
-        if not (encoded and verify_password(password, encoded)):
+        if not encoded:
+            return None
+        with self._lock:
+            recent = [t for t in self._failures.get(name, []) if t > now - BASIC_FAILURE_WINDOW_S]
+            self._failures[name] = recent
+        if len(recent) >= BASIC_MAX_FAILURES:
+            return None
+        with self._hashing:
+            ok = verify_password(password, encoded)
+        if not ok:
+            with self._lock:
+                self._failures.setdefault(name, []).append(now)
             return None
         with self._lock:
             if len(self._verified) > 1000:

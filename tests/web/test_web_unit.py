@@ -48,7 +48,7 @@ def test_cli_and_environment_enable_http_and_add_tokens() -> None:
     assert s.http.port == 9124 and [t.id for t in s.http.tokens] == ["env"]
 
 
-def test_passwords_tokens_and_sessions(tmp_path: Path) -> None:
+def test_passwords_tokens_and_sessions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     encoded = hash_password("correct horse", iterations=1000)
     assert verify_password("correct horse", encoded) and not verify_password("wrong", encoded)
     http = validate(_http(tokens=[{"id": "ops", "token": "o" * 20}],
@@ -62,6 +62,26 @@ def test_passwords_tokens_and_sessions(tmp_path: Path) -> None:
     assert a.from_headers("Basic " + base64.b64encode(b"alice:nope").decode(), None) is None
     # The verified header is remembered (browsers resend it with every poll), the wrong one is not.
     assert len(a._verified) == 1 and a.from_headers(f"Basic {basic}", None).actor == "user:alice"
+    # Guessing: after BASIC_MAX_FAILURES wrong passwords in the window, that name is refused unchecked (no
+    # PBKDF2 per guess), even with the right password; the cached header above and tokens still work.
+    from dicom_node.web import auth
+
+    guesses = [0]
+    real_verify = auth.verify_password
+
+    def counting_verify(password: str, encoded: str) -> bool:
+        guesses[0] += 1
+        return real_verify(password, encoded)
+
+    monkeypatch.setattr(auth, "verify_password", counting_verify)
+    fresh = Authenticator(http)
+    for k in range(auth.BASIC_MAX_FAILURES + 3):
+        assert fresh.from_headers("Basic " + base64.b64encode(f"alice:guess{k}".encode()).decode(), None) is None
+    assert guesses[0] == auth.BASIC_MAX_FAILURES
+    assert fresh.from_headers(f"Basic {basic}", None) is None and guesses[0] == auth.BASIC_MAX_FAILURES
+    assert fresh.from_headers(f"Bearer {'o' * 20}", None).actor == "token:ops"
+    fresh._failures["alice"] = [t - auth.BASIC_FAILURE_WINDOW_S for t in fresh._failures["alice"]]  # a minute on
+    assert fresh.from_headers(f"Basic {basic}", None).actor == "user:alice"
     cookie = a.session_value("ops")
     assert a.from_headers(None, cookie).via == "cookie"
     assert a.from_headers(None, "ops." + "0" * 64) is None
