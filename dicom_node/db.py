@@ -251,6 +251,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     ),
 )
 
+
 def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
     """Why an instance whose UID the node holds in another study is refused."""
     return f"SOPInstanceUID already held in another study (instance {sop_instance_uid}, study {held_in})"

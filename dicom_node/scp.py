@@ -44,10 +44,11 @@ CANNOT_UNDERSTAND = 0xC210
 
 def failure(status: int, reason: str) -> Dataset:
     """A C-STORE failure status carrying the reason as Error Comment, which the sender logs or shows (the
-    node's log has the full reason). LO: 64 characters, no backslash or control characters."""
+    node's log has the full reason). LO in the command set: the default repertoire (ASCII), 64 characters,
+    no backslash or control characters."""
     ds = Dataset()
     ds.Status = status
-    ds.ErrorComment = "".join(c if c.isprintable() and c != "\\" else " " for c in reason)[:64].rstrip()
+    ds.ErrorComment = "".join(c if c.isascii() and c.isprintable() and c != "\\" else "?" for c in reason)[:64].rstrip()
     return ds
 
 

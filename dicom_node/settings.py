@@ -3,8 +3,8 @@
 Precedence, lowest first: the embedded default (`dicom_node/default_node.toml`) or the file given with
 ``--config`` / ``DICOM_NODE_CONFIG``, then environment variables (``DICOM_NODE_AE_TITLE``, ...), then CLI
 flags.  Every problem is reported as ``key: what is wrong`` naming the key as it is written in the file,
-e.g. ``destinations[0] (pacs).port: Input should be less than or equal to 65535, got 70000``.  Nothing else in the node reads the
-environment or a configuration file.
+e.g. ``destinations[0] (pacs).port: Input should be less than or equal to 65535, got 70000``.  Nothing else
+in the node reads the environment or a configuration file.
 """
 
 from __future__ import annotations
