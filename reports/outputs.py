@@ -63,7 +63,8 @@ def build_outputs(
     by_uid = sources_by_uid(sources)
     images = [(image, image_sources(image, by_uid)) for image in result.images]
     if not images:
-        raise ValueError("the result analysed no image: nothing to report")
+        why = "; ".join(result.verdict.reasons) or "no reason given"
+        raise ValueError(f"the result analysed no image, nothing to report ({why})")
     outputs: list[EncodedOutput] = []
     for number, (image, image_datasets) in enumerate(images, start=1):
         refs = tuple(image.source.sop_instance_uids)

@@ -524,10 +524,17 @@ class SpineXrAnalysis:
                 skipped.append(f"instance {uid} skipped: {rows} x {columns} pixels, more than the "
                                f"{MAX_PIXELS // 1_000_000} million this analysis reads")
                 continue
+            frames = int(ds.get("NumberOfFrames") or 1)
+            if frames > 1:
+                # Which frame is the radiograph is not said anywhere, and the outputs reference whole images.
+                skipped.append(f"instance {uid} skipped: a multi-frame radiograph ({frames} frames) is not analysed")
+                continue
             try:
                 radiograph = preprocess.decode(ds)
-            except (preprocess.PreprocessError, ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
-                skipped.append(f"instance {uid} skipped: pixel data could not be read ({exc})")
+            except Exception as exc:  # noqa: BLE001 - one undecodable image (a LUT pydicom cannot apply ...) skips
+                # that image, with the reason, never the study's other images
+                detail = str(exc) if isinstance(exc, preprocess.PreprocessError) else f"{type(exc).__name__}: {exc}"
+                skipped.append(f"instance {uid} skipped: pixel data could not be read ({detail})")
                 continue
             work = ImageWork(ds, radiograph, source_image(ds, radiograph), notes=list(radiograph.notes))
             self.vertebra_step.run(work)

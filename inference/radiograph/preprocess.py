@@ -217,8 +217,23 @@ def _row_sign(ds: Dataset, orientation: Orientation, signs: dict[str, int]) -> i
     return -sign if orientation.flip_columns else sign
 
 
+def padding_mask(ds: Dataset, raw: np.ndarray) -> np.ndarray | None:
+    """Pixels the modality marked as padding (PixelPaddingValue, up to PixelPaddingRangeLimit), on the stored
+    values; None without them. They are not anatomy, and a wide padded border would set the contrast."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    try:
+        a = int(ds.PixelPaddingValue)
+        b = int(ds.get("PixelPaddingRangeLimit", a))
+    except (TypeError, ValueError):
+        return None
+    mask = (raw >= min(a, b)) & (raw <= max(a, b))
+    return mask if mask.any() and not mask.all() else None
+
+
 def stored_values(ds: Dataset) -> np.ndarray:
-    """Pixel values after the Modality LUT and a VOI transform that does not throw bone detail away."""
+    """Pixel values after the Modality LUT and a VOI transform that does not throw bone detail away; padding
+    pixels (`padding_mask`) are NaN."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if "PixelData" not in ds:
@@ -227,7 +242,8 @@ def stored_values(ds: Dataset) -> np.ndarray:
         raise PreprocessError(f"SamplesPerPixel {ds.SamplesPerPixel}: only grayscale radiographs are analysed")
     raw = ds.pixel_array
     if raw.ndim == 3:
-        raw = raw[0]  # multi-frame DX: the first frame
+        raw = raw[0]  # multi-frame: the first frame (the spine-xr analysis skips such images)
+    padding = padding_mask(ds, raw)
     values = apply_modality_lut(raw, ds).astype(np.float32)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         try:
@@ -240,6 +256,8 @@ def stored_values(ds: Dataset) -> np.ndarray:
             saturated = float(np.mean((windowed <= lo) | (windowed >= hi)))
             if saturated < 0.25:
                 values = windowed
+    if padding is not None:
+        values[padding] = np.nan
     return values
 
 
@@ -248,9 +266,12 @@ def decode(ds: Dataset) -> Radiograph:
     values = stored_values(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric == "MONOCHROME1":
-        values = values.max() - values
+        values = np.nanmax(values) - values
     elif photometric != "MONOCHROME2":
         raise PreprocessError(f"PhotometricInterpretation {photometric}: only MONOCHROME1/2 radiographs are analysed")
+    padded = np.isnan(values)
+    if padded.any():
+        values[padded] = np.nanmin(values)  # padding reads as the darkest background, outside the contrast
     orientation = orientation_of(ds)
     spacing, source, notes = pixel_spacing(ds)
     if spacing is not None and orientation.transpose:

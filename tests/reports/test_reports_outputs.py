@@ -254,6 +254,15 @@ def test_missing_source_instance_is_named(cases):
         build_outputs(dx.result, [other])
 
 
+def test_a_result_without_images_is_refused_with_the_analysis_reasons(cases):
+    """An RGB radiograph, skipped by the analysis, failed the study with 'the result analysed no image' alone."""
+    dx = cases["lateral-dx"]
+    why = "instance 1.2.3 skipped: SamplesPerPixel 3: only grayscale radiographs are analysed"
+    empty = dataclasses.replace(dx.result, images=(), verdict=dataclasses.replace(dx.result.verdict, reasons=(why,)))
+    with pytest.raises(ValueError, match="SamplesPerPixel 3: only grayscale"):
+        build_outputs(empty, dx.sources)
+
+
 # --------------------------------------------------------------------------------------------- SEG
 
 

@@ -123,6 +123,31 @@ def test_an_image_too_large_to_read_is_skipped_with_a_reason_before_decoding(ana
     assert [im.source.sop_instance_uids for im in result.images] == [(xr.SOPInstanceUID,)]
     assert any(r.startswith(f"instance {huge.SOPInstanceUID} skipped: 20000 x 25000 pixels") for r in result.verdict.reasons)
 
+
+def test_an_image_that_cannot_be_read_is_skipped_and_the_study_s_other_images_analysed(analysis) -> None:  # noqa: ANN001
+    """A Modality LUT with 12-bit entries (legal; pydicom raises TypeError on it) failed the whole study, and a
+    multi-frame DX failed its outputs; each is now skipped with its reason."""
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    good = as_dicom(phantom(12, "AP", "lumbar"), seed="an-lut-ok")
+    lut = as_dicom(phantom(13, "AP", "lumbar"), seed="an-lut-12")
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.ModalityLUTType = "US"
+    item.LUTData = np.arange(4096, dtype=np.uint16).tolist()
+    lut.ModalityLUTSequence = [item]
+    lut.StudyInstanceUID = good.StudyInstanceUID
+    multi = as_dicom(phantom(14, "AP", "lumbar"), seed="an-multi")
+    multi.StudyInstanceUID = good.StudyInstanceUID
+    multi.NumberOfFrames = 2
+    multi.PixelData = multi.PixelData * 2
+    result = _run(analysis, good, lut, multi)
+    assert [im.source.sop_instance_uids for im in result.images] == [(good.SOPInstanceUID,)]
+    reasons = " ".join(result.verdict.reasons)
+    assert f"instance {lut.SOPInstanceUID} skipped: pixel data could not be read" in reasons
+    assert f"instance {multi.SOPInstanceUID} skipped: a multi-frame radiograph (2 frames) is not analysed" in reasons
+
 def test_head_down_image_gives_mirrored_results(analysis) -> None:  # noqa: ANN001
     sample = phantom(12, "AP", "lumbar")
     upright = _run(analysis, as_dicom(sample, seed="an-up"))

@@ -39,6 +39,32 @@ def test_cr_monochrome1_is_inverted_to_bone_bright() -> None:
     assert any("magnification" in n for n in rad.notes)
 
 
+
+@pytest.mark.parametrize(("photometric", "pad", "limit"), [("MONOCHROME2", 0, None), ("MONOCHROME2", 4095, None),
+                                                           ("MONOCHROME1", 0, 50)])
+def test_padding_pixels_read_as_background_and_leave_the_contrast_alone(photometric: str, pad: int,
+                                                                        limit: int | None) -> None:
+    """PixelPaddingValue (and PixelPaddingRangeLimit) mark pixels that are not anatomy: a wide padded border,
+    black or white, set the image's contrast and the model found other "vertebrae"."""
+    stripe = _bright_stripe()
+    stored = stripe if photometric == "MONOCHROME2" else (4095 - stripe).astype(np.uint16)
+    bordered = np.full((stored.shape[0] + 40, stored.shape[1] + 40), pad, dtype=np.uint16)
+    bordered[20:-20, 20:-20] = stored
+    if limit is not None:
+        bordered[:5, :] = limit  # the top of the range is padding too
+    plain = preprocess.decode(radiograph_dataset(stored, seed="pad-0", photometric=photometric))
+    ds = radiograph_dataset(bordered, seed="pad-1", photometric=photometric)
+    ds.PixelPaddingValue = pad
+    if limit is not None:
+        ds.PixelPaddingRangeLimit = limit
+    rad = preprocess.decode(ds)
+    inner = rad.pixels[20:-20, 20:-20]
+    assert not np.isnan(rad.pixels).any()
+    assert np.array_equal(inner, plain.pixels)  # the anatomy is untouched
+    assert rad.pixels[:5].max() == rad.pixels[2, 2] == inner.min()  # the border is the darkest background
+    norm_plain, norm_padded = preprocess.normalise(plain.pixels, clahe=False), preprocess.normalise(rad.pixels, clahe=False)
+    assert np.allclose(norm_padded[20:-20, 20:-20], norm_plain, atol=0.02)  # same contrast on the anatomy
+
 def test_spacing_sources() -> None:
     ds = radiograph_dataset(_bright_stripe(), seed="pre-3")
     del ds.ImagerPixelSpacing
