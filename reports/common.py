@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Literal
 
+import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
@@ -286,7 +288,8 @@ def encodable_copy(source: Dataset) -> Dataset:
         except ValueError:
             bad.append(keyword)
     absent = [keyword for keyword, type_ in IDENTITY_ATTRIBUTES if type_ == 2 and keyword not in source]
-    if not bad and not absent:
+    listed_luts = any(not isinstance(item.get("LUTData"), (bytes, type(None))) for item in source.get("VOILUTSequence", []))
+    if not bad and not absent and not listed_luts:
         return source
     clean = Dataset()
     clean.update(source)
@@ -296,7 +299,19 @@ def encodable_copy(source: Dataset) -> Dataset:
         del clean[keyword]  # the element object is shared with `source`: replace it, never mutate it
     for keyword in (*bad, *absent):
         setattr(clean, keyword, None)  # empty, not absent: the builders read these Type 2 attributes
+    if listed_luts:
+        del clean.VOILUTSequence  # shared with `source`, as above
+        clean.VOILUTSequence = DicomSequence([_lut_as_words(item) for item in source.VOILUTSequence])
     return clean
+
+
+def _lut_as_words(item: Dataset) -> Dataset:
+    """A copy of a VOI LUT item whose LUTData (VR US, read as a list of values) is 16-bit words (VR OW), the
+    form highdicom copies into the presentation state (it refused the list)."""
+    out = copy.deepcopy(item)
+    if "LUTData" in out and not isinstance(out.LUTData, bytes):
+        out["LUTData"] = DataElement(0x00283006, "OW", np.asarray(list(out.LUTData), dtype="<u2").tobytes())
+    return out
 
 
 def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:

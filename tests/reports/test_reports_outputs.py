@@ -234,6 +234,29 @@ def test_a_source_without_its_type_2_identity_attributes_gets_every_output_with_
         assert all(k in ds and ds[k].value in (None, "") for k in type_2)
         assert ds.PatientID == case.sources[0].PatientID
 
+
+def test_a_voi_lut_given_as_a_list_of_values_reaches_the_presentation_state(cases, tmp_path, dciodvfy):
+    """LUTData with VR US (legal, as OW is) is read by pydicom as a list, which highdicom refused when it copied
+    the source's VOI LUT into the PR: the study got no outputs. The source itself is left as it came."""
+    from pydicom.dataelem import DataElement
+
+    case = cases["ap-cr"]
+    source = copy.deepcopy(case.sources[0])
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [256, 0, 16]
+    item.add(DataElement(0x00283006, "US", list(range(0, 65536, 256))))
+    source.VOILUTSequence = [item]
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in source:
+            del source[keyword]
+    outs = build_outputs(case.result, [source])
+    assert sorted(o.kind.value for o in outs) == ["pr", "sc", "seg", "sr"]
+    (path,) = _write(tmp_path, _by_kind(outs, OutputKind.PR), "lut")
+    assert dciodvfy(path)[0] == []
+    lut = pydicom.dcmread(path).SoftcopyVOILUTSequence[0].VOILUTSequence[0]
+    assert np.array_equal(np.frombuffer(lut.LUTData, "<u2"), np.arange(0, 65536, 256))
+    assert source.VOILUTSequence[0]["LUTData"].VR == "US" and not isinstance(source.VOILUTSequence[0].LUTData, bytes)
+
 def test_refuses_sources_of_two_studies_or_patients(cases):
     dx, cr = cases["lateral-dx"], cases["ap-cr"]
     with pytest.raises(ValueError, match="StudyInstanceUID"):
