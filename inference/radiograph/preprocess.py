@@ -183,16 +183,18 @@ def _patient_orientation(ds: Dataset) -> tuple[str, str] | None:
 
 
 def orientation_of(ds: Dataset) -> Orientation:
-    """The turn that brings the head to the top of the image, read from PatientOrientation."""
+    """The turn that brings the head to the top of the image, read from PatientOrientation; a frontal view shown
+    as from behind (the patient's right towards higher columns) is also mirrored to the usual display, the
+    patient's right on the viewer's left, which the models read best (mirrored, they found other vertebrae)."""
     orientation = _patient_orientation(ds)
     if orientation is None:
         return Orientation()
     along_row, along_column = orientation
     if along_column[:1] in ("H", "F"):
-        return Orientation(flip_rows=along_column[:1] == "H")
+        return Orientation(flip_rows=along_column[:1] == "H", flip_columns=along_row[:1] == "R")
     if along_row[:1] in ("H", "F"):
         # The spine runs along the rows: transpose, then the former row direction runs down the rows.
-        return Orientation(transpose=True, flip_rows=along_row[:1] == "H")
+        return Orientation(transpose=True, flip_rows=along_row[:1] == "H", flip_columns=along_column[:1] == "R")
     return Orientation()
 
 
@@ -229,6 +231,17 @@ def padding_mask(ds: Dataset, raw: np.ndarray) -> np.ndarray | None:
         return None
     mask = (raw >= min(a, b)) & (raw <= max(a, b))
     return mask if mask.any() and not mask.all() else None
+
+
+def fill_from_nearest(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`values` with the pixels under `mask` set to the nearest pixel's outside it, as the network's own
+    padding repeats the edge. A padded border filled with one value, dark or bright, is a hard frame the
+    models misread (measured on a real whole-spine film with a 150 px padded border: 0 or 3 vertebrae of
+    11 with the frame, 11 with the edge repeated)."""
+    from scipy import ndimage
+
+    nearest = ndimage.distance_transform_edt(mask, return_distances=False, return_indices=True)
+    return values[tuple(nearest)]
 
 
 def stored_values(ds: Dataset) -> np.ndarray:
@@ -271,7 +284,7 @@ def decode(ds: Dataset) -> Radiograph:
         raise PreprocessError(f"PhotometricInterpretation {photometric}: only MONOCHROME1/2 radiographs are analysed")
     padded = np.isnan(values)
     if padded.any():
-        values[padded] = np.nanmin(values)  # padding reads as the darkest background, outside the contrast
+        values = fill_from_nearest(values, padded)
     orientation = orientation_of(ds)
     spacing, source, notes = pixel_spacing(ds)
     if spacing is not None and orientation.transpose:

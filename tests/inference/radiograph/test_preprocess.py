@@ -45,7 +45,8 @@ def test_cr_monochrome1_is_inverted_to_bone_bright() -> None:
 def test_padding_pixels_read_as_background_and_leave_the_contrast_alone(photometric: str, pad: int,
                                                                         limit: int | None) -> None:
     """PixelPaddingValue (and PixelPaddingRangeLimit) mark pixels that are not anatomy: a wide padded border,
-    black or white, set the image's contrast and the model found other "vertebrae"."""
+    black or white, set the image's contrast and the model found other "vertebrae". They now repeat the
+    nearest anatomy, as the network's own padding does."""
     stripe = _bright_stripe()
     stored = stripe if photometric == "MONOCHROME2" else (4095 - stripe).astype(np.uint16)
     bordered = np.full((stored.shape[0] + 40, stored.shape[1] + 40), pad, dtype=np.uint16)
@@ -61,7 +62,7 @@ def test_padding_pixels_read_as_background_and_leave_the_contrast_alone(photomet
     inner = rad.pixels[20:-20, 20:-20]
     assert not np.isnan(rad.pixels).any()
     assert np.array_equal(inner, plain.pixels)  # the anatomy is untouched
-    assert rad.pixels[:5].max() == rad.pixels[2, 2] == inner.min()  # the border is the darkest background
+    assert rad.pixels[2, 2] == inner[0, 0] and np.array_equal(rad.pixels[:20, 30], np.full(20, inner[0, 10]))
     norm_plain, norm_padded = preprocess.normalise(plain.pixels, clahe=False), preprocess.normalise(rad.pixels, clahe=False)
     assert np.allclose(norm_padded[20:-20, 20:-20], norm_plain, atol=0.02)  # same contrast on the anatomy
 
@@ -83,15 +84,29 @@ def test_spacing_sources() -> None:
 
 def test_head_down_image_is_turned_and_points_map_back() -> None:
     ds = radiograph_dataset(_bright_stripe(), seed="pre-5", view_position="AP")
-    ds.PatientOrientation = ["R", "H"]  # rows run toward the head: the image is upside down
+    ds.PatientOrientation = ["R", "H"]  # a standard L\F frontal view turned by 180 degrees
     rad = preprocess.decode(ds)
-    assert rad.orientation.flip_rows and not rad.orientation.transpose
+    # Head up, and the patient's right back on the viewer's left: both flips, no transpose.
+    assert rad.orientation.flip_rows and rad.orientation.flip_columns and not rad.orientation.transpose
+    assert rad.left_sign == 1
     # Under R\H the first stored rows are the feet end: head-up puts the marker band at the bottom.
     assert rad.pixels[-1, 0] > rad.pixels[0, 0]
     stored = ds.pixel_array.astype(float)
     assert np.array_equal(rad.orientation.from_canonical(rad.pixels), stored)
-    # A point in the canonical grid maps to the mirrored row of the stored grid.
-    assert rad.orientation.point_from_canonical((10.0, 4.0), rad.pixels.shape) == (10.0, 60.0)
+    # A point in the canonical grid maps to the mirrored row and column of the stored grid.
+    assert rad.orientation.point_from_canonical((10.0, 4.0), rad.pixels.shape) == (38.0, 60.0)
+
+
+def test_a_frontal_view_shown_as_from_behind_is_mirrored_to_the_usual_display() -> None:
+    """R\F (the patient's right towards higher columns): the models read the usual display best."""
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-5b", view_position="PA")
+    ds.PatientOrientation = ["R", "F"]
+    rad = preprocess.decode(ds)
+    assert rad.orientation.flip_columns and not rad.orientation.flip_rows and rad.left_sign == 1
+    assert np.array_equal(rad.pixels, ds.pixel_array[:, ::-1].astype(np.float32))
+    lateral = radiograph_dataset(_bright_stripe(), seed="pre-5c", view_position="LL")
+    lateral.PatientOrientation = ["P", "F"]  # laterals keep their side: the models read the anterior side
+    assert preprocess.orientation_of(lateral).identity
 
 
 def test_spine_along_rows_is_transposed() -> None:
