@@ -98,7 +98,7 @@ def test_head_down_image_is_turned_and_points_map_back() -> None:
 
 
 def test_a_frontal_view_shown_as_from_behind_is_mirrored_to_the_usual_display() -> None:
-    """R\F (the patient's right towards higher columns): the models read the usual display best."""
+    r"""R\F (the patient's right towards higher columns): the models read the usual display best."""
     ds = radiograph_dataset(_bright_stripe(), seed="pre-5b", view_position="PA")
     ds.PatientOrientation = ["R", "F"]
     rad = preprocess.decode(ds)
