@@ -236,8 +236,9 @@ def padding_mask(ds: Dataset, raw: np.ndarray) -> np.ndarray | None:
 def fill_from_nearest(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """`values` with the pixels under `mask` set to the nearest pixel's outside it, as the network's own
     padding repeats the edge. A padded border filled with one value, dark or bright, is a hard frame the
-    models misread (measured on a real whole-spine film with a 150 px padded border: 0 or 3 vertebrae of
-    11 with the frame, 11 with the edge repeated)."""
+    models misread (measured on a real whole-spine film with a 150 px padded border: 0 or 3 vertebrae where
+    the unpadded film gives 11, with the frame; 11-12 with the edge repeated, at most one of them in the
+    repeated rows)."""
     from scipy import ndimage
 
     nearest = ndimage.distance_transform_edt(mask, return_distances=False, return_indices=True)
@@ -296,7 +297,10 @@ def decode(ds: Dataset) -> Radiograph:
     extra = ()
     if not orientation.identity:
         stated = "\\".join(_patient_orientation(ds) or ())
-        extra = (f"image turned to head-up for analysis (PatientOrientation {stated})",)
+        done = [what for what, applies in (("turned head-up", orientation.transpose or orientation.flip_rows),
+                                           ("mirrored to the patient's right on the viewer's left",
+                                            orientation.flip_columns)) if applies]
+        extra = (f"image {' and '.join(done)} for analysis (PatientOrientation {stated})",)
     return Radiograph(
         pixels=canonical,
         pixel_spacing_mm=spacing,
