@@ -73,6 +73,9 @@ def _mask_to_stored(orientation: preprocess.Orientation, canonical_shape: tuple[
     """A canonical-grid crop as a `RegionMask` over the stored grid."""
     rows, cols = canonical_shape
     r0, c0 = offset
+    if orientation.crop is not None and orientation.full_shape is not None:
+        rows, cols = orientation.full_shape
+        r0, c0 = r0 + orientation.crop[0], c0 + orientation.crop[1]
     h, w = crop.shape
     arr = crop
     if orientation.flip_columns:

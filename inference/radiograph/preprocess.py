@@ -42,17 +42,21 @@ class PreprocessError(ValueError):
 class Orientation:
     """A turn of the stored pixel grid to the canonical one (rows run head to feet).
 
-    Applied in this order to go to canonical: transpose, then flip rows, then flip columns.
+    Applied in this order to go to canonical: transpose, then flip rows, then flip columns, then `crop` (the
+    content inside a uniform frame, see `content_box`).
     """
 
     transpose: bool = False
     flip_rows: bool = False
     flip_columns: bool = False
+    #: (top, left, bottom, right) of the canonical grid kept, and that grid's full (rows, columns).
+    crop: tuple[int, int, int, int] | None = None
+    full_shape: tuple[int, int] | None = None
 
     @property
     def identity(self) -> bool:
         """True when the stored grid is already canonical."""
-        return not (self.transpose or self.flip_rows or self.flip_columns)
+        return not (self.transpose or self.flip_rows or self.flip_columns or self.crop)
 
     def to_canonical(self, array: np.ndarray) -> np.ndarray:
         """Stored grid -> canonical grid (works on the last two axes)."""
@@ -61,11 +65,19 @@ class Orientation:
             out = out[..., ::-1, :]
         if self.flip_columns:
             out = out[..., :, ::-1]
+        if self.crop is not None:
+            top, left, bottom, right = self.crop
+            out = out[..., top:bottom, left:right]
         return out
 
     def from_canonical(self, array: np.ndarray) -> np.ndarray:
-        """Canonical grid -> stored grid (inverse of `to_canonical`)."""
+        """Canonical grid -> stored grid (inverse of `to_canonical`; outside a crop: zeros)."""
         out = array
+        if self.crop is not None and self.full_shape is not None:
+            top, left, bottom, right = self.crop
+            full = np.zeros((*array.shape[:-2], *self.full_shape), dtype=array.dtype)
+            full[..., top:bottom, left:right] = array
+            out = full
         if self.flip_columns:
             out = out[..., :, ::-1]
         if self.flip_rows:
@@ -76,6 +88,9 @@ class Orientation:
         """A continuous (x, y) point of the canonical grid in stored-grid coordinates."""
         x, y = point
         rows, cols = canonical_shape
+        if self.crop is not None and self.full_shape is not None:
+            x, y = x + self.crop[1], y + self.crop[0]
+            rows, cols = self.full_shape
         if self.flip_columns:
             x = cols - x
         if self.flip_rows:
@@ -84,7 +99,15 @@ class Orientation:
 
     def canonical_shape(self, stored_shape: tuple[int, int]) -> tuple[int, int]:
         """Shape of the canonical grid for a stored grid of `stored_shape`."""
+        if self.crop is not None:
+            return (self.crop[2] - self.crop[0], self.crop[3] - self.crop[1])
         return (stored_shape[1], stored_shape[0]) if self.transpose else (stored_shape[0], stored_shape[1])
+
+    def with_crop(self, box: tuple[int, int, int, int], full_shape: tuple[int, int]) -> Orientation:
+        """This turn, then keep `box` (top, left, bottom, right) of the canonical grid of `full_shape`."""
+        from dataclasses import replace
+
+        return replace(self, crop=box, full_shape=full_shape)
 
 
 @dataclass(frozen=True)
@@ -245,6 +268,31 @@ def fill_from_nearest(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return values[tuple(nearest)]
 
 
+#: A frame counts when it covers this share of the image, and leaves at least `MIN_CONTENT_PX` either way.
+MIN_FRAME_FRACTION = 0.02
+MIN_CONTENT_PX = 32
+
+
+def content_box(values: np.ndarray, uniform: float = 0.99) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) inside a frame of edge rows and columns that hold the image's lowest or highest
+    value almost everywhere (an electronic shutter, an undeclared padding: air and bone are never that even);
+    None when there is no such frame. Filled in, the frame misled the models (a 400 px black frame around a
+    real whole-spine film: 22 "vertebrae" where the film alone gives 11)."""
+    lo, hi = float(values.min()), float(values.max())
+    if lo == hi:
+        return None
+    even_rows = (np.mean(values == lo, axis=1) >= uniform) | (np.mean(values == hi, axis=1) >= uniform)
+    even_cols = (np.mean(values == lo, axis=0) >= uniform) | (np.mean(values == hi, axis=0) >= uniform)
+    rows, cols = np.flatnonzero(~even_rows), np.flatnonzero(~even_cols)
+    if rows.size < MIN_CONTENT_PX or cols.size < MIN_CONTENT_PX:
+        return None
+    box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+    if box[2] - box[0] < MIN_CONTENT_PX or box[3] - box[1] < MIN_CONTENT_PX:
+        return None
+    kept = (box[2] - box[0]) * (box[3] - box[1])
+    return box if kept <= (1.0 - MIN_FRAME_FRACTION) * values.size else None
+
+
 def stored_values(ds: Dataset) -> np.ndarray:
     """Pixel values after the Modality LUT and a VOI transform that does not throw bone detail away; padding
     pixels (`padding_mask`) are NaN."""
@@ -290,12 +338,20 @@ def decode(ds: Dataset) -> Radiograph:
     spacing, source, notes = pixel_spacing(ds)
     if spacing is not None and orientation.transpose:
         spacing = (spacing[1], spacing[0])
-    canonical = np.ascontiguousarray(orientation.to_canonical(values), dtype=np.float32)
+    canonical = orientation.to_canonical(values)
+    box = content_box(canonical)
+    if box is not None:
+        framed = 1.0 - (box[2] - box[0]) * (box[3] - box[1]) / canonical.size
+        orientation = orientation.with_crop(box, canonical.shape)
+        canonical = orientation.to_canonical(values)
+        notes = notes + (f"a uniform frame ({100 * framed:.0f} % of the image, an electronic shutter or an "
+                         "undeclared padding) left out of the analysis",)
+    canonical = np.ascontiguousarray(canonical, dtype=np.float32)
     view = view_of(ds)
     anterior = _anterior_sign(ds, orientation) if view == "LAT" else None
     left = _left_sign(ds, orientation) if view != "LAT" else None
     extra = ()
-    if not orientation.identity:
+    if orientation.transpose or orientation.flip_rows or orientation.flip_columns:
         stated = "\\".join(_patient_orientation(ds) or ())
         done = [what for what, applies in (("turned head-up", orientation.transpose or orientation.flip_rows),
                                            ("mirrored to the patient's right on the viewer's left",

@@ -66,6 +66,39 @@ def test_padding_pixels_read_as_background_and_leave_the_contrast_alone(photomet
     norm_plain, norm_padded = preprocess.normalise(plain.pixels, clahe=False), preprocess.normalise(rad.pixels, clahe=False)
     assert np.allclose(norm_padded[20:-20, 20:-20], norm_plain, atol=0.02)  # same contrast on the anatomy
 
+
+@pytest.mark.parametrize("orientation", [["L", "F"], ["R", "H"]])
+def test_a_uniform_frame_is_cropped_and_results_map_back_to_the_stored_grid(orientation: list[str]) -> None:
+    """An electronic shutter (a frame of one value, black or white) is left out of what the models see: filled
+    in or kept, it misled them (a 400 px frame around a real film: 22 "vertebrae" for 11)."""
+    from inference.radiograph.analysis import _mask_to_stored
+
+    stripe = _bright_stripe()
+    framed = np.zeros((stripe.shape[0] + 30, stripe.shape[1] + 20), dtype=np.uint16)
+    framed[10:-20, 12:-8] = stripe  # top 10, bottom 20, left 12, right 8
+    ds = radiograph_dataset(framed, seed="frame", view_position="AP")
+    ds.PatientOrientation = orientation
+    rad = preprocess.decode(ds)
+    assert rad.pixels.shape == stripe.shape and rad.orientation.crop is not None
+    assert any("uniform frame" in n for n in rad.notes)
+    assert np.array_equal(rad.orientation.from_canonical(rad.pixels), framed.astype(np.float32))
+    # The canonical pixel at (row 30, column 24) of the content is the stored pixel the orientation names.
+    mask = np.zeros(rad.pixels.shape, dtype=bool)
+    mask[30, 24] = True
+    stored = _mask_to_stored(rad.orientation, rad.pixels.shape, (0, 0), mask).dense()
+    (r,), (c,) = np.nonzero(stored)
+    x, y = rad.orientation.point_from_canonical((24.5, 30.5), rad.pixels.shape)
+    assert (int(y), int(x)) == (r, c)
+    assert framed[r, c] == (stripe[30, 24] if orientation == ["L", "F"] else stripe[::-1, ::-1][30, 24])
+
+
+def test_no_frame_is_found_in_an_ordinary_image_or_a_narrow_band() -> None:
+    stripe = _bright_stripe()
+    assert preprocess.content_box(stripe.astype(np.float32)) is None
+    banded = stripe.astype(np.float32).copy()
+    banded[:1] = 0  # one dark row: less than 2 % of the image
+    assert preprocess.content_box(banded) is None
+
 def test_spacing_sources() -> None:
     ds = radiograph_dataset(_bright_stripe(), seed="pre-3")
     del ds.ImagerPixelSpacing
