@@ -170,20 +170,9 @@ def region_to_canonical(region: RegionMask, orientation: preprocess.Orientation)
     if orientation.flip_columns:
         arr = arr[:, ::-1]
         c0 = cols - (c0 + w)
+    if orientation.crop is not None:  # the canonical grid starts inside the frame the analysis left out
+        r0, c0 = r0 - orientation.crop[0], c0 - orientation.crop[1]
     return (int(r0), int(c0)), np.ascontiguousarray(arr)
-
-
-def point_to_canonical(point: Point, orientation: preprocess.Orientation, canonical_shape: tuple[int, int]) -> Point:
-    """A stored-grid (x, y) point on the canonical grid (inverse of `Orientation.point_from_canonical`)."""
-    x, y = point
-    if orientation.transpose:
-        x, y = y, x
-    rows, cols = canonical_shape
-    if orientation.flip_rows:
-        y = rows - y
-    if orientation.flip_columns:
-        x = cols - x
-    return (x, y)
 
 
 def vertebra_geometry(vertebrae: Sequence[Vertebra], orientation: preprocess.Orientation) -> list[VertebraGeom]:

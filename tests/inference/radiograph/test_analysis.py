@@ -148,6 +148,42 @@ def test_an_image_that_cannot_be_read_is_skipped_and_the_study_s_other_images_an
     assert f"instance {lut.SOPInstanceUID} skipped: pixel data could not be read" in reasons
     assert f"instance {multi.SOPInstanceUID} skipped: a multi-frame radiograph (2 frames) is not analysed" in reasons
 
+
+def test_a_black_frame_around_a_postoperative_film_changes_nothing_but_the_offsets(analysis) -> None:  # noqa: ANN001
+    """An electronic shutter left as a black frame is cropped before both models; their vertebrae, implants and
+    implant sides come back on the whole image (the hardware step once read every screw as "right" there:
+    it took the vertebrae back to the canonical grid without the crop)."""
+    import copy
+
+    from inference.synth.dicom import sample_dataset
+    from inference.synth.render import SynthConfig, render_sample
+
+    force = (("view", "AP"), ("field", "lumbar"), ("implants", ("posterior",)))
+    sample = render_sample(300, SynthConfig(sources=(("phantom", 1.0),), p_implants=1.0, force=force))
+    plain = sample_dataset(sample, seed="an-frame-0")
+    framed = copy.deepcopy(plain)
+    border = 120
+    pixels = np.zeros((plain.Rows + 2 * border, plain.Columns + 2 * border), dtype=plain.pixel_array.dtype)
+    pixels[border:-border, border:-border] = plain.pixel_array
+    framed.PixelData, (framed.Rows, framed.Columns) = pixels.tobytes(), pixels.shape
+    framed.SOPInstanceUID = framed.SOPInstanceUID + ".1"
+
+    def seen(result: StudyResult, offset: int) -> tuple[list, list]:
+        image = result.images[0]
+        vertebrae = sorted((round(v.centroid[0]) - offset, round(v.centroid[1]) - offset) for v in image.vertebrae)
+        implants = sorted((i.kind.value, i.side.value, round(i.centroid[0]) - offset, round(i.centroid[1]) - offset)
+                          for i in image.implants)
+        return vertebrae, implants
+
+    before, after = _run(analysis, plain), _run(analysis, framed)
+    (v0, i0), (v1, i1) = seen(before, 0), seen(after, border)
+    assert i0 and [i[:2] for i in i0] == [i[:2] for i in i1]  # the same implants, the same sides
+    # Positions within 3 px (the frame still counts in whether the header's window is applied).
+    assert len(v0) == len(v1) and np.abs(np.array(v0) - np.array(v1)).max() <= 3
+    assert np.abs(np.array([i[2:] for i in i0]) - np.array([i[2:] for i in i1])).max() <= 3
+    assert before.verdict.instrumentation == after.verdict.instrumentation
+    assert any("uniform frame" in n for n in after.images[0].notes)
+
 def test_head_down_image_gives_mirrored_results(analysis) -> None:  # noqa: ANN001
     sample = phantom(12, "AP", "lumbar")
     upright = _run(analysis, as_dicom(sample, seed="an-up"))
