@@ -83,7 +83,13 @@ def as_dicom(pixels: np.ndarray, key: str, spacing_mm: float | None, photometric
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     buffer.seek(0)
-    return preprocess.decode(pydicom.dcmread(buffer))
+    radiograph = preprocess.decode(pydicom.dcmread(buffer))
+    if radiograph.orientation.crop is not None:
+        # The variant rows score canonical positions against the film's boxes: a cropped frame would shift
+        # them all. None of the test films has one (2026-12-07); stop rather than score a shifted grid.
+        raise ValueError(f"{key}: the decoder cropped a uniform frame {radiograph.orientation.crop}; the boxes "
+                         "would no longer match")
+    return radiograph
 
 
 def _fraction_inside(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -92,12 +92,17 @@ def test_rotated_boxes_stay_on_their_bodies():
 
 def test_dicom_round_trip_through_the_node_decoder():
     pixels, _ = _spine_image()
+    # A film has grain: a background of one exact value would be read as a shutter frame and cropped.
+    pixels = pixels + np.random.default_rng(0).normal(0.0, 0.01, pixels.shape).astype(np.float32)
     radiograph = RV.as_dicom(pixels, "key", spacing_mm=0.25, photometric="MONOCHROME1")
     assert radiograph.pixel_spacing_mm == pytest.approx((0.25, 0.25))
     values = radiograph.pixels
     # Bone stays bright after MONOCHROME1 inversion and any VOI the decoder applies.
     assert np.corrcoef(values.ravel(), pixels.ravel())[0, 1] > 0.99
     assert RV.as_dicom(pixels, "key", spacing_mm=None).pixel_spacing_mm is None
+    # Without grain the even background is a frame: the evaluation stops instead of scoring a shifted grid.
+    with pytest.raises(ValueError, match="cropped a uniform frame"):
+        RV.as_dicom(_spine_image()[0], "key", spacing_mm=0.25)
 
 
 def test_implant_variant_draws_on_the_same_grid(item):
