@@ -113,9 +113,18 @@ def test_seg_overlay_is_drawn_on_the_radiograph(browser, ohif, study):
                 return None
             pixels, _ = _viewport_pixels(page)
             mask = _hue_mask(pixels, colour)
-            return mask if mask.sum() > 400 else None
+            if mask.sum() <= 400:
+                return None
+            # Loading the SEG may re-fit the image in the viewport, and a frame caught mid-way shows the
+            # overlay where the image no longer is (seen intermittently): wait for two equal frames.
+            frame = (int(mask.sum()), _image_box(pixels))
+            settled = last.get("frame") == frame
+            last["frame"] = frame
+            return (mask, pixels) if settled else None
 
-        mask = wait_until(tinted, timeout=60, interval=0.5, what=f"the L3 segment ({colour}) overlay")
+        last: dict[str, tuple] = {}
+        mask, pixels = wait_until(tinted, timeout=60, interval=0.5, what=f"the L3 segment ({colour}) overlay")
+        box = _image_box(pixels)  # where the DX is on screen now
         # The tinted region lies where L3 is on the DX (the SEG is aligned with the source pixels).
         rows, cols = image.source.rows, image.source.columns
         xs = [p[0] for p in l3.outline]
