@@ -239,13 +239,7 @@ def _uid_element(value: str) -> bytes:
 def test_disk_failure_answers_out_of_resources(scp: StorageSCP, tmp_path: Path) -> None:
     files = make_study(tmp_path / "in", "diskfail", images=1)
     scp.store.tmp.rmdir()  # the tmp folder vanishing makes every write fail
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="AINODE")
-    try:
-        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0xA700
-    finally:
-        assoc.release()
+    assert _store(scp.port, pydicom.dcmread(files[0])).Status == 0xA700
     scp.store.tmp.mkdir()
     storescu(files, scp.port)
     assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 1
