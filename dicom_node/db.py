@@ -641,7 +641,8 @@ class Database:
                     " VALUES (:sop_instance_uid, :job_id, :study_instance_uid, :series_instance_uid, :sop_class_uid,"
                     " :transfer_syntax_uid, :kind, :variant, :path, :size, :created_at)"
                     " ON CONFLICT(sop_instance_uid) DO UPDATE SET job_id = excluded.job_id, path = excluded.path,"
-                    " size = excluded.size",
+                    " size = excluded.size, transfer_syntax_uid = excluded.transfer_syntax_uid,"
+                    " variant = excluded.variant",
                     {**out, "job_id": job_id, "created_at": now},
                 )
             study = outputs[0]["study_instance_uid"] if outputs else None

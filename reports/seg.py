@@ -173,6 +173,17 @@ def _algorithm(result: StudyResult) -> hd.AlgorithmIdentificationSequence:
     )
 
 
+def seg_variant(labelmap: bool, compression: str) -> str:
+    """What, besides the analysis, tells one SEG of an image from another (part of its derived UID).
+
+    The transfer syntax is included: two destinations wanting the same SEG compressed differently get two
+    files, and one UID naming both would have the second overwrite the first on disk while the first's
+    transfer syntax stayed on record.  Uncompressed is the default and adds nothing, so the UIDs of the
+    default SEGs stay those of earlier versions."""
+    parts = (["labelmap"] if labelmap else []) + ([compression] if compression != "none" else [])
+    return "/".join(parts)
+
+
 def build_seg(
     result: StudyResult,
     image: ImageResult,
@@ -219,7 +230,7 @@ def build_seg(
         segment_descriptions=descriptions,
         series_instance_uid=series_uid(result, OutputKind.SEG),
         series_number=1,  # replaced by apply_series
-        sop_instance_uid=image_output_uid(result, image, OutputKind.SEG, "labelmap" if labelmap else ""),
+        sop_instance_uid=image_output_uid(result, image, OutputKind.SEG, seg_variant(labelmap, options.seg_compression)),
         instance_number=instance_number,
         manufacturer=producer.manufacturer,
         manufacturer_model_name=producer.model_name,

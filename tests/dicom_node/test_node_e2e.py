@@ -226,26 +226,32 @@ def test_stable_age_rule_waits_for_quiet_then_analyses(node_factory, orthanc: Or
 
 
 def test_each_destination_gets_its_own_outputs_and_seg_encoding(node_factory, orthanc_factory, tmp_path: Path) -> None:
-    plain, fancy = orthanc_factory("plain"), orthanc_factory("fancy")
+    plain, packed, lm = orthanc_factory("plain"), orthanc_factory("packed"), orthanc_factory("lm")
     node = node_factory(destinations=[
         pacs_destination(plain, name="plain", outputs=["seg", "sr"]),
-        pacs_destination(fancy, name="fancy", outputs=["seg", "sc"], seg_format="labelmap",
-                         seg_compression="jpeg2000"),
+        # The same SEG as "plain" but compressed: one UID for both once made the second file overwrite the
+        # first, and both deliveries failed on the transfer syntax on record.
+        pacs_destination(packed, name="packed", outputs=["seg", "sc"], seg_compression="jpeg2000"),
+        pacs_destination(lm, name="lm", outputs=["seg"], seg_format="labelmap"),
     ])
     files = make_study(tmp_path / "in", "variants", images=1)
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     storescu(files, node.scp.port)
     wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered")
     assert outputs_of(plain, study_uid) == {"SEG": 1, "SR": 1}
-    assert outputs_of(fancy, study_uid) == {"SEG": 1, "OT": 1}
+    assert outputs_of(packed, study_uid) == {"SEG": 1, "OT": 1}
+    assert outputs_of(lm, study_uid) == {"SEG": 1}
     segs = {r["variant"]: r for r in node.db.query("SELECT * FROM outputs WHERE kind = 'seg'")}
-    assert set(segs) == {"binary/none", "labelmap/jpeg2000"}
-    assert segs["binary/none"]["sop_instance_uid"] != segs["labelmap/jpeg2000"]["sop_instance_uid"]
-    assert segs["labelmap/jpeg2000"]["transfer_syntax_uid"] == "1.2.840.10008.1.2.4.90"
-    fancy_seg = [t for t in fancy.study_instances(study_uid) if t["Modality"] == "SEG"][0]
-    assert fancy_seg["SOPInstanceUID"] == segs["labelmap/jpeg2000"]["sop_instance_uid"]
+    assert set(segs) == {"binary/none", "binary/jpeg2000", "labelmap/none"}
+    assert len({r["sop_instance_uid"] for r in segs.values()}) == 3
+    assert len({r["path"] for r in segs.values()}) == 3
+    assert segs["binary/jpeg2000"]["transfer_syntax_uid"] == "1.2.840.10008.1.2.4.90"
+    assert segs["binary/none"]["transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
+    for peer, variant in ((plain, "binary/none"), (packed, "binary/jpeg2000"), (lm, "labelmap/none")):
+        (seg,) = [t for t in peer.study_instances(study_uid) if t["Modality"] == "SEG"]
+        assert seg["SOPInstanceUID"] == segs[variant]["sop_instance_uid"]
     # Nothing is built twice: the PR no destination takes is not built at all, SR and SC once each.
-    assert sorted(r["kind"] for r in node.db.query("SELECT kind FROM outputs")) == ["sc", "seg", "seg", "sr"]
+    assert sorted(r["kind"] for r in node.db.query("SELECT kind FROM outputs")) == ["sc", "seg", "seg", "seg", "sr"]
 
 
 class _BrokenAnalysis:

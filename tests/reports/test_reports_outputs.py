@@ -369,6 +369,17 @@ def test_ct_seg_uses_the_series_geometry(cases, outputs):
     assert positions <= source_z
 
 
+def test_every_seg_encoding_has_its_own_uid(cases):
+    """One UID per file the node writes: two destinations wanting the same SEG stored differently get two."""
+    c = cases["lateral-dx"]
+    combos = [OutputOptions(f, z) for f in ("binary", "labelmap") for z in ("none", "jpeg2000")]
+    uids = [build_outputs(c.result, c.sources, kinds=[OutputKind.SEG], options=o)[0].dataset.SOPInstanceUID
+            for o in combos]
+    assert len(set(uids)) == 4
+    again = build_outputs(c.result, c.sources, kinds=[OutputKind.SEG], options=combos[0])[0].dataset.SOPInstanceUID
+    assert again == uids[0]
+
+
 @pytest.mark.parametrize("case", ("lateral-dx", "ct"))
 @pytest.mark.parametrize("options", [OutputOptions(seg_format="labelmap"), OutputOptions(seg_compression="jpeg2000"),
                                      OutputOptions(seg_format="labelmap", seg_compression="jpeg2000")])
