@@ -17,9 +17,10 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from dicom_node import __version__
-from dicom_node.errors import ConfigError, NodeError
+from dicom_node.errors import ConfigError, NodeError, redact
 from dicom_node.settings import (
     Destination,
     Overrides,
@@ -35,11 +36,27 @@ log = logging.getLogger("dicom_node")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Tracebacks with the quoted values of their exception messages redacted (see `redact`): a traceback is
+    what an operator needs to report a bug, and its last line can quote a patient's data."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        # Indented lines are frames and source code; the others are the exception messages.
+        return "\n".join(line if line.startswith(" ") else redact(line)
+                         for line in super().formatException(ei).split("\n"))
+
+
 def _configure_logging(settings: Settings | None, verbose: bool = False, one_shot: bool = False) -> None:
     """Log format and levels; `one_shot` commands print their own one-line outcome, so only warnings show."""
     level = "DEBUG" if verbose else ("WARNING" if one_shot else (settings.logging.level if settings else "INFO"))
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    phi = bool(settings and settings.logging.phi)
+    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    if not phi:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     # pynetdicom logs every PDU at INFO and a refused connection at ERROR (our own messages carry the
     # reason): keep it to warnings when serving, silent for one-shot commands, everything when debugging.
     logging.getLogger("pynetdicom").setLevel(
@@ -49,7 +66,6 @@ def _configure_logging(settings: Settings | None, verbose: bool = False, one_sho
     logging.getLogger("highdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     from pynetdicom import _config
 
-    phi = bool(settings and settings.logging.phi)
     _config.LOG_REQUEST_IDENTIFIERS = phi
     _config.LOG_RESPONSE_IDENTIFIERS = phi
     # pydicom's validation messages quote element values (a malformed PatientName, say): they go through

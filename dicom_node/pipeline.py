@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.db import ENCODED, FAILED, UNROUTED, Database
-from dicom_node.errors import PipelineError, StorageError, redact
+from dicom_node.errors import NodeError, PipelineError, StorageError, redact
 from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
 from dicom_node.storage import Store
@@ -31,6 +31,10 @@ from inference import analyses
 from inference.registry import ModelError, ModelRegistry
 
 log = logging.getLogger("dicom_node.pipeline")
+
+#: Failures raised on purpose with a reason that says it all; anything else under a PipelineError is a crash
+#: whose traceback goes to the log.
+_REPORTED_ERRORS = (NodeError, ModelError, analyses.AnalysisError)
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,11 @@ class Pipeline:
                     self._run_job(study_uid, generation, match, name, by_uid)
                 except (PipelineError, StorageError) as exc:
                     failures.append(f"{name}: {exc}")
-                    log.error("study %s, analysis %s failed: %s", study_uid, name, exc)
+                    # A model or encoder crash (not a failure the node reports on purpose) needs its traceback
+                    # for a bug report; the log formatter redacts the values its messages quote.
+                    unexpected = exc.__cause__ is not None and not isinstance(exc.__cause__, _REPORTED_ERRORS)
+                    log.error("study %s, analysis %s failed: %s", study_uid, name, exc,
+                              exc_info=exc.__cause__ if unexpected else None)
                 except Exception as exc:  # noqa: BLE001 - a bug must fail the study, not strand it in 'analysing'
                     failures.append(f"{name}: internal error {type(exc).__name__}: {redact(str(exc))}")
                     log.exception("study %s, analysis %s: internal error", study_uid, name)

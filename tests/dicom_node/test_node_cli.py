@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -157,3 +158,18 @@ def test_patient_data_stays_out_of_the_log_even_when_pydicom_complains(tmp_path:
     if quiet.returncode != 0:
         assert "'<redacted>'" in quiet.stderr, quiet.stderr
     assert "31.12.1960" not in quiet.stderr and "31.12.1960" not in quiet.stdout
+
+
+def test_log_tracebacks_keep_their_frames_and_lose_the_quoted_values() -> None:
+    from dicom_node.cli import RedactingFormatter
+
+    def parse(value: str) -> None:
+        raise ValueError(f"Unable to convert '{value}' to 'DA'")
+
+    birth_date = "-".join(("31.12", "1960"))  # not spelt out: the traceback quotes this file's source lines
+    try:
+        parse(birth_date)
+    except ValueError:
+        text = RedactingFormatter().formatException(sys.exc_info())
+    assert birth_date not in text and "'<redacted>'" in text
+    assert "in parse" in text and 'raise ValueError(f"Unable to convert' in text  # frames and code kept

@@ -6,6 +6,7 @@ association on loopback and results are checked through Orthanc's REST API.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -266,19 +267,27 @@ class _BrokenAnalysis:
         return ()
 
     def run(self, datasets: Any) -> Any:
+        return self._crash()
+
+    def _crash(self) -> Any:
         raise RuntimeError("CUDA out of memory (simulated)")
 
 
-def test_failing_analysis_fails_the_study_with_the_reason_and_retry_reruns_it(node_factory, tmp_path: Path) -> None:
+def test_failing_analysis_fails_the_study_with_the_reason_and_retry_reruns_it(node_factory, tmp_path: Path, caplog,
+                                                                               monkeypatch) -> None:
     from inference import analyses
 
-    analyses.register(_BrokenAnalysis.name, _BrokenAnalysis)
+    monkeypatch.setitem(analyses._FACTORIES, _BrokenAnalysis.name, _BrokenAnalysis)
+    caplog.set_level(logging.INFO, logger="dicom_node.pipeline")
     node = node_factory(analysis=_BrokenAnalysis.name)
     files = make_study(tmp_path / "in", "broken", images=1)
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     storescu(files, node.scp.port)
     wait_for(lambda: node.db.study(study_uid)["state"] == "failed", 30, what="study failed")
     assert "CUDA out of memory (simulated)" in node.db.study(study_uid)["reason"]
+    # A crash, not a reported failure: the log keeps where it happened, for the bug report.
+    (record,) = [r for r in caplog.records if "analysis node-test-broken failed" in r.getMessage()]
+    assert record.exc_info and "_crash" in logging.Formatter().formatException(record.exc_info)
     assert node.db.one("SELECT state FROM jobs")["state"] == "failed"
     first_run = node.db.one("SELECT updated_at FROM jobs")["updated_at"]
     assert node.db.requeue_failed_studies() == 1
@@ -345,7 +354,6 @@ def test_compressed_input_is_analysed_and_reported(node_factory, orthanc: Orthan
 
 
 def test_models_are_loaded_at_start_and_missing_ones_reported(node_factory, caplog) -> None:
-    import logging
 
     from nodekit import node_test_analysis
 
