@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _QUOTED = re.compile(r"""(?P<q>['"])(?P<v>[^'"]{0,200})(?P=q)""")
 # Kept: empty values (they say "missing", which is the point of many messages), numbers, UIDs (4 or more
@@ -31,6 +32,17 @@ def redact(text: str) -> str:
     patient data; such messages end up in logs and in the reasons `dicom-node status` shows.
     """
     return _QUOTED.sub(lambda m: m.group(0) if _safe(m.group("v")) else f"{m.group('q')}<redacted>{m.group('q')}", text)
+
+
+def redact_all(value: Any) -> Any:
+    """`value` (JSON-like: dicts, lists, strings) with `redact` applied to every string in it."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_all(v) for v in value]
+    return value
 
 
 class NodeError(Exception):

@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.db import ENCODED, FAILED, UNROUTED, Database
-from dicom_node.errors import NodeError, PipelineError, StorageError, redact
+from dicom_node.errors import NodeError, PipelineError, StorageError, redact, redact_all
 from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
 from dicom_node.storage import Store
@@ -261,7 +261,9 @@ class Pipeline:
             "transfer_syntax_uid": f.transfer_syntax_uid, "kind": f.kind, "variant": f.variant,
             "path": str(f.path), "size": f.size,
         } for f in files]
-        added = self.db.record_outputs(job["id"], result.summary(), rows, pairs)
+        # The summary's reasons and notes can quote a decoder's error message, which can quote a header value;
+        # the database (and so `status` and the dashboard) keeps no patient data.
+        added = self.db.record_outputs(job["id"], redact_all(result.summary()), rows, pairs)
         log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
 
     def _predecessor(self, study_uid: str, analysis: str, job_id: int) -> Any:

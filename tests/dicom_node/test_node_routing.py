@@ -73,3 +73,14 @@ def test_redact_keeps_uids_and_tags_but_not_values() -> None:
     msg = "'Dataset' object has no attribute 'PatientSex'"
     assert redact(msg) == msg
     assert redact("name 'Smith' is not 'PatientName'") == "name '<redacted>' is not 'PatientName'"
+
+
+def test_redact_all_reaches_every_string_of_a_result_summary() -> None:
+    from dicom_node.errors import redact_all
+
+    summary = {"verdict": "not assessable", "implants": 2, "flagged": False,
+               "reasons": ["pixel data could not be read (ValueError: cannot convert 'DOE^JANE')"],
+               "images": [{"notes": ["VOI LUT 'DOE^JANE' ignored"], "vertebrae": ["level unknown"]}]}
+    assert "DOE^JANE" not in str(redact_all(summary))
+    assert redact_all(summary)["images"][0]["vertebrae"] == ["level unknown"]
+    assert redact_all(summary)["implants"] == 2 and redact_all(summary)["flagged"] is False
