@@ -1067,9 +1067,11 @@ class Database:
     # ------------------------------------------------------------------------------- retention
 
     def purgeable_studies(self, delivered_before: float) -> list[str]:
-        """Delivered studies last touched before the cut-off."""
+        """Delivered (or unrouted) studies last touched before the cut-off that still hold instances (the
+        others were purged already: every pass would otherwise take the write lock once per study ever seen)."""
         return [r["study_instance_uid"] for r in self.query(
-            "SELECT study_instance_uid FROM studies WHERE state IN ('delivered', 'unrouted') AND updated_at < ?",
+            "SELECT study_instance_uid FROM studies s WHERE state IN ('delivered', 'unrouted') AND updated_at < ?"
+            " AND EXISTS (SELECT 1 FROM instances i WHERE i.study_instance_uid = s.study_instance_uid)",
             (delivered_before,),
         )]
 

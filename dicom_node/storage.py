@@ -8,6 +8,7 @@ returned, so a crash at any moment never leaves a half-written instance under it
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -15,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dicom_node.errors import StorageError
+
+log = logging.getLogger("dicom_node.storage")
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -59,8 +62,8 @@ class Store:
             try:
                 p.unlink()
                 n += 1
-            except OSError:
-                pass
+            except OSError as exc:
+                log.warning("cannot delete the temporary file %s: %s", p, exc.strerror or exc)
         return n
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -123,6 +126,7 @@ class Store:
                 n += 1
             except FileNotFoundError:
                 pass
-            except OSError:
-                pass
+            except OSError as exc:
+                # The database has forgotten the file already: this line is the only trace of it left on disk.
+                log.warning("retention: cannot delete %s: %s", p, exc.strerror or exc)
         return n

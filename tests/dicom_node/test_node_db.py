@@ -181,6 +181,17 @@ def test_output_retention_keeps_rows_of_purged_files(db: Database) -> None:
     assert db.is_known_output("5.5")
 
 
+def test_a_study_whose_instances_are_purged_is_not_offered_to_retention_again(db: Database) -> None:
+    import time
+
+    _, delivery = _job_with_delivery(db)
+    db.mark_delivered(delivery, 0)
+    db.settle_delivered_studies()
+    assert db.purgeable_studies(time.time() + 1) == ["1.2.3"]
+    assert db.forget_instances("1.2.3")
+    assert db.purgeable_studies(time.time() + 1) == []
+
+
 def test_connections_of_finished_threads_are_closed(db: Database) -> None:
     def use() -> None:
         db.study_counts()
