@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -77,10 +76,9 @@ def test_dimse_timeout_is_transient_and_a_resend_completes(peer, tmp_path: Path)
 
     dest, stored = peer(stall_first)
     items = _items(tmp_path, 3)
-    started = time.monotonic()
     first = send_batch("AINODE", dest, items, DeliverySettings(dimse_timeout_s=1.0))
     release.set()
-    assert time.monotonic() - started < 8
+    # Transient, not OK: the sender gave up before the peer answered (it answers only after `release`).
     assert [r.outcome for r in first] == [TRANSIENT] * 3
     assert "no C-STORE response" in first[0].message and "ended early" in first[1].message
     second = send_batch("AINODE", dest, items, DeliverySettings(dimse_timeout_s=5.0))
