@@ -662,10 +662,6 @@ class Database:
             )
         return added
 
-    def job_outputs(self, job_id: int) -> list[dict[str, Any]]:
-        """Outputs recorded for a job."""
-        return self.query("SELECT * FROM outputs WHERE job_id = ? ORDER BY kind, sop_instance_uid", (job_id,))
-
     def latest_output(self, study_instance_uid: str, analysis: str, kind: str, *, before_job: int) -> dict[str, Any] | None:
         """Newest output of `kind` from an earlier job of the same analysis (the predecessor of a new SR)."""
         return self.one(
@@ -685,11 +681,6 @@ class Database:
             " ORDER BY d.next_attempt_at, d.id LIMIT ?",
             (destination, now, limit),
         )
-
-    def next_due_time(self) -> float | None:
-        """Earliest next_attempt_at of any pending delivery."""
-        row = self.one("SELECT min(next_attempt_at) AS t FROM deliveries WHERE state = 'pending'")
-        return row["t"] if row and row["t"] is not None else None
 
     def mark_sending(self, ids: Sequence[int]) -> None:
         """pending -> sending (an attempt is under way)."""

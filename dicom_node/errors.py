@@ -76,18 +76,5 @@ class InstanceConflict(DatasetError):
     """A received instance carries the SOP Instance UID of an instance the node holds in another study."""
 
 
-class RoutingError(NodeError):
-    """A routing rule is invalid or refers to something that does not exist."""
-
-
 class PipelineError(NodeError):
     """A study could not be analysed or its outputs could not be encoded."""
-
-
-class DeliveryError(NodeError):
-    """Sending to a destination failed; `transient` says whether a retry can help."""
-
-    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
-        self.status = status

@@ -279,11 +279,3 @@ class Sender:
         self.db.settle_delivered_studies({r["study_instance_uid"] for r in batch})
         return len(batch)
 
-    def deliver_all_due(self, dest: Destination) -> int:
-        """Batches until nothing is due for `dest`; returns how many were attempted."""
-        total = 0
-        while True:
-            n = self.deliver_due(dest)
-            total += n
-            if n == 0 or not self.db.due_deliveries(dest.name, time.time(), 1):
-                return total

@@ -56,11 +56,6 @@ def level_span(levels: Sequence[str]) -> str:
     return ordered[0] if len(ordered) == 1 else f"{ordered[0]}–{ordered[-1]}"
 
 
-def pixel_centre(row: float, column: float) -> Point:
-    """The point at the centre of pixel ``[row, column]``."""
-    return (float(column) + 0.5, float(row) + 0.5)
-
-
 # --------------------------------------------------------------------------------------------- masks
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from inference.results import GenantGrade, ImageResult, Implant, MeasurementKind, Point, Vertebra
+from inference.results import ImageResult, Implant, MeasurementKind, Point, Vertebra
 from reports import geometry, style
 
 
@@ -191,10 +191,3 @@ def drawings(image: ImageResult) -> list[Drawing]:
     return [radiograph_drawing(image)]
 
 
-def grade_summary(vertebrae: Sequence[Vertebra]) -> str:
-    """E.g. "2 fractures (L1 Genant 2, T12 Genant 1)" or "no vertebral fracture"."""
-    graded = [v for v in vertebrae if v.fracture is not None and v.fracture.grade > GenantGrade.NORMAL]
-    if not graded:
-        return "no vertebral compression fracture"
-    parts = [f"{v.display_name} Genant {int(v.fracture.grade)}" for v in graded if v.fracture]
-    return f"{len(graded)} compression fracture{'s' if len(graded) > 1 else ''} ({', '.join(parts)})"

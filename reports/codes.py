@@ -145,7 +145,6 @@ NO_COMPLICATIONS = codes.DCM.NoComplications  # (111492, DCM, "No complications"
 SEVERITY = codes.SCT.Severity  # (246112005, SCT)
 CENTER = codes.DCM.Center  # (111010, DCM, "Center")
 COMMENT = codes.DCM.Comment  # (121106, DCM, "Comment")
-IMAGE_REGION = codes.DCM.ImageRegion  # (111030, DCM)
 
 OBSERVER_DEVICE = codes.cid270.Device  # (121007, DCM, "Device")
 REASON = _private("REASON", "Reason for assessment")
@@ -159,7 +158,6 @@ POSTERIOR_HEIGHT = _private("VBH-P", "Posterior vertebral body height")
 HEIGHT_LOSS = _private("VBH-LOSS", "Vertebral body height loss")
 GENANT_GRADE = _private("GENANT", "Genant fracture grade")
 FRACTURE_SHAPE = _private("VCF-SHAPE", "Fracture morphology")
-IMPLANT_LEVELS = _private("IMP-LEVELS", "Instrumented levels")
 
 #: Units (UCUM).
 UNIT_MM = codes.UCUM.Millimeter
@@ -281,12 +279,10 @@ def measurement_code(kind: MeasurementKind) -> Code:
 
 
 def all_private_codes() -> list[Code]:
-    """Every private code this module defines (for tests and the conformance statement)."""
+    """Every private code this module defines, once per place it is defined (a value may repeat when two
+    tables share a concept; tests check that it then means the same thing)."""
     found = [v for v in globals().values() if isinstance(v, Code) and v.scheme_designator == PRIVATE_SCHEME]
     for table in (_IMPLANT_CODES, _GRADE_CODES, _SHAPE_CODES, _FINDING_CODES, _OUTCOME_CODES,
                   _HARDWARE_CODES, _MEASUREMENT_CODES):
         found.extend(c for c in table.values() if c.scheme_designator == PRIVATE_SCHEME)
-    unique: dict[str, Code] = {}
-    for c in found:
-        unique.setdefault(c.value, c)
-    return list(unique.values())
+    return found

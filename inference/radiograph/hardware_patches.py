@@ -44,7 +44,6 @@ HEADS: dict[str, tuple[Complication, ...]] = {
     "cage": (Complication.CAGE_SUBSIDENCE,),
 }
 HEAD_OF: dict[ImplantKind, str] = {ImplantKind.PEDICLE_SCREW: "screw", ImplantKind.ROD: "rod", ImplantKind.INTERBODY_CAGE: "cage"}
-PATCH_SHAPE = {"screw": SCREW_PATCH, "rod": ROD_PATCH, "cage": CAGE_PATCH}
 
 
 def intensity_window(pixels: np.ndarray) -> tuple[float, float]:

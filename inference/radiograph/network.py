@@ -15,7 +15,6 @@ torch and MONAI are imported inside the functions so importing this module stays
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -112,6 +111,3 @@ def parameter_count(net: torch.nn.Module) -> int:
     return sum(int(p.numel()) for p in net.parameters() if p.requires_grad)
 
 
-def channel_index(names: Sequence[str]) -> list[int]:
-    """Indices of channel `names` in `CHANNELS`."""
-    return [CHANNELS.index(n) for n in names]

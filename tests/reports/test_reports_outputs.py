@@ -714,3 +714,13 @@ def test_malformed_source_dates_are_copied_verbatim_not_fatal(cases):
         assert out.dataset.PatientBirthDate == "31.12.1960"
         assert out.dataset.StudyTime == "10:15"
     assert case.sources[0].PatientBirthDate != "31.12.1960"  # the caller's datasets are untouched
+
+
+def test_private_codes_are_valid_and_each_value_means_one_thing():
+    meanings: dict[str, set[str]] = {}
+    for code in codes.all_private_codes():
+        meanings.setdefault(code.value, set()).add(code.meaning)
+        assert 0 < len(code.value) <= 16 and code.value.isascii()  # CodeValue is SH
+        assert 0 < len(code.meaning) <= 64  # CodeMeaning is LO
+    assert len(meanings) >= 10
+    assert all(len(m) == 1 for m in meanings.values()), {v: m for v, m in meanings.items() if len(m) > 1}
