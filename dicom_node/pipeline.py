@@ -290,8 +290,8 @@ class Pipeline:
 def analyze_offline(settings: Settings, analyser: Analyser, paths: Sequence[Path], out_dir: Path) -> list[Path]:
     """``dicom-node analyze``: the same routing, analyses and encoders on files, outputs written to `out_dir`.
 
-    Files are grouped by study; every output kind is written with each rule's first destination's
-    options (default options without destinations).  Returns the files written.
+    Files are grouped by study; every output kind is written once, with the default encoding options
+    (binary, uncompressed SEG), whatever the destinations would get.  Returns the files written.
     """
     from reports import Producer
 
