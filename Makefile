@@ -6,13 +6,15 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA ?= ../shared/data
+# Training and evaluation read a data folder given on the command line (`make train-vertebrae DATA=...`):
+# ct/ (volumes with vertebra labels) and radiographs/ (real AP films with YOLO boxes); see docs/data-needed.md.
+DATA ?=
 # Debian packages the node and its tests use: dcmtk (storescu/storescp/echoscu), Orthanc (+DICOMweb) as the
 # test PACS, Chromium for the viewer and dashboard browser tests.
 DEB_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium fonts-dejavu-core openssl
 
 .PHONY: install run test test-fast test-viewer lint bench train-vertebrae train-hardware eval-vertebrae \
-        eval-hardware render-docs clean
+        eval-hardware render-docs clean data-given
 
 install: $(STAMP)
 
@@ -24,6 +26,10 @@ $(STAMP): pyproject.toml
 	# torch==2.13.0 is pinned in pyproject and installed in the same command: without it monai pulls a CUDA build
 	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[test]"
 	@touch $(STAMP)
+
+data-given:
+	@test -n "$(DATA)" || { echo "make: give the data folder, e.g. make $(MAKECMDGOALS) DATA=/path/to/data (docs/data-needed.md)" >&2; exit 2; }
+	@test -d "$(DATA)" || { echo "make: DATA=$(DATA) is not a folder" >&2; exit 2; }
 
 run: install
 	$(VENV)/bin/dicom-node serve
@@ -49,7 +55,7 @@ VERTEBRA_CACHE ?= ../cache/synth-v1
 # The six-point morphometry stage (heights, fractures) trains last, on lateral DRRs with compression deformities
 # (~20 min to render on 2 cores, ~17 min to train on 2 threads).
 LATERAL_CACHE ?= ../cache/synth-lat-fractures
-train-vertebrae: install
+train-vertebrae: data-given install
 	test -f $(VERTEBRA_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
 		--out $(VERTEBRA_CACHE) --count 1600 --seed 1 --workers 2 --max-side 768
 	nice -n 10 $(PY) -m inference.train.vertebrae --data $(DATA) --cache $(VERTEBRA_CACHE) \
@@ -66,7 +72,7 @@ train-vertebrae: install
 # and cage subsidence are not reported: per implant they measured no better than chance (see the model card).
 HARDWARE_CACHE ?= ../cache/synth-hardware-v2
 HARDWARE_HOLDOUT ?= ../cache/synth-hardware-holdout-v2
-train-hardware: install
+train-hardware: data-given install
 	test -f $(HARDWARE_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
 		--out $(HARDWARE_CACHE) --count 1200 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2 --max-side 768
 	nice -n 10 $(PY) -m inference.train.hardware --data $(DATA) --cache $(HARDWARE_CACHE) \
@@ -74,12 +80,12 @@ train-hardware: install
 		--threads 1 --max-minutes 80 --patch-iterations 1500 --pos-weight cage:10,plate:10 --disc-iterations 1200 \
 		--not-assessed "screw loosening,screw breakage,rod fracture,cage subsidence"
 
-eval-vertebrae: install
+eval-vertebrae: data-given install
 	nice -n 10 $(PY) -m inference.evaluate.vertebrae --data $(DATA) --model inference/models/spine-xr-vertebrae \
 		--cache $(VERTEBRA_CACHE) --holdout ../cache/synth-holdout-v1 --lopo-work ../cache/lopo-vertebrae \
 		--lateral-cache $(LATERAL_CACHE)
 
-eval-hardware: install
+eval-hardware: data-given install
 	nice -n 10 $(PY) -m inference.evaluate.hardware --data $(DATA) --model inference/models/spine-xr-hardware \
 		--cache $(HARDWARE_CACHE) --holdout $(HARDWARE_HOLDOUT) --lopo-work ../cache/lopo-hardware
 
