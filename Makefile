@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	# torch==2.13.0 is pinned in pyproject and installed in the same command: without it monai pulls a CUDA build
 	$(PY) -m pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[test]"
+	# the OHIF viewer the viewer tests load pages in (npm registry, once, into the git-ignored .viewer/)
+	$(PY) tests/viewer/viewer_stack.py >/dev/null
 	@touch $(STAMP)
 
 data-given:

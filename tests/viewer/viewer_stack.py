@@ -57,7 +57,7 @@ def wait_until(condition, timeout: float, interval: float = 0.1, what: str = "co
 
 
 def fetch_ohif() -> Path:
-    """The OHIF dist, fetched with `npm pack` into the git-ignored cache on first use."""
+    """The OHIF dist, fetched with `npm pack` into the git-ignored cache by `make install` (or on first use)."""
     dist = OHIF_CACHE / "dist"
     if (dist / "index.html").is_file():
         return dist
@@ -291,3 +291,8 @@ class OhifServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=10)
+
+
+if __name__ == "__main__":
+    # `make install` fetches the viewer here, so `make test` itself downloads nothing.
+    print(fetch_ohif())
