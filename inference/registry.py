@@ -105,6 +105,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._specs: dict[str, ModelSpec] | None = None
         self._loaded: dict[str, Any] = {}
+        self._building: dict[str, threading.Lock] = {}  # one lock per model being built
 
     def specs(self) -> dict[str, ModelSpec]:
         """Every model folder found, by name (later roots override earlier ones)."""
@@ -129,16 +130,25 @@ class ModelRegistry:
         return specs[name]
 
     def load(self, name: str, build: Callable[[ModelSpec, str], T]) -> T:
-        """Build model `name` once with ``build(spec, device)`` after verifying its weights; cached."""
+        """Build model `name` once with ``build(spec, device)`` after verifying its weights; cached.
+
+        A caller arriving while another builds the same model waits for that build (the start-up warm-up and
+        the first study would otherwise each build it, twice the memory and time); other models build in
+        parallel."""
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name]  # type: ignore[no-any-return]
-        spec = self.spec(name)
-        spec.verify()
-        device = pick_device(self.device_request)
-        model = build(spec, device)
-        with self._lock:
-            return self._loaded.setdefault(name, model)  # type: ignore[no-any-return]
+            building = self._building.setdefault(name, threading.Lock())
+        with building:
+            with self._lock:
+                if name in self._loaded:
+                    return self._loaded[name]  # type: ignore[no-any-return]
+            spec = self.spec(name)
+            spec.verify()
+            device = pick_device(self.device_request)
+            model = build(spec, device)
+            with self._lock:
+                return self._loaded.setdefault(name, model)  # type: ignore[no-any-return]
 
     def loaded(self) -> list[str]:
         """Names of models loaded so far (for readiness checks)."""

@@ -114,3 +114,32 @@ def test_a_square_field_without_spacing_starts_as_one_cassette() -> None:
     _, scale, _, zoom = VertebraModel(net).detect(_image(600, 500), None)
     assert scale[0] == pytest.approx(first_zoom((600, 500), None) * preprocess.UNCALIBRATED_LONG_SIDE / 600, rel=0.01)
     assert zoom == 1.0  # the start is not a size correction
+
+
+def test_a_model_asked_for_by_two_threads_at_once_is_built_once() -> None:
+    import threading
+
+    from inference.registry import ModelRegistry
+
+    registry = ModelRegistry()
+    started, release = threading.Event(), threading.Event()
+    builds: list[str] = []
+
+    def build(spec, device):  # the start-up warm-up and the first study, say
+        builds.append(spec.name)
+        started.set()
+        release.wait(10)
+        return object()
+
+    results: list[object] = []
+    first = threading.Thread(target=lambda: results.append(registry.load("spine-xr-vertebrae", build)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.append(registry.load("spine-xr-vertebrae", build)))
+    second.start()
+    second.join(0.5)  # it cannot finish before the first build does: give it time to get as far as it can
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert builds == ["spine-xr-vertebrae"]
+    assert len(results) == 2 and results[0] is results[1]
