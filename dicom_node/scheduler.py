@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node import assembly
@@ -109,8 +110,8 @@ class NodeScheduler:
                 return
             try:
                 self._scheduler.modify_job(name, next_run_time=datetime.now())
-            except Exception:  # noqa: BLE001 - e.g. not started yet
-                pass
+            except JobLookupError:
+                pass  # gone with a shut-down scheduler; `pending` is set for any run still to come
 
     def wake_senders(self) -> None:
         """Wake every delivery job."""

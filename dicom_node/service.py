@@ -102,8 +102,8 @@ class NodeService:
         self.scp.stop()
         try:
             self.scheduler.stop()
-        except Exception:  # noqa: BLE001 - never started
-            pass
+        except Exception:  # noqa: BLE001 - the database must still be closed; the failure is logged
+            log.exception("stopping the scheduler failed")
         self.db.close()
 
     # ------------------------------------------------------------------ state for the operator surface
