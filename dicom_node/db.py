@@ -345,7 +345,14 @@ class Database:
                 db.conn.execute("ROLLBACK")
             raise
         else:
-            db.conn.execute("COMMIT")
+            try:
+                db.conn.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls back by itself only after some errors (a full disk, an I/O error); after others
+                # (busy) the transaction stays open, and this thread's connection would keep the write lock.
+                if db.conn.in_transaction:
+                    db.conn.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         """Close every thread's connection."""

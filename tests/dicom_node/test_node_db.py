@@ -213,3 +213,16 @@ def test_expedite_makes_backed_off_deliveries_due(db: Database) -> None:
     assert db.due_deliveries("pacs", time.time(), 10) == []
     assert db.expedite("pacs") == 1
     assert [r["id"] for r in db.due_deliveries("pacs", time.time(), 10)] == [delivery]
+
+
+def test_a_commit_that_fails_leaves_no_transaction_open(db: Database) -> None:
+    import sqlite3
+
+    # A deferred foreign key fails at COMMIT, and SQLite then keeps the transaction (and the write lock).
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.tx() as conn:
+            conn.execute("PRAGMA defer_foreign_keys = ON")
+            conn.execute("INSERT INTO deliveries (output_sop_instance_uid, destination, study_instance_uid, state,"
+                         " next_attempt_at, created_at, updated_at) VALUES ('9.9', 'pacs', '1.2.3', 'pending', 0, 0, 0)")
+    assert not db.db.conn.in_transaction
+    assert db.record_instance(rec("1.1"))  # the next write transaction starts
