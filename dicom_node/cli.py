@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node import __version__
 from dicom_node.errors import ConfigError, NodeError, redact
@@ -30,6 +30,9 @@ from dicom_node.settings import (
     read_toml,
     validate,
 )
+
+if TYPE_CHECKING:
+    from dicom_node.db import Database
 
 log = logging.getLogger("dicom_node")
 
@@ -295,12 +298,8 @@ def _when(t: float | None) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
-def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
-    from dicom_node.service import DB_NAME, open_database
-
-    if not (settings.data_dir / DB_NAME).exists():
-        raise NodeError(f"no node database in {settings.data_dir} (has the node run with this --data-dir?)")
-    db = open_database(settings)
+def _status_report(db: Database, n_studies: int) -> dict[str, Any]:
+    """What `status` shows, read from the database."""
     report = {
         "studies": db.study_counts(),
         "destinations": db.queue_depth(),
@@ -315,6 +314,19 @@ def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
                      for r in s["results"] if r.get("flagged")]}
         for s in flagged
     ]
+    return report
+
+
+def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
+    from dicom_node.service import DB_NAME, open_database
+
+    if not (settings.data_dir / DB_NAME).exists():
+        raise NodeError(f"no node database in {settings.data_dir} (has the node run with this --data-dir?)")
+    db = open_database(settings, read_only=True)
+    try:
+        report = _status_report(db, n_studies)
+    finally:
+        db.close()
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return EXIT_OK
@@ -351,11 +363,14 @@ def cmd_retry(settings: Settings, destination: str | None) -> int:
     if not (settings.data_dir / DB_NAME).exists():
         raise NodeError(f"no node database in {settings.data_dir}")
     db = open_database(settings)
-    n = db.requeue_failed(destination=destination)
-    m = db.requeue_failed_studies() if destination is None else 0
-    db.record_action("retry", f"cli:{_os_user()}", "ok" if n or m else "nothing to retry",
-                     target=destination or "all", destination=destination,
-                     detail=f"re-queued {n} delivery(ies), {m} analysis(es)")
+    try:
+        n = db.requeue_failed(destination=destination)
+        m = db.requeue_failed_studies() if destination is None else 0
+        db.record_action("retry", f"cli:{_os_user()}", "ok" if n or m else "nothing to retry",
+                         target=destination or "all", destination=destination,
+                         detail=f"re-queued {n} delivery(ies), {m} analysis(es)")
+    finally:
+        db.close()
     print(f"re-queued {n} delivery(ies) and {m} study(ies); a running node picks them up within seconds")
     return EXIT_OK
 
@@ -386,8 +401,11 @@ def cmd_audit_export(settings: Settings, fmt: str, since: str | None, until: str
         t0, t1 = parse_when(since), parse_when(until, end=True)
     except ValueError as exc:
         raise ConfigError([str(exc)], "command line") from None
-    db = open_database(settings)
-    rows = [audit_entry(r) for r in db.audit_events(since=t0, until=t1, kinds=kinds)]
+    db = open_database(settings, read_only=True)
+    try:
+        rows = [audit_entry(r) for r in db.audit_events(since=t0, until=t1, kinds=kinds)]
+    finally:
+        db.close()
     fh = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115 - closed below
     try:
         if fmt == "json":

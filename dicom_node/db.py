@@ -285,22 +285,40 @@ class InstanceRecord:
 
 
 class Database:
-    """The node database at `path` (created and migrated on open)."""
+    """The node database at `path` (created and migrated on open).
 
-    def __init__(self, path: Path | str, *, synchronous_full: bool = True, busy_timeout_s: float = 60.0) -> None:
+    `read_only` opens an existing database for looking only (``dicom-node status``, ``audit export``): no
+    write lock is ever taken from a running node, and nothing is migrated; a database whose schema is not
+    this version's is refused with the reason."""
+
+    def __init__(self, path: Path | str, *, synchronous_full: bool = True, busy_timeout_s: float = 60.0,
+                 read_only: bool = False) -> None:
         self.path = Path(path)
         self.synchronous_full = synchronous_full
         self.busy_timeout_s = busy_timeout_s
+        self.read_only = read_only
         self._local = threading.local()
         # Every connection with the thread that owns it: pynetdicom runs each association on a new thread,
         # so connections of finished threads are closed when the next one opens (no descriptor leak).
         self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.migrate()
+            if read_only:
+                self._check_schema()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.migrate()
         except sqlite3.Error as exc:
             raise DatabaseError(f"{self.path}: {exc}") from exc
+
+    def _check_schema(self) -> None:
+        have, want = self.schema_version(), len(MIGRATIONS)
+        if have < want:
+            raise DatabaseError(f"{self.path}: schema version {have}, this dicom-node reads {want}: start this"
+                                " version's `dicom-node serve` once to migrate it")
+        if have > want:
+            raise DatabaseError(f"{self.path}: schema version {have} was written by a newer dicom-node"
+                                f" (this one reads {want})")
 
     # ------------------------------------------------------------------ connections and transactions
 
@@ -309,11 +327,16 @@ class Database:
         """This thread's connection."""
         db = getattr(self._local, "db", None)
         if db is None:
-            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous_full else 'NORMAL'}")
-            conn.execute("PRAGMA foreign_keys = ON")
+            if self.read_only:
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                       timeout=self.busy_timeout_s, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            else:
+                conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous_full else 'NORMAL'}")
+                conn.execute("PRAGMA foreign_keys = ON")
             db = sqlite_utils.Database(conn, execute_plugins=False)
             self._local.db = db
             with self._lock:

@@ -24,9 +24,11 @@ log = logging.getLogger("dicom_node")
 DB_NAME = "node.sqlite"
 
 
-def open_database(settings: Settings) -> Database:
-    """The node database in the configured data directory (created and migrated if needed)."""
-    return Database(settings.data_dir / DB_NAME, synchronous_full=settings.node.durability == "full")
+def open_database(settings: Settings, *, read_only: bool = False) -> Database:
+    """The node database in the configured data directory (created and migrated if needed, unless
+    `read_only`: see `Database`)."""
+    return Database(settings.data_dir / DB_NAME, synchronous_full=settings.node.durability == "full",
+                    read_only=read_only)
 
 
 def load_plugins(settings: Settings) -> None:

@@ -169,6 +169,54 @@ def test_second_migration_applies_to_a_version_one_database(tmp_path: Path) -> N
     db.close()
 
 
+def test_read_only_opening_reads_beside_a_writer_and_never_writes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.errors import DatabaseError
+
+    path = tmp_path / "node.sqlite"
+    node = Database(path)
+    node.record_instance(rec("1.1"))
+    node.close()  # a stopped node: SQLite has removed its WAL files
+    looking = Database(path, read_only=True)
+    assert looking.study("1.2.3")["instance_count"] == 1
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        looking.db.conn.execute("DELETE FROM studies")
+    node = Database(path)
+    with node.tx() as conn:  # a running node in the middle of a write
+        conn.execute("UPDATE studies SET instance_count = 5")
+        assert Database(path, read_only=True, busy_timeout_s=0.5).study("1.2.3")["instance_count"] == 1
+    assert looking.study("1.2.3")["instance_count"] == 5
+    looking.close()
+    node.close()
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()  # not a node database: said so, not created
+    with pytest.raises(DatabaseError, match="no such table"):
+        Database(empty, read_only=True)
+
+
+def test_read_only_opening_refuses_a_schema_of_another_version(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.db import MIGRATIONS, _statements
+    from dicom_node.errors import DatabaseError
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    for stmt in _statements(MIGRATIONS[0][1]):
+        con.execute(stmt)
+    con.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
+    con.commit()
+    with pytest.raises(DatabaseError, match=f"schema version 1, this dicom-node reads {len(MIGRATIONS)}"):
+        Database(path, read_only=True)
+    con.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
+    con.commit()
+    con.close()
+    with pytest.raises(DatabaseError, match="written by a newer dicom-node"):
+        Database(path, read_only=True)
+
+
 def test_output_retention_keeps_rows_of_purged_files(db: Database) -> None:
     import time
 
