@@ -777,13 +777,15 @@ class Database:
                            " AND state IN ('failed', 'delivered') AND summary IS NOT NULL", (now, uid))
             return cur.rowcount
 
-    def requeue_failed_studies(self) -> int:
-        """Studies that failed before delivery (analysis errors) -> complete again (``dicom-node retry``)."""
+    def requeue_failed_studies(self, study_instance_uid: str | None = None) -> int:
+        """Studies that failed before delivery (analysis errors) -> complete again (``dicom-node retry``, or the
+        dashboard for one study); returns how many moved."""
+        one = "" if study_instance_uid is None else " AND study_instance_uid = ?"
         with self.tx() as db:
             cur = db.execute(
                 "UPDATE studies SET state = 'complete', reason = NULL, interrupted = 0, updated_at = ? WHERE state = 'failed'"
-                " AND study_instance_uid NOT IN (SELECT study_instance_uid FROM deliveries WHERE state = 'failed')",
-                (time.time(),),
+                " AND study_instance_uid NOT IN (SELECT study_instance_uid FROM deliveries WHERE state = 'failed')" + one,
+                (time.time(),) + (() if study_instance_uid is None else (study_instance_uid,)),
             )
             return cur.rowcount
 
@@ -1028,15 +1030,6 @@ class Database:
             " i.association_id = a.id WHERE i.study_instance_uid = ? AND i.own_output = 0 GROUP BY a.id ORDER BY a.id",
             (study_instance_uid,),
         )
-
-    def requeue_failed_study(self, study_instance_uid: str) -> int:
-        """A study whose analysis failed (no failed delivery) -> complete again; returns 1 if it moved."""
-        with self.tx() as db:
-            return db.execute(
-                "UPDATE studies SET state = 'complete', reason = NULL, updated_at = ? WHERE study_instance_uid = ?"
-                " AND state = 'failed' AND study_instance_uid NOT IN (SELECT study_instance_uid FROM deliveries"
-                " WHERE state = 'failed')", (time.time(), study_instance_uid),
-            ).rowcount
 
     def request_reanalysis(self, study_instance_uid: str) -> str | None:
         """Send a settled study (delivered, failed, unrouted) back to `complete` so the pipeline routes and

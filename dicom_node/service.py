@@ -131,7 +131,7 @@ class NodeService:
     def retry_study(self, study_instance_uid: str, actor: str) -> dict[str, int]:
         """Re-queue a study's failed deliveries, or its failed analysis; audited."""
         deliveries = self.db.requeue_failed(study_instance_uid=study_instance_uid)
-        studies = self.db.requeue_failed_study(study_instance_uid) if not deliveries else 0
+        studies = self.db.requeue_failed_studies(study_instance_uid) if not deliveries else 0
         outcome = "ok" if deliveries or studies else "nothing to retry"
         self.db.record_action("retry", actor, outcome, target=study_instance_uid,
                               study_instance_uid=study_instance_uid,
