@@ -10,6 +10,7 @@ The queries at the bottom are the only SQL outside the migrations; the CLI and t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -249,7 +250,33 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE studies ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        "one patient per study",
+        """
+        -- Digest of PatientID and IssuerOfPatientID, salted with the Study UID (see patient_key): compares the
+        -- patients of a study's instances without keeping their IDs. The study's is its current patient.
+        ALTER TABLE studies ADD COLUMN patient_key TEXT;
+        ALTER TABLE instances ADD COLUMN patient_key TEXT;
+        -- When retention deleted the study's instances: a later analysis sees only what arrived after it.
+        ALTER TABLE studies ADD COLUMN instances_purged_at REAL;
+        """,
+    ),
 )
+
+
+def patient_key(study_instance_uid: str, patient_id: str, issuer: str) -> str:
+    """Who an instance belongs to, as the database keeps it: a digest of PatientID and IssuerOfPatientID
+    salted with the Study UID, so two instances of one study compare without the ID being stored, and the
+    same patient's keys in two studies do not link them."""
+    text = "\x00".join((study_instance_uid, patient_id.strip(), issuer.strip()))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def patient_conflict_reason(study_instance_uid: str) -> str:
+    """Why an instance of another patient than its study's is refused."""
+    return (f"PatientID differs from that of the instances of study {study_instance_uid} already received:"
+            " not stored, so that one study never mixes two patients (re-send the study's instances with the"
+            " corrected identity, or give the image its own study)")
 
 
 def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
@@ -282,6 +309,7 @@ class InstanceRecord:
     path: str
     size: int
     own_output: bool = False
+    patient_key: str | None = None  # see `patient_key`
 
 
 class Database:
@@ -487,31 +515,38 @@ class Database:
                 # (another patient's, when an anonymiser or a merge rewrote only the Study UID).
                 raise InstanceConflict(conflict_reason(rec.sop_instance_uid, row[0]))
             existed = row is not None
+            corrected = False
+            if not rec.own_output and rec.patient_key is not None:
+                conflict, corrected = self._patient_check(db, rec, existed)
+                if conflict:
+                    raise InstanceConflict(patient_conflict_reason(rec.study_instance_uid))
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
                 " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
-                " study_description, image_type, calling_ae, association_id, path, size, received_at, own_output)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " study_description, image_type, calling_ae, association_id, path, size, received_at, own_output,"
+                " patient_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(sop_instance_uid) DO UPDATE SET transfer_syntax_uid = excluded.transfer_syntax_uid,"
                 " path = excluded.path, size = excluded.size, received_at = excluded.received_at,"
-                " association_id = excluded.association_id",
+                " association_id = excluded.association_id, patient_key = excluded.patient_key",
                 (rec.sop_instance_uid, rec.study_instance_uid, rec.series_instance_uid, rec.sop_class_uid,
                  rec.transfer_syntax_uid, rec.modality, rec.body_part_examined, rec.view_position,
                  rec.series_description, rec.study_description, rec.image_type, rec.calling_ae,
-                 rec.association_id, rec.path, rec.size, now, int(rec.own_output)),
+                 rec.association_id, rec.path, rec.size, now, int(rec.own_output), rec.patient_key),
             )
             if rec.association_id is not None:
                 db.execute("UPDATE associations SET instances = instances + 1 WHERE id = ?", (rec.association_id,))
             if rec.own_output:
                 return not existed
-            if not existed:
+            if not existed or corrected:
+                # A corrected identity re-opens the study like a new instance: its outputs carry the identity.
                 db.execute(
                     "INSERT INTO studies (study_instance_uid, state, instance_count, generation, first_received_at,"
-                    " last_received_at, updated_at) VALUES (?, 'received', 1, 1, ?, ?, ?)"
+                    " last_received_at, updated_at, patient_key) VALUES (?, 'received', 1, 1, ?, ?, ?, ?)"
                     " ON CONFLICT(study_instance_uid) DO UPDATE SET state = 'received', reason = NULL,"
-                    " instance_count = instance_count + 1, generation = generation + 1,"
-                    " last_received_at = excluded.last_received_at, updated_at = excluded.updated_at",
-                    (rec.study_instance_uid, now, now, now),
+                    " instance_count = instance_count + ?, generation = generation + 1,"
+                    " last_received_at = excluded.last_received_at, updated_at = excluded.updated_at,"
+                    " patient_key = coalesce(excluded.patient_key, patient_key)",
+                    (rec.study_instance_uid, now, now, now, rec.patient_key, 0 if existed else 1),
                 )
             else:
                 # A resend of a known instance keeps the study where it is, but delays a stable-age decision.
@@ -520,6 +555,27 @@ class Database:
                     (now, rec.study_instance_uid),
                 )
             return not existed
+
+    @staticmethod
+    def _patient_check(db: sqlite_utils.Database, rec: InstanceRecord, existed: bool) -> tuple[bool, bool]:
+        """(refuse, corrected) for a source instance: a new instance must belong to its study's patient; a
+        re-sent one may change patient (the sender corrected the identity), which re-opens the study."""
+        study = db.execute("SELECT patient_key FROM studies WHERE study_instance_uid = ?",
+                           (rec.study_instance_uid,)).fetchone()
+        current = study[0] if study else None
+        if not existed:
+            return current is not None and current != rec.patient_key, False
+        before = db.execute("SELECT patient_key FROM instances WHERE sop_instance_uid = ?",
+                            (rec.sop_instance_uid,)).fetchone()[0]
+        return False, before is not None and before != rec.patient_key
+
+    def patient_conflict(self, study_instance_uid: str, sop_instance_uid: str, key: str) -> bool:
+        """True when a new instance (unknown SOP Instance UID) of patient `key` would join a study of another
+        patient (the SCP asks before writing the file; `record_instance` checks again in its transaction)."""
+        if self.instance_study(sop_instance_uid) is not None:
+            return False
+        row = self.one("SELECT patient_key FROM studies WHERE study_instance_uid = ?", (study_instance_uid,))
+        return bool(row and row["patient_key"] is not None and row["patient_key"] != key)
 
     def instance_study(self, sop_instance_uid: str) -> str | None:
         """The study the node holds instance `sop_instance_uid` in, if any."""
@@ -1113,6 +1169,8 @@ class Database:
             paths = [r[0] for r in db.execute(
                 "SELECT path FROM instances WHERE study_instance_uid = ?", (study_instance_uid,)).fetchall()]
             db.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_instance_uid,))
+            db.execute("UPDATE studies SET instances_purged_at = ? WHERE study_instance_uid = ?",
+                       (time.time(), study_instance_uid))
             return paths
 
 

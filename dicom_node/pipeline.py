@@ -270,6 +270,11 @@ class Pipeline:
         row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id)
         if row is None:
             return None
+        purged = (self.db.study(study_uid) or {}).get("instances_purged_at")
+        if purged is not None and row["created_at"] < purged:
+            # Retention deleted the images that report read: this analysis sees only what arrived since, so
+            # its report stands beside the earlier one instead of replacing it.
+            return None
         from reports import SopReference
 
         return SopReference(row["study_instance_uid"], row["series_instance_uid"], row["sop_class_uid"],

@@ -28,7 +28,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import __version__, transfer_syntaxes
-from dicom_node.db import Database, InstanceRecord, conflict_reason
+from dicom_node.db import Database, InstanceRecord, conflict_reason, patient_conflict_reason, patient_key
 from dicom_node.errors import DatabaseError, DatasetError, InstanceConflict, StorageError, redact
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
@@ -353,6 +353,9 @@ class StorageSCP:
             held_in = self.db.instance_study(ident["SOPInstanceUID"])
             if held_in is not None and held_in != ident["StudyInstanceUID"]:
                 raise DatasetError(conflict_reason(ident["SOPInstanceUID"], held_in))
+            patient = patient_key(ident["StudyInstanceUID"], _text(ds, "PatientID"), _text(ds, "IssuerOfPatientID"))
+            if self.db.patient_conflict(ident["StudyInstanceUID"], ident["SOPInstanceUID"], patient):
+                raise DatasetError(patient_conflict_reason(ident["StudyInstanceUID"]))
             affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
             if affected_sop and affected_sop != ident["SOPInstanceUID"]:
                 raise DatasetError(
@@ -391,6 +394,7 @@ class StorageSCP:
             path=str(path),
             size=size,
             own_output=own,
+            patient_key=patient,
         )
         try:
             self.db.record_instance(rec)

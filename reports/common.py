@@ -233,15 +233,30 @@ IDENTITY_ATTRIBUTES: tuple[tuple[str, int], ...] = (
 #: Attributes all sources must agree on: outputs never mix patients or studies.
 _MUST_AGREE = ("StudyInstanceUID", "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
                "PatientSex")
+#: Attributes where one source leaving the value empty does not make it another patient.
+_EMPTY_AGREES = ("PatientBirthDate", "PatientSex")
+
+
+def _comparable(keyword: str, value: object) -> str:
+    text = str(value if value is not None else "").strip()
+    if keyword == "PatientName":
+        # "DOE^JOHN" and "DOE^JOHN^^^" are one name: empty trailing components and groups are optional.
+        text = "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("= ")
+    return text
 
 
 def check_one_study(sources: Sequence[Dataset]) -> None:
-    """Raise ``ValueError`` naming the attribute if `sources` span more than one study or patient."""
+    """Raise ``ValueError`` naming the attribute if `sources` span more than one study or patient.
+
+    Values are compared as a reader would: a person name's empty trailing components, and a birth date or
+    sex that one source leaves empty, do not tell two patients apart."""
     if not sources:
         raise ValueError("no source datasets given")
     first = sources[0]
     for keyword in _MUST_AGREE:
-        values = {str(ds.get(keyword, "")) for ds in sources}
+        values = {_comparable(keyword, ds.get(keyword, "")) for ds in sources}
+        if keyword in _EMPTY_AGREES:
+            values.discard("")
         if len(values) > 1:
             raise ValueError(
                 f"sources disagree on {keyword}: {sorted(values)!r}; outputs are built for one patient and study "

@@ -213,6 +213,15 @@ def test_retention_removes_files_of_delivered_studies_but_remembers_outputs(
     assert node.scheduler.purge() == 0  # nothing left to remove
     assert node.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 0
     assert all(node.db.is_known_output(r["sop_instance_uid"]) for r in node.db.query("SELECT * FROM outputs"))
+    # A later view of the study: analysed alone (the first image is gone), so its report stands beside the
+    # first one instead of naming it as the report it replaces.
+    storescu(make_study(tmp_path / "in", "retention", images=1, first_instance=2), node.scp.port)
+
+    def srs() -> list[dict[str, Any]]:
+        return [t for t in orthanc.study_instances(study_uid) if t["Modality"] == "SR"]
+
+    wait_for(lambda: len(srs()) == 2, 60, what="the later view's SR")
+    assert not any("PredecessorDocumentsSequence" in t for t in srs())
 
 
 def test_stable_age_rule_waits_for_quiet_then_analyses(node_factory, orthanc: Orthanc, tmp_path: Path) -> None:

@@ -219,6 +219,37 @@ def test_a_known_instance_uid_in_another_study_is_refused_and_the_first_study_ke
     assert _store(scp.port, pydicom.dcmread(first)).Status == 0
 
 
+def test_a_new_instance_of_another_patient_in_a_study_is_refused_and_a_corrected_resend_reopens_it(
+        scp: StorageSCP, tmp_path: Path) -> None:
+    """A misfiled image (or, after retention forgot a study's instances, a reused Study UID) would put two
+    patients in one study: in its outputs, or as the predecessor of another patient's report."""
+    first, second = make_study(tmp_path / "a", "mixed", images=2)
+    storescu([first], scp.port)
+    study_uid = str(pydicom.dcmread(first).StudyInstanceUID)
+    misfiled = pydicom.dcmread(second)
+    misfiled.PatientID, misfiled.PatientName = "SOMEONE-ELSE", "ELSE^SOMEONE"
+    status = _store(scp.port, misfiled)
+    assert status.Status == CANNOT_UNDERSTAND
+    assert status.ErrorComment.startswith("PatientID differs from that of the instances of study")
+    assert scp.db.study(study_uid)["instance_count"] == 1
+    assert not any("SOMEONE" in str(pydicom.dcmread(p).PatientID) for p in (tmp_path / "data").rglob("*.dcm"))
+    assert "SOMEONE" not in str(scp.db.query("SELECT * FROM instances")) + str(scp.db.query("SELECT * FROM studies"))
+    assert _store(scp.port, pydicom.dcmread(second)).Status == 0  # the study's own patient: taken
+    # The sender corrects the patient of the whole study: the re-sent instances are taken, the study re-opens.
+    assert scp.db.mark_complete(study_uid)
+    generation = scp.db.claim_study(study_uid)  # being analysed when the correction arrives
+    assert generation is not None
+    for path in (first, second):
+        corrected = pydicom.dcmread(path)
+        corrected.PatientID = "CORRECTED-1"
+        assert _store(scp.port, corrected).Status == 0
+    study = scp.db.study(study_uid)
+    assert study["state"] == "received" and study["generation"] > generation and study["instance_count"] == 2
+    # Retention forgets the instances, not the study's patient.
+    scp.db.forget_instances(study_uid)
+    assert _store(scp.port, pydicom.dcmread(second)).Status == CANNOT_UNDERSTAND  # the old identity now
+
+
 @pytest.mark.parametrize("study_uid", ["hello/world?x#y", "../../../../tmp/pwned", "1.2.3.4.700.é", "1." + "2" * 70])
 def test_a_study_uid_that_is_not_a_uid_is_refused(scp: StorageSCP, tmp_path: Path, study_uid: str) -> None:
     ds = pydicom.dcmread(make_study(tmp_path / "in", "baduid", images=1)[0])

@@ -723,3 +723,23 @@ def test_private_codes_are_valid_and_each_value_means_one_thing():
         assert 0 < len(code.meaning) <= 64  # CodeMeaning is LO
     assert len(meanings) >= 10
     assert all(len(m) == 1 for m in meanings.values()), {v: m for v, m in meanings.items() if len(m) > 1}
+
+
+def test_one_patient_check_tells_patients_apart_but_not_spellings_of_one():
+    from pydicom.dataset import Dataset
+
+    from reports.common import check_one_study
+
+    def source(**kw):
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.PatientID, ds.PatientName = "1.2.3", "P1", "DOE^JOHN"
+        ds.PatientBirthDate, ds.PatientSex = "19600101", "M"
+        for k, v in kw.items():
+            setattr(ds, k, v)
+        return ds
+
+    check_one_study([source(), source(PatientName="DOE^JOHN^^^"), source(PatientSex=""), source(PatientBirthDate="")])
+    for change in ({"PatientID": "P2"}, {"PatientName": "DOE^JANE"}, {"PatientSex": "F"},
+                   {"PatientBirthDate": "19610101"}, {"StudyInstanceUID": "1.2.4"}):
+        with pytest.raises(ValueError, match=f"sources disagree on {next(iter(change))}"):
+            check_one_study([source(), source(**change)])
