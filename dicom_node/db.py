@@ -1148,14 +1148,16 @@ class Database:
     def purge_outputs(self, created_before: float) -> list[str]:
         """Mark outputs of settled studies older than the cut-off purged; returns their file paths.
 
-        The rows stay so that an output coming back from PACS is still recognised as the node's own.
+        An output some destination has not received (its delivery failed) is kept: `dicom-node retry` must
+        still find it. The rows stay so that an output coming back from PACS is still recognised as the
+        node's own.
         """
         with self.tx() as db:
             rows = db.execute(
                 "SELECT o.sop_instance_uid, o.path FROM outputs o JOIN studies s ON s.study_instance_uid ="
                 " o.study_instance_uid WHERE o.purged_at IS NULL AND o.created_at < ? AND s.state IN"
                 " ('delivered', 'failed') AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE"
-                " d.output_sop_instance_uid = o.sop_instance_uid AND d.state IN ('pending', 'sending'))",
+                " d.output_sop_instance_uid = o.sop_instance_uid AND d.state != 'delivered')",
                 (created_before,),
             ).fetchall()
             now = time.time()

@@ -240,6 +240,18 @@ def test_a_study_whose_instances_are_purged_is_not_offered_to_retention_again(db
     assert db.purgeable_studies(time.time() + 1) == []
 
 
+def test_outputs_whose_delivery_failed_are_kept_for_retry(db: Database) -> None:
+    import time
+
+    _, delivery = _job_with_delivery(db)
+    db.mark_sending([delivery])
+    db.mark_failed(delivery, "PACS down for hours", None)
+    db.settle_delivered_studies()
+    assert db.study("1.2.3")["state"] == "failed"
+    assert db.purge_outputs(time.time() + 1) == []
+    assert db.requeue_failed() == 1
+
+
 def test_connections_of_finished_threads_are_closed(db: Database) -> None:
     def use() -> None:
         db.study_counts()
