@@ -97,6 +97,10 @@ class Analyser:
         self.registry = registry
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
+        #: Cleared while `warm_up` loads the models: no study is claimed meanwhile, so a node killed while
+        #: loading (a restart loop) leaves no study `analysing` to be counted as interrupted by it.
+        self.ready = threading.Event()
+        self.ready.set()
 
     def get(self, name: str) -> Any:
         """The analysis called `name`; PipelineError if it does not exist."""
@@ -112,13 +116,17 @@ class Analyser:
         """Build each analysis and load its models now (not at the first study); returns name -> problem
         for those that cannot run (one line each), and logs the outcome."""
         problems: dict[str, str] = {}
-        for name in dict.fromkeys(names):
-            try:
-                models = self.get(name).models()
-                log.info("analysis %s ready (%s)", name, ", ".join(f"{m.name} {m.version}" for m in models) or "no models")
-            except Exception as exc:  # noqa: BLE001 - reported, studies routed to it will fail with the reason
-                problems[name] = describe(exc)
-                log.warning("analysis %s cannot run: %s", name, problems[name])
+        self.ready.clear()
+        try:
+            for name in dict.fromkeys(names):
+                try:
+                    models = self.get(name).models()
+                    log.info("analysis %s ready (%s)", name, ", ".join(f"{m.name} {m.version}" for m in models) or "no models")
+                except Exception as exc:  # noqa: BLE001 - reported, studies routed to it will fail with the reason
+                    problems[name] = describe(exc)
+                    log.warning("analysis %s cannot run: %s", name, problems[name])
+        finally:
+            self.ready.set()
         return problems
 
     def run(self, name: str, datasets: Sequence[Dataset]) -> Any:
@@ -180,7 +188,10 @@ class Pipeline:
                         institution_name=self.settings.producer.institution_name)
 
     def process_pending(self, limit: int = 50) -> int:
-        """Process complete studies (oldest first); returns how many were processed."""
+        """Process complete studies (oldest first); returns how many were processed (none while the models
+        are still loading: see `Analyser.ready`)."""
+        if not self.analyser.ready.is_set():
+            return 0
         n = 0
         for uid in self.db.complete_studies(limit):
             if self.process_study(uid) is not None:

@@ -74,13 +74,19 @@ class NodeService:
         cleaned = self.store.clean_tmp()
         if any(recovered.values()) or cleaned:
             log.info("recovered after restart: %s, %d temporary file(s) removed", recovered, cleaned)
+        self.analyser.ready.clear()  # no study is claimed until the warm-up below has loaded the models
         self.scheduler.start()
         self.scp.start()
         # Load the models in the background: the node listens at once, the first study does not pay for it.
         names = self.routed_analyses()
         for name in names:
             self.analyser.status.setdefault(name, "loading")
-        threading.Thread(target=self.analyser.warm_up, args=(names,), name="warm-up", daemon=True).start()
+
+        def warm_up() -> None:
+            self.analyser.warm_up(names)
+            self.scheduler.wake("pipeline")  # studies that arrived while loading
+
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         if self.settings.http.enabled:
             self._start_http()
 

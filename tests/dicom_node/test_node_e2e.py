@@ -376,3 +376,19 @@ def test_models_are_loaded_at_start_and_missing_ones_reported(node_factory, capl
     problems = node.analyser.warm_up(["no-such-analysis"])
     assert "unknown analysis 'no-such-analysis'" in problems["no-such-analysis"]
     assert "analysis no-such-analysis cannot run" in caplog.text
+
+
+def test_no_study_is_claimed_while_the_models_load(node_factory, tmp_path: Path) -> None:
+    """A node killed while loading its models (a restart loop) must not leave a study `analysing`: the
+    restart would count it as an analysis the node died during, and the third would fail it."""
+    node = node_factory()
+    wait_for(node.analyser.ready.is_set, 30, what="start-up warm-up done")
+    node.analyser.ready.clear()  # as while the warm-up loads
+    files = make_study(tmp_path / "in", "loading", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "complete", 30, what="study complete")
+    assert stays(lambda: node.db.study(study_uid)["state"] == "complete", 1.5)
+    node.analyser.ready.set()
+    node.scheduler.wake("pipeline")
+    wait_for(lambda: node.db.study(study_uid)["state"] in ("encoded", "delivered"), 30, what="study analysed")
