@@ -288,6 +288,10 @@ def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
 #: enormous image) is failed at the next start instead of being run again: a restart loop would never end.
 MAX_INTERRUPTED_ANALYSES = 3
 
+#: Work a failed write left half-done (a study `analysing`, a delivery `sending`, with nothing working on it:
+#: a full disk) is taken up again after this long, not only at the next start.
+STRANDED_RETRY_S = 60.0
+
 
 @dataclass(frozen=True)
 class InstanceRecord:
@@ -846,6 +850,32 @@ class Database:
             return cur.rowcount
 
     # ---------------------------------------------------------------------------------- recovery
+
+    def release_stranded_studies(self, claimed_before: float) -> int:
+        """Studies left `analysing` by a pipeline step whose last database write failed (a full disk) ->
+        `complete` again; returns how many.  Called only when no analysis is under way in this process, with
+        a cut-off that spaces out attempts while the disk is still full."""
+        with self.tx() as db:
+            return db.execute(
+                "UPDATE studies SET state = 'complete', updated_at = ? WHERE state = 'analysing' AND updated_at < ?",
+                (time.time(), claimed_before),
+            ).rowcount
+
+    def release_stranded_deliveries(self, destination: str, marked_before: float) -> int:
+        """Deliveries to `destination` left `sending` by a send whose outcome could not be recorded ->
+        `pending` (sent again; the PACS replaces what it has); returns how many.  Called only between
+        batches of that destination."""
+        now = time.time()
+        with self.tx() as db:
+            return db.execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, updated_at = ? WHERE destination = ?"
+                " AND state = 'sending' AND updated_at < ?", (now, now, destination, marked_before),
+            ).rowcount
+
+    def note_study(self, study_instance_uid: str, reason: str) -> None:
+        """Say why a study waits (shown by status), without touching its state or times."""
+        with self.tx() as db:
+            db.execute("UPDATE studies SET reason = ? WHERE study_instance_uid = ?", (reason, study_instance_uid))
 
     def recover(self) -> dict[str, int]:
         """After a crash: interrupted work goes back one step so it is redone exactly once; a study whose

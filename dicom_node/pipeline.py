@@ -22,7 +22,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.db import ENCODED, FAILED, UNROUTED, Database
+from dicom_node.db import ANALYSING, ENCODED, FAILED, STRANDED_RETRY_S, UNROUTED, Database
 from dicom_node.errors import NodeError, PipelineError, StorageError, redact, redact_all
 from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
@@ -192,6 +192,9 @@ class Pipeline:
         are still loading: see `Analyser.ready`)."""
         if not self.analyser.ready.is_set():
             return 0
+        # The pipeline job runs alone: a study `analysing` now is one a failed write left behind.
+        if released := self.db.release_stranded_studies(time.time() - STRANDED_RETRY_S):
+            log.info("%d study(ies) left analysing by a failed write taken up again", released)
         n = 0
         for uid in self.db.complete_studies(limit):
             if self.process_study(uid) is not None:
@@ -224,7 +227,14 @@ class Pipeline:
             for name in match.rule.analyses:
                 try:
                     self._run_job(study_uid, generation, match, name, by_uid)
-                except (PipelineError, StorageError) as exc:
+                except StorageError as exc:
+                    # The outputs could not be written (a full or read-only disk): not the study's fault. It
+                    # stays claimed, and `process_pending` takes it up again after STRANDED_RETRY_S.
+                    reason = f"waiting to retry: {name}: {exc}"
+                    log.warning("study %s: %s (again in %.0f s)", study_uid, reason, STRANDED_RETRY_S)
+                    self.db.note_study(study_uid, reason)
+                    return ANALYSING
+                except PipelineError as exc:
                     failures.append(f"{name}: {exc}")
                     # A model or encoder crash (not a failure the node reports on purpose) needs its traceback
                     # for a bug report; the log formatter redacts the values its messages quote.

@@ -25,7 +25,7 @@ import pydicom
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.db import Database
+from dicom_node.db import STRANDED_RETRY_S, Database
 from dicom_node.errors import redact
 from dicom_node.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, set_tcp_nodelay
 from dicom_node.settings import DeliverySettings, Destination, Settings
@@ -232,6 +232,9 @@ class Sender:
     def deliver_due(self, dest: Destination, now: float | None = None) -> int:
         """Send one batch of due deliveries to `dest`; returns how many were attempted."""
         now = time.time() if now is None else now
+        # This destination's job runs alone: a row `sending` now is one whose outcome a failed write lost.
+        if released := self.db.release_stranded_deliveries(dest.name, time.time() - STRANDED_RETRY_S):
+            log.info("%s: %d delivery(ies) left sending by a failed write queued again", dest.name, released)
         rows = self.db.due_deliveries(dest.name, now, dest.batch_size)
         if not rows:
             return 0

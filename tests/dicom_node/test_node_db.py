@@ -286,3 +286,19 @@ def test_a_commit_that_fails_leaves_no_transaction_open(db: Database) -> None:
                          " next_attempt_at, created_at, updated_at) VALUES ('9.9', 'pacs', '1.2.3', 'pending', 0, 0, 0)")
     assert not db.db.conn.in_transaction
     assert db.record_instance(rec("1.1"))  # the next write transaction starts
+
+
+def test_work_a_failed_write_left_half_done_is_released_after_the_wait(db: Database) -> None:
+    import time
+
+    _, delivery = _job_with_delivery(db)
+    db.mark_sending([delivery])  # ... and recording the outcome failed
+    assert db.release_stranded_deliveries("pacs", time.time() - 60) == 0  # too recent: spaced out
+    assert db.release_stranded_deliveries("other", time.time() + 1) == 0  # another destination's queue
+    assert db.release_stranded_deliveries("pacs", time.time() + 1) == 1
+    assert db.one("SELECT state FROM deliveries")["state"] == "pending"
+    db.record_instance(rec("7.1", study="7.7"))
+    assert db.mark_complete("7.7") and db.claim_study("7.7") is not None  # ... and finishing it failed
+    assert db.release_stranded_studies(time.time() - 60) == 0
+    assert db.release_stranded_studies(time.time() + 1) == 1
+    assert db.study("7.7")["state"] == "complete"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -392,3 +393,33 @@ def test_no_study_is_claimed_while_the_models_load(node_factory, tmp_path: Path)
     node.analyser.ready.set()
     node.scheduler.wake("pipeline")
     wait_for(lambda: node.db.study(study_uid)["state"] in ("encoded", "delivered"), 30, what="study analysed")
+
+
+def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_factory, orthanc: Orthanc,
+                                                                           tmp_path: Path, monkeypatch) -> None:
+    """A full disk while the outputs are written is not the study's fault: it waits (with the reason in
+    status) and is taken up again, instead of failing for good."""
+    from dicom_node import pipeline
+    from dicom_node.errors import StorageError
+
+    monkeypatch.setattr(pipeline, "STRANDED_RETRY_S", 0.5)
+    node = node_factory(destinations=[pacs_destination(orthanc)])
+    write = node.store.write_atomic
+    disk_full = threading.Event()
+    disk_full.set()
+
+    def write_outputs(path: Path, chunks: Any) -> int:
+        if disk_full.is_set() and node.store.outputs in path.parents:
+            raise StorageError(f"cannot write {path.name}: No space left on device")
+        return write(path, chunks)
+
+    monkeypatch.setattr(node.store, "write_atomic", write_outputs)
+    files = make_study(tmp_path / "in", "diskfull", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: "waiting to retry" in (node.db.study(study_uid)["reason"] or ""), 30, what="study waiting")
+    assert node.db.study(study_uid)["state"] == "analysing"
+    assert "No space left on device" in node.db.study(study_uid)["reason"]
+    disk_full.clear()
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered once there is room")
+    assert node.db.study(study_uid)["reason"] is None
