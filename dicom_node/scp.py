@@ -210,10 +210,16 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
-        """Stop listening and abort open associations."""
+        """Stop listening and abort open associations (a sender resends what it has no answer for; what
+        was answered is stored): an idle sender would otherwise hold the stop for its whole timeout."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            open_now = list(server.active_associations)
+            server.shutdown()
+            for assoc in open_now:
+                assoc.abort()
+            for assoc in open_now:
+                assoc.join(timeout=10)
 
     @property
     def active_associations(self) -> list[Any]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,10 @@ def _association_failure(assoc: Any, dest: Destination, connected: bool = True) 
     return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
 
 
-def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy: DeliverySettings) -> list[ItemResult]:
-    """Send `items` on one association; one result per item (never raises for network trouble)."""
+def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy: DeliverySettings, *,
+               on_association: Callable[[Any, bool], None] | None = None) -> list[ItemResult]:
+    """Send `items` on one association; one result per item (never raises for network trouble).
+    `on_association(assoc, open)` is told when the association is up and when it is done (see `Sender.stop`)."""
     if not items:
         return []
     ae = _make_ae(calling_ae, policy)
@@ -159,6 +162,8 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
         return [ItemResult(i.key, outcome, None, message) for i in items]
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     results: list[ItemResult] = []
+    if on_association is not None:
+        on_association(assoc, True)
     try:
         for n, item in enumerate(items):
             if not assoc.is_established:
@@ -195,6 +200,8 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
             msg = f"status 0x{int(status):04X}" + (f" ({comment})" if comment else "") + f" from {dest.address}"
             results.append(ItemResult(item.key, outcome, int(status), msg))
     finally:
+        if on_association is not None:
+            on_association(assoc, False)
         if assoc.is_established:
             assoc.release()
     return results
@@ -221,6 +228,14 @@ def echo(calling_ae: str, dest: Destination, policy: DeliverySettings) -> tuple[
             assoc.release()
 
 
+def _abort(assoc: Any) -> None:
+    """Abort an association another thread may be sending on.  pynetdicom wakes a C-STORE waiting for its
+    response when the peer aborts, not when we do: the (None, None) "no message" item ends that wait now
+    rather than at the DIMSE timeout."""
+    assoc.abort()
+    assoc.dimse.msg_queue.put((None, None))
+
+
 class Sender:
     """Drains the delivery queue of each destination."""
 
@@ -228,9 +243,32 @@ class Sender:
         self.settings = settings
         self.db = db
         self.rng = rng or random.Random()
+        self._stopping = threading.Event()
+        self._open: set[Any] = set()  # associations sending right now
+        self._open_lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Send nothing more and abort the batches under way (their unconfirmed outputs stay queued): a
+        stalled PACS would otherwise hold the node's stop for the whole DIMSE timeout."""
+        self._stopping.set()
+        with self._open_lock:
+            open_now = list(self._open)
+        for assoc in open_now:
+            _abort(assoc)
+
+    def _track(self, assoc: Any, is_open: bool) -> None:
+        with self._open_lock:
+            if is_open:
+                self._open.add(assoc)
+            else:
+                self._open.discard(assoc)
+        if is_open and self._stopping.is_set():
+            _abort(assoc)  # stop() came between the association and its registration
 
     def deliver_due(self, dest: Destination, now: float | None = None) -> int:
         """Send one batch of due deliveries to `dest`; returns how many were attempted."""
+        if self._stopping.is_set():
+            return 0
         now = time.time() if now is None else now
         # This destination's job runs alone: a row `sending` now is one whose outcome a failed write lost.
         if released := self.db.release_stranded_deliveries(dest.name, time.time() - STRANDED_RETRY_S):
@@ -252,7 +290,8 @@ class Sender:
         items = [Item(r, Path(r["path"]), r["sop_class_uid"], r["transfer_syntax_uid"]) for r in batch]
         started = time.monotonic()
         try:
-            results = send_batch(self.settings.node.ae_title, dest, items, self.settings.delivery)
+            results = send_batch(self.settings.node.ae_title, dest, items, self.settings.delivery,
+                                 on_association=self._track)
         except Exception as exc:  # noqa: BLE001 - never leave rows 'sending' until the next restart
             log.exception("%s: sending failed", dest.name)
             message = f"internal error {type(exc).__name__}: {redact(str(exc))}"

@@ -108,6 +108,7 @@ class NodeService:
             self.http.stop()
             self.http = None
         self.scp.stop()
+        self.sender.stop()
         try:
             self.scheduler.stop()
         except Exception:  # noqa: BLE001 - the database must still be closed; the failure is logged

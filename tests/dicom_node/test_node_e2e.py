@@ -423,3 +423,40 @@ def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_
     disk_full.clear()
     wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered once there is room")
     assert node.db.study(study_uid)["reason"] is None
+
+
+def test_stopping_aborts_an_idle_sender_and_a_stalled_delivery_instead_of_waiting_out_their_timeouts(
+        node_factory, tmp_path: Path) -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import Verification
+
+    stalled, give_up = threading.Event(), threading.Event()
+
+    def stall(event: Any) -> int:
+        stalled.set()
+        give_up.wait(90)  # a PACS that never answers
+        return 0
+
+    pacs = AE(ae_title="STALLPACS")
+    pacs.supported_contexts = AllStoragePresentationContexts
+    pacs_port = free_port()
+    server = pacs.start_server(("127.0.0.1", pacs_port), block=False, evt_handlers=[(evt.EVT_C_STORE, stall)])
+    try:
+        node = node_factory(destinations=[{"name": "pacs", "ae_title": "STALLPACS", "host": "127.0.0.1",
+                                           "port": pacs_port}], dimse_timeout_s=120.0, network_timeout_s=120.0)
+        storescu(make_study(tmp_path / "in", "stop", images=1), node.scp.port)
+        assert stalled.wait(60), "no delivery started"
+        modality = AE(ae_title="IDLEMOD")
+        modality.add_requested_context(Verification)
+        idle = modality.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+        assert idle.is_established
+        stopper = threading.Thread(target=node.stop)
+        stopper.start()
+        stopper.join(30)  # the timeouts above are 120 s: a stop that waits for them does not end here
+        assert not stopper.is_alive(), "stop waited for the idle association or the stalled PACS"
+        wait_for(lambda: idle.is_aborted, 10, what="the idle association aborted")
+        # Nothing lost: what the PACS never confirmed is still queued for the next start.
+        assert {r["state"] for r in node.db.query("SELECT state FROM deliveries")} == {"pending"}
+    finally:
+        give_up.set()
+        server.shutdown()
