@@ -408,6 +408,9 @@ class StorageSCP:
             self.store.remove([path])  # the same UID arrived for another study meanwhile
             raise
         except Exception as exc:
+            if held_in is None:
+                # Not acknowledged, and no earlier copy of it lives at this path: nothing else knows the file.
+                self.store.remove([path])
             raise DatabaseError(f"cannot record {ident['SOPInstanceUID']}: {exc}") from exc
         if own:
             log.info("stored our own output %s coming back; it will not be analysed", ident["SOPInstanceUID"])

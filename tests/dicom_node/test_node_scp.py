@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -274,6 +275,24 @@ def test_disk_failure_answers_out_of_resources(scp: StorageSCP, tmp_path: Path) 
     scp.store.tmp.mkdir()
     storescu(files, scp.port)
     assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 1
+
+
+def test_an_instance_the_database_cannot_record_leaves_no_file_but_an_earlier_copy_stays(
+        scp: StorageSCP, tmp_path: Path, monkeypatch) -> None:
+    import sqlite3
+
+    first, second = make_study(tmp_path / "in", "dbfull", images=2)
+    storescu([first], scp.port)
+    held = Path(scp.db.one("SELECT path FROM instances")["path"])
+
+    def full(rec: Any) -> bool:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(scp.db, "record_instance", full)
+    assert _store(scp.port, pydicom.dcmread(second)).Status == 0xA700
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*.dcm")) == [held.name]  # no orphan
+    assert _store(scp.port, pydicom.dcmread(first)).Status == 0xA700  # a re-send of a stored instance
+    assert held.is_file()  # its acknowledged copy is not deleted
 
 
 @pytest.mark.slow
