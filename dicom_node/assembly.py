@@ -2,8 +2,9 @@
 
 Two triggers, both recorded in the database so a restart loses neither:
 
-* the association that delivered a study was *released* (not aborted) and every routing rule that
-  applies to the study says ``complete_on = "association-release"`` (e.g. single radiographs);
+* the association that delivered a study was *released* (not aborted), no other association bringing
+  the same study is still open, and every routing rule that applies to the study says
+  ``complete_on = "association-release"`` (e.g. single radiographs);
 * no new instance arrived for ``assembly.stable_age_s`` (any study, whatever its rules).
 
 An instance arriving after a study was analysed re-opens it (`Database.record_instance`), so it is
@@ -31,6 +32,8 @@ def complete_released(db: Database, settings: Settings) -> list[str]:
                 study = db.study(study_uid)
                 if study is None or study["state"] != "received":
                     continue
+                if db.study_still_arriving(study_uid, assoc["id"]):
+                    continue  # its last association to end completes it (or, if that one aborts, stable age)
                 headers = [InstanceHeaders.from_row(r) for r in db.source_instances(study_uid)]
                 if route(headers, settings.rules).complete_on_release and db.mark_complete(study_uid):
                     completed.append(study_uid)

@@ -500,6 +500,15 @@ class Database:
             (association_id,),
         )]
 
+    def study_still_arriving(self, study_instance_uid: str, except_association: int) -> bool:
+        """True when another association that brought instances of the study is still open (the study is
+        sent over several associations at once: one of them ending does not make it complete)."""
+        return self.one(
+            "SELECT 1 AS x FROM instances i JOIN associations a ON a.id = i.association_id WHERE"
+            " i.study_instance_uid = ? AND a.state = 'open' AND a.id != ? LIMIT 1",
+            (study_instance_uid, except_association),
+        ) is not None
+
     def mark_assembled(self, association_id: int) -> None:
         """Completeness has handled this association."""
         with self.tx() as db:
@@ -715,15 +724,25 @@ class Database:
                        (reason, time.time(), job_id))
 
     def record_outputs(self, job_id: int, summary: dict[str, Any], outputs: Sequence[dict[str, Any]],
-                       deliveries: Sequence[tuple[str, str]]) -> int:
+                       deliveries: Sequence[tuple[str, str]], *, generation: int | None = None) -> int | None:
         """Outputs written + deliveries queued + job `encoded`, in one transaction; returns deliveries added.
 
         `deliveries` are (output SOP Instance UID, destination) pairs; a pair already delivered is not
-        queued again (same deterministic UID = same object).
+        queued again (same deterministic UID = same object).  With `generation` (the study's when the
+        analysis claimed it): if instances arrived since, nothing is recorded, the job is marked superseded
+        and None returned: the study is analysed again with them, and outputs of the older set would only
+        reach the PACS to be replaced.
         """
         now = time.time()
         added = 0
         with self.tx() as db:
+            if generation is not None:
+                row = db.execute("SELECT generation FROM studies WHERE study_instance_uid = ?",
+                                 (outputs[0]["study_instance_uid"] if outputs else "",)).fetchone()
+                if outputs and (row is None or row[0] != generation):
+                    db.execute("UPDATE jobs SET state = 'failed', reason = 'superseded: instances arrived during"
+                               " the analysis', updated_at = ? WHERE id = ?", (now, job_id))
+                    return None
             for out in outputs:
                 db.execute(
                     "INSERT INTO outputs (sop_instance_uid, job_id, study_instance_uid, series_instance_uid,"

@@ -284,7 +284,13 @@ class Pipeline:
         } for f in files]
         # The summary's reasons and notes can quote a decoder's error message, which can quote a header value;
         # the database (and so `status` and the dashboard) keeps no patient data.
-        added = self.db.record_outputs(job["id"], redact_all(result.summary()), rows, pairs)
+        added = self.db.record_outputs(job["id"], redact_all(result.summary()), rows, pairs, generation=generation)
+        if added is None:
+            # Files no recorded output points at are this run's alone (the others equal recorded ones).
+            self.store.remove([f.path for f in files if not self.db.is_known_output(f.sop_instance_uid)])
+            log.info("study %s: %s superseded, instances arrived during the analysis; analysed again with them",
+                     study_uid, name)
+            return
         log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
 
     def _predecessor(self, study_uid: str, analysis: str, job_id: int) -> Any:

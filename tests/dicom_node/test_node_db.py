@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -302,3 +303,38 @@ def test_work_a_failed_write_left_half_done_is_released_after_the_wait(db: Datab
     assert db.release_stranded_studies(time.time() - 60) == 0
     assert db.release_stranded_studies(time.time() + 1) == 1
     assert db.study("7.7")["state"] == "complete"
+
+
+def test_outputs_of_an_analysis_overtaken_by_new_instances_are_not_recorded_or_sent(db: Database) -> None:
+    db.record_instance(rec("1.1"))
+    db.mark_complete("1.2.3")
+    gen = db.claim_study("1.2.3")
+    job = db.start_job("1.2.3", "a", "r", "key", gen)
+    db.record_instance(rec("1.2"))  # a second view arrives while the first is analysed
+    out = {"sop_instance_uid": "5.5", "study_instance_uid": "1.2.3", "series_instance_uid": "5", "sop_class_uid": "x",
+           "transfer_syntax_uid": "y", "kind": "sr", "variant": "any", "path": "/o/5.5.dcm", "size": 1}
+    assert db.record_outputs(job["id"], {"analysis": "a"}, [out], [("5.5", "pacs")], generation=gen) is None
+    assert db.query("SELECT * FROM outputs") == [] and db.query("SELECT * FROM deliveries") == []
+    assert db.one("SELECT state, reason FROM jobs") == {"state": "failed",
+                                                        "reason": "superseded: instances arrived during the analysis"}
+    assert db.study("1.2.3")["state"] == "received"
+
+
+def test_a_study_sent_over_two_associations_at_once_completes_when_the_last_one_ends(tmp_path: Path) -> None:
+    from nodekit import node_config, settings_from
+
+    from dicom_node.assembly import complete_released
+
+    db = Database(tmp_path / "node.sqlite")
+    settings = settings_from(node_config(tmp_path / "data", 11112))
+    a = db.open_association("MODA", "AINODE", "127.0.0.1", 1)
+    b = db.open_association("MODB", "AINODE", "127.0.0.1", 2)
+    body = {"modality": "DX", "body_part_examined": "SPINE"}
+    db.record_instance(dataclasses.replace(rec("1.1", assoc=a), **body))
+    db.record_instance(dataclasses.replace(rec("1.2", assoc=b), **body))
+    db.end_association(a, "released")
+    assert complete_released(db, settings) == []  # b still sends to it
+    assert db.study("1.2.3")["state"] == "received"
+    db.end_association(b, "released")
+    assert complete_released(db, settings) == ["1.2.3"]
+    db.close()
