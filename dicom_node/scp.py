@@ -299,6 +299,12 @@ class StorageSCP:
         # association recorded as aborted).
         if _fsm_state(event.assoc) == "Sta13":
             return
+        assoc = event.assoc
+        if assoc.requestor.primitive is None and not assoc.is_established:
+            # Closed before any A-ASSOCIATE-RQ (a port probe, a load balancer's health check): pynetdicom
+            # would keep the slot until acse_timeout_s, so probes at one a second lock every sender out.
+            # "Nothing arrived" wakes its wait for the request now.
+            assoc.dul.to_user_queue.put(None)
         self._end(event, "aborted")
 
     # ----------------------------------------------------------------------------------- services

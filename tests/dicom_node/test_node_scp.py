@@ -416,6 +416,15 @@ def test_association_limit_rejects_transiently(scp: StorageSCP) -> None:
     assert echoscu(scp.port).returncode == 0
 
 
+@pytest.mark.parametrize("scp", [{"max_associations": 2, "acse_timeout_s": 120.0}], indirect=True)
+def test_connections_closed_before_associating_free_their_slots_at_once(scp: StorageSCP) -> None:
+    """Port probes and load-balancer health checks (connect, close): each held a slot for acse_timeout_s."""
+    for _ in range(10):
+        socket.create_connection(("127.0.0.1", scp.port)).close()
+    wait_for(lambda: not scp.active_associations, 10, what="the probes' slots freed")
+    assert echoscu(scp.port).returncode == 0
+
+
 def test_fast_polling_while_storing_relaxed_when_idle(scp: StorageSCP, tmp_path: Path) -> None:
     import time
 
