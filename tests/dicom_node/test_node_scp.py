@@ -506,7 +506,8 @@ def test_a_released_association_is_recorded_released_whichever_event_comes_first
     def event(state: str) -> SimpleNamespace:
         aid = scp.db.open_association("MODALITY", "AINODE", "127.0.0.1", 104)
         dul = SimpleNamespace(state_machine=SimpleNamespace(current_state=state))
-        return SimpleNamespace(assoc=SimpleNamespace(node_association_id=aid, dul=dul))
+        return SimpleNamespace(assoc=SimpleNamespace(node_association_id=aid, dul=dul, is_established=True,
+                                                     requestor=SimpleNamespace(primitive=object())))
 
     def state(ev: SimpleNamespace) -> str:
         return scp.db.one("SELECT state FROM associations WHERE id = ?", (ev.assoc.node_association_id,))["state"]
