@@ -162,6 +162,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -257,6 +258,21 @@ class StorageSCP:
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and the peer has
         # closed, otherwise the connection is shut down before the rejection is sent.
         event.assoc.kill()
+
+    def _on_rejected(self, event: Any) -> None:
+        """pynetdicom's own rejections (the association limit, a wrong called AE title, no acceptable
+        presentation context), recorded like the node's so the audit and /metrics show senders turned away
+        (`_on_requested` records those it rejects itself)."""
+        calling, host, port = self._peer(event.assoc)
+        called = str(event.assoc.requestor.primitive.called_ae_title or "").strip()
+        rj = event.assoc.acceptor.primitive
+        reason = _REJECT_REASONS.get((rj.result_source, rj.diagnostic), f"rejected (source {rj.result_source},"
+                                     f" diagnostic {rj.diagnostic})") if rj is not None else "rejected"
+        log.warning("association from %s (%s) rejected: %s", calling, host, reason)
+        try:
+            self.db.record_rejected_association(calling, called, host, port, reason)
+        except Exception:  # noqa: BLE001 - auditing must not stop the rejection
+            log.exception("could not record the rejected association")
 
     def _on_established(self, event: Any) -> None:
         calling, host, port = self._peer(event.assoc)
@@ -427,6 +443,18 @@ class StorageSCP:
             return True
         manufacturer, model = self._producer
         return _text(ds, "Manufacturer") == manufacturer and _text(ds, "ManufacturerModelName") == model
+
+
+#: PS3.8 9.3.4 (result source, diagnostic) of the rejections pynetdicom makes itself.
+_REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded (max_associations)",
+}
 
 
 def _same_host(expected: str, actual: str) -> bool:

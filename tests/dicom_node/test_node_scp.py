@@ -395,6 +395,8 @@ def test_file_meta_matches_pydicom(calling: str) -> None:
 def test_wrong_called_ae_is_rejected(scp: StorageSCP) -> None:
     proc = echoscu(scp.port, called="SOMEONEELSE")
     assert proc.returncode != 0 and "Called AE Title Not Recognized" in proc.stderr, proc.stderr
+    row = wait_for(lambda: scp.db.one("SELECT * FROM associations WHERE state = 'rejected'"), 5, what="recorded")
+    assert row["called_ae"] == "SOMEONEELSE" and row["reason"] == "called AE title not recognised"
 
 
 @pytest.mark.parametrize("scp", [{"max_associations": 1}], indirect=True)
@@ -411,6 +413,10 @@ def test_association_limit_rejects_transiently(scp: StorageSCP) -> None:
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, local limit exceeded
+        # Recorded, so the audit trail and /metrics show senders turned away.
+        row = wait_for(lambda: scp.db.one("SELECT * FROM associations WHERE state = 'rejected'"), 5,
+                       what="the rejection recorded")
+        assert row["calling_ae"] == "SECOND" and "local limit exceeded" in row["reason"]
     finally:
         held.release()
     assert echoscu(scp.port).returncode == 0
