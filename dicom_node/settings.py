@@ -610,6 +610,8 @@ def warnings_for(settings: Settings, available_analyses: Sequence[str]) -> list[
         out.append(f"peers.accept_any: any calling AE may store to {settings.node.bind_host}:{settings.node.port}")
     if not settings.peers.accept_any and not settings.peers.allow:
         out.append("peers.allow: empty and accept_any is false, so every association will be rejected")
+    if not settings.rules:
+        out.append("rules: none; every study is stored and recorded 'unrouted', none is analysed")
     for i, rule in enumerate(settings.rules):
         for name in rule.analyses:
             if name not in available_analyses:

@@ -100,6 +100,8 @@ def test_warnings_for_risky_but_valid_settings() -> None:
                   "rules": [{"name": "r", "analyses": ["nope"], "match": [{"modality": ["DX"]}]}]})
     text = "\n".join(warnings_for(s, ["other"]))
     assert "accept_any" in text and "'nope' is not installed" in text and "destinations: none" in text
+    assert "rules: none" not in text
+    assert "rules: none; every study is stored and recorded 'unrouted'" in "\n".join(warnings_for(validate({}), []))
 
 
 @pytest.mark.parametrize("example", sorted((REPO / "config" / "examples").glob("*.toml")), ids=lambda p: p.name)
