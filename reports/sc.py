@@ -234,8 +234,17 @@ def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts, drawin
         lines.append(_Line(_vertebrae_text(ordered), fonts.body, PANEL_TEXT, gap_before=0.6))
     lines.append(_Line("Key", fonts.body, MUTED_TEXT, gap_before=0.6))
     if ordered:
-        lines.append(_Line("vertebra outline (colour by level)", fonts.small, PANEL_TEXT,
-                           swatch=style.vertebra_colour(ordered[0].vertebra)))
+        # The key says what the drawing shows: one grey when no level is named (the sacrum aside).
+        bodies = [o.vertebra for o in ordered if o.vertebra.level != "S1"] or [ordered[0].vertebra]
+        if any(v.level is not None for v in bodies):
+            lines.append(_Line("vertebra outline (colour by level)", fonts.small, PANEL_TEXT,
+                               swatch=style.vertebra_colour(next(v for v in bodies if v.level is not None))))
+        else:
+            lines.append(_Line("vertebra outline (no level named)", fonts.small, PANEL_TEXT,
+                               swatch=style.UNKNOWN_LEVEL_COLOUR))
+        if any(o.vertebra.level == "S1" for o in ordered):
+            sacrum = next(o.vertebra for o in ordered if o.vertebra.level == "S1")
+            lines.append(_Line("sacrum outline", fonts.small, PANEL_TEXT, swatch=style.vertebra_colour(sacrum)))
     for kind in ImplantKind:
         count = sum(1 for i in image.implants if i.kind is kind)
         if count:
@@ -286,10 +295,15 @@ def _stroke(font: ImageFont.FreeTypeFont) -> int:
 
 
 def _clear_of(draw: ImageDraw.ImageDraw, xy: tuple[float, float], label: annotations.Label, font: ImageFont.FreeTypeFont,
-              detail_font: ImageFont.FreeTypeFont, anchor: str, taken: list[tuple[float, float, float, float]]) -> float:
-    """The row at which `label` (and its detail line) overlaps no label drawn before it, moving it down from
-    `xy` (two detections a few pixels apart would print their names on top of each other); the box it will
-    occupy is added to `taken`."""
+              detail_font: ImageFont.FreeTypeFont, anchor: str, taken: list[tuple[float, float, float, float]],
+              bounds: tuple[float, float]) -> float:
+    """The row nearest `xy`'s at which `label` (and its detail line) overlaps no label drawn before it and stays
+    between the canvas rows `bounds` (the image); the box it will occupy is added to `taken`.
+
+    Two detections a few pixels apart printed their names on top of each other; pushing each clash downwards
+    then slid a run of labels beside the wrong vertebrae and off the bottom of the image (a radiologist's
+    review, 2026-12-07): the nearest free row, above or below, keeps every label as close to its own
+    structure as the others allow."""
     x, y = xy
 
     def box_at(row: float) -> tuple[float, float, float, float]:
@@ -302,15 +316,27 @@ def _clear_of(draw: ImageDraw.ImageDraw, xy: tuple[float, float], label: annotat
             x0, y0, x1, y1 = min(x0, d[0]), min(y0, d[1]), max(x1, d[2]), max(y1, d[3])
         return x0, y0, x1, y1
 
+    def clear(box: tuple[float, float, float, float]) -> bool:
+        return not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken)
+
     box = box_at(y)
-    for _ in range(len(taken) + 1):
-        hit = next((b for b in taken if box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]), None)
-        if hit is None:
+    top, bottom = bounds
+    # Inside the image first: a label whose structure touches the edge is drawn just inside it.
+    y += max(top - box[1], 0.0) or min(bottom - box[3], 0.0)
+    box = box_at(y)
+    height = box[3] - box[1]
+    step = max(1.0, height / 4)
+    best = y
+    for k in range(int(2 * (bottom - top) / step) + 2):
+        offset = (k + 1) // 2 * step * (1 if k % 2 else -1)  # 0, +s, -s, +2s, -2s, ...
+        candidate = box_at(y + offset)
+        if candidate[1] < top - 0.5 or candidate[3] > bottom + 0.5:
+            continue
+        if clear(candidate):
+            best = y + offset
             break
-        y += hit[3] - box[1] + 1
-        box = box_at(y)
-    taken.append(box)
-    return y
+    taken.append(box_at(best))
+    return best
 
 
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: ImageFont.FreeTypeFont,
@@ -539,7 +565,14 @@ def render(result: StudyResult, image: ImageResult, sources: Sequence[Dataset]) 
             anchor = "lm" if label.align == "left" else "rm"
             if label.detail:
                 y -= font.size * 0.45
-            y = _clear_of(draw, (x, y), label, font, fonts.detail, anchor, taken)
+            wanted = y
+            y = _clear_of(draw, (x, y), label, font, fonts.detail, anchor, taken,
+                          (banner_height, banner_height + height))
+            if abs(y - wanted) > 0.6 * font.size:
+                # Moved away from its structure by other labels: a leader line says which structure it names.
+                ax, ay = rendering.to_canvas(*label.anchor)
+                tip = x - line_unit if label.align == "left" else x + line_unit
+                draw.line([(ax, ay), (tip, y)], fill=label.colour, width=max(1, line_unit // 2))
             _text(draw, (x, y), label.text, font, label.colour, placed, anchor=anchor)
             if label.detail:
                 _text(draw, (x, y + font.size * 0.55), label.detail, fonts.detail, style.ALERT_COLOUR, placed,

@@ -229,6 +229,8 @@ class FractureStep:
         # The six-point stage reads the anterior side itself; the silhouette method needs it given.
         can_grade = self.enabled and inst.view == "LAT" and (inst.anterior_sign is not None or net is not None)
         work.grading_off = not self.enabled
+        if not can_grade:
+            work.notes = [n for n in work.notes if n not in preprocess.HEIGHT_SCALE_NOTES]
         if not self.enabled and bodies:
             work.notes.append(
                 "vertebral heights and fracture grades are switched off for this model version (unreliable in "

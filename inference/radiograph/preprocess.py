@@ -129,6 +129,13 @@ class Radiograph:
     left_sign: int | None = None
 
 
+#: What the header's spacing means for vertebral heights; said only where heights are measured (see
+#: `analysis.FractureStep`): on a frontal view, or with grading switched off, they only puzzle a reader.
+NO_MAGNIFICATION_NOTE = "no magnification factor in the header: heights are at the detector plane (typically 10-20% too large)"
+NO_SPACING_NOTE = "no pixel spacing in the header: heights cannot be given in mm"
+HEIGHT_SCALE_NOTES = (NO_MAGNIFICATION_NOTE, NO_SPACING_NOTE)
+
+
 def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str, tuple[str, ...]]:
     """(row, column) spacing in mm at the patient plane, where it came from, and notes for the reader.
 
@@ -170,11 +177,11 @@ def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str, tuple[s
             ratio = None
         if ratio and 1.0 <= ratio < 3.0:
             return (imager[0] / ratio, imager[1] / ratio), "ImagerPixelSpacing * DistanceSourceToPatient / DistanceSourceToDetector", tuple(notes)
-        notes.append("no magnification factor in the header: heights are at the detector plane (typically 10-20% too large)")
+        notes.append(NO_MAGNIFICATION_NOTE)
         return imager, "ImagerPixelSpacing", tuple(notes)
     if calibrated:
         return calibrated, "PixelSpacing", tuple(notes)
-    notes.append("no pixel spacing in the header: heights cannot be given in mm")
+    notes.append(NO_SPACING_NOTE)
     return None, "none", tuple(notes)
 
 

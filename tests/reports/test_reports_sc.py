@@ -253,6 +253,9 @@ def test_vertebrae_of_unknown_level_are_counted_not_listed(cases):
     text = _panel_text(sc.render(case.result, unnamed, case.sources))
     assert "Vertebrae: 4 found, level unknown: ?1-?4 from the top" in text
     assert "(level unknown)" not in text
+    # The key shows the grey they are drawn in, not a level colour.
+    assert "vertebra outline (no level named)" in text and "colour by level" not in text
+    assert "vertebra outline (colour by level)" in named
     one_unknown = dataclasses.replace(image, vertebrae=(*image.vertebrae[:3], dataclasses.replace(image.vertebrae[3], level=None)))
     text = _panel_text(sc.render(case.result, one_unknown, case.sources))
     assert "Vertebrae: L2, L3, L4; 1 more, level unknown: ?1 from the top" in text
@@ -292,3 +295,26 @@ def test_level_labels_of_detections_a_few_pixels_apart_do_not_overlap(cases):
         for b in on_image[k + 1:]:
             apart = a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
             assert apart, (a, b)
+
+
+def test_crowded_level_labels_stay_on_the_image_and_near_their_vertebrae(cases):
+    """Clashing labels used to be pushed downwards one after another: on a real film "?19" ended beside the
+    twentieth vertebra and "?20" off the bottom of the image."""
+    import dataclasses
+
+    case = cases["lateral-dx"]
+    image = case.result.images[0]
+    rows = image.source.rows
+    last = max(image.vertebrae, key=lambda v: v.centroid[1])
+    shift = rows - 2.0 - last.centroid[1]  # the lowest vertebra at the bottom edge, two more crowded on it
+    crowd = [dataclasses.replace(last, level=None, centroid=(last.centroid[0], last.centroid[1] + shift - d),
+                                 outline=tuple((x, y + shift - d) for x, y in last.outline)) for d in (0.0, 3.0, 6.0)]
+    crowded = dataclasses.replace(image, vertebrae=(*image.vertebrae, *crowd))
+    rendering = sc.render(case.result, crowded, case.sources)
+    bottom = rendering.banner_height + round(rows * rendering.scale)
+    on_image = [t for t in rendering.texts if t.box[2] <= rendering.panel_box[0] and t.box[1] >= rendering.banner_height]
+    assert len(on_image) >= len(crowded.vertebrae)
+    assert all(t.box[3] <= bottom + 1 for t in on_image)
+    for k, a in enumerate(on_image):
+        for b in on_image[k + 1:]:
+            assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1], (a, b)

@@ -74,6 +74,12 @@ def test_lateral_with_grading_switched_off_says_so_and_never_clears(analysis) ->
     # implant-free phantom: its specificity is low, see its model card).
     assert result.verdict.outcome is not ScreeningOutcome.NO_FINDING
     assert any("grading switched off" in r for r in result.verdict.reasons)
+    # No heights, so nothing about the scale heights would have: it only puzzled readers.
+    bare = as_dicom(sample, seed="an-lat-bare")
+    for keyword in ("EstimatedRadiographicMagnificationFactor", "DistanceSourceToDetector", "DistanceSourceToPatient"):
+        del bare[keyword]
+    notes = _run(analysis, bare).images[0].notes
+    assert not any("magnification" in n or "heights cannot be given" in n for n in notes), notes
 
 
 def test_cropped_view_without_sacrum_says_level_unknown(analysis) -> None:  # noqa: ANN001
