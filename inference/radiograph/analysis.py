@@ -371,7 +371,9 @@ def _hardware_step(registry: ModelRegistry) -> HardwareStep | None:
     return None
 
 
-def _combine_hardware(outcomes: Sequence[HardwareOutcome]) -> tuple[HardwareStatus | None, str]:
+def _combine_hardware(outcomes: Sequence[HardwareOutcome], labels: Sequence[str]) -> tuple[HardwareStatus | None, str]:
+    """The study's hardware status and its construct sentence; with several images the sentence says which
+    image it was counted on (a lateral's SC showed the frontal view's counts beside its own key)."""
     if not outcomes:
         return None, ""
     statuses = {o.status for o in outcomes}
@@ -384,14 +386,21 @@ def _combine_hardware(outcomes: Sequence[HardwareOutcome]) -> tuple[HardwareStat
             break
     else:
         chosen = HardwareStatus.NOT_ASSESSABLE
-    texts = [o.instrumentation for o in outcomes if o.instrumentation]
-    frontal = [o.instrumentation for o in outcomes if o.instrumentation and o.view != "LAT"]
-    text = (frontal or texts or [""])[0]
+    labels = [*labels, *[""] * (len(outcomes) - len(labels))]
+    described = [(o, label) for o, label in zip(outcomes, labels, strict=False) if o.instrumentation]
+    frontal = [(o, label) for o, label in described if o.view != "LAT"]
+    if not described:
+        return chosen, ""
+    outcome, label = (frontal or described)[0]
+    text = outcome.instrumentation + (f" (counted on the {label})" if len(outcomes) > 1 and label else "")
     return chosen, text
 
 
-def _hardware_reasons(outcomes: Sequence[HardwareOutcome]) -> list[str]:
-    reasons = [r for o in outcomes if o.status is HardwareStatus.NOT_ASSESSABLE for r in o.reasons]
+def _hardware_reasons(outcomes: Sequence[HardwareOutcome], labels: Sequence[str]) -> list[str]:
+    several = len(outcomes) > 1
+    labels = [*labels, *[""] * (len(outcomes) - len(labels))]
+    reasons = [f"{label}: {r}" if several and label else r for o, label in zip(outcomes, labels, strict=False)
+               if o.status is HardwareStatus.NOT_ASSESSABLE for r in o.reasons]
     judged = (HardwareStatus.INTACT, HardwareStatus.POSSIBLE_COMPLICATION)
     unassessed = list(dict.fromkeys(c for o in outcomes if o.status in judged for c in o.not_assessed))
     if unassessed:
@@ -415,7 +424,9 @@ def combine_verdict(
     reasons: list[str] = []
     # Hardware findings were added to their image's findings by the analysis.
     findings = [f for w in works for f in w.findings]
-    hw_status, instrumentation = _combine_hardware(hardware or ())
+    # One hardware outcome per image, in the images' order.
+    labels = [w.source.label for w in works]
+    hw_status, instrumentation = _combine_hardware(hardware or (), labels)
     for f in findings:
         reasons.append(f.description or f.kind.value)
     graded = [w for w in works if w.graded >= MIN_GRADED_FOR_NO_FINDING]
@@ -449,7 +460,7 @@ def combine_verdict(
     else:
         # Every image whose hardware could not be judged says why, whatever the study's status, and what a
         # judged one was not checked for.
-        reasons.extend(_hardware_reasons(hardware))
+        reasons.extend(_hardware_reasons(hardware, labels))
     reasons.extend(skipped)
     return ScreeningVerdict(outcome=outcome, reasons=tuple(dict.fromkeys(reasons)), hardware=hw_status, instrumentation=instrumentation)
 

@@ -84,6 +84,27 @@ def test_an_intact_verdict_says_what_was_not_checked() -> None:
     assert not any("not assessed by this model" in r for r in clean.reasons)
 
 
+def test_with_two_views_the_construct_and_the_reasons_name_their_image() -> None:
+    """A lateral's SC showed "7 pedicle screws, 2 rods" (the frontal view's count) beside its own key of 3
+    screws and 1 rod, and two different "not assessable" reasons without saying which image gave which."""
+    import dataclasses
+
+    ap, lat = _work("AP", 0), _work("LAT", 0)
+    ap.source = dataclasses.replace(ap.source, series_number=1, instance_number=1)
+    lat.source = dataclasses.replace(lat.source, view="LAT", series_number=1, instance_number=2)
+    edge = "hardware not assessable: implants reach the image edge"
+    frontal = HardwareOutcome(status=HardwareStatus.NOT_ASSESSABLE, instrumentation="7 pedicle screws, 2 rods",
+                              reasons=(edge,), view="AP")
+    side = HardwareOutcome(status=HardwareStatus.NOT_ASSESSABLE, instrumentation="3 pedicle screws", view="LAT",
+                           reasons=(edge,))
+    verdict = combine_verdict([ap, lat], [frontal, side], [])
+    assert verdict.instrumentation == "7 pedicle screws, 2 rods (counted on the AP image, series 1 no. 1)"
+    assert f"AP image, series 1 no. 1: {edge}" in verdict.reasons
+    assert f"LAT image, series 1 no. 2: {edge}" in verdict.reasons
+    alone = combine_verdict([ap], [frontal], [])  # one image: nothing to tell apart
+    assert alone.instrumentation == "7 pedicle screws, 2 rods" and edge in alone.reasons
+
+
 def test_masks_and_points_return_to_the_stored_grid() -> None:
     stored = np.zeros((40, 30), dtype=bool)
     stored[5:9, 20:27] = True
