@@ -69,6 +69,29 @@ def build_pr(
             display_color=hd.color.CIELabColor.from_rgb(*key[1]),
         )
     graphic_annotations = []
+    # The result above every outline, as on the SC: outlines and "?3" labels alone read as a finding.
+    result_layer = hd.pr.GraphicLayer(layer_name="RESULT", order=len(keys) + 1,
+                                      description="AI result and disclaimer",
+                                      display_color=hd.color.CIELabColor.from_rgb(*RESULT_COLOUR))
+    layers_out = [*layers.values(), result_layer]
+    for drawing in drawings:
+        source = sources[drawing.index]
+        lines = result_lines(result)
+        gap = max(12.0, float(source.Rows) * 0.03)
+        graphic_annotations.append(hd.pr.GraphicAnnotation(
+            referenced_images=[source],
+            graphic_layer=result_layer,
+            text_objects=[
+                hd.pr.TextObject(
+                    text_value=fit_text(line),
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    anchor_point=_inside((float(source.Columns) * 0.02, gap * (k + 1)), source),
+                    anchor_point_visible=False,
+                    text_justification=hd.pr.TextJustificationValues.LEFT,
+                )
+                for k, line in enumerate(lines)
+            ],
+        ))
     for drawing in drawings:
         referenced = [sources[drawing.index]]
         for key, layer in layers.items():
@@ -120,7 +143,7 @@ def build_pr(
         # LO holds 64 bytes: the model versions (SR, SC, SEG carry them) would be cut off mid-version.
         content_description=fit_lo(f"{DISCLAIMER}: outlines and labels"),
         graphic_annotations=graphic_annotations,
-        graphic_layers=list(layers.values()),
+        graphic_layers=layers_out,
         presentation_lut_transformation=presentation_lut,
         institution_name=producer.institution_name or source.get("InstitutionName"),
     )
@@ -129,6 +152,29 @@ def build_pr(
     apply_series(pr, OutputKind.PR)
     copy_image_attributes(pr, source, _SOURCE_ATTRIBUTES)
     return pr
+
+
+#: Colour of the result layer (the SC's banner yellow).
+RESULT_COLOUR: style.RGB = (255, 210, 0)
+
+
+def result_lines(result: StudyResult) -> list[str]:
+    """The PR's result text, one line each: the disclaimer, the verdict, the hardware status and construct."""
+    verdict = result.verdict
+    lines = [DISCLAIMER, verdict.outcome.value.upper()]
+    if verdict.hardware is not None:
+        lines.append(f"Hardware: {verdict.hardware.value}" + (f"; {verdict.instrumentation}" if verdict.instrumentation else ""))
+    return lines
+
+
+#: Dashes as ASCII: dcmtk's presentation-state check (dcmpschk) refuses other characters in a text object.
+_ASCII_DASHES = str.maketrans({"—": "-", "–": "-"})
+
+
+def fit_text(text: str, limit: int = 1024) -> str:
+    """`text` for a text object: ASCII dashes, cut to an ST value's 1024 characters."""
+    text = text.translate(_ASCII_DASHES)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _points(points: Sequence[tuple[float, float]], closed: bool) -> np.ndarray:

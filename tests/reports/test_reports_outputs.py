@@ -16,7 +16,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from inference.results import GenantGrade, ImplantKind, ScreeningOutcome
 from reports import OutputKind, OutputOptions, Producer, SopReference, build_outputs, codes, examples, sc
-from reports.common import IDENTITY_ATTRIBUTES, SERIES
+from reports.common import DISCLAIMER, IDENTITY_ATTRIBUTES, SERIES
 from reports.seg import segment_specs
 
 CASES = ("lateral-dx", "ap-cr", "ct")
@@ -614,6 +614,13 @@ def test_pr_round_trips_with_the_same_graphics(cases, outputs, case, tmp_path):
         assert any(t == level or t.startswith(f"{level}:") for t in texts), (level, texts)
     assert {layer.GraphicLayer for layer in pr.GraphicLayerSequence} >= {
         a.GraphicLayer for a in pr.GraphicAnnotationSequence}
+    # What the SC's banner and panel say, on top: outlines and "?3" labels alone would read as a finding.
+    verdict = cases[case].result.verdict
+    assert DISCLAIMER.replace("—", "-") in texts and verdict.outcome.value.upper() in texts
+    if verdict.hardware is not None:
+        assert any(t.startswith(f"Hardware: {verdict.hardware.value}") for t in texts)
+    top = max(pr.GraphicLayerSequence, key=lambda layer: layer.GraphicLayerOrder)
+    assert top.GraphicLayer == "RESULT"
 
 
 @pytest.mark.parametrize("case", CASES)
