@@ -363,7 +363,9 @@ def decode(ds: Dataset) -> Radiograph:
         done = [what for what, applies in (("turned head-up", orientation.transpose or orientation.flip_rows),
                                            ("mirrored to the patient's right on the viewer's left",
                                             orientation.flip_columns)) if applies]
-        extra = (f"image {' and '.join(done)} for analysis (PatientOrientation {stated})",)
+        # "for analysis only": a reader looking at an SC drawn as stored took "mirrored" to describe the picture.
+        extra = (f"image {' and '.join(done)} for the analysis only; shown and measured as stored"
+                 f" (PatientOrientation {stated})",)
     return Radiograph(
         pixels=canonical,
         pixel_spacing_mm=spacing,

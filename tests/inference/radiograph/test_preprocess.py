@@ -137,6 +137,9 @@ def test_a_frontal_view_shown_as_from_behind_is_mirrored_to_the_usual_display() 
     rad = preprocess.decode(ds)
     assert rad.orientation.flip_columns and not rad.orientation.flip_rows and rad.left_sign == 1
     assert np.array_equal(rad.pixels, ds.pixel_array[:, ::-1].astype(np.float32))
+    # The note says the mirroring is the analysis's, not the picture's (the SC shows the image as stored).
+    assert any("mirrored to the patient's right on the viewer's left for the analysis only; shown and measured"
+               " as stored" in n for n in rad.notes), rad.notes
     lateral = radiograph_dataset(_bright_stripe(), seed="pre-5c", view_position="LL")
     lateral.PatientOrientation = ["P", "F"]  # laterals keep their side: the models read the anterior side
     assert preprocess.orientation_of(lateral).identity
