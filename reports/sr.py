@@ -367,7 +367,9 @@ def build_sr(
             if group is not None:
                 groups.append(group)
         seen: dict[str, int] = {}
-        for implant in image.implants:
+        # Numbered from the top of the image down, as a reader counts them ("pedicle screw left (3)" between
+        # (1) and (2) sent readers looking for the wrong screw).
+        for implant in sorted(image.implants, key=lambda i: (i.centroid[1], i.centroid[0])):
             label = implant.display_name
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:

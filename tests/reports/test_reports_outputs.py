@@ -536,6 +536,26 @@ def test_sr_implant_groups_and_study_evaluations(cases, outputs, tmp_path):
 
 
 
+def test_sr_numbers_implants_of_one_name_from_the_top_down(cases, tmp_path):
+    case = cases["ap-cr"]
+    image = case.result.images[0]
+    unnamed = tuple(dataclasses.replace(i, levels=()) for i in reversed(image.implants))  # levels unknown
+    result = dataclasses.replace(case.result, images=(dataclasses.replace(image, implants=unnamed),))
+    (sr_out,) = [o for o in build_outputs(result, case.sources) if o.kind is OutputKind.SR]
+    (path,) = _write(tmp_path, [sr_out], "numbered")
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(path)])
+    screws = report.get_planar_roi_measurement_groups(finding_type=codes.implant_code(ImplantKind.PEDICLE_SCREW))
+    by_name: dict[str, list[tuple[int, float]]] = {}
+    for group in screws:
+        name, _, number = group.tracking_identifier.partition(" (")
+        y = float(np.asarray(group.roi.value).reshape(-1, 2)[:, 1].mean())
+        by_name.setdefault(name, []).append((int(number.rstrip(")") or 1), y))
+    assert any(len(v) > 1 for v in by_name.values())
+    for numbered in by_name.values():
+        ys = [y for _, y in sorted(numbered)]
+        assert ys == sorted(ys), numbered
+
+
 def test_sr_says_no_complications_only_where_failure_modes_were_looked_for(cases, tmp_path):
     """A model with every failure mode switched off must not clear its implants in the SR: their groups carry no
     Complications item; the implants whose modes were assessed keep "No complications"."""
