@@ -101,14 +101,12 @@ def max_pdu_read(max_pdu_bytes: int) -> int | None:
 
 
 def own_output_producer() -> tuple[str, str]:
-    """(Manufacturer, ManufacturerModelName) the node writes into its outputs."""
-    try:
-        from reports import Producer  # type: ignore[attr-defined]
+    """(Manufacturer, ManufacturerModelName) the node writes into its outputs (from `reports.Producer`, the one
+    place they are defined: a second copy here would stop recognising the outputs once they change)."""
+    from reports import Producer
 
-        p = Producer()
-        return p.manufacturer, p.model_name
-    except (ImportError, AttributeError):
-        return "Spine PACS AI Node project", "spine-pacs-ai-node"
+    p = Producer()
+    return p.manufacturer, p.model_name
 
 
 def _fsm_state(assoc: Any) -> str | None:
