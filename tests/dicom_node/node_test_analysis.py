@@ -3,8 +3,8 @@
 
 The model is a fixed 5x5 mean filter followed by a threshold: on the test images (bright blocks on a
 dark background, see `spine_like_pixels`) every block comes out as one "vertebra", named caudal to
-cranial from L5 upward.  It exists so the pipeline, registry and encoders run for real while the
-radiograph models are being built; tests switch to "spine-xr" by analysis name when it exists.
+cranial from L5 upward.  It lets the node's tests run the pipeline, registry and encoders for real in
+milliseconds; the radiograph models ("spine-xr") take a second or two per image and have tests of their own.
 
 Importing this module registers the analysis (also usable as ``[models] plugins = ["node_test_analysis"]``).
 """

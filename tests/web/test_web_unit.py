@@ -1,10 +1,9 @@
 """Fast tests of the operator surface's parts: [http] settings, credentials, the audit trail and its
-counters as the database records them, time filters, the progress helper."""
+counters as the database records them, time filters."""
 
 from __future__ import annotations
 
 import base64
-import io
 import time
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 
 from dicom_node.db import Database, InstanceRecord
 from dicom_node.errors import ConfigError
-from dicom_node.progress import LineProgress, progress
 from dicom_node.settings import Overrides, load, validate
 from dicom_node.web.auth import Authenticator, hash_password, local_token, verify_password
 from dicom_node.web.views import parse_when
@@ -171,33 +169,3 @@ def test_time_filters() -> None:
     assert parse_when(None) is None
     with pytest.raises(ValueError, match="2026-13-01"):
         parse_when("2026-13-01")
-
-
-def test_progress_prints_plain_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DICOM_NODE_PROGRESS", raising=False)
-    out = io.StringIO()
-    items = list(progress(range(5), desc="analysing", unit="study", file=out, log_every_s=0.0))
-    assert items == [0, 1, 2, 3, 4]
-    lines = out.getvalue().splitlines()
-    assert lines[-1].startswith("analysing: 5/5 study (100 %) done in")
-    assert any(line.startswith("analysing: 2/5 study (40 %) after") for line in lines)
-    # A long manual bar: lines with the postfix; a job shorter than the interval prints nothing at all.
-    out = io.StringIO()
-    with progress(total=3, desc="training", unit="epoch", file=out, log_every_s=0.0) as bar:
-        assert isinstance(bar, LineProgress)
-        bar.set_postfix(loss="0.123")
-        bar.update(3)
-    assert "training: 3/3 epoch (100 %) done in" in out.getvalue() and "loss=0.123" in out.getvalue()
-    out = io.StringIO()
-    with progress(total=3, desc="quick", file=out, log_every_s=3600) as bar:
-        bar.update(3)
-    assert out.getvalue() == ""
-    # A failure leaves the last line to the error message.
-    out = io.StringIO()
-    with pytest.raises(RuntimeError), progress(total=3, desc="failing", file=out, log_every_s=0.0) as bar:
-        bar.update()
-        raise RuntimeError("boom")
-    assert "done in" not in out.getvalue()
-    monkeypatch.setenv("DICOM_NODE_PROGRESS", "0")
-    out = io.StringIO()
-    assert sum(progress(range(3), file=out, log_every_s=0.0)) == 3 and out.getvalue() == ""
