@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any
 
-import numpy as np
+from bench.common import phantom_radiograph, timed
 
 BUDGET_S = 1.0
 
@@ -32,45 +31,11 @@ CASES: tuple[tuple[str, str, str, tuple[str, ...], int, float, int, str, str], .
 )
 
 
-def make_case(case: tuple, seed: int):  # noqa: ANN201 - returns a pydicom Dataset
+def make_case(case: tuple, seed: int):  # noqa: ANN201 - returns (pydicom Dataset, implants drawn)
     """A phantom radiograph (with the case's implants) written as DICOM at the case's matrix size."""
-    from skimage.transform import resize
-
-    from inference.synth.dicom import radiograph_dataset
-    from inference.synth.render import SynthConfig, render_sample
-
     name, view, field, implants, long_side, spacing, bits, modality, photometric = case
-    force: list[tuple[str, Any]] = [("view", view), ("field", field)]
-    if implants:
-        force.append(("implants", implants))
-    sample = render_sample(seed, SynthConfig(sources=(("phantom", 1.0),), p_implants=1.0 if implants else 0.0, force=tuple(force)))
-    rows, cols = sample.image.shape
-    f = long_side / max(rows, cols)
-    image = resize(sample.image, (int(round(rows * f)), int(round(cols * f))), order=1, anti_aliasing=f < 1)
-    top = 2**bits - 1
-    pixels = np.rint(np.clip(image, 0, 1) * top).astype(np.uint16)
-    if photometric == "MONOCHROME1":
-        pixels = (top - pixels).astype(np.uint16)
-    ds = radiograph_dataset(
-        pixels,
-        seed=f"bench-hw-{name}",
-        modality=modality,
-        view_position="LL" if view == "LAT" else "AP",
-        pixel_spacing_mm=spacing or 0.2,
-        photometric=photometric,
-        bits_stored=bits,
-        magnification=1.15 if spacing else None,
-    )
-    ds.PatientOrientation = list(sample.meta.get("patient_orientation", ds.PatientOrientation))
-    if not spacing:
-        del ds.ImagerPixelSpacing
-    return ds, len(sample.implant_specs)
-
-
-def _timed(fn, *args):  # noqa: ANN001, ANN202
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
+    return phantom_radiograph(f"hw-{name}", view, field, long_side, spacing, bits, modality, photometric, seed=seed,
+                              implants=implants)
 
 
 def run(repeat: int = 3, threads: int = 2, model_root: str | None = None) -> list[dict[str, Any]]:
@@ -79,7 +44,7 @@ def run(repeat: int = 3, threads: int = 2, model_root: str | None = None) -> lis
 
     from inference import analyses
     from inference.radiograph import network
-    from inference.radiograph.analysis import FractureStep, ImageWork, source_image
+    from inference.radiograph.analysis import ImageWork, source_image
     from inference.radiograph.hardware import HardwareModel, interpret, prepare, vertebra_geometry
     from inference.radiograph.preprocess import decode
     from inference.registry import ModelRegistry
@@ -103,24 +68,24 @@ def run(repeat: int = 3, threads: int = 2, model_root: str | None = None) -> lis
         source = source_image(ds, rad)
         work = ImageWork(ds, rad, source)
         analysis.vertebra_step.run(work)
-        FractureStep().run(work)
+        analysis.fracture_step.run(work)  # as the analysis runs it (grading as its model.json says)
         analysis.run([ds])  # warm-up
         added, whole = [], []
         stages: dict[str, list[float]] = {"preprocess": [], "network": [], "instances": []}
         outcome = None
         for _ in range(repeat):
-            outcome, dt = _timed(analysis.hardware_step.run, rad, work.vertebrae, source)
+            outcome, dt = timed(analysis.hardware_step.run, rad, work.vertebrae, source)
             added.append(dt)
-            _, dt = _timed(analysis.run, [ds.copy()])
+            _, dt = timed(analysis.run, [ds.copy()])
             whole.append(dt)
-            (image, _), t = _timed(prepare, rad.pixels, rad.pixel_spacing_mm)
+            (image, _), t = timed(prepare, rad.pixels, rad.pixel_spacing_mm)
             stages["preprocess"].append(t)
-            prob, t = _timed(network.predict, model.net, image)
+            prob, t = timed(network.predict, model.net, image)
             stages["network"].append(t)
             scale = (image.shape[0] / rad.pixels.shape[0], image.shape[1] / rad.pixels.shape[1])
             mm = rad.pixel_spacing_mm[0] / scale[0] if rad.pixel_spacing_mm else model.spacing_mm
             geoms = vertebra_geometry(work.vertebrae, rad.orientation)
-            _, t = _timed(interpret, prob, scale, mm, rad, geoms, source, model.params)
+            _, t = timed(interpret, prob, scale, mm, rad, geoms, source, model.params)
             stages["instances"].append(t)
         median = statistics.median(added)
         rows.append(

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any
 
-import numpy as np
+from bench.common import phantom_radiograph, timed
 
 BUDGET_S = 1.0
 #: The whole "spine-xr" analysis: 1 s for the vertebra model plus 1 s for the hardware model ("adds <= 1 s").
@@ -37,39 +36,8 @@ CASES: tuple[tuple[str, str, str, int, float, int, str, str], ...] = (
 
 def make_case(case: tuple, seed: int):  # noqa: ANN201 - returns a pydicom Dataset
     """A phantom radiograph written as DICOM at the case's matrix size."""
-    from inference.synth.dicom import radiograph_dataset
-    from inference.synth.render import SynthConfig, render_sample
-
     name, view, field, long_side, spacing, bits, modality, photometric = case
-    sample = render_sample(seed, SynthConfig(sources=(("phantom", 1.0),), force=(("view", view), ("field", field))))
-    from skimage.transform import resize
-
-    rows, cols = sample.image.shape
-    f = long_side / max(rows, cols)
-    image = resize(sample.image, (int(round(rows * f)), int(round(cols * f))), order=1, anti_aliasing=f < 1)
-    top = 2**bits - 1
-    pixels = np.rint(np.clip(image, 0, 1) * top).astype(np.uint16)
-    if photometric == "MONOCHROME1":
-        pixels = (top - pixels).astype(np.uint16)
-    ds = radiograph_dataset(
-        pixels,
-        seed=f"bench-{name}",
-        modality=modality,
-        view_position="LL" if view == "LAT" else "AP",
-        pixel_spacing_mm=spacing or 0.2,
-        photometric=photometric,
-        bits_stored=bits,
-        magnification=1.15 if spacing else None,
-    )
-    if not spacing:
-        del ds.ImagerPixelSpacing
-    return ds
-
-
-def _timed(fn, *args):  # noqa: ANN001, ANN202
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
+    return phantom_radiograph(name, view, field, long_side, spacing, bits, modality, photometric, seed=seed)[0]
 
 
 def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
@@ -95,21 +63,21 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
         result = None
         for _ in range(repeat):
             ds2 = ds.copy()
-            result, dt = _timed(analysis.run, [ds2])
+            result, dt = timed(analysis.run, [ds2])
             total.append(dt)
-            rad, t = _timed(preprocess.decode, ds)
+            rad, t = timed(preprocess.decode, ds)
             stages["decode"].append(t)
-            spine, t = _timed(model.analyse, rad)
+            spine, t = timed(model.analyse, rad)
             vertebra.append(t)
-            (image, _), t = _timed(preprocess.prepare, rad.pixels, rad.pixel_spacing_mm)
+            (image, _), t = timed(preprocess.prepare, rad.pixels, rad.pixel_spacing_mm)
             stages["preprocess"].append(t)
-            prob, t = _timed(network.predict, model.net, image)
+            prob, t = timed(network.predict, model.net, image)
             stages["network"].append(t)
-            _, t = _timed(postprocess.detect, prob, model.params)
+            _, t = timed(postprocess.detect, prob, model.params)
             stages["postprocess"].append(t)
             if model.endplates is not None and rad.view == "LAT":
                 centroids = [v.centroid for v in spine.vertebrae]
-                _, t = _timed(endplates.place_points, model.endplates, rad.pixels, centroids)
+                _, t = timed(endplates.place_points, model.endplates, rad.pixels, centroids)
                 stages.setdefault("six_points", []).append(t)
         median, model_median = statistics.median(total), statistics.median(vertebra)
         image_result = result.images[0] if result and result.images else None
