@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -151,19 +152,22 @@ def test_concurrent_writers_never_see_database_is_locked(tmp_path: Path) -> None
     db.close()
 
 
-def test_second_migration_applies_to_a_version_one_database(tmp_path: Path) -> None:
-    import sqlite3
-
+def _version_one_database(path: Path) -> sqlite3.Connection:
+    """A database as the first release of the node left it (open, for the test to change further)."""
     from dicom_node.db import _statements
 
-    path = tmp_path / "old.sqlite"
     con = sqlite3.connect(path)
     con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
     for stmt in _statements(MIGRATIONS[0][1]):
         con.execute(stmt)
     con.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
     con.commit()
-    con.close()
+    return con
+
+
+def test_second_migration_applies_to_a_version_one_database(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    _version_one_database(path).close()
     db = Database(path)
     assert db.schema_version() == len(MIGRATIONS)
     assert "purged_at" in {r["name"] for r in db.query("SELECT name FROM pragma_table_info('outputs')")}
@@ -197,18 +201,10 @@ def test_read_only_opening_reads_beside_a_writer_and_never_writes(tmp_path: Path
 
 
 def test_read_only_opening_refuses_a_schema_of_another_version(tmp_path: Path) -> None:
-    import sqlite3
-
-    from dicom_node.db import MIGRATIONS, _statements
     from dicom_node.errors import DatabaseError
 
     path = tmp_path / "old.sqlite"
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
-    for stmt in _statements(MIGRATIONS[0][1]):
-        con.execute(stmt)
-    con.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
-    con.commit()
+    con = _version_one_database(path)
     with pytest.raises(DatabaseError, match=f"schema version 1, this dicom-node reads {len(MIGRATIONS)}"):
         Database(path, read_only=True)
     con.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
