@@ -69,7 +69,7 @@ MIN_GRADED_FOR_NO_FINDING = 2
 # ------------------------------------------------------------------------------ grid conversions
 
 
-def _mask_to_stored(orientation: preprocess.Orientation, canonical_shape: tuple[int, int], offset: tuple[int, int], crop: np.ndarray) -> RegionMask:
+def mask_to_stored(orientation: preprocess.Orientation, canonical_shape: tuple[int, int], offset: tuple[int, int], crop: np.ndarray) -> RegionMask:
     """A canonical-grid crop as a `RegionMask` over the stored grid."""
     rows, cols = canonical_shape
     r0, c0 = offset
@@ -97,7 +97,7 @@ def _mask_to_stored(orientation: preprocess.Orientation, canonical_shape: tuple[
 OUTLINE_TOLERANCE_PX = 1.0
 
 
-def _outline(mask: np.ndarray, offset: tuple[int, int]) -> list[Point]:
+def outline_points(mask: np.ndarray, offset: tuple[int, int]) -> list[Point]:
     """Closed polygon (SCOORD, canonical grid) around the largest part of a boolean crop."""
     from skimage.measure import approximate_polygon, find_contours
 
@@ -292,8 +292,8 @@ class FractureStep:
         self, work: ImageWork, body: VertebraInstance, heights: morphometry.MeasuredHeights | None, grade: FractureAssessment | None
     ) -> Vertebra:
         canonical_shape = work.radiograph.pixels.shape
-        mask = _mask_to_stored(work.radiograph.orientation, canonical_shape, body.offset, body.mask)
-        outline = tuple(work.point(p) for p in _outline(body.mask, body.offset))
+        mask = mask_to_stored(work.radiograph.orientation, canonical_shape, body.offset, body.mask)
+        outline = tuple(work.point(p) for p in outline_points(body.mask, body.offset))
         result_heights = None
         if heights is not None and heights.calibrated:
             from dataclasses import replace

@@ -34,7 +34,12 @@ import numpy as np
 from scipy import ndimage
 
 from inference.radiograph import network, preprocess
-from inference.radiograph.analysis import HardwareOutcome, _mask_to_stored, _outline, register_hardware_step
+from inference.radiograph.analysis import (
+    HardwareOutcome,
+    mask_to_stored,
+    outline_points,
+    register_hardware_step,
+)
 from inference.radiograph.hardware_post import (
     CHANNELS,
     CLASS_CHANNEL,
@@ -668,8 +673,8 @@ def _tip_reference(sp: SourcePiece, geoms: Sequence[VertebraGeom], midline: tupl
 def _implant(sp: SourcePiece, radiograph: preprocess.Radiograph) -> Implant:
     shape = radiograph.pixels.shape
     orient = radiograph.orientation
-    mask = _mask_to_stored(orient, shape, sp.offset, sp.mask)
-    outline = tuple(orient.point_from_canonical(p, shape) for p in _outline(sp.mask, sp.offset))
+    mask = mask_to_stored(orient, shape, sp.offset, sp.mask)
+    outline = tuple(orient.point_from_canonical(p, shape) for p in outline_points(sp.mask, sp.offset))
     axis = tuple(orient.point_from_canonical(p, shape) for p in sp.axis)
     return Implant(
         kind=sp.piece.kind,
@@ -713,7 +718,7 @@ def _finding(
         ring = max(1, int(round(2.0 / max(src_mm, 1e-6))))
         grown = ndimage.binary_dilation(np.pad(sp.mask, ring), iterations=ring)
         off = (sp.offset[0] - ring, sp.offset[1] - ring)
-        evidence = tuple(orient.point_from_canonical(p, shape) for p in _inside(_outline(grown, off), shape))
+        evidence = tuple(orient.point_from_canonical(p, shape) for p in _inside(outline_points(grown, off), shape))
         if len(evidence) < 3:
             evidence = implant.outline
     score = sp.piece.complication_scores.get(comp, 0.0)

@@ -8,9 +8,9 @@ from inference.radiograph import preprocess
 from inference.radiograph.analysis import (
     HardwareOutcome,
     ImageWork,
-    _mask_to_stored,
-    _outline,
     combine_verdict,
+    mask_to_stored,
+    outline_points,
 )
 from inference.radiograph.model import SpineInstances
 from inference.results import (
@@ -119,7 +119,7 @@ def test_masks_and_points_return_to_the_stored_grid() -> None:
         rows, cols = np.nonzero(canonical)
         offset = (int(rows.min()), int(cols.min()))
         crop = canonical[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-        mask = _mask_to_stored(orientation, canonical.shape, offset, crop)
+        mask = mask_to_stored(orientation, canonical.shape, offset, crop)
         assert np.array_equal(mask.dense(), stored), orientation
         # The canonical centroid maps onto the stored centroid.
         c = (float(cols.mean() + 0.5), float(rows.mean() + 0.5))
@@ -131,7 +131,7 @@ def test_masks_and_points_return_to_the_stored_grid() -> None:
 def test_outline_surrounds_the_mask() -> None:
     mask = np.zeros((44, 64), dtype=bool)
     mask[1:41, 2:62] = True
-    pts = np.array(_outline(mask, (10, 20)))
+    pts = np.array(outline_points(mask, (10, 20)))
     # The block's pixel edges are columns 22..82 and rows 11..51; the 0.5 contour runs along them
     # (corners cut by at most a pixel).
     assert pts[:, 0].min() >= 22.0 and pts[:, 0].max() <= 82.0
