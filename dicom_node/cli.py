@@ -47,9 +47,15 @@ class RedactingFormatter(logging.Formatter):
     what an operator needs to report a bug, and its last line can quote a patient's data."""
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
-        # Indented lines are frames and source code; the others are the exception messages.
-        return "\n".join(line if line.startswith(" ") else redact(line)
-                         for line in super().formatException(ei).split("\n"))
+        # A frame line ('  File "...", line N, in f') and the source line after it are code; every other line
+        # (messages, their continuation lines, chained-exception headers) is redacted.
+        out: list[str] = []
+        code_next = False
+        for line in super().formatException(ei).split("\n"):
+            frame = line.startswith("  File \"")
+            out.append(line if frame or code_next else redact(line))
+            code_next = frame
+        return "\n".join(out)
 
 
 def _configure_logging(settings: Settings | None, verbose: bool = False, one_shot: bool = False) -> None:

@@ -11,6 +11,7 @@ The queries at the bottom are the only SQL outside the migrations; the CLI and t
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -253,23 +254,34 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     (
         "one patient per study",
         """
-        -- Digest of PatientID and IssuerOfPatientID, salted with the Study UID (see patient_key): compares the
-        -- patients of a study's instances without keeping their IDs. The study's is its current patient.
+        -- Keyed digest of PatientID and IssuerOfPatientID (see patient_key): compares the patients of a
+        -- study's instances without keeping their IDs. The study's is its current patient.
         ALTER TABLE studies ADD COLUMN patient_key TEXT;
         ALTER TABLE instances ADD COLUMN patient_key TEXT;
         -- When retention deleted the study's instances: a later analysis sees only what arrived after it.
         ALTER TABLE studies ADD COLUMN instances_purged_at REAL;
+        -- Studies retention emptied before this column existed.
+        UPDATE studies SET instances_purged_at = updated_at WHERE state IN ('delivered', 'unrouted')
+            AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_instance_uid = studies.study_instance_uid);
+        -- Facts about the node itself, e.g. which key the patient digests were made with.
+        CREATE TABLE node_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
         """,
     ),
 )
 
 
-def patient_key(study_instance_uid: str, patient_id: str, issuer: str) -> str:
-    """Who an instance belongs to, as the database keeps it: a digest of PatientID and IssuerOfPatientID
-    salted with the Study UID, so two instances of one study compare without the ID being stored, and the
-    same patient's keys in two studies do not link them."""
+def patient_key(secret: bytes, study_instance_uid: str, patient_id: str, issuer: str) -> str:
+    """Who an instance belongs to, as the database keeps it: an HMAC-SHA256 of PatientID and IssuerOfPatientID
+    under the node's secret (`Store.secret`, kept outside the database) and the Study UID.  Two instances of
+    one study compare; without the secret the short IDs hospitals use cannot be found again by trying them
+    all, and one patient's keys in two studies do not link them."""
     text = "\x00".join((study_instance_uid, patient_id.strip(), issuer.strip()))
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return hmac.new(secret, text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
+
+
+def secret_fingerprint(secret: bytes) -> str:
+    """What the database records of the secret: which one made its patient keys (not the secret itself)."""
+    return hashlib.sha256(b"patient-key-fingerprint\x00" + secret).hexdigest()[:16]
 
 
 def patient_conflict_reason(study_instance_uid: str) -> str:
@@ -568,6 +580,21 @@ class Database:
                     (now, rec.study_instance_uid),
                 )
             return not existed
+
+    def adopt_patient_secret(self, fingerprint: str) -> bool:
+        """Record which secret makes the patient keys; if another one made the keys on record (the key file
+        was lost or replaced), they cannot be compared any more and are forgotten.  Returns True if so."""
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM node_meta WHERE name = 'patient_key_secret'").fetchone()
+            if row is not None and row[0] == fingerprint:
+                return False
+            forgot = row is not None
+            if forgot:
+                db.execute("UPDATE studies SET patient_key = NULL")
+                db.execute("UPDATE instances SET patient_key = NULL")
+            db.execute("INSERT INTO node_meta (name, value) VALUES ('patient_key_secret', ?) ON CONFLICT(name)"
+                       " DO UPDATE SET value = excluded.value", (fingerprint,))
+            return forgot
 
     @staticmethod
     def _patient_check(db: sqlite_utils.Database, rec: InstanceRecord, existed: bool) -> tuple[bool, bool]:

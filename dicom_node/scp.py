@@ -28,7 +28,14 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import __version__, transfer_syntaxes
-from dicom_node.db import Database, InstanceRecord, conflict_reason, patient_conflict_reason, patient_key
+from dicom_node.db import (
+    Database,
+    InstanceRecord,
+    conflict_reason,
+    patient_conflict_reason,
+    patient_key,
+    secret_fingerprint,
+)
 from dicom_node.errors import DatabaseError, DatasetError, InstanceConflict, StorageError, redact
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
@@ -128,6 +135,10 @@ class StorageSCP:
         self.on_association_end = on_association_end
         self._server: Any = None
         self._producer = own_output_producer()
+        self._patient_secret = store.secret("patient-key")
+        if db.adopt_patient_secret(secret_fingerprint(self._patient_secret)):
+            log.warning("the patient-key secret differs from the one the database's patient keys were made with"
+                        " (lost or replaced %s): the keys on record are forgotten", store.root / "patient-key.key")
         self._lock = threading.Lock()
         allowed: dict[str, list[str | None]] = {}
         for peer in settings.peers.allow:
@@ -379,8 +390,10 @@ class StorageSCP:
             held_in = self.db.instance_study(ident["SOPInstanceUID"])
             if held_in is not None and held_in != ident["StudyInstanceUID"]:
                 raise DatasetError(conflict_reason(ident["SOPInstanceUID"], held_in))
-            patient = patient_key(ident["StudyInstanceUID"], _text(ds, "PatientID"), _text(ds, "IssuerOfPatientID"))
-            if self.db.patient_conflict(ident["StudyInstanceUID"], ident["SOPInstanceUID"], patient):
+            own = self._is_own_output(ds, ident["SOPInstanceUID"])
+            patient = patient_key(self._patient_secret, ident["StudyInstanceUID"], _text(ds, "PatientID"),
+                                  _text(ds, "IssuerOfPatientID"))
+            if not own and self.db.patient_conflict(ident["StudyInstanceUID"], ident["SOPInstanceUID"], patient):
                 raise DatasetError(patient_conflict_reason(ident["StudyInstanceUID"]))
             affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
             if affected_sop and affected_sop != ident["SOPInstanceUID"]:
@@ -397,7 +410,6 @@ class StorageSCP:
                 _check_pixel_data(ds, data, pixel_offset, ts)
 
             calling = str(event.assoc.requestor.ae_title or "").strip()
-            own = self._is_own_output(ds, ident["SOPInstanceUID"])
             meta = _file_meta(ident["SOPClassUID"], ident["SOPInstanceUID"], ts, calling)
             path = self.store.instance_path(ident["StudyInstanceUID"], ident["SeriesInstanceUID"],
                                             ident["SOPInstanceUID"])

@@ -55,6 +55,27 @@ class Store:
         except OSError as exc:
             raise StorageError(f"cannot create the store under {self.root}: {exc.strerror or exc}") from exc
 
+    def secret(self, name: str) -> bytes:
+        """A random 32-byte key kept in ``<root>/<name>.key`` (created on first use, readable by the node's
+        user only).  It stays outside the database on purpose: a copy of the database alone reveals nothing
+        the key protects."""
+        path = self.root / f"{name}.key"
+        try:
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(os.urandom(32))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            key = path.read_bytes()
+        except FileExistsError:
+            key = path.read_bytes()  # another process created it first
+        except OSError as exc:
+            raise StorageError(f"cannot create or read {path}: {exc.strerror or exc}") from exc
+        if len(key) != 32:
+            raise StorageError(f"{path} is damaged ({len(key)} bytes, not 32): delete it to start a new one")
+        return key
+
     def clean_tmp(self) -> int:
         """Remove temporary files left by a crash (never acknowledged, so nothing is lost); returns count."""
         n = 0

@@ -252,15 +252,21 @@ def check_one_study(sources: Sequence[Dataset]) -> None:
     sex that one source leaves empty, do not tell two patients apart."""
     if not sources:
         raise ValueError("no source datasets given")
-    first = sources[0]
     for keyword in _MUST_AGREE:
         values = {_comparable(keyword, ds.get(keyword, "")) for ds in sources}
         if keyword in _EMPTY_AGREES:
             values.discard("")
         if len(values) > 1:
+            # The values are patient data (a numeric PatientID or a birth date would pass the log's redaction):
+            # the message names the attribute and the instances, never the values.
+            counted = [ds for ds in sources
+                       if keyword not in _EMPTY_AGREES or _comparable(keyword, ds.get(keyword, ""))]
+            one = counted[0]
+            other = next(ds for ds in counted
+                         if _comparable(keyword, ds.get(keyword, "")) != _comparable(keyword, one.get(keyword, "")))
             raise ValueError(
-                f"sources disagree on {keyword}: {sorted(values)!r}; outputs are built for one patient and study "
-                f"({first.get('SOPInstanceUID', '?')} is the first source)"
+                f"sources disagree on {keyword} (instances {one.get('SOPInstanceUID', '?')} and"
+                f" {other.get('SOPInstanceUID', '?')}); outputs are built for one patient and study"
             )
 
 

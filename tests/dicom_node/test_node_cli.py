@@ -173,3 +173,12 @@ def test_log_tracebacks_keep_their_frames_and_lose_the_quoted_values() -> None:
         text = RedactingFormatter().formatException(sys.exc_info())
     assert birth_date not in text and "'<redacted>'" in text
     assert "in parse" in text and 'raise ValueError(f"Unable to convert' in text  # frames and code kept
+
+    def two_lines(value: str) -> None:
+        raise ValueError(f"first line\n    second line quotes '{value}'")  # an indented continuation line
+
+    try:
+        two_lines(birth_date)
+    except ValueError:
+        text = RedactingFormatter().formatException(sys.exc_info())
+    assert birth_date not in text and "second line quotes '<redacted>'" in text

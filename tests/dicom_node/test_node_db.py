@@ -334,3 +334,29 @@ def test_a_study_sent_over_two_associations_at_once_completes_when_the_last_one_
     db.end_association(b, "released")
     assert complete_released(db, settings) == ["1.2.3"]
     db.close()
+
+
+def test_patient_keys_need_the_node_secret_and_a_new_secret_forgets_them(db: Database, tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import stat
+
+    from dicom_node.db import patient_key, secret_fingerprint
+    from dicom_node.storage import Store
+
+    store = Store(tmp_path / "store")
+    secret = store.secret("patient-key")
+    assert store.secret("patient-key") == secret  # created once, read after
+    assert stat.S_IMODE(os.stat(store.root / "patient-key.key").st_mode) == 0o600
+    key = patient_key(secret, "1.2.3", "0482913", "")
+    # Short hospital IDs cannot be found again by hashing every candidate: the key needs the secret.
+    assert key != hashlib.sha256("\x00".join(("1.2.3", "0482913", "")).encode()).hexdigest()[:32]
+    assert key != patient_key(os.urandom(32), "1.2.3", "0482913", "")
+    assert key != patient_key(secret, "1.2.4", "0482913", "")  # one patient's studies are not linked
+    assert not db.adopt_patient_secret(secret_fingerprint(secret))  # first secret: recorded
+    db.record_instance(dataclasses.replace(rec("1.1"), patient_key=key))
+    assert not db.adopt_patient_secret(secret_fingerprint(secret))  # same secret: keys kept
+    assert db.study("1.2.3")["patient_key"] == key
+    assert db.adopt_patient_secret(secret_fingerprint(os.urandom(32)))  # key file lost: keys forgotten
+    assert db.study("1.2.3")["patient_key"] is None
+    assert db.one("SELECT patient_key FROM instances")["patient_key"] is None
