@@ -825,6 +825,14 @@ class Database:
                 db.execute("UPDATE deliveries SET state = 'sending', attempts = attempts + 1, updated_at = ? WHERE id = ?",
                            (time.time(), i))
 
+    def give_back_attempts(self, ids: Sequence[int]) -> None:
+        """sending -> pending without counting the attempt: the node stopped it, not the destination."""
+        now = time.time()
+        with self.tx() as db:
+            for i in ids:
+                db.execute("UPDATE deliveries SET state = 'pending', attempts = max(attempts - 1, 0),"
+                           " next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'sending'", (now, now, i))
+
     def mark_delivered(self, delivery_id: int, status: int) -> None:
         """sending -> delivered."""
         now = time.time()

@@ -297,8 +297,15 @@ class Sender:
             message = f"internal error {type(exc).__name__}: {redact(str(exc))}"
             results = [ItemResult(i.key, TRANSIENT, None, message) for i in items]
         delivered = 0
+        stopped = self._stopping.is_set()
+        if stopped:
+            # Aborted by our own stop: the destination did nothing wrong, so no attempt is counted against
+            # it (the last allowed one would otherwise fail the delivery for good).
+            self.db.give_back_attempts([r.key["id"] for r in results if r.outcome == TRANSIENT])
         for res in results:
             row = res.key
+            if stopped and res.outcome == TRANSIENT:
+                continue
             if res.outcome == OK:
                 self.db.mark_delivered(row["id"], res.status or 0)
                 delivered += 1

@@ -455,8 +455,10 @@ def test_stopping_aborts_an_idle_sender_and_a_stalled_delivery_instead_of_waitin
         stopper.join(30)  # the timeouts above are 120 s: a stop that waits for them does not end here
         assert not stopper.is_alive(), "stop waited for the idle association or the stalled PACS"
         wait_for(lambda: idle.is_aborted, 10, what="the idle association aborted")
-        # Nothing lost: what the PACS never confirmed is still queued for the next start.
-        assert {r["state"] for r in node.db.query("SELECT state FROM deliveries")} == {"pending"}
+        # Nothing lost: what the PACS never confirmed is still queued for the next start, and the attempt
+        # our stop cut short is not counted against the PACS.
+        rows = node.db.query("SELECT state, attempts FROM deliveries")
+        assert {r["state"] for r in rows} == {"pending"} and {r["attempts"] for r in rows} == {0}
     finally:
         give_up.set()
         server.shutdown()
