@@ -303,6 +303,8 @@ MAX_INTERRUPTED_ANALYSES = 3
 #: Work a failed write left half-done (a study `analysing`, a delivery `sending`, with nothing working on it:
 #: a full disk) is taken up again after this long, not only at the next start.
 STRANDED_RETRY_S = 60.0
+#: How the reason of a study waiting for its outputs to be written begins (see `Pipeline`).
+WAITING_PREFIX = "waiting to retry: "
 
 
 @dataclass(frozen=True)
@@ -909,6 +911,10 @@ class Database:
         """Studies left `analysing` by a pipeline step whose last database write failed (a full disk) ->
         `complete` again; returns how many.  Called only when no analysis is under way in this process, with
         a cut-off that spaces out attempts while the disk is still full."""
+        # Looked for first without the write lock: this runs every pass, and C-STOREs need that lock.
+        if self.one("SELECT 1 AS x FROM studies WHERE state = 'analysing' AND updated_at < ? LIMIT 1",
+                    (claimed_before,)) is None:
+            return 0
         with self.tx() as db:
             return db.execute(
                 "UPDATE studies SET state = 'complete', updated_at = ? WHERE state = 'analysing' AND updated_at < ?",
@@ -919,6 +925,9 @@ class Database:
         """Deliveries to `destination` left `sending` by a send whose outcome could not be recorded ->
         `pending` (sent again; the PACS replaces what it has); returns how many.  Called only between
         batches of that destination."""
+        if self.one("SELECT 1 AS x FROM deliveries WHERE destination = ? AND state = 'sending' AND updated_at < ?"
+                    " LIMIT 1", (destination, marked_before)) is None:
+            return 0  # (looked for without the write lock, as above)
         now = time.time()
         with self.tx() as db:
             return db.execute(
@@ -927,16 +936,20 @@ class Database:
             ).rowcount
 
     def note_study(self, study_instance_uid: str, reason: str) -> None:
-        """Say why a study waits (shown by status), without touching its state or times."""
+        """Say why a study waits (shown by status); its time is now, so `release_stranded_studies` waits from the
+        failure, not from the claim."""
         with self.tx() as db:
-            db.execute("UPDATE studies SET reason = ? WHERE study_instance_uid = ?", (reason, study_instance_uid))
+            db.execute("UPDATE studies SET reason = ?, updated_at = ? WHERE study_instance_uid = ?",
+                       (reason, time.time(), study_instance_uid))
 
     def recover(self) -> dict[str, int]:
         """After a crash: interrupted work goes back one step so it is redone exactly once; a study whose
         analysis was cut `MAX_INTERRUPTED_ANALYSES` times in a row is failed instead (``dicom-node retry``)."""
         now = time.time()
         with self.tx() as db:
-            db.execute("UPDATE studies SET interrupted = interrupted + 1 WHERE state = 'analysing'")
+            # A study waiting for room on the disk (WAITING_PREFIX) was not being analysed when the node stopped.
+            db.execute("UPDATE studies SET interrupted = interrupted + 1 WHERE state = 'analysing'"
+                       " AND (reason IS NULL OR reason NOT LIKE ?)", (WAITING_PREFIX + "%",))
             given_up = db.execute(
                 "UPDATE studies SET state = 'failed', interrupted = 0, updated_at = ?, reason = 'analysis interrupted '"
                 " || interrupted || ' times in a row (the node stopped or crashed during it, e.g. out of memory): not"

@@ -22,7 +22,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.db import ANALYSING, ENCODED, FAILED, STRANDED_RETRY_S, UNROUTED, Database
+from dicom_node.db import ANALYSING, ENCODED, FAILED, STRANDED_RETRY_S, UNROUTED, WAITING_PREFIX, Database
 from dicom_node.errors import NodeError, PipelineError, StorageError, redact, redact_all
 from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
@@ -197,7 +197,8 @@ class Pipeline:
             log.info("%d study(ies) left analysing by a failed write taken up again", released)
         n = 0
         for uid in self.db.complete_studies(limit):
-            if self.process_study(uid) is not None:
+            # A study left waiting for the disk is not progress: counting it would run the next pass at once.
+            if self.process_study(uid) not in (None, ANALYSING):
                 n += 1
         return n
 
@@ -226,11 +227,12 @@ class Pipeline:
         for match in routing.matches:
             for name in match.rule.analyses:
                 try:
-                    self._run_job(study_uid, generation, match, name, by_uid)
+                    if not self._run_job(study_uid, generation, match, name, by_uid):
+                        return self._superseded(study_uid)
                 except StorageError as exc:
                     # The outputs could not be written (a full or read-only disk): not the study's fault. It
                     # stays claimed, and `process_pending` takes it up again after STRANDED_RETRY_S.
-                    reason = f"waiting to retry: {name}: {exc}"
+                    reason = f"{WAITING_PREFIX}{name}: {exc}"
                     log.warning("study %s: %s (again in %.0f s)", study_uid, reason, STRANDED_RETRY_S)
                     self.db.note_study(study_uid, reason)
                     return ANALYSING
@@ -253,13 +255,20 @@ class Pipeline:
         state = self.db.study(study_uid)
         return state["state"] if state else None
 
+    def _superseded(self, study_uid: str) -> str | None:
+        """The study received instances during its analysis: it is analysed again with them (its other
+        analyses too), so nothing more is run on the older set."""
+        state = self.db.study(study_uid)
+        return state["state"] if state else None
+
     def _run_job(self, study_uid: str, generation: int, match: RuleMatch, name: str,
-                 by_uid: dict[str, dict[str, Any]]) -> None:
+                 by_uid: dict[str, dict[str, Any]]) -> bool:
+        """Run one analysis of the study and record its outputs; False if the study changed meanwhile."""
         rule: Rule = match.rule
         uids = sorted(match.sop_instance_uids)
         job = self.db.start_job(study_uid, name, rule.name, input_key(uids), generation)
         if job["state"] in ("encoded", "delivered"):
-            return  # this exact input was analysed and its deliveries queued already
+            return True  # this exact input was analysed and its deliveries queued already
         try:
             datasets = read_datasets([by_uid[u]["path"] for u in uids])
             result = self.analyser.run(name, datasets)
@@ -290,8 +299,9 @@ class Pipeline:
             self.store.remove([f.path for f in files if not self.db.is_known_output(f.sop_instance_uid)])
             log.info("study %s: %s superseded, instances arrived during the analysis; analysed again with them",
                      study_uid, name)
-            return
+            return False
         log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
+        return True
 
     def _predecessor(self, study_uid: str, analysis: str, job_id: int) -> Any:
         row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id)

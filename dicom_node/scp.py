@@ -224,8 +224,8 @@ class StorageSCP:
         was answered is stored): an idle sender would otherwise hold the stop for its whole timeout."""
         if self._server is not None:
             server, self._server = self._server, None
+            server.shutdown()  # first: nothing is accepted after the list below is taken
             open_now = list(server.active_associations)
-            server.shutdown()
             for assoc in open_now:
                 assoc.abort()
             for assoc in open_now:
@@ -325,10 +325,10 @@ class StorageSCP:
         if _fsm_state(event.assoc) == "Sta13":
             return
         assoc = event.assoc
-        if assoc.requestor.primitive is None and not assoc.is_established:
+        if assoc.requestor.primitive is None and not assoc.is_established and assoc.dul.to_user_queue.empty():
             # Closed before any A-ASSOCIATE-RQ (a port probe, a load balancer's health check): pynetdicom
             # would keep the slot until acse_timeout_s, so probes at one a second lock every sender out.
-            # "Nothing arrived" wakes its wait for the request now.
+            # "Nothing arrived" wakes its wait for the request now (not when a request is queued unread).
             assoc.dul.to_user_queue.put(None)
         self._end(event, "aborted")
 
@@ -440,13 +440,21 @@ class StorageSCP:
             self.store.remove([path])  # the same UID arrived for another study meanwhile
             raise
         except Exception as exc:
-            if held_in is None:
-                # Not acknowledged, and no earlier copy of it lives at this path: nothing else knows the file.
+            if held_in is None and self._unrecorded(ident["SOPInstanceUID"]):
+                # Not acknowledged, and no copy of it is on record at this path: nothing else knows the file.
                 self.store.remove([path])
             raise DatabaseError(f"cannot record {ident['SOPInstanceUID']}: {exc}") from exc
         if own:
             log.info("stored our own output %s coming back; it will not be analysed", ident["SOPInstanceUID"])
         return SUCCESS
+
+    def _unrecorded(self, sop_uid: str) -> bool:
+        """True only when the database answers that it holds no instance `sop_uid` (another association may
+        have stored and acknowledged it meanwhile; a database that cannot answer keeps the file)."""
+        try:
+            return self.db.instance_study(sop_uid) is None
+        except Exception:  # noqa: BLE001 - the database is failing already: leave the file
+            return False
 
     def _is_own_output(self, ds: Any, sop_uid: str) -> bool:
         if self.db.is_known_output(sop_uid):

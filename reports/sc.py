@@ -235,11 +235,11 @@ def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts, drawin
     lines.append(_Line("Key", fonts.body, MUTED_TEXT, gap_before=0.6))
     if ordered:
         # The key says what the drawing shows: one grey when no level is named (the sacrum aside).
-        bodies = [o.vertebra for o in ordered if o.vertebra.level != "S1"] or [ordered[0].vertebra]
-        if any(v.level is not None for v in bodies):
+        bodies = [o.vertebra for o in ordered if o.vertebra.level != "S1"]  # (a sacrum alone: keyed below)
+        if bodies and any(v.level is not None for v in bodies):
             lines.append(_Line("vertebra outline (colour by level)", fonts.small, PANEL_TEXT,
                                swatch=style.vertebra_colour(next(v for v in bodies if v.level is not None))))
-        else:
+        elif bodies:
             lines.append(_Line("vertebra outline (no level named)", fonts.small, PANEL_TEXT,
                                swatch=style.UNKNOWN_LEVEL_COLOUR))
         if any(o.vertebra.level == "S1" for o in ordered):

@@ -360,3 +360,16 @@ def test_patient_keys_need_the_node_secret_and_a_new_secret_forgets_them(db: Dat
     assert db.adopt_patient_secret(secret_fingerprint(os.urandom(32)))  # key file lost: keys forgotten
     assert db.study("1.2.3")["patient_key"] is None
     assert db.one("SELECT patient_key FROM instances")["patient_key"] is None
+
+
+def test_restarts_while_a_study_waits_for_the_disk_do_not_count_as_interrupted_analyses(db: Database) -> None:
+    from dicom_node.db import WAITING_PREFIX
+
+    db.record_instance(rec("1.1"))
+    for _ in range(MAX_INTERRUPTED_ANALYSES + 1):
+        assert db.mark_complete("1.2.3") or db.study("1.2.3")["state"] == "complete"
+        assert db.claim_study("1.2.3") is not None
+        db.note_study("1.2.3", f"{WAITING_PREFIX}spine-xr: cannot write 1.dcm: No space left on device")
+        db.recover()  # a restart loop while the disk is full
+        assert db.study("1.2.3")["state"] == "complete"
+    assert db.study("1.2.3")["interrupted"] == 0

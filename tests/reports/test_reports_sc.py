@@ -318,3 +318,14 @@ def test_crowded_level_labels_stay_on_the_image_and_near_their_vertebrae(cases):
     for k, a in enumerate(on_image):
         for b in on_image[k + 1:]:
             assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1], (a, b)
+
+
+def test_the_key_names_only_what_is_drawn_when_a_sacrum_is_all_there_is(cases):
+    import dataclasses
+
+    case = cases["ap-cr"]
+    image = case.result.images[0]
+    sacrum = dataclasses.replace(image.vertebrae[-1], level="S1")
+    alone = dataclasses.replace(image, vertebrae=(sacrum,))
+    text = _panel_text(sc.render(case.result, alone, case.sources))
+    assert "sacrum outline" in text and "vertebra outline" not in text
