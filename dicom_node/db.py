@@ -780,7 +780,7 @@ class Database:
                     " :transfer_syntax_uid, :kind, :variant, :path, :size, :created_at)"
                     " ON CONFLICT(sop_instance_uid) DO UPDATE SET job_id = excluded.job_id, path = excluded.path,"
                     " size = excluded.size, transfer_syntax_uid = excluded.transfer_syntax_uid,"
-                    " variant = excluded.variant",
+                    " variant = excluded.variant, purged_at = NULL",  # written again: retention owns it again
                     {**out, "job_id": job_id, "created_at": now},
                 )
             study = outputs[0]["study_instance_uid"] if outputs else None

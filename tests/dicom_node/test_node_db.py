@@ -373,3 +373,17 @@ def test_restarts_while_a_study_waits_for_the_disk_do_not_count_as_interrupted_a
         db.recover()  # a restart loop while the disk is full
         assert db.study("1.2.3")["state"] == "complete"
     assert db.study("1.2.3")["interrupted"] == 0
+
+
+def test_an_output_written_again_after_retention_is_retention_s_again(db: Database) -> None:
+    import time
+
+    job_id, delivery = _job_with_delivery(db)
+    db.mark_delivered(delivery, 0)
+    db.settle_delivered_studies()
+    assert db.purge_outputs(time.time() + 1) == ["/o/5.5.dcm"]
+    out = {"sop_instance_uid": "5.5", "study_instance_uid": "1.2.3", "series_instance_uid": "5", "sop_class_uid": "x",
+           "transfer_syntax_uid": "y", "kind": "sr", "variant": "any", "path": "/o/5.5.dcm", "size": 1}
+    db.record_outputs(job_id, {"analysis": "a"}, [out], [])  # a re-analysis writes the same object again
+    assert db.one("SELECT purged_at FROM outputs")["purged_at"] is None
+    assert db.purge_outputs(time.time() + 1) == ["/o/5.5.dcm"]
