@@ -71,7 +71,7 @@ def test_padding_pixels_read_as_background_and_leave_the_contrast_alone(photomet
 def test_a_uniform_frame_is_cropped_and_results_map_back_to_the_stored_grid(orientation: list[str]) -> None:
     """An electronic shutter (a frame of one value, black or white) is left out of what the models see: filled
     in or kept, it misled them (a 400 px frame around a real film: 22 "vertebrae" for 11)."""
-    from inference.radiograph.analysis import _mask_to_stored
+    from inference.radiograph.analysis import mask_to_stored
 
     stripe = _bright_stripe()
     framed = np.zeros((stripe.shape[0] + 30, stripe.shape[1] + 20), dtype=np.uint16)
@@ -85,7 +85,7 @@ def test_a_uniform_frame_is_cropped_and_results_map_back_to_the_stored_grid(orie
     # The canonical pixel at (row 30, column 24) of the content is the stored pixel the orientation names.
     mask = np.zeros(rad.pixels.shape, dtype=bool)
     mask[30, 24] = True
-    stored = _mask_to_stored(rad.orientation, rad.pixels.shape, (0, 0), mask).dense()
+    stored = mask_to_stored(rad.orientation, rad.pixels.shape, (0, 0), mask).dense()
     (r,), (c,) = np.nonzero(stored)
     x, y = rad.orientation.point_from_canonical((24.5, 30.5), rad.pixels.shape)
     assert (int(y), int(x)) == (r, c)
