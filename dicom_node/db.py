@@ -16,7 +16,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +284,12 @@ def secret_fingerprint(secret: bytes) -> str:
     return hashlib.sha256(b"patient-key-fingerprint\x00" + secret).hexdigest()[:16]
 
 
+def _other_patient(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str, key: str) -> bool:
+    """True when the study is on record with a patient key other than `key`."""
+    row = execute("SELECT patient_key FROM studies WHERE study_instance_uid = ?", (study_instance_uid,)).fetchone()
+    return row is not None and row[0] is not None and row[0] != key
+
+
 def patient_conflict_reason(study_instance_uid: str) -> str:
     """Why an instance of another patient than its study's is refused."""
     return (f"PatientID differs from that of the instances of study {study_instance_uid} already received:"
@@ -376,10 +382,10 @@ class Database:
             if self.read_only:
                 conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
                                        timeout=self.busy_timeout_s, check_same_thread=False)
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
             else:
                 conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, check_same_thread=False)
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            if not self.read_only:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous_full else 'NORMAL'}")
                 conn.execute("PRAGMA foreign_keys = ON")
@@ -535,7 +541,8 @@ class Database:
         now = time.time()
         with self.tx() as db:
             row = db.execute(
-                "SELECT study_instance_uid FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+                "SELECT study_instance_uid, patient_key FROM instances WHERE sop_instance_uid = ?",
+                (rec.sop_instance_uid,),
             ).fetchone()
             if row is not None and row[0] != rec.study_instance_uid:
                 # One UID names one instance: taking it would point the first study at the second's file
@@ -544,9 +551,10 @@ class Database:
             existed = row is not None
             corrected = False
             if not rec.own_output and rec.patient_key is not None:
-                conflict, corrected = self._patient_check(db, rec, existed)
-                if conflict:
+                if not existed and _other_patient(db.execute, rec.study_instance_uid, rec.patient_key):
                     raise InstanceConflict(patient_conflict_reason(rec.study_instance_uid))
+                # A re-sent instance may change patient (the sender corrected the identity): the study re-opens.
+                corrected = existed and row[1] is not None and row[1] != rec.patient_key
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
                 " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
@@ -598,26 +606,10 @@ class Database:
                        " DO UPDATE SET value = excluded.value", (fingerprint,))
             return forgot
 
-    @staticmethod
-    def _patient_check(db: sqlite_utils.Database, rec: InstanceRecord, existed: bool) -> tuple[bool, bool]:
-        """(refuse, corrected) for a source instance: a new instance must belong to its study's patient; a
-        re-sent one may change patient (the sender corrected the identity), which re-opens the study."""
-        study = db.execute("SELECT patient_key FROM studies WHERE study_instance_uid = ?",
-                           (rec.study_instance_uid,)).fetchone()
-        current = study[0] if study else None
-        if not existed:
-            return current is not None and current != rec.patient_key, False
-        before = db.execute("SELECT patient_key FROM instances WHERE sop_instance_uid = ?",
-                            (rec.sop_instance_uid,)).fetchone()[0]
-        return False, before is not None and before != rec.patient_key
-
-    def patient_conflict(self, study_instance_uid: str, sop_instance_uid: str, key: str) -> bool:
-        """True when a new instance (unknown SOP Instance UID) of patient `key` would join a study of another
-        patient (the SCP asks before writing the file; `record_instance` checks again in its transaction)."""
-        if self.instance_study(sop_instance_uid) is not None:
-            return False
-        row = self.one("SELECT patient_key FROM studies WHERE study_instance_uid = ?", (study_instance_uid,))
-        return bool(row and row["patient_key"] is not None and row["patient_key"] != key)
+    def patient_conflict(self, study_instance_uid: str, key: str) -> bool:
+        """True when a new instance of patient `key` would join a study of another patient (the SCP asks before
+        writing the file, for an instance it does not hold; `record_instance` checks again in its transaction)."""
+        return _other_patient(self.db.execute, study_instance_uid, key)
 
     def instance_study(self, sop_instance_uid: str) -> str | None:
         """The study the node holds instance `sop_instance_uid` in, if any."""

@@ -228,7 +228,8 @@ class Pipeline:
             for name in match.rule.analyses:
                 try:
                     if not self._run_job(study_uid, generation, match, name, by_uid):
-                        return self._superseded(study_uid)
+                        # Superseded: the study is analysed again with the new instances, by every analysis.
+                        return self._state(study_uid)
                 except StorageError as exc:
                     # The outputs could not be written (a full or read-only disk): not the study's fault. It
                     # stays claimed, and `process_pending` takes it up again after STRANDED_RETRY_S.
@@ -252,12 +253,9 @@ class Pipeline:
         if self.db.finish_study(study_uid, generation, ENCODED):
             self.db.settle_delivered_studies([study_uid])
         log.info("study %s encoded in %.2f s", study_uid, time.monotonic() - started)
-        state = self.db.study(study_uid)
-        return state["state"] if state else None
+        return self._state(study_uid)
 
-    def _superseded(self, study_uid: str) -> str | None:
-        """The study received instances during its analysis: it is analysed again with them (its other
-        analyses too), so nothing more is run on the older set."""
+    def _state(self, study_uid: str) -> str | None:
         state = self.db.study(study_uid)
         return state["state"] if state else None
 

@@ -393,7 +393,7 @@ class StorageSCP:
             own = self._is_own_output(ds, ident["SOPInstanceUID"])
             patient = patient_key(self._patient_secret, ident["StudyInstanceUID"], _text(ds, "PatientID"),
                                   _text(ds, "IssuerOfPatientID"))
-            if not own and self.db.patient_conflict(ident["StudyInstanceUID"], ident["SOPInstanceUID"], patient):
+            if not own and held_in is None and self.db.patient_conflict(ident["StudyInstanceUID"], patient):
                 raise DatasetError(patient_conflict_reason(ident["StudyInstanceUID"]))
             affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
             if affected_sop and affected_sop != ident["SOPInstanceUID"]:
