@@ -83,7 +83,7 @@ def build_pr(
             graphic_layer=result_layer,
             text_objects=[
                 hd.pr.TextObject(
-                    text_value=fit_text(line),
+                    text_value=fit_lo(line, 1024),  # ST; ASCII dashes, which dcmpschk requires
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
                     anchor_point=_inside((float(source.Columns) * 0.02, gap * (k + 1)), source),
                     anchor_point_visible=False,
@@ -165,16 +165,6 @@ def result_lines(result: StudyResult) -> list[str]:
     if verdict.hardware is not None:
         lines.append(f"Hardware: {verdict.hardware.value}" + (f"; {verdict.instrumentation}" if verdict.instrumentation else ""))
     return lines
-
-
-#: Dashes as ASCII: dcmtk's presentation-state check (dcmpschk) refuses other characters in a text object.
-_ASCII_DASHES = str.maketrans({"—": "-", "–": "-"})
-
-
-def fit_text(text: str, limit: int = 1024) -> str:
-    """`text` for a text object: ASCII dashes, cut to an ST value's 1024 characters."""
-    text = text.translate(_ASCII_DASHES)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _points(points: Sequence[tuple[float, float]], closed: bool) -> np.ndarray:
