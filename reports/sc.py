@@ -242,8 +242,8 @@ def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts, drawin
         elif bodies:
             lines.append(_Line("vertebra outline (no level named)", fonts.small, PANEL_TEXT,
                                swatch=style.UNKNOWN_LEVEL_COLOUR))
-        if any(o.vertebra.level == "S1" for o in ordered):
-            sacrum = next(o.vertebra for o in ordered if o.vertebra.level == "S1")
+        sacrum = next((o.vertebra for o in ordered if o.vertebra.level == "S1"), None)
+        if sacrum is not None:
             lines.append(_Line("sacrum outline", fonts.small, PANEL_TEXT, swatch=style.vertebra_colour(sacrum)))
     for kind in ImplantKind:
         count = sum(1 for i in image.implants if i.kind is kind)
