@@ -373,7 +373,8 @@ def _hardware_step(registry: ModelRegistry) -> HardwareStep | None:
 
 def _combine_hardware(outcomes: Sequence[HardwareOutcome], labels: Sequence[str]) -> tuple[HardwareStatus | None, str]:
     """The study's hardware status and its construct sentence; with several images the sentence says which
-    image it was counted on (a lateral's SC showed the frontal view's counts beside its own key)."""
+    image it was counted on (a lateral's SC showed the frontal view's counts beside its own key).  `labels`
+    names each outcome's image, one per outcome at least (see `combine_verdict`)."""
     if not outcomes:
         return None, ""
     statuses = {o.status for o in outcomes}
@@ -386,7 +387,6 @@ def _combine_hardware(outcomes: Sequence[HardwareOutcome], labels: Sequence[str]
             break
     else:
         chosen = HardwareStatus.NOT_ASSESSABLE
-    labels = [*labels, *[""] * (len(outcomes) - len(labels))]
     described = [(o, label) for o, label in zip(outcomes, labels, strict=False) if o.instrumentation]
     frontal = [(o, label) for o, label in described if o.view != "LAT"]
     if not described:
@@ -398,7 +398,6 @@ def _combine_hardware(outcomes: Sequence[HardwareOutcome], labels: Sequence[str]
 
 def _hardware_reasons(outcomes: Sequence[HardwareOutcome], labels: Sequence[str]) -> list[str]:
     several = len(outcomes) > 1
-    labels = [*labels, *[""] * (len(outcomes) - len(labels))]
     reasons = [f"{label}: {r}" if several and label else r for o, label in zip(outcomes, labels, strict=False)
                if o.status is HardwareStatus.NOT_ASSESSABLE for r in o.reasons]
     judged = (HardwareStatus.INTACT, HardwareStatus.POSSIBLE_COMPLICATION)
@@ -424,8 +423,9 @@ def combine_verdict(
     reasons: list[str] = []
     # Hardware findings were added to their image's findings by the analysis.
     findings = [f for w in works for f in w.findings]
-    # One hardware outcome per image, in the images' order.
+    # One hardware outcome per image, in the images' order (an outcome without its image gets no label).
     labels = [w.source.label for w in works]
+    labels += [""] * (len(hardware or ()) - len(labels))
     hw_status, instrumentation = _combine_hardware(hardware or (), labels)
     for f in findings:
         reasons.append(f.description or f.kind.value)
