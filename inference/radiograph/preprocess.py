@@ -350,7 +350,7 @@ def decode(ds: Dataset) -> Radiograph:
     if box is not None:
         framed = 1.0 - (box[2] - box[0]) * (box[3] - box[1]) / canonical.size
         orientation = orientation.with_crop(box, canonical.shape)
-        canonical = orientation.to_canonical(values)
+        canonical = canonical[box[0]:box[2], box[1]:box[3]]  # what `orientation.to_canonical` now gives
         notes = notes + (f"a uniform frame ({100 * framed:.0f} % of the image, an electronic shutter or an "
                          "undeclared padding) left out of the analysis",)
     canonical = np.ascontiguousarray(canonical, dtype=np.float32)
