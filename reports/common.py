@@ -147,6 +147,12 @@ def series_uid(result: StudyResult, kind: OutputKind, variant: str = "") -> UID:
                       variant or "default")
 
 
+def image_series_uid(result: StudyResult, image: ImageResult, kind: OutputKind, variant: str = "") -> UID:
+    """Series of one image's output of a kind (and variant): for the SEG, whose series viewers open by its first
+    instance only (OHIF takes `instances[0]` of a SEG series), so the SEG of each view needs a series of its own."""
+    return derive_uid(*image_key(image), "series", kind.value, models_fingerprint(result.models), variant or "default")
+
+
 def image_output_uid(result: StudyResult, image: ImageResult, kind: OutputKind, variant: str = "") -> UID:
     """SOP Instance UID of a per-image output (SEG, SC, PR)."""
     return derive_uid(*image_key(image), kind.value, models_fingerprint(result.models), variant or "default")
@@ -349,11 +355,12 @@ def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:
         del ds.InstitutionName
 
 
-def apply_series(ds: Dataset, kind: OutputKind) -> None:
-    """Stable SeriesNumber and SeriesDescription of an output kind."""
+def apply_series(ds: Dataset, kind: OutputKind, about: str = "") -> None:
+    """Stable SeriesNumber and SeriesDescription of an output kind; `about` names what a series of one image
+    holds ("AI Spine SEG, AP image, series 3 no. 1")."""
     style = SERIES[kind]
     ds.SeriesNumber = style.number
-    ds.SeriesDescription = style.description
+    ds.SeriesDescription = fit_lo(f"{style.description}, {about}") if about else style.description
 
 
 def copy_image_attributes(ds: Dataset, source: Dataset, keywords: Sequence[str]) -> None:

@@ -37,8 +37,8 @@ from reports.common import (
     declare_private_scheme,
     fit_lo,
     image_output_uid,
+    image_series_uid,
     models_text,
-    series_uid,
 )
 from reports.uids import derive_uid
 
@@ -221,6 +221,7 @@ def build_seg(
         for spec in specs
     ]
     transfer_syntax = JPEG2000Lossless if options.seg_compression == "jpeg2000" else ExplicitVRLittleEndian
+    variant = seg_variant(labelmap, options.seg_compression)
     seg = hd.seg.Segmentation(
         specific_character_set=CHARACTER_SET,  # not the source's: see CHARACTER_SET
         source_images=used_sources,
@@ -228,9 +229,9 @@ def build_seg(
         segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP if labelmap
                            else hd.seg.SegmentationTypeValues.BINARY),
         segment_descriptions=descriptions,
-        series_instance_uid=series_uid(result, OutputKind.SEG),
+        series_instance_uid=image_series_uid(result, image, OutputKind.SEG, variant),
         series_number=1,  # replaced by apply_series
-        sop_instance_uid=image_output_uid(result, image, OutputKind.SEG, seg_variant(labelmap, options.seg_compression)),
+        sop_instance_uid=_sop_instance_uid(result, image, variant),
         instance_number=instance_number,
         manufacturer=producer.manufacturer,
         manufacturer_model_name=producer.model_name,
@@ -249,7 +250,7 @@ def build_seg(
     source = sources[0]
     apply_identity(seg, source)
     apply_equipment(seg, source, producer)
-    apply_series(seg, OutputKind.SEG)
+    apply_series(seg, OutputKind.SEG, _source_name(image, source))
     if image.source.is_volume:
         copy_image_attributes(seg, source, _VOLUME_ATTRIBUTES)
     else:
@@ -262,6 +263,24 @@ def build_seg(
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimension_uid
     return seg
+
+
+def _sop_instance_uid(result: StudyResult, image: ImageResult, variant: str) -> str:
+    # Until 2026-12-07 the SEGs of a study shared one series. Their UIDs are derived afresh, so a PACS that holds
+    # one of those never receives the same SOP Instance UID again in another series.
+    return derive_uid(image_output_uid(result, image, OutputKind.SEG, variant), "series of its own")
+
+
+def _source_name(image: ImageResult, source: Dataset) -> str:
+    """The analysed image or series as the viewer lists it: its series description ("LSPINE LL no. 1", the
+    number telling apart two views of one series), else its label ("LAT image, series 3 no. 1")."""
+    described = str(source.get("SeriesDescription") or "").strip()
+    number = source.get("InstanceNumber")
+    if described:
+        return described if image.source.is_volume or number in (None, "") else f"{described} no. {number}"
+    if image.source.is_volume:
+        return f"series {source.get('SeriesNumber') or image.source.series_instance_uid}"
+    return image.source.label
 
 
 def _tracking_uid(image: ImageResult, spec: SegmentSpec) -> str:

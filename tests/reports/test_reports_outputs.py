@@ -84,7 +84,7 @@ def test_each_kind_is_its_own_stable_series(outputs, case):
     for out in outputs[case]:
         style = SERIES[out.kind]
         assert out.dataset.SeriesNumber == style.number
-        assert out.dataset.SeriesDescription == style.description
+        assert out.dataset.SeriesDescription.startswith(style.description)
     series = {o.kind: o.dataset.SeriesInstanceUID for o in outputs[case]}
     assert len(set(series.values())) == 4
 
@@ -187,6 +187,23 @@ def test_sr_and_sc_uids_follow_the_set_of_analysed_instances_and_the_sr_referenc
     again = build_outputs(both, [*dx.sources, cr_ds], predecessor_sr=earlier)
     assert _by_kind(again, OutputKind.SR)[0].dataset.SOPInstanceUID == sr.SOPInstanceUID
 
+
+
+def test_each_view_has_a_seg_series_of_its_own(cases, outputs):
+    """OHIF opens a SEG series by its first instance: the second view's SEG must not hide behind the first's."""
+    both, cr_ds = _two_views(cases)
+    sources = [*cases["lateral-dx"].sources, cr_ds]
+    segs = [o.dataset for o in build_outputs(both, sources, kinds=[OutputKind.SEG])]
+    assert len(segs) == 2
+    assert segs[0].SeriesInstanceUID != segs[1].SeriesInstanceUID
+    assert {s.SeriesNumber for s in segs} == {SERIES[OutputKind.SEG].number}
+    assert [s.SeriesDescription for s in segs] == ["AI Spine SEG, LSPINE LL no. 1", "AI Spine SEG, LSPINE AP no. 1"]
+    again = [o.dataset for o in build_outputs(both, sources, kinds=[OutputKind.SEG])]
+    assert [(s.SOPInstanceUID, s.SeriesInstanceUID) for s in again] == [(s.SOPInstanceUID, s.SeriesInstanceUID)
+                                                                         for s in segs]
+    # The lateral's SEG is the one made when it was alone in the study: same object, same series.
+    alone = _by_kind(outputs["lateral-dx"], OutputKind.SEG)[0].dataset
+    assert (alone.SOPInstanceUID, alone.SeriesInstanceUID) == (segs[0].SOPInstanceUID, segs[0].SeriesInstanceUID)
 
 
 def test_sr_notes_of_a_two_image_study_name_their_image(cases, tmp_path):
