@@ -158,6 +158,12 @@ def image_output_uid(result: StudyResult, image: ImageResult, kind: OutputKind, 
     return derive_uid(*image_key(image), kind.value, models_fingerprint(result.models), variant or "default")
 
 
+def tracking_uid(image: ImageResult, what: str, label: str) -> UID:
+    """Tracking UID of one tracked object of an image ("vertebra", "L3"): the SEG segment and the SR group of a
+    vertebra carry the same one, so a reader can link them."""
+    return derive_uid(image.source.sop_instance_uids[0], "tracking", what, label)
+
+
 def analysed_sop_instance_uids(result: StudyResult) -> tuple[str, ...]:
     """Sorted SOP Instance UIDs of every analysed source instance."""
     return tuple(sorted({uid for im in result.images for uid in im.source.sop_instance_uids}))

@@ -10,6 +10,7 @@ labels at full screen.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -623,7 +624,7 @@ def build_sc(
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
-    sc.LossyImageCompression = "00"
+    _copy_lossy_flag(sc, rendering.view.sources)
     sc.DerivationDescription = fit_lo(f"{DISCLAIMER}. Annotated by {producer.model_name} {producer.software_version}",
                                       1024)
     sc.ImageComments = fit_lo(f"{result.verdict.outcome.value}; {models_text(result.models)}", 10240)
@@ -632,6 +633,16 @@ def build_sc(
     if rendering.view.caption:
         sc.DerivationDescription = fit_lo(f"{sc.DerivationDescription} ({rendering.view.caption})", 1024)
     return sc
+
+
+def _copy_lossy_flag(sc: Dataset, sources: Sequence[Dataset]) -> None:
+    """Lossy Image Compression: once "01" in a source it stays "01" in what is derived from it (PS3.3
+    C.7.6.1.1.5), with the source's ratio and method; as highdicom does for the SEG."""
+    lossy = next((ds for ds in sources if ds.get("LossyImageCompression") == "01"), None)
+    sc.LossyImageCompression = "01" if lossy is not None else "00"
+    for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if lossy is not None and keyword in lossy:
+            setattr(sc, keyword, copy.deepcopy(lossy[keyword].value))
 
 
 def _image_reference(ds: Dataset) -> Dataset:

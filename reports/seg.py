@@ -39,6 +39,7 @@ from reports.common import (
     image_output_uid,
     image_series_uid,
     models_text,
+    tracking_uid,
 )
 from reports.uids import derive_uid
 
@@ -71,14 +72,10 @@ class SegmentSpec:
 def segment_specs(image: ImageResult) -> list[SegmentSpec]:
     """Segments of one image in reading order: vertebrae cranial to caudal, then implant classes."""
     specs: list[SegmentSpec] = []
-    seen: dict[str, int] = {}
     for item in style.ordered_vertebrae(image.vertebrae):
         if item.vertebra.mask.empty:
             continue
         label = item.label
-        seen[label] = seen.get(label, 0) + 1
-        if seen[label] > 1:  # two detections named the same level: keep both, visibly
-            label = f"{label} ({seen[label]})"
         specs.append(SegmentSpec(
             number=len(specs) + 1,
             label=label,
@@ -213,7 +210,7 @@ def build_seg(
             segmented_property_type=spec.property_type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=hd.UID(_tracking_uid(image, spec)),
+            tracking_uid=hd.UID(tracking_uid(image, "vertebra" if spec.kind is None else "implant class", spec.label)),
             tracking_id=fit_lo(spec.tracking_id),
             anatomic_regions=[spec.anatomic_region] if spec.anatomic_region else None,
             display_color=hd.color.CIELabColor.from_rgb(*spec.colour),
@@ -281,10 +278,6 @@ def _source_name(image: ImageResult, source: Dataset) -> str:
     if image.source.is_volume:
         return f"series {source.get('SeriesNumber') or image.source.series_instance_uid}"
     return image.source.label
-
-
-def _tracking_uid(image: ImageResult, spec: SegmentSpec) -> str:
-    return derive_uid(image.source.sop_instance_uids[0], "segment", spec.label)
 
 
 def add_projection_geometry(seg: Dataset, source: Dataset) -> None:

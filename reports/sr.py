@@ -21,10 +21,12 @@ mask, and reference that slice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
@@ -55,6 +57,7 @@ from reports.common import (
     plain,
     series_uid,
     sr_uid,
+    tracking_uid,
 )
 from reports.uids import derive_uid
 
@@ -142,7 +145,7 @@ def _algorithm(result: StudyResult) -> hd.sr.AlgorithmIdentification:
 
 def _tracking(image: ImageResult, what: str, label: str) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(
-        uid=derive_uid(image.source.sop_instance_uids[0], "tracking", what, label),
+        uid=tracking_uid(image, what, label),
         identifier=plain(label),
     )
 
@@ -396,6 +399,9 @@ def build_sr(
         observation_context=_observation_context(producer),
         procedure_reported=codes.procedure_code(modality),
         imaging_measurements=groups,
+        # TID 1500 row 5: the Image Library lists the images the report's coordinates refer to (dcmtk's TID 1500
+        # check refuses a report without it).
+        referenced_images=_library_images(all_sources),
     )
     report[0].ContentSequence.append(_study_evaluations(result))
     source = all_sources[0]
@@ -416,10 +422,36 @@ def build_sr(
     apply_identity(sr, source)
     apply_equipment(sr, source, producer)
     apply_series(sr, OutputKind.SR)
-    if predecessor is not None:
+    # A re-analysis of the same instances derives the same UID: a document is never its own predecessor.
+    if predecessor is not None and predecessor.sop_instance_uid != sr.SOPInstanceUID:
         sr.PredecessorDocumentsSequence = DicomSequence([_hierarchical_reference(predecessor)])
     declare_private_scheme(sr)
     return sr
+
+
+#: What highdicom's Image Library entry (TID 1602-1604) reads from an image of each kind of modality.
+_LIBRARY_NEEDS = {
+    ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"): (("PatientOrientation", 2), ("ImagerPixelSpacing", 2)),
+    ("CT", "MR", "PT"): (("PixelSpacing", 2), ("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("SliceThickness", 1)),
+}
+
+
+def _library_images(sources: Sequence[Dataset]) -> list[Dataset] | None:
+    """The sources for the Image Library, or None (no library) when one lacks what its entry describes: a CR
+    may leave PatientOrientation empty and need not give ImagerPixelSpacing, and the report must still be made."""
+    for ds in sources:
+        for modalities, needs in _LIBRARY_NEEDS.items():
+            if ds.get("Modality") in modalities and not all(
+                    len(_values(ds.get(keyword))) == n and all(str(v).strip() for v in _values(ds.get(keyword)))
+                    for keyword, n in needs):
+                return None
+    return list(sources)
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
 def _hierarchical_reference(ref: SopReference) -> Dataset:

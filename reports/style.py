@@ -107,10 +107,16 @@ class Ordered:
 
 
 def ordered_vertebrae(vertebrae: tuple[Vertebra, ...]) -> list[Ordered]:
-    """Named levels in anatomical order, then unnamed ones top to bottom, numbered 1, 2 ..."""
+    """Named levels in anatomical order, then unnamed ones top to bottom, numbered 1, 2 ...  Two detections
+    named the same level are both kept, visibly: "L3", "L3 (2)" (each label names one vertebra in every output)."""
     named = sorted((v for v in vertebrae if v.level is not None), key=lambda v: level_index(v.level or ""))
     unnamed = sorted((v for v in vertebrae if v.level is None), key=lambda v: (v.centroid[1], v.centroid[0]))
-    out = [Ordered(v, 0, vertebra_label(v, 0)) for v in named]
+    out: list[Ordered] = []
+    seen: dict[str, int] = {}
+    for v in named:
+        label = vertebra_label(v, 0)
+        seen[label] = seen.get(label, 0) + 1
+        out.append(Ordered(v, 0, label if seen[label] == 1 else f"{label} ({seen[label]})"))
     out += [Ordered(v, i, vertebra_label(v, i)) for i, v in enumerate(unnamed, start=1)]
     return out
 

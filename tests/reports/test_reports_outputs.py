@@ -791,3 +791,51 @@ def test_one_patient_check_tells_patients_apart_but_not_spellings_of_one():
         assert "instances 9.1 and 9.2" in str(raised.value)
         # Patient data stays out of the message (it reaches logs and status, and redaction keeps numbers).
         assert not any(str(v) in str(raised.value) for v in ("P1", "P2", "DOE", "19600101", "19610101"))
+
+
+def test_sr_lists_its_images_in_an_image_library(cases, outputs):
+    """TID 1500 row 5: every analysed image is in the Image Library (dcmtk's TID 1500 check wants it)."""
+    sr = _by_kind(outputs["lateral-dx"], OutputKind.SR)[0].dataset
+    library = [i for i in _walk(sr.ContentSequence) if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    assert len(library) == 1
+    listed = {r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in _walk(library[0].ContentSequence)
+              if r.ValueType == "IMAGE"}
+    assert listed == {str(ds.SOPInstanceUID) for ds in cases["lateral-dx"].sources}
+
+
+def test_a_report_is_never_its_own_predecessor(cases, outputs):
+    first = _by_kind(outputs["lateral-dx"], OutputKind.SR)[0].dataset
+    same = SopReference(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), str(first.SOPClassUID),
+                        str(first.SOPInstanceUID))
+    case = cases["lateral-dx"]
+    (again,) = _by_kind(build_outputs(case.result, case.sources, kinds=[OutputKind.SR], predecessor_sr=same), OutputKind.SR)
+    assert again.dataset.SOPInstanceUID == first.SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in again.dataset
+
+
+def test_sc_of_a_lossy_source_says_lossy(cases):
+    case = cases["lateral-dx"]
+    source = copy.deepcopy(case.sources[0])
+    source.LossyImageCompression = "01"
+    source.LossyImageCompressionRatio = 10
+    source.LossyImageCompressionMethod = "ISO_10918_1"
+    (out,) = _by_kind(build_outputs(case.result, [source], kinds=[OutputKind.SC]), OutputKind.SC)
+    assert out.dataset.LossyImageCompression == "01"
+    assert out.dataset.LossyImageCompressionMethod == "ISO_10918_1"
+    (plain,) = _by_kind(build_outputs(case.result, case.sources, kinds=[OutputKind.SC]), OutputKind.SC)
+    assert plain.dataset.LossyImageCompression == "00"
+
+
+def test_seg_segment_and_sr_group_of_a_vertebra_share_a_tracking_uid(outputs):
+    seg = _by_kind(outputs["lateral-dx"], OutputKind.SEG)[0].dataset
+    sr = _by_kind(outputs["lateral-dx"], OutputKind.SR)[0].dataset
+    segments = {s.TrackingID: s.TrackingUID for s in seg.SegmentSequence if "TrackingID" in s}
+    groups = {}
+    for group in _walk(sr.ContentSequence):
+        items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in group.get("ContentSequence", [])}
+        if "Tracking Identifier" in items and "Tracking Unique Identifier" in items:
+            groups[items["Tracking Identifier"].TextValue] = items["Tracking Unique Identifier"].UID
+    vertebrae = [label for label in segments if label in ("L1", "L2", "L3", "L4", "L5")]
+    assert vertebrae, segments
+    for label in vertebrae:
+        assert segments[label] == groups[label], label
