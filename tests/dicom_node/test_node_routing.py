@@ -21,6 +21,19 @@ def test_default_rule_selects_spine_radiographs_by_body_part_or_description() ->
     assert not chest.routed and "BodyPartExamined 'CHEST'" in chest.reason
 
 
+def test_default_rule_leaves_out_the_cervical_spine_the_models_never_saw() -> None:
+    rules = load(env={}).rules
+    for headers in (dict(body_part_examined="CSPINE"), dict(body_part_examined="C-SPINE"), dict(body_part_examined="CTSPINE"),
+                    dict(series_description="HWS ap/seitl."), dict(series_description="C-Spine LAT"),
+                    dict(study_description="XR cervical spine 3 views"), dict(study_description="Halswirbelsäule")):
+        routing = route([h(modality="DX", **headers)], rules)
+        assert not routing.routed, headers
+    for headers in (dict(body_part_examined="TLSPINE"), dict(body_part_examined="L-SPINE"), dict(body_part_examined="SPINE"),
+                    dict(series_description="Thoracic spine AP"), dict(series_description="BWS+LWS"),
+                    dict(study_description="Wirbelsäule ganz stehend"), dict(study_description="rachis lombaire")):
+        assert route([h(modality="DX", **headers)], rules).routed, headers
+
+
 def test_rule_selects_only_matching_instances_and_completion_policy() -> None:
     rules = validate({"rules": [
         {"name": "xr", "analyses": ["a"], "complete_on": "association-release",
