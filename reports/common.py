@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM
@@ -303,8 +304,9 @@ _DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}
 
 
 def encodable_copy(source: Dataset) -> Dataset:
-    """`source` with identity dates/times that do not parse emptied (e.g. PatientBirthDate "31.12.1960") and
-    absent Type 2 identity attributes present but empty (a DX without PatientSex or StudyID).
+    """`source` with identity dates/times that do not parse emptied (e.g. PatientBirthDate "31.12.1960"),
+    absent Type 2 identity attributes present but empty (a DX without PatientSex or StudyID), and a window that
+    cannot be used left out (`_unusable_window`).
 
     Some modalities send such data; highdicom refuses unparseable values and reads Type 2 attributes
     unconditionally while building.  The builders get this copy, and `apply_identity` afterwards copies the
@@ -321,8 +323,10 @@ def encodable_copy(source: Dataset) -> Dataset:
         except ValueError:
             bad.append(keyword)
     absent = [keyword for keyword, type_ in IDENTITY_ATTRIBUTES if type_ == 2 and keyword not in source]
-    listed_luts = any(not isinstance(item.get("LUTData"), (bytes, type(None))) for item in source.get("VOILUTSequence", []))
-    if not bad and not absent and not listed_luts:
+    luts_to_convert = any(not isinstance(item.get("LUTData"), (bytes, type(None))) or int(item.LUTDescriptor[2]) != 16
+                      for item in source.get("VOILUTSequence", []) if "LUTDescriptor" in item)
+    window = _unusable_window(source)
+    if not bad and not absent and not luts_to_convert and not window:
         return source
     clean = Dataset()
     clean.update(source)
@@ -332,19 +336,71 @@ def encodable_copy(source: Dataset) -> Dataset:
         del clean[keyword]  # the element object is shared with `source`: replace it, never mutate it
     for keyword in (*bad, *absent):
         setattr(clean, keyword, None)  # empty, not absent: the builders read these Type 2 attributes
-    if listed_luts:
+    if luts_to_convert:
         del clean.VOILUTSequence  # shared with `source`, as above
-        clean.VOILUTSequence = DicomSequence([_lut_as_words(item) for item in source.VOILUTSequence])
+        clean.VOILUTSequence = DicomSequence([_lut_in_16_bits(item) for item in source.VOILUTSequence])
+    for keyword in window:
+        del clean[keyword]
     return clean
 
 
-def _lut_as_words(item: Dataset) -> Dataset:
-    """A copy of a VOI LUT item whose LUTData (VR US, read as a list of values) is 16-bit words (VR OW), the
-    form highdicom copies into the presentation state (it refused the list)."""
+_WINDOW = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction")
+
+
+def _unusable_window(source: Dataset) -> list[str]:
+    """The window attributes the outputs leave out: all of them beside a VOI LUT Sequence (the SC uses the LUT,
+    and a presentation state may carry only one of the two), or when the window is not numbers with a positive
+    width in pairs (WindowWidth 0, WindowCenter "abc"), which the SC and PR builders cannot use."""
+    present = [k for k in _WINDOW if k in source]
+    if not present:
+        return []
+    if len(source.get("VOILUTSequence", [])):
+        return present
+    try:
+        centres = [float(v) for v in as_list(source.get("WindowCenter"))]
+        widths = [float(v) for v in as_list(source.get("WindowWidth"))]
+    except (TypeError, ValueError):
+        return present
+    usable = centres and len(centres) == len(widths) and all(np.isfinite(c) for c in centres) and all(
+        np.isfinite(w) and w >= 1 for w in widths)
+    return [] if usable else present
+
+
+def as_list(value: object) -> list[object]:
+    """The values of a possibly multi-valued element's value ([] when empty)."""
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
+def _lut_in_16_bits(item: Dataset) -> Dataset:
+    """A copy of a VOI LUT item with 16-bit entries as words (VR OW): highdicom copies only words into the
+    presentation state (it refused a list of values) and writes 16 bits per entry whatever the source said,
+    and a Softcopy VOI LUT allows only 8 or 16; so a 12-bit LUT (values to 4095) is scaled to 16 bits, or
+    it would show nearly black."""
     out = copy.deepcopy(item)
-    if "LUTData" in out and not isinstance(out.LUTData, bytes):
-        out["LUTData"] = DataElement(0x00283006, "OW", np.asarray(list(out.LUTData), dtype="<u2").tobytes())
+    if "LUTData" not in out or "LUTDescriptor" not in out:
+        return out
+    raw = out.LUTData
+    data = (np.frombuffer(raw, dtype="<u2") if isinstance(raw, bytes) else np.asarray(list(as_list(raw)))).astype(np.float64)
+    bits = int(out.LUTDescriptor[2])
+    if bits != 16:
+        data = np.rint(data * 65535.0 / float(2**bits - 1))
+        out.LUTDescriptor = [int(out.LUTDescriptor[0]), int(out.LUTDescriptor[1]), 16]
+    out["LUTData"] = DataElement(0x00283006, "OW", np.clip(data, 0, 65535).astype("<u2").tobytes())
     return out
+
+
+def institution_name(source: Dataset, producer: Producer) -> str | None:
+    """The producer's institution, else the source's, as one LO value: a source's over-long or two-valued
+    InstitutionName would make the output invalid (and highdicom refuses it)."""
+    if producer.institution_name is not None:
+        return producer.institution_name
+    values = as_list(source.get("InstitutionName"))
+    if not values:
+        return None
+    value = str(values[0])
+    return value if len(value.encode("utf-8")) <= 64 else fit_lo(value)
 
 
 def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:
@@ -353,8 +409,7 @@ def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:
     ds.ManufacturerModelName = producer.model_name
     ds.SoftwareVersions = producer.software_version
     ds.DeviceSerialNumber = producer.device_serial_number
-    institution = producer.institution_name if producer.institution_name is not None else source.get(
-        "InstitutionName")
+    institution = institution_name(source, producer)
     if institution:
         ds.InstitutionName = institution
     elif "InstitutionName" in ds:

@@ -27,6 +27,7 @@ from reports.common import (
     copy_image_attributes,
     fit_lo,
     image_output_uid,
+    institution_name,
     series_uid,
 )
 
@@ -145,13 +146,14 @@ def build_pr(
         graphic_annotations=graphic_annotations,
         graphic_layers=layers_out,
         presentation_lut_transformation=presentation_lut,
-        institution_name=producer.institution_name or source.get("InstitutionName"),
+        institution_name=institution_name(source, producer),
     )
     apply_identity(pr, source)
     apply_equipment(pr, source, producer)
     apply_series(pr, OutputKind.PR)
     copy_image_attributes(pr, source, _SOURCE_ATTRIBUTES)
     return pr
+
 
 
 #: Colour of the result layer (the SC's banner yellow).

@@ -33,6 +33,7 @@ from reports.common import (
     apply_equipment,
     apply_identity,
     apply_series,
+    as_list,
     copy_image_attributes,
     declare_private_scheme,
     fit_lo,
@@ -289,10 +290,10 @@ def add_projection_geometry(seg: Dataset, source: Dataset) -> None:
     uses for the source: PixelSpacing when calibrated, else ImagerPixelSpacing.
     """
     shared = seg.SharedFunctionalGroupsSequence[0]
-    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    spacing = _spacing(source, "PixelSpacing") or _spacing(source, "ImagerPixelSpacing")
     if spacing is not None and "PixelMeasuresSequence" not in shared:
         measures = Dataset()
-        measures.PixelSpacing = [float(v) for v in spacing]
+        measures.PixelSpacing = spacing
         # A projection has no slice; the attribute is only there because readers (highdicom's segread)
         # require it next to PixelSpacing.  Nominal 1 mm, as for any single plane.
         measures.SliceThickness = 1.0
@@ -304,3 +305,13 @@ def add_projection_geometry(seg: Dataset, source: Dataset) -> None:
         position = Dataset()
         position.ImagePositionPatient = list(DEFAULT_POSITION)
         frame.PlanePositionSequence = DicomSequence([position])
+
+
+def _spacing(source: Dataset, keyword: str) -> list[float] | None:
+    """A pixel spacing of the source as two positive numbers, None when it is absent or not that ("0.25",
+    "0.25\\abc", a negative value): copied, it would make the SEG invalid or fail to build."""
+    try:
+        values = [float(v) for v in as_list(source.get(keyword))]
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == 2 and all(np.isfinite(v) and v > 0 for v in values) else None

@@ -21,12 +21,10 @@ mask, and reference that slice.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
@@ -51,8 +49,10 @@ from reports.common import (
     apply_equipment,
     apply_identity,
     apply_series,
+    as_list,
     declare_private_scheme,
     fit_lo,
+    institution_name,
     models_text,
     plain,
     series_uid,
@@ -417,7 +417,7 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        institution_name=producer.institution_name or source.get("InstitutionName"),
+        institution_name=institution_name(source, producer),
     )
     apply_identity(sr, source)
     apply_equipment(sr, source, producer)
@@ -438,20 +438,25 @@ _LIBRARY_NEEDS = {
 
 def _library_images(sources: Sequence[Dataset]) -> list[Dataset] | None:
     """The sources for the Image Library, or None (no library) when one lacks what its entry describes: a CR
-    may leave PatientOrientation empty and need not give ImagerPixelSpacing, and the report must still be made."""
+    may leave PatientOrientation empty and need not give ImagerPixelSpacing, a header may hold a spacing that
+    is no number, and the report must still be made."""
     for ds in sources:
         for modalities, needs in _LIBRARY_NEEDS.items():
-            if ds.get("Modality") in modalities and not all(
-                    len(_values(ds.get(keyword))) == n and all(str(v).strip() for v in _values(ds.get(keyword)))
-                    for keyword, n in needs):
+            if ds.get("Modality") in modalities and not all(_describes(ds, keyword, n) for keyword, n in needs):
                 return None
     return list(sources)
 
 
-def _values(value: Any) -> list[Any]:
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+def _describes(ds: Dataset, keyword: str, n: int) -> bool:
+    """`keyword` of `ds` holds `n` values an Image Library entry can carry (numbers, or for PatientOrientation
+    non-empty letters)."""
+    try:
+        values = as_list(ds.get(keyword))
+        if keyword != "PatientOrientation":
+            values = [v for v in values if np.isfinite(float(v))]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return len(values) == n and all(str(v).strip() for v in values)
 
 
 def _hierarchical_reference(ref: SopReference) -> Dataset:

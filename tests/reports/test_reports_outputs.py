@@ -12,6 +12,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import JPEG2000Lossless
 
 from inference.results import GenantGrade, ImplantKind, ScreeningOutcome
@@ -839,3 +841,56 @@ def test_seg_segment_and_sr_group_of_a_vertebra_share_a_tracking_uid(outputs):
     assert vertebrae, segments
     for label in vertebrae:
         assert segments[label] == groups[label], label
+
+
+def _lut_item(bits: int) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, bits]
+    item.LUTData = [int(v) for v in np.linspace(0, 2**bits - 1, 4096)]
+    return item
+
+
+def _header_oddity(source: pydicom.Dataset, oddity: str) -> None:
+    if oddity == "VOI LUT and window":
+        source.VOILUTSequence = pydicom.Sequence([_lut_item(16)])
+        source.WindowCenter, source.WindowWidth = 2000, 4000
+    elif oddity == "12-bit VOI LUT":
+        source.VOILUTSequence = pydicom.Sequence([_lut_item(12)])
+        for keyword in ("WindowCenter", "WindowWidth"):
+            if keyword in source:
+                delattr(source, keyword)
+    elif oddity == "window width 0":
+        source.WindowCenter, source.WindowWidth = 2000, 0
+    elif oddity == "window centre not a number":
+        source[0x00281050] = RawDataElement(Tag(0x00281050), "DS", 4, b"abc ", 0, True, True)
+        source.WindowWidth = 4000
+    elif oddity == "institution over 64 characters":
+        source.InstitutionName = "Universitätsklinikum " * 5
+    elif oddity == "spacing with one value":
+        source.ImagerPixelSpacing = "0.25"
+    elif oddity == "spacing not numbers":
+        source[0x00181164] = RawDataElement(Tag(0x00181164), "DS", 8, b"0.25\\abc", 0, True, True)
+    elif oddity == "negative spacing":
+        source.ImagerPixelSpacing = [-0.25, 0.25]
+
+
+@pytest.mark.parametrize("oddity", ["VOI LUT and window", "12-bit VOI LUT", "window width 0", "window centre not a number",
+                                    "institution over 64 characters", "spacing with one value", "spacing not numbers",
+                                    "negative spacing"])
+def test_one_odd_header_value_costs_no_output(cases, oddity, tmp_path, dciodvfy):
+    """A valid or merely sloppy header (seen from modalities) must not fail the study's outputs: the value is
+    left out or made valid, and every object still passes dciodvfy."""
+    case = cases["lateral-dx"]
+    source = copy.deepcopy(case.sources[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _header_oddity(source, oddity)
+        outs = build_outputs(case.result, [source])
+    assert sorted(o.kind.value for o in outs) == ["pr", "sc", "seg", "sr"]
+    for path in _write(tmp_path, outs, "odd"):
+        errors, _ = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+    if oddity == "12-bit VOI LUT":
+        (pr,) = _by_kind(outs, OutputKind.PR)
+        lut = pr.dataset.SoftcopyVOILUTSequence[0].VOILUTSequence[0]
+        assert lut.LUTDescriptor[2] == 16 and np.frombuffer(lut.LUTData, "<u2").max() == 65535  # scaled, not left at 4095
