@@ -49,7 +49,8 @@ def build_outputs(
     result analysed must be among them.  Raises ``ValueError`` naming the attribute when the
     sources belong to more than one patient or study, or to another study than `result`.
     Objects are returned per image in the order SEG, SC, PR, then the study's SR.  An image with
-    nothing to segment or draw gets no SEG / PR; the SR and SC are always written.
+    nothing to segment or draw gets no SEG / PR; every analysed image gets its SC, and the study its SR
+    (also when no image could be analysed: then the SR alone, saying why).
     """
     wanted = {OutputKind(k) for k in kinds}
     check_one_study(sources)
@@ -62,9 +63,6 @@ def build_outputs(
     sources = [encodable_copy(ds) for ds in sources]
     by_uid = sources_by_uid(sources)
     images = [(image, image_sources(image, by_uid)) for image in result.images]
-    if not images:
-        why = "; ".join(result.verdict.reasons) or "no reason given"
-        raise ValueError(f"the result analysed no image, nothing to report ({why})")
     outputs: list[EncodedOutput] = []
     for number, (image, image_datasets) in enumerate(images, start=1):
         refs = tuple(image.source.sop_instance_uids)
@@ -80,7 +78,9 @@ def build_outputs(
             if pr is not None:
                 outputs.append(EncodedOutput(OutputKind.PR, pr, refs))
     if OutputKind.SR in wanted:
-        sr = build_sr(result, images, producer=producer, predecessor=predecessor_sr)
+        # A study whose every image was skipped (multi-frame, colour, unreadable) still gets its report: the
+        # verdict "not assessable" with each image's reason, over the images it received.
+        sr = build_sr(result, images, producer=producer, predecessor=predecessor_sr, evidence=sources)
         all_refs = tuple(uid for image, _ in images for uid in image.source.sop_instance_uids)
         outputs.append(EncodedOutput(OutputKind.SR, sr, all_refs))
     # The builders saw copies without unparsable dates/times; identity goes out exactly as the source sent it.

@@ -356,8 +356,10 @@ def build_sr(
     *,
     producer: Producer,
     predecessor: SopReference | None = None,
+    evidence: Sequence[Dataset] = (),
 ) -> Dataset:
-    """The study's TID 1500 report over `images` (each analysed image with its source datasets)."""
+    """The study's TID 1500 report over `images` (each analysed image with its source datasets); with no
+    image analysed, over the study's `evidence` (the verdict and its reasons, no measurement)."""
     algorithm = _algorithm(result)
     groups: list[hd.sr.Template] = []
     ordinal = 0
@@ -394,7 +396,11 @@ def build_sr(
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 codes.OVERALL_ASSESSMENT, codes.outcome_code(result.verdict.outcome))],
         ))
-    modality = str(all_sources[0].get("Modality", "")) if all_sources else ""
+    if not all_sources:
+        all_sources = list(evidence)
+    if not all_sources:
+        raise ValueError("a report needs the study's instances: no image analysed and no evidence given")
+    modality = str(all_sources[0].get("Modality", ""))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(producer),
         procedure_reported=codes.procedure_code(modality),

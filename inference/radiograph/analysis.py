@@ -445,7 +445,7 @@ def combine_verdict(
     else:
         outcome = ScreeningOutcome.NOT_ASSESSABLE
         if not works:
-            reasons.append("no radiograph (DX/CR) in the study")
+            reasons.append("no radiograph of the study could be analysed" if skipped else "no radiograph (DX/CR) in the study")
         for w in works:
             if w.instances is None or not w.instances.vertebrae:
                 reasons.append(f"{w.source.label}: no vertebra found")

@@ -260,6 +260,11 @@ class VertebraModel:
         """Vertebrae, sacrum and levels on one decoded radiograph."""
         import torch
 
+        if not preprocess.has_contrast(radiograph.pixels):
+            # Its percentile stretch would turn rounding noise into structure (measured: 33 "vertebrae" on an
+            # all-zero image and 9 on a constant one, delivered to the PACS).
+            return SpineInstances(vertebrae=[], sacrum=None, view=radiograph.view, view_inferred=False, anterior_sign=None,
+                                  step_px=float("nan"), zoom=1.0, notes=["image without contrast: not analysed"])
         previous = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)

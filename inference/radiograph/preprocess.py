@@ -300,6 +300,20 @@ def content_box(values: np.ndarray, uniform: float = 0.99) -> tuple[int, int, in
     return box if kept <= (1.0 - MIN_FRAME_FRACTION) * values.size else None
 
 
+def _check_decoded_range(ds: Dataset, raw: np.ndarray) -> None:
+    """Compressed pixel data that decodes to values BitsStored cannot hold is damaged (a JPEG-LS stream cut to
+    a third decoded to 32906 in a 12-bit image, without an error): not analysed.  Native data is not
+    checked, as unused high bits may carry overlays that pydicom leaves in place."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed or "BitsStored" not in ds:
+        return
+    bits = int(ds.BitsStored)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0)) else (0, 2**bits - 1)
+    if raw.size and (int(raw.min()) < lo or int(raw.max()) > hi):
+        raise PreprocessError(f"compressed pixel data decodes to values outside BitsStored {bits} "
+                              f"({int(raw.min())}..{int(raw.max())}): the data is damaged")
+
+
 def stored_values(ds: Dataset) -> np.ndarray:
     """Pixel values after the Modality LUT and a VOI transform that does not throw bone detail away; padding
     pixels (`padding_mask`) are NaN."""
@@ -312,6 +326,7 @@ def stored_values(ds: Dataset) -> np.ndarray:
     raw = ds.pixel_array
     if raw.ndim == 3:
         raw = raw[0]  # multi-frame: the first frame (the spine-xr analysis skips such images)
+    _check_decoded_range(ds, raw)
     padding = padding_mask(ds, raw)
     values = apply_modality_lut(raw, ds).astype(np.float32)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
@@ -440,3 +455,10 @@ def prepare(image: np.ndarray, spacing_mm: tuple[float, float] | None, zoom: flo
     """Source pixels (canonical, bone bright) -> normalised network image and the (row, column) scale used."""
     scale = network_scale(image.shape, spacing_mm, zoom)
     return normalise(resample(image, scale)), scale
+
+
+def has_contrast(pixels: np.ndarray) -> bool:
+    """False for an image of (almost) one value: blank, constant, or a rescale slope of 0. A subsample is
+    enough to see contrast."""
+    lo, hi = np.percentile(pixels[::4, ::4], [1.0, 99.5])
+    return bool(hi - lo > 1e-6 * max(1.0, abs(float(hi))))

@@ -296,13 +296,24 @@ def test_missing_source_instance_is_named(cases):
         build_outputs(dx.result, [other])
 
 
-def test_a_result_without_images_is_refused_with_the_analysis_reasons(cases):
-    """An RGB radiograph, skipped by the analysis, failed the study with 'the result analysed no image' alone."""
+def test_a_result_without_images_gets_a_report_alone_that_says_why(cases, tmp_path, dciodvfy):
+    """An RGB or multi-frame radiograph is skipped by the analysis; a study of only such images failed with
+    'the result analysed no image' (status: failed, nothing in the PACS). It now gets its SR: the verdict and
+    each image's reason, over the instances received."""
     dx = cases["lateral-dx"]
     why = "instance 1.2.3 skipped: SamplesPerPixel 3: only grayscale radiographs are analysed"
-    empty = dataclasses.replace(dx.result, images=(), verdict=dataclasses.replace(dx.result.verdict, reasons=(why,)))
-    with pytest.raises(ValueError, match="SamplesPerPixel 3: only grayscale"):
-        build_outputs(empty, dx.sources)
+    verdict = dataclasses.replace(dx.result.verdict, outcome=ScreeningOutcome.NOT_ASSESSABLE, reasons=(why,))
+    empty = dataclasses.replace(dx.result, images=(), verdict=verdict)
+    outs = build_outputs(empty, dx.sources)
+    assert [o.kind for o in outs] == [OutputKind.SR]
+    sr = outs[0].dataset
+    texts = [str(getattr(i, "TextValue", "")) for i in _walk(sr.ContentSequence)]
+    assert any("SamplesPerPixel 3" in t for t in texts)
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert {r.ReferencedSOPInstanceUID for r in evidence} == {str(ds.SOPInstanceUID) for ds in dx.sources}
+    (path,) = _write(tmp_path, outs, "empty")
+    errors, _ = dciodvfy(path)
+    assert errors == []
 
 
 # --------------------------------------------------------------------------------------------- SEG

@@ -104,6 +104,18 @@ def test_empty_image_is_not_assessable(analysis) -> None:  # noqa: ANN001
     assert any("no vertebra" in r for r in result.verdict.reasons)
 
 
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_a_blank_image_gets_no_invented_vertebra(analysis, value: float) -> None:  # noqa: ANN001
+    """An all-zero or constant image (a rescale slope of 0 gives one too): its contrast stretch turned rounding
+    noise into 33 'vertebrae' that went to the PACS."""
+    sample = phantom(12, "AP", "lumbar")
+    result = _run(analysis, as_dicom(sample, seed=f"blank-{value}", pixels=np.full((300, 240), value)))
+    image = result.images[0]
+    assert image.vertebrae == () and image.implants == ()
+    assert any("without contrast" in n for n in image.notes)
+    assert result.verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+
+
 def test_non_radiographs_are_skipped_with_a_reason(analysis) -> None:  # noqa: ANN001
     sample = phantom(12, "AP", "lumbar")
     xr = as_dicom(sample, seed="an-mixed")
@@ -153,6 +165,21 @@ def test_an_image_that_cannot_be_read_is_skipped_and_the_study_s_other_images_an
     reasons = " ".join(result.verdict.reasons)
     assert f"instance {lut.SOPInstanceUID} skipped: pixel data could not be read" in reasons
     assert f"instance {multi.SOPInstanceUID} skipped: a multi-frame radiograph (2 frames) is not analysed" in reasons
+
+
+def test_a_study_of_skipped_images_alone_is_reported_not_failed(analysis) -> None:  # noqa: ANN001
+    """Its only image multi-frame: the study failed ("no radiograph (DX/CR)", though it was one) with nothing
+    in the PACS; now its SR says why."""
+    from reports import OutputKind, build_outputs
+
+    multi = as_dicom(phantom(14, "AP", "lumbar"), seed="an-multi-alone")
+    multi.NumberOfFrames = 2
+    multi.PixelData = multi.PixelData * 2
+    result = _run(analysis, multi)
+    assert result.images == ()
+    assert result.verdict.outcome is ScreeningOutcome.NOT_ASSESSABLE
+    assert "no radiograph of the study could be analysed" in result.verdict.reasons
+    assert [o.kind for o in build_outputs(result, [multi])] == [OutputKind.SR]
 
 
 def test_a_black_frame_around_a_postoperative_film_changes_nothing_but_the_offsets(analysis) -> None:  # noqa: ANN001

@@ -203,3 +203,21 @@ def test_resample_by_scale_or_onto_a_shape_for_one_image_or_channels() -> None:
 def test_resample_needs_a_scale_or_a_shape() -> None:
     with pytest.raises(ValueError, match="scale or a target shape"):
         preprocess.resample(np.zeros((4, 4), np.float32))
+
+
+def test_compressed_pixel_data_outside_bits_stored_is_refused_as_damaged() -> None:
+    """A cut JPEG-LS stream decoded without an error to values a 12-bit image cannot hold (32906), and was
+    analysed. Here a 16-bit stream under a 12-bit header: the decoder returns its values as they are."""
+    from pydicom.uid import JPEGLSLossless
+
+    ds = radiograph_dataset(_bright_stripe(), seed="pre-damaged", bits_stored=12)
+    ds.compress(JPEGLSLossless)
+    assert preprocess.decode(ds).pixels.size  # intact: decodes
+    wide = radiograph_dataset(_bright_stripe(), seed="pre-damaged", bits_stored=16)
+    values = wide.pixel_array.astype(np.uint16)
+    values[0, 0] = 5000
+    wide.PixelData = values.tobytes()
+    wide.compress(JPEGLSLossless)
+    wide.BitsStored, wide.HighBit = 12, 11
+    with pytest.raises(preprocess.PreprocessError, match="outside BitsStored 12"):
+        preprocess.decode(wide)
