@@ -297,6 +297,7 @@ class Sender:
             message = f"internal error {type(exc).__name__}: {redact(str(exc))}"
             results = [ItemResult(i.key, TRANSIENT, None, message) for i in items]
         delivered = 0
+        given_up: list[tuple[dict[str, Any], str]] = []
         stopped = self._stopping.is_set()
         if stopped:
             # Aborted by our own stop: the destination did nothing wrong, so no attempt is counted against
@@ -316,6 +317,7 @@ class Sender:
                 reason = res.message if res.outcome == PERMANENT else (
                     f"gave up after {row['attempts'] + 1} attempts: {res.message}")
                 self.db.mark_failed(row["id"], reason, res.status)
+                given_up.append((row, reason))
         if delivered and any(r["attempts"] > 0 for r in batch):
             # The destination is back: what waits out a backoff for it goes now, not in up to backoff_max_s.
             self.db.expedite(dest.name)
@@ -325,6 +327,11 @@ class Sender:
                         failed[0].outcome, failed[0].message)
         else:
             log.info("%s: %d output(s) delivered in %.2f s", dest.name, delivered, time.monotonic() - started)
+        # A delivery failed for good is the one event an operator reading only the log must not miss.
+        for study in dict.fromkeys(row["study_instance_uid"] for row, _ in given_up):
+            reasons = [reason for row, reason in given_up if row["study_instance_uid"] == study]
+            log.error("%s: %d output(s) of study %s not delivered, failed for good: %s (dicom-node retry "
+                      "re-queues them)", dest.name, len(reasons), study, reasons[0])
         self.db.settle_delivered_studies({r["study_instance_uid"] for r in batch})
         return len(batch)
 

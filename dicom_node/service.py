@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,41 @@ from inference.registry import BUILTIN_MODELS, ModelRegistry
 log = logging.getLogger("dicom_node")
 
 DB_NAME = "node.sqlite"
+LOCK_NAME = "node.lock"
+
+
+class DataDirLock:
+    """One running node per data directory.  A second `serve` on the same directory (a port clash, a second
+    unit) recovered 'after a restart' before failing to listen: it marked the running node's open
+    associations aborted, put its deliveries back in the queue and removed its half-written files."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise `NodeError` naming the running node's pid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the node's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise NodeError(f"another dicom-node (pid {holder}) is running on the data directory {self.path.parent}: "
+                            "stop it first, or give this one a data_dir of its own") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        """Give the lock up (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def open_database(settings: Settings, *, read_only: bool = False) -> Database:
@@ -51,6 +88,9 @@ class NodeService:
 
         self.settings = settings
         self.started_at = time.time()
+        # Before the database is opened (and migrated) or anything recovered: it may be another node's.
+        self.lock = DataDirLock(settings.data_dir)
+        self.lock.acquire()
         self.db = open_database(settings)
         self.store = Store(settings.data_dir, durability=settings.node.durability)
         load_plugins(settings)
@@ -114,6 +154,7 @@ class NodeService:
         except Exception:  # noqa: BLE001 - the database must still be closed; the failure is logged
             log.exception("stopping the scheduler failed")
         self.db.close()
+        self.lock.release()
 
     # ------------------------------------------------------------------ state for the operator surface
 

@@ -13,7 +13,17 @@ from pathlib import Path
 import pydicom
 import pytest
 from nodekit import HERE, make_study, node_config, write_config
-from peers import NodeProcess, Orthanc, dcmtk, free_port, nodelay_env, storescu, wait_for
+from peers import (
+    NodeProcess,
+    Orthanc,
+    dcmtk,
+    dicom_node_executable,
+    echoscu,
+    free_port,
+    nodelay_env,
+    storescu,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -95,3 +105,33 @@ def test_kill9_during_ingest_and_during_delivery_loses_and_duplicates_nothing(
     # Logs carry no patient names or IDs.
     log = node.log_text()
     assert "TEST^CRASH" not in log and "ID-crash" not in log
+
+
+def test_a_second_node_on_the_same_data_directory_refuses_to_start_and_touches_nothing(
+        tmp_path: Path, model_root: Path, request: pytest.FixtureRequest) -> None:
+    """A second `serve` (a port clash, a second unit) ran the restart recovery on the running node's database
+    before failing to listen: its open association was marked aborted, its deliveries re-queued."""
+    data = tmp_path / "data"
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", node_config(data, port, model_root=model_root, stable_age_s=600.0))
+    node = NodeProcess(config, port, extra_pythonpath=[HERE])
+    request.addfinalizer(node.stop)
+    node.start()
+    # An association held open while the second node tries to start.
+    from pynetdicom import AE
+
+    client = AE(ae_title="HOLDER")
+    client.add_requested_context("1.2.840.10008.1.1")
+    held = client.associate("127.0.0.1", port, ae_title="AINODE")
+    request.addfinalizer(held.release)
+    assert held.is_established
+    wait_for(lambda: _count(data / "node.sqlite", "SELECT count(*) FROM associations WHERE state = 'open'") == 1, 10,
+             what="the held association on record")
+    other_port = free_port()
+    second_config = write_config(tmp_path / "second.toml", node_config(data, other_port, model_root=model_root))
+    second = subprocess.run([*dicom_node_executable(), "serve", "--config", str(second_config)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert second.returncode != 0
+    assert f"another dicom-node (pid {node.proc.pid})" in second.stderr, second.stderr
+    assert _count(data / "node.sqlite", "SELECT count(*) FROM associations WHERE state = 'open'") == 1
+    assert echoscu(port).returncode == 0  # the first node serves on

@@ -136,7 +136,8 @@ def test_destination_down_then_up_delivers_everything(node_factory, orthanc_fact
 
 
 def test_permanent_rejection_stops_at_once_shows_in_status_and_retry_requeues(
-        node_factory, orthanc_factory, tmp_path: Path) -> None:
+        node_factory, orthanc_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
     pacs = orthanc_factory(check_called_aet=True)
     node = node_factory(destinations=[pacs_destination(pacs, ae_title="NOT_ORTHANC")])
     files = make_study(tmp_path / "in", "reject", images=1)
@@ -149,6 +150,9 @@ def test_permanent_rejection_stops_at_once_shows_in_status_and_retry_requeues(
     # One attempt - or two when a first association timed out on a loaded machine (a transient failure,
     # retried as it should be; seen once in CI): the permanent rejection ends it either way.
     assert all(r["attempts"] <= 2 for r in rows), rows
+    # The log says so at ERROR, with the study (an operator reading only the journal must see it).
+    assert any(r.levelno == logging.ERROR and "failed for good" in r.getMessage() and study_uid in r.getMessage()
+               for r in caplog.records)
     first = node.db.one("SELECT sum(attempts) AS n FROM deliveries")["n"]
     # No retry loop after the rejection: attempts stay where they are.
     assert stays(lambda: node.db.one("SELECT sum(attempts) AS n FROM deliveries")["n"] == first, 2.0)

@@ -97,3 +97,14 @@ def test_redact_all_reaches_every_string_of_a_result_summary() -> None:
     assert "DOE^JANE" not in str(redact_all(summary))
     assert redact_all(summary)["images"][0]["vertebrae"] == ["level unknown"]
     assert redact_all(summary)["implants"] == 2 and redact_all(summary)["flagged"] is False
+
+
+def test_hospital_example_sends_outside_clinic_films_to_reporting_only() -> None:
+    """Its header promised it; every matching rule runs, and the in-house rule matched the clinic's films too."""
+    from pathlib import Path
+
+    rules = load(Path(__file__).resolve().parents[2] / "config" / "examples" / "hospital.toml", env={}).rules
+    clinic = route([h(modality="DX", body_part_examined="LSPINE", calling_ae="CLINIC_GW")], rules)
+    assert [m.rule.name for m in clinic.matches] == ["outside-clinic-radiographs"]
+    room = route([h(modality="DX", body_part_examined="LSPINE", calling_ae="DX_ROOM_1")], rules)
+    assert [m.rule.name for m in room.matches] == ["postop-spine-radiograph"]
