@@ -42,7 +42,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from inference.evaluate import metrics as M
-from inference.evaluate.card import detection_text, value_text
+from inference.evaluate.card import detection_text, interval_text, value_text
 from inference.radiograph import preprocess
 from inference.radiograph.hardware import HardwareModel
 from inference.radiograph.hardware_post import (
@@ -81,6 +81,7 @@ SECOND_HOLDOUT_ROWS = ("set", "samples", "views", "dice", "detection", "lateral_
 REAL_TEST_SEED = 7933
 REAL_VAL_SEED = 7937  # real VAL-split radiographs with implants drawn on: tuning, never the card's test rows
 HOOKED_SEED = 7941  # constructs ending in hooks (DRRs and real test overlays), never a training seed
+UNSEEN_SEED = 7963  # constructs drawn onto the real films neither model saw (`evaluate_unseen`), never used before
 LOPO_SOURCES = ("ts-abdomen", "dd-chest")
 KINDS = (ImplantKind.PEDICLE_SCREW, ImplantKind.ROD, ImplantKind.INTERBODY_CAGE, ImplantKind.PLATE)
 #: A true implant counts as shown when it covers at least this much of the image (mm^2).
@@ -764,13 +765,12 @@ REAL_WITH_HARDWARE = {
 }
 
 
-def real_plain_images(data: Path, split: str, limit: int | None = None) -> Iterator[tuple[str, preprocess.Radiograph, SourceImage]]:
-    """(file name, radiograph, source) of the real radiographs of `split` (`inference.synth.real.real_split`)
-    as they are: frontal views without spacing, header or implants."""
+def real_plain_images(paths: Sequence[Path], limit: int | None = None) -> Iterator[tuple[str, preprocess.Radiograph, SourceImage]]:
+    """(file name, radiograph, source) of real radiographs as they are: frontal views without spacing, header
+    or implants."""
     from inference.evaluate.vertebrae import radiograph_from_array
-    from inference.synth.real import list_real_images, load_real
+    from inference.synth.real import load_real
 
-    paths = list_real_images(data, split)
     for k, path in enumerate(paths[:limit] if limit else paths):
         pixels, _ = load_real(path)
         rad = radiograph_from_array(pixels, None, "AP", None)
@@ -778,16 +778,17 @@ def real_plain_images(data: Path, split: str, limit: int | None = None) -> Itera
                                           view="AP", modality="DX")
 
 
-def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None, limit: int | None = None) -> dict[str, Any]:
-    """The real TEST-split radiographs as they are, without implants (`real_plain_images`): how often
-    "no implants" comes out.  The films of `REAL_WITH_HARDWARE` are scored apart (what was found)."""
-    from inference.synth.real import source_stem
+def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None, limit: int | None = None,
+                        paths: Sequence[Path] | None = None) -> dict[str, Any]:
+    """The real TEST-split radiographs (or `paths`) as they are, without implants (`real_plain_images`): how
+    often "no implants" comes out.  The films of `REAL_WITH_HARDWARE` are scored apart (what was found)."""
+    from inference.synth.real import list_real_images, source_stem
 
     said = Counter()
     false_pieces = []
     with_hardware = []
     times = []
-    for name, rad, source in real_plain_images(data, "test", limit):
+    for name, rad, source in real_plain_images(list_real_images(data, "test") if paths is None else paths, limit):
         verts = found_vertebrae(vertebra_step, rad, source) if vertebra_step is not None else []
         t0 = time.perf_counter()
         outcome = model.analyse(rad, verts, source)
@@ -805,9 +806,42 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
         "images": plain,
         "status": dict(said),
         "said_no_implants": _ratio(said[HardwareStatus.NO_IMPLANTS.value], plain),
+        "said_no_implants_ci95": M.proportion_interval(said[HardwareStatus.NO_IMPLANTS.value], plain),
         "images_with_false_implants": false_pieces[:20],
         "real_hardware": with_hardware,
         "seconds_per_image_mean": _r(float(np.mean(times))) if times else None,
+    }
+
+
+def evaluate_unseen(model: HardwareModel, data: Path, vertebra_step: Any | None, per_film: int,
+                    vertebra_folder: Path | None) -> dict[str, Any]:
+    """The real films NEITHER shipped model trained or was tuned on, for any film of their patient
+    (`inference.splits.unseen_by_both`): as they are, and each with `per_film` constructs drawn onto it.
+    The two models split the real films with different hashes, so the test rows above run the vertebra
+    model on films most of which it trained on; these few films run the node as it meets a new film."""
+    from inference import splits
+    from inference.synth.real import list_real_images, render_real_sample
+    from inference.synth.render import SynthConfig
+
+    every = list_real_images(data)
+    vertebra_meta = json.loads((vertebra_folder / "model.json").read_text()) if vertebra_folder else {}
+    films = splits.unseen_by_both(every, vertebra_meta)
+    test = [p for p in every if splits.hardware_split(p) == "test"]
+    config = SynthConfig(data_dir=str(data), p_implants=1.0, max_px=1024)
+
+    def overlays() -> Iterator[tuple[str, Any]]:
+        for f, path in enumerate(films):
+            for k in range(per_film):
+                seed = UNSEEN_SEED * 10_000 + f * 100 + k
+                yield f"real-unseen/{f}/{k}", render_real_sample(seed, config, str(data), split="test", image=path)
+
+    return {
+        "test_films": len(test),
+        "test_films_vertebra_model_trained_or_tuned_on": len(set(p.name for p in test)
+                                                              & set(Path(n).name for n in splits.vertebra_seen(every, vertebra_meta))),
+        "films": [p.name for p in films],
+        "plain": evaluate_real_plain(model, data, vertebra_step, paths=films),
+        "overlays": evaluate_samples(model, overlays(), "real films neither model saw + rendered implants", vertebra_step),
     }
 
 
@@ -970,6 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-lopo", action="store_true")
     ap.add_argument("--lopo-sources", default=",".join(LOPO_SOURCES), help="CT patients to leave out, one fold each")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--unseen-per-film", type=int, default=8,
+                    help="constructs drawn onto each real film neither model saw (inference.splits.unseen_by_both)")
     ap.add_argument("--hooked", type=int, default=60, help="posterior constructs ending in hooks, rendered (half on real test images; 0: skip)")
     ap.add_argument("--no-vertebra-model", action="store_true", help="skip the end-to-end level check with the vertebra model")
     ap.add_argument("--limit", type=int, default=0)
@@ -1007,6 +1043,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("real overlays: %s", json.dumps(results["real_overlay_test"], indent=1)[:4000])
         results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None)
         log.info("real plain: %s", results["real_plain_test"])
+        vertebra_folder = ModelRegistry().spec("spine-xr-vertebrae").folder
+        results["real_unseen"] = evaluate_unseen(model, args.data, vertebra_step, args.unseen_per_film, vertebra_folder)
+        log.info("real films neither model saw: %s", json.dumps(results["real_unseen"], indent=1)[:4000])
     if args.hooked:
         results["hooked_constructs"] = evaluate_samples(model, hooked_samples(args.data, args.hooked), "constructs ending in hooks", vertebra_step)
         log.info("hooked constructs: %s", json.dumps(results["hooked_constructs"], indent=1)[:4000])
@@ -1257,12 +1296,18 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
                     if second.get("cage_discs_vertebra_model") else "")
     lateral_groups = (f" per screw at IoU 0.3, which the superimposed left and right screws of a lateral defeat; counted per superimposed "
                       f"group {detection_text(syn['lateral_screws_superimposed'])}" if syn.get("lateral_screws_superimposed") else "")
+    unseen = m.get("real_unseen") or {}
     lines = [
         "## At a glance",
         "",
         "What a reader of this model's results can rely on, and where it fails (rows of the sections below; \"real films\" are",
-        "real radiographs with implants drawn on by the data engine: no real radiograph with labelled hardware exists in the data).",
+        "real radiographs with implants drawn on by the data engine, given the true vertebrae and a pixel size worked out from the",
+        "label boxes; no real radiograph with labelled hardware exists in the data).",
         "",
+        *HARDWARE_SCOPE_LINES,
+        "- **The real-film rows run the vertebra model on films it trained on**: the two models split the real films differently,",
+        f"  and {_overlap_text(unseen)} of this model's test films are training or validation films of the vertebra model. "
+        + _unseen_glance(unseen),
         f"- Pedicle screws: real films {detection_text(real['detection'].get('pedicle screw'))}; synthetic AP "
         f"{detection_text(syn['detection'].get('pedicle screw, AP'))}, lateral {detection_text(syn['detection'].get('pedicle screw, LAT'))}{lateral_groups}.",
         f"- Rods (reported as the pieces seen): real films {detection_text(real['detection'].get('rod'))}; synthetic {detection_text(syn['detection'].get('rod'))}.",
@@ -1270,7 +1315,11 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"{detection_text(real.get('cage_discs_vertebra_model'))}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}{cage_views}. Synthetic images whose only "
         f"implants are cages or plates are answered \"no implants\" {value_text(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).{second_cages}",
         f"- Real radiographs without implants, as they are, answered \"no implants\": {value_text(plain.get('said_no_implants'), pct=True)} of "
-        f"{plain.get('images')} (the films with false pieces are listed below).",
+        f"{plain.get('images')} (95 % interval {interval_text(plain.get('said_no_implants_ci95'))}; the films with false pieces are listed below: "
+        "brace buckles, skin markers, bowel gas). Real films whose only implants are drawn-on cages or plates are answered \"no implants\" "
+        f"{value_text(((real.get('no_implants') or {}).get('images_cages_or_plates_only_said_no_implants') or {}).get('rate'), pct=True)} of the time "
+        f"({((real.get('no_implants') or {}).get('images_cages_or_plates_only_said_no_implants') or {}).get('images')} films): \"no implants\" means "
+        "no implant FOUND, and a cage-only fusion is often missed.",
     ]
     if set(off) >= {c.value for c in Complication}:
         lines.append(f"- **Hardware failure is not assessed** ({', '.join(off)} switched off: no better than chance, or than a construct-size baseline, on held-out data): an "
@@ -1279,11 +1328,54 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         lines.append(f"- **Not assessed** (switched off: no better than chance, or than a construct-size baseline, on held-out data): {', '.join(off)}.")
     if named:
         lines.append(f"- Screw levels: with the vertebra model as in the node {value_text(named.get('named_fraction'), pct=True)} of screws get a level "
-                     f"({value_text(named.get('accuracy_of_named'), pct=True)} of those right; levels come from the vertebra model); with the true vertebrae "
+                     f"({value_text(named.get('accuracy_of_named'), pct=True)} of those right): only screws inside a sacrum the vertebra model found, "
+                     "named S1, as its level names are switched off; with the true vertebrae "
                      f"{value_text(true_named.get('accuracy_of_named'), pct=True)} right.")
     if post.get("not_named"):
         lines.append(f"- Not named (reported as \"other implant\"): {', '.join(post['not_named'])}.")
     return lines + [""]
+
+
+#: Where the model was measured and where it was not: the first lines a clinical lead reads.
+HARDWARE_SCOPE_LINES = [
+    "- **Measured on**: implants the data engine draws, on synthetic radiographs (two CT patients, phantoms) and on real",
+    "  frontal films (416 px CLAHE exports, mostly adolescent scoliosis). **Never measured on**: a real postoperative",
+    "  radiograph with known implants (one real postoperative film was looked at by eye), a real lateral radiograph, real",
+    "  hardware failure. **Not for**: judging hardware integrity (failure modes switched off, below) or reading without a",
+    "  radiologist. With failure modes and fracture grading off, every study's verdict is \"not assessable\"; what the node adds",
+    "  is where implants are and how many, with levels left unnamed.",
+]
+
+def _overlap_text(unseen: dict[str, Any]) -> str:
+    """"127 of 139": this model's real test films the vertebra model trained or was validated on."""
+    return f"{unseen.get('test_films_vertebra_model_trained_or_tuned_on', '?')} of {unseen.get('test_films', '?')}"
+
+
+def _unseen_glance(unseen: dict[str, Any]) -> str:
+    plain, over = unseen.get("plain") or {}, unseen.get("overlays") or {}
+    if not plain.get("images"):
+        return "Nothing was measured on films neither model saw."
+    det = over.get("detection") or {}
+    return (f"On the {plain['images']} films neither model trained or was tuned on (no film of their patient either), with "
+            f"{over.get('samples')} constructs drawn onto them: screws {detection_text(det.get('pedicle screw'))}, rods "
+            f"{detection_text(det.get('rod'))}, cage disc spaces {detection_text(over.get('cage_discs_vertebra_model'))}; as they are, "
+            f"\"no implants\" on {value_text(plain.get('said_no_implants'), pct=True)} (95 % interval "
+            f"{interval_text(plain.get('said_no_implants_ci95'))}). Nine films: a check of direction, not a measurement to quote.")
+
+
+def _unseen_section(unseen: dict[str, Any]) -> list[str]:
+    """The real films neither model saw: as they are, and with constructs drawn on."""
+    plain, over = unseen.get("plain") or {}, unseen.get("overlays") or {}
+    if not plain.get("images"):
+        return []
+    lines = _set_section(
+        f"REAL films neither model saw ({plain['images']} films, `inference.splits.unseen_by_both`), constructs drawn onto them", over)
+    return lines + [
+        f"The same {plain['images']} films as they are: \"no implants\" on {value_text(plain.get('said_no_implants'), pct=True)} "
+        f"(95 % interval {interval_text(plain.get('said_no_implants_ci95'))}), status counts {plain.get('status')}; films with false "
+        f"pieces: `{plain.get('images_with_false_implants')}`. Films: `{unseen.get('films')}`.",
+        "",
+    ]
 
 
 def _second_holdout_section(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
@@ -1340,6 +1432,10 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         "complication / not assessable (implants at the image edge, metal not recognised as spinal hardware, or no failure mode",
         "of the implants found looked for), and the construct as a surgeon would say it.",
         "",
+        "**In this release** (`model.json` postprocess): no failure mode is looked for, so an image with implants is \"not",
+        "assessable\", never \"hardware intact\"; levels come only from the vertebra model, whose level names are switched off:",
+        "a screw gets a level only inside a sacrum it found (\"S1\") and a cage only next to it (\"L5-S1\").",
+        "",
         f"- Network: MONAI BasicUNet 2D, features {arch.get('features')}, {tr.get('parameters')} parameters, channels {arch.get('channels')} "
         f"(sigmoid), {arch.get('spacing_mm')} mm per pixel at the patient; weights `{meta.get('weights')}` sha256 `{meta.get('sha256', '')[:16]}...`.",
         "- Input: any DX/CR radiograph; resampled to the network spacing when the header gives a pixel spacing, otherwise scaled",
@@ -1386,8 +1482,11 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += _second_holdout_section(m["synthetic_holdout"], m["synthetic_second_holdout"])
     if m.get("real_overlay_test"):
         lines += _set_section("REAL test radiographs with implants rendered onto them (data engine test split)", m["real_overlay_test"])
-        lines.append("Real images have no vertebra labels: level accuracy is not measured on them.")
+        lines.append("Real images have no vertebra labels: level accuracy is not measured on them. The vertebra model trained or was "
+                     f"validated on {_overlap_text(m.get('real_unseen') or {})} of these films (the two models split the real films differently; `inference.splits`): "
+                     "its rows here are optimistic, see the next section.")
         lines.append("")
+    lines += _unseen_section(m.get("real_unseen") or {})
     if m.get("hooked_constructs"):
         lines += _set_section("Posterior constructs ending in hooks (half DRRs, half real test radiographs; hooks where a construct spans "
                               "three or more levels; the two sets above have none; level rows count the DRRs only)", m["hooked_constructs"])

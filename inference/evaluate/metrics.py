@@ -50,6 +50,35 @@ def _r(v: float) -> float | None:
     return None if not np.isfinite(v) else round(float(v), 4)
 
 
+def f1_interval(per_image: Sequence[tuple[int, int, int]], confidence: float = 0.95, resamples: int = 2000,
+                seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the pooled F1 over images (the image is the unit: vertebrae of one film
+    are not independent); None for fewer than two images."""
+    from scipy.stats import bootstrap
+
+    counts = np.asarray(per_image, dtype=float).reshape(-1, 3)
+    if len(counts) < 2:
+        return None
+
+    def pooled_f1(index: np.ndarray, axis: int = -1) -> np.ndarray:
+        tp, fp, fn = np.moveaxis(counts[index.astype(int)].sum(axis=-2), -1, 0)
+        return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+
+    res = bootstrap((np.arange(len(counts)),), pooled_f1, vectorized=True, n_resamples=resamples,
+                    confidence_level=confidence, method="percentile", random_state=seed)
+    return round(float(res.confidence_interval.low), 3), round(float(res.confidence_interval.high), 3)
+
+
+def proportion_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Wilson interval of k successes in n trials; None when n is 0."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return None
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return round(float(ci.low), 3), round(float(ci.high), 3)
+
+
 def match_centroids_in_boxes(centroids: np.ndarray, boxes: np.ndarray) -> tuple[int, int, int, list[tuple[int, int]]]:
     """(tp, fp, fn, pairs) matching (x, y) centroids to (x0, y0, x1, y1) boxes, one-to-one."""
     centroids = np.asarray(centroids, dtype=float).reshape(-1, 2)

@@ -103,7 +103,8 @@ def tune_midline(items: list[cadma.RealRadiograph], shapes: list[tuple[int, int]
     return params
 
 
-def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit: int | None = None) -> dict[str, Any]:
+def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit: int | None = None,
+                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Detection and naming on the held-out real test split, with the tuned midline baseline."""
     items = cadma.load_cadma(data)
     splits = cadma.split(items)
@@ -135,6 +136,7 @@ def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit
         shape = pixels.shape
         tpb, fpb, fnb, _ = M.match_centroids_in_boxes(M.midline_points(shape, base["count"], base["top"], base["bottom"]), item.boxes)
         base_pts.add(tpb, fpb, fnb)
+        base_counts = (tpb, fpb, fnb)
         tpb, fpb, fnb, _ = M.match_boxes(M.midline_boxes(shape, base["count"], base["top"], base["bottom"], base["width"]), item.boxes, 0.3)
         base_boxes.add(tpb, fpb, fnb)
         n_boxes = len(item.boxes)
@@ -150,7 +152,8 @@ def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit
             # Baseline: the lowest detection is L5, count up (vertebrae are ordered head to foot).
             guess = L5 - (len(levels) - 1 - p)
             names_base["correct" if guess >= 0 and LEVELS[guess] == assumed else "wrong"] += 1
-        per_image.append({"key": item.key, "tp": tp, "fp": fp, "fn": fn, "named": named, "sacrum": spine.sacrum is not None})
+        per_image.append({"key": item.key, "tp": tp, "fp": fp, "fn": fn, "named": named, "sacrum": spine.sacrum is not None,
+                          "baseline": base_counts})
         if overlays is not None and n < 40:
             _overlay(pixels, item.boxes, spine, overlays / f"real_{n:02d}_{item.key}.png")
     named_total = names["correct"] + names["wrong"]
@@ -172,10 +175,30 @@ def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit
             "baseline_lowest_is_L5_accuracy": _r(names_base["correct"] / max(1, sum(names_base.values()))),
             "images_with_sacrum_found": int(sum(1 for p in per_image if p["sacrum"])),
         },
+        "centroid_in_box_f1_ci95": M.f1_interval([(p["tp"], p["fp"], p["fn"]) for p in per_image]),
+        "patient_disjoint": _patient_disjoint(per_image, items, meta or {}),
         "seconds_per_image_mean": _r(float(np.mean(times))),
         "seconds_per_image_p95": _r(float(np.percentile(times, 95))),
-        "worst_images": sorted(per_image, key=lambda p: -(p["fp"] + p["fn"]))[:8],
+        "worst_images": [{k: v for k, v in p.items() if k != "baseline"}
+                         for p in sorted(per_image, key=lambda p: -(p["fp"] + p["fn"]))[:8]],
     }
+
+
+def _patient_disjoint(per_image: list[dict[str, Any]], items: list[cadma.RealRadiograph], meta: dict[str, Any]) -> dict[str, Any]:
+    """The test films the model never learnt from, for any film of their patient: the split hashes film
+    names (two films of one patient can straddle it), and the synthetic cache drew implants onto real films
+    by another split (`inference.splits`)."""
+    from inference import splits
+
+    keep = set(splits.patient_disjoint([p["key"] for p in per_image], splits.vertebra_seen([i.key for i in items], meta)))
+    chosen = [p for p in per_image if p["key"] in keep]
+    model, base = M.DetectionCounts(), M.DetectionCounts()
+    for p in chosen:
+        model.add(p["tp"], p["fp"], p["fn"])
+        base.add(*p["baseline"])
+    return {"images": len(chosen), "left_out": len(per_image) - len(chosen), "centroid_in_box": model.as_dict(),
+            "centroid_in_box_f1_ci95": M.f1_interval([(p["tp"], p["fp"], p["fn"]) for p in chosen]),
+            "baseline_midline_points": base.as_dict()}
 
 
 def _shape(item: cadma.RealRadiograph) -> tuple[int, int]:
@@ -607,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                                "naming_shipped": model.params.name_levels}
     model = naming_switched_on(model)
     t0 = time.time()
-    results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None)
+    results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None,
+                                         json.loads((args.model / "model.json").read_text()))
     log.info("real test: %s", json.dumps(results["real_test"], indent=1)[:2000])
     if not args.skip_variants:
         from inference.evaluate.real_variants import evaluate_variants
