@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -426,14 +427,33 @@ def apply_series(ds: Dataset, kind: OutputKind, about: str = "") -> None:
 
 def copy_image_attributes(ds: Dataset, source: Dataset, keywords: Sequence[str]) -> None:
     """Copy series/image attributes the source has (PatientOrientation, Laterality, BodyPartExamined ...); a
-    PatientOrientation that is not two valid direction values is not copied (it would make the output invalid)."""
+    PatientOrientation that is not two valid direction values is not copied, nor a code string outside the CS
+    repertoire once upper-cased ("lspine" goes out as LSPINE, "L-SPINE" not at all): either would make the
+    output invalid."""
     for keyword in keywords:
         if keyword == "PatientOrientation" and "PatientOrientation" in source:
             pair = patient_orientation(source)
             if pair is not None:
                 ds.PatientOrientation = list(pair)
         elif keyword in source and source[keyword].value not in (None, ""):
-            setattr(ds, keyword, copy.deepcopy(source[keyword].value))
+            element = source[keyword]
+            if element.VR == "CS":
+                values = [str(v).upper() for v in as_list(element.value)]
+                if all(_CODE_STRING.fullmatch(v) for v in values):
+                    setattr(ds, keyword, values[0] if len(values) == 1 else values)
+            else:
+                setattr(ds, keyword, copy.deepcopy(element.value))
+
+
+def empty_laterality_without_body_part(ds: Dataset) -> None:
+    """In an SC or PR, General Series Laterality is Type 2C while the body part may be a paired one: with no
+    body part (a CR may send none, or one outside the CS repertoire) dciodvfy wants it, empty.  (In a SEG it
+    must then be absent: not for the SEG.)"""
+    if "Laterality" not in ds and "BodyPartExamined" not in ds:
+        ds.Laterality = None
+
+
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")
 
 
 def declare_private_scheme(ds: Dataset) -> None:

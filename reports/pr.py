@@ -25,6 +25,7 @@ from reports.common import (
     apply_identity,
     apply_series,
     copy_image_attributes,
+    empty_laterality_without_body_part,
     fit_lo,
     image_output_uid,
     institution_name,
@@ -152,6 +153,7 @@ def build_pr(
     apply_equipment(pr, source, producer)
     apply_series(pr, OutputKind.PR)
     copy_image_attributes(pr, source, _SOURCE_ATTRIBUTES)
+    empty_laterality_without_body_part(pr)
     return pr
 
 

@@ -33,6 +33,7 @@ from reports.common import (
     apply_series,
     copy_image_attributes,
     direction_letters,
+    empty_laterality_without_body_part,
     fit_lo,
     models_text,
     patient_orientation,
@@ -621,6 +622,7 @@ def build_sc(
     apply_equipment(sc, source, producer)
     apply_series(sc, OutputKind.SC)
     copy_image_attributes(sc, source, _SOURCE_ATTRIBUTES)
+    empty_laterality_without_body_part(sc)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"

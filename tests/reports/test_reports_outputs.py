@@ -883,11 +883,18 @@ def _header_oddity(source: pydicom.Dataset, oddity: str) -> None:
         source[0x00181164] = RawDataElement(Tag(0x00181164), "DS", 8, b"0.25\\abc", 0, True, True)
     elif oddity == "negative spacing":
         source.ImagerPixelSpacing = [-0.25, 0.25]
+    elif oddity == "lower-case body part":
+        source.BodyPartExamined = "lspine"
+    elif oddity == "body part outside the code string repertoire":
+        source.BodyPartExamined = "L-SPINE"
+    elif oddity == "no body part":
+        del source.BodyPartExamined
 
 
 @pytest.mark.parametrize("oddity", ["VOI LUT and window", "12-bit VOI LUT", "window width 0", "window centre not a number",
                                     "institution over 64 characters", "spacing with one value", "spacing not numbers",
-                                    "negative spacing"])
+                                    "negative spacing", "lower-case body part", "body part outside the code string repertoire",
+                                    "no body part"])
 def test_one_odd_header_value_costs_no_output(cases, oddity, tmp_path, dciodvfy):
     """A valid or merely sloppy header (seen from modalities) must not fail the study's outputs: the value is
     left out or made valid, and every object still passes dciodvfy."""
