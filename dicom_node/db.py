@@ -270,6 +270,11 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+def one_line(text: str | None) -> str | None:
+    """A reason as one line: a decoder's multi-line error broke `status`'s one line per study."""
+    return None if text is None else " ".join(text.split())
+
+
 def patient_key(secret: bytes, study_instance_uid: str, patient_id: str, issuer: str) -> str:
     """Who an instance belongs to, as the database keeps it: an HMAC-SHA256 of PatientID and IssuerOfPatientID
     under the node's secret (`Store.secret`, kept outside the database) and the Study UID.  Two instances of
@@ -461,8 +466,10 @@ class Database:
         return int(row["v"] or 0) if row else 0
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts."""
-        return list(self.db.query(sql, params))
+        """Rows as dicts, without the patient key: rows read here end up in `status --json`, the dashboard
+        and its API, and the key, though keyed, is derived from a PatientID (the patient checks read it with
+        their own statements)."""
+        return [{k: v for k, v in row.items() if k != "patient_key"} for row in self.db.query(sql, params)]
 
     def one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
         """First row or None."""
@@ -679,7 +686,7 @@ class Database:
             cur = db.execute(
                 "UPDATE studies SET state = ?, reason = ?, interrupted = 0, updated_at = ? WHERE study_instance_uid = ?"
                 " AND state = 'analysing' AND generation = ?",
-                (state, reason, time.time(), study_instance_uid, generation),
+                (state, one_line(reason), time.time(), study_instance_uid, generation),
             )
             return cur.rowcount > 0
 
@@ -742,7 +749,7 @@ class Database:
         """A job failed for good (reason shown in status)."""
         with self.tx() as db:
             db.execute("UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?",
-                       (reason, time.time(), job_id))
+                       (one_line(reason), time.time(), job_id))
 
     def record_outputs(self, job_id: int, summary: dict[str, Any], outputs: Sequence[dict[str, Any]],
                        deliveries: Sequence[tuple[str, str]], *, generation: int | None = None) -> int | None:
@@ -850,7 +857,7 @@ class Database:
         with self.tx() as db:
             db.execute(
                 "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?, last_status = ?,"
-                " updated_at = ? WHERE id = ?", (next_attempt_at, error, status, time.time(), delivery_id),
+                " updated_at = ? WHERE id = ?", (next_attempt_at, one_line(error), status, time.time(), delivery_id),
             )
 
     def mark_failed(self, delivery_id: int, error: str, status: int | None) -> None:
@@ -858,7 +865,7 @@ class Database:
         with self.tx() as db:
             db.execute(
                 "UPDATE deliveries SET state = 'failed', last_error = ?, last_status = ?, updated_at = ? WHERE id = ?",
-                (error, status, time.time(), delivery_id),
+                (one_line(error), status, time.time(), delivery_id),
             )
 
     def requeue_failed(self, destination: str | None = None, study_instance_uid: str | None = None) -> int:
@@ -932,7 +939,7 @@ class Database:
         failure, not from the claim."""
         with self.tx() as db:
             db.execute("UPDATE studies SET reason = ?, updated_at = ? WHERE study_instance_uid = ?",
-                       (reason, time.time(), study_instance_uid))
+                       (one_line(reason), time.time(), study_instance_uid))
 
     def recover(self) -> dict[str, int]:
         """After a crash: interrupted work goes back one step so it is redone exactly once; a study whose

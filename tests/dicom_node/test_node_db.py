@@ -356,10 +356,14 @@ def test_patient_keys_need_the_node_secret_and_a_new_secret_forgets_them(db: Dat
     assert not db.adopt_patient_secret(secret_fingerprint(secret))  # first secret: recorded
     db.record_instance(dataclasses.replace(rec("1.1"), patient_key=key))
     assert not db.adopt_patient_secret(secret_fingerprint(secret))  # same secret: keys kept
-    assert db.study("1.2.3")["patient_key"] == key
+    def on_record(table: str) -> object:
+        return db.db.execute(f"SELECT patient_key FROM {table}").fetchone()[0]
+
+    assert on_record("studies") == key
+    # Rows read for the operator surfaces (status --json, the dashboard's API) never carry it.
+    assert "patient_key" not in db.study("1.2.3") and all("patient_key" not in r for r in db.recent_studies())
     assert db.adopt_patient_secret(secret_fingerprint(os.urandom(32)))  # key file lost: keys forgotten
-    assert db.study("1.2.3")["patient_key"] is None
-    assert db.one("SELECT patient_key FROM instances")["patient_key"] is None
+    assert on_record("studies") is None and on_record("instances") is None
 
 
 def test_restarts_while_a_study_waits_for_the_disk_do_not_count_as_interrupted_analyses(db: Database) -> None:
@@ -387,3 +391,12 @@ def test_an_output_written_again_after_retention_is_retention_s_again(db: Databa
     db.record_outputs(job_id, {"analysis": "a"}, [out], [])  # a re-analysis writes the same object again
     assert db.one("SELECT purged_at FROM outputs")["purged_at"] is None
     assert db.purge_outputs(time.time() + 1) == ["/o/5.5.dcm"]
+
+
+def test_reasons_are_kept_on_one_line(db: Database) -> None:
+    """A decoder's multi-line error broke `status`, which prints one line per study."""
+    db.record_instance(rec("1.1"))
+    db.mark_complete("1.2.3")
+    generation = db.claim_study("1.2.3")
+    assert db.finish_study("1.2.3", generation, "failed", "spine-xr: pixel data could not be read (line one\n  line two)")
+    assert db.study("1.2.3")["reason"] == "spine-xr: pixel data could not be read (line one line two)"
