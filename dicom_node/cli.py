@@ -27,8 +27,6 @@ from dicom_node.settings import (
     Settings,
     load,
     parse_destination_spec,
-    read_toml,
-    validate,
 )
 
 if TYPE_CHECKING:
@@ -447,14 +445,17 @@ def cmd_hash_password() -> int:
 
 
 def cmd_config_check(path: Path) -> int:
+    """Validate the file as `serve` would read it (with the DICOM_NODE_* environment), on this machine: the
+    analyses installed and the data directory writable by this user (the systemd unit runs it first)."""
     from inference import analyses
 
     try:
-        settings = validate(read_toml(path), str(path))
+        settings = load(path)
     except ConfigError as exc:
+        # The source names the environment variables in effect: a problem may lie in one of them.
         for problem in exc.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
-        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
         return EXIT_USAGE
     try:
         load_plugins_quietly(settings)
@@ -462,12 +463,34 @@ def cmd_config_check(path: Path) -> int:
     except Exception as exc:  # noqa: BLE001
         print(f"{path}: models.plugins: cannot import ({type(exc).__name__}: {exc})", file=sys.stderr)
         return EXIT_USAGE
-    from dicom_node.settings import warnings_for
+    from dicom_node.settings import problems_for, warnings_for
 
+    problems = problems_for(settings, available)
+    data_problem = _data_dir_problem(settings.data_dir)
+    if data_problem:
+        problems.append(f"node.data_dir: {data_problem}")
     for w in warnings_for(settings, available):
         print(f"{path}: warning: {w}")
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{path}: OK ({len(settings.destinations)} destination(s), {len(settings.rules)} rule(s))")
     return EXIT_OK
+
+
+def _data_dir_problem(data_dir: Path) -> str | None:
+    """Why this user could not keep the node's data in `data_dir` (None when it can)."""
+    existing = data_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "" if existing == data_dir else f" (to create {data_dir})"
+        return f"{existing} is not writable by this user{what}"
+    return None
 
 
 def load_plugins_quietly(settings: Settings) -> None:

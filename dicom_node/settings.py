@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigError
 
@@ -41,6 +41,25 @@ def _check_ae_title(value: str) -> str:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _check_host(value: str) -> str:
+    """An IP address or a host name: "10.20.4.312" and "127.0.0.1:104" (a port in the host) are refused."""
+    if not value:
+        raise ValueError("must not be empty")
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return value
+    except ValueError:
+        pass
+    if ":" in value:
+        raise ValueError("is not an IP address or host name (the port goes in 'port')")
+    if re.fullmatch(r"[0-9.]+", value) or not _HOSTNAME.match(value):
+        raise ValueError("is not an IP address or host name")
+    return value
 
 
 class NodeSettings(_Section):
@@ -87,6 +106,11 @@ class Peer(_Section):
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
 
+    @field_validator("host")
+    @classmethod
+    def _peer_host(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host(value)
+
 
 class PeersSettings(_Section):
     """Who may send to the node.  Unknown calling AEs are rejected unless `accept_any` is true."""
@@ -124,6 +148,11 @@ class Destination(_Section):
             raise ValueError(f"must be letters, digits, '_', '.', '-' (up to 64), got {value!r}")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _dest_host(cls, value: str) -> str:
+        return _check_host(value)
+
     @field_validator("outputs")
     @classmethod
     def _outputs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -150,6 +179,12 @@ class DeliverySettings(_Section):
     connect_timeout_s: float = Field(10.0, gt=0)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> DeliverySettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) is below backoff_initial_s ({self.backoff_initial_s})")
+        return self
 
 
 class Match(_Section):
@@ -603,6 +638,18 @@ def _override_names(env: Mapping[str, str], cli: Overrides) -> list[str]:
     return names + [flag for flag, value in flags.items() if value not in (None, (), "")]
 
 
+def problems_for(settings: Settings, available_analyses: Sequence[str]) -> list[str]:
+    """What makes a valid file unusable on this installation (``config check`` exits 2): analyses a rule
+    names that are not installed (every study the rule selects would fail)."""
+    out = []
+    for i, rule in enumerate(settings.rules):
+        for name in rule.analyses:
+            if name not in available_analyses:
+                out.append(f"rules[{i}] ({rule.name}).analyses: analysis {name!r} is not installed"
+                           f" (installed: {', '.join(available_analyses) or 'none'})")
+    return out
+
+
 def warnings_for(settings: Settings, available_analyses: Sequence[str]) -> list[str]:
     """Things that are valid but probably not what was meant (printed by ``config check``)."""
     out: list[str] = []
@@ -612,13 +659,14 @@ def warnings_for(settings: Settings, available_analyses: Sequence[str]) -> list[
         out.append("peers.allow: empty and accept_any is false, so every association will be rejected")
     if not settings.rules:
         out.append("rules: none; every study is stored and recorded 'unrouted', none is analysed")
-    for i, rule in enumerate(settings.rules):
-        for name in rule.analyses:
-            if name not in available_analyses:
-                out.append(
-                    f"rules[{i}] ({rule.name}).analyses: analysis {name!r} is not installed; studies it"
-                    f" selects will fail with that reason (installed: {', '.join(available_analyses) or 'none'})"
-                )
+    node = settings.node
+    for dest in settings.destinations:
+        if dest.port == node.port and dest.ae_title == node.ae_title and (
+                _is_loopback(dest.host) or dest.host in (node.bind_host, "0.0.0.0")):
+            out.append(f"destinations ({dest.name}): {dest.address} is this node itself; its outputs would come back to it")
+        if dest.seg_format == "binary" and dest.seg_compression == "jpeg2000" and "seg" in dest.outputs:
+            out.append(f"destinations ({dest.name}): a BINARY SEG in JPEG 2000 (1 bit per pixel) is read by few"
+                       " decoders; seg_format = \"labelmap\" compresses well and is read more widely")
     if not settings.destinations:
         out.append("destinations: none configured; outputs are kept in the data directory only")
     if settings.http.enabled and not _is_loopback(settings.http.host):

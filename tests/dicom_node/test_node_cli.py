@@ -46,6 +46,27 @@ def test_config_check_prints_every_problem_and_fails(tmp_path: Path) -> None:
     assert lines[-1].endswith("6 problem(s)")
 
 
+def test_config_check_judges_what_serve_would_run_on_this_machine(tmp_path: Path) -> None:
+    """It passed a DICOM_NODE_PORT=abc that serve then refused, a data directory serve could not use, and an
+    analysis that is not installed (only a warning): the systemd unit runs it before serve."""
+    good = tmp_path / "good.toml"
+    good.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n')
+    assert run("config", "check", str(good)).returncode == 0
+    proc = run("config", "check", str(good), env={"DICOM_NODE_PORT": "abc"})
+    assert proc.returncode == 2 and "DICOM_NODE_PORT" in proc.stderr and "node.port" in proc.stderr, proc.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    bad_dir = tmp_path / "bad-dir.toml"
+    bad_dir.write_text(f'[node]\ndata_dir = "{blocked / "data"}"\n')
+    proc = run("config", "check", str(bad_dir))
+    assert proc.returncode == 2 and f"node.data_dir: {blocked} is not a directory" in proc.stderr, proc.stderr
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[[rules]]\nname = "r"\nanalyses = ["spine-xray"]\n'
+                       '[[rules.match]]\nmodality = ["DX"]\n')
+    proc = run("config", "check", str(unknown))
+    assert proc.returncode == 2 and "analysis 'spine-xray' is not installed" in proc.stderr, proc.stderr
+
+
 def test_config_check_reports_invalid_toml_with_its_line(tmp_path: Path) -> None:
     bad = tmp_path / "broken.toml"
     bad.write_text("[node\nport = 1\n")

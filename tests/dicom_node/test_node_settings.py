@@ -14,6 +14,7 @@ from dicom_node.settings import (
     load,
     parse_destination_spec,
     parse_toml,
+    problems_for,
     validate,
     warnings_for,
 )
@@ -99,9 +100,28 @@ def test_warnings_for_risky_but_valid_settings() -> None:
     s = validate({"node": {"bind_host": "0.0.0.0"}, "peers": {"accept_any": True},
                   "rules": [{"name": "r", "analyses": ["nope"], "match": [{"modality": ["DX"]}]}]})
     text = "\n".join(warnings_for(s, ["other"]))
-    assert "accept_any" in text and "'nope' is not installed" in text and "destinations: none" in text
+    assert "accept_any" in text and "destinations: none" in text
     assert "rules: none" not in text
     assert "rules: none; every study is stored and recorded 'unrouted'" in "\n".join(warnings_for(validate({}), []))
+    # An analysis that is not installed is a problem, not a warning: every study the rule selects would fail.
+    assert problems_for(s, ["other"]) == ["rules[0] (r).analyses: analysis 'nope' is not installed (installed: other)"]
+    loop = validate({"destinations": [{"name": "self", "ae_title": "AINODE", "host": "127.0.0.1", "port": 11112,
+                                       "seg_compression": "jpeg2000"}]})
+    text = "\n".join(warnings_for(loop, []))
+    assert "is this node itself" in text and "BINARY SEG in JPEG 2000" in text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:104", "10.20.4.312", "pacs host", ""])
+def test_a_host_that_is_no_address_or_name_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError, match=r"destinations\[0\] \(pacs\).host"):
+        validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": host, "port": 104}]})
+    with pytest.raises(ConfigError, match=r"peers.allow\[0\].host"):
+        validate({"peers": {"allow": [{"ae_title": "PACS", "host": host}]}})
+
+
+def test_backoff_cannot_end_below_where_it_starts() -> None:
+    with pytest.raises(ConfigError, match="backoff_max_s .* is below backoff_initial_s"):
+        validate({"delivery": {"backoff_initial_s": 600, "backoff_max_s": 60}})
 
 
 @pytest.mark.parametrize("example", sorted((REPO / "config" / "examples").glob("*.toml")), ids=lambda p: p.name)
