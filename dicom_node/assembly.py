@@ -39,7 +39,7 @@ def complete_released(db: Database, settings: Settings) -> list[str]:
                     completed.append(study_uid)
         db.mark_assembled(assoc["id"])
     if completed:
-        log.info("%d study(ies) complete at association release", len(completed))
+        log.info("%d study(ies) complete at association release: %s", len(completed), ", ".join(completed))
     return completed
 
 
@@ -48,8 +48,8 @@ def complete_stable(db: Database, settings: Settings, now: float | None = None) 
     now = time.time() if now is None else now
     completed = [uid for uid in db.stable_studies(now - settings.assembly.stable_age_s) if db.mark_complete(uid)]
     if completed:
-        log.info("%d study(ies) complete after %.0f s without new instances", len(completed),
-                 settings.assembly.stable_age_s)
+        log.info("%d study(ies) complete after %.0f s without new instances: %s", len(completed),
+                 settings.assembly.stable_age_s, ", ".join(completed))
     return completed
 
 

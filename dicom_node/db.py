@@ -499,13 +499,16 @@ class Database:
                 (calling_ae, called_ae, host, port, now, now, reason),
             )
 
-    def end_association(self, association_id: int, state: str, reason: str | None = None) -> None:
-        """Mark an association released or aborted (the assembly sweep then looks at its studies)."""
+    def end_association(self, association_id: int, state: str, reason: str | None = None) -> dict[str, Any] | None:
+        """Mark an association released or aborted (the assembly sweep then looks at its studies); returns its
+        row as ended (for the log line)."""
         with self.tx() as db:
             db.execute(
                 "UPDATE associations SET state = ?, ended_at = ?, reason = coalesce(?, reason) WHERE id = ?",
                 (state, time.time(), reason, association_id),
             )
+        return self.one("SELECT calling_ae, peer_host, started_at, ended_at, instances, failures FROM associations"
+                        " WHERE id = ?", (association_id,))
 
     def count_failure(self, association_id: int | None) -> None:
         """One more C-STORE answered with a failure on this association."""
@@ -718,12 +721,13 @@ class Database:
                         "UPDATE studies SET state = 'delivered', reason = NULL, updated_at = ?"
                         " WHERE study_instance_uid = ? AND state IN ('encoded', 'failed')", (now, uid),
                     )
-                # Jobs follow their study.
+                # Jobs follow their study to 'delivered'. A delivery failed for good leaves them 'encoded': the
+                # analysis did not fail (a PACS outage counted as failed analyses, and a job 'failed' so never
+                # came back to 'delivered' after a successful retry).
                 db.execute(
-                    "UPDATE jobs SET state = (SELECT state FROM studies WHERE study_instance_uid = ?), updated_at = ?"
-                    " WHERE study_instance_uid = ? AND state = 'encoded'"
-                    " AND (SELECT state FROM studies WHERE study_instance_uid = ?) IN ('delivered', 'failed')",
-                    (uid, now, uid, uid),
+                    "UPDATE jobs SET state = 'delivered', updated_at = ? WHERE study_instance_uid = ? AND state = 'encoded'"
+                    " AND (SELECT state FROM studies WHERE study_instance_uid = ?) = 'delivered'",
+                    (now, uid, uid),
                 )
 
     # -------------------------------------------------------------------------------------- jobs
@@ -827,12 +831,13 @@ class Database:
                            (time.time(), i))
 
     def give_back_attempts(self, ids: Sequence[int]) -> None:
-        """sending -> pending without counting the attempt: the node stopped it, not the destination."""
+        """sending -> pending without counting the attempt: the node stopped it, not the destination.  Its
+        next_attempt_at (already due) stays, which the audit trigger reads as 'interrupted', not 'retry'."""
         now = time.time()
         with self.tx() as db:
             for i in ids:
                 db.execute("UPDATE deliveries SET state = 'pending', attempts = max(attempts - 1, 0),"
-                           " next_attempt_at = ?, updated_at = ? WHERE id = ? AND state = 'sending'", (now, now, i))
+                           " updated_at = ? WHERE id = ? AND state = 'sending'", (now, i))
 
     def mark_delivered(self, delivery_id: int, status: int) -> None:
         """sending -> delivered."""

@@ -302,7 +302,12 @@ class StorageSCP:
                 return
             event.assoc.node_association_ended = True
         try:
-            self.db.end_association(assoc_id, state)
+            row = self.db.end_association(assoc_id, state)
+            if row is not None:
+                # One line per association an operator can match with the sender's own log.
+                log.info("association %d from %s (%s) %s after %.1f s: %d instance(s) stored, %d refused", assoc_id,
+                         row["calling_ae"], row["peer_host"], state, (row["ended_at"] or 0) - row["started_at"],
+                         row["instances"], row["failures"])
         except Exception:  # noqa: BLE001
             log.exception("could not record the end of association %s", assoc_id)
         if self.on_association_end is not None:

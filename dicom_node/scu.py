@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -42,6 +44,29 @@ _REJECT_REASONS = {
     (2, 1): "no reason given", (2, 2): "protocol version not supported",
     (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
 }
+
+
+#: C-STORE failure classes (PS3.4 B.2.3) as an operator reads them, by the status's high byte.
+_STATUS_MEANINGS = {0xA700: "(out of resources: the destination is full or busy, retried)",
+                    0xA900: "(data set does not match SOP class)", 0xC000: "(cannot understand)",
+                    0x0100: "(refused)", 0x0200: "(refused)"}
+
+
+def refusal_message(dest: Destination, item: Item) -> str:
+    """Why a destination took no presentation context for an output, by name, with what to change."""
+    sop = UID(item.sop_class_uid)
+    syntax = UID(item.transfer_syntax_uid)
+    hint = ""
+    if sop == "1.2.840.10008.5.1.4.1.1.66.7":  # Label Map Segmentation Storage
+        hint = '; it may not know this newer SOP class: seg_format = "binary" sends a Segmentation Storage'
+    elif syntax.is_compressed:
+        hint = '; seg_compression = "none" sends it uncompressed'
+    name = sop.name if sop.name != str(sop) else _NEWER_SOP_CLASSES.get(str(sop), "SOP class")
+    return f"{dest.address} refused {name} ({sop}) in {syntax.name}{hint}"
+
+
+#: SOP classes newer than pydicom's dictionary.
+_NEWER_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage"}
 
 
 def classify_status(status: int) -> str:
@@ -112,6 +137,15 @@ def _associate(ae: AE, dest: Destination) -> tuple[Any, bool]:
     return assoc, bool(opened)
 
 
+def _tcp_reachable(host: str, port: int, timeout: float = 5.0) -> bool:
+    """True when a plain TCP connection to host:port opens."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _refused_contexts(assoc: Any) -> str:
     try:
         if assoc.accepted_contexts:
@@ -123,6 +157,11 @@ def _refused_contexts(assoc: Any) -> str:
 
 def _association_failure(assoc: Any, dest: Destination, connected: bool = True) -> tuple[str, str]:
     if not connected:
+        if dest.tls and _tcp_reachable(dest.host, dest.port):
+            # The port answers but the TLS handshake failed: a configuration mismatch (a plain DICOM port, or
+            # certificates it refuses), which no retry mends.
+            return PERMANENT, (f"TLS handshake with {dest.address} failed although its port accepts connections: "
+                               "does it speak DICOM TLS there, and does it trust our certificate (tls_* settings)?")
         return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
@@ -171,9 +210,7 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
                                for i in items[n:])
                 break
             if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
-                results.append(ItemResult(item.key, PERMANENT, None,
-                                          f"{dest.address} refused SOP class {item.sop_class_uid} with transfer"
-                                          f" syntax {item.transfer_syntax_uid}"))
+                results.append(ItemResult(item.key, PERMANENT, None, refusal_message(dest, item)))
                 continue
             try:
                 ds = pydicom.dcmread(item.path)
@@ -197,7 +234,9 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
                 break
             outcome = classify_status(int(status))
             comment = str(rsp.get("ErrorComment", "") or "")
-            msg = f"status 0x{int(status):04X}" + (f" ({comment})" if comment else "") + f" from {dest.address}"
+            meaning = _STATUS_MEANINGS.get(int(status) & 0xFF00, "")
+            msg = (f"status 0x{int(status):04X}" + (f" {meaning}" if meaning else "") + (f" ({comment})" if comment else "")
+                   + f" from {dest.address}")
             results.append(ItemResult(item.key, outcome, int(status), msg))
     finally:
         if on_association is not None:
@@ -322,7 +361,11 @@ class Sender:
             # The destination is back: what waits out a backoff for it goes now, not in up to backoff_max_s.
             self.db.expedite(dest.name)
         failed = [r for r in results if r.outcome != OK]
-        if failed:
+        if stopped and failed:
+            # Our own stop cut the batch (the abort reads as 'no response' to pynetdicom): not the peer's doing.
+            log.info("%s: the node is stopping: %d of %d output(s) sent, the others go at the next start", dest.name,
+                     delivered, len(results))
+        elif failed:
             log.warning("%s: %d of %d sent, %d not (%s): %s", dest.name, delivered, len(results), len(failed),
                         failed[0].outcome, failed[0].message)
         else:

@@ -116,10 +116,16 @@ def test_failed_delivery_fails_study_and_retry_requeues(db: Database) -> None:
     db.mark_failed(delivery, "association rejected permanently", None)
     db.settle_delivered_studies()
     assert db.study("1.2.3")["state"] == "failed" and "rejected permanently" in db.study("1.2.3")["reason"]
+    # The analysis did not fail: its job stays encoded (a PACS outage must not read as failed analyses).
+    assert db.one("SELECT state FROM jobs")["state"] == "encoded"
     assert db.queue_depth()[0]["failed"] == 1
     assert db.requeue_failed() == 1
     assert db.study("1.2.3")["state"] == "encoded"
     assert db.one("SELECT state, attempts FROM deliveries") == {"state": "pending", "attempts": 0}
+    db.mark_sending([delivery])
+    db.mark_delivered(delivery, 0)
+    db.settle_delivered_studies()
+    assert db.study("1.2.3")["state"] == "delivered" and db.one("SELECT state FROM jobs")["state"] == "delivered"
 
 
 def test_a_second_identical_job_is_not_run_again(db: Database) -> None:
@@ -400,3 +406,13 @@ def test_reasons_are_kept_on_one_line(db: Database) -> None:
     generation = db.claim_study("1.2.3")
     assert db.finish_study("1.2.3", generation, "failed", "spine-xr: pixel data could not be read (line one\n  line two)")
     assert db.study("1.2.3")["reason"] == "spine-xr: pixel data could not be read (line one line two)"
+
+
+def test_a_send_the_node_stopped_is_audited_as_interrupted_not_as_a_failed_retry(db: Database) -> None:
+    """SIGTERM during a delivery: the audit read 'retry', outcome 'failed', and the retry metric went up."""
+    _, delivery = _job_with_delivery(db)
+    db.mark_sending([delivery])
+    db.give_back_attempts([delivery])
+    event = db.one("SELECT action, detail FROM audit_events WHERE kind = 'delivery'")
+    assert event == {"action": "interrupted", "detail": "node stopped while sending"}
+    assert db.one("SELECT state, attempts FROM deliveries") == {"state": "pending", "attempts": 0}

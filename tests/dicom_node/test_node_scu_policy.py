@@ -23,3 +23,18 @@ def test_backoff_grows_exponentially_capped_with_jitter() -> None:
         assert 0.75 * base <= d <= 1.25 * base
     assert len({round(d, 6) for d in delays}) == len(delays)
     assert backoff_delay(1, DeliverySettings(jitter=0), rng) == 5.0
+
+
+def test_a_refused_output_is_named_with_what_to_change() -> None:
+    from pathlib import Path
+
+    from dicom_node.scu import Item, refusal_message
+    from dicom_node.settings import Destination
+
+    dest = Destination(name="pacs", ae_title="PACS", host="10.0.0.5", port=104)
+    labelmap = Item(1, Path("x.dcm"), "1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.1.2.1")
+    assert refusal_message(dest, labelmap) == (
+        'PACS@10.0.0.5:104 refused Label Map Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.7) in Explicit VR Little'
+        ' Endian; it may not know this newer SOP class: seg_format = "binary" sends a Segmentation Storage')
+    j2k = Item(1, Path("x.dcm"), "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.1.2.4.90")
+    assert 'seg_compression = "none"' in refusal_message(dest, j2k)

@@ -11,7 +11,7 @@ import pytest
 from nodekit import make_study
 from peers import StoreSCP
 
-from dicom_node.scu import OK, Item, echo, send_batch
+from dicom_node.scu import OK, PERMANENT, Item, echo, send_batch
 from dicom_node.settings import DeliverySettings, Destination
 
 pytestmark = pytest.mark.e2e
@@ -56,6 +56,22 @@ def test_tls_with_an_untrusted_server_certificate_fails(tls_storescp, tmp_path: 
     dest = Destination(name="tls", ae_title=scp.ae_title, host="localhost", port=scp.port, tls=True,
                        tls_ca_file=other_ca, tls_cert_file=files["tls_cert_file"], tls_key_file=files["tls_key_file"])
     ok, message = echo("AINODE", dest, DeliverySettings(connect_timeout_s=5))
-    # The handshake fails certificate verification: reported like any connection that cannot be made.
-    assert not ok and message.startswith(f"cannot connect to {scp.ae_title}@localhost:{scp.port}"), message
+    # The handshake fails certificate verification while the port answers: a configuration problem, said so.
+    assert not ok and message.startswith(f"TLS handshake with {scp.ae_title}@localhost:{scp.port} failed"), message
     assert scp.files() == []
+
+
+def test_tls_towards_a_plain_dicom_port_fails_for_good_and_says_why(tmp_path: Path) -> None:
+    """tls = true on a destination that speaks plain DICOM was reported as 'cannot connect (refused or timed
+    out)' and retried as a network problem, for hours with a hospital's backoff."""
+    scp = StoreSCP(tmp_path / "received").start()
+    try:
+        dest = Destination(name="plain", ae_title=scp.ae_title, host="127.0.0.1", port=scp.port, tls=True)
+        study = make_study(tmp_path / "in", "tls-plain", images=1)
+        items = [Item(p, p, str(pydicom.dcmread(p).SOPClassUID), "1.2.840.10008.1.2.1") for p in study]
+        (result,) = send_batch("AINODE", dest, items, DeliverySettings(connect_timeout_s=5))
+        assert result.outcome == PERMANENT and "TLS handshake" in result.message, result.message
+        plain = Destination(name="plain", ae_title=scp.ae_title, host="127.0.0.1", port=scp.port)
+        assert echo("AINODE", plain, DeliverySettings(connect_timeout_s=5))[0]
+    finally:
+        scp.stop()
