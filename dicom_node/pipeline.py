@@ -184,7 +184,7 @@ class Pipeline:
         """Producer identity for outputs."""
         from reports import Producer
 
-        return Producer(device_serial_number=self.settings.producer.device_serial_number,
+        return Producer(device_serial_number=self.settings.producer.device_serial_number or self.store.installation_serial(),
                         institution_name=self.settings.producer.institution_name)
 
     def process_pending(self, limit: int = 50) -> int:
@@ -340,7 +340,7 @@ def analyze_offline(settings: Settings, analyser: Analyser, paths: Sequence[Path
     for ds in datasets:
         studies.setdefault(str(ds.get("StudyInstanceUID", "")), []).append(ds)
     written: list[Path] = []
-    producer = Producer(device_serial_number=settings.producer.device_serial_number,
+    producer = Producer(device_serial_number=settings.producer.device_serial_number or Producer().device_serial_number,
                         institution_name=settings.producer.institution_name)
     for study_uid, group in studies.items():
         routing = route([InstanceHeaders.from_dataset(d) for d in group], settings.rules)

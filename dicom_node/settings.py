@@ -270,7 +270,8 @@ class LoggingSettings(_Section):
 class ProducerSettings(_Section):
     """Identity written into every output (Manufacturer, DeviceSerialNumber, InstitutionName)."""
 
-    device_serial_number: str = "0"
+    #: Empty: made for the installation (`Store.installation_serial`), so nodes never share a device identity.
+    device_serial_number: str = ""
     institution_name: str | None = None
 
 

@@ -8,6 +8,7 @@ returned, so a crash at any moment never leaves a half-written instance under it
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -75,6 +76,11 @@ class Store:
         if len(key) != 32:
             raise StorageError(f"{path} is damaged ({len(key)} bytes, not 32): delete it to start a new one")
         return key
+
+    def installation_serial(self) -> str:
+        """A device serial number of this installation (its data directory), stable across restarts: derived
+        from ``installation.key``, so two nodes never write the same Device Observer UID."""
+        return "SPN-" + hmac.new(self.secret("installation"), b"device serial number", hashlib.sha256).hexdigest()[:16].upper()
 
     def clean_tmp(self) -> int:
         """Remove temporary files left by a crash (never acknowledged, so nothing is lost); returns count."""

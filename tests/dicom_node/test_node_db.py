@@ -416,3 +416,19 @@ def test_a_send_the_node_stopped_is_audited_as_interrupted_not_as_a_failed_retry
     event = db.one("SELECT action, detail FROM audit_events WHERE kind = 'delivery'")
     assert event == {"action": "interrupted", "detail": "node stopped while sending"}
     assert db.one("SELECT state, attempts FROM deliveries") == {"state": "pending", "attempts": 0}
+
+
+def test_each_installation_has_its_own_device_serial_number(tmp_path: Path) -> None:
+    """Every node wrote DeviceSerialNumber '0', so all installations shared one Device Observer UID in their
+    reports; without a configured serial each data directory makes its own, kept across restarts."""
+    from dicom_node.pipeline import Pipeline
+    from dicom_node.settings import validate
+    from dicom_node.storage import Store
+
+    first, second = Store(tmp_path / "a"), Store(tmp_path / "b")
+    assert first.installation_serial() == Store(tmp_path / "a").installation_serial() != second.installation_serial()
+    pipeline = Pipeline(validate({}), None, first, None)  # type: ignore[arg-type]
+    assert pipeline.producer().device_serial_number == first.installation_serial()
+    configured = Pipeline(validate({"producer": {"device_serial_number": "SPINEAI-01"}}), None, first, None)  # type: ignore[arg-type]
+    assert configured.producer().device_serial_number == "SPINEAI-01"
+    assert configured.producer().device_uid != pipeline.producer().device_uid
