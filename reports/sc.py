@@ -624,6 +624,7 @@ def build_sc(
     copy_image_attributes(sc, source, _SOURCE_ATTRIBUTES)
     empty_laterality_without_body_part(sc)
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"  # made by a workstation (PS3.3 C.8.6.1.1), not captured over a digital interface
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     _copy_lossy_flag(sc, rendering.view.sources)

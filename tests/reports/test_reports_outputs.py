@@ -629,7 +629,7 @@ def test_sc_is_rgb_burned_in_and_references_its_source(cases, outputs, case):
     sc = _by_kind(outputs[case], OutputKind.SC)[0].dataset
     assert sc.PhotometricInterpretation == "RGB"
     assert sc.SamplesPerPixel == 3
-    assert sc.BurnedInAnnotation == "YES"
+    assert sc.BurnedInAnnotation == "YES" and sc.ConversionType == "WSD"
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in {str(d.SOPInstanceUID) for d in cases[case].sources}
 
 
