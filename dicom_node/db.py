@@ -297,9 +297,9 @@ def _other_patient(execute: Callable[..., sqlite3.Cursor], study_instance_uid: s
 
 def patient_conflict_reason(study_instance_uid: str) -> str:
     """Why an instance of another patient than its study's is refused."""
-    return (f"PatientID differs from that of the instances of study {study_instance_uid} already received:"
-            " not stored, so that one study never mixes two patients (re-send the study's instances with the"
-            " corrected identity, or give the image its own study)")
+    return (f"PatientID differs from the study's other instances (study {study_instance_uid}): not stored,"
+            " so that one study never mixes two patients (re-send the study's instances with the corrected"
+            " identity, or give the image its own study)")
 
 
 def conflict_reason(sop_instance_uid: str, held_in: str) -> str:

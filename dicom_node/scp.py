@@ -55,7 +55,11 @@ def failure(status: int, reason: str) -> Dataset:
     no backslash or control characters."""
     ds = Dataset()
     ds.Status = status
-    ds.ErrorComment = "".join(c if c.isascii() and c.isprintable() and c != "\\" else "?" for c in reason)[:64].rstrip()
+    text = "".join(c if c.isascii() and c.isprintable() and c != "\\" else "?" for c in reason)
+    if len(text) > 64:
+        # Cut at a word, marked: a number cut short ("bits need 304844" for 3048448) misleads.
+        text = text[:61].rsplit(" ", 1)[0].rstrip(" ,:;(") + "..."
+    ds.ErrorComment = text
     return ds
 
 
@@ -573,8 +577,8 @@ def _check_pixel_data(ds: Any, data: memoryview, offset: int, ts: UID) -> None:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             expected = (rows * cols * frames * spp * bits + 7) // 8
             if length < expected:
-                raise DatasetError(f"Pixel Data holds {length} bytes, {rows}x{cols}x{frames}x{spp}x{bits} bits"
-                                   f" need {expected}")
+                raise DatasetError(f"Pixel Data too short: {length} of {expected} bytes"
+                                   f" ({rows}x{cols}x{frames}x{spp}x{bits} bits)")
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -231,7 +231,7 @@ def test_a_new_instance_of_another_patient_in_a_study_is_refused_and_a_corrected
     misfiled.PatientID, misfiled.PatientName = "SOMEONE-ELSE", "ELSE^SOMEONE"
     status = _store(scp.port, misfiled)
     assert status.Status == CANNOT_UNDERSTAND
-    assert status.ErrorComment.startswith("PatientID differs from that of the instances of study")
+    assert status.ErrorComment.startswith("PatientID differs from the study's other instances")
     assert scp.db.study(study_uid)["instance_count"] == 1
     assert not any("SOMEONE" in str(pydicom.dcmread(p).PatientID) for p in (tmp_path / "data").rglob("*.dcm"))
     assert "SOMEONE" not in str(scp.db.query("SELECT * FROM instances")) + str(scp.db.query("SELECT * FROM studies"))
@@ -529,3 +529,13 @@ def test_a_released_association_is_recorded_released_whichever_event_comes_first
     dropped = event("Sta6")
     scp._on_conn_close(dropped)
     assert state(dropped) == "aborted"
+
+
+def test_a_long_reason_is_cut_at_a_word_in_the_error_comment() -> None:
+    """64 characters of Error Comment cut '3048448 bytes' to '304844': the sender read a wrong number."""
+    from dicom_node.scp import failure
+
+    reason = "Pixel Data too short: 1000 of 3048448 bytes (1024x1488x1x1x16 bits) in the received data set"
+    comment = failure(CANNOT_UNDERSTAND, reason).ErrorComment
+    assert len(comment) <= 64 and comment.endswith("...") and "3048448" in comment
+    assert comment == "Pixel Data too short: 1000 of 3048448 bytes..."
