@@ -358,6 +358,8 @@ def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
     for s in report["recent_studies"]:
         reason = f" ({s['reason']})" if s["reason"] else ""
         print(f"  {_when(s['updated_at'])} {s['study_instance_uid']} {s['state']}, {s['instance_count']} instance(s){reason}")
+    if counts.get("failed") or any(d["failed"] for d in report["destinations"]):
+        print("to send failed deliveries and run failed analyses again, once the cause is mended: dicom-node retry")
     return EXIT_OK
 
 
@@ -370,9 +372,10 @@ def cmd_retry(settings: Settings, destination: str | None) -> int:
     try:
         n = db.requeue_failed(destination=destination)
         m = db.requeue_failed_studies() if destination is None else 0
-        db.record_action("retry", f"cli:{_os_user()}", "ok" if n or m else "nothing to retry",
+        db.record_action("retry", f"cli:{_os_user()}", "ok" if n or m else "refused",
                          target=destination or "all", destination=destination,
-                         detail=f"re-queued {n} delivery(ies), {m} analysis(es)")
+                         detail=f"re-queued {n} delivery(ies), {m} analysis(es)" if n or m
+                         else "nothing to retry: no failed delivery or analysis")
     finally:
         db.close()
     print(f"re-queued {n} delivery(ies) and {m} study(ies); a running node picks them up within seconds")

@@ -260,7 +260,12 @@ class StorageSCP:
         called = str(event.assoc.requestor.primitive.called_ae_title or "").strip()
         if self._allowed_peer(calling, host):
             return
-        reason = f"calling AE {calling!r} from {host} is not an allowed peer"
+        hosts = self._allowed.get(calling)
+        if hosts:
+            reason = (f"calling AE {calling!r} connected from {host}, but is allowed only from "
+                      f"{', '.join(sorted(h for h in hosts if h))} (peers.allow)")
+        else:
+            reason = f"calling AE {calling!r} from {host} is not an allowed peer (not in peers.allow)"
         log.warning("rejecting association: %s", reason)
         try:
             self.db.record_rejected_association(calling, called, host, port, reason)
@@ -281,6 +286,9 @@ class StorageSCP:
         rj = event.assoc.acceptor.primitive
         reason = _REJECT_REASONS.get((rj.result_source, rj.diagnostic), f"rejected (source {rj.result_source},"
                                      f" diagnostic {rj.diagnostic})") if rj is not None else "rejected"
+        if rj is not None and (rj.result_source, rj.diagnostic) == (1, 7):
+            # Name what was asked for beside what the node answers to: the usual mistake on the sender's side.
+            reason += f": it asked for {called!r}, this node is {self.settings.node.ae_title!r}"
         log.warning("association from %s (%s) rejected: %s", calling, host, reason)
         try:
             self.db.record_rejected_association(calling, called, host, port, reason)

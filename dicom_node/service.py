@@ -180,10 +180,10 @@ class NodeService:
         """Re-queue a study's failed deliveries, or its failed analysis; audited."""
         deliveries = self.db.requeue_failed(study_instance_uid=study_instance_uid)
         studies = self.db.requeue_failed_studies(study_instance_uid) if not deliveries else 0
-        outcome = "ok" if deliveries or studies else "nothing to retry"
-        self.db.record_action("retry", actor, outcome, target=study_instance_uid,
+        self.db.record_action("retry", actor, "ok" if deliveries or studies else "refused", target=study_instance_uid,
                               study_instance_uid=study_instance_uid,
-                              detail=f"re-queued {deliveries} delivery(ies), {studies} analysis(es)")
+                              detail=f"re-queued {deliveries} delivery(ies), {studies} analysis(es)" if deliveries or studies
+                              else "nothing to retry: no failed delivery or analysis")
         if deliveries:
             self.scheduler.wake_senders()
         if studies:
@@ -193,8 +193,8 @@ class NodeService:
     def retry_destination(self, name: str, actor: str) -> int:
         """Re-queue every failed delivery to destination `name`; audited."""
         n = self.db.requeue_failed(destination=name)
-        self.db.record_action("retry", actor, "ok" if n else "nothing to retry", target=name, destination=name,
-                              detail=f"re-queued {n} delivery(ies)")
+        self.db.record_action("retry", actor, "ok" if n else "refused", target=name, destination=name,
+                              detail=f"re-queued {n} delivery(ies)" if n else "nothing to retry: no failed delivery")
         if n:
             self.scheduler.wake(f"deliver:{name}")
         return n

@@ -236,7 +236,7 @@ def create_app(service: NodeService) -> FastAPI:
     def api_retry_study(study_uid: str, request: Request) -> dict[str, Any]:
         """Re-queue the study's failed deliveries (or its failed analysis)."""
         if service.db.study(study_uid) is None:
-            raise HTTPException(404, f"no study {study_uid}")
+            _refused(request, "retry", study_uid, f"no study {study_uid}")
         done = service.retry_study(study_uid, actor(request))
         if not done["deliveries"] and not done["studies"]:
             raise HTTPException(409, "nothing to retry: the study has no failed delivery or analysis")
@@ -264,23 +264,29 @@ def create_app(service: NodeService) -> FastAPI:
                 d["echo"] = {"ok": ok, "message": message}
         return {"destinations": dests}
 
-    def _destination(name: str) -> None:
+    def _refused(request: Request, action: str, target: str, why: str) -> None:
+        """Audit an action on something that does not exist (the audit keeps every action, refused or not),
+        then answer 404."""
+        service.db.record_action(action, actor(request), "refused", target=target, detail=why)
+        raise HTTPException(404, why)
+
+    def _destination(name: str, request: Request, action: str) -> None:
         try:
             service.settings.destination(name)
         except KeyError:
-            raise HTTPException(404, f"no destination {name}") from None
+            _refused(request, action, name, f"no destination {name}")
 
     @app.post("/api/destinations/{name}/echo")
     def api_echo(name: str, request: Request) -> dict[str, Any]:
         """C-ECHO one destination."""
-        _destination(name)
+        _destination(name, request, "echo")
         ok, message = service.echo_destination(name, actor(request))
         return {"ok": ok, "message": message}
 
     @app.post("/api/destinations/{name}/retry")
     def api_retry_destination(name: str, request: Request) -> dict[str, Any]:
         """Re-queue every failed delivery to one destination."""
-        _destination(name)
+        _destination(name, request, "retry")
         return {"requeued": service.retry_destination(name, actor(request))}
 
     @app.get("/api/audit")

@@ -161,7 +161,7 @@ def test_permanent_rejection_stops_at_once_shows_in_status_and_retry_requeues(
     status = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--data-dir", data_dir],
                             capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
-    assert "failed 1" in status.stdout and "rejected permanently" in status.stdout
+    assert "failed 1" in status.stdout and "rejected permanently" in status.stdout and "dicom-node retry" in status.stdout
 
     retry = subprocess.run([str(VENV_BIN / "dicom-node"), "retry", "--data-dir", data_dir],
                            capture_output=True, text=True)

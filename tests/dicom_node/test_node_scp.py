@@ -86,6 +86,9 @@ def test_unknown_calling_ae_is_rejected_and_audited(scp: StorageSCP) -> None:
                          indirect=True)
 def test_allowed_ae_from_wrong_host_is_rejected(scp: StorageSCP) -> None:
     assert echoscu(scp.port, calling="PACS").returncode != 0
+    # The record says where it is allowed from ("not an allowed peer" sent IT looking for a missing entry).
+    row = wait_for(lambda: scp.db.one("SELECT reason FROM associations WHERE state = 'rejected'"), 5, what="recorded")
+    assert row["reason"] == "calling AE 'PACS' connected from 127.0.0.1, but is allowed only from 10.9.9.9 (peers.allow)"
 
 
 
@@ -396,7 +399,8 @@ def test_wrong_called_ae_is_rejected(scp: StorageSCP) -> None:
     proc = echoscu(scp.port, called="SOMEONEELSE")
     assert proc.returncode != 0 and "Called AE Title Not Recognized" in proc.stderr, proc.stderr
     row = wait_for(lambda: scp.db.one("SELECT * FROM associations WHERE state = 'rejected'"), 5, what="recorded")
-    assert row["called_ae"] == "SOMEONEELSE" and row["reason"] == "called AE title not recognised"
+    assert row["called_ae"] == "SOMEONEELSE"
+    assert row["reason"] == f"called AE title not recognised: it asked for 'SOMEONEELSE', this node is {scp.settings.node.ae_title!r}"
 
 
 @pytest.mark.parametrize("scp", [{"max_associations": 1}], indirect=True)

@@ -80,7 +80,7 @@ def test_everything_but_healthz_needs_credentials(web_node_factory) -> None:
         assert browser.post("/api/destinations/x/retry").status_code == 403
     actions = node.api("/api/audit?kind=action")["events"]
     assert [(e["action"], e["actor"], e["outcome"]) for e in actions] == [
-        ("login", "token:ops", "ok"), ("login", "unknown", "refused")]
+        ("login", "token:ops", "ok"), ("login", "unknown", "refused"), ("retry", "user:alice", "refused")]
     metrics = node.client().get("/metrics").text
     assert metric(metrics, "dicom_node_http_auth_failures_total", path_group="api") >= 9
 
@@ -306,7 +306,7 @@ def test_serve_subprocess_with_http_flags_and_audit_export(tmp_path: Path, model
         storescu(make_study(tmp_path / "in", "cli1", images=1), raw["node"]["port"])
         wait_for(lambda: httpx.get(url + "/api/studies?state=delivered", headers=headers).json()["total"] == 1, 60,
                  what="study settled")
-        httpx.post(url + "/api/destinations/none/retry", headers=headers)  # 404, not audited
+        assert httpx.post(url + "/api/destinations/none/retry", headers=headers).status_code == 404  # audited
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
@@ -318,7 +318,7 @@ def test_serve_subprocess_with_http_flags_and_audit_export(tmp_path: Path, model
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert [(r["kind"], r["action"], r["actor"], r["instances"]) for r in rows] == [
-        ("association", "released", "STORESCU", "1")]
+        ("association", "released", "STORESCU", "1"), ("action", "retry", "token:cli", "")]
     assert rows[0]["time"].startswith(rows[0]["time"][:4]) and "T" in rows[0]["time"]
     # `dicom-node retry` is an operator action too, recorded with the Unix user who ran it.
     retry = subprocess.run([*dicom_node_executable(), "retry", "--config", str(config)], capture_output=True,
@@ -326,10 +326,11 @@ def test_serve_subprocess_with_http_flags_and_audit_export(tmp_path: Path, model
     assert retry.returncode == 0, retry.stderr
     out = subprocess.run([*run, "--format", "json", "--kind", "action", "--out", str(tmp_path / "a.json")],
                          capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 0 and "1 event(s) written" in out.stderr
-    (action,) = json.loads((tmp_path / "a.json").read_text())
+    assert out.returncode == 0 and "2 event(s) written" in out.stderr
+    refused_404, action = json.loads((tmp_path / "a.json").read_text())
+    assert refused_404["detail"] == "no destination none" and refused_404["outcome"] == "refused"
     assert action["action"] == "retry" and action["actor"].startswith("cli:")
-    assert action["outcome"] == "nothing to retry" and action["kind"] == "action"
+    assert action["outcome"] == "refused" and action["detail"].startswith("nothing to retry") and action["kind"] == "action"
     bad = subprocess.run([*run, "--since", "last week"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "expected a date YYYY-MM-DD" in bad.stderr
 
@@ -359,3 +360,13 @@ def test_model_cards_are_rendered_as_markdown_without_raw_html(web_node_factory,
         assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
         assert c.get("/api/models/carded/card").text.startswith("# Carded 2.1.0")
         assert c.get("/models/nothing-here").status_code == 404
+
+
+def test_an_action_on_something_that_does_not_exist_is_audited_as_refused(web_node_factory) -> None:
+    """The audit keeps every action, refused or not: a retry of an unknown study answered 404 unrecorded."""
+    node = web_node_factory()
+    assert node.post("/api/studies/1.2.3.4/retry").status_code == 404
+    assert node.post("/api/destinations/nowhere/echo").status_code == 404
+    refused = node.service.db.query("SELECT action, outcome, target, detail FROM audit_events WHERE kind = 'action'")
+    assert refused == [{"action": "retry", "outcome": "refused", "target": "1.2.3.4", "detail": "no study 1.2.3.4"},
+                       {"action": "echo", "outcome": "refused", "target": "nowhere", "detail": "no destination nowhere"}]
