@@ -857,6 +857,15 @@ class Database:
                 " AND next_attempt_at > ?", (now, destination, now),
             ).rowcount
 
+    def defer_destination(self, destination: str, until: float) -> int:
+        """Pending deliveries to `destination` due before `until` wait until then (it is unreachable; they
+        were not tried, so no attempt is counted); returns how many."""
+        with self.tx() as db:
+            return db.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE destination = ? AND state = 'pending'"
+                " AND next_attempt_at < ?", (until, destination, until),
+            ).rowcount
+
     def mark_retry(self, delivery_id: int, next_attempt_at: float, error: str, status: int | None) -> None:
         """sending -> pending again, later."""
         with self.tx() as db:

@@ -336,6 +336,7 @@ class Sender:
             message = f"internal error {type(exc).__name__}: {redact(str(exc))}"
             results = [ItemResult(i.key, TRANSIENT, None, message) for i in items]
         delivered = 0
+        next_try = float("inf")
         given_up: list[tuple[dict[str, Any], str]] = []
         stopped = self._stopping.is_set()
         if stopped:
@@ -352,6 +353,7 @@ class Sender:
             elif res.outcome == TRANSIENT and row["attempts"] + 1 < self.settings.delivery.max_attempts:
                 delay = backoff_delay(row["attempts"] + 1, self.settings.delivery, self.rng)
                 self.db.mark_retry(row["id"], time.time() + delay, res.message, res.status)
+                next_try = min(next_try, time.time() + delay)
             else:
                 reason = res.message if res.outcome == PERMANENT else (
                     f"gave up after {row['attempts'] + 1} attempts: {res.message}")
@@ -360,6 +362,14 @@ class Sender:
         if delivered and any(r["attempts"] > 0 for r in batch):
             # The destination is back: what waits out a backoff for it goes now, not in up to backoff_max_s.
             self.db.expedite(dest.name)
+        elif not stopped and not delivered and next_try < float("inf") and all(
+                r.outcome == TRANSIENT and r.status is None for r in results):
+            # No association at all (down, refusing, aborting): the destination is out, not these outputs.
+            # The rest of its queue waits with this batch, so an outage costs one attempt per backoff step,
+            # not one association per output on timers of their own.
+            if deferred := self.db.defer_destination(dest.name, next_try):
+                log.info("%s: unreachable, %d other output(s) wait with this batch until %s", dest.name, deferred,
+                         time.strftime("%H:%M:%S", time.localtime(next_try)))
         failed = [r for r in results if r.outcome != OK]
         if stopped and failed:
             # Our own stop cut the batch (the abort reads as 'no response' to pynetdicom): not the peer's doing.

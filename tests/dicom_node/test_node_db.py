@@ -432,3 +432,32 @@ def test_each_installation_has_its_own_device_serial_number(tmp_path: Path) -> N
     configured = Pipeline(validate({"producer": {"device_serial_number": "SPINEAI-01"}}), None, first, None)  # type: ignore[arg-type]
     assert configured.producer().device_serial_number == "SPINEAI-01"
     assert configured.producer().device_uid != pipeline.producer().device_uid
+
+
+def test_an_unreachable_destination_holds_its_whole_queue_with_the_batch_it_failed(db: Database, tmp_path: Path) -> None:
+    """After an outage each output retried on a timer of its own: one association per output ('0 of 1 sent'
+    over and over). A batch that gets no association at all now takes the rest of the queue along."""
+    import socket
+    import time
+
+    from dicom_node.scu import Sender
+    from dicom_node.settings import validate
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
+                                           "batch_size": 1}], "delivery": {"connect_timeout_s": 2}})
+    db.record_instance(rec("1.1"))
+    db.mark_complete("1.2.3")
+    gen = db.claim_study("1.2.3")
+    job = db.start_job("1.2.3", "a", "r", "key", gen)
+    outs = [{"sop_instance_uid": f"5.{k}", "study_instance_uid": "1.2.3", "series_instance_uid": "5",
+             "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34", "transfer_syntax_uid": "1.2.840.10008.1.2.1", "kind": "sr",
+             "variant": "any", "path": str(tmp_path / f"5.{k}.dcm"), "size": 1} for k in range(3)]
+    db.record_outputs(job["id"], {"analysis": "a"}, outs, [(o["sop_instance_uid"], "pacs") for o in outs])
+    assert Sender(settings, db).deliver_due(settings.destinations[0]) == 1
+    rows = db.query("SELECT attempts, next_attempt_at FROM deliveries ORDER BY attempts DESC")
+    assert [r["attempts"] for r in rows] == [1, 0, 0]  # only the one tried counts an attempt
+    assert len({r["next_attempt_at"] for r in rows}) == 1  # and the others wait with it
+    assert db.due_deliveries("pacs", time.time(), 10) == []
