@@ -139,11 +139,19 @@ def mismatch(match: Match, h: InstanceHeaders) -> str | None:
 
 
 def rule_mismatch(rule: Rule, h: InstanceHeaders) -> str | None:
-    """None when any of the rule's match tables accepts `h`, else the reason of the first table."""
+    """None when any of the rule's match tables accepts `h` and none of its exclude tables does, else why."""
     reasons = [mismatch(m, h) for m in rule.match]
-    if any(r is None for r in reasons):
-        return None
-    return reasons[0]
+    if all(r is not None for r in reasons):
+        return reasons[0]
+    for k, table in enumerate(rule.exclude):
+        if mismatch(table, h) is None:
+            return f"left out by exclude[{k}] ({_criteria(table)})"
+    return None
+
+
+def _criteria(match: Match) -> str:
+    """The criteria a table sets, as written in the configuration."""
+    return ", ".join(f"{k} = {v!r}" for k, v in match.model_dump(exclude_defaults=True).items())
 
 
 def route(instances: Iterable[InstanceHeaders], rules: Sequence[Rule]) -> Routing:

@@ -225,6 +225,8 @@ class Rule(_Section):
     #: When a study this rule selects is complete: at association release, or after `stable_age_s` quiet.
     complete_on: Literal["association-release", "stable-age"] = "stable-age"
     match: tuple[Match, ...] = Field(min_length=1)
+    #: An instance any of these tables accepts is left out, whichever match table selected it.
+    exclude: tuple[Match, ...] = ()
 
     @field_validator("name")
     @classmethod

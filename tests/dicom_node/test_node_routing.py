@@ -24,13 +24,24 @@ def test_default_rule_selects_spine_radiographs_by_body_part_or_description() ->
 def test_default_rule_leaves_out_the_cervical_spine_the_models_never_saw() -> None:
     rules = load(env={}).rules
     for headers in (dict(body_part_examined="CSPINE"), dict(body_part_examined="C-SPINE"), dict(body_part_examined="CTSPINE"),
-                    dict(series_description="HWS ap/seitl."), dict(series_description="C-Spine LAT"),
-                    dict(study_description="XR cervical spine 3 views"), dict(study_description="Halswirbelsäule")):
+                    dict(body_part_examined="C_SPINE"), dict(series_description="HWS ap/seitl."),
+                    dict(series_description="C-Spine LAT"), dict(study_description="XR cervical spine 3 views"),
+                    dict(study_description="Halswirbelsäule"),
+                    # One table selects it, another attribute says cervical: the exclusion wins.
+                    dict(body_part_examined="SPINE", series_description="HWS 2 Eb."),
+                    dict(body_part_examined="SPINE", study_description="Cervicothoracic spine"),
+                    # Not a spine film at all.
+                    dict(body_part_examined="THORAX"), dict(body_part_examined="CHEST")):
         routing = route([h(modality="DX", **headers)], rules)
         assert not routing.routed, headers
+    excluded = route([h(modality="DX", body_part_examined="SPINE", series_description="HWS 2 Eb.")], rules)
+    assert "left out by exclude[1]" in excluded.reason, excluded.reason
     for headers in (dict(body_part_examined="TLSPINE"), dict(body_part_examined="L-SPINE"), dict(body_part_examined="SPINE"),
-                    dict(series_description="Thoracic spine AP"), dict(series_description="BWS+LWS"),
-                    dict(study_description="Wirbelsäule ganz stehend"), dict(study_description="rachis lombaire")):
+                    dict(body_part_examined="COCCYX"), dict(series_description="Thoracic spine AP"),
+                    dict(series_description="BWS+LWS"), dict(study_description="Wirbelsäule ganz stehend"),
+                    dict(study_description="rachis lombaire"), dict(study_description="Rachide lombare"),
+                    dict(study_description="Columna lumbar 2 proy."), dict(study_description="Colonne lombaire"),
+                    dict(study_description="Postop spinal fusion"), dict(study_description="Scoliosis series")):
         assert route([h(modality="DX", **headers)], rules).routed, headers
 
 
