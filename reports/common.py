@@ -179,8 +179,13 @@ def sc_uid(result: StudyResult, image: ImageResult) -> UID:
                       "study", *analysed_sop_instance_uids(result))
 
 
-def sr_uid(result: StudyResult) -> UID:
-    """SOP Instance UID of the study's SR: changes when the set of analysed instances changes."""
+def sr_uid(result: StudyResult, unanalysed: Sequence[str] = ()) -> UID:
+    """SOP Instance UID of the study's SR: changes when the set of analysed instances changes.  A report over
+    no analysed image derives it from the instances it covers (`unanalysed`), else every such report of the
+    study would share one UID while its reasons change."""
+    if not result.images:
+        return derive_uid(result.study_instance_uid, OutputKind.SR.value, models_fingerprint(result.models),
+                          "no image analysed", *sorted(unanalysed))
     return derive_uid(result.study_instance_uid, OutputKind.SR.value, models_fingerprint(result.models),
                       *analysed_sop_instance_uids(result))
 
@@ -324,10 +329,14 @@ def encodable_copy(source: Dataset) -> Dataset:
         except ValueError:
             bad.append(keyword)
     absent = [keyword for keyword, type_ in IDENTITY_ATTRIBUTES if type_ == 2 and keyword not in source]
-    luts_to_convert = any(not isinstance(item.get("LUTData"), (bytes, type(None))) or int(item.LUTDescriptor[2]) != 16
-                      for item in source.get("VOILUTSequence", []) if "LUTDescriptor" in item)
-    window = _unusable_window(source)
-    if not bad and not absent and not luts_to_convert and not window:
+    luts = list(source.get("VOILUTSequence", []))
+    # A LUT item without its three descriptor values or its data cannot be applied or copied: the window (if
+    # any) or the percentile range stands in for it.
+    broken_luts = any(len(as_list(item.get("LUTDescriptor"))) != 3 or "LUTData" not in item for item in luts)
+    luts_to_convert = not broken_luts and any(
+        not isinstance(item.get("LUTData"), bytes) or int(item.LUTDescriptor[2]) != 16 for item in luts)
+    window = _unusable_window(source) if not broken_luts else []
+    if not bad and not absent and not luts_to_convert and not window and not broken_luts:
         return source
     clean = Dataset()
     clean.update(source)
@@ -339,7 +348,9 @@ def encodable_copy(source: Dataset) -> Dataset:
         setattr(clean, keyword, None)  # empty, not absent: the builders read these Type 2 attributes
     if luts_to_convert:
         del clean.VOILUTSequence  # shared with `source`, as above
-        clean.VOILUTSequence = DicomSequence([_lut_in_16_bits(item) for item in source.VOILUTSequence])
+        clean.VOILUTSequence = DicomSequence([_lut_in_16_bits(item) for item in luts])
+    if broken_luts:
+        del clean.VOILUTSequence
     for keyword in window:
         del clean[keyword]
     return clean
@@ -438,9 +449,10 @@ def copy_image_attributes(ds: Dataset, source: Dataset, keywords: Sequence[str])
         elif keyword in source and source[keyword].value not in (None, ""):
             element = source[keyword]
             if element.VR == "CS":
+                # One value (these attributes have VM 1; a second value would make the output invalid).
                 values = [str(v).upper() for v in as_list(element.value)]
-                if all(_CODE_STRING.fullmatch(v) for v in values):
-                    setattr(ds, keyword, values[0] if len(values) == 1 else values)
+                if values and _CODE_STRING.fullmatch(values[0]):
+                    setattr(ds, keyword, values[0])
             else:
                 setattr(ds, keyword, copy.deepcopy(element.value))
 

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import HTJ2K, JPEG2000, JPEG2000MC, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
 from inference.results import Complication, HardwareStatus, ImageResult, ImplantKind, RegionMask, StudyResult
 from reports import annotations, geometry, style
@@ -638,11 +639,19 @@ def build_sc(
     return sc
 
 
+#: Transfer syntaxes whose compression may lose information (JPEG baseline and extended, JPEG-LS near-lossless,
+#: JPEG 2000 and HTJ2K allowing loss).
+LOSSY_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, JPEG2000MC, HTJ2K})
+
+
 def _copy_lossy_flag(sc: Dataset, sources: Sequence[Dataset]) -> None:
     """Lossy Image Compression: once "01" in a source it stays "01" in what is derived from it (PS3.3
     C.7.6.1.1.5), with the source's ratio and method; as highdicom does for the SEG."""
     lossy = next((ds for ds in sources if ds.get("LossyImageCompression") == "01"), None)
-    sc.LossyImageCompression = "01" if lossy is not None else "00"
+    # A source received in a lossy transfer syntax is lossy whether or not its header says so.
+    in_lossy_syntax = any(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) in LOSSY_SYNTAXES
+                          for ds in sources)
+    sc.LossyImageCompression = "01" if lossy is not None or in_lossy_syntax else "00"
     for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
         if lossy is not None and keyword in lossy:
             setattr(sc, keyword, copy.deepcopy(lossy[keyword].value))

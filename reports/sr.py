@@ -417,7 +417,7 @@ def build_sr(
         content=report[0],
         series_instance_uid=series_uid(result, OutputKind.SR),
         series_number=1,  # replaced by apply_series
-        sop_instance_uid=sr_uid(result),
+        sop_instance_uid=sr_uid(result, [str(ds.SOPInstanceUID) for ds in all_sources] if not images else ()),
         instance_number=1,
         manufacturer=producer.manufacturer,
         is_complete=True,

@@ -314,6 +314,11 @@ def test_a_result_without_images_gets_a_report_alone_that_says_why(cases, tmp_pa
     (path,) = _write(tmp_path, outs, "empty")
     errors, _ = dciodvfy(path)
     assert errors == []
+    # Another skipped image later: a new report (a PACS keeps the first object stored under a UID).
+    more = copy.deepcopy(dx.sources[0])
+    more.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.99"
+    (later,) = build_outputs(empty, [*dx.sources, more])
+    assert later.dataset.SOPInstanceUID != sr.SOPInstanceUID
 
 
 # --------------------------------------------------------------------------------------------- SEG
@@ -837,6 +842,11 @@ def test_sc_of_a_lossy_source_says_lossy(cases):
     assert out.dataset.LossyImageCompressionMethod == "ISO_10918_1"
     (plain,) = _by_kind(build_outputs(case.result, case.sources, kinds=[OutputKind.SC]), OutputKind.SC)
     assert plain.dataset.LossyImageCompression == "00"
+    # Received as JPEG baseline without saying so in its header: lossy all the same.
+    unflagged = copy.deepcopy(case.sources[0])
+    unflagged.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    (out,) = _by_kind(build_outputs(case.result, [unflagged], kinds=[OutputKind.SC]), OutputKind.SC)
+    assert out.dataset.LossyImageCompression == "01"
 
 
 def test_seg_segment_and_sr_group_of_a_vertebra_share_a_tracking_uid(outputs):
@@ -889,12 +899,18 @@ def _header_oddity(source: pydicom.Dataset, oddity: str) -> None:
         source.BodyPartExamined = "L-SPINE"
     elif oddity == "no body part":
         del source.BodyPartExamined
+    elif oddity == "two body parts":
+        source.BodyPartExamined = ["LSPINE", "PELVIS"]
+    elif oddity == "VOI LUT descriptor of two values":
+        item = _lut_item(12)
+        item.LUTDescriptor = [4096, 0]
+        source.VOILUTSequence = pydicom.Sequence([item])
 
 
 @pytest.mark.parametrize("oddity", ["VOI LUT and window", "12-bit VOI LUT", "window width 0", "window centre not a number",
                                     "institution over 64 characters", "spacing with one value", "spacing not numbers",
                                     "negative spacing", "lower-case body part", "body part outside the code string repertoire",
-                                    "no body part"])
+                                    "no body part", "two body parts", "VOI LUT descriptor of two values"])
 def test_one_odd_header_value_costs_no_output(cases, oddity, tmp_path, dciodvfy):
     """A valid or merely sloppy header (seen from modalities) must not fail the study's outputs: the value is
     left out or made valid, and every object still passes dciodvfy."""
