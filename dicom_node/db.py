@@ -857,13 +857,14 @@ class Database:
                 " AND next_attempt_at > ?", (now, destination, now),
             ).rowcount
 
-    def defer_destination(self, destination: str, until: float) -> int:
-        """Pending deliveries to `destination` due before `until` wait until then (it is unreachable; they
-        were not tried, so no attempt is counted); returns how many."""
+    def defer_destination(self, destination: str, until: float, error: str) -> int:
+        """Pending deliveries to `destination` due before `until` wait until then: it gave no association, so
+        the attempt made for the batch counts for them too (with its error); returns how many."""
         with self.tx() as db:
             return db.execute(
-                "UPDATE deliveries SET next_attempt_at = ? WHERE destination = ? AND state = 'pending'"
-                " AND next_attempt_at < ?", (until, destination, until),
+                "UPDATE deliveries SET next_attempt_at = ?, attempts = attempts + 1, last_error = ? WHERE"
+                " destination = ? AND state = 'pending' AND next_attempt_at < ?",
+                (until, one_line(error), destination, until),
             ).rowcount
 
     def mark_retry(self, delivery_id: int, next_attempt_at: float, error: str, status: int | None) -> None:
@@ -941,11 +942,11 @@ class Database:
         if self.one("SELECT 1 AS x FROM deliveries WHERE destination = ? AND state = 'sending' AND updated_at < ?"
                     " LIMIT 1", (destination, marked_before)) is None:
             return 0  # (looked for without the write lock, as above)
-        now = time.time()
+        # next_attempt_at stays (it was due when the send began): the audit reads 'interrupted', not 'retry'.
         with self.tx() as db:
             return db.execute(
-                "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, updated_at = ? WHERE destination = ?"
-                " AND state = 'sending' AND updated_at < ?", (now, now, destination, marked_before),
+                "UPDATE deliveries SET state = 'pending', updated_at = ? WHERE destination = ?"
+                " AND state = 'sending' AND updated_at < ?", (time.time(), destination, marked_before),
             ).rowcount
 
     def note_study(self, study_instance_uid: str, reason: str) -> None:

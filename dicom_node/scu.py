@@ -102,6 +102,8 @@ class ItemResult:
     outcome: str
     status: int | None
     message: str
+    #: False when no association was established at all: the destination failed, not this item.
+    associated: bool = True
 
 
 def _tls_args(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
@@ -137,13 +139,34 @@ def _associate(ae: AE, dest: Destination) -> tuple[Any, bool]:
     return assoc, bool(opened)
 
 
-def _tcp_reachable(host: str, port: int, timeout: float = 5.0) -> bool:
-    """True when a plain TCP connection to host:port opens."""
+def _tls_handshake_failure(dest: Destination, timeout: float = 5.0) -> tuple[str, str] | None:
+    """Why a TLS connection to `dest` fails, when its port accepts TCP (None when it does not, or the handshake
+    now succeeds).  pynetdicom reports every failure alike; this tells a configuration mismatch, which no
+    retry mends (a certificate not trusted, a peer not speaking TLS at all), from a peer that is restarting
+    or overloaded (a reset, a timeout), which a retry may."""
+    args = _tls_args(dest)
+    assert args is not None
+    context, hostname = args
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        with socket.create_connection((dest.host, dest.port), timeout=timeout) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname=hostname):
+                    return None
+            except ssl.SSLCertVerificationError as exc:
+                return PERMANENT, (f"TLS with {dest.address}: its certificate is not trusted ({exc.verify_message}):"
+                                   " check tls_ca_file")
+            except ssl.SSLError as exc:
+                if exc.reason in ("WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "RECORD_LAYER_FAILURE") or (
+                        exc.reason or "").startswith(("TLSV1_ALERT", "SSLV3_ALERT")):
+                    return PERMANENT, (f"TLS handshake with {dest.address} refused ({exc.reason}): does it speak DICOM"
+                                       " TLS on that port, and accept our certificate (tls_cert_file)?")
+                return TRANSIENT, (f"TLS handshake with {dest.address} failed ({exc.reason or exc}) although its port"
+                                   " accepts connections: retried; if it lasts, check it speaks DICOM TLS there")
+            except OSError as exc:
+                return TRANSIENT, (f"TLS handshake with {dest.address} cut ({exc.strerror or exc}) although its port"
+                                   " accepts connections: retried; if it lasts, check it speaks DICOM TLS there")
     except OSError:
-        return False
+        return None  # no TCP connection either: an ordinary network failure
 
 
 def _refused_contexts(assoc: Any) -> str:
@@ -157,11 +180,9 @@ def _refused_contexts(assoc: Any) -> str:
 
 def _association_failure(assoc: Any, dest: Destination, connected: bool = True) -> tuple[str, str]:
     if not connected:
-        if dest.tls and _tcp_reachable(dest.host, dest.port):
-            # The port answers but the TLS handshake failed: a configuration mismatch (a plain DICOM port, or
-            # certificates it refuses), which no retry mends.
-            return PERMANENT, (f"TLS handshake with {dest.address} failed although its port accepts connections: "
-                               "does it speak DICOM TLS there, and does it trust our certificate (tls_* settings)?")
+        if dest.tls:
+            if (tls := _tls_handshake_failure(dest)) is not None:
+                return tls
         return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
@@ -195,10 +216,11 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
     try:
         assoc, connected = _associate(ae, dest)
     except (OSError, ssl.SSLError, ValueError) as exc:
-        return [ItemResult(i.key, TRANSIENT, None, f"cannot connect to {dest.address}: {exc}") for i in items]
+        return [ItemResult(i.key, TRANSIENT, None, f"cannot connect to {dest.address}: {exc}", associated=False)
+                for i in items]
     if not assoc.is_established:
         outcome, message = _association_failure(assoc, dest, connected)
-        return [ItemResult(i.key, outcome, None, message) for i in items]
+        return [ItemResult(i.key, outcome, None, message, associated=False) for i in items]
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     results: list[ItemResult] = []
     if on_association is not None:
@@ -351,9 +373,9 @@ class Sender:
                 self.db.mark_delivered(row["id"], res.status or 0)
                 delivered += 1
             elif res.outcome == TRANSIENT and row["attempts"] + 1 < self.settings.delivery.max_attempts:
-                delay = backoff_delay(row["attempts"] + 1, self.settings.delivery, self.rng)
-                self.db.mark_retry(row["id"], time.time() + delay, res.message, res.status)
-                next_try = min(next_try, time.time() + delay)
+                at = time.time() + backoff_delay(row["attempts"] + 1, self.settings.delivery, self.rng)
+                self.db.mark_retry(row["id"], at, res.message, res.status)
+                next_try = min(next_try, at)
             else:
                 reason = res.message if res.outcome == PERMANENT else (
                     f"gave up after {row['attempts'] + 1} attempts: {res.message}")
@@ -362,12 +384,13 @@ class Sender:
         if delivered and any(r["attempts"] > 0 for r in batch):
             # The destination is back: what waits out a backoff for it goes now, not in up to backoff_max_s.
             self.db.expedite(dest.name)
-        elif not stopped and not delivered and next_try < float("inf") and all(
-                r.outcome == TRANSIENT and r.status is None for r in results):
-            # No association at all (down, refusing, aborting): the destination is out, not these outputs.
-            # The rest of its queue waits with this batch, so an outage costs one attempt per backoff step,
-            # not one association per output on timers of their own.
-            if deferred := self.db.defer_destination(dest.name, next_try):
+        elif not stopped and next_try < float("inf") and all(
+                r.outcome == TRANSIENT and not r.associated for r in results):
+            # No association at all (down, refusing, busy): the destination is out, not these outputs. The
+            # rest of its queue waits with this batch and counts the attempt too (made on its behalf), so an
+            # outage costs one association attempt per backoff step, not one per output on timers of their
+            # own, and max_attempts ends them together.
+            if deferred := self.db.defer_destination(dest.name, next_try, results[0].message):
                 log.info("%s: unreachable, %d other output(s) wait with this batch until %s", dest.name, deferred,
                          time.strftime("%H:%M:%S", time.localtime(next_try)))
         failed = [r for r in results if r.outcome != OK]

@@ -456,8 +456,37 @@ def test_an_unreachable_destination_holds_its_whole_queue_with_the_batch_it_fail
              "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34", "transfer_syntax_uid": "1.2.840.10008.1.2.1", "kind": "sr",
              "variant": "any", "path": str(tmp_path / f"5.{k}.dcm"), "size": 1} for k in range(3)]
     db.record_outputs(job["id"], {"analysis": "a"}, outs, [(o["sop_instance_uid"], "pacs") for o in outs])
-    assert Sender(settings, db).deliver_due(settings.destinations[0]) == 1
-    rows = db.query("SELECT attempts, next_attempt_at FROM deliveries ORDER BY attempts DESC")
-    assert [r["attempts"] for r in rows] == [1, 0, 0]  # only the one tried counts an attempt
-    assert len({r["next_attempt_at"] for r in rows}) == 1  # and the others wait with it
+    sender = Sender(settings, db)
+    assert sender.deliver_due(settings.destinations[0]) == 1
+    rows = db.query("SELECT attempts, next_attempt_at, last_error FROM deliveries ORDER BY id")
+    # The others wait with the batch tried, until its next attempt, and count the attempt made for them, so
+    # max_attempts ends them together rather than one batch after another.
+    assert [r["attempts"] for r in rows] == [1, 1, 1]
+    assert rows[1]["next_attempt_at"] == rows[2]["next_attempt_at"] >= rows[0]["next_attempt_at"] > time.time()
+    assert all("cannot connect" in r["last_error"] for r in rows)
     assert db.due_deliveries("pacs", time.time(), 10) == []
+
+
+def test_a_failure_of_one_output_does_not_hold_the_rest_of_the_queue(db: Database, tmp_path: Path) -> None:
+    """Only a batch that got no association at all defers the queue: an output that fails on its own (an
+    unreadable file here, or a timeout on one large object) leaves the others where they are."""
+    import time
+    from unittest import mock
+
+    from dicom_node import scu
+    from dicom_node.settings import validate
+
+    settings = validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                                           "batch_size": 1}]})
+    db.record_instance(rec("1.1"))
+    db.mark_complete("1.2.3")
+    job = db.start_job("1.2.3", "a", "r", "key", db.claim_study("1.2.3"))
+    outs = [{"sop_instance_uid": f"6.{k}", "study_instance_uid": "1.2.3", "series_instance_uid": "6",
+             "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34", "transfer_syntax_uid": "1.2.840.10008.1.2.1", "kind": "sr",
+             "variant": "any", "path": str(tmp_path / f"6.{k}.dcm"), "size": 1} for k in range(2)]
+    db.record_outputs(job["id"], {"analysis": "a"}, outs, [(o["sop_instance_uid"], "pacs") for o in outs])
+    one_failed = lambda *a, **k: [scu.ItemResult(i.key, scu.TRANSIENT, None, "no C-STORE response") for i in a[2]]  # noqa: E731
+    with mock.patch.object(scu, "send_batch", one_failed):
+        assert scu.Sender(settings, db).deliver_due(settings.destinations[0]) == 1
+    assert [r["attempts"] for r in db.query("SELECT attempts FROM deliveries ORDER BY id")] == [1, 0]
+    assert len(db.due_deliveries("pacs", time.time(), 10)) == 1  # the other is still due now
