@@ -43,7 +43,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+#: Host names as resolvers take them, underscores included (Docker services, Windows hosts use them).
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
 
 
 def _check_host(value: str) -> str:
@@ -51,8 +52,7 @@ def _check_host(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
     try:
-        ipaddress.ip_address(value.strip("[]"))
-        return value
+        return str(ipaddress.ip_address(value.strip("[]")))  # "[::1]" as the socket layer wants it: "::1"
     except ValueError:
         pass
     if ":" in value:

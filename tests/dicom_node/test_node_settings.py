@@ -119,6 +119,13 @@ def test_a_host_that_is_no_address_or_name_is_refused(host: str) -> None:
         validate({"peers": {"allow": [{"ae_title": "PACS", "host": host}]}})
 
 
+@pytest.mark.parametrize(("host", "stored"), [("pacs.hospital.local", "pacs.hospital.local"), ("pacs_01", "pacs_01"),
+                                           ("10.0.0.5", "10.0.0.5"), ("[::1]", "::1"), ("fe80::1", "fe80::1")])
+def test_addresses_and_host_names_are_taken_as_the_socket_layer_wants_them(host: str, stored: str) -> None:
+    settings = validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": host, "port": 104}]})
+    assert settings.destinations[0].host == stored
+
+
 def test_backoff_cannot_end_below_where_it_starts() -> None:
     with pytest.raises(ConfigError, match="backoff_max_s .* is below backoff_initial_s"):
         validate({"delivery": {"backoff_initial_s": 600, "backoff_max_s": 60}})
