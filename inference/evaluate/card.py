@@ -213,9 +213,11 @@ SCOPE_LINES = [
 ]
 
 
-def interval_text(ci: Any) -> str:
-    """"0.81-0.89" for a (low, high) pair, "-" without one."""
-    return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-"
+def interval_text(ci: Any, pct: bool = False) -> str:
+    """"0.81-0.89" (or "81-89 %") for a (low, high) pair, "-" without one."""
+    if not ci:
+        return "-"
+    return f"{100 * ci[0]:.0f}-{100 * ci[1]:.0f} %" if pct else f"{ci[0]:.2f}-{ci[1]:.2f}"
 
 
 def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
@@ -320,7 +322,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "their boxes as weak labels, and some of those are test films here; the split hashes file names, so a patient's",
             "second film can sit in training; and the sacrum rules of the post-processing (`vertebrae_notes.md`) were prompted by",
             "films of this split seen on overlays. The row \"films the model never learnt from\" leaves out every film whose",
-            "patient has a film in training, validation or the cache (`inference.splits`): the number to quote.",
+            "patient has a film in training, validation or the cache (`inference.splits`): the fairer number, though some",
+            "of its films were among those looked at on overlays while the post-processing rules were tuned.",
             "Reference = the export's boxes (about T1-L5; cervical vertebrae and the sacrum are not boxed, so correct detections",
             "of C7 or above count as false positives in the strict row). 95 % intervals: percentile bootstrap over images.",
             "",

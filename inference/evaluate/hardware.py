@@ -1315,7 +1315,7 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"{detection_text(real.get('cage_discs_vertebra_model'))}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}{cage_views}. Synthetic images whose only "
         f"implants are cages or plates are answered \"no implants\" {value_text(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).{second_cages}",
         f"- Real radiographs without implants, as they are, answered \"no implants\": {value_text(plain.get('said_no_implants'), pct=True)} of "
-        f"{plain.get('images')} (95 % interval {interval_text(plain.get('said_no_implants_ci95'))}; the films with false pieces are listed below: "
+        f"{plain.get('images')} (95 % interval {interval_text(plain.get('said_no_implants_ci95'), pct=True)}; the films with false pieces are listed below: "
         "brace buckles, skin markers, bowel gas). Real films whose only implants are drawn-on cages or plates are answered \"no implants\" "
         f"{value_text(((real.get('no_implants') or {}).get('images_cages_or_plates_only_said_no_implants') or {}).get('rate'), pct=True)} of the time "
         f"({((real.get('no_implants') or {}).get('images_cages_or_plates_only_said_no_implants') or {}).get('images')} films): \"no implants\" means "
@@ -1360,7 +1360,7 @@ def _unseen_glance(unseen: dict[str, Any]) -> str:
             f"{over.get('samples')} constructs drawn onto them: screws {detection_text(det.get('pedicle screw'))}, rods "
             f"{detection_text(det.get('rod'))}, cage disc spaces {detection_text(over.get('cage_discs_vertebra_model'))}; as they are, "
             f"\"no implants\" on {value_text(plain.get('said_no_implants'), pct=True)} (95 % interval "
-            f"{interval_text(plain.get('said_no_implants_ci95'))}). Nine films: a check of direction, not a measurement to quote.")
+            f"{interval_text(plain.get('said_no_implants_ci95'), pct=True)}). {plain['images']} films: a check of direction, not a measurement to quote.")
 
 
 def _unseen_section(unseen: dict[str, Any]) -> list[str]:
@@ -1372,7 +1372,7 @@ def _unseen_section(unseen: dict[str, Any]) -> list[str]:
         f"REAL films neither model saw ({plain['images']} films, `inference.splits.unseen_by_both`), constructs drawn onto them", over)
     return lines + [
         f"The same {plain['images']} films as they are: \"no implants\" on {value_text(plain.get('said_no_implants'), pct=True)} "
-        f"(95 % interval {interval_text(plain.get('said_no_implants_ci95'))}), status counts {plain.get('status')}; films with false "
+        f"(95 % interval {interval_text(plain.get('said_no_implants_ci95'), pct=True)}), status counts {plain.get('status')}; films with false "
         f"pieces: `{plain.get('images_with_false_implants')}`. Films: `{unseen.get('films')}`.",
         "",
     ]

@@ -302,8 +302,9 @@ def content_box(values: np.ndarray, uniform: float = 0.99) -> tuple[int, int, in
 
 def _check_decoded_range(ds: Dataset, raw: np.ndarray) -> None:
     """Compressed pixel data that decodes to values BitsStored cannot hold is damaged (a JPEG-LS stream cut to
-    a third decoded to 32906 in a 12-bit image, without an error): not analysed.  Native data is not
-    checked, as unused high bits may carry overlays that pydicom leaves in place."""
+    a third decoded to 32906 in a 12-bit image, without an error), or its header disagrees with its
+    codestream (a vendor fault): either way the values cannot be trusted, so it is not analysed (skipped with
+    this reason; the study's report says so).  Native data is masked to BitsStored by pydicom."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is None or not syntax.is_compressed or "BitsStored" not in ds:
         return
@@ -311,7 +312,8 @@ def _check_decoded_range(ds: Dataset, raw: np.ndarray) -> None:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0)) else (0, 2**bits - 1)
     if raw.size and (int(raw.min()) < lo or int(raw.max()) > hi):
         raise PreprocessError(f"compressed pixel data decodes to values outside BitsStored {bits} "
-                              f"({int(raw.min())}..{int(raw.max())}): the data is damaged")
+                              f"({int(raw.min())}..{int(raw.max())}): the data is damaged, or its header does not"
+                              " match its codestream")
 
 
 def stored_values(ds: Dataset) -> np.ndarray:
