@@ -67,7 +67,8 @@ def build_outputs(
     for number, (image, image_datasets) in enumerate(images, start=1):
         refs = tuple(image.source.sop_instance_uids)
         if OutputKind.SEG in wanted:
-            seg = build_seg(result, image, image_datasets, instance_number=number, options=options, producer=producer)
+            # Alone in its series (one per image), so number 1: the same SEG keeps it as the study grows.
+            seg = build_seg(result, image, image_datasets, instance_number=1, options=options, producer=producer)
             if seg is not None:
                 outputs.append(EncodedOutput(OutputKind.SEG, seg, refs))
         if OutputKind.SC in wanted:

@@ -199,6 +199,7 @@ def test_each_view_has_a_seg_series_of_its_own(cases, outputs):
     assert len(segs) == 2
     assert segs[0].SeriesInstanceUID != segs[1].SeriesInstanceUID
     assert {s.SeriesNumber for s in segs} == {SERIES[OutputKind.SEG].number}
+    assert [s.InstanceNumber for s in segs] == [1, 1]  # each alone in its series
     assert [s.SeriesDescription for s in segs] == ["AI Spine SEG, LSPINE LL no. 1", "AI Spine SEG, LSPINE AP no. 1"]
     again = [o.dataset for o in build_outputs(both, sources, kinds=[OutputKind.SEG])]
     assert [(s.SOPInstanceUID, s.SeriesInstanceUID) for s in again] == [(s.SOPInstanceUID, s.SeriesInstanceUID)
