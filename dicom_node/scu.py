@@ -46,10 +46,19 @@ _REJECT_REASONS = {
 }
 
 
-#: C-STORE failure classes (PS3.4 B.2.3) as an operator reads them, by the status's high byte.
-_STATUS_MEANINGS = {0xA700: "(out of resources: the destination is full or busy, retried)",
-                    0xA900: "(data set does not match SOP class)", 0xC000: "(cannot understand)",
-                    0x0100: "(refused)", 0x0200: "(refused)"}
+def status_meaning(status: int) -> str:
+    """A C-STORE failure status as an operator reads it (PS3.4 B.2.3 and PS3.7 C), "" for others."""
+    named = {0x0110: "processing failure", 0x0122: "SOP class not supported", 0x0124: "not authorized",
+             0x0211: "unrecognized operation", 0x0213: "resource limitation"}
+    if status in named:
+        return f"({named[status]})"
+    if 0xA700 <= status <= 0xA7FF:
+        return "(out of resources: the destination is full or busy; retried)"
+    if 0xA900 <= status <= 0xA9FF:
+        return "(data set does not match SOP class)"
+    if 0xC000 <= status <= 0xCFFF:
+        return "(cannot understand)"
+    return ""
 
 
 def refusal_message(dest: Destination, item: Item) -> str:
@@ -256,7 +265,7 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
                 break
             outcome = classify_status(int(status))
             comment = str(rsp.get("ErrorComment", "") or "")
-            meaning = _STATUS_MEANINGS.get(int(status) & 0xFF00, "")
+            meaning = status_meaning(int(status))
             msg = (f"status 0x{int(status):04X}" + (f" {meaning}" if meaning else "") + (f" ({comment})" if comment else "")
                    + f" from {dest.address}")
             results.append(ItemResult(item.key, outcome, int(status), msg))

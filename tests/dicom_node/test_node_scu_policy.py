@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from dicom_node.scu import OK, PERMANENT, TRANSIENT, backoff_delay, classify_status
+from dicom_node.scu import OK, PERMANENT, TRANSIENT, backoff_delay, classify_status, status_meaning
 from dicom_node.settings import DeliverySettings
 
 
@@ -12,6 +12,12 @@ def test_status_classes() -> None:
     assert [classify_status(s) for s in (0x0000, 0xB000, 0xB007, 0x0111)] == [OK] * 4
     assert [classify_status(s) for s in (0xA700, 0xA7FF)] == [TRANSIENT] * 2
     assert [classify_status(s) for s in (0xA900, 0xC000, 0xC211, 0x0122, 0xB008)] == [PERMANENT] * 5
+
+
+def test_failure_statuses_are_named_for_the_operator() -> None:
+    assert status_meaning(0xA700) == "(out of resources: the destination is full or busy; retried)"
+    assert status_meaning(0xC211) == "(cannot understand)" and status_meaning(0xA900).startswith("(data set")
+    assert status_meaning(0x0122) == "(SOP class not supported)" and status_meaning(0x0000) == ""
 
 
 def test_backoff_grows_exponentially_capped_with_jitter() -> None:
