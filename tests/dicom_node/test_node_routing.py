@@ -119,3 +119,4 @@ def test_hospital_example_sends_outside_clinic_films_to_reporting_only() -> None
     assert [m.rule.name for m in clinic.matches] == ["outside-clinic-radiographs"]
     room = route([h(modality="DX", body_part_examined="LSPINE", calling_ae="DX_ROOM_1")], rules)
     assert [m.rule.name for m in room.matches] == ["postop-spine-radiograph"]
+    assert not route([h(modality="DX", body_part_examined="CSPINE", calling_ae="CLINIC_GW")], rules).routed
