@@ -430,7 +430,7 @@ def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:
 
 def apply_series(ds: Dataset, kind: OutputKind, about: str = "") -> None:
     """Stable SeriesNumber and SeriesDescription of an output kind; `about` names what a series of one image
-    holds ("AI Spine SEG, AP image, series 3 no. 1")."""
+    holds ("AI Spine SEG, LSPINE LL no. 1")."""
     style = SERIES[kind]
     ds.SeriesNumber = style.number
     ds.SeriesDescription = fit_lo(f"{style.description}, {about}") if about else style.description
@@ -459,8 +459,8 @@ def copy_image_attributes(ds: Dataset, source: Dataset, keywords: Sequence[str])
 
 def empty_laterality_without_body_part(ds: Dataset) -> None:
     """In an SC or PR, General Series Laterality is Type 2C while the body part may be a paired one: with no
-    body part (a CR may send none, or one outside the CS repertoire) dciodvfy wants it, empty.  (In a SEG it
-    must then be absent: not for the SEG.)"""
+    body part (a CR may send none, or one outside the CS repertoire) dciodvfy wants it, empty.  Not for a SEG,
+    where it must then be absent."""
     if "Laterality" not in ds and "BodyPartExamined" not in ds:
         ds.Laterality = None
 
