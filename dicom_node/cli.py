@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--studies", type=int, default=10, help="how many recent studies to list")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when a study or delivery has failed (for monitoring scripts); 0 otherwise")
 
     p = sub.add_parser("retry", help="re-queue failed deliveries (and studies whose analysis failed)")
     _common(p)
@@ -321,7 +323,7 @@ def _status_report(db: Database, n_studies: int) -> dict[str, Any]:
     return report
 
 
-def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
+def cmd_status(settings: Settings, as_json: bool, n_studies: int, check: bool = False) -> int:
     from dicom_node.service import DB_NAME, open_database
 
     if not (settings.data_dir / DB_NAME).exists():
@@ -331,10 +333,12 @@ def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
         report = _status_report(db, n_studies)
     finally:
         db.close()
+    counts = report["studies"]
+    failing = bool(counts.get("failed") or any(d["failed"] for d in report["destinations"]))
+    outcome = EXIT_FAILED if check and failing else EXIT_OK
     if as_json:
         print(json.dumps(report, indent=2, default=str))
-        return EXIT_OK
-    counts = report["studies"]
+        return outcome
     print("studies: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print("destinations:")
     if not report["destinations"]:
@@ -358,9 +362,9 @@ def cmd_status(settings: Settings, as_json: bool, n_studies: int) -> int:
     for s in report["recent_studies"]:
         reason = f" ({s['reason']})" if s["reason"] else ""
         print(f"  {_when(s['updated_at'])} {s['study_instance_uid']} {s['state']}, {s['instance_count']} instance(s){reason}")
-    if counts.get("failed") or any(d["failed"] for d in report["destinations"]):
+    if failing:
         print("to send failed deliveries and run failed analyses again, once the cause is mended: dicom-node retry")
-    return EXIT_OK
+    return outcome
 
 
 def cmd_retry(settings: Settings, destination: str | None) -> int:
@@ -522,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "send":
             return cmd_send(settings, args.paths, args.to)
         if args.command == "status":
-            return cmd_status(settings, args.json, args.studies)
+            return cmd_status(settings, args.json, args.studies, args.check)
         if args.command == "retry":
             return cmd_retry(settings, args.destination_name)
         if args.command == "audit":

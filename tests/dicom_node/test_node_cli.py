@@ -87,6 +87,8 @@ def test_serve_without_arguments_uses_the_embedded_default_with_env_override(tmp
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert f"listening on 127.0.0.1:{port}" in out
+    healthy = run("status", "--check", "--data-dir", str(tmp_path / "var"))
+    assert healthy.returncode == 0 and "dicom-node retry" not in healthy.stdout, healthy.stdout + healthy.stderr
 
 
 def test_cli_flags_override_environment(tmp_path: Path) -> None:

@@ -162,6 +162,9 @@ def test_permanent_rejection_stops_at_once_shows_in_status_and_retry_requeues(
                             capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     assert "failed 1" in status.stdout and "rejected permanently" in status.stdout and "dicom-node retry" in status.stdout
+    check = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--check", "--json", "--data-dir", data_dir],
+                           capture_output=True, text=True)
+    assert check.returncode == 1, check.stderr  # for a monitoring script: something failed
 
     retry = subprocess.run([str(VENV_BIN / "dicom-node"), "retry", "--data-dir", data_dir],
                            capture_output=True, text=True)
