@@ -178,7 +178,9 @@ def _vertebra_group(regions: _Regions, item: style.Ordered, label: str,
         referenced_region=_image_region(regions, index, "POLYLINE", polygon),
         finding_type=codes.VERTEBRA,
         finding_category=codes.ANATOMICAL_STRUCTURE,
-        finding_sites=[hd.sr.FindingSite(codes.vertebra_code(v.level) if v.level else codes.SPINE)],
+        # An unnamed vertebra has no site beyond the finding itself ("Vertebra"): a generic "Spine" site was
+        # OHIF's label for every outline ("363698007: Spine" twenty times over the image, seen with the viewer).
+        finding_sites=[hd.sr.FindingSite(codes.vertebra_code(v.level))] if v.level else None,
         algorithm_id=algorithm,
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,
