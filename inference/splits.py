@@ -21,26 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from inference.synth.real import real_split
-from inference.train.cadma import split_of
-
-
-def vertebra_key(name: str | Path) -> str:
-    """The vertebra model's key of a film (`inference.train.cadma.source_key`, from a file name)."""
-    stem = Path(name).name.split(".rf.")[0]
-    return stem[:-4] if stem.endswith("_jpg") else stem
+from inference.train.cadma import source_key, split_of
 
 
 def patient_key(name: str | Path) -> str:
     """The patient a film belongs to, as far as its name tells: an AASCE film's letter (``-159-A-AP``) and a
     second film's ``_1_1`` (``N11-S-21-F_1_0`` / ``_1_1``) are dropped; any other name is its own patient."""
-    key = vertebra_key(name)
+    key = source_key(Path(name))
     key = re.sub(r"-[A-Z]-AP$", "", key)
     return re.sub(r"_\d+_\d+$", "", key)
 
 
 def vertebra_split(name: str | Path) -> str:
     """"train" | "val" | "test" of the vertebra model's training."""
-    return split_of(vertebra_key(name))
+    return split_of(source_key(Path(name)))
 
 
 def hardware_split(name: str | Path) -> str:
