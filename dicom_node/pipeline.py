@@ -179,13 +179,16 @@ class Pipeline:
         self.db = db
         self.store = store
         self.analyser = analyser
+        self._producer: Any = None
 
     def producer(self) -> Any:
-        """Producer identity for outputs."""
+        """Producer identity for outputs; made once (the installation's serial is read from its key file)."""
         from reports import Producer
 
-        return Producer(device_serial_number=self.settings.producer.device_serial_number or self.store.installation_serial(),
-                        institution_name=self.settings.producer.institution_name)
+        if self._producer is None:
+            serial = self.settings.producer.device_serial_number or self.store.installation_serial()
+            self._producer = Producer(device_serial_number=serial, institution_name=self.settings.producer.institution_name)
+        return self._producer
 
     def process_pending(self, limit: int = 50) -> int:
         """Process complete studies (oldest first); returns how many were processed (none while the models
