@@ -76,9 +76,9 @@ def build_pr(
                                       description="AI result and disclaimer",
                                       display_color=hd.color.CIELabColor.from_rgb(*RESULT_COLOUR))
     layers_out = [*layers.values(), result_layer]
+    lines = result_lines(result)
     for drawing in drawings:
         source = sources[drawing.index]
-        lines = result_lines(result)
         gap = max(12.0, float(source.Rows) * 0.03)
         graphic_annotations.append(hd.pr.GraphicAnnotation(
             referenced_images=[source],
