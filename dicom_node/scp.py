@@ -266,11 +266,7 @@ class StorageSCP:
                       f"{', '.join(sorted(h for h in hosts if h))} (peers.allow)")
         else:
             reason = f"calling AE {calling!r} from {host} is not an allowed peer (not in peers.allow)"
-        log.warning("rejecting association: %s", reason)
-        try:
-            self.db.record_rejected_association(calling, called, host, port, reason)
-        except Exception:  # noqa: BLE001 - auditing must not stop the rejection
-            log.exception("could not record the rejected association")
+        self._record_rejection(calling, called, host, port, reason)
         # Rejected-permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and the peer has
@@ -289,6 +285,10 @@ class StorageSCP:
         if rj is not None and (rj.result_source, rj.diagnostic) == (1, 7):
             # Name what was asked for beside what the node answers to: the usual mistake on the sender's side.
             reason += f": it asked for {called!r}, this node is {self.settings.node.ae_title!r}"
+        self._record_rejection(calling, called, host, port, reason)
+
+    def _record_rejection(self, calling: str, called: str, host: str, port: int | None, reason: str) -> None:
+        """Log and audit a rejected association (whoever rejected it)."""
         log.warning("association from %s (%s) rejected: %s", calling, host, reason)
         try:
             self.db.record_rejected_association(calling, called, host, port, reason)
