@@ -376,10 +376,7 @@ def cmd_retry(settings: Settings, destination: str | None) -> int:
     try:
         n = db.requeue_failed(destination=destination)
         m = db.requeue_failed_studies() if destination is None else 0
-        db.record_action("retry", f"cli:{_os_user()}", "ok" if n or m else "refused",
-                         target=destination or "all", destination=destination,
-                         detail=f"re-queued {n} delivery(ies), {m} analysis(es)" if n or m
-                         else "nothing to retry: no failed delivery or analysis")
+        db.record_retry(f"cli:{_os_user()}", n, m, target=destination or "all", destination=destination)
     finally:
         db.close()
     print(f"re-queued {n} delivery(ies) and {m} study(ies); a running node picks them up within seconds")

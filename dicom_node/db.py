@@ -1044,6 +1044,18 @@ class Database:
             )
             return int(cur.lastrowid or 0)
 
+    def record_retry(self, actor: str, deliveries: int, analyses: int | None = None, *, target: str,
+                     study_instance_uid: str | None = None, destination: str | None = None) -> None:
+        """Audit a retry: what it re-queued (`analyses` None: deliveries only were asked for), or that there was
+        nothing to retry (refused)."""
+        done = bool(deliveries or analyses)
+        if done:
+            detail = f"re-queued {deliveries} delivery(ies)" + ("" if analyses is None else f", {analyses} analysis(es)")
+        else:
+            detail = "nothing to retry: no failed delivery" + ("" if analyses is None else " or analysis")
+        self.record_action("retry", actor, "ok" if done else "refused", target=target, study_instance_uid=study_instance_uid,
+                           destination=destination, detail=detail)
+
     def audit_events(self, *, since: float | None = None, until: float | None = None,
                      kinds: Sequence[str] = (), study_instance_uid: str | None = None,
                      limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:

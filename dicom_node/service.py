@@ -180,10 +180,7 @@ class NodeService:
         """Re-queue a study's failed deliveries, or its failed analysis; audited."""
         deliveries = self.db.requeue_failed(study_instance_uid=study_instance_uid)
         studies = self.db.requeue_failed_studies(study_instance_uid) if not deliveries else 0
-        self.db.record_action("retry", actor, "ok" if deliveries or studies else "refused", target=study_instance_uid,
-                              study_instance_uid=study_instance_uid,
-                              detail=f"re-queued {deliveries} delivery(ies), {studies} analysis(es)" if deliveries or studies
-                              else "nothing to retry: no failed delivery or analysis")
+        self.db.record_retry(actor, deliveries, studies, target=study_instance_uid, study_instance_uid=study_instance_uid)
         if deliveries:
             self.scheduler.wake_senders()
         if studies:
@@ -193,8 +190,7 @@ class NodeService:
     def retry_destination(self, name: str, actor: str) -> int:
         """Re-queue every failed delivery to destination `name`; audited."""
         n = self.db.requeue_failed(destination=name)
-        self.db.record_action("retry", actor, "ok" if n else "refused", target=name, destination=name,
-                              detail=f"re-queued {n} delivery(ies)" if n else "nothing to retry: no failed delivery")
+        self.db.record_retry(actor, n, target=name, destination=name)
         if n:
             self.scheduler.wake(f"deliver:{name}")
         return n
