@@ -267,6 +267,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE TABLE node_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
         """,
     ),
+    (
+        "the identity outputs copy",
+        """
+        -- Keyed digest of the patient and study identity an instance's outputs copy (see identity_key): a
+        -- re-sent instance whose name, ID, birth date or accession number was corrected re-opens its study.
+        ALTER TABLE instances ADD COLUMN identity_key TEXT;
+        -- The identity a job's input carried: a report's predecessor is one of the same identity, and the
+        -- undelivered outputs of another identity are withdrawn (audited as delivery 'withdrawn') when a job
+        -- records its own.
+        ALTER TABLE jobs ADD COLUMN identity_key TEXT;
+        """,
+    ),
 )
 
 
@@ -284,6 +296,13 @@ def patient_key(secret: bytes, study_instance_uid: str, patient_id: str, issuer:
     return hmac.new(secret, text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
 
 
+def identity_key(secret: bytes, study_instance_uid: str, identity_digest: str) -> str:
+    """Keyed digest of the identity an instance's outputs would copy (`reports.common.identity_digest`): the
+    database can tell that a re-sent instance's patient or study identity changed without holding it."""
+    text = "\x00".join(("identity", study_instance_uid, identity_digest))
+    return hmac.new(secret, text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
 def secret_fingerprint(secret: bytes) -> str:
     """What the database records of the secret: which one made its patient keys (not the secret itself)."""
     return hashlib.sha256(b"patient-key-fingerprint\x00" + secret).hexdigest()[:16]
@@ -293,6 +312,45 @@ def _other_patient(execute: Callable[..., sqlite3.Cursor], study_instance_uid: s
     """True when the study is on record with a patient key other than `key`."""
     row = execute("SELECT patient_key FROM studies WHERE study_instance_uid = ?", (study_instance_uid,)).fetchone()
     return row is not None and row[0] is not None and row[0] != key
+
+
+#: The audit detail of a delivery withdrawn because its study's identity was corrected, and the reason of
+#: the job that made it.
+WITHDRAWN_DETAIL = "not sent: made under a patient identity the sender has corrected since"
+SUPERSEDED_BY_IDENTITY = "superseded: the sender corrected the patient identity; analysed again under the new one"
+
+
+def _current_identity(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str) -> str | None:
+    """The identity of the study's newest job that recorded outputs (None: none, or made before the node
+    kept identities)."""
+    row = execute("SELECT identity_key FROM jobs WHERE study_instance_uid = ? AND state IN ('encoded', 'delivered')"
+                  " ORDER BY id DESC LIMIT 1", (study_instance_uid,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _withdraw_other_identities(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str,
+                               identity_key: str | None, now: float) -> int:
+    """Drop the undelivered deliveries of the study's outputs made under another identity than
+    `identity_key` (audited as 'withdrawn'), and mark their jobs superseded: after a corrected patient name or
+    ID, the outputs carrying the old one must not reach a PACS (and the old identity, should it come back, is
+    analysed again).  Returns how many deliveries."""
+    if identity_key is None:
+        return 0
+    stale = execute(
+        "SELECT d.id, d.destination, d.output_sop_instance_uid FROM deliveries d JOIN outputs o ON"
+        " o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id"
+        " WHERE d.study_instance_uid = ? AND d.state IN ('pending', 'failed') AND j.identity_key IS NOT NULL"
+        " AND j.identity_key != ?", (study_instance_uid, identity_key),
+    ).fetchall()
+    for delivery_id, destination, sop_uid in stale:
+        execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
+        execute("INSERT INTO audit_events (at, kind, action, actor, destination, study_instance_uid, target,"
+                " outcome, detail) VALUES (?, 'delivery', 'withdrawn', 'node', ?, ?, ?, 'ok', ?)",
+                (now, destination, study_instance_uid, sop_uid, WITHDRAWN_DETAIL))
+    execute("UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE study_instance_uid = ?"
+            " AND state = 'encoded' AND identity_key IS NOT NULL AND identity_key != ?",
+            (SUPERSEDED_BY_IDENTITY, now, study_instance_uid, identity_key))
+    return len(stale)
 
 
 def patient_conflict_reason(study_instance_uid: str) -> str:
@@ -306,6 +364,10 @@ def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
     """Why an instance whose UID the node holds in another study is refused."""
     return f"SOPInstanceUID already held in another study (instance {sop_instance_uid}, study {held_in})"
 
+
+#: Columns `Database.query` leaves out of its rows: digests made with the node's secret are for comparing
+#: inside the database, not for `status --json` or the API.
+_KEYED_DIGESTS = frozenset({"patient_key", "identity_key"})
 
 #: A study whose analysis the node died during this many times in a row (e.g. killed for memory by an
 #: enormous image) is failed at the next start instead of being run again: a restart loop would never end.
@@ -339,6 +401,7 @@ class InstanceRecord:
     size: int
     own_output: bool = False
     patient_key: str | None = None  # see `patient_key`
+    identity_key: str | None = None  # see `identity_key`
 
 
 class Database:
@@ -466,10 +529,10 @@ class Database:
         return int(row["v"] or 0) if row else 0
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts, without the patient key: rows read here end up in `status --json`, the dashboard
-        and its API, and the key, though keyed, is derived from a PatientID (the patient checks read it with
-        their own statements)."""
-        return [{k: v for k, v in row.items() if k != "patient_key"} for row in self.db.query(sql, params)]
+        """Rows as dicts, without the patient and identity keys: rows read here end up in `status --json`, the
+        dashboard and its API, and the keys, though keyed, are derived from a PatientID (the patient and
+        identity checks read them with their own statements)."""
+        return [{k: v for k, v in row.items() if k not in _KEYED_DIGESTS} for row in self.db.query(sql, params)]
 
     def one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
         """First row or None."""
@@ -551,7 +614,7 @@ class Database:
         now = time.time()
         with self.tx() as db:
             row = db.execute(
-                "SELECT study_instance_uid, patient_key FROM instances WHERE sop_instance_uid = ?",
+                "SELECT study_instance_uid, patient_key, identity_key FROM instances WHERE sop_instance_uid = ?",
                 (rec.sop_instance_uid,),
             ).fetchone()
             if row is not None and row[0] != rec.study_instance_uid:
@@ -563,20 +626,25 @@ class Database:
             if not rec.own_output and rec.patient_key is not None:
                 if not existed and _other_patient(db.execute, rec.study_instance_uid, rec.patient_key):
                     raise InstanceConflict(patient_conflict_reason(rec.study_instance_uid))
-                # A re-sent instance may change patient (the sender corrected the identity): the study re-opens.
-                corrected = existed and row[1] is not None and row[1] != rec.patient_key
+                # A re-sent instance may change patient, or the name, birth date or accession number its
+                # outputs copy (the sender corrected the identity): the study re-opens.
+                corrected = existed and ((row[1] is not None and row[1] != rec.patient_key)
+                                         or (row[2] is not None and rec.identity_key is not None
+                                             and row[2] != rec.identity_key))
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
                 " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
                 " study_description, image_type, calling_ae, association_id, path, size, received_at, own_output,"
-                " patient_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " patient_key, identity_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(sop_instance_uid) DO UPDATE SET transfer_syntax_uid = excluded.transfer_syntax_uid,"
                 " path = excluded.path, size = excluded.size, received_at = excluded.received_at,"
-                " association_id = excluded.association_id, patient_key = excluded.patient_key",
+                " association_id = excluded.association_id, patient_key = excluded.patient_key,"
+                " identity_key = excluded.identity_key",
                 (rec.sop_instance_uid, rec.study_instance_uid, rec.series_instance_uid, rec.sop_class_uid,
                  rec.transfer_syntax_uid, rec.modality, rec.body_part_examined, rec.view_position,
                  rec.series_description, rec.study_description, rec.image_type, rec.calling_ae,
-                 rec.association_id, rec.path, rec.size, now, int(rec.own_output), rec.patient_key),
+                 rec.association_id, rec.path, rec.size, now, int(rec.own_output), rec.patient_key,
+                 rec.identity_key),
             )
             if rec.association_id is not None:
                 db.execute("UPDATE associations SET instances = instances + 1 WHERE id = ?", (rec.association_id,))
@@ -611,7 +679,8 @@ class Database:
             forgot = row is not None
             if forgot:
                 db.execute("UPDATE studies SET patient_key = NULL")
-                db.execute("UPDATE instances SET patient_key = NULL")
+                db.execute("UPDATE instances SET patient_key = NULL, identity_key = NULL")
+                db.execute("UPDATE jobs SET identity_key = NULL")
             db.execute("INSERT INTO node_meta (name, value) VALUES ('patient_key_secret', ?) ON CONFLICT(name)"
                        " DO UPDATE SET value = excluded.value", (fingerprint,))
             return forgot
@@ -636,6 +705,18 @@ class Database:
             "SELECT * FROM instances WHERE study_instance_uid = ? AND own_output = 0 ORDER BY received_at, rowid",
             (study_instance_uid,),
         )
+
+    def job_identity(self, sop_instance_uids: Sequence[str]) -> str | None:
+        """The identity a job's input carries: a digest of its instances' distinct identity keys (None when one
+        was recorded before the node kept them)."""
+        keys = set()
+        for uid in sop_instance_uids:
+            row = self.db.execute("SELECT identity_key FROM instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
+            if row is None or row[0] is None:
+                return None
+            keys.add(row[0])
+        # The distinct identities, not one per instance: an image added to the study keeps its identity.
+        return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:32]
 
     # ----------------------------------------------------------------------------------- studies
 
@@ -732,15 +813,17 @@ class Database:
 
     # -------------------------------------------------------------------------------------- jobs
 
-    def start_job(self, study_instance_uid: str, analysis: str, rule: str, input_key: str, generation: int) -> dict[str, Any]:
-        """The job row for this exact input (created as `analysing` if new)."""
+    def start_job(self, study_instance_uid: str, analysis: str, rule: str, input_key: str, generation: int,
+                  identity_key: str | None = None) -> dict[str, Any]:
+        """The job row for this exact input (created as `analysing` if new); `identity_key` is the identity its
+        instances carry (see `job_identity`)."""
         now = time.time()
         with self.tx() as db:
             db.execute(
                 "INSERT INTO jobs (study_instance_uid, analysis, rule, input_key, generation, state, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, 'analysing', ?, ?)"
+                " updated_at, identity_key) VALUES (?, ?, ?, ?, ?, 'analysing', ?, ?, ?)"
                 " ON CONFLICT(study_instance_uid, analysis, input_key) DO NOTHING",
-                (study_instance_uid, analysis, rule, input_key, generation, now, now),
+                (study_instance_uid, analysis, rule, input_key, generation, now, now, identity_key),
             )
             row = db.execute(
                 "SELECT * FROM jobs WHERE study_instance_uid = ? AND analysis = ? AND input_key = ?",
@@ -797,24 +880,54 @@ class Database:
                     (sop_uid, destination, study, now, now, now),
                 )
                 added += cur.rowcount
+            if study is not None:
+                row = db.execute("SELECT identity_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                _withdraw_other_identities(db.execute, study, row[0] if row else None, now)
             db.execute(
                 "UPDATE jobs SET state = 'encoded', reason = NULL, summary = ?, updated_at = ? WHERE id = ?",
                 (json.dumps(summary), now, job_id),
             )
         return added
 
-    def latest_output(self, study_instance_uid: str, analysis: str, kind: str, *, before_job: int) -> dict[str, Any] | None:
-        """Newest output of `kind` from an earlier job of the same analysis (the predecessor of a new SR)."""
+    def delivered_under_other_identity(self, study_instance_uid: str, identity_key: str | None) -> dict[str, int]:
+        """Outputs of the study made under another patient identity than `identity_key` and delivered anyway,
+        by destination: they stay in that PACS under the earlier identity until its patient correction moves or
+        deletes them."""
+        if identity_key is None:
+            return {}
+        rows = self.db.execute(
+            "SELECT d.destination, count(*) FROM deliveries d JOIN outputs o ON o.sop_instance_uid ="
+            " d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id WHERE d.study_instance_uid = ?"
+            " AND d.state = 'delivered' AND j.identity_key IS NOT NULL AND j.identity_key != ?"
+            " GROUP BY d.destination ORDER BY d.destination", (study_instance_uid, identity_key),
+        ).fetchall()
+        return {str(dest): int(n) for dest, n in rows}
+
+    def latest_output(self, study_instance_uid: str, analysis: str, kind: str, *, before_job: int,
+                      identity_key: str | None = None) -> dict[str, Any] | None:
+        """Newest output of `kind` from an earlier job of the same analysis and identity (the predecessor of a
+        new SR: a report made under a patient identity since corrected is another patient's, not its
+        predecessor).  A job recorded before identities were kept counts as the same identity."""
         return self.one(
             "SELECT o.* FROM outputs o JOIN jobs j ON j.id = o.job_id WHERE o.study_instance_uid = ? AND j.analysis = ?"
-            " AND o.kind = ? AND j.id != ? ORDER BY o.created_at DESC, j.id DESC LIMIT 1",
-            (study_instance_uid, analysis, kind, before_job),
+            " AND o.kind = ? AND j.id != ? AND (j.identity_key IS NULL OR ? IS NULL OR j.identity_key = ?)"
+            " ORDER BY o.created_at DESC, j.id DESC LIMIT 1",
+            (study_instance_uid, analysis, kind, before_job, identity_key, identity_key),
         )
 
     # -------------------------------------------------------------------------------- deliveries
 
     def due_deliveries(self, destination: str, now: float, limit: int) -> list[dict[str, Any]]:
-        """Pending deliveries whose time has come, joined with their output file, oldest first."""
+        """Pending deliveries whose time has come, joined with their output file, oldest first.  Outputs of a
+        patient identity corrected since are withdrawn first: one being sent when its job was superseded came
+        back to the queue afterwards."""
+        with self.tx() as db:
+            studies = [r[0] for r in db.execute(
+                "SELECT DISTINCT d.study_instance_uid FROM deliveries d JOIN outputs o ON o.sop_instance_uid ="
+                " d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id WHERE d.destination = ?"
+                " AND d.state = 'pending' AND j.state = 'failed'", (destination,)).fetchall()]
+            for study in studies:
+                _withdraw_other_identities(db.execute, study, _current_identity(db.execute, study), now)
         return self.query(
             "SELECT d.id, d.output_sop_instance_uid, d.attempts, d.study_instance_uid, o.path, o.sop_class_uid,"
             " o.transfer_syntax_uid, o.kind FROM deliveries d JOIN outputs o ON o.sop_instance_uid ="

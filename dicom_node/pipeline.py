@@ -60,9 +60,19 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {redact(str(exc))}"
 
 
-def input_key(sop_instance_uids: Sequence[str]) -> str:
-    """Digest of the analysed instance set (the identity of a job's input)."""
-    return hashlib.sha256("\n".join(sorted(sop_instance_uids)).encode()).hexdigest()[:32]
+def input_key(sop_instance_uids: Sequence[str], identity_key: str | None = None) -> str:
+    """Digest of the analysed instance set and the patient identity they carry (the identity of a job's
+    input): the same images re-sent with a corrected patient name or ID are a new input."""
+    text = "\n".join(sorted(sop_instance_uids))
+    if identity_key is not None:
+        text += f"\nidentity {identity_key}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def job_key(db: Database, sop_instance_uids: Sequence[str]) -> tuple[str, str | None]:
+    """(input key, identity key) of a job over these instances, as recorded."""
+    identity = db.job_identity(sop_instance_uids)
+    return input_key(sop_instance_uids, identity), identity
 
 
 def variant_of(dest: Destination | None) -> str:
@@ -267,14 +277,15 @@ class Pipeline:
         """Run one analysis of the study and record its outputs; False if the study changed meanwhile."""
         rule: Rule = match.rule
         uids = sorted(match.sop_instance_uids)
-        job = self.db.start_job(study_uid, name, rule.name, input_key(uids), generation)
+        key, identity = job_key(self.db, uids)
+        job = self.db.start_job(study_uid, name, rule.name, key, generation, identity)
         if job["state"] in ("encoded", "delivered"):
             return True  # this exact input was analysed and its deliveries queued already
         try:
             datasets = read_datasets([by_uid[u]["path"] for u in uids])
             result = self.analyser.run(name, datasets)
             destinations = self.settings.rule_destinations(rule)
-            predecessor = self._predecessor(study_uid, name, job["id"])
+            predecessor = self._predecessor(study_uid, name, job["id"], identity)
             encoded = build_encoded(result, datasets, destinations, producer=self.producer(), predecessor=predecessor)
             files = [self._write(v, o) for v, o in encoded]
         except Exception as exc:
@@ -302,10 +313,17 @@ class Pipeline:
                      study_uid, name)
             return False
         log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
+        elsewhere = self.db.delivered_under_other_identity(study_uid, identity)
+        if elsewhere:
+            # The node cannot take back what a PACS holds; say so where the people who can will look.
+            log.warning("study %s: the patient identity was corrected; %s output(s) made under the earlier identity"
+                        " were already delivered (%s) and stay there until that PACS's patient correction moves or"
+                        " deletes them; the undelivered ones were withdrawn", study_uid, sum(elsewhere.values()),
+                        ", ".join(f"{n} to {dest}" for dest, n in elsewhere.items()))
         return True
 
-    def _predecessor(self, study_uid: str, analysis: str, job_id: int) -> Any:
-        row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id)
+    def _predecessor(self, study_uid: str, analysis: str, job_id: int, identity: str | None) -> Any:
+        row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id, identity_key=identity)
         if row is None:
             return None
         purged = (self.db.study(study_uid) or {}).get("instances_purged_at")

@@ -32,6 +32,7 @@ from dicom_node.db import (
     Database,
     InstanceRecord,
     conflict_reason,
+    identity_key,
     patient_conflict_reason,
     patient_key,
     secret_fingerprint,
@@ -39,6 +40,7 @@ from dicom_node.db import (
 from dicom_node.errors import DatabaseError, DatasetError, InstanceConflict, StorageError, redact
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
+from reports.common import identity_digest
 from reports.uids import derive_uid
 
 log = logging.getLogger("dicom_node.scp")
@@ -410,6 +412,7 @@ class StorageSCP:
             own = self._is_own_output(ds, ident["SOPInstanceUID"])
             patient = patient_key(self._patient_secret, ident["StudyInstanceUID"], _text(ds, "PatientID"),
                                   _text(ds, "IssuerOfPatientID"))
+            identity = _identity_key(self._patient_secret, ident["StudyInstanceUID"], ds)
             if not own and held_in is None and self.db.patient_conflict(ident["StudyInstanceUID"], patient):
                 raise DatasetError(patient_conflict_reason(ident["StudyInstanceUID"]))
             affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
@@ -450,6 +453,7 @@ class StorageSCP:
             size=size,
             own_output=own,
             patient_key=patient,
+            identity_key=identity,
         )
         try:
             self.db.record_instance(rec)
@@ -521,6 +525,15 @@ def _inflate(data: bytes) -> bytes:
     if inflater.unconsumed_tail:
         raise DatasetError(f"deflated data set expands beyond {MAX_INFLATED_BYTES // 2**20} MiB")
     return out + inflater.flush()
+
+
+def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str | None:
+    """`identity_key` of the identity the instance's outputs would copy; None if a value of it cannot be
+    decoded (the instance is stored: a header the analysis never reads must not cost the image)."""
+    try:
+        return identity_key(secret, study_instance_uid, identity_digest(ds))
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a malformed value
+        return None
 
 
 def _read_headers(received: BytesIO, size: int, ts: UID) -> tuple[Any, int | None]:

@@ -464,6 +464,10 @@ class StudyResult:
     images: tuple[ImageResult, ...]
     verdict: ScreeningVerdict
     findings: tuple[Finding, ...] = field(default=())
+    #: Digest of the patient and study identity the outputs copy from the sources (`reports.build_outputs`
+    #: fills it; an analysis leaves it empty).  Part of every output UID: when the sender corrects a patient's
+    #: name, ID or accession number, the outputs are new objects, not ones a PACS holds under the old identity.
+    source_identity: str = ""
 
     def __post_init__(self) -> None:
         for image in self.images:

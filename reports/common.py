@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import hashlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -130,6 +131,13 @@ def models_fingerprint(models: Sequence[ModelInfo]) -> str:
     return ";".join(sorted(f"{m.name}={m.version}" for m in models))
 
 
+def output_fingerprint(result: StudyResult) -> str:
+    """What every output UID of `result` derives from beside its sources: the model versions and, once
+    `build_outputs` has filled it, the digest of the identity the outputs copy."""
+    fingerprint = models_fingerprint(result.models)
+    return f"{fingerprint}|identity={result.source_identity}" if result.source_identity else fingerprint
+
+
 def models_text(models: Sequence[ModelInfo]) -> str:
     """Readable "name version, name version"."""
     return ", ".join(f"{m.name} {m.version}" for m in models) or "no model"
@@ -145,19 +153,19 @@ def image_key(image: ImageResult) -> tuple[str, ...]:
 
 def series_uid(result: StudyResult, kind: OutputKind, variant: str = "") -> UID:
     """Series of one output kind in the study (one per kind, model versions and variant)."""
-    return derive_uid(result.study_instance_uid, "series", kind.value, models_fingerprint(result.models),
+    return derive_uid(result.study_instance_uid, "series", kind.value, output_fingerprint(result),
                       variant or "default")
 
 
 def image_series_uid(result: StudyResult, image: ImageResult, kind: OutputKind, variant: str = "") -> UID:
     """Series of one image's output of a kind (and variant): for the SEG, whose series viewers open by its first
     instance only (OHIF takes `instances[0]` of a SEG series), so the SEG of each view needs a series of its own."""
-    return derive_uid(*image_key(image), "series", kind.value, models_fingerprint(result.models), variant or "default")
+    return derive_uid(*image_key(image), "series", kind.value, output_fingerprint(result), variant or "default")
 
 
 def image_output_uid(result: StudyResult, image: ImageResult, kind: OutputKind, variant: str = "") -> UID:
     """SOP Instance UID of a per-image output (SEG, SC, PR)."""
-    return derive_uid(*image_key(image), kind.value, models_fingerprint(result.models), variant or "default")
+    return derive_uid(*image_key(image), kind.value, output_fingerprint(result), variant or "default")
 
 
 def tracking_uid(image: ImageResult, what: str, label: str) -> UID:
@@ -175,7 +183,7 @@ def sc_uid(result: StudyResult, image: ImageResult) -> UID:
     """SOP Instance UID of an image's annotated SC. The SC draws the study's verdict beside the image, so, like the
     SR's, it changes when the set of analysed instances changes: a PACS that keeps the first object stored under
     a UID would otherwise go on showing a stale verdict."""
-    return derive_uid(*image_key(image), OutputKind.SC.value, models_fingerprint(result.models),
+    return derive_uid(*image_key(image), OutputKind.SC.value, output_fingerprint(result),
                       "study", *analysed_sop_instance_uids(result))
 
 
@@ -184,9 +192,9 @@ def sr_uid(result: StudyResult, unanalysed: Sequence[str] = ()) -> UID:
     no analysed image derives it from the instances it covers (`unanalysed`), else every such report of the
     study would share one UID while its reasons change."""
     if not result.images:
-        return derive_uid(result.study_instance_uid, OutputKind.SR.value, models_fingerprint(result.models),
+        return derive_uid(result.study_instance_uid, OutputKind.SR.value, output_fingerprint(result),
                           "no image analysed", *sorted(unanalysed))
-    return derive_uid(result.study_instance_uid, OutputKind.SR.value, models_fingerprint(result.models),
+    return derive_uid(result.study_instance_uid, OutputKind.SR.value, output_fingerprint(result),
                       *analysed_sop_instance_uids(result))
 
 
@@ -304,6 +312,15 @@ def apply_identity(ds: Dataset, source: Dataset) -> None:
         elif keyword in ds:
             delattr(ds, keyword)
     ds.SpecificCharacterSet = CHARACTER_SET
+
+
+def identity_digest(source: Dataset) -> str:
+    """Digest of the patient and study identity `apply_identity` copies from `source` (output UIDs derive from
+    it, see `StudyResult.source_identity`).  One-way, and mixed with the source UIDs into a UID: no output
+    UID shows a patient's name or ID."""
+    text = "\x1f".join(f"{keyword}={source[keyword].value}" for keyword, _ in IDENTITY_ATTRIBUTES
+                        if keyword != "StudyInstanceUID" and keyword in source)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 _DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from dicom_node import __version__
 from dicom_node.db import DELIVERY_STATES, Database
-from dicom_node.pipeline import Analyser, input_key
+from dicom_node.pipeline import Analyser, job_key
 
 log = logging.getLogger("dicom_node.web.metrics")
 
@@ -95,7 +95,8 @@ class MeteredAnalyser(Analyser):
             try:
                 uids = [str(ds.SOPInstanceUID) for ds in datasets]
                 if uids:
-                    self.db.record_analysis_seconds(str(datasets[0].StudyInstanceUID), name, input_key(uids), seconds)
+                    self.db.record_analysis_seconds(str(datasets[0].StudyInstanceUID), name, job_key(self.db, uids)[0],
+                                                   seconds)
             except Exception:  # noqa: BLE001 - timing must never fail a study
                 log.warning("could not record the analysis time of %s", name, exc_info=True)
 

@@ -135,6 +135,79 @@ def test_destination_down_then_up_delivers_everything(node_factory, orthanc_fact
     wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 20, what="study delivered")
 
 
+def test_a_corrected_patient_identity_gets_new_outputs_and_the_old_ones_never_reach_the_pacs(
+        node_factory, orthanc_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The modality sent the study under the wrong patient while the PACS was down, then re-sent it corrected:
+    the PACS must get the outputs once, under the corrected patient, the report with no predecessor of the
+    other patient's."""
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    dicom_port, http_port = free_port(), free_port()
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}])
+    files = make_study(tmp_path / "in", "wrongpatient", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "encoded"
+             and all(r["attempts"] >= 1 for r in node.db.query("SELECT attempts FROM deliveries")),
+             60, what="outputs queued and tried while the PACS is down")
+    first = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs")}
+    queued = node.db.one("SELECT count(*) AS n FROM deliveries")["n"]
+
+    fixed = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = "CORRECTED-7", "RIGHT^PATIENT"
+        fixed.append(tmp_path / f"fixed-{path.name}")
+        ds.save_as(fixed[-1])
+    storescu(fixed, node.scp.port)
+
+    def reanalysed() -> bool:
+        jobs = node.db.query("SELECT state FROM jobs ORDER BY id")
+        return [j["state"] for j in jobs] == ["failed", "encoded"] and node.db.study(study_uid)["state"] == "encoded"
+
+    wait_for(reanalysed, 60, what="the study analysed again under the corrected identity")
+    outputs = node.db.query("SELECT sop_instance_uid, kind, path FROM outputs")
+    second = {r["sop_instance_uid"] for r in outputs} - first
+    assert len(second) == len(first)  # every object anew: none keeps a UID the old patient's has
+    assert {r["output_sop_instance_uid"] for r in node.db.query("SELECT output_sop_instance_uid FROM deliveries")} <= second
+    withdrawn = node.db.query("SELECT target, detail FROM audit_events WHERE action = 'withdrawn'")
+    assert {w["target"] for w in withdrawn} == first and len(withdrawn) == queued
+    assert "superseded" in node.db.one("SELECT reason FROM jobs ORDER BY id LIMIT 1")["reason"]
+    new_sr = pydicom.dcmread(next(r["path"] for r in outputs if r["kind"] == "sr" and r["sop_instance_uid"] in second))
+    assert new_sr.PatientID == "CORRECTED-7" and str(new_sr.PatientName) == "RIGHT^PATIENT"
+    assert "PredecessorDocumentsSequence" not in new_sr  # the earlier report is another patient's
+
+    pacs = orthanc_factory(dicom_port=dicom_port, http_port=http_port)
+    wait_for(lambda: outputs_of(pacs, study_uid) == expected_counts(1), 60, what="outputs after the PACS came up")
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 20, what="study delivered")
+    assert {t["PatientID"] for t in pacs.study_instances(study_uid)} == {"CORRECTED-7"}
+    assert pacs.instance_count() == sum(expected_counts(1).values())
+    assert not any(r.levelno >= logging.WARNING and "already delivered" in r.getMessage() for r in caplog.records)
+
+
+def test_a_name_corrected_after_delivery_sends_new_outputs_and_warns_of_the_old_ones(
+        node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    node = node_factory(destinations=[pacs_destination(orthanc)])
+    files = make_study(tmp_path / "in", "misspelt", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="first outputs delivered")
+    ds = pydicom.dcmread(files[0])
+    ds.PatientName = "SPELT^RIGHT"
+    ds.save_as(tmp_path / "fixed.dcm")
+    storescu([tmp_path / "fixed.dcm"], node.scp.port)
+
+    want = {k: 2 * v for k, v in expected_counts(1).items()}  # the PACS keeps what it got; the new ones join
+    wait_for(lambda: outputs_of(orthanc, study_uid) == want, 60,
+             what=f"outputs of the corrected name {want} (has {outputs_of(orthanc, study_uid)})")
+    names = [t["PatientName"] for t in orthanc.study_instances(study_uid) if t.get("Modality") != "DX"]
+    assert names.count("SPELT^RIGHT") == sum(expected_counts(1).values())
+    assert [j["state"] for j in node.db.query("SELECT state FROM jobs ORDER BY id")] == ["delivered", "delivered"]
+    warning = next(r.getMessage() for r in caplog.records if "already delivered" in r.getMessage())
+    assert study_uid in warning and f"{sum(expected_counts(1).values())} to pacs" in warning
+    assert "SPELT" not in warning  # names stay out of the log
+
+
 def test_permanent_rejection_stops_at_once_shows_in_status_and_retry_requeues(
         node_factory, orthanc_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dicom_node")

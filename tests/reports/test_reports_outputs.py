@@ -155,6 +155,27 @@ def test_new_model_version_gives_new_uids(cases, outputs):
     assert before.isdisjoint(o.dataset.SOPInstanceUID for o in changed)
 
 
+@pytest.mark.parametrize(("keyword", "value"), [("PatientName", "CORRECTED^NAME"), ("PatientID", "CORRECTED-1"),
+                                                ("AccessionNumber", "ACC-CORRECTED")])
+def test_a_corrected_identity_gives_new_objects_carrying_it(cases, outputs, keyword, value):
+    """A PACS keeps what it holds under a UID: outputs re-made under the old UIDs for a corrected patient would
+    be dropped as duplicates, or overwrite the objects it filed under the other patient."""
+    case = cases["lateral-dx"]
+    corrected = [copy.deepcopy(ds) for ds in case.sources]
+    for ds in corrected:
+        setattr(ds, keyword, value)
+    changed = build_outputs(case.result, corrected)
+    before = {o.dataset.SOPInstanceUID for o in outputs["lateral-dx"]}
+    assert len(changed) == len(outputs["lateral-dx"])
+    assert before.isdisjoint(o.dataset.SOPInstanceUID for o in changed)
+    assert {o.dataset.SeriesInstanceUID for o in outputs["lateral-dx"]}.isdisjoint(
+        o.dataset.SeriesInstanceUID for o in changed)
+    assert all(str(o.dataset.get(keyword)) == value for o in changed)
+    # The same corrected sources again give the same objects.
+    assert [o.dataset.SOPInstanceUID for o in build_outputs(case.result, corrected)] == [
+        o.dataset.SOPInstanceUID for o in changed]
+
+
 def _two_views(cases):
     """The DX case's study with the CR case's image put into it, as if a second view arrived later."""
     dx, cr = cases["lateral-dx"], cases["ap-cr"]
