@@ -1,45 +1,107 @@
-"""Which real radiographs each shipped model learnt from, which neither saw, and whose patient that is.
+"""The real radiographs' splits: whose film is which, which split a model trained on, which films it never saw.
 
-The two radiograph models split the real films (``radiographs/cadma_train``) with two different hashes: the
-vertebra model with `inference.train.cadma.split_of` (12 % test, 10 % val), the hardware model with
-`inference.synth.real.real_split` (15 % test, 10 % val).  So most of the hardware model's test films are
-training films of the vertebra model, whose vertebrae the hardware evaluation uses end to end; and films of
-one patient (the AASCE films ``...-159-A-AP`` and ``...-159-C-AP``) can sit on both sides of either split.
-Worse, the vertebra model's synthetic training cache drew implants onto real films of the hardware split's
-"train" part, with their boxes as weak labels, and 34 of those are in the vertebra model's own test split.
-The shipped weights were trained so, and their evaluation has to live with it: this module names the films
-each model learnt from and the films held out from a model (or from both) for all of a patient's films,
-the only ones that measure the node on a film nobody tuned on.  (A next training run should use one
-split, grouped by patient, for everything.)
+The real films (``radiographs/cadma_train``) are split by a hash of a name.  Two schemes trained the shipped
+weights, and a third is for every training from now on:
+
+* ``cadma-v1`` (the vertebra model so far; ``inference.train.cadma.split_of`` in its records): sha256 of the
+  source name (`source_key`), 12 % test, 10 % val;
+* ``real-v1`` (the hardware model so far, and the data engine's implant overlays; ``inference.synth.real.
+  real_split`` in their records): sha256 of the source stem (`source_stem`) mod 100, 15 % test, 10 % val;
+* ``patient-v2`` (`TRAINING_SCHEME`): sha256 of the PATIENT (`patient_key`) mod 100, 15 % test, 10 % val, so
+  that a patient's films sit on one side, and one split for both models and the cache that feeds them.
+
+With the two old schemes most of the hardware model's test films were training films of the vertebra model
+(whose vertebrae the hardware evaluation uses end to end), the vertebra model's synthetic cache drew implants
+onto films of the hardware scheme's "train" part (34 of them in the vertebra model's own test split), and the
+films of one patient (AASCE ``...-159-A-AP`` / ``...-159-C-AP``) could sit on both sides.  A model records its
+scheme in ``model.json`` (``training.data.real.split_scheme``; absent: the old scheme of that model), so its
+evaluation always scores the films its own training held out; and `unseen_by_both` names the films neither
+model learnt from, for all of a patient's films.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from inference.synth.real import real_split
-from inference.train.cadma import source_key, split_of
+#: The scheme every training uses from now on (see the module text).
+TRAINING_SCHEME = "patient-v2"
+#: The scheme of a model whose model.json names none: the shipped weights trained before schemes were recorded.
+VERTEBRA_LEGACY_SCHEME = "cadma-v1"
+HARDWARE_LEGACY_SCHEME = "real-v1"
+
+
+def source_key(name: str | Path) -> str:
+    """Name of the source image a Roboflow export file came from (``Image_287_jpg.rf.<hash>.jpg`` -> ``Image_287``)."""
+    stem = Path(name).name.split(".rf.")[0]
+    return stem[:-4] if stem.endswith("_jpg") else stem
+
+
+def source_stem(name: str | Path) -> str:
+    """The source image's stem: the file name without Roboflow's ``.rf.<hash>`` part (``Image_287_jpg``)."""
+    stem = Path(name).name.split(".rf.")[0]
+    return stem.rsplit(".", 1)[0] if stem.lower().endswith((".jpg", ".png", ".txt")) else stem
 
 
 def patient_key(name: str | Path) -> str:
     """The patient a film belongs to, as far as its name tells: an AASCE film's letter (``-159-A-AP``) and a
     second film's ``_1_1`` (``N11-S-21-F_1_0`` / ``_1_1``) are dropped; any other name is its own patient."""
-    key = source_key(Path(name))
-    key = re.sub(r"-[A-Z]-AP$", "", key)
+    key = re.sub(r"-[A-Z]-AP$", "", source_key(name))
     return re.sub(r"_\d+_\d+$", "", key)
 
 
-def vertebra_split(name: str | Path) -> str:
-    """"train" | "val" | "test" of the vertebra model's training."""
-    return split_of(source_key(Path(name)))
+def _cadma_v1(name: str | Path) -> str:
+    h = int(hashlib.sha256(source_key(name).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if h < 0.12 else ("val" if h < 0.22 else "train")
 
 
-def hardware_split(name: str | Path) -> str:
-    """"train" | "val" | "test" of the hardware model's training."""
-    return real_split(Path(name).name)
+def _by_percent(key: str) -> str:
+    h = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
+    return "test" if h < 15 else ("val" if h < 25 else "train")
+
+
+SCHEMES: dict[str, Callable[[str | Path], str]] = {
+    "cadma-v1": _cadma_v1,
+    "real-v1": lambda name: _by_percent(source_stem(name)),
+    "patient-v2": lambda name: _by_percent(patient_key(name)),
+}
+
+
+def split_of(name: str | Path, scheme: str = TRAINING_SCHEME) -> str:
+    """"train" | "val" | "test" of a real film (file name or path) under `scheme`."""
+    try:
+        return SCHEMES[scheme](name)
+    except KeyError:
+        raise ValueError(f"unknown split scheme {scheme!r} (known: {', '.join(SCHEMES)})") from None
+
+
+def describe(scheme: str) -> str:
+    """One line for a model card or a manifest: what the scheme hashes and its shares."""
+    return {
+        "cadma-v1": "cadma-v1: sha256 of the source name; 78 % train, 10 % val, 12 % test",
+        "real-v1": "real-v1: sha256 of the source stem mod 100; 75 % train, 10 % val, 15 % test",
+        "patient-v2": "patient-v2: sha256 of the patient (all of a patient's films together) mod 100;"
+                      " 75 % train, 10 % val, 15 % test",
+    }[scheme]
+
+
+def scheme_of(meta: dict[str, Any] | None, legacy: str) -> str:
+    """The scheme a model (its ``model.json``) trained with; `legacy` when it names none."""
+    real = ((meta or {}).get("training") or {}).get("data", {}).get("real") or {}
+    return str(real.get("split_scheme") or legacy)
+
+
+def vertebra_split(name: str | Path, meta: dict[str, Any] | None = None) -> str:
+    """"train" | "val" | "test" of the vertebra model (`meta`: its model.json) for a film."""
+    return split_of(name, scheme_of(meta, VERTEBRA_LEGACY_SCHEME))
+
+
+def hardware_split(name: str | Path, meta: dict[str, Any] | None = None) -> str:
+    """"train" | "val" | "test" of the hardware model (`meta`: its model.json) for a film."""
+    return split_of(name, scheme_of(meta, HARDWARE_LEGACY_SCHEME))
 
 
 def patient_disjoint(names: Iterable[str | Path], seen: Iterable[str | Path]) -> list[str | Path]:
@@ -58,16 +120,17 @@ def cache_films(meta: dict[str, Any]) -> list[str]:
 
 def vertebra_seen(all_names: Iterable[str | Path], meta: dict[str, Any]) -> list[str | Path]:
     """Films the vertebra model trained or was tuned on: its train and val splits and its cache's films."""
-    return [n for n in all_names if vertebra_split(n) in ("train", "val")] + list(cache_films(meta))
+    return [n for n in all_names if vertebra_split(n, meta) in ("train", "val")] + list(cache_films(meta))
 
 
-def hardware_seen(all_names: Iterable[str | Path]) -> list[str | Path]:
+def hardware_seen(all_names: Iterable[str | Path], meta: dict[str, Any] | None = None) -> list[str | Path]:
     """Films the hardware model trained or was tuned on: its train and val splits (its cache draws from train)."""
-    return [n for n in all_names if hardware_split(n) in ("train", "val")]
+    return [n for n in all_names if hardware_split(n, meta) in ("train", "val")]
 
 
-def unseen_by_both(all_names: Iterable[str | Path], vertebra_meta: dict[str, Any]) -> list[str | Path]:
+def unseen_by_both(all_names: Iterable[str | Path], vertebra_meta: dict[str, Any],
+                   hardware_meta: dict[str, Any] | None = None) -> list[str | Path]:
     """Films in the test split of both models whose patient has no film either model trained or tuned on."""
     names = list(all_names)
-    both = [n for n in names if vertebra_split(n) == "test" and hardware_split(n) == "test"]
-    return patient_disjoint(both, vertebra_seen(names, vertebra_meta) + hardware_seen(names))
+    both = [n for n in names if vertebra_split(n, vertebra_meta) == "test" and hardware_split(n, hardware_meta) == "test"]
+    return patient_disjoint(both, vertebra_seen(names, vertebra_meta) + hardware_seen(names, hardware_meta))

@@ -66,6 +66,7 @@ from inference.results import (
     Vertebra,
     level_index,
 )
+from inference.splits import HARDWARE_LEGACY_SCHEME, scheme_of
 from inference.synth.sample import UNNAMED
 from inference.train import common
 
@@ -726,20 +727,20 @@ def cache_samples(folder: Path, sources: set[str] | None = None, limit: int | No
             return
 
 
-def real_overlay_samples(data: Path, count: int, split: str = "test") -> Iterator[tuple[str, Any]]:
-    """Real radiographs of `split` ("test": the card's rows; "val": tuning) with implants rendered onto them by
-    the data engine."""
+def real_overlay_samples(data: Path, count: int, split: str, scheme: str) -> Iterator[tuple[str, Any]]:
+    """Real radiographs of `split` under `scheme` (the model's: "test" for the card's rows, "val" for tuning)
+    with implants rendered onto them by the data engine."""
     from inference.synth.real import render_real_sample
     from inference.synth.render import SynthConfig
 
     config = SynthConfig(data_dir=str(data), p_implants=1.0, max_px=1024)
     seed = {"test": REAL_TEST_SEED, "val": REAL_VAL_SEED}[split]
     for k in range(count):
-        sample = render_real_sample(seed * 10_000 + k, config, str(data), split=split)
+        sample = render_real_sample(seed * 10_000 + k, config, str(data), split=split, scheme=scheme)
         yield f"real-overlay-{split}/{k}" if split != "test" else f"real-overlay/{k}", sample
 
 
-def hooked_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
+def hooked_samples(data: Path, count: int, scheme: str) -> Iterator[tuple[str, Any]]:
     """Posterior constructs ending in hooks (where they span three or more levels): half DRRs, half real
     TEST-split radiographs with the construct rendered onto them.  The synthetic hold-out has no hooks (it
     predates them); here the rod-fracture classifier meets wide metal blocks on rods that are not gaps."""
@@ -751,7 +752,8 @@ def hooked_samples(data: Path, count: int) -> Iterator[tuple[str, Any]]:
     real = SynthConfig(data_dir=str(data), p_implants=1.0, max_px=1024, force=force)
     for k in range(count):
         if k % 2:
-            yield f"hooked-real/{k}", render_real_sample(HOOKED_SEED * 10_000 + k, real, str(data), split="test")
+            yield f"hooked-real/{k}", render_real_sample(HOOKED_SEED * 10_000 + k, real, str(data), split="test",
+                                                                scheme=scheme)
         else:
             yield f"hooked-drr/{k}", render_sample(HOOKED_SEED * 10_000 + k, drr)
 
@@ -779,16 +781,19 @@ def real_plain_images(paths: Sequence[Path], limit: int | None = None) -> Iterat
 
 
 def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None, limit: int | None = None,
-                        paths: Sequence[Path] | None = None) -> dict[str, Any]:
-    """The real TEST-split radiographs (or `paths`) as they are, without implants (`real_plain_images`): how
-    often "no implants" comes out.  The films of `REAL_WITH_HARDWARE` are scored apart (what was found)."""
-    from inference.synth.real import list_real_images, source_stem
+                        paths: Sequence[Path] | None = None, scheme: str | None = None) -> dict[str, Any]:
+    """The real TEST-split radiographs of `scheme` (or `paths`) as they are, without implants
+    (`real_plain_images`): how often "no implants" comes out.  The films of `REAL_WITH_HARDWARE` are scored
+    apart (what was found)."""
+    from inference.splits import source_stem
+    from inference.synth.real import list_real_images
 
     said = Counter()
     false_pieces = []
     with_hardware = []
     times = []
-    for name, rad, source in real_plain_images(list_real_images(data, "test") if paths is None else paths, limit):
+    films = list_real_images(data, "test", scheme=scheme) if paths is None else paths
+    for name, rad, source in real_plain_images(films, limit):
         verts = found_vertebrae(vertebra_step, rad, source) if vertebra_step is not None else []
         t0 = time.perf_counter()
         outcome = model.analyse(rad, verts, source)
@@ -814,7 +819,7 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
 
 
 def evaluate_unseen(model: HardwareModel, data: Path, vertebra_step: Any | None, per_film: int,
-                    vertebra_folder: Path | None) -> dict[str, Any]:
+                    vertebra_folder: Path | None, hardware_meta: dict[str, Any]) -> dict[str, Any]:
     """The real films NEITHER shipped model trained or was tuned on, for any film of their patient
     (`inference.splits.unseen_by_both`): as they are, and each with `per_film` constructs drawn onto it.
     The two models split the real films with different hashes, so the test rows above run the vertebra
@@ -825,22 +830,24 @@ def evaluate_unseen(model: HardwareModel, data: Path, vertebra_step: Any | None,
 
     every = list_real_images(data)
     vertebra_meta = json.loads((vertebra_folder / "model.json").read_text()) if vertebra_folder else {}
-    films = splits.unseen_by_both(every, vertebra_meta)
-    test = [p for p in every if splits.hardware_split(p) == "test"]
+    films = splits.unseen_by_both(every, vertebra_meta, hardware_meta)
+    test = [p for p in every if splits.hardware_split(p, hardware_meta) == "test"]
+    scheme = splits.scheme_of(hardware_meta, splits.HARDWARE_LEGACY_SCHEME)
     config = SynthConfig(data_dir=str(data), p_implants=1.0, max_px=1024)
 
     def overlays() -> Iterator[tuple[str, Any]]:
         for f, path in enumerate(films):
             for k in range(per_film):
                 seed = UNSEEN_SEED * 10_000 + f * 100 + k
-                yield f"real-unseen/{f}/{k}", render_real_sample(seed, config, str(data), split="test", image=path)
+                yield f"real-unseen/{f}/{k}", render_real_sample(seed, config, str(data), split="test", scheme=scheme,
+                                                                 image=path)
 
     return {
         "test_films": len(test),
         "test_films_vertebra_model_trained_or_tuned_on": len(set(p.name for p in test)
                                                               & set(Path(n).name for n in splits.vertebra_seen(every, vertebra_meta))),
         "films": [p.name for p in films],
-        "plain": evaluate_real_plain(model, data, vertebra_step, paths=films),
+        "plain": evaluate_real_plain(model, data, vertebra_step, paths=films, scheme=scheme),
         "overlays": evaluate_samples(model, overlays(), "real films neither model saw + rendered implants", vertebra_step),
     }
 
@@ -911,7 +918,9 @@ def fold_commands(data: Path, cache: Path, folder: Path, source: str, stages: li
         cmd = [sys.executable, "-m", "inference.train.hardware", "--data", str(data), "--cache", str(cache), "--out", str(out),
                "--work", str(out / "work"), "--exclude-sources", f"{source},stitched", *recipe]
         if k:
-            cmd += ["--init-weights", str(folder / f"stage-{k}" / "weights.pt")]
+            cmd += ["--init-weights", str(folder / f"stage-{k}" / "weights.pt")]  # its split scheme comes along
+        elif "--split-scheme" not in recipe and common.cache_split_scheme(cache):
+            cmd += ["--split-scheme", str(common.cache_split_scheme(cache))]  # the real films the cache drew on
         commands.append(cmd)
     return commands
 
@@ -1029,6 +1038,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - evaluation goes on without the end-to-end check
             log.warning("vertebra model not available (%s): end-to-end level check skipped", exc)
     results: dict[str, Any] = {"evaluated": time.strftime("%Y-%m-%d"), "model_version": spec.version}
+    # The real test films are those the model's own training held out (model.json names its split scheme).
+    scheme = scheme_of(meta, HARDWARE_LEGACY_SCHEME)
+    results["split_scheme"] = scheme
     t0 = time.time()
     holdout = ensure_holdout(args.holdout, args.data, args.holdout_count)
     results["synthetic_holdout"] = evaluate_samples(model, cache_samples(holdout, limit=args.limit or None), "synthetic hold-out", vertebra_step)
@@ -1039,15 +1051,17 @@ def main(argv: list[str] | None = None) -> int:
         results["synthetic_second_holdout"] = {k: rows[k] for k in SECOND_HOLDOUT_ROWS if k in rows} | {"seed": SECOND_HOLDOUT_SEED}
         log.info("second synthetic hold-out: %s", json.dumps(results["synthetic_second_holdout"], indent=1)[:4000])
     if not args.skip_real:
-        results["real_overlay_test"] = evaluate_samples(model, real_overlay_samples(args.data, args.real_overlays), "real test radiographs + rendered implants", vertebra_step)
+        results["real_overlay_test"] = evaluate_samples(model, real_overlay_samples(args.data, args.real_overlays, "test", scheme),
+                                                        "real test radiographs + rendered implants", vertebra_step)
         log.info("real overlays: %s", json.dumps(results["real_overlay_test"], indent=1)[:4000])
-        results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None)
+        results["real_plain_test"] = evaluate_real_plain(model, args.data, vertebra_step, args.limit or None, scheme=scheme)
         log.info("real plain: %s", results["real_plain_test"])
         vertebra_folder = ModelRegistry().spec("spine-xr-vertebrae").folder
-        results["real_unseen"] = evaluate_unseen(model, args.data, vertebra_step, args.unseen_per_film, vertebra_folder)
+        results["real_unseen"] = evaluate_unseen(model, args.data, vertebra_step, args.unseen_per_film, vertebra_folder, meta)
         log.info("real films neither model saw: %s", json.dumps(results["real_unseen"], indent=1)[:4000])
     if args.hooked:
-        results["hooked_constructs"] = evaluate_samples(model, hooked_samples(args.data, args.hooked), "constructs ending in hooks", vertebra_step)
+        results["hooked_constructs"] = evaluate_samples(model, hooked_samples(args.data, args.hooked, scheme), "constructs ending in hooks",
+                                                        vertebra_step)
         log.info("hooked constructs: %s", json.dumps(results["hooked_constructs"], indent=1)[:4000])
     if not args.skip_lopo:
         stages = training_stages(meta.get("training", {}))
@@ -1076,7 +1090,7 @@ DATA_PROVENANCE = """\
 | CT "stitched" | the chest CT down to L1 + the abdomen CT from L2 (two patients) | built by the data engine (`inference.synth.anatomy`) | as its two sources |
 | phantoms | procedural 3D spines (`inference.synth.phantom`) | generated from seeds | project licence |
 | implants | pedicle screws, rods, interbody cages (PEEK with tantalum markers, titanium), anterior plates; loosening halo, screw breakage, rod fracture, cage subsidence; inserted before projection (CT, phantoms) or added in the log domain to real radiographs | `inference.synth.implants`, `inference.synth.real` | project licence |
-| real AP radiographs | `radiographs/cadma_train`, the data engine's "train" split (`inference.synth.real.real_split`): implants rendered onto them, and the same images as they are (no implants) | "Spine Region - Vertebrae Detection" Roboflow export (2022) in the CADMA repository (Znarfran/CADMA, commit ac491ead); part of the images come from the AASCE 2019 challenge (SpineWeb) | export: CC BY 4.0. **The AASCE source images are for research use only**: this model inherits that restriction until it is retrained without them |
+| real AP radiographs | `radiographs/cadma_train`, the "train" films of the model's split (`inference.splits`; real-v1 for these weights): implants rendered onto them, and the same images as they are (no implants) | "Spine Region - Vertebrae Detection" Roboflow export (2022) in the CADMA repository (Znarfran/CADMA, commit ac491ead); part of the images come from the AASCE 2019 challenge (SpineWeb) | export: CC BY 4.0. **The AASCE source images are for research use only**: this model inherits that restriction until it is retrained without them |
 
 No real radiograph with real, labelled hardware was available: every implant the model has seen is synthetic
 (projected exactly from 3D primitives with NIST attenuation), on DRRs or on real radiographs."""

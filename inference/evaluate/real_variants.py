@@ -170,12 +170,14 @@ def _tilted(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Gener
 
 
 def _implants(item: cadma.RealRadiograph, pixels: np.ndarray, rng: np.random.Generator) -> VariantImage:
-    from inference.synth.real import real_split, render_real_sample
+    from inference.splits import TRAINING_SCHEME, split_of
+    from inference.synth.real import render_real_sample
 
     # Implants rendered the way the hardware model's real overlays are (screws, rods, cages, plates);
     # ~15 % of draws add none, as in that data engine.
     data_dir = Path(item.path).parents[3]  # <data>/radiographs/cadma_train/images/<file>
-    sample = render_real_sample(int(rng.integers(0, 2**31)), None, data_dir, split=real_split(item.path.name), image=item.path)
+    sample = render_real_sample(int(rng.integers(0, 2**31)), None, data_dir, split=split_of(item.path.name),
+                                image=item.path, scheme=TRAINING_SCHEME)
     return VariantImage(_plain(sample.image), item.boxes, _none())
 
 

@@ -40,6 +40,7 @@ from inference.radiograph import preprocess
 from inference.radiograph.model import SpineInstances, VertebraModel
 from inference.registry import ModelSpec
 from inference.results import LEVELS
+from inference.splits import VERTEBRA_LEGACY_SCHEME, scheme_of
 from inference.train import cadma, common
 
 log = logging.getLogger("inference.evaluate.vertebrae")
@@ -105,11 +106,12 @@ def tune_midline(items: list[cadma.RealRadiograph], shapes: list[tuple[int, int]
 
 def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit: int | None = None,
                   meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Detection and naming on the held-out real test split, with the tuned midline baseline."""
+    """Detection and naming on the real test split the model's training held out (the scheme its model.json
+    `meta` names), with the tuned midline baseline."""
     items = cadma.load_cadma(data)
-    splits = cadma.split(items)
-    test = splits["test"][:limit] if limit else splits["test"]
-    train = splits["train"]
+    by_split = cadma.split(items, scheme_of(meta, VERTEBRA_LEGACY_SCHEME))
+    test = by_split["test"][:limit] if limit else by_split["test"]
+    train = by_split["train"]
     train_shapes = [_shape(i) for i in train]
     base = tune_midline(train, train_shapes)
     log.info("midline baseline tuned on %d train images: %s", len(train), base)
@@ -630,13 +632,14 @@ def main(argv: list[str] | None = None) -> int:
                                "naming_shipped": model.params.name_levels}
     model = naming_switched_on(model)
     t0 = time.time()
-    results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None,
-                                         json.loads((args.model / "model.json").read_text()))
+    meta = json.loads((args.model / "model.json").read_text())
+    results["split_scheme"] = scheme_of(meta, VERTEBRA_LEGACY_SCHEME)
+    results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None, meta)
     log.info("real test: %s", json.dumps(results["real_test"], indent=1)[:2000])
     if not args.skip_variants:
         from inference.evaluate.real_variants import evaluate_variants
 
-        test = cadma.split(cadma.load_cadma(args.data))["test"]
+        test = cadma.split(cadma.load_cadma(args.data), results["split_scheme"])["test"]
         results["real_test_variants"] = evaluate_variants(model, test[: args.real_limit] if args.real_limit else test)
         log.info("real test variants: %s", json.dumps(results["real_test_variants"], indent=1)[:3000])
     if not args.skip_synthetic:

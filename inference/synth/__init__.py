@@ -7,8 +7,9 @@ Public API (contract "data engine -> training", docs/team/contracts.md):
   Genant grades; deterministic by seed.  `SynthConfig.data_dir=None` gives phantoms only (tests).
 * `inference.synth.real.render_real_sample(seed, config, data_dir, split="train")`: implants rendered onto
   a REAL radiograph, same `SynthSample` format (weak labels: -1 ignore, -2 unnamed vertebra, 0 background).
-* `inference.synth.real.real_split(name) -> "train" | "val" | "test"`: the held-out split of the real
-  radiographs (sha256 of the source stem, ~75/10/15 %), shared with training and evaluation.
+* `inference.splits.split_of(name, scheme) -> "train" | "val" | "test"`: the held-out split of the real
+  radiographs, shared with training and evaluation; the cache builder draws overlays on the "train" films of
+  its `--split-scheme` only.
 * `python -m inference.synth.build --data ../shared/data --out DIR --count N --seed S [--views AP,LAT]
   [--implants-prob p] [--real-prob q] [--workers k]`: .npz shards + manifest.json;
   `inference.synth.build.iter_cache(DIR)` / `read_shard(path)` read them back.

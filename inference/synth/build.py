@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.splits import SCHEMES, TRAINING_SCHEME, describe
 from inference.synth.render import SynthConfig, render_sample
 from inference.synth.sample import SynthSample
 
@@ -75,7 +76,7 @@ def _render_shard(job: dict) -> dict:
             if _is_real(job["seed"], index, job["real_prob"]):
                 from inference.synth.real import render_real_sample
 
-                sample = render_real_sample(seed, config, job["data"], split="train")
+                sample = render_real_sample(seed, config, job["data"], split="train", scheme=job["split_scheme"])
             else:
                 sample = render_sample(seed, config)
         except Exception as exc:  # one bad draw must not lose a shard; it is listed in the manifest
@@ -120,9 +121,11 @@ def build(
     workers: int = 1,
     shard_size: int = 64,
     real_prob: float = 0.0,
+    split_scheme: str = TRAINING_SCHEME,
     log=print,
 ) -> dict:
-    """Render `count` samples into `out`; returns the manifest."""
+    """Render `count` samples into `out`; returns the manifest.  Implant overlays (`real_prob`) draw on the
+    "train" films of `split_scheme` only: the scheme the models trained on this cache use."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(config)
@@ -135,6 +138,7 @@ def build(
             "out": str(out_dir),
             "data": data,
             "real_prob": real_prob,
+            "split_scheme": split_scheme,
         }
         for s in range(0, count, shard_size)
     ]
@@ -160,7 +164,8 @@ def build(
         "count": len(samples),
         "seed": seed,
         "sample_seed": "build_seed * 10_000_000 + index",
-        "parameters": {**cfg_dict, "workers": workers, "shard_size": shard_size, "real_prob": real_prob},
+        "parameters": {**cfg_dict, "workers": workers, "shard_size": shard_size, "real_prob": real_prob,
+                       "split_scheme": split_scheme},
         "counts": {
             "kind": dict(Counter(s["kind"] for s in samples)),
             "view": dict(Counter(s["view"] for s in samples)),
@@ -172,7 +177,7 @@ def build(
             "complication": dict(Counter(c for s in samples for c in s["complications"])),
             "samples_with_implants": sum(1 for s in samples if s["implants"]),
         },
-        "provenance": _provenance(data, samples),
+        "provenance": _provenance(data, samples, split_scheme),
         "timing": {"seconds": round(elapsed, 1), "samples_per_second": round(len(samples) / max(elapsed, 1e-9), 3)},
         "failed": [f for r in results for f in r["failed"]],
         "shards": [{"file": r["file"], "indices": [s["index"] for s in r["samples"]]} for r in results],
@@ -182,7 +187,7 @@ def build(
     return manifest
 
 
-def _provenance(data: str, samples: list[dict]) -> dict:
+def _provenance(data: str, samples: list[dict], split_scheme: str) -> dict:
     from inference.synth.anatomy import __doc__ as anatomy_doc
 
     real = sorted({s["real_image"] for s in samples if s["real_image"]})
@@ -198,7 +203,8 @@ def _provenance(data: str, samples: list[dict]) -> dict:
         "ct_notes": anatomy_doc,
         "real_images": {
             "folder": "radiographs/cadma_train (CADMA / Roboflow export, CC BY 4.0; AASCE images: research use)",
-            "split": "inference.synth.real.real_split: only 'train' images are used by the cache",
+            "split": f"inference.splits {describe(split_scheme)}: only 'train' images are used by the cache",
+            "split_scheme": split_scheme,
             "files": real,
         },
     }
@@ -219,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fracture-prob", type=float, default=0.35)
     ap.add_argument("--curvature-prob", type=float, default=0.6)
     ap.add_argument("--real-prob", type=float, default=0.0, help="fraction of samples that are implant overlays on real radiographs")
+    ap.add_argument("--split-scheme", default=TRAINING_SCHEME, choices=sorted(SCHEMES),
+                    help="overlays draw on the 'train' films of this scheme (inference.splits): the models' own")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--max-side", type=int, default=512, help="longest side stored (0: keep the rendered size)")
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if not has_ct:
         print(f"no ct/ under {data}: phantoms only")
         config = replace(config, sources=(("phantom", 1.0),))
-    manifest = build(data, args.out, args.count, args.seed, config, workers=args.workers, shard_size=args.shard_size, real_prob=args.real_prob)
+    manifest = build(data, args.out, args.count, args.seed, config, workers=args.workers, shard_size=args.shard_size, real_prob=args.real_prob,
+                     split_scheme=args.split_scheme)
     print(json.dumps({k: manifest[k] for k in ("count", "counts", "timing")}, indent=1))
     return 0
 

@@ -1,10 +1,8 @@
 """Real AP radiographs (``radiographs/cadma_train``): the held-out split, loading, and implants rendered
 onto them.
 
-Split (`real_split`): a deterministic hash of the image's SOURCE stem, the part of the file name before
-Roboflow's ``.rf.<hash>`` suffix (six source images appear twice; both copies land in the same split).
-``sha256(stem) mod 100``: < 15 -> "test", < 25 -> "val", otherwise "train" (~15 % / 10 % / 75 %).  The model
-engineer uses the same function; the cache builder uses only "train" images.
+Split: `inference.splits` (a scheme names it; the cache builder draws only on "train" films of the scheme its
+models train with, and records it).
 
 Implant overlay (`render_real_sample`): a pseudo-3D pose is built for every vertebra box (centre on the
 isocentre plane, superior axis along the chain of box centres, anterior toward the source, width / height
@@ -21,13 +19,13 @@ sideways from the chain; vertebrae carry ``level=None``, ``grade=None``; meta["b
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from inference.results import FractureShape
+from inference.splits import TRAINING_SCHEME, split_of
 from inference.synth.drr import Projection
 from inference.synth.implants import Frame, plan_implants, project_primitives
 from inference.synth.sample import IGNORE, UNNAMED, SynthSample, VertebraSpec
@@ -36,24 +34,13 @@ REAL_FOLDER = Path("radiographs") / "cadma_train"
 LEVEL_PITCH_MM = 30.0
 
 
-def source_stem(name: str | Path) -> str:
-    """The source image's stem: the file stem without Roboflow's ``.rf.<hash>`` part."""
-    stem = Path(name).name
-    stem = stem.split(".rf.")[0]
-    return stem.rsplit(".", 1)[0] if stem.lower().endswith((".jpg", ".png", ".txt")) else stem
-
-
-def real_split(name: str | Path) -> str:
-    """"train" | "val" | "test" for a real radiograph file name (deterministic, ~75/10/15 %)."""
-    h = int(hashlib.sha256(source_stem(name).encode()).hexdigest(), 16) % 100
-    return "test" if h < 15 else ("val" if h < 25 else "train")
-
-
-def list_real_images(data_dir: str | Path, split: str | None = None) -> list[Path]:
-    """Images of the real folder (sorted), optionally only one split."""
+def list_real_images(data_dir: str | Path, split: str | None = None, *, scheme: str | None = None) -> list[Path]:
+    """Images of the real folder (sorted), optionally only one `split` of `scheme` (`inference.splits`)."""
+    if split is not None and scheme is None:
+        raise ValueError("a split needs its scheme (inference.splits.SCHEMES)")
     folder = Path(data_dir) / REAL_FOLDER / "images"
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    return [p for p in files if split is None or real_split(p.name) == split]
+    return [p for p in files if split is None or split_of(p.name, scheme or TRAINING_SCHEME) == split]
 
 
 def load_real(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -127,22 +114,23 @@ def weak_labels(shape: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _split_files(data_dir: str, split: str) -> tuple[Path, ...]:
-    return tuple(p for p in list_real_images(data_dir, split) if len(load_real(p)[1]) >= 3)
+def _split_files(data_dir: str, split: str, scheme: str) -> tuple[Path, ...]:
+    return tuple(p for p in list_real_images(data_dir, split, scheme=scheme) if len(load_real(p)[1]) >= 3)
 
 
-def render_real_sample(seed: int, config, data_dir: str | Path, *, split: str = "train", image: str | Path | None = None) -> SynthSample:
-    """A real radiograph of `split` (picked by seed, or `image`) with implants rendered onto it."""
+def render_real_sample(seed: int, config, data_dir: str | Path, *, split: str = "train", scheme: str = TRAINING_SCHEME,
+                       image: str | Path | None = None) -> SynthSample:
+    """A real radiograph of `split` under `scheme` (picked by seed, or `image`) with implants rendered onto it."""
     rng = np.random.default_rng([int(seed), 0x4EA1])
     if image is None:
-        files = _split_files(str(data_dir), split)
+        files = _split_files(str(data_dir), split, scheme)
         if not files:
-            raise FileNotFoundError(f"no real radiographs with >= 3 boxes in split {split!r} under {data_dir}")
+            raise FileNotFoundError(f"no real radiographs with >= 3 boxes in split {split!r} ({scheme}) under {data_dir}")
         path = files[int(rng.integers(0, len(files)))]
     else:
         path = Path(image)
-        if real_split(path.name) != split:
-            raise ValueError(f"{path.name} belongs to split {real_split(path.name)!r}, not {split!r}")
+        if split_of(path.name, scheme) != split:
+            raise ValueError(f"{path.name} belongs to split {split_of(path.name, scheme)!r} ({scheme}), not {split!r}")
     img, boxes = load_real(path)
     rows, cols = img.shape
     pixel_mm = estimate_pixel_mm(boxes)
@@ -191,7 +179,8 @@ def render_real_sample(seed: int, config, data_dir: str | Path, *, split: str = 
         "seed": int(seed),
         "source": "real:cadma_train",
         "real_image": f"{REAL_FOLDER.as_posix()}/images/{path.name}",
-        "split": real_split(path.name),
+        "split": split,
+        "split_scheme": scheme,
         "field": "real",
         "boxes": [[round(float(v), 2) for v in b] for b in boxes],
         "pixel_spacing_estimated": True,

@@ -2,17 +2,18 @@
 
 Folder layout (``<data>/radiographs/cadma_train``): ``images/*.jpg`` and ``labels/*.txt`` with one YOLO box
 per vertebra (``class xc yc w h``, normalised).  The boxes cover about T1-L5: no cervical vertebrae, no
-sacrum, no level names.  Some source images were exported twice under different Roboflow suffixes, so the
-split groups files by their source name.
+sacrum, no level names.  Some source images were exported twice under different Roboflow suffixes; every
+split scheme (`inference.splits`) keeps such copies, and a patient's films, together.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from inference.splits import source_key, split_of
 
 SUBDIR = Path("radiographs") / "cadma_train"
 
@@ -31,12 +32,6 @@ class RealRadiograph:
 
         with Image.open(self.path) as im:
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-
-
-def source_key(path: Path) -> str:
-    """Name of the source image a Roboflow export file came from (``Image_287_jpg.rf.<hash>.jpg`` -> ``Image_287``)."""
-    stem = path.name.split(".rf.")[0]
-    return stem[:-4] if stem.endswith("_jpg") else stem
 
 
 def read_boxes(label: Path, width: int, height: int) -> np.ndarray:
@@ -68,19 +63,9 @@ def load_cadma(data_dir: Path) -> list[RealRadiograph]:
     return out
 
 
-def split_of(key: str, val_fraction: float = 0.1, test_fraction: float = 0.12) -> str:
-    """"train", "val" or "test" for a source key, fixed by a hash of the key (stable across machines)."""
-    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if h < test_fraction:
-        return "test"
-    if h < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-def split(items: list[RealRadiograph]) -> dict[str, list[RealRadiograph]]:
-    """Items by split; duplicates of one source always land in the same split."""
+def split(items: list[RealRadiograph], scheme: str) -> dict[str, list[RealRadiograph]]:
+    """Items by split under `scheme` (`inference.splits.SCHEMES`)."""
     out: dict[str, list[RealRadiograph]] = {"train": [], "val": [], "test": []}
     for item in items:
-        out[split_of(item.key)].append(item)
+        out[split_of(item.path.name, scheme)].append(item)
     return out

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inference.splits import TRAINING_SCHEME, scheme_of
+
 log = logging.getLogger("inference.train")
 
 
@@ -79,6 +81,47 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
     return state
+
+
+def split_scheme(requested: str | None, *, work: Path, fresh: bool, init_weights: Path | None, legacy: str) -> str:
+    """The real films' split scheme of a training run (`inference.splits`): the scheme of what the run
+    continues (its checkpoint in `work`, resumed or re-tuned; else the model folder `init_weights` lies in),
+    else `requested`, else `TRAINING_SCHEME`.  `legacy`: the scheme of a checkpoint or model that names none.
+    Continuing under another scheme than the one asked for stops the run: what it continues learnt from films
+    the asked scheme holds out, and its evaluation would call them unseen."""
+    fixed, what = None, ""
+    checkpoint = work / "checkpoint.pt"
+    if not fresh and checkpoint.is_file():
+        fixed = torch.load(checkpoint, map_location="cpu", weights_only=False).get("split_scheme", legacy)
+        what = f"the checkpoint in {work}"
+    elif init_weights is not None and (init_weights.parent / "model.json").is_file():
+        fixed = scheme_of(json.loads((init_weights.parent / "model.json").read_text()), legacy)
+        what = f"the model of {init_weights}"
+    if fixed is not None and requested is not None and requested != fixed:
+        raise SystemExit(f"{what} was trained with split scheme {fixed}, not {requested}: pass --split-scheme"
+                         f" {fixed}, or start afresh (--fresh, no --init-weights)")
+    return fixed or requested or TRAINING_SCHEME
+
+
+def cache_split_scheme(cache: Path) -> str | None:
+    """The split scheme whose "train" films a data-engine cache drew implant overlays on (None: it has none, or
+    is not built yet)."""
+    if not (cache / "manifest.json").is_file():
+        return None
+    manifest = json.loads((cache / "manifest.json").read_text())
+    real = manifest.get("provenance", {}).get("real_images", {})
+    if not real.get("files"):
+        return None
+    return str(real.get("split_scheme", "real-v1"))  # caches built before schemes were recorded
+
+
+def check_cache_scheme(cache: Path, scheme: str) -> None:
+    """Refuse a cache whose implant overlays drew on real films by another split scheme: some of them would be
+    the run's val or test films, learnt from with their boxes."""
+    cache_scheme = cache_split_scheme(cache)
+    if cache_scheme is not None and cache_scheme != scheme:
+        raise SystemExit(f"{cache} draws implants onto real films of the {cache_scheme} split, the run uses {scheme}:"
+                         f" rebuild it with --split-scheme {scheme}, or train with --split-scheme {cache_scheme}")
 
 
 def write_json(path: Path, data: Any) -> None:

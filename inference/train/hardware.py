@@ -66,6 +66,7 @@ from inference.radiograph.hardware_post import (
 )
 from inference.radiograph.hardware_targets import TargetItem, dense_targets, make_item
 from inference.registry import sha256_file
+from inference.splits import HARDWARE_LEGACY_SCHEME, SCHEMES, TRAINING_SCHEME, describe
 from inference.train import common
 
 log = logging.getLogger("inference.train.hardware")
@@ -423,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hard-negative-share", type=float, default=0.0, help="share of each batch drawn from real train images "
                     "on which the network finds implants (mined at the start with --init-weights or on resuming, and at every "
                     "validation: ~3.5 min a pass on one thread, counted in --max-minutes)")
+    ap.add_argument("--split-scheme", default=None, choices=sorted(SCHEMES),
+                    help=f"split of the real films (inference.splits; default {TRAINING_SCHEME}, or the scheme of the "
+                         "checkpoint or --init-weights model the run continues); the cache must draw on its train films")
     ap.add_argument("--not-assessed", default="", help="comma list of complications the model will never report (model.json "
                     "postprocess.not_assessed), e.g. 'screw loosening,screw breakage'")
     args = ap.parse_args(argv)
@@ -441,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    args.split_scheme = common.split_scheme(args.split_scheme, work=work, fresh=args.fresh, init_weights=args.init_weights,
+                                            legacy=HARDWARE_LEGACY_SCHEME)
     common.setup_logging(work / "train.log")
     common.setup(args.seed, args.threads)
     log.info("arguments: %s", vars(args))
@@ -452,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.cache}/manifest.json not found: build the cache first, e.g.\n  nice -n 10 python -m inference.synth.build "
             f"--data {args.data} --out {args.cache} --count 2400 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2"
         )
+    common.check_cache_scheme(args.cache, args.split_scheme)
     excluded = {s for s in args.exclude_sources.split(",") if s}
     train, val, skipped = load_cache(args.cache, excluded, args.limit or None, args.val_every)
     log.info("cache: %d train, %d held-out samples (%.0f s); %s", len(train), len(val), time.time() - t_start, skipped)
@@ -460,9 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_real_negatives:
         from inference.synth.real import list_real_images
 
-        # The data engine's split (its overlays use only "train" images): "test" stays unseen.
-        neg_train = [real_negative(p) for p in list_real_images(args.data, "train")]
-        neg_val = [real_negative(p) for p in list_real_images(args.data, "val")]
+        # The run's split, the cache's too (its overlays use only "train" films): "test" stays unseen.
+        neg_train = [real_negative(p) for p in list_real_images(args.data, "train", scheme=args.split_scheme)]
+        neg_val = [real_negative(p) for p in list_real_images(args.data, "val", scheme=args.split_scheme)]
         log.info("real radiographs without implants: %d train, %d val", len(neg_train), len(neg_val))
     pools: dict[str, list[TargetItem]] = {p: [] for p in POOLS}
     for item in train + neg_train:
@@ -578,11 +585,13 @@ def main(argv: list[str] | None = None) -> int:
             common.save_checkpoint(
                 ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
                 step=step, best=best, spent=clock.elapsed, history=history, stop_reason=stop_reason, mined=mined,
+                split_scheme=args.split_scheme,
             )
     if not args.tune_only:
         common.save_checkpoint(
             ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
             step=step, best=best, spent=clock.elapsed, history=history, stop_reason=stop_reason, mined=mined,
+            split_scheme=args.split_scheme,
         )
     train_minutes = (spent if args.tune_only else clock.elapsed) / 60
     # The checkpoint kept during training and the last one compete once more, each with its tuned instance
@@ -635,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
             "kinds": {k: sum(1 for it in train if it.kind == k) for k in sorted({it.kind for it in train})},
             "views": {v: sum(1 for it in train if it.view == v) for v in sorted({it.view for it in train})},
             "excluded_sources": sorted(excluded),
+            "real": {"split": f"inference.splits {describe(args.split_scheme)}", "split_scheme": args.split_scheme},
             "real_negatives": {"source": "radiographs/cadma_train", "train": len(neg_train), "val": len(neg_val),
-                               "split": "inference.synth.real.real_split (sha256 of the source stem mod 100): 75% train, 10% val, 15% test"},
+                               "split": f"inference.splits {describe(args.split_scheme)}"},
             "manifest": {k: manifest.get(k) for k in ("format", "count", "seed", "parameters", "counts", "provenance") if k in manifest},
         },
     }

@@ -40,6 +40,7 @@ from inference.radiograph.hardware_discs import (
 )
 from inference.radiograph.hardware_patch_data import youden
 from inference.results import ImplantKind
+from inference.splits import HARDWARE_LEGACY_SCHEME, scheme_of
 from inference.train import common
 
 log = logging.getLogger("inference.train.hardware_discs")
@@ -230,13 +231,15 @@ def scan_records(model: Any, samples: Any) -> list[dict[str, Any]]:
     return out
 
 
-def plain_scan_records(model: Any, data: Path, split: str = "val") -> list[dict[str, Any]]:
-    """`scan_records` of the real radiographs of `split` as they are (no implants: no true cages)."""
+def plain_scan_records(model: Any, data: Path, split: str, scheme: str) -> list[dict[str, Any]]:
+    """`scan_records` of the real radiographs of `split` under `scheme` as they are (no implants: no true
+    cages)."""
     from inference.evaluate.hardware import CAGE_CENTRE_MM, real_plain_images
+    from inference.synth.real import list_real_images
 
     vertebra_step = _vertebra_step()
     return [{**_found_cages(model, vertebra_step, rad, source), "true": [], "true_others": 0, "max_px": CAGE_CENTRE_MM}
-            for _, rad, source in real_plain_images(data, split)]
+            for _, rad, source in real_plain_images(list_real_images(data, split, scheme=scheme))]
 
 
 def _vertebra_step() -> Any:
@@ -338,15 +341,16 @@ def tune_scan(model_folder: Path, cache: Path, exclude_sources: set[str], val_ev
     model = HardwareModel.from_spec(ModelSpec.read(model_folder))
     held_out = ((f"{cache.name}/{k}", s) for k, s in enumerate(iter_cache(cache))
                 if common.cache_role(k, s, exclude_sources, val_every) == "held_out")
-    real = real_overlay_samples(data, real_val, split="val") if data is not None and real_val else iter(())
+    meta = json.loads((model_folder / "model.json").read_text())
+    scheme = scheme_of(meta, HARDWARE_LEGACY_SCHEME)  # the val films of the model's own split
+    real = real_overlay_samples(data, real_val, "val", scheme) if data is not None and real_val else iter(())
     records = scan_records(model, itertools.chain(held_out, real))
     tuning = scan_threshold(records)
     tuning["real_val_overlays"] = real_val if data is not None else 0
-    meta = json.loads((model_folder / "model.json").read_text())
     post = meta.setdefault("postprocess", {})
     if tuning["threshold"] is not None:
         post["cage_scan_threshold"] = tuning["threshold"]
-        plain = plain_scan_records(model, data, "val") if data is not None else []
+        plain = plain_scan_records(model, data, "val", scheme) if data is not None else []
         tuning["alone"] = alone_threshold(records, plain, tuning["threshold"])
         post["cage_alone_threshold"] = tuning["alone"]["threshold"]
     meta.setdefault("training", {})["cage_scan"] = {"command": command, "minutes": round((time.time() - t0) / 60, 1), "tuning": tuning}

@@ -39,6 +39,7 @@ from inference.radiograph.network import BODY, CENTRE, L5, SACRUM, VERTEBRA
 from inference.radiograph.postprocess import ChainParams
 from inference.registry import sha256_file
 from inference.results import LEVELS
+from inference.splits import SCHEMES, TRAINING_SCHEME, VERTEBRA_LEGACY_SCHEME, describe
 from inference.train import cadma, common, targets
 
 log = logging.getLogger("inference.train.vertebrae")
@@ -411,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-only", action="store_true", help="no training: re-tune post-processing of --work/best.pt and rewrite --out")
     ap.add_argument("--init-weights", type=Path, default=None,
                     help="start from these weights (e.g. the shipped model's weights.pt) instead of random ones; "
-                         "ignored when --work holds a checkpoint")
+                         "ignored when --work holds a checkpoint.  Weights trained under another split scheme have "
+                         "seen films this run's scheme holds out: its evaluation cannot call them unseen")
+    ap.add_argument("--split-scheme", default=None, choices=sorted(SCHEMES),
+                    help=f"split of the real films (inference.splits; default {TRAINING_SCHEME}, or the scheme of the "
+                         "checkpoint or --init-weights model the run continues)")
     args = ap.parse_args(argv)
 
     work = args.work
@@ -422,10 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     # ---------------------------------------------------------------- data
+    scheme = common.split_scheme(args.split_scheme, work=work, fresh=args.fresh, init_weights=args.init_weights,
+                                 legacy=VERTEBRA_LEGACY_SCHEME)
+    log.info("real films split by %s", describe(scheme))
     real_train: list[RealItem] = []
     real_val: list[RealItem] = []
     if not args.no_real:
-        splits = cadma.split(cadma.load_cadma(args.data))
+        splits = cadma.split(cadma.load_cadma(args.data), scheme)
         real_train = [prepare_real(r) for r in splits["train"]]
         real_val = [prepare_real(r) for r in splits["val"]]
         log.info("real radiographs: %d train, %d val (%.0f s)", len(real_train), len(real_val), time.time() - t_start)
@@ -438,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  nice -n 10 python -m inference.synth.build --data {args.data} --out {args.cache} --count 3000 --seed 1"
             )
         sources = {s for s in args.synth_sources.split(",") if s} or None
+        if sources is None or any(s.startswith("real") for s in sources):
+            common.check_cache_scheme(args.cache, scheme)
         synth, dropped = load_synth(args.cache, sources, args.synth_limit or None)
         log.info("synthetic samples: %d (%.0f s)", len(synth), time.time() - t_start)
     if not real_train and not synth:
@@ -542,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.save(net.state_dict(), best_path)
             common.save_checkpoint(
                 ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
-                step=step, best=best, spent=clock.elapsed, history=history,
+                step=step, best=best, spent=clock.elapsed, history=history, split_scheme=scheme,
             )
     if not best_path.is_file():
         torch.save(net.state_dict(), best_path)
@@ -570,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                 "source": str(cadma.SUBDIR),
                 "images_train": len(real_train),
                 "images_val": len(real_val),
-                "split": "inference.train.cadma.split_of (sha256 of the source name): 78% train, 10% val, 12% test",
+                "split": f"inference.splits {describe(scheme)}",
+                "split_scheme": scheme,
                 "sacrum_hint": sacrum_hint,
             },
             "synthetic": {

@@ -41,3 +41,62 @@ def test_intervals_widen_as_the_sample_shrinks() -> None:
     f_lo, f_hi = M.f1_interval(per_image)
     assert f_lo < 2 * 350 / (2 * 350 + 90 + 80) < f_hi
     assert M.f1_interval([(1, 0, 0)]) is None
+
+
+def test_a_model_is_scored_on_the_split_its_model_json_names() -> None:
+    names = [f"Image_{k:03d}_jpg.rf.{k}.jpg" for k in range(400)]
+    legacy: dict = {}
+    retrained = {"training": {"data": {"real": {"split_scheme": splits.TRAINING_SCHEME}}}}
+    assert [splits.vertebra_split(n, legacy) for n in names] == [splits.split_of(n, "cadma-v1") for n in names]
+    assert [splits.hardware_split(n, legacy) for n in names] == [splits.split_of(n, "real-v1") for n in names]
+    assert [splits.vertebra_split(n, retrained) for n in names] == [splits.split_of(n) for n in names]
+    # Both models on the one split: every test film is unseen by both.
+    both = splits.unseen_by_both(names, retrained, retrained)
+    assert both == [n for n in names if splits.split_of(n) == "test"] and both
+    assert len(splits.unseen_by_both(names, legacy, legacy)) < len(both)
+
+
+def test_a_run_keeps_the_split_of_what_it_continues(tmp_path) -> None:
+    import json
+
+    import pytest
+    import torch
+
+    from inference.train import common
+
+    work = tmp_path / "work"
+    work.mkdir()
+    assert common.split_scheme(None, work=work, fresh=False, init_weights=None, legacy="cadma-v1") == splits.TRAINING_SCHEME
+    assert common.split_scheme("real-v1", work=work, fresh=False, init_weights=None, legacy="cadma-v1") == "real-v1"
+    # A checkpoint written before schemes were recorded is the model's old scheme, resumed or re-tuned.
+    torch.save({"step": 5}, work / "checkpoint.pt")
+    assert common.split_scheme(None, work=work, fresh=False, init_weights=None, legacy="cadma-v1") == "cadma-v1"
+    with pytest.raises(SystemExit, match="trained with split scheme cadma-v1, not patient-v2"):
+        common.split_scheme("patient-v2", work=work, fresh=False, init_weights=None, legacy="cadma-v1")
+    assert common.split_scheme("patient-v2", work=work, fresh=True, init_weights=None, legacy="cadma-v1") == "patient-v2"
+    # Fine-tuning a model folder's weights: its model.json names the scheme.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.pt").write_bytes(b"")
+    (folder / "model.json").write_text(json.dumps({"training": {"data": {"real": {"split_scheme": "real-v1"}}}}))
+    assert common.split_scheme(None, work=tmp_path / "new", fresh=False, init_weights=folder / "weights.pt",
+                               legacy="cadma-v1") == "real-v1"
+
+
+def test_a_cache_drawing_on_another_splits_films_is_refused(tmp_path) -> None:
+    import json
+
+    import pytest
+
+    from inference.train import common
+
+    def cache(real: dict) -> object:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"provenance": {"real_images": real}}))
+        return folder
+
+    common.check_cache_scheme(cache({"files": []}), "patient-v2")  # no real films: any split
+    common.check_cache_scheme(cache({"files": ["a.jpg"], "split_scheme": "patient-v2"}), "patient-v2")
+    with pytest.raises(SystemExit, match="real-v1 split, the run uses patient-v2"):
+        common.check_cache_scheme(cache({"files": ["a.jpg"]}), "patient-v2")  # built before schemes were recorded

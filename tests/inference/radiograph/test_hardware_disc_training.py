@@ -174,3 +174,31 @@ def test_tuning_records_read_the_cages_found_on_the_vertebra_models_vertebrae() 
     assert len(record["true"]) == 1 and record["max_px"] > 0
     assert record["scores"] and min(record["scores"]) >= TUNE_FLOOR
     assert max(record["scores"]) >= own.cage_scan_threshold  # found at the shipped threshold too
+
+
+def test_a_cage_alone_is_tuned_on_the_val_films_of_the_models_own_split(tmp_path) -> None:
+    """`make train-hardware` ends by tuning on the real VAL films as they are: the films of the split the
+    model trained with (a broken call here once surfaced only at the end of an 80-minute run)."""
+    from PIL import Image
+
+    from inference.splits import split_of
+    from inference.train.hardware_discs import plain_scan_records
+
+    images = tmp_path / "radiographs" / "cadma_train" / "images"
+    labels = tmp_path / "radiographs" / "cadma_train" / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    names = [f"Image_{i:03d}_jpg.rf.x.jpg" for i in range(200)]
+    chosen = [next(n for n in names if split_of(n, "real-v1") == s) for s in ("val", "train", "test")]
+    pixels = np.full((416, 240), 60, np.uint8)
+    rows = []
+    for k in range(10):
+        pixels[40 + 34 * k: 62 + 34 * k, 100:140] = 170
+        rows.append(f"0 {120 / 240:.5f} {(51 + 34 * k) / 416:.5f} {44 / 240:.5f} {22 / 416:.5f}")
+    for name in chosen:
+        Image.fromarray(pixels).save(images / name)
+        (labels / name.replace(".jpg", ".txt")).write_text("\n".join(rows))
+    model = HardwareModel.from_spec(ModelRegistry().spec("spine-xr-hardware"))
+    (record,) = plain_scan_records(model, tmp_path, "val", "real-v1")
+    assert record["true"] == [] and record["true_others"] == 0
+    assert isinstance(record["scores"], list)

@@ -260,8 +260,8 @@ def test_real_films_with_hardware_are_named_as_the_split_names_them() -> None:
     # The export's file names carry Roboflow's hash; the list is keyed by the source stem so that a
     # re-export (another hash) still finds the film.
     from inference.evaluate.hardware import REAL_WITH_HARDWARE
-    from inference.synth.real import real_split, source_stem
+    from inference.splits import hardware_split, source_stem
 
     name = "sunhl-1th-30-Dec-2016-159-C-AP_jpg.rf.8ab155020a01e6e3a62aeae67615327f.jpg"
     assert source_stem(name) in REAL_WITH_HARDWARE
-    assert real_split(name) == "test"  # scored in the real test rows, apart from the films without hardware
+    assert hardware_split(name) == "test"  # scored in the real test rows, apart from the films without hardware

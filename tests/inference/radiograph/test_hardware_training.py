@@ -68,6 +68,12 @@ def test_leave_one_patient_out_repeats_both_stages_of_a_fine_tuned_model(tmp_pat
     assert "--init-weights" not in first
     for cmd in (first, second):
         assert cmd[cmd.index("--exclude-sources") + 1] == "x,stitched"
+    # A fold trains on the real films the cache drew its overlays on; later stages inherit that split.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text('{"provenance": {"real_images": {"files": ["f.jpg"]}}}')
+    first, second = fold_commands(Path("d"), cache, tmp_path / "without-x", "x", stages)
+    assert first[first.index("--split-scheme") + 1] == "real-v1" and "--split-scheme" not in second
     # A model trained in one run keeps one stage.
     assert training_stages({"command": base}) == [recipe_args(base)]
     # Fine-tuned from weights whose training is not recorded: not silently the fine-tune alone.

@@ -12,28 +12,38 @@ import numpy as np
 import pydicom
 import pytest
 
+from inference.splits import SCHEMES, TRAINING_SCHEME, source_stem, split_of
 from inference.synth.dicom import write_sample
-from inference.synth.real import real_split, render_real_sample, source_stem
+from inference.synth.real import render_real_sample
 from inference.synth.render import render_sample
 from inference.synth.sample import IGNORE, UNNAMED
 
 
-def test_real_split_is_deterministic_and_proportional():
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_every_split_is_deterministic_proportional_and_keeps_copies_together(scheme):
     names = [f"Image_{i:03d}_jpg.rf.{i * 7919:032x}.jpg" for i in range(2000)]
-    splits = [real_split(n) for n in names]
-    assert splits == [real_split(n) for n in names]
+    splits = [split_of(n, scheme) for n in names]
+    assert splits == [split_of(n, scheme) for n in names]
     share = Counter(splits)
-    assert 0.12 < share["test"] / 2000 < 0.18 and 0.07 < share["val"] / 2000 < 0.13
+    assert 0.09 < share["test"] / 2000 < 0.18 and 0.07 < share["val"] / 2000 < 0.13
     # Copies of one source image (different Roboflow hashes) share the split.
     assert source_stem("Image_287_jpg.rf.abc.jpg") == source_stem("Image_287_jpg.rf.def.jpg") == "Image_287_jpg"
-    assert real_split("Image_287_jpg.rf.abc.jpg") == real_split("Image_287_jpg.rf.def.jpg")
+    assert split_of("Image_287_jpg.rf.abc.jpg", scheme) == split_of("Image_287_jpg.rf.def.jpg", scheme)
+
+
+def test_the_training_split_keeps_a_patients_films_together():
+    """The old schemes hashed film names: AASCE films of one patient (-A-AP, -C-AP) could straddle them."""
+    films = [f"sunhl-1th-01-Mar-2017-{p}-{letter}-AP_jpg.rf.{p}{letter}.jpg" for p in range(300) for letter in "ABC"]
+    for p in range(300):
+        assert len({split_of(f, TRAINING_SCHEME) for f in films[3 * p: 3 * p + 3]}) == 1
+    assert any(len({split_of(f, "real-v1") for f in films[3 * p: 3 * p + 3]}) > 1 for p in range(300))
 
 
 def _fake_real_folder(root: Path) -> Path:
     """A radiograph-like JPEG with 12 YOLO vertebra boxes, named so that it falls in the train split."""
     from PIL import Image
 
-    name = next(f"Image_{i:03d}_jpg.rf.x.jpg" for i in range(100) if real_split(f"Image_{i:03d}_jpg.rf.x.jpg") == "train")
+    name = next(f"Image_{i:03d}_jpg.rf.x.jpg" for i in range(100) if split_of(f"Image_{i:03d}_jpg.rf.x.jpg") == "train")
     images, labels = root / "radiographs" / "cadma_train" / "images", root / "radiographs" / "cadma_train" / "labels"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
