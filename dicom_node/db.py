@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -404,6 +405,23 @@ class InstanceRecord:
     identity_key: str | None = None  # see `identity_key`
 
 
+#: Below this much free space, a database that cannot be opened is said to be on a full disk (SQLite reports
+#: only "disk I/O error" when its journal cannot grow).
+FULL_DISK_BYTES = 16 * 1024 * 1024
+
+
+def _space_hint(path: Path) -> str:
+    """What to do when the file system holding the database is (nearly) full; "" otherwise."""
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    except OSError:
+        return ""
+    if free >= FULL_DISK_BYTES:
+        return ""
+    return (f" (the file system holding it has {free // 1024} KiB free: free space there, e.g. old logs or the"
+            " outputs and instances retention would delete, then start again)")
+
+
 class Database:
     """The node database at `path` (created and migrated on open).
 
@@ -429,7 +447,7 @@ class Database:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.migrate()
         except sqlite3.Error as exc:
-            raise DatabaseError(f"{self.path}: {exc}") from exc
+            raise DatabaseError(f"{self.path}: {exc}{_space_hint(self.path)}") from exc
 
     def _check_schema(self) -> None:
         have, want = self.schema_version(), len(MIGRATIONS)

@@ -490,3 +490,21 @@ def test_a_failure_of_one_output_does_not_hold_the_rest_of_the_queue(db: Databas
         assert scu.Sender(settings, db).deliver_due(settings.destinations[0]) == 1
     assert [r["attempts"] for r in db.query("SELECT attempts FROM deliveries ORDER BY id")] == [1, 0]
     assert len(db.due_deliveries("pacs", time.time(), 10)) == 1  # the other is still due now
+
+
+def test_a_database_on_a_full_disk_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite says only "disk I/O error" when its journal cannot grow: the operator must learn the disk is full."""
+    from collections import namedtuple
+
+    from dicom_node import db as db_module
+    from dicom_node.errors import DatabaseError
+
+    (tmp_path / "node.sqlite").mkdir()  # cannot be opened as a database
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(db_module.shutil, "disk_usage", lambda _: usage(10 << 20, 10 << 20, 4096))
+    with pytest.raises(DatabaseError, match=r"has 4 KiB free: free space there"):
+        Database(tmp_path / "node.sqlite")
+    monkeypatch.undo()
+    with pytest.raises(DatabaseError) as plenty:
+        Database(tmp_path / "node.sqlite")
+    assert "free" not in str(plenty.value)
