@@ -258,6 +258,17 @@ def dicom_node_executable() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dicom_node.cli"]
 
 
+def repo_env(*extra_pythonpath: Path | str, **variables: str) -> dict[str, str]:
+    """The environment for a node subprocess: this checkout first on PYTHONPATH (a venv's editable install may
+    point at another clone of the repository), then `extra_pythonpath` and the caller's, plus `variables`."""
+    env = dict(os.environ, **variables)
+    paths = [str(REPO), *(str(p) for p in extra_pythonpath)]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
 class NodeProcess:
     """``dicom-node serve --config FILE`` as a real subprocess (so a test can ``kill -9`` it)."""
 
@@ -271,11 +282,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
-        env = dict(os.environ)
-        paths = [str(p) for p in self.extra_pythonpath] + [str(REPO)]
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env = repo_env(*self.extra_pythonpath)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen([*dicom_node_executable(), "serve", "--config", str(self.config)],
                                      stdout=log, stderr=log, env=env, cwd=str(self.config.parent))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +9,14 @@ from pathlib import Path
 import pydicom
 import pytest
 from nodekit import HERE, make_study, node_config, write_config
-from peers import REPO, VENV_BIN, StoreSCP, echoscu, free_port, wait_for
+from peers import REPO, VENV_BIN, StoreSCP, echoscu, free_port, repo_env, wait_for
 
 DICOM_NODE = str(VENV_BIN / "dicom-node")
 
 
 def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO)])
+    full_env = repo_env(HERE)
     full_env.update(env or {})
     return subprocess.run([DICOM_NODE, *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
 
@@ -76,7 +74,7 @@ def test_config_check_reports_invalid_toml_with_its_line(tmp_path: Path) -> None
 
 def test_serve_without_arguments_uses_the_embedded_default_with_env_override(tmp_path: Path) -> None:
     port = free_port()
-    env = dict(os.environ, DICOM_NODE_PORT=str(port))
+    env = repo_env(DICOM_NODE_PORT=str(port))
     proc = subprocess.Popen([DICOM_NODE, "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -21,6 +21,7 @@ from peers import (
     echoscu,
     free_port,
     nodelay_env,
+    repo_env,
     storescu,
     wait_for,
 )
@@ -130,7 +131,7 @@ def test_a_second_node_on_the_same_data_directory_refuses_to_start_and_touches_n
     other_port = free_port()
     second_config = write_config(tmp_path / "second.toml", node_config(data, other_port, model_root=model_root))
     second = subprocess.run([*dicom_node_executable(), "serve", "--config", str(second_config)],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=repo_env(HERE))
     assert second.returncode != 0
     assert f"another dicom-node (pid {node.proc.pid})" in second.stderr, second.stderr
     assert _count(data / "node.sqlite", "SELECT count(*) FROM associations WHERE state = 'open'") == 1

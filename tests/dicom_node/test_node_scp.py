@@ -436,9 +436,7 @@ def test_connections_closed_before_associating_free_their_slots_at_once(scp: Sto
 
 
 def test_fast_polling_while_storing_relaxed_when_idle(scp: StorageSCP, tmp_path: Path) -> None:
-    import time
-
-    from dicom_node.scp import ACTIVE_POLL_S, IDLE_POLL_S
+    from dicom_node.scp import ACTIVE_POLL_S, IDLE_AFTER_S, IDLE_POLL_S
 
     path = make_study(tmp_path / "in", "poll", images=1)[0]
     ae = AE(ae_title="POLLCHECK")
@@ -449,8 +447,10 @@ def test_fast_polling_while_storing_relaxed_when_idle(scp: StorageSCP, tmp_path:
         assert server_side.dul._run_loop_delay == IDLE_POLL_S
         assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
         assert server_side.dul._run_loop_delay == ACTIVE_POLL_S
-        assert scp.relax_idle_associations(now=time.monotonic()) == 0
-        assert scp.relax_idle_associations(now=time.monotonic() + 5) == 1
+        # Times relative to the last store, not the clock: a loaded machine must not make it idle already.
+        last = server_side.node_last_store
+        assert scp.relax_idle_associations(now=last + IDLE_AFTER_S / 2) == 0
+        assert scp.relax_idle_associations(now=last + IDLE_AFTER_S + 1) == 1
         assert server_side.dul._run_loop_delay == IDLE_POLL_S
     finally:
         assoc.release()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import TOKEN, destination
 from nodekit import make_study
-from peers import dicom_node_executable, free_port, port_open, storescu, wait_for
+from peers import dicom_node_executable, free_port, port_open, repo_env, storescu, wait_for
 
 from dicom_node.web.auth import hash_password
 from inference.synth.dicom import Patient
@@ -101,7 +101,7 @@ def test_a_study_from_storescu_to_storescp_through_the_api(web_node_factory, sto
     assert node.api("/api/studies?flagged=true")["total"] == 1 and node.api("/api/studies?flagged=false")["total"] == 0
     # The same flag in `dicom-node status`, with what was found, for IT working from a shell.
     status = subprocess.run([*dicom_node_executable(), "status", "--data-dir", str(node.service.settings.data_dir)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, env=repo_env())
     assert status.returncode == 0, status.stderr
     flagged_lines = status.stdout.split("flagged studies: 1", 1)[1].split("recent studies:", 1)[0]
     assert uid in flagged_lines and "anterior height loss 30 % (test)" in flagged_lines
@@ -289,10 +289,7 @@ def test_serve_subprocess_with_http_flags_and_audit_export(tmp_path: Path, model
     del raw["http"]  # only the command-line flags enable it here
     config = write_config(tmp_path / "node.toml", raw)
     http_port = free_port()
-    env_path = f"{Path(__file__).parent}:{Path(__file__).parents[1] / 'dicom_node'}"
-    import os
-
-    env = dict(os.environ, PYTHONPATH=env_path + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = repo_env(Path(__file__).parent, Path(__file__).parents[1] / "dicom_node")
     proc = subprocess.Popen([*dicom_node_executable(), "serve", "--config", str(config), "--http-port",
                              str(http_port), "--http-token", "flag-token-0123456789"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
