@@ -907,19 +907,41 @@ class Database:
             )
         return added
 
-    def delivered_under_other_identity(self, study_instance_uid: str, identity_key: str | None) -> dict[str, int]:
-        """Outputs of the study made under another patient identity than `identity_key` and delivered anyway,
-        by destination: they stay in that PACS under the earlier identity until its patient correction moves or
-        deletes them."""
+    def delivered_under_other_identity(self, study_instance_uid: str, identity_key: str | None) -> list[dict[str, Any]]:
+        """Outputs of the study made under another patient identity than `identity_key` and delivered anyway
+        (destination, sop_instance_uid, path, purged_at; rejection notes left out): they stay in that PACS under
+        the earlier identity until its patient correction, or a rejection note, removes them."""
         if identity_key is None:
-            return {}
-        rows = self.db.execute(
-            "SELECT d.destination, count(*) FROM deliveries d JOIN outputs o ON o.sop_instance_uid ="
-            " d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id WHERE d.study_instance_uid = ?"
-            " AND d.state = 'delivered' AND j.identity_key IS NOT NULL AND j.identity_key != ?"
-            " GROUP BY d.destination ORDER BY d.destination", (study_instance_uid, identity_key),
-        ).fetchall()
-        return {str(dest): int(n) for dest, n in rows}
+            return []
+        return self.query(
+            "SELECT d.destination, o.sop_instance_uid, o.path, o.purged_at FROM deliveries d JOIN outputs o"
+            " ON o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id"
+            " WHERE d.study_instance_uid = ? AND d.state = 'delivered' AND o.kind != 'kos'"
+            " AND j.identity_key IS NOT NULL AND j.identity_key != ? ORDER BY d.destination, o.sop_instance_uid",
+            (study_instance_uid, identity_key),
+        )
+
+    def record_rejection_note(self, job_id: int, output: dict[str, Any], destination: str) -> bool:
+        """A rejection note written for `destination` (an output of job `job_id`, kind 'kos') and its delivery
+        queued, in one transaction; False if that note was queued for it before (the same rejected set gives
+        the same note)."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO outputs (sop_instance_uid, job_id, study_instance_uid, series_instance_uid,"
+                " sop_class_uid, transfer_syntax_uid, kind, variant, path, size, created_at)"
+                " VALUES (:sop_instance_uid, :job_id, :study_instance_uid, :series_instance_uid, :sop_class_uid,"
+                " :transfer_syntax_uid, 'kos', 'any', :path, :size, :created_at)"
+                " ON CONFLICT(sop_instance_uid) DO UPDATE SET path = excluded.path, size = excluded.size,"
+                " purged_at = NULL", {**output, "job_id": job_id, "created_at": now},
+            )
+            cur = db.execute(
+                "INSERT INTO deliveries (output_sop_instance_uid, destination, study_instance_uid, state,"
+                " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)"
+                " ON CONFLICT(output_sop_instance_uid, destination) DO NOTHING",
+                (output["sop_instance_uid"], destination, output["study_instance_uid"], now, now, now),
+            )
+            return cur.rowcount > 0
 
     def latest_output(self, study_instance_uid: str, analysis: str, kind: str, *, before_job: int,
                       identity_key: str | None = None) -> dict[str, Any] | None:

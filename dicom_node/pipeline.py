@@ -280,6 +280,7 @@ class Pipeline:
         key, identity = job_key(self.db, uids)
         job = self.db.start_job(study_uid, name, rule.name, key, generation, identity)
         if job["state"] in ("encoded", "delivered"):
+            self._reject_superseded(study_uid, job["id"], identity)  # in case the node stopped before it did
             return True  # this exact input was analysed and its deliveries queued already
         try:
             datasets = read_datasets([by_uid[u]["path"] for u in uids])
@@ -313,14 +314,43 @@ class Pipeline:
                      study_uid, name)
             return False
         log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
-        elsewhere = self.db.delivered_under_other_identity(study_uid, identity)
-        if elsewhere:
-            # The node cannot take back what a PACS holds; say so where the people who can will look.
-            log.warning("study %s: the patient identity was corrected; %s output(s) made under the earlier identity"
-                        " were already delivered (%s) and stay there until that PACS's patient correction moves or"
-                        " deletes them; the undelivered ones were withdrawn", study_uid, sum(elsewhere.values()),
-                        ", ".join(f"{n} to {dest}" for dest, n in elsewhere.items()))
+        self._reject_superseded(study_uid, job["id"], identity)
         return True
+
+    def _reject_superseded(self, study_uid: str, job_id: int, identity: str | None) -> None:
+        """Outputs delivered under a patient identity the sender corrected since: a rejection note (IHE IOCM)
+        queued for each destination that asks for one (`reject_superseded`); for the others, a WARNING, as the
+        node cannot take back what a PACS holds."""
+        from reports.kos import build_rejection_note
+
+        by_destination: dict[str, list[dict[str, Any]]] = {}
+        for row in self.db.delivered_under_other_identity(study_uid, identity):
+            by_destination.setdefault(row["destination"], []).append(row)
+        for name, rows in by_destination.items():
+            try:
+                rejecting = self.settings.destination(name).reject_superseded
+            except KeyError:
+                rejecting = False  # a destination since removed from the configuration
+            kept = [r for r in rows if r["purged_at"] is None and Path(r["path"]).is_file()]
+            if not rejecting or not kept:
+                log.warning("study %s: the patient identity was corrected; %d output(s) made under the earlier"
+                            " identity were already delivered to %s and stay there until that PACS's patient"
+                            " correction moves or deletes them%s", study_uid, len(rows), name,
+                            "" if not rejecting else " (their files are gone: no rejection note can list them)")
+                continue
+            try:
+                note = build_rejection_note([pydicom.dcmread(r["path"], stop_before_pixels=True) for r in kept],
+                                            producer=self.producer())
+                written = self._write_dataset("any", "kos", note)
+            except (OSError, ValueError, StorageError) as exc:
+                log.error("study %s: no rejection note for %s: %s", study_uid, name, describe(exc))
+                continue
+            row = {"sop_instance_uid": written.sop_instance_uid, "study_instance_uid": written.study_instance_uid,
+                   "series_instance_uid": written.series_instance_uid, "sop_class_uid": written.sop_class_uid,
+                   "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size}
+            if self.db.record_rejection_note(job_id, row, name):
+                log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s"
+                         " got under the earlier identity is queued for it", study_uid, len(kept), name)
 
     def _predecessor(self, study_uid: str, analysis: str, job_id: int, identity: str | None) -> Any:
         row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id, identity_key=identity)
@@ -337,12 +367,14 @@ class Pipeline:
                             row["sop_instance_uid"])
 
     def _write(self, variant: str, output: Any) -> EncodedFile:
-        ds = output.dataset
+        return self._write_dataset(variant, output.kind.value, output.dataset)
+
+    def _write_dataset(self, variant: str, kind: str, ds: Dataset) -> EncodedFile:
         sop = str(ds.SOPInstanceUID)
-        path = self.store.output_path(str(ds.StudyInstanceUID), output.kind.value, sop)
+        path = self.store.output_path(str(ds.StudyInstanceUID), kind, sop)
         size = self.store.write_atomic(path, (encode_bytes(ds),))
         return EncodedFile(
-            kind=output.kind.value, variant=variant, sop_instance_uid=sop, sop_class_uid=str(ds.SOPClassUID),
+            kind=kind, variant=variant, sop_instance_uid=sop, sop_class_uid=str(ds.SOPClassUID),
             series_instance_uid=str(ds.SeriesInstanceUID), study_instance_uid=str(ds.StudyInstanceUID),
             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=path, size=size,
         )

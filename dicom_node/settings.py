@@ -135,6 +135,10 @@ class Destination(_Section):
     tls_key_file: Path | None = None
     #: Most instances sent on one association.
     batch_size: int = Field(100, ge=1, le=10_000)
+    #: After the sender corrects a study's patient identity, send this destination an IHE IOCM rejection note
+    #: (Key Object Selection, "Incorrect Modality Worklist Entry") listing the outputs it got under the old one.
+    #: For archives that implement IOCM (they hide, then delete, what the note lists); off: a WARNING only.
+    reject_superseded: bool = False
 
     @field_validator("ae_title")
     @classmethod

@@ -286,3 +286,8 @@ def all_private_codes() -> list[Code]:
                   _HARDWARE_CODES, _MEASUREMENT_CODES):
         found.extend(c for c in table.values() if c.scheme_designator == PRIVATE_SCHEME)
     return found
+
+#: Title of an IHE IOCM rejection note (CID 7011): the node's outputs made under a patient identity the sender
+#: corrected since were, in effect, filed to the wrong worklist entry; an IOCM archive hides and then deletes
+#: the instances the note lists.
+REJECTED_INCORRECT_WORKLIST_ENTRY = codes.DCM.IncorrectModalityWorklistEntry  # (113038, DCM)

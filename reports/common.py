@@ -116,6 +116,8 @@ SERIES: dict[OutputKind, SeriesStyle] = {
     OutputKind.SC: SeriesStyle(9003, "AI Spine Annotated"),
     OutputKind.PR: SeriesStyle(9004, "AI Spine Presentation State"),
 }
+#: The series of the node's rejection notes (`reports.kos`), beside those of its output kinds.
+REJECTION_SERIES = SeriesStyle(9005, "AI Spine rejected outputs")
 
 #: Shown on every human-facing output.
 DISCLAIMER = "AI RESULT — NOT FOR PRIMARY DIAGNOSIS"

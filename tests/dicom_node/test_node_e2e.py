@@ -186,10 +186,11 @@ def test_a_corrected_patient_identity_gets_new_outputs_and_the_old_ones_never_re
     assert not any(r.levelno >= logging.WARNING and "already delivered" in r.getMessage() for r in caplog.records)
 
 
-def test_a_name_corrected_after_delivery_sends_new_outputs_and_warns_of_the_old_ones(
-        node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("reject", [False, True], ids=["warning", "rejection-note"])
+def test_a_name_corrected_after_delivery_sends_new_outputs_and_rejects_or_warns_of_the_old_ones(
+        node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture, reject: bool) -> None:
     caplog.set_level(logging.INFO, logger="dicom_node")
-    node = node_factory(destinations=[pacs_destination(orthanc)])
+    node = node_factory(destinations=[pacs_destination(orthanc, reject_superseded=reject)])
     files = make_study(tmp_path / "in", "misspelt", images=1)
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     storescu(files, node.scp.port)
@@ -199,15 +200,30 @@ def test_a_name_corrected_after_delivery_sends_new_outputs_and_warns_of_the_old_
     ds.save_as(tmp_path / "fixed.dcm")
     storescu([tmp_path / "fixed.dcm"], node.scp.port)
 
-    want = {k: 2 * v for k, v in expected_counts(1).items()}  # the PACS keeps what it got; the new ones join
+    first = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs")}
+    # The PACS keeps what it got; the new ones join (with, if asked for, the note rejecting the old ones).
+    want = {k: 2 * v for k, v in expected_counts(1).items()} | ({"KO": 1} if reject else {})
     wait_for(lambda: outputs_of(orthanc, study_uid) == want, 60,
              what=f"outputs of the corrected name {want} (has {outputs_of(orthanc, study_uid)})")
-    names = [t["PatientName"] for t in orthanc.study_instances(study_uid) if t.get("Modality") != "DX"]
+    tags = orthanc.study_instances(study_uid)
+    names = [t["PatientName"] for t in tags if t.get("Modality") not in ("DX", "KO")]
     assert names.count("SPELT^RIGHT") == sum(expected_counts(1).values())
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 20, what="study delivered")
     assert [j["state"] for j in node.db.query("SELECT state FROM jobs ORDER BY id")] == ["delivered", "delivered"]
-    warning = next(r.getMessage() for r in caplog.records if "already delivered" in r.getMessage())
-    assert study_uid in warning and f"{sum(expected_counts(1).values())} to pacs" in warning
-    assert "SPELT" not in warning  # names stay out of the log
+    n = sum(expected_counts(1).values())
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    if reject:
+        note = pydicom.dcmread(node.db.one("SELECT path FROM outputs WHERE kind = 'kos'")["path"])
+        assert str(note.PatientName) == str(pydicom.dcmread(files[0]).PatientName)  # filed with what it rejects
+        listed = {ref.ReferencedSOPInstanceUID for study in note.CurrentRequestedProcedureEvidenceSequence
+                  for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+        assert listed == first
+        assert any(f"rejection note for the {n} output(s) pacs got" in m and study_uid in m for m in messages)
+        assert not any("already delivered" in m for m in messages)
+    else:
+        warning = next(m for m in messages if "already delivered" in m)
+        assert study_uid in warning and f"{n} output(s)" in warning and "delivered to pacs" in warning
+    assert not any("SPELT" in m for m in messages)  # names stay out of the log
 
 
 def test_permanent_rejection_stops_at_once_shows_in_status_and_retry_requeues(
