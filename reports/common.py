@@ -21,6 +21,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM
 
@@ -320,9 +321,12 @@ def identity_digest(source: Dataset) -> str:
     """Digest of the patient and study identity `apply_identity` copies from `source` (output UIDs derive from
     it, see `StudyResult.source_identity`).  One-way, and mixed with the source UIDs into a UID: no output
     UID shows a patient's name or ID."""
-    text = "\x1f".join(f"{keyword}={source[keyword].value}" for keyword, _ in IDENTITY_ATTRIBUTES
-                        if keyword != "StudyInstanceUID" and keyword in source)
+    # By tag, not keyword: the SCP computes this for every instance it stores.
+    text = "\x1f".join(f"{keyword}={source[tag].value}" for keyword, tag in _DIGESTED_IDENTITY if tag in source)
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+_DIGESTED_IDENTITY = tuple((keyword, Tag(keyword)) for keyword, _ in IDENTITY_ATTRIBUTES if keyword != "StudyInstanceUID")
 
 
 _DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}
