@@ -9,6 +9,7 @@ exception ever leaves a handler, so the node stays up.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import socket
@@ -22,6 +23,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -40,7 +42,7 @@ from dicom_node.db import (
 from dicom_node.errors import DatabaseError, DatasetError, InstanceConflict, StorageError, redact
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
-from reports.common import identity_digest
+from reports.common import IDENTITY_TAGS
 from reports.uids import derive_uid
 
 log = logging.getLogger("dicom_node.scp")
@@ -527,13 +529,22 @@ def _inflate(data: bytes) -> bytes:
     return out + inflater.flush()
 
 
-def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str | None:
-    """`identity_key` of the identity the instance's outputs would copy; None if a value of it cannot be
-    decoded (the instance is stored: a header the analysis never reads must not cost the image)."""
-    try:
-        return identity_key(secret, study_instance_uid, identity_digest(ds))
-    except Exception:  # noqa: BLE001 - pydicom raises many types on a malformed value
-        return None
+SPECIFIC_CHARACTER_SET = Tag(0x0008, 0x0005)
+
+
+def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str:
+    """`identity_key` of the identity the instance's outputs would copy (`reports.common.IDENTITY_TAGS`), over
+    the values' bytes as received: nothing is decoded for it on the path of every C-STORE.  A resend that only
+    re-encodes a value (another character set) counts as a change; its analysis then gives the same outputs."""
+    digest = hashlib.sha256()
+    for tag in (SPECIFIC_CHARACTER_SET, *(tag for _, tag in IDENTITY_TAGS)):
+        element = ds.get_item(tag)
+        if element is None:
+            continue
+        value = element.value
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+        digest.update(f"{int(tag):08x}:{len(raw)}:".encode() + raw)
+    return identity_key(secret, study_instance_uid, digest.hexdigest()[:32])
 
 
 def _read_headers(received: BytesIO, size: int, ts: UID) -> tuple[Any, int | None]:

@@ -322,11 +322,13 @@ def identity_digest(source: Dataset) -> str:
     it, see `StudyResult.source_identity`).  One-way, and mixed with the source UIDs into a UID: no output
     UID shows a patient's name or ID."""
     # By tag, not keyword: the SCP computes this for every instance it stores.
-    text = "\x1f".join(f"{keyword}={source[tag].value}" for keyword, tag in _DIGESTED_IDENTITY if tag in source)
+    text = "\x1f".join(f"{keyword}={source[tag].value}" for keyword, tag in IDENTITY_TAGS if tag in source)
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-_DIGESTED_IDENTITY = tuple((keyword, Tag(keyword)) for keyword, _ in IDENTITY_ATTRIBUTES if keyword != "StudyInstanceUID")
+#: (keyword, tag) of the identity attributes an output copies, Study Instance UID aside (every output UID
+#: derives from it anyway).
+IDENTITY_TAGS = tuple((keyword, Tag(keyword)) for keyword, _ in IDENTITY_ATTRIBUTES if keyword != "StudyInstanceUID")
 
 
 _DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}

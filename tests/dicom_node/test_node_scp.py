@@ -254,6 +254,25 @@ def test_a_new_instance_of_another_patient_in_a_study_is_refused_and_a_corrected
     assert _store(scp.port, pydicom.dcmread(second)).Status == CANNOT_UNDERSTAND  # the old identity now
 
 
+def test_a_resend_reopens_its_study_only_when_the_identity_its_outputs_copy_changed(
+        scp: StorageSCP, tmp_path: Path) -> None:
+    path = make_study(tmp_path / "a", "resend", images=1)[0]
+    study_uid = str(pydicom.dcmread(path).StudyInstanceUID)
+    assert _store(scp.port, pydicom.dcmread(path)).Status == 0
+    assert scp.db.mark_complete(study_uid)
+    generation = scp.db.claim_study(study_uid)
+    assert _store(scp.port, pydicom.dcmread(path)).Status == 0  # the same instance again: nothing to redo
+    assert scp.db.study(study_uid)["state"] == "analysing" and scp.db.study(study_uid)["generation"] == generation
+    corrected = pydicom.dcmread(path)
+    corrected.AccessionNumber = "ACC-FIXED"  # the order was corrected in the RIS; the outputs copy it
+    assert _store(scp.port, corrected).Status == 0
+    study = scp.db.study(study_uid)
+    assert study["state"] == "received" and study["generation"] > generation
+    # The database holds a keyed digest of it, never the values, and does not hand it out.
+    assert "ACC-FIXED" not in str(scp.db.db.query("SELECT * FROM instances"))
+    assert all("identity_key" not in row for row in scp.db.query("SELECT * FROM instances"))
+
+
 @pytest.mark.parametrize("study_uid", ["hello/world?x#y", "../../../../tmp/pwned", "1.2.3.4.700.é", "1." + "2" * 70])
 def test_a_study_uid_that_is_not_a_uid_is_refused(scp: StorageSCP, tmp_path: Path, study_uid: str) -> None:
     ds = pydicom.dcmread(make_study(tmp_path / "in", "baduid", images=1)[0])
