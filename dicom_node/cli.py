@@ -481,6 +481,10 @@ def cmd_config_check(path: Path) -> int:
         print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
         return EXIT_USAGE
     print(f"{path}: OK ({len(settings.destinations)} destination(s), {len(settings.rules)} rule(s))")
+    if not settings.node.data_dir.expanduser().is_absolute():
+        # `serve` resolves it from its own working directory, which may not be this shell's.
+        print(f"{path}: note: node.data_dir {str(settings.node.data_dir)!r} is relative; checked {settings.data_dir}"
+              " (from this directory); serve keeps its data under its own working directory")
     return EXIT_OK
 
 

@@ -21,10 +21,12 @@ def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
     return subprocess.run([DICOM_NODE, *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
 
 
-def test_config_check_accepts_the_shipped_file() -> None:
-    proc = run("config", "check", str(REPO / "config" / "node.toml"))
+def test_config_check_accepts_the_shipped_file(tmp_path: Path) -> None:
+    proc = run("config", "check", str(REPO / "config" / "node.toml"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
+    # Its data_dir is relative: the check says where it looked, as serve looks from its own directory.
+    assert f"checked {tmp_path.resolve() / 'var'}" in proc.stdout and "is relative" in proc.stdout
 
 
 def test_config_check_prints_every_problem_and_fails(tmp_path: Path) -> None:
