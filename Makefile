@@ -53,6 +53,9 @@ bench: install
 
 # Vertebra model: the synthetic cache is rendered once by the data engine (~30 min on 2 cores), then
 # training runs <= 2 h at nice 10; checkpoints in ../cache/train-vertebrae make an interrupted run resume.
+# Both models and the cache that draws implants onto real films split the real radiographs one way
+# (inference.splits); a cache, checkpoint or model of another scheme stops the run with what to do.
+SPLIT_SCHEME ?= patient-v2
 VERTEBRA_CACHE ?= ../cache/synth-v1
 # The six-point morphometry stage (heights, fractures) trains last, on lateral DRRs with compression deformities
 # (~20 min to render on 2 cores, ~17 min to train on 2 threads).
@@ -61,7 +64,7 @@ train-vertebrae: data-given install
 	test -f $(VERTEBRA_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
 		--out $(VERTEBRA_CACHE) --count 1600 --seed 1 --workers 2 --max-side 768
 	nice -n 10 $(PY) -m inference.train.vertebrae --data $(DATA) --cache $(VERTEBRA_CACHE) \
-		--work ../cache/train-vertebrae --out inference/models/spine-xr-vertebrae
+		--work ../cache/train-vertebrae --out inference/models/spine-xr-vertebrae --split-scheme $(SPLIT_SCHEME)
 	test -f $(LATERAL_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
 		--out $(LATERAL_CACHE) --count 900 --seed 31 --views LAT --fracture-prob 0.9 --implants-prob 0.2 --workers 2 --max-side 768
 	nice -n 10 $(PY) -m inference.train.endplates --cache $(LATERAL_CACHE) --model inference/models/spine-xr-vertebrae \
@@ -76,9 +79,10 @@ HARDWARE_CACHE ?= ../cache/synth-hardware-v2
 HARDWARE_HOLDOUT ?= ../cache/synth-hardware-holdout-v2
 train-hardware: data-given install
 	test -f $(HARDWARE_CACHE)/manifest.json || nice -n 10 $(PY) -m inference.synth.build --data $(DATA) \
-		--out $(HARDWARE_CACHE) --count 1200 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2 --max-side 768
+		--out $(HARDWARE_CACHE) --count 1200 --seed 7 --implants-prob 0.7 --real-prob 0.4 --workers 2 --max-side 768 \
+		--split-scheme $(SPLIT_SCHEME)
 	nice -n 10 $(PY) -m inference.train.hardware --data $(DATA) --cache $(HARDWARE_CACHE) \
-		--work ../cache/train-hardware --out inference/models/spine-xr-hardware \
+		--work ../cache/train-hardware --out inference/models/spine-xr-hardware --split-scheme $(SPLIT_SCHEME) \
 		--threads 1 --max-minutes 80 --patch-iterations 1500 --pos-weight cage:10,plate:10 --disc-iterations 1200 \
 		--not-assessed "screw loosening,screw breakage,rod fracture,cage subsidence"
 

@@ -269,15 +269,19 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         """,
     ),
     (
-        "the identity outputs copy",
+        "corrected patient identities",
         """
-        -- Keyed digest of the patient and study identity an instance's outputs copy (see identity_key): a
-        -- re-sent instance whose name, ID, birth date or accession number was corrected re-opens its study.
+        -- Keyed digest of the patient identity an instance's outputs copy (see identity_key): a re-sent
+        -- instance whose digest changed (a corrected name, ID, birth date, sex or accession number) re-opens
+        -- its study.
         ALTER TABLE instances ADD COLUMN identity_key TEXT;
-        -- The identity a job's input carried: a report's predecessor is one of the same identity, and the
-        -- undelivered outputs of another identity are withdrawn (audited as delivery 'withdrawn') when a job
-        -- records its own.
-        ALTER TABLE jobs ADD COLUMN identity_key TEXT;
+        -- How many times the sender corrected the study's identity: part of its jobs' keys and its outputs'
+        -- UIDs, so every correction (also back to an earlier identity) gets new objects.
+        ALTER TABLE studies ADD COLUMN identity_epoch INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN identity_epoch INTEGER NOT NULL DEFAULT 0;
+        -- A delivery of an earlier epoch's output that went out: the rejection note queued for it, or '' once
+        -- the log warned of it (undelivered ones are withdrawn, audited as delivery 'withdrawn').
+        ALTER TABLE deliveries ADD COLUMN superseded_note TEXT;
         """,
     ),
 )
@@ -298,8 +302,8 @@ def patient_key(secret: bytes, study_instance_uid: str, patient_id: str, issuer:
 
 
 def identity_key(secret: bytes, study_instance_uid: str, identity_digest: str) -> str:
-    """Keyed digest of the identity an instance's outputs would copy (`reports.common.identity_digest`): the
-    database can tell that a re-sent instance's patient or study identity changed without holding it."""
+    """Keyed digest of an instance's patient identity (`identity_digest`: see `scp.CORRECTABLE_IDENTITY`): the
+    database can tell that a re-sent instance's identity was corrected without holding it."""
     text = "\x00".join(("identity", study_instance_uid, identity_digest))
     return hmac.new(secret, text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
@@ -321,27 +325,20 @@ WITHDRAWN_DETAIL = "not sent: made under a patient identity the sender has corre
 SUPERSEDED_BY_IDENTITY = "superseded: the sender corrected the patient identity; analysed again under the new one"
 
 
-def _current_identity(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str) -> str | None:
-    """The identity of the study's newest job that recorded outputs (None: none, or made before the node
-    kept identities)."""
-    row = execute("SELECT identity_key FROM jobs WHERE study_instance_uid = ? AND state IN ('encoded', 'delivered')"
-                  " ORDER BY id DESC LIMIT 1", (study_instance_uid,)).fetchone()
-    return None if row is None else row[0]
-
-
-def _withdraw_other_identities(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str,
-                               identity_key: str | None, now: float) -> int:
-    """Drop the undelivered deliveries of the study's outputs made under another identity than
-    `identity_key` (audited as 'withdrawn'), and mark their jobs superseded: after a corrected patient name or
-    ID, the outputs carrying the old one must not reach a PACS (and the old identity, should it come back, is
-    analysed again).  Returns how many deliveries."""
-    if identity_key is None:
+def _withdraw_superseded(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str, now: float) -> int:
+    """Drop the undelivered deliveries of the study's outputs made in an earlier identity epoch (audited as
+    'withdrawn'; rejection notes excepted: they are about the earlier identity) and mark those jobs superseded:
+    after a corrected patient name or ID, outputs carrying the old one must not reach a PACS.  Returns how
+    many deliveries."""
+    epoch_row = execute("SELECT identity_epoch FROM studies WHERE study_instance_uid = ?", (study_instance_uid,)).fetchone()
+    if epoch_row is None:
         return 0
+    epoch = int(epoch_row[0])
     stale = execute(
         "SELECT d.id, d.destination, d.output_sop_instance_uid FROM deliveries d JOIN outputs o ON"
         " o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id"
-        " WHERE d.study_instance_uid = ? AND d.state IN ('pending', 'failed') AND j.identity_key IS NOT NULL"
-        " AND j.identity_key != ?", (study_instance_uid, identity_key),
+        " WHERE d.study_instance_uid = ? AND d.state IN ('pending', 'failed') AND o.kind != 'kos'"
+        " AND j.identity_epoch != ?", (study_instance_uid, epoch),
     ).fetchall()
     for delivery_id, destination, sop_uid in stale:
         execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
@@ -349,8 +346,8 @@ def _withdraw_other_identities(execute: Callable[..., sqlite3.Cursor], study_ins
                 " outcome, detail) VALUES (?, 'delivery', 'withdrawn', 'node', ?, ?, ?, 'ok', ?)",
                 (now, destination, study_instance_uid, sop_uid, WITHDRAWN_DETAIL))
     execute("UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE study_instance_uid = ?"
-            " AND state = 'encoded' AND identity_key IS NOT NULL AND identity_key != ?",
-            (SUPERSEDED_BY_IDENTITY, now, study_instance_uid, identity_key))
+            " AND state IN ('analysing', 'encoded') AND identity_epoch != ?",
+            (SUPERSEDED_BY_IDENTITY, now, study_instance_uid, epoch))
     return len(stale)
 
 
@@ -640,15 +637,23 @@ class Database:
                 # (another patient's, when an anonymiser or a merge rewrote only the Study UID).
                 raise InstanceConflict(conflict_reason(rec.sop_instance_uid, row[0]))
             existed = row is not None
-            corrected = False
+            corrected = new_identity = False
             if not rec.own_output and rec.patient_key is not None:
                 if not existed and _other_patient(db.execute, rec.study_instance_uid, rec.patient_key):
                     raise InstanceConflict(patient_conflict_reason(rec.study_instance_uid))
                 # A re-sent instance may change patient, or the name, birth date or accession number its
-                # outputs copy (the sender corrected the identity): the study re-opens.
+                # outputs copy (the sender corrected the identity): the study re-opens.  (A new instance that
+                # differs is no correction: a film taken at another age, a header rewritten by another sender.)
                 corrected = existed and ((row[1] is not None and row[1] != rec.patient_key)
                                          or (row[2] is not None and rec.identity_key is not None
                                              and row[2] != rec.identity_key))
+                # The first instance to arrive with the corrected identity starts a new identity epoch; the
+                # study's other instances re-sent with it join that epoch.
+                new_identity = corrected and db.execute(
+                    "SELECT 1 FROM instances WHERE study_instance_uid = ? AND sop_instance_uid != ?"
+                    " AND identity_key IS ? AND patient_key IS ?",
+                    (rec.study_instance_uid, rec.sop_instance_uid, rec.identity_key, rec.patient_key),
+                ).fetchone() is None
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
                 " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
@@ -679,6 +684,10 @@ class Database:
                     " patient_key = coalesce(excluded.patient_key, patient_key)",
                     (rec.study_instance_uid, now, now, now, rec.patient_key, 0 if existed else 1),
                 )
+                if new_identity:
+                    db.execute("UPDATE studies SET identity_epoch = identity_epoch + 1 WHERE study_instance_uid = ?",
+                               (rec.study_instance_uid,))
+                    _withdraw_superseded(db.execute, rec.study_instance_uid, now)
             else:
                 # A resend of a known instance keeps the study where it is, but delays a stable-age decision.
                 db.execute(
@@ -698,7 +707,6 @@ class Database:
             if forgot:
                 db.execute("UPDATE studies SET patient_key = NULL")
                 db.execute("UPDATE instances SET patient_key = NULL, identity_key = NULL")
-                db.execute("UPDATE jobs SET identity_key = NULL")
             db.execute("INSERT INTO node_meta (name, value) VALUES ('patient_key_secret', ?) ON CONFLICT(name)"
                        " DO UPDATE SET value = excluded.value", (fingerprint,))
             return forgot
@@ -724,17 +732,11 @@ class Database:
             (study_instance_uid,),
         )
 
-    def job_identity(self, sop_instance_uids: Sequence[str]) -> str | None:
-        """The identity a job's input carries: a digest of its instances' distinct identity keys (None when one
-        was recorded before the node kept them)."""
-        keys = set()
-        for uid in sop_instance_uids:
-            row = self.db.execute("SELECT identity_key FROM instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
-            if row is None or row[0] is None:
-                return None
-            keys.add(row[0])
-        # The distinct identities, not one per instance: an image added to the study keeps its identity.
-        return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:32]
+    def identity_epoch(self, study_instance_uid: str) -> int:
+        """How many times the sender corrected the study's patient identity (0: never)."""
+        row = self.db.execute("SELECT identity_epoch FROM studies WHERE study_instance_uid = ?",
+                              (study_instance_uid,)).fetchone()
+        return int(row[0]) if row else 0
 
     # ----------------------------------------------------------------------------------- studies
 
@@ -832,16 +834,15 @@ class Database:
     # -------------------------------------------------------------------------------------- jobs
 
     def start_job(self, study_instance_uid: str, analysis: str, rule: str, input_key: str, generation: int,
-                  identity_key: str | None = None) -> dict[str, Any]:
-        """The job row for this exact input (created as `analysing` if new); `identity_key` is the identity its
-        instances carry (see `job_identity`)."""
+                  identity_epoch: int = 0) -> dict[str, Any]:
+        """The job row for this exact input (created as `analysing` if new), of the study's `identity_epoch`."""
         now = time.time()
         with self.tx() as db:
             db.execute(
                 "INSERT INTO jobs (study_instance_uid, analysis, rule, input_key, generation, state, created_at,"
-                " updated_at, identity_key) VALUES (?, ?, ?, ?, ?, 'analysing', ?, ?, ?)"
+                " updated_at, identity_epoch) VALUES (?, ?, ?, ?, ?, 'analysing', ?, ?, ?)"
                 " ON CONFLICT(study_instance_uid, analysis, input_key) DO NOTHING",
-                (study_instance_uid, analysis, rule, input_key, generation, now, now, identity_key),
+                (study_instance_uid, analysis, rule, input_key, generation, now, now, identity_epoch),
             )
             row = db.execute(
                 "SELECT * FROM jobs WHERE study_instance_uid = ? AND analysis = ? AND input_key = ?",
@@ -899,32 +900,40 @@ class Database:
                 )
                 added += cur.rowcount
             if study is not None:
-                row = db.execute("SELECT identity_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                _withdraw_other_identities(db.execute, study, row[0] if row else None, now)
+                _withdraw_superseded(db.execute, study, now)
             db.execute(
                 "UPDATE jobs SET state = 'encoded', reason = NULL, summary = ?, updated_at = ? WHERE id = ?",
                 (json.dumps(summary), now, job_id),
             )
         return added
 
-    def delivered_under_other_identity(self, study_instance_uid: str, identity_key: str | None) -> list[dict[str, Any]]:
-        """Outputs of the study made under another patient identity than `identity_key` and delivered anyway
-        (destination, sop_instance_uid, path, purged_at; rejection notes left out): they stay in that PACS under
-        the earlier identity until its patient correction, or a rejection note, removes them."""
-        if identity_key is None:
-            return []
+    def superseded_deliveries(self, study_instance_uid: str | None = None) -> list[dict[str, Any]]:
+        """Deliveries that went out with an output of an earlier identity epoch than their study's and that no
+        rejection note or warning has answered yet (rejection notes themselves left out): (id, destination,
+        study_instance_uid, identity_epoch of the output, sop_instance_uid, path, purged_at).  They stay in
+        that PACS under the old identity until its patient correction, or a rejection note, removes them."""
+        one = " AND d.study_instance_uid = ?" if study_instance_uid else ""
         return self.query(
-            "SELECT d.destination, o.sop_instance_uid, o.path, o.purged_at FROM deliveries d JOIN outputs o"
-            " ON o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id"
-            " WHERE d.study_instance_uid = ? AND d.state = 'delivered' AND o.kind != 'kos'"
-            " AND j.identity_key IS NOT NULL AND j.identity_key != ? ORDER BY d.destination, o.sop_instance_uid",
-            (study_instance_uid, identity_key),
+            "SELECT d.id, d.destination, d.study_instance_uid, j.identity_epoch, o.sop_instance_uid, o.path,"
+            " o.purged_at FROM studies s JOIN deliveries d ON d.study_instance_uid = s.study_instance_uid"
+            " JOIN outputs o ON o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id"
+            " WHERE s.identity_epoch > 0 AND d.state = 'delivered' AND d.superseded_note IS NULL AND o.kind != 'kos'"
+            " AND j.identity_epoch != s.identity_epoch" + one
+            + " ORDER BY d.study_instance_uid, d.destination, j.identity_epoch, o.sop_instance_uid",
+            (study_instance_uid,) if study_instance_uid else (),
         )
 
-    def record_rejection_note(self, job_id: int, output: dict[str, Any], destination: str) -> bool:
-        """A rejection note written for `destination` (an output of job `job_id`, kind 'kos') and its delivery
-        queued, in one transaction; False if that note was queued for it before (the same rejected set gives
-        the same note)."""
+    def answer_superseded(self, delivery_ids: Sequence[int], note_sop_instance_uid: str = "") -> None:
+        """Record that `delivery_ids` were answered: by the rejection note with this UID, or ("") a warning."""
+        with self.tx() as db:
+            for delivery_id in delivery_ids:
+                db.execute("UPDATE deliveries SET superseded_note = ? WHERE id = ?", (note_sop_instance_uid, delivery_id))
+
+    def record_rejection_note(self, job_id: int, output: dict[str, Any], destination: str,
+                              answers: Sequence[int]) -> bool:
+        """A rejection note written for `destination` (an output of job `job_id`, kind 'kos'), its delivery queued
+        and the deliveries it `answers` marked, in one transaction; False if that note was queued before (the
+        same rejected set gives the same note)."""
         now = time.time()
         with self.tx() as db:
             db.execute(
@@ -941,18 +950,18 @@ class Database:
                 " ON CONFLICT(output_sop_instance_uid, destination) DO NOTHING",
                 (output["sop_instance_uid"], destination, output["study_instance_uid"], now, now, now),
             )
+            for delivery_id in answers:
+                db.execute("UPDATE deliveries SET superseded_note = ? WHERE id = ?", (output["sop_instance_uid"], delivery_id))
             return cur.rowcount > 0
 
     def latest_output(self, study_instance_uid: str, analysis: str, kind: str, *, before_job: int,
-                      identity_key: str | None = None) -> dict[str, Any] | None:
-        """Newest output of `kind` from an earlier job of the same analysis and identity (the predecessor of a
-        new SR: a report made under a patient identity since corrected is another patient's, not its
-        predecessor).  A job recorded before identities were kept counts as the same identity."""
+                      identity_epoch: int = 0) -> dict[str, Any] | None:
+        """Newest output of `kind` from an earlier job of the same analysis and identity epoch (the predecessor
+        of a new SR: a report made under a patient identity since corrected is another patient's)."""
         return self.one(
             "SELECT o.* FROM outputs o JOIN jobs j ON j.id = o.job_id WHERE o.study_instance_uid = ? AND j.analysis = ?"
-            " AND o.kind = ? AND j.id != ? AND (j.identity_key IS NULL OR ? IS NULL OR j.identity_key = ?)"
-            " ORDER BY o.created_at DESC, j.id DESC LIMIT 1",
-            (study_instance_uid, analysis, kind, before_job, identity_key, identity_key),
+            " AND o.kind = ? AND j.id != ? AND j.identity_epoch = ? ORDER BY o.created_at DESC, j.id DESC LIMIT 1",
+            (study_instance_uid, analysis, kind, before_job, identity_epoch),
         )
 
     # -------------------------------------------------------------------------------- deliveries
@@ -961,13 +970,15 @@ class Database:
         """Pending deliveries whose time has come, joined with their output file, oldest first.  Outputs of a
         patient identity corrected since are withdrawn first: one being sent when its job was superseded came
         back to the queue afterwards."""
-        with self.tx() as db:
-            studies = [r[0] for r in db.execute(
-                "SELECT DISTINCT d.study_instance_uid FROM deliveries d JOIN outputs o ON o.sop_instance_uid ="
-                " d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id WHERE d.destination = ?"
-                " AND d.state = 'pending' AND j.state = 'failed'", (destination,)).fetchall()]
-            for study in studies:
-                _withdraw_other_identities(db.execute, study, _current_identity(db.execute, study), now)
+        stale = self.query(
+            "SELECT DISTINCT d.study_instance_uid FROM deliveries d JOIN studies s ON s.study_instance_uid ="
+            " d.study_instance_uid JOIN outputs o ON o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON"
+            " j.id = o.job_id WHERE d.destination = ? AND d.state = 'pending' AND s.identity_epoch > 0"
+            " AND j.identity_epoch != s.identity_epoch AND o.kind != 'kos'", (destination,))
+        if stale:  # (the write lock only when there is something to withdraw: C-STOREs need it too)
+            with self.tx() as db:
+                for row in stale:
+                    _withdraw_superseded(db.execute, row["study_instance_uid"], now)
         return self.query(
             "SELECT d.id, d.output_sop_instance_uid, d.attempts, d.study_instance_uid, o.path, o.sop_class_uid,"
             " o.transfer_syntax_uid, o.kind FROM deliveries d JOIN outputs o ON o.sop_instance_uid ="
@@ -1029,12 +1040,17 @@ class Database:
             )
 
     def mark_failed(self, delivery_id: int, error: str, status: int | None) -> None:
-        """sending -> failed for good (until `retry`)."""
+        """sending -> failed for good (until `retry`); withdrawn instead when its output is of an identity the
+        sender corrected while it was being sent (it must not be sent again, nor fail its study)."""
+        now = time.time()
         with self.tx() as db:
             db.execute(
                 "UPDATE deliveries SET state = 'failed', last_error = ?, last_status = ?, updated_at = ? WHERE id = ?",
-                (one_line(error), status, time.time(), delivery_id),
+                (one_line(error), status, now, delivery_id),
             )
+            row = db.execute("SELECT study_instance_uid FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+            if row is not None:
+                _withdraw_superseded(db.execute, row[0], now)
 
     def requeue_failed(self, destination: str | None = None, study_instance_uid: str | None = None) -> int:
         """failed deliveries -> pending now (``dicom-node retry``); their studies go back to `encoded`."""
@@ -1049,6 +1065,8 @@ class Database:
         with self.tx() as db:
             studies = [r[0] for r in db.execute(
                 f"SELECT DISTINCT study_instance_uid FROM deliveries WHERE {' AND '.join(where)}", params).fetchall()]
+            for uid in studies:
+                _withdraw_superseded(db.execute, uid, now)  # an output of a corrected identity is never re-sent
             cur = db.execute(
                 f"UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
                 f" WHERE {' AND '.join(where)}", [now, now, *params],
@@ -1057,7 +1075,8 @@ class Database:
                 db.execute("UPDATE studies SET state = 'encoded', reason = NULL, updated_at = ? WHERE study_instance_uid = ?"
                            " AND state IN ('failed', 'delivered')", (now, uid))
                 db.execute("UPDATE jobs SET state = 'encoded', updated_at = ? WHERE study_instance_uid = ?"
-                           " AND state IN ('failed', 'delivered') AND summary IS NOT NULL", (now, uid))
+                           " AND state IN ('failed', 'delivered') AND summary IS NOT NULL AND identity_epoch ="
+                           " (SELECT identity_epoch FROM studies WHERE study_instance_uid = ?)", (now, uid, uid))
             return cur.rowcount
 
     def requeue_failed_studies(self, study_instance_uid: str | None = None) -> int:

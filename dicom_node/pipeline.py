@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -60,19 +60,19 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {redact(str(exc))}"
 
 
-def input_key(sop_instance_uids: Sequence[str], identity_key: str | None = None) -> str:
-    """Digest of the analysed instance set and the patient identity they carry (the identity of a job's
-    input): the same images re-sent with a corrected patient name or ID are a new input."""
+def input_key(sop_instance_uids: Sequence[str], identity_epoch: int = 0) -> str:
+    """Digest of the analysed instance set and the study's identity epoch (the identity of a job's input): the
+    same images re-sent with a corrected patient name or ID are a new input."""
     text = "\n".join(sorted(sop_instance_uids))
-    if identity_key is not None:
-        text += f"\nidentity {identity_key}"
+    if identity_epoch:
+        text += f"\nidentity epoch {identity_epoch}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def job_key(db: Database, sop_instance_uids: Sequence[str]) -> tuple[str, str | None]:
-    """(input key, identity key) of a job over these instances, as recorded."""
-    identity = db.job_identity(sop_instance_uids)
-    return input_key(sop_instance_uids, identity), identity
+def job_key(db: Database, study_instance_uid: str, sop_instance_uids: Sequence[str]) -> tuple[str, int]:
+    """(input key, identity epoch) of a job over these instances of the study, as recorded now."""
+    epoch = db.identity_epoch(study_instance_uid)
+    return input_key(sop_instance_uids, epoch), epoch
 
 
 def variant_of(dest: Destination | None) -> str:
@@ -190,6 +190,8 @@ class Pipeline:
         self.store = store
         self.analyser = analyser
         self._producer: Any = None
+        # The pipeline and the delivery threads both answer superseded deliveries: one at a time.
+        self._answering = threading.Lock()
 
     def producer(self) -> Any:
         """Producer identity for outputs; made once (the installation's serial is read from its key file)."""
@@ -277,16 +279,16 @@ class Pipeline:
         """Run one analysis of the study and record its outputs; False if the study changed meanwhile."""
         rule: Rule = match.rule
         uids = sorted(match.sop_instance_uids)
-        key, identity = job_key(self.db, uids)
-        job = self.db.start_job(study_uid, name, rule.name, key, generation, identity)
+        key, epoch = job_key(self.db, study_uid, uids)
+        job = self.db.start_job(study_uid, name, rule.name, key, generation, epoch)
         if job["state"] in ("encoded", "delivered"):
-            self._reject_superseded(study_uid, job["id"], identity)  # in case the node stopped before it did
             return True  # this exact input was analysed and its deliveries queued already
         try:
             datasets = read_datasets([by_uid[u]["path"] for u in uids])
-            result = self.analyser.run(name, datasets)
+            # Every output UID derives from the epoch: a corrected identity's outputs are new objects.
+            result = replace(self.analyser.run(name, datasets), identity_epoch=epoch)
             destinations = self.settings.rule_destinations(rule)
-            predecessor = self._predecessor(study_uid, name, job["id"], identity)
+            predecessor = self._predecessor(study_uid, name, job["id"], epoch)
             encoded = build_encoded(result, datasets, destinations, producer=self.producer(), predecessor=predecessor)
             files = [self._write(v, o) for v, o in encoded]
         except Exception as exc:
@@ -314,46 +316,55 @@ class Pipeline:
                      study_uid, name)
             return False
         log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
-        self._reject_superseded(study_uid, job["id"], identity)
+        self.answer_superseded(study_uid)
         return True
 
-    def _reject_superseded(self, study_uid: str, job_id: int, identity: str | None) -> None:
-        """Outputs delivered under a patient identity the sender corrected since: a rejection note (IHE IOCM)
-        queued for each destination that asks for one (`reject_superseded`); for the others, a WARNING, as the
-        node cannot take back what a PACS holds."""
+    def answer_superseded(self, study_uid: str | None = None) -> int:
+        """Outputs delivered under a patient identity the sender corrected since (of `study_uid`, or of every
+        study: one may have gone out while its correction was being analysed): for each destination that asks
+        for it (`reject_superseded`), a rejection note (IHE IOCM) per earlier identity; for the others a WARNING,
+        once, as the node cannot take back what a PACS holds.  Returns how many deliveries were answered."""
+        with self._answering:
+            return self._answer_superseded(study_uid)
+
+    def _answer_superseded(self, study_uid: str | None) -> int:
         from reports.kos import build_rejection_note
 
-        by_destination: dict[str, list[dict[str, Any]]] = {}
-        for row in self.db.delivered_under_other_identity(study_uid, identity):
-            by_destination.setdefault(row["destination"], []).append(row)
-        for name, rows in by_destination.items():
+        groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+        for row in self.db.superseded_deliveries(study_uid):
+            groups.setdefault((row["study_instance_uid"], row["destination"], row["identity_epoch"]), []).append(row)
+        for (study, name, _epoch), rows in groups.items():
             try:
                 rejecting = self.settings.destination(name).reject_superseded
             except KeyError:
                 rejecting = False  # a destination since removed from the configuration
             kept = [r for r in rows if r["purged_at"] is None and Path(r["path"]).is_file()]
             if not rejecting or not kept:
-                log.warning("study %s: the patient identity was corrected; %d output(s) made under the earlier"
+                log.warning("study %s: the patient identity was corrected; %d output(s) made under an earlier"
                             " identity were already delivered to %s and stay there until that PACS's patient"
-                            " correction moves or deletes them%s", study_uid, len(rows), name,
+                            " correction moves or deletes them%s", study, len(rows), name,
                             "" if not rejecting else " (their files are gone: no rejection note can list them)")
+                self.db.answer_superseded([r["id"] for r in rows])
                 continue
             try:
+                # One note per earlier identity: IOCM files it with the instances it rejects, under theirs.
                 note = build_rejection_note([pydicom.dcmread(r["path"], stop_before_pixels=True) for r in kept],
                                             producer=self.producer())
                 written = self._write_dataset("any", "kos", note)
             except (OSError, ValueError, StorageError) as exc:
-                log.error("study %s: no rejection note for %s: %s", study_uid, name, describe(exc))
+                log.error("study %s: no rejection note for %s (tried again later): %s", study, name, describe(exc))
                 continue
+            job = self.db.one("SELECT o.job_id FROM outputs o WHERE o.sop_instance_uid = ?", (kept[0]["sop_instance_uid"],))
             row = {"sop_instance_uid": written.sop_instance_uid, "study_instance_uid": written.study_instance_uid,
                    "series_instance_uid": written.series_instance_uid, "sop_class_uid": written.sop_class_uid,
                    "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size}
-            if self.db.record_rejection_note(job_id, row, name):
-                log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s"
-                         " got under the earlier identity is queued for it", study_uid, len(kept), name)
+            self.db.record_rejection_note(job["job_id"] if job else 0, row, name, [r["id"] for r in rows])
+            log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s got"
+                     " under an earlier identity is queued for it", study, len(kept), name)
+        return sum(len(rows) for rows in groups.values())
 
-    def _predecessor(self, study_uid: str, analysis: str, job_id: int, identity: str | None) -> Any:
-        row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id, identity_key=identity)
+    def _predecessor(self, study_uid: str, analysis: str, job_id: int, epoch: int) -> Any:
+        row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id, identity_epoch=epoch)
         if row is None:
             return None
         purged = (self.db.study(study_uid) or {}).get("instances_purged_at")

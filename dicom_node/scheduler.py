@@ -134,7 +134,12 @@ class NodeScheduler:
         return n
 
     def _deliver(self, dest) -> int:  # type: ignore[no-untyped-def]
-        return self.sender.deliver_due(dest)
+        sent = self.sender.deliver_due(dest)
+        # An output of a study whose identity was corrected while it was being sent went out under the old one:
+        # it gets its rejection note (or warning) now, not only when the study is next analysed.
+        if sent and self.pipeline.answer_superseded():
+            self.wake_senders()
+        return sent
 
     def purge(self) -> int:
         """Apply the retention policy once (also run every `purge_interval_s`); returns the files removed."""

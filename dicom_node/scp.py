@@ -42,7 +42,6 @@ from dicom_node.db import (
 from dicom_node.errors import DatabaseError, DatasetError, InstanceConflict, StorageError, redact
 from dicom_node.settings import Settings
 from dicom_node.storage import Store
-from reports.common import IDENTITY_TAGS
 from reports.uids import derive_uid
 
 log = logging.getLogger("dicom_node.scp")
@@ -529,20 +528,27 @@ def _inflate(data: bytes) -> bytes:
     return out + inflater.flush()
 
 
-SPECIFIC_CHARACTER_SET = Tag(0x0008, 0x0005)
+#: The identity whose correction makes a study's outputs new objects (and the old ones superseded): who the
+#: patient is and which order the study answers.  Not every value an output copies: a new film taken at
+#: another PatientAge, or a header another sender rewrote, is no correction.
+CORRECTABLE_IDENTITY = tuple(Tag(keyword) for keyword in (
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber"))
+_PERSON_NAME = Tag("PatientName")
 
 
 def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str:
-    """`identity_key` of the identity the instance's outputs would copy (`reports.common.IDENTITY_TAGS`), over
-    the values' bytes as received: nothing is decoded for it on the path of every C-STORE.  A resend that only
-    re-encodes a value (another character set) counts as a change; its analysis then gives the same outputs."""
+    """`identity_key` of an instance's `CORRECTABLE_IDENTITY`, over the values' bytes as received (nothing is
+    decoded on the path of every C-STORE), padding and a name's empty trailing components aside
+    ("DOE^JOHN^^" is "DOE^JOHN").  A resend that re-encodes a name in another character set counts as a
+    correction: its analysis gives new outputs with the same content."""
     digest = hashlib.sha256()
-    for tag in (SPECIFIC_CHARACTER_SET, *(tag for _, tag in IDENTITY_TAGS)):
+    for tag in CORRECTABLE_IDENTITY:
         element = ds.get_item(tag)
-        if element is None:
-            continue
-        value = element.value
-        raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+        value = b"" if element is None else element.value
+        raw = value if isinstance(value, bytes) else str(value if value is not None else "").encode("utf-8", "surrogateescape")
+        raw = raw.rstrip(b" \x00")
+        if tag == _PERSON_NAME:
+            raw = b"=".join(group.rstrip(b"^ ") for group in raw.split(b"="))
         digest.update(f"{int(tag):08x}:{len(raw)}:".encode() + raw)
     return identity_key(secret, study_instance_uid, digest.hexdigest()[:32])
 

@@ -464,10 +464,11 @@ class StudyResult:
     images: tuple[ImageResult, ...]
     verdict: ScreeningVerdict
     findings: tuple[Finding, ...] = field(default=())
-    #: Digest of the patient and study identity the outputs copy from the sources (`reports.build_outputs`
-    #: fills it; an analysis leaves it empty).  Part of every output UID: when the sender corrects a patient's
-    #: name, ID or accession number, the outputs are new objects, not ones a PACS holds under the old identity.
-    source_identity: str = ""
+    #: How many times the sender had corrected the study's patient identity (name, ID, birth date, sex,
+    #: accession number) when it was analysed; the node sets it, an analysis leaves 0.  Part of every output
+    #: UID when > 0: a corrected study's outputs are new objects, never ones a PACS holds, or an IOCM archive
+    #: was told to reject, under another identity.
+    identity_epoch: int = 0
 
     def __post_init__(self) -> None:
         for image in self.images:

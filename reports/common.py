@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import hashlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -21,7 +20,6 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM
 
@@ -135,10 +133,10 @@ def models_fingerprint(models: Sequence[ModelInfo]) -> str:
 
 
 def output_fingerprint(result: StudyResult) -> str:
-    """What every output UID of `result` derives from beside its sources: the model versions and, once
-    `build_outputs` has filled it, the digest of the identity the outputs copy."""
+    """What every output UID of `result` derives from beside its sources: the model versions and the study's
+    identity epoch (`StudyResult.identity_epoch`; none before the first correction, so UIDs stay as they were)."""
     fingerprint = models_fingerprint(result.models)
-    return f"{fingerprint}|identity={result.source_identity}" if result.source_identity else fingerprint
+    return f"{fingerprint}|identity-epoch={result.identity_epoch}" if result.identity_epoch else fingerprint
 
 
 def models_text(models: Sequence[ModelInfo]) -> str:
@@ -315,20 +313,6 @@ def apply_identity(ds: Dataset, source: Dataset) -> None:
         elif keyword in ds:
             delattr(ds, keyword)
     ds.SpecificCharacterSet = CHARACTER_SET
-
-
-def identity_digest(source: Dataset) -> str:
-    """Digest of the patient and study identity `apply_identity` copies from `source` (output UIDs derive from
-    it, see `StudyResult.source_identity`).  One-way, and mixed with the source UIDs into a UID: no output
-    UID shows a patient's name or ID."""
-    # By tag, not keyword: the SCP computes this for every instance it stores.
-    text = "\x1f".join(f"{keyword}={source[tag].value}" for keyword, tag in IDENTITY_TAGS if tag in source)
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
-#: (keyword, tag) of the identity attributes an output copies, Study Instance UID aside (every output UID
-#: derives from it anyway).
-IDENTITY_TAGS = tuple((keyword, Tag(keyword)) for keyword, _ in IDENTITY_ATTRIBUTES if keyword != "StudyInstanceUID")
 
 
 _DATE_TIME_VRS = {"DA": DA, "TM": TM, "DT": DT}

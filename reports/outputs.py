@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import replace
 
 from pydicom.dataset import Dataset
 
@@ -17,7 +16,6 @@ from reports.common import (
     apply_identity,
     check_one_study,
     encodable_copy,
-    identity_digest,
     image_sources,
     sources_by_uid,
 )
@@ -62,8 +60,6 @@ def build_outputs(
             f"StudyInstanceUID of the sources ({study}) differs from the result's ({result.study_instance_uid})"
         )
     originals = sources
-    # Every output UID derives from the identity the outputs copy: a corrected identity makes new objects.
-    result = replace(result, source_identity=identity_digest(originals[0]))
     sources = [encodable_copy(ds) for ds in sources]
     by_uid = sources_by_uid(sources)
     images = [(image, image_sources(image, by_uid)) for image in result.images]

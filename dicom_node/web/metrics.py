@@ -95,7 +95,8 @@ class MeteredAnalyser(Analyser):
             try:
                 uids = [str(ds.SOPInstanceUID) for ds in datasets]
                 if uids:
-                    self.db.record_analysis_seconds(str(datasets[0].StudyInstanceUID), name, job_key(self.db, uids)[0],
+                    study = str(datasets[0].StudyInstanceUID)
+                    self.db.record_analysis_seconds(study, name, job_key(self.db, study, uids)[0],
                                                    seconds)
             except Exception:  # noqa: BLE001 - timing must never fail a study
                 log.warning("could not record the analysis time of %s", name, exc_info=True)

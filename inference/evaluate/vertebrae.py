@@ -192,7 +192,7 @@ def _patient_disjoint(per_image: list[dict[str, Any]], items: list[cadma.RealRad
     by another split (`inference.splits`)."""
     from inference import splits
 
-    keep = set(splits.patient_disjoint([p["key"] for p in per_image], splits.vertebra_seen([i.key for i in items], meta)))
+    keep = set(splits.patient_disjoint([p["key"] for p in per_image], splits.vertebra_seen([i.path.name for i in items], meta)))
     chosen = [p for p in per_image if p["key"] in keep]
     model, base = M.DetectionCounts(), M.DetectionCounts()
     for p in chosen:

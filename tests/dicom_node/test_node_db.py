@@ -508,3 +508,83 @@ def test_a_database_on_a_full_disk_says_so(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(DatabaseError) as plenty:
         Database(tmp_path / "node.sqlite")
     assert "free" not in str(plenty.value)
+
+
+def _identified(sop: str, identity: str, study: str = "1.2.3") -> InstanceRecord:
+    return dataclasses.replace(rec(sop, study), patient_key="p", identity_key=identity)
+
+
+def _analysed(db: Database, study: str, sops: list[str], epoch: int, deliver_to: str = "pacs") -> dict:
+    """A job of the study's current epoch with one output queued for `deliver_to` (as the pipeline records it)."""
+    db.mark_complete(study)
+    gen = db.claim_study(study)
+    job = db.start_job(study, "a", "r", f"key-{epoch}-{len(sops)}", gen, db.identity_epoch(study))
+    out = {"sop_instance_uid": f"5.{epoch}.{len(sops)}", "study_instance_uid": study, "series_instance_uid": "5",
+           "sop_class_uid": "x", "transfer_syntax_uid": "y", "kind": "sr", "variant": "any", "path": "/o/x.dcm", "size": 1}
+    assert db.record_outputs(job["id"], {"analysis": "a"}, [out], [(out["sop_instance_uid"], deliver_to)], generation=gen) == 1
+    db.finish_study(study, gen, "encoded")
+    return {**job, "output": out["sop_instance_uid"]}
+
+
+def test_a_correction_starts_an_identity_epoch_once_and_withdraws_what_the_old_one_queued(db: Database) -> None:
+    db.record_instance(_identified("1.1", "A"))
+    db.record_instance(_identified("1.2", "A"))
+    first = _analysed(db, "1.2.3", ["1.1", "1.2"], 0)
+    assert db.identity_epoch("1.2.3") == 0
+    # The sender re-sends both images with the corrected patient: one new epoch, not one per image ...
+    db.record_instance(_identified("1.1", "B"))
+    assert db.identity_epoch("1.2.3") == 1
+    # ... and the old epoch's undelivered output is withdrawn at once, audited, its job superseded.
+    assert db.query("SELECT * FROM deliveries") == []
+    assert db.one("SELECT action, target FROM audit_events WHERE action = 'withdrawn'")["target"] == first["output"]
+    assert db.one("SELECT state, reason FROM jobs WHERE id = ?", (first["id"],))["reason"].startswith("superseded")
+    db.record_instance(_identified("1.2", "B"))
+    assert db.identity_epoch("1.2.3") == 1
+    second = _analysed(db, "1.2.3", ["1.1", "1.2"], 1)
+    # Corrected back (A -> B -> A): a new epoch again, so its outputs are new objects no note has rejected.
+    db.record_instance(_identified("1.1", "A"))
+    db.record_instance(_identified("1.2", "A"))
+    assert db.identity_epoch("1.2.3") == 2
+    assert db.query("SELECT * FROM deliveries") == []  # B's queued output withdrawn too
+    third = _analysed(db, "1.2.3", ["1.1", "1.2"], 2)
+    assert third["id"] not in (first["id"], second["id"])
+    assert [r["output_sop_instance_uid"] for r in db.query("SELECT * FROM deliveries")] == [third["output"]]
+    # A report's predecessor is one of its own epoch only.
+    assert db.latest_output("1.2.3", "a", "sr", before_job=third["id"], identity_epoch=2) is None
+
+
+def test_a_new_film_that_differs_is_no_correction(db: Database) -> None:
+    """Another film of the patient (taken at another age, or relayed by a PACS that rewrote its header) is
+    a new instance: the study re-opens as for any new film, and nothing is withdrawn or superseded."""
+    db.record_instance(_identified("1.1", "A"))
+    first = _analysed(db, "1.2.3", ["1.1"], 0)
+    db.record_instance(_identified("1.2", "A-other-header"))
+    assert db.identity_epoch("1.2.3") == 0 and db.study("1.2.3")["state"] == "received"
+    assert len(db.query("SELECT * FROM deliveries")) == 1
+    assert db.one("SELECT state FROM jobs WHERE id = ?", (first["id"],))["state"] == "encoded"
+
+
+def test_an_old_identity_output_that_failed_or_went_out_meanwhile_is_never_re_sent_and_gets_answered(db: Database) -> None:
+    db.record_instance(_identified("1.1", "A"))
+    first = _analysed(db, "1.2.3", ["1.1"], 0)
+    delivery = db.one("SELECT id FROM deliveries")["id"]
+    db.mark_sending([delivery])  # in flight when the correction arrives: it cannot be withdrawn now
+    db.record_instance(_identified("1.1", "B"))
+    assert db.one("SELECT state FROM deliveries")["state"] == "sending"
+    # It fails for good: withdrawn, not failed (it must neither fail the study nor be re-sent by `retry`).
+    db.mark_failed(delivery, "rejected permanently", 0xC000)
+    assert db.query("SELECT * FROM deliveries") == []
+    assert db.requeue_failed() == 0
+    assert db.one("SELECT state FROM jobs WHERE id = ?", (first["id"],))["state"] == "failed"
+    assert db.one("SELECT count(*) AS n FROM audit_events WHERE action = 'withdrawn'")["n"] == 1
+    # Had it gone out instead, it is one to answer (a rejection note or a warning), once.
+    db.record_instance(_identified("1.2", "B"))
+    second = _analysed(db, "1.2.3", ["1.1", "1.2"], 1)
+    late = db.one("SELECT id FROM deliveries WHERE output_sop_instance_uid = ?", (second["output"],))["id"]
+    db.mark_sending([late])
+    db.mark_delivered(late, 0)
+    db.record_instance(_identified("1.1", "C"))
+    rows = db.superseded_deliveries("1.2.3")
+    assert [r["id"] for r in rows] == [late] and rows[0]["identity_epoch"] == 1
+    db.answer_superseded([late])
+    assert db.superseded_deliveries() == []

@@ -98,6 +98,9 @@ def test_new_instance_after_analysis_replaces_outputs_with_a_successor_report(
     first_seg = node.db.one("SELECT sop_instance_uid FROM outputs WHERE kind = 'seg'")["sop_instance_uid"]
 
     second = make_study(tmp_path / "b", "late", images=1, first_instance=2)
+    later = pydicom.dcmread(second[0])
+    later.PatientAge, later.PatientWeight = "071Y", 80  # a later film: no identity correction
+    later.save_as(second[0])
     storescu(second, node.scp.port)
     # Re-analysis: a new SR naming the first as predecessor, one more SEG and PR for the new image only, and
     # a new SC for both images (an SC draws the study's verdict, so it is a new object when that can change;
@@ -112,6 +115,7 @@ def test_new_instance_after_analysis_replaces_outputs_with_a_successor_report(
     assert predecessor.ReferencedSOPInstanceUID == first_sr
     segs = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs WHERE kind = 'seg'")}
     assert first_seg in segs and len(segs) == 2
+    assert node.db.identity_epoch(study_uid) == 0 and not node.db.query("SELECT * FROM audit_events WHERE action = 'withdrawn'")
     assert stays(lambda: outputs_of(orthanc, study_uid) == want, 1.0)
 
 
@@ -184,6 +188,36 @@ def test_a_corrected_patient_identity_gets_new_outputs_and_the_old_ones_never_re
     assert {t["PatientID"] for t in pacs.study_instances(study_uid)} == {"CORRECTED-7"}
     assert pacs.instance_count() == sum(expected_counts(1).values())
     assert not any(r.levelno >= logging.WARNING and "already delivered" in r.getMessage() for r in caplog.records)
+
+
+def test_an_identity_corrected_and_corrected_back_while_the_pacs_is_down_reaches_it_once_as_it_ends(
+        node_factory, orthanc_factory, tmp_path: Path) -> None:
+    dicom_port, http_port = free_port(), free_port()
+    node = node_factory(destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}])
+    files = make_study(tmp_path / "in", "backandforth", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    right = pydicom.dcmread(files[0]).PatientID
+
+    def send_as(patient_id: str, step: int) -> None:
+        ds = pydicom.dcmread(files[0])
+        ds.PatientID = patient_id
+        ds.save_as(tmp_path / f"step{step}.dcm")
+        storescu([tmp_path / f"step{step}.dcm"], node.scp.port)
+        wait_for(lambda: node.db.identity_epoch(study_uid) == step and node.db.study(study_uid)["state"] == "encoded"
+                 and node.db.one("SELECT count(*) AS n FROM jobs WHERE state = 'encoded'")["n"] == 1,
+                 60, what=f"identity epoch {step} analysed")
+
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "encoded", 60, what="first analysis")
+    send_as("WRONG-9", 1)
+    send_as(right, 2)  # corrected back: a third set of objects, none of them one a PACS was told about
+    assert len({r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs")}) == 3 * sum(
+        expected_counts(1).values())
+    pacs = orthanc_factory(dicom_port=dicom_port, http_port=http_port)
+    wait_for(lambda: outputs_of(pacs, study_uid) == expected_counts(1), 60, what="the last epoch's outputs only")
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 20, what="study delivered")
+    assert {t["PatientID"] for t in pacs.study_instances(study_uid)} == {right}
+    assert pacs.instance_count() == sum(expected_counts(1).values())
 
 
 @pytest.mark.parametrize("reject", [False, True], ids=["warning", "rejection-note"])
