@@ -279,8 +279,9 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         -- UIDs, so every correction (also back to an earlier identity) gets new objects.
         ALTER TABLE studies ADD COLUMN identity_epoch INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE jobs ADD COLUMN identity_epoch INTEGER NOT NULL DEFAULT 0;
-        -- A delivery of an earlier epoch's output that went out: the rejection note queued for it, or '' once
-        -- the log warned of it (undelivered ones are withdrawn, audited as delivery 'withdrawn').
+        -- A delivery of an earlier epoch's output that went out (or may have: state 'withdrawn' after an
+        -- attempt): the rejection note queued for it, or '' once the log warned of it.  Undelivered ones are
+        -- withdrawn (state 'withdrawn', audited), never sent.
         ALTER TABLE deliveries ADD COLUMN superseded_note TEXT;
         """,
     ),
@@ -319,6 +320,9 @@ def _other_patient(execute: Callable[..., sqlite3.Cursor], study_instance_uid: s
     return row is not None and row[0] is not None and row[0] != key
 
 
+#: How a delivery error begins when no association was made (the SCU's wording): nothing of it reached the peer.
+UNREACHED_PREFIX = "cannot connect to "
+
 #: The audit detail of a delivery withdrawn because its study's identity was corrected, and the reason of
 #: the job that made it.
 WITHDRAWN_DETAIL = "not sent: made under a patient identity the sender has corrected since"
@@ -341,7 +345,9 @@ def _withdraw_superseded(execute: Callable[..., sqlite3.Cursor], study_instance_
         " AND j.identity_epoch != ?", (study_instance_uid, epoch),
     ).fetchall()
     for delivery_id, destination, sop_uid in stale:
-        execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
+        # Kept as 'withdrawn' (not deleted): one that was attempted may have reached the PACS (a timeout after
+        # the C-STORE went out), and is answered like a delivered one.
+        execute("UPDATE deliveries SET state = 'withdrawn', updated_at = ? WHERE id = ?", (now, delivery_id))
         execute("INSERT INTO audit_events (at, kind, action, actor, destination, study_instance_uid, target,"
                 " outcome, detail) VALUES (?, 'delivery', 'withdrawn', 'node', ?, ?, ?, 'ok', ?)",
                 (now, destination, study_instance_uid, sop_uid, WITHDRAWN_DETAIL))
@@ -647,13 +653,14 @@ class Database:
                 corrected = existed and ((row[1] is not None and row[1] != rec.patient_key)
                                          or (row[2] is not None and rec.identity_key is not None
                                              and row[2] != rec.identity_key))
-                # The first instance to arrive with the corrected identity starts a new identity epoch; the
-                # study's other instances re-sent with it join that epoch.
+                # A correction starts a new identity epoch once the current one has recorded outputs (they copy
+                # an identity now corrected); until then corrections join the current epoch (the study's other
+                # films re-sent corrected, header variants): its first outputs will copy the corrected identity.
                 new_identity = corrected and db.execute(
-                    "SELECT 1 FROM instances WHERE study_instance_uid = ? AND sop_instance_uid != ?"
-                    " AND identity_key IS ? AND patient_key IS ?",
-                    (rec.study_instance_uid, rec.sop_instance_uid, rec.identity_key, rec.patient_key),
-                ).fetchone() is None
+                    "SELECT 1 FROM jobs j JOIN studies s ON s.study_instance_uid = j.study_instance_uid"
+                    " WHERE j.study_instance_uid = ? AND j.identity_epoch = s.identity_epoch AND j.summary IS NOT NULL",
+                    (rec.study_instance_uid,),
+                ).fetchone() is not None
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
                 " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
@@ -731,6 +738,19 @@ class Database:
             "SELECT * FROM instances WHERE study_instance_uid = ? AND own_output = 0 ORDER BY received_at, rowid",
             (study_instance_uid,),
         )
+
+    def held_without_identity_key(self, sop_instance_uid: str) -> str | None:
+        """The file of an instance the node holds without an identity key (stored before it kept them, or before
+        the key secret changed), else None: the SCP computes the key from it before a re-send replaces it."""
+        row = self.db.execute("SELECT path FROM instances WHERE sop_instance_uid = ? AND own_output = 0"
+                              " AND identity_key IS NULL", (sop_instance_uid,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def fill_identity_key(self, sop_instance_uid: str, key: str) -> None:
+        """Record the identity key of a held instance that had none (see `needs_identity_key`)."""
+        with self.tx() as db:
+            db.execute("UPDATE instances SET identity_key = ? WHERE sop_instance_uid = ? AND identity_key IS NULL",
+                       (key, sop_instance_uid))
 
     def identity_epoch(self, study_instance_uid: str) -> int:
         """How many times the sender corrected the study's patient identity (0: never)."""
@@ -917,7 +937,9 @@ class Database:
             "SELECT d.id, d.destination, d.study_instance_uid, j.identity_epoch, o.sop_instance_uid, o.path,"
             " o.purged_at FROM studies s JOIN deliveries d ON d.study_instance_uid = s.study_instance_uid"
             " JOIN outputs o ON o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id"
-            " WHERE s.identity_epoch > 0 AND d.state = 'delivered' AND d.superseded_note IS NULL AND o.kind != 'kos'"
+            " WHERE s.identity_epoch > 0 AND (d.state = 'delivered' OR (d.state = 'withdrawn' AND d.attempts > 0"
+            " AND coalesce(d.last_error, '') NOT LIKE '" + UNREACHED_PREFIX + "%'))"
+            " AND d.superseded_note IS NULL AND o.kind != 'kos'"
             " AND j.identity_epoch != s.identity_epoch" + one
             + " ORDER BY d.study_instance_uid, d.destination, j.identity_epoch, o.sop_instance_uid",
             (study_instance_uid,) if study_instance_uid else (),
@@ -1452,7 +1474,7 @@ class Database:
                 "SELECT o.sop_instance_uid, o.path FROM outputs o JOIN studies s ON s.study_instance_uid ="
                 " o.study_instance_uid WHERE o.purged_at IS NULL AND o.created_at < ? AND s.state IN"
                 " ('delivered', 'failed') AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE"
-                " d.output_sop_instance_uid = o.sop_instance_uid AND d.state != 'delivered')",
+                " d.output_sop_instance_uid = o.sop_instance_uid AND d.state NOT IN ('delivered', 'withdrawn'))",
                 (created_before,),
             ).fetchall()
             now = time.time()

@@ -69,6 +69,22 @@ def input_key(sop_instance_uids: Sequence[str], identity_epoch: int = 0) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _read_output(row: dict[str, Any]) -> Dataset | None:
+    """The headers of an output the node wrote (None when retention removed it, or it cannot be read)."""
+    if row.get("purged_at") is not None:
+        return None
+    try:
+        return pydicom.dcmread(row["path"], stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None
+
+
+def _sent_identity(ds: Dataset) -> tuple[str, ...]:
+    """The patient and order identity an output was sent under (a rejection note carries one)."""
+    return tuple(str(ds.get(k, "")) for k in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                                              "PatientSex", "AccessionNumber"))
+
+
 def job_key(db: Database, study_instance_uid: str, sop_instance_uids: Sequence[str]) -> tuple[str, int]:
     """(input key, identity epoch) of a job over these instances of the study, as recorded now."""
     epoch = db.identity_epoch(study_instance_uid)
@@ -330,38 +346,50 @@ class Pipeline:
     def _answer_superseded(self, study_uid: str | None) -> int:
         from reports.kos import build_rejection_note
 
-        groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in self.db.superseded_deliveries(study_uid):
-            groups.setdefault((row["study_instance_uid"], row["destination"], row["identity_epoch"]), []).append(row)
-        for (study, name, _epoch), rows in groups.items():
+            groups.setdefault((row["study_instance_uid"], row["destination"]), []).append(row)
+        answered = 0
+        for (study, name), rows in groups.items():
             try:
                 rejecting = self.settings.destination(name).reject_superseded
             except KeyError:
                 rejecting = False  # a destination since removed from the configuration
-            kept = [r for r in rows if r["purged_at"] is None and Path(r["path"]).is_file()]
-            if not rejecting or not kept:
+            unlisted = rows
+            if rejecting:
+                # One note per identity the outputs were sent under: IOCM files it with them, under theirs.
+                by_identity: dict[tuple[str, ...], list[tuple[dict[str, Any], Dataset]]] = {}
+                for row in rows:
+                    held = _read_output(row)
+                    if held is not None:
+                        by_identity.setdefault(_sent_identity(held), []).append((row, held))
+                for group in by_identity.values():
+                    try:
+                        note = build_rejection_note([ds for _, ds in group], producer=self.producer())
+                        written = self._write_dataset("any", "kos", note)
+                    except (OSError, ValueError, StorageError) as exc:
+                        log.error("study %s: no rejection note for %s (tried again later): %s", study, name, describe(exc))
+                        continue
+                    job = self.db.one("SELECT job_id FROM outputs WHERE sop_instance_uid = ?", (group[0][0]["sop_instance_uid"],))
+                    self.db.record_rejection_note(int(job["job_id"]) if job else 0, {
+                        "sop_instance_uid": written.sop_instance_uid, "study_instance_uid": written.study_instance_uid,
+                        "series_instance_uid": written.series_instance_uid, "sop_class_uid": written.sop_class_uid,
+                        "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size,
+                    }, name, [row["id"] for row, _ in group])
+                    answered += len(group)
+                    log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s"
+                             " got under an earlier identity is queued for it", study, len(group), name)
+                listed = {row["id"] for group in by_identity.values() for row, _ in group}
+                unlisted = [row for row in rows if row["id"] not in listed and (row["purged_at"] is not None
+                                                                                 or not Path(row["path"]).is_file())]
+            if unlisted:
                 log.warning("study %s: the patient identity was corrected; %d output(s) made under an earlier"
-                            " identity were already delivered to %s and stay there until that PACS's patient"
-                            " correction moves or deletes them%s", study, len(rows), name,
-                            "" if not rejecting else " (their files are gone: no rejection note can list them)")
-                self.db.answer_superseded([r["id"] for r in rows])
-                continue
-            try:
-                # One note per earlier identity: IOCM files it with the instances it rejects, under theirs.
-                note = build_rejection_note([pydicom.dcmread(r["path"], stop_before_pixels=True) for r in kept],
-                                            producer=self.producer())
-                written = self._write_dataset("any", "kos", note)
-            except (OSError, ValueError, StorageError) as exc:
-                log.error("study %s: no rejection note for %s (tried again later): %s", study, name, describe(exc))
-                continue
-            job = self.db.one("SELECT o.job_id FROM outputs o WHERE o.sop_instance_uid = ?", (kept[0]["sop_instance_uid"],))
-            row = {"sop_instance_uid": written.sop_instance_uid, "study_instance_uid": written.study_instance_uid,
-                   "series_instance_uid": written.series_instance_uid, "sop_class_uid": written.sop_class_uid,
-                   "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size}
-            self.db.record_rejection_note(job["job_id"] if job else 0, row, name, [r["id"] for r in rows])
-            log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s got"
-                     " under an earlier identity is queued for it", study, len(kept), name)
-        return sum(len(rows) for rows in groups.values())
+                            " identity were (or may have been) delivered to %s and stay there until that PACS's"
+                            " patient correction moves or deletes them%s", study, len(unlisted), name,
+                            " (their files are gone: no rejection note can list them)" if rejecting else "")
+                self.db.answer_superseded([row["id"] for row in unlisted])
+                answered += len(unlisted)
+        return answered
 
     def _predecessor(self, study_uid: str, analysis: str, job_id: int, epoch: int) -> Any:
         row = self.db.latest_output(study_uid, analysis, "sr", before_job=job_id, identity_epoch=epoch)

@@ -129,7 +129,9 @@ class NodeScheduler:
 
     def _pipeline(self) -> int:
         n = self.pipeline.process_pending(limit=1)
-        if n:
+        # Outputs of a study whose identity was corrected since they went out are answered (a rejection note or
+        # a warning) whatever its new analysis does, and also those left unanswered by a stop.
+        if self.pipeline.answer_superseded() or n:
             self.wake_senders()
         return n
 

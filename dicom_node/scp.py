@@ -19,8 +19,10 @@ import time
 import zlib
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
@@ -410,10 +412,18 @@ class StorageSCP:
             held_in = self.db.instance_study(ident["SOPInstanceUID"])
             if held_in is not None and held_in != ident["StudyInstanceUID"]:
                 raise DatasetError(conflict_reason(ident["SOPInstanceUID"], held_in))
+            # Before anything decodes a value of it: the digest is over the bytes as received.
+            identity = _identity_key(self._patient_secret, ident["StudyInstanceUID"], ds)
             own = self._is_own_output(ds, ident["SOPInstanceUID"])
             patient = patient_key(self._patient_secret, ident["StudyInstanceUID"], _text(ds, "PatientID"),
                                   _text(ds, "IssuerOfPatientID"))
-            identity = _identity_key(self._patient_secret, ident["StudyInstanceUID"], ds)
+            held_file = self.db.held_without_identity_key(ident["SOPInstanceUID"]) if held_in is not None else None
+            if held_file is not None:
+                # Held without an identity key (an earlier version stored it, or the key secret changed): the
+                # held file's, before this re-send replaces it, so that a corrected name is seen as one.
+                key = _held_identity_key(self._patient_secret, ident["StudyInstanceUID"], Path(held_file))
+                if key is not None:
+                    self.db.fill_identity_key(ident["SOPInstanceUID"], key)
             if not own and held_in is None and self.db.patient_conflict(ident["StudyInstanceUID"], patient):
                 raise DatasetError(patient_conflict_reason(ident["StudyInstanceUID"]))
             affected_sop = str(request.AffectedSOPInstanceUID or "").strip()
@@ -534,6 +544,14 @@ def _inflate(data: bytes) -> bytes:
 CORRECTABLE_IDENTITY = tuple(Tag(keyword) for keyword in (
     "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber"))
 _PERSON_NAME = Tag("PatientName")
+
+
+def _held_identity_key(secret: bytes, study_instance_uid: str, path: Path) -> str | None:
+    """`_identity_key` of the file the node holds for an instance (None if it cannot be read)."""
+    try:
+        return _identity_key(secret, study_instance_uid, dcmread(path, stop_before_pixels=True))
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a damaged file
+        return None
 
 
 def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str:

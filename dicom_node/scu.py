@@ -28,7 +28,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.db import STRANDED_RETRY_S, Database
+from dicom_node.db import STRANDED_RETRY_S, UNREACHED_PREFIX, Database
 from dicom_node.errors import redact
 from dicom_node.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, set_tcp_nodelay
 from dicom_node.settings import DeliverySettings, Destination, Settings
@@ -192,7 +192,7 @@ def _association_failure(assoc: Any, dest: Destination, connected: bool = True) 
         if dest.tls:
             if (tls := _tls_handshake_failure(dest)) is not None:
                 return tls
-        return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
+        return TRANSIENT, f"{UNREACHED_PREFIX}{dest.address} (refused or timed out)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result = getattr(prim, "result", None)
@@ -207,7 +207,7 @@ def _association_failure(assoc: Any, dest: Destination, connected: bool = True) 
         return PERMANENT, f"{dest.address} refused every proposed presentation context ({refused})"
     if assoc.is_aborted:
         return TRANSIENT, f"association aborted by {dest.address}"
-    return TRANSIENT, f"cannot connect to {dest.address} (refused or timed out)"
+    return TRANSIENT, f"{UNREACHED_PREFIX}{dest.address} (refused or timed out)"
 
 
 def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy: DeliverySettings, *,
@@ -225,7 +225,7 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Item], policy
     try:
         assoc, connected = _associate(ae, dest)
     except (OSError, ssl.SSLError, ValueError) as exc:
-        return [ItemResult(i.key, TRANSIENT, None, f"cannot connect to {dest.address}: {exc}", associated=False)
+        return [ItemResult(i.key, TRANSIENT, None, f"{UNREACHED_PREFIX}{dest.address}: {exc}", associated=False)
                 for i in items]
     if not assoc.is_established:
         outcome, message = _association_failure(assoc, dest, connected)
@@ -284,7 +284,7 @@ def echo(calling_ae: str, dest: Destination, policy: DeliverySettings) -> tuple[
     try:
         assoc, connected = _associate(ae, dest)
     except (OSError, ssl.SSLError, ValueError) as exc:
-        return False, f"cannot connect to {dest.address}: {exc}"
+        return False, f"{UNREACHED_PREFIX}{dest.address}: {exc}"
     if not assoc.is_established:
         return False, _association_failure(assoc, dest, connected)[1]
     try:

@@ -535,7 +535,7 @@ def test_a_correction_starts_an_identity_epoch_once_and_withdraws_what_the_old_o
     db.record_instance(_identified("1.1", "B"))
     assert db.identity_epoch("1.2.3") == 1
     # ... and the old epoch's undelivered output is withdrawn at once, audited, its job superseded.
-    assert db.query("SELECT * FROM deliveries") == []
+    assert [d["state"] for d in db.query("SELECT * FROM deliveries")] == ["withdrawn"]
     assert db.one("SELECT action, target FROM audit_events WHERE action = 'withdrawn'")["target"] == first["output"]
     assert db.one("SELECT state, reason FROM jobs WHERE id = ?", (first["id"],))["reason"].startswith("superseded")
     db.record_instance(_identified("1.2", "B"))
@@ -545,10 +545,13 @@ def test_a_correction_starts_an_identity_epoch_once_and_withdraws_what_the_old_o
     db.record_instance(_identified("1.1", "A"))
     db.record_instance(_identified("1.2", "A"))
     assert db.identity_epoch("1.2.3") == 2
-    assert db.query("SELECT * FROM deliveries") == []  # B's queued output withdrawn too
+    assert [d["state"] for d in db.query("SELECT * FROM deliveries")] == ["withdrawn"] * 2  # B's queued one too
     third = _analysed(db, "1.2.3", ["1.1", "1.2"], 2)
     assert third["id"] not in (first["id"], second["id"])
-    assert [r["output_sop_instance_uid"] for r in db.query("SELECT * FROM deliveries")] == [third["output"]]
+    assert [r["output_sop_instance_uid"] for r in db.query("SELECT * FROM deliveries WHERE state = 'pending'")] == [
+        third["output"]]
+    # Never attempted: nothing of them can be in a PACS, nothing to answer.
+    assert db.superseded_deliveries() == []
     # A report's predecessor is one of its own epoch only.
     assert db.latest_output("1.2.3", "a", "sr", before_job=third["id"], identity_epoch=2) is None
 
@@ -571,10 +574,13 @@ def test_an_old_identity_output_that_failed_or_went_out_meanwhile_is_never_re_se
     db.mark_sending([delivery])  # in flight when the correction arrives: it cannot be withdrawn now
     db.record_instance(_identified("1.1", "B"))
     assert db.one("SELECT state FROM deliveries")["state"] == "sending"
-    # It fails for good: withdrawn, not failed (it must neither fail the study nor be re-sent by `retry`).
+    # It fails for good: withdrawn, not failed (it must neither fail the study nor be re-sent by `retry`) ...
     db.mark_failed(delivery, "rejected permanently", 0xC000)
-    assert db.query("SELECT * FROM deliveries") == []
+    assert [d["state"] for d in db.query("SELECT * FROM deliveries")] == ["withdrawn"]
     assert db.requeue_failed() == 0
+    # ... and, attempted, it may have reached the PACS (a timeout after the C-STORE went out): to be answered.
+    assert [r["id"] for r in db.superseded_deliveries("1.2.3")] == [delivery]
+    db.answer_superseded([delivery])
     assert db.one("SELECT state FROM jobs WHERE id = ?", (first["id"],))["state"] == "failed"
     assert db.one("SELECT count(*) AS n FROM audit_events WHERE action = 'withdrawn'")["n"] == 1
     # Had it gone out instead, it is one to answer (a rejection note or a warning), once.
@@ -588,3 +594,15 @@ def test_an_old_identity_output_that_failed_or_went_out_meanwhile_is_never_re_se
     assert [r["id"] for r in rows] == [late] and rows[0]["identity_epoch"] == 1
     db.answer_superseded([late])
     assert db.superseded_deliveries() == []
+
+
+def test_a_correction_after_the_epoch_made_outputs_starts_another_and_variants_before_join_it(db: Database) -> None:
+    db.record_instance(_identified("1.1", "A"))
+    db.record_instance(_identified("1.2", "A"))
+    _analysed(db, "1.2.3", ["1.1", "1.2"], 0)
+    db.record_instance(_identified("1.2", "B"))  # corrected in two associations, the later film first ...
+    db.record_instance(_identified("1.1", "B'"))  # ... and the other with a header variant: one correction
+    assert db.identity_epoch("1.2.3") == 1
+    _analysed(db, "1.2.3", ["1.1", "1.2"], 1)  # (its outputs may have copied a value corrected only now)
+    db.record_instance(_identified("1.1", "B"))  # a correction after epoch 1 made outputs: a new epoch
+    assert db.identity_epoch("1.2.3") == 2

@@ -273,6 +273,24 @@ def test_a_resend_reopens_its_study_only_when_the_identity_its_outputs_copy_chan
     assert all("identity_key" not in row for row in scp.db.query("SELECT * FROM instances"))
 
 
+def test_a_corrected_name_of_an_instance_held_from_before_identity_keys_is_seen(scp: StorageSCP, tmp_path: Path) -> None:
+    """Instances stored by an earlier version (or before the key secret changed) have no identity key: the SCP
+    takes the held file's before the re-send replaces it."""
+    path = make_study(tmp_path / "a", "legacy", images=1)[0]
+    study_uid = str(pydicom.dcmread(path).StudyInstanceUID)
+    assert _store(scp.port, pydicom.dcmread(path)).Status == 0
+    with scp.db.tx() as db:
+        db.execute("UPDATE instances SET identity_key = NULL")
+    assert scp.db.mark_complete(study_uid)
+    generation = scp.db.claim_study(study_uid)
+    assert _store(scp.port, pydicom.dcmread(path)).Status == 0  # the same again: still nothing to redo
+    assert scp.db.study(study_uid)["state"] == "analysing"
+    corrected = pydicom.dcmread(path)
+    corrected.PatientName = "RIGHT^NAME"
+    assert _store(scp.port, corrected).Status == 0
+    assert scp.db.study(study_uid)["state"] == "received" and scp.db.study(study_uid)["generation"] > generation
+
+
 @pytest.mark.parametrize("study_uid", ["hello/world?x#y", "../../../../tmp/pwned", "1.2.3.4.700.é", "1." + "2" * 70])
 def test_a_study_uid_that_is_not_a_uid_is_refused(scp: StorageSCP, tmp_path: Path, study_uid: str) -> None:
     ds = pydicom.dcmread(make_study(tmp_path / "in", "baduid", images=1)[0])
