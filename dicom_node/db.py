@@ -747,7 +747,7 @@ class Database:
         return None if row is None else str(row[0])
 
     def fill_identity_key(self, sop_instance_uid: str, key: str) -> None:
-        """Record the identity key of a held instance that had none (see `needs_identity_key`)."""
+        """Record the identity key of a held instance that had none (see `held_without_identity_key`)."""
         with self.tx() as db:
             db.execute("UPDATE instances SET identity_key = ? WHERE sop_instance_uid = ? AND identity_key IS NULL",
                        (key, sop_instance_uid))

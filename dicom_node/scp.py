@@ -556,8 +556,8 @@ def _held_identity_key(secret: bytes, study_instance_uid: str, path: Path) -> st
 
 def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str:
     """`identity_key` of an instance's `CORRECTABLE_IDENTITY`, over the values' bytes as received (nothing is
-    decoded on the path of every C-STORE), padding and a name's empty trailing components aside
-    ("DOE^JOHN^^" is "DOE^JOHN").  A resend that re-encodes a name in another character set counts as a
+    decoded on the path of every C-STORE), padding and a name's empty trailing components and groups aside
+    ("DOE^JOHN^^=" is "DOE^JOHN").  A resend that re-encodes a name in another character set counts as a
     correction: its analysis gives new outputs with the same content."""
     digest = hashlib.sha256()
     for tag in CORRECTABLE_IDENTITY:
@@ -566,7 +566,7 @@ def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str:
         raw = value if isinstance(value, bytes) else str(value if value is not None else "").encode("utf-8", "surrogateescape")
         raw = raw.rstrip(b" \x00")
         if tag == _PERSON_NAME:
-            raw = b"=".join(group.rstrip(b"^ ") for group in raw.split(b"="))
+            raw = b"=".join(group.rstrip(b"^ ") for group in raw.split(b"=")).rstrip(b"=")
         digest.update(f"{int(tag):08x}:{len(raw)}:".encode() + raw)
     return identity_key(secret, study_instance_uid, digest.hexdigest()[:32])
 

@@ -580,3 +580,20 @@ def test_a_long_reason_is_cut_at_a_word_in_the_error_comment() -> None:
     comment = failure(CANNOT_UNDERSTAND, reason).ErrorComment
     assert len(comment) <= 64 and comment.endswith("...") and "3048448" in comment
     assert comment == "Pixel Data too short: 1000 of 3048448 bytes..."
+
+
+def test_the_identity_digest_ignores_padding_and_empty_name_components_only() -> None:
+    from pydicom.dataset import Dataset
+
+    from dicom_node.scp import _identity_key
+
+    def key(**values: str) -> str:
+        ds = Dataset()
+        for keyword, value in {"PatientID": "ID1", "PatientName": "DOE^JOHN", **values}.items():
+            setattr(ds, keyword, value)
+        return _identity_key(b"secret", "1.2.3", ds)
+
+    assert key() == key(PatientName="DOE^JOHN^^=") == key(PatientID="ID1 ")
+    assert len({key(), key(PatientName="DOE^JANE"), key(AccessionNumber="A1"), key(PatientSex="F"),
+                key(PatientBirthDate="19600101"), key(IssuerOfPatientID="HOSP")}) == 6
+    assert key(PatientAge="071Y") == key()  # not an identity correction
