@@ -1061,9 +1061,9 @@ class Database:
                 " updated_at = ? WHERE id = ?", (next_attempt_at, one_line(error), status, time.time(), delivery_id),
             )
 
-    def mark_failed(self, delivery_id: int, error: str, status: int | None) -> None:
+    def mark_failed(self, delivery_id: int, error: str, status: int | None) -> bool:
         """sending -> failed for good (until `retry`); withdrawn instead when its output is of an identity the
-        sender corrected while it was being sent (it must not be sent again, nor fail its study)."""
+        sender corrected while it was being sent (it must not be sent again, nor fail its study): then False."""
         now = time.time()
         with self.tx() as db:
             db.execute(
@@ -1073,6 +1073,8 @@ class Database:
             row = db.execute("SELECT study_instance_uid FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
             if row is not None:
                 _withdraw_superseded(db.execute, row[0], now)
+            state = db.execute("SELECT state FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+            return state is not None and state[0] == FAILED
 
     def requeue_failed(self, destination: str | None = None, study_instance_uid: str | None = None) -> int:
         """failed deliveries -> pending now (``dicom-node retry``); their studies go back to `encoded`."""

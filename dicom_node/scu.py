@@ -388,8 +388,8 @@ class Sender:
             else:
                 reason = res.message if res.outcome == PERMANENT else (
                     f"gave up after {row['attempts'] + 1} attempts: {res.message}")
-                self.db.mark_failed(row["id"], reason, res.status)
-                given_up.append((row, reason))
+                if self.db.mark_failed(row["id"], reason, res.status):
+                    given_up.append((row, reason))  # (not one withdrawn: its identity was corrected meanwhile)
         if delivered and any(r["attempts"] > 0 for r in batch):
             # The destination is back: what waits out a backoff for it goes now, not in up to backoff_max_s.
             self.db.expedite(dest.name)
