@@ -34,6 +34,8 @@ RECEIVED, COMPLETE, ANALYSING, ENCODED, DELIVERED, FAILED, UNROUTED = (
 STUDY_STATES = (RECEIVED, COMPLETE, ANALYSING, ENCODED, DELIVERED, FAILED, UNROUTED)
 # Delivery states.
 PENDING, SENDING = "pending", "sending"
+#: The middle of the reason of a study its deliveries failed ("2 output(s) not delivered; pacs: ...").
+NOT_DELIVERED = " output(s) not delivered; "
 DELIVERY_STATES = (PENDING, SENDING, DELIVERED, FAILED)
 
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -832,15 +834,17 @@ class Database:
                         "SELECT destination, last_error FROM deliveries WHERE study_instance_uid = ? AND state = 'failed'"
                         " ORDER BY updated_at DESC LIMIT 1", (uid,),
                     ).fetchone()
-                    reason = f"{counts[FAILED]} output(s) not delivered; {err[0]}: {err[1]}"
+                    reason = f"{counts[FAILED]}{NOT_DELIVERED}{err[0]}: {err[1]}"
                     db.execute(
                         "UPDATE studies SET state = 'failed', reason = ?, updated_at = ? WHERE study_instance_uid = ?"
                         " AND state IN ('encoded', 'delivered')", (reason, now, uid),
                     )
                 else:
+                    # A study failed by its deliveries is delivered once they are; one whose analysis failed stays
+                    # failed (a rejection note of its earlier outputs may go out meanwhile).
                     db.execute(
-                        "UPDATE studies SET state = 'delivered', reason = NULL, updated_at = ?"
-                        " WHERE study_instance_uid = ? AND state IN ('encoded', 'failed')", (now, uid),
+                        "UPDATE studies SET state = 'delivered', reason = NULL, updated_at = ? WHERE study_instance_uid = ?"
+                        " AND (state = 'encoded' OR (state = 'failed' AND reason LIKE ?))", (now, uid, f"%{NOT_DELIVERED}%"),
                     )
                 # Jobs follow their study to 'delivered'. A delivery failed for good leaves them 'encoded': the
                 # analysis did not fail (a PACS outage counted as failed analyses, and a job 'failed' so never

@@ -221,6 +221,26 @@ def test_an_identity_corrected_and_corrected_back_while_the_pacs_is_down_reaches
     assert pacs.instance_count() == sum(expected_counts(1).values())
 
 
+def test_outputs_of_a_study_whose_corrected_re_analysis_fails_are_still_answered(
+        node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One film of a two-film study was another patient's: the sender re-sends it under that patient. The study
+    cannot be analysed (two patients), but its delivered report read that film: the PACS must be told."""
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    node = node_factory(destinations=[pacs_destination(orthanc, reject_superseded=True)])
+    files = make_study(tmp_path / "in", "misfiled", images=2)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="first outputs delivered")
+    ds = pydicom.dcmread(files[1])
+    ds.PatientID, ds.PatientName = "OTHER-PATIENT", "OTHER^PATIENT"
+    ds.save_as(tmp_path / "moved.dcm")
+    storescu([tmp_path / "moved.dcm"], node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "failed", 60, what="re-analysis failing on two patients")
+    assert "disagree on PatientID" in node.db.study(study_uid)["reason"]
+    wait_for(lambda: outputs_of(orthanc, study_uid).get("KO") == 1, 30, what="the rejection note in the PACS")
+    assert node.db.superseded_deliveries() == []
+
+
 @pytest.mark.parametrize("reject", [False, True], ids=["warning", "rejection-note"])
 def test_a_name_corrected_after_delivery_sends_new_outputs_and_rejects_or_warns_of_the_old_ones(
         node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture, reject: bool) -> None:
