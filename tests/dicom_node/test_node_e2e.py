@@ -221,6 +221,23 @@ def test_an_identity_corrected_and_corrected_back_while_the_pacs_is_down_reaches
     assert pacs.instance_count() == sum(expected_counts(1).values())
 
 
+def _delivered(node: Any, files: list[Path]) -> str:
+    """Send a study and wait until its outputs are delivered; returns its Study Instance UID."""
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    storescu(files, node.scp.port)
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="first outputs delivered")
+    return study_uid
+
+
+def _resend(node: Any, source: Path, path: Path, **corrections: str) -> None:
+    """Re-send a held image with its header corrected, as a sender does."""
+    ds = pydicom.dcmread(source)
+    for keyword, value in corrections.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    storescu([path], node.scp.port)
+
+
 def test_outputs_of_a_study_whose_corrected_re_analysis_fails_are_still_answered(
         node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """One film of a two-film study was another patient's: the sender re-sends it under that patient. The study
@@ -228,13 +245,8 @@ def test_outputs_of_a_study_whose_corrected_re_analysis_fails_are_still_answered
     caplog.set_level(logging.INFO, logger="dicom_node")
     node = node_factory(destinations=[pacs_destination(orthanc, reject_superseded=True)])
     files = make_study(tmp_path / "in", "misfiled", images=2)
-    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-    storescu(files, node.scp.port)
-    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="first outputs delivered")
-    ds = pydicom.dcmread(files[1])
-    ds.PatientID, ds.PatientName = "OTHER-PATIENT", "OTHER^PATIENT"
-    ds.save_as(tmp_path / "moved.dcm")
-    storescu([tmp_path / "moved.dcm"], node.scp.port)
+    study_uid = _delivered(node, files)
+    _resend(node, files[1], tmp_path / "moved.dcm", PatientID="OTHER-PATIENT", PatientName="OTHER^PATIENT")
     wait_for(lambda: node.db.study(study_uid)["state"] == "failed", 60, what="re-analysis failing on two patients")
     assert "disagree on PatientID" in node.db.study(study_uid)["reason"]
     wait_for(lambda: outputs_of(orthanc, study_uid).get("KO") == 1, 30, what="the rejection note in the PACS")
@@ -247,13 +259,8 @@ def test_a_name_corrected_after_delivery_sends_new_outputs_and_rejects_or_warns_
     caplog.set_level(logging.INFO, logger="dicom_node")
     node = node_factory(destinations=[pacs_destination(orthanc, reject_superseded=reject)])
     files = make_study(tmp_path / "in", "misspelt", images=1)
-    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-    storescu(files, node.scp.port)
-    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="first outputs delivered")
-    ds = pydicom.dcmread(files[0])
-    ds.PatientName = "SPELT^RIGHT"
-    ds.save_as(tmp_path / "fixed.dcm")
-    storescu([tmp_path / "fixed.dcm"], node.scp.port)
+    study_uid = _delivered(node, files)
+    _resend(node, files[0], tmp_path / "fixed.dcm", PatientName="SPELT^RIGHT")
 
     first = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs")}
     # The PACS keeps what it got; the new ones join (with, if asked for, the note rejecting the old ones).
