@@ -379,14 +379,15 @@ class Pipeline:
                     answered += len(group)
                     log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s"
                              " got under an earlier identity is queued for it", study, len(group), name)
+                # What no note can list (retention removed the file, or it cannot be read) is warned about; a
+                # note that could not be written (a full disk) is tried again.
                 listed = {row["id"] for group in by_identity.values() for row, _ in group}
-                unlisted = [row for row in rows if row["id"] not in listed and (row["purged_at"] is not None
-                                                                                 or not Path(row["path"]).is_file())]
+                unlisted = [row for row in rows if row["id"] not in listed]
             if unlisted:
                 log.warning("study %s: the patient identity was corrected; %d output(s) made under an earlier"
                             " identity were (or may have been) delivered to %s and stay there until that PACS's"
                             " patient correction moves or deletes them%s", study, len(unlisted), name,
-                            " (their files are gone: no rejection note can list them)" if rejecting else "")
+                            " (their files are gone or unreadable: no rejection note can list them)" if rejecting else "")
                 self.db.answer_superseded([row["id"] for row in unlisted])
                 answered += len(unlisted)
         return answered
