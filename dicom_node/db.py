@@ -1377,7 +1377,8 @@ class Database:
             "SELECT s.*, (SELECT group_concat(DISTINCT i.modality) FROM instances i WHERE i.study_instance_uid ="
             " s.study_instance_uid AND i.own_output = 0) AS modalities, (SELECT i.study_description FROM instances i"
             " WHERE i.study_instance_uid = s.study_instance_uid AND i.own_output = 0 LIMIT 1) AS study_description,"
-            " (SELECT count(*) FROM deliveries d WHERE d.study_instance_uid = s.study_instance_uid) AS deliveries,"
+            " (SELECT count(*) FROM deliveries d WHERE d.study_instance_uid = s.study_instance_uid"
+            " AND d.state != 'withdrawn') AS deliveries,"  # (one withdrawn will never be delivered: not owed)
             " (SELECT count(*) FROM deliveries d WHERE d.study_instance_uid = s.study_instance_uid AND d.state ="
             f" 'delivered') AS delivered FROM studies s WHERE {cond} ORDER BY s.updated_at DESC LIMIT ? OFFSET ?",
             [*params, limit, offset],
