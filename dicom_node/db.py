@@ -304,8 +304,15 @@ def patient_key(secret: bytes, study_instance_uid: str, patient_id: str, issuer:
     return hmac.new(secret, text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
 
 
+#: The identity whose correction makes a study's outputs new objects (and the old ones superseded): who the
+#: patient is and which order the study answers.  Not every value an output copies: a new film taken at
+#: another PatientAge, or a header another sender rewrote, is no correction.
+CORRECTABLE_IDENTITY = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                        "AccessionNumber")
+
+
 def identity_key(secret: bytes, study_instance_uid: str, identity_digest: str) -> str:
-    """Keyed digest of an instance's patient identity (`identity_digest`: see `scp.CORRECTABLE_IDENTITY`): the
+    """Keyed digest of an instance's `CORRECTABLE_IDENTITY` (`identity_digest`, see `scp._identity_key`): the
     database can tell that a re-sent instance's identity was corrected without holding it."""
     text = "\x00".join(("identity", study_instance_uid, identity_digest))
     return hmac.new(secret, text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
@@ -369,6 +376,20 @@ def patient_conflict_reason(study_instance_uid: str) -> str:
 def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
     """Why an instance whose UID the node holds in another study is refused."""
     return f"SOPInstanceUID already held in another study (instance {sop_instance_uid}, study {held_in})"
+
+
+def _insert_output(execute: Callable[..., sqlite3.Cursor], out: dict[str, Any], job_id: int, now: float) -> None:
+    """Record a written output of job `job_id` (one written again, with the same UID, replaces its row)."""
+    execute(
+        "INSERT INTO outputs (sop_instance_uid, job_id, study_instance_uid, series_instance_uid,"
+        " sop_class_uid, transfer_syntax_uid, kind, variant, path, size, created_at)"
+        " VALUES (:sop_instance_uid, :job_id, :study_instance_uid, :series_instance_uid, :sop_class_uid,"
+        " :transfer_syntax_uid, :kind, :variant, :path, :size, :created_at)"
+        " ON CONFLICT(sop_instance_uid) DO UPDATE SET job_id = excluded.job_id, path = excluded.path,"
+        " size = excluded.size, transfer_syntax_uid = excluded.transfer_syntax_uid,"
+        " variant = excluded.variant, purged_at = NULL",  # written again: retention owns it again
+        {**out, "job_id": job_id, "created_at": now},
+    )
 
 
 #: Columns `Database.query` leaves out of its rows: digests made with the node's secret are for comparing
@@ -902,16 +923,7 @@ class Database:
                                " the analysis', updated_at = ? WHERE id = ?", (now, job_id))
                     return None
             for out in outputs:
-                db.execute(
-                    "INSERT INTO outputs (sop_instance_uid, job_id, study_instance_uid, series_instance_uid,"
-                    " sop_class_uid, transfer_syntax_uid, kind, variant, path, size, created_at)"
-                    " VALUES (:sop_instance_uid, :job_id, :study_instance_uid, :series_instance_uid, :sop_class_uid,"
-                    " :transfer_syntax_uid, :kind, :variant, :path, :size, :created_at)"
-                    " ON CONFLICT(sop_instance_uid) DO UPDATE SET job_id = excluded.job_id, path = excluded.path,"
-                    " size = excluded.size, transfer_syntax_uid = excluded.transfer_syntax_uid,"
-                    " variant = excluded.variant, purged_at = NULL",  # written again: retention owns it again
-                    {**out, "job_id": job_id, "created_at": now},
-                )
+                _insert_output(db.execute, out, job_id, now)
             study = outputs[0]["study_instance_uid"] if outputs else None
             for sop_uid, destination in deliveries:
                 cur = db.execute(
@@ -962,14 +974,7 @@ class Database:
         same rejected set gives the same note)."""
         now = time.time()
         with self.tx() as db:
-            db.execute(
-                "INSERT INTO outputs (sop_instance_uid, job_id, study_instance_uid, series_instance_uid,"
-                " sop_class_uid, transfer_syntax_uid, kind, variant, path, size, created_at)"
-                " VALUES (:sop_instance_uid, :job_id, :study_instance_uid, :series_instance_uid, :sop_class_uid,"
-                " :transfer_syntax_uid, 'kos', 'any', :path, :size, :created_at)"
-                " ON CONFLICT(sop_instance_uid) DO UPDATE SET path = excluded.path, size = excluded.size,"
-                " purged_at = NULL", {**output, "job_id": job_id, "created_at": now},
-            )
+            _insert_output(db.execute, {**output, "kind": "kos", "variant": "any"}, job_id, now)
             cur = db.execute(
                 "INSERT INTO deliveries (output_sop_instance_uid, destination, study_instance_uid, state,"
                 " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)"

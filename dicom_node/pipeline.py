@@ -22,7 +22,16 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.db import ANALYSING, ENCODED, FAILED, STRANDED_RETRY_S, UNROUTED, WAITING_PREFIX, Database
+from dicom_node.db import (
+    ANALYSING,
+    CORRECTABLE_IDENTITY,
+    ENCODED,
+    FAILED,
+    STRANDED_RETRY_S,
+    UNROUTED,
+    WAITING_PREFIX,
+    Database,
+)
 from dicom_node.errors import NodeError, PipelineError, StorageError, redact, redact_all
 from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
@@ -81,8 +90,7 @@ def _read_output(row: dict[str, Any]) -> Dataset | None:
 
 def _sent_identity(ds: Dataset) -> tuple[str, ...]:
     """The patient and order identity an output was sent under (a rejection note carries one)."""
-    return tuple(str(ds.get(k, "")) for k in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
-                                              "PatientSex", "AccessionNumber"))
+    return tuple(str(ds.get(keyword, "")) for keyword in CORRECTABLE_IDENTITY)
 
 
 def job_key(db: Database, study_instance_uid: str, sop_instance_uids: Sequence[str]) -> tuple[str, int]:
@@ -206,8 +214,6 @@ class Pipeline:
         self.store = store
         self.analyser = analyser
         self._producer: Any = None
-        # The pipeline and the delivery threads both answer superseded deliveries: one at a time.
-        self._answering = threading.Lock()
 
     def producer(self) -> Any:
         """Producer identity for outputs; made once (the installation's serial is read from its key file)."""
@@ -332,22 +338,18 @@ class Pipeline:
                      study_uid, name)
             return False
         log.info("study %s: %s wrote %d output(s), queued %d delivery(ies)", study_uid, name, len(files), added)
-        self.answer_superseded(study_uid)
         return True
 
-    def answer_superseded(self, study_uid: str | None = None) -> int:
-        """Outputs delivered under a patient identity the sender corrected since (of `study_uid`, or of every
-        study: one may have gone out while its correction was being analysed): for each destination that asks
-        for it (`reject_superseded`), a rejection note (IHE IOCM) per earlier identity; for the others a WARNING,
-        once, as the node cannot take back what a PACS holds.  Returns how many deliveries were answered."""
-        with self._answering:
-            return self._answer_superseded(study_uid)
-
-    def _answer_superseded(self, study_uid: str | None) -> int:
+    def answer_superseded(self) -> int:
+        """Outputs delivered (or perhaps delivered) under a patient identity the sender corrected since, in any
+        study (the scheduler asks at every pipeline pass, whatever the corrected study's analysis does): for
+        each destination that asks for it (`reject_superseded`), a rejection note (IHE IOCM) per identity they
+        were sent under; for the others a WARNING, once, as the node cannot take back what a PACS holds.
+        Returns how many deliveries were answered."""
         from reports.kos import build_rejection_note
 
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for row in self.db.superseded_deliveries(study_uid):
+        for row in self.db.superseded_deliveries():
             groups.setdefault((row["study_instance_uid"], row["destination"]), []).append(row)
         answered = 0
         for (study, name), rows in groups.items():

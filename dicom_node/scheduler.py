@@ -129,19 +129,14 @@ class NodeScheduler:
 
     def _pipeline(self) -> int:
         n = self.pipeline.process_pending(limit=1)
-        # Outputs of a study whose identity was corrected since they went out are answered (a rejection note or
-        # a warning) whatever its new analysis does, and also those left unanswered by a stop.
+        # Outputs of a study whose identity was corrected since they went out (also while they were being sent)
+        # are answered (a rejection note or a warning) whatever its new analysis does, and those a stop left.
         if self.pipeline.answer_superseded() or n:
             self.wake_senders()
         return n
 
     def _deliver(self, dest) -> int:  # type: ignore[no-untyped-def]
-        sent = self.sender.deliver_due(dest)
-        # An output of a study whose identity was corrected while it was being sent went out under the old one:
-        # it gets its rejection note (or warning) now, not only when the study is next analysed.
-        if sent and self.pipeline.answer_superseded():
-            self.wake_senders()
-        return sent
+        return self.sender.deliver_due(dest)
 
     def purge(self) -> int:
         """Apply the retention policy once (also run every `purge_interval_s`); returns the files removed."""

@@ -33,6 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import __version__, transfer_syntaxes
 from dicom_node.db import (
+    CORRECTABLE_IDENTITY,
     Database,
     InstanceRecord,
     conflict_reason,
@@ -538,11 +539,7 @@ def _inflate(data: bytes) -> bytes:
     return out + inflater.flush()
 
 
-#: The identity whose correction makes a study's outputs new objects (and the old ones superseded): who the
-#: patient is and which order the study answers.  Not every value an output copies: a new film taken at
-#: another PatientAge, or a header another sender rewrote, is no correction.
-CORRECTABLE_IDENTITY = tuple(Tag(keyword) for keyword in (
-    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber"))
+_CORRECTABLE_TAGS = tuple(Tag(keyword) for keyword in CORRECTABLE_IDENTITY)
 _PERSON_NAME = Tag("PatientName")
 
 
@@ -555,12 +552,12 @@ def _held_identity_key(secret: bytes, study_instance_uid: str, path: Path) -> st
 
 
 def _identity_key(secret: bytes, study_instance_uid: str, ds: Dataset) -> str:
-    """`identity_key` of an instance's `CORRECTABLE_IDENTITY`, over the values' bytes as received (nothing is
+    """`identity_key` of an instance's `db.CORRECTABLE_IDENTITY`, over the values' bytes as received (nothing is
     decoded on the path of every C-STORE), padding and a name's empty trailing components and groups aside
     ("DOE^JOHN^^=" is "DOE^JOHN").  A resend that re-encodes a name in another character set counts as a
     correction: its analysis gives new outputs with the same content."""
     digest = hashlib.sha256()
-    for tag in CORRECTABLE_IDENTITY:
+    for tag in _CORRECTABLE_TAGS:
         element = ds.get_item(tag)
         value = b"" if element is None else element.value
         raw = value if isinstance(value, bytes) else str(value if value is not None else "").encode("utf-8", "surrogateescape")
