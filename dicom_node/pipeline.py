@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
@@ -214,6 +214,10 @@ class Pipeline:
         self.store = store
         self.analyser = analyser
         self._producer: Any = None
+        # A rejection note that could not be written (a full disk) waits STRANDED_RETRY_S, as a study's outputs
+        # do, instead of being tried (and logged) at every 2-s pipeline pass: (study, destination) -> when.
+        self._notes_due: dict[tuple[str, str], float] = {}
+        self.clock: Callable[[], float] = time.monotonic
 
     def producer(self) -> Any:
         """Producer identity for outputs; made once (the installation's serial is read from its key file)."""
@@ -353,6 +357,8 @@ class Pipeline:
             groups.setdefault((row["study_instance_uid"], row["destination"]), []).append(row)
         answered = 0
         for (study, name), rows in groups.items():
+            if self._notes_due.get((study, name), 0.0) > self.clock():
+                continue
             try:
                 rejecting = self.settings.destination(name).reject_superseded
             except KeyError:
@@ -370,7 +376,9 @@ class Pipeline:
                         note = build_rejection_note([ds for _, ds in group], producer=self.producer())
                         written = self._write_dataset("any", "kos", note)
                     except (OSError, ValueError, StorageError) as exc:
-                        log.error("study %s: no rejection note for %s (tried again later): %s", study, name, describe(exc))
+                        self._notes_due[(study, name)] = self.clock() + STRANDED_RETRY_S
+                        log.error("study %s: no rejection note for %s (again in %.0f s): %s", study, name,
+                                  STRANDED_RETRY_S, describe(exc))
                         continue
                     job = self.db.one("SELECT job_id FROM outputs WHERE sop_instance_uid = ?", (group[0][0]["sop_instance_uid"],))
                     self.db.record_rejection_note(int(job["job_id"]) if job else 0, {
@@ -379,6 +387,7 @@ class Pipeline:
                         "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size,
                     }, name, [row["id"] for row, _ in group])
                     answered += len(group)
+                    self._notes_due.pop((study, name), None)
                     log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s"
                              " got under an earlier identity is queued for it", study, len(group), name)
                 # What no note can list (retention removed the file, or it cannot be read) is warned about; a

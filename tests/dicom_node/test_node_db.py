@@ -606,3 +606,53 @@ def test_a_correction_after_the_epoch_made_outputs_starts_another_and_variants_b
     _analysed(db, "1.2.3", ["1.1", "1.2"], 1)  # (its outputs may have copied a value corrected only now)
     db.record_instance(_identified("1.1", "B"))  # a correction after epoch 1 made outputs: a new epoch
     assert db.identity_epoch("1.2.3") == 2
+
+
+def test_a_rejection_note_that_cannot_be_written_waits_as_a_study_does(
+        db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk made every 2-s pipeline pass try the note again and log an ERROR: thousands of lines an
+    hour onto the disk that is full. It now waits STRANDED_RETRY_S, like a study's outputs."""
+    import logging
+
+    from nodekit import make_study
+
+    from dicom_node.db import STRANDED_RETRY_S
+    from dicom_node.errors import StorageError
+    from dicom_node.pipeline import Pipeline
+    from dicom_node.settings import validate
+    from dicom_node.storage import Store
+
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    delivered = make_study(tmp_path / "out", "delivered")[0]  # stands for an output the node sent
+    db.record_instance(_identified("1.1", "A"))
+    _analysed(db, "1.2.3", ["1.1"], 0)
+    with db.tx() as tx:
+        tx.execute("UPDATE outputs SET path = ?", (str(delivered),))
+    delivery = db.one("SELECT id FROM deliveries")["id"]
+    db.mark_sending([delivery])
+    db.mark_delivered(delivery, 0)
+    db.record_instance(_identified("1.1", "B"))
+    settings = validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                                           "reject_superseded": True}]})
+    store = Store(tmp_path / "data")
+    pipeline = Pipeline(settings, db, store, None)  # type: ignore[arg-type]
+    now = [1000.0]
+    pipeline.clock = lambda: now[0]
+
+    def full(*_: object, **__: object) -> int:
+        raise StorageError("No space left on device")
+
+    real_write = store.write_atomic
+    store.write_atomic = full  # type: ignore[method-assign]
+    assert pipeline.answer_superseded() == 0
+    now[0] += STRANDED_RETRY_S - 1
+    assert pipeline.answer_superseded() == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "no rejection note for pacs (again in 60 s)" in errors[0]
+    # Space again, and the wait over: the note is made, once.
+    store.write_atomic = real_write  # type: ignore[method-assign]
+    assert pipeline.answer_superseded() == 0
+    now[0] += 1
+    assert pipeline.answer_superseded() == 1
+    assert db.one("SELECT count(*) AS n FROM outputs WHERE kind = 'kos'")["n"] == 1
+    assert db.superseded_deliveries() == [] and pipeline.answer_superseded() == 0
