@@ -336,6 +336,8 @@ UNREACHED_PREFIX = "cannot connect to "
 #: the job that made it.
 WITHDRAWN_DETAIL = "not sent: made under a patient identity the sender has corrected since"
 SUPERSEDED_BY_IDENTITY = "superseded: the sender corrected the patient identity; analysed again under the new one"
+#: The reason of a job an operator's re-analysis replaced.
+REANALYSIS_REQUESTED = "re-analysis requested"
 
 
 def _withdraw_superseded(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str, now: float) -> int:
@@ -1306,8 +1308,14 @@ class Database:
                        " AND input_key = ?", (seconds, study_instance_uid, analysis, input_key))
 
     def job_counts(self) -> list[dict[str, Any]]:
-        """Jobs per analysis and state."""
-        return self.query("SELECT analysis, state, count(*) AS n FROM jobs GROUP BY analysis, state ORDER BY 1, 2")
+        """Jobs per analysis and state. A job that newer work replaced (instances that arrived during its
+        analysis, a corrected patient identity, a re-analysis asked for) is kept as 'failed' so that it is never
+        taken for done, but counts as 'superseded': nothing in it failed, and an alert on failed jobs must not
+        fire for it."""
+        return self.query(
+            "SELECT analysis, CASE WHEN state = 'failed' AND (reason LIKE 'superseded:%' OR reason = ?)"
+            " THEN 'superseded' ELSE state END AS state, count(*) AS n FROM jobs GROUP BY 1, 2 ORDER BY 1, 2",
+            (REANALYSIS_REQUESTED,))
 
     def oldest_waiting(self) -> dict[str, float]:
         """Per unsettled study state, the oldest `updated_at` (how long the longest-waiting study has waited)."""
@@ -1433,8 +1441,8 @@ class Database:
             if db.execute("SELECT 1 FROM deliveries WHERE study_instance_uid = ? AND state IN ('pending', 'sending')",
                           (study_instance_uid,)).fetchone():
                 return "deliveries of this study are still under way"
-            db.execute("UPDATE jobs SET state = 'failed', reason = 're-analysis requested', updated_at = ?"
-                       " WHERE study_instance_uid = ?", (now, study_instance_uid))
+            db.execute("UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE study_instance_uid = ?",
+                       (REANALYSIS_REQUESTED, now, study_instance_uid))
             db.execute("UPDATE studies SET state = 'complete', reason = NULL, interrupted = 0, updated_at = ? WHERE"
                        " study_instance_uid = ?", (now, study_instance_uid))
         return None

@@ -126,6 +126,9 @@ def test_failed_delivery_fails_study_and_retry_requeues(db: Database) -> None:
     db.mark_delivered(delivery, 0)
     db.settle_delivered_studies()
     assert db.study("1.2.3")["state"] == "delivered" and db.one("SELECT state FROM jobs")["state"] == "delivered"
+    # An operator asks for a re-analysis: the job it replaces is superseded, not failed, in the metrics.
+    assert db.request_reanalysis("1.2.3") is None
+    assert db.job_counts() == [{"analysis": "a", "state": "superseded", "n": 1}]
 
 
 def test_a_second_identical_job_is_not_run_again(db: Database) -> None:
@@ -552,6 +555,9 @@ def test_a_correction_starts_an_identity_epoch_once_and_withdraws_what_the_old_o
         third["output"]]
     # Never attempted: nothing of them can be in a PACS, nothing to answer.
     assert db.superseded_deliveries() == []
+    # Nothing failed: an alert on failed jobs stays quiet.
+    assert db.job_counts() == [{"analysis": "a", "state": "encoded", "n": 1}, {"analysis": "a", "state": "superseded", "n": 2}]
+
     # A report's predecessor is one of its own epoch only.
     assert db.latest_output("1.2.3", "a", "sr", before_job=third["id"], identity_epoch=2) is None
 
