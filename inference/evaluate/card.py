@@ -6,10 +6,33 @@ this module and are included verbatim, so the card never claims what nobody look
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 NOTES = Path(__file__).with_name("vertebrae_notes.md")
+
+
+def carry_over(results: dict[str, Any], model_json: Path, keys: tuple[str, ...]) -> list[str]:
+    """Copy the sections `keys` this evaluation did not measure from the metrics of `model_json` (an earlier
+    evaluation), noting where each came from (`carried_over`), so the card prints them with their date and
+    model instead of dropping them. Returns the keys copied."""
+    earlier = json.loads(Path(model_json).read_text()).get("metrics") or {}
+    copied = [k for k in keys if k not in results and earlier.get(k)]
+    for key in copied:
+        results[key] = earlier[key]
+        results.setdefault("carried_over", {})[key] = {
+            "evaluated": earlier.get("evaluated"), "model_version": earlier.get("model_version")}
+    return copied
+
+
+def carried_lines(m: dict[str, Any], key: str, why: str) -> list[str]:
+    """The sentence a card puts under a section carried over from an earlier evaluation (nothing otherwise)."""
+    source = (m.get("carried_over") or {}).get(key)
+    if not source:
+        return []
+    return [f"**Not re-run for this version**: measured by the evaluation of {source.get('evaluated')} "
+            f"(model {source.get('model_version')}); {why}", ""]
 
 DATA_PROVENANCE = """\
 | data | what | origin | licence |
@@ -366,7 +389,11 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "in the CT volume; truth = heights measured in 3D on the deformed body (isocentre scale) and the grade of the loss "
             "against the same body before the deformity.",
         )
-    for name, s in (m.get("lateral_leave_one_patient_out") or {}).items():
+    lateral_lopo = m.get("lateral_leave_one_patient_out") or {}
+    if lateral_lopo:
+        lines += carried_lines(m, "lateral_leave_one_patient_out", "the folds retrained only the six-point stage, and the vertebra "
+                               "network that found the centroids was that model's, not this one's.")
+    for name, s in lateral_lopo.items():
         lines += _morphometry_section(
             f"Heights and fractures, leave one CT patient out: {name}", s,
             f"The six-point stage retrained without that CT patient ({s.get('training')}); the vertebra network is the shipped one.",
@@ -384,6 +411,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "fold's model on the patient it DID train on: compare \"trained without X, tested on X\" with the other fold's",
             "control on X (same short recipe, same samples).",
             "",
+            *carried_lines(m, "leave_one_patient_out", "the folds retrain the recipe from random weights, so they do not depend on "
+                           "this model's weights (they do on the recipe, which is the same)."),
         ]
         for name, s in lopo.items():
             lines += _synth_section(s.get("set", name), s)

@@ -42,7 +42,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from inference.evaluate import metrics as M
-from inference.evaluate.card import detection_text, interval_text, value_text
+from inference.evaluate.card import carried_lines, detection_text, interval_text, value_text
 from inference.radiograph import preprocess
 from inference.radiograph.hardware import HardwareModel
 from inference.radiograph.hardware_post import (
@@ -1019,6 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vertebra-model", action="store_true", help="skip the end-to-end level check with the vertebra model")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--carry-lopo-from", type=Path, default=None, metavar="MODEL_JSON",
+                    help="with --skip-lopo: keep that section from this earlier evaluation (the card says so)")
     args = ap.parse_args(argv)
     common.setup_logging()
     common.setup(0, args.threads)
@@ -1071,6 +1073,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--lopo-sources: {sorted(unknown)} not among {list(LOPO_SOURCES)}")
         results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, stages, args.lopo_limit, model, sources)
         results["leave_one_patient_out_not_run"] = [x for x in LOPO_SOURCES if x not in sources]
+    elif args.carry_lopo_from is not None:
+        from inference.evaluate.card import carry_over
+
+        log.info("carried over from %s: %s", args.carry_lopo_from,
+                 carry_over(results, args.carry_lopo_from, ("leave_one_patient_out", "leave_one_patient_out_not_run")))
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta["metrics"] = results
     common.write_json(args.model / "model.json", meta)
@@ -1529,6 +1536,8 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "real radiographs, tested on synthetic hold-out samples of the left-out patient (never seen in that training).",
             "",
         ]
+        lines += carried_lines(m, "leave_one_patient_out", "the folds retrain the recipe from random weights and use no vertebra "
+                               "model; their \"shipped model\" rows are this version's only if its hardware weights are the same.")
         not_run = m.get("leave_one_patient_out_not_run")
         if not_run:
             lines += [f"Not run for this version (one training run per fold): the fold without {', '.join(not_run)}.", ""]

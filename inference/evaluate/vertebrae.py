@@ -619,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-limit", type=int, default=0)
     ap.add_argument("--skip-variants", action="store_true", help="no robustness rows (real test images as DICOM, lumbar fields, implants ...)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--carry-lopo-from", type=Path, default=None, metavar="MODEL_JSON",
+                    help="with --skip-lopo / --skip-lateral-lopo: keep those sections from this earlier evaluation (the card says so)")
     args = ap.parse_args(argv)
     common.setup_logging()
     common.setup(0, args.threads)
@@ -661,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
             results["lateral_leave_one_patient_out"] = lateral_lopo(
                 args.model, args.lateral_cache, lateral, args.lopo_work, args.lateral_lopo_iterations
             )
+    if args.carry_lopo_from is not None:
+        from inference.evaluate.card import carry_over
+
+        log.info("carried over from %s: %s", args.carry_lopo_from,
+                 carry_over(results, args.carry_lopo_from, ("leave_one_patient_out", "lateral_leave_one_patient_out")))
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta = json.loads((args.model / "model.json").read_text())
     meta["metrics"] = results

@@ -54,3 +54,29 @@ def test_the_hardware_card_says_how_far_the_rows_move_on_a_second_hold_out() -> 
     section = card[card.index("### A second synthetic hold-out") :]
     lateral = second["cage_discs_vertebra_model_by_view"]["LAT"]
     assert f"| {lateral['f1']:.3f} ({lateral['precision']:.3f} / {lateral['recall']:.3f}) |" in section.split("\n\n### ")[0]
+
+
+def test_sections_carried_over_from_an_earlier_evaluation_say_so(tmp_path: Path) -> None:
+    """An evaluation that does not re-run the leave-one-patient-out folds (hours of training) keeps the earlier
+    ones, and the card dates them, instead of silently dropping or passing them off as measured now."""
+    import json
+
+    from inference.evaluate.card import carry_over, render_card
+
+    spec = ModelRegistry().spec("spine-xr-vertebrae")
+    meta = spec.metadata
+    earlier = meta["metrics"]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    measured_now = {k: v for k, v in earlier.items() if "leave_one_patient_out" not in k} | {"evaluated": "2027-01-01"}
+    assert carry_over(measured_now, tmp_path / "model.json", ("leave_one_patient_out", "lateral_leave_one_patient_out")) == [
+        "leave_one_patient_out", "lateral_leave_one_patient_out"]
+    assert measured_now["leave_one_patient_out"] == earlier["leave_one_patient_out"]
+    card = render_card(meta, measured_now)
+    lopo = card[card.index("### Leave one CT patient out") :]
+    assert f"measured by the evaluation of {earlier['evaluated']} (model {earlier['model_version']})" in lopo
+    assert "do not depend on this model's weights" in lopo
+    assert "the vertebra network that found the centroids was that model's" in card
+    # What this evaluation measured is never replaced.
+    again = dict(measured_now)
+    assert carry_over(again, tmp_path / "model.json", ("leave_one_patient_out",)) == []
+    assert "Not re-run" not in render_card(meta, earlier)
