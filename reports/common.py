@@ -7,6 +7,7 @@ without importing each other.
 from __future__ import annotations
 
 import copy
+import datetime
 import enum
 import re
 import warnings
@@ -422,6 +423,40 @@ def institution_name(source: Dataset, producer: Producer) -> str | None:
         return None
     value = str(values[0])
     return value if len(value.encode("utf-8")) <= 64 else fit_lo(value)
+
+
+#: The creation dates and times an output carries (highdicom sets some of them, each from its own clock read).
+_CREATION_DATE_TIME = (("InstanceCreationDate", "InstanceCreationTime"), ("ContentDate", "ContentTime"),
+                       ("PresentationCreationDate", "PresentationCreationTime"))
+_UTC_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
+
+
+def utc_offset(source: Dataset) -> datetime.timezone | None:
+    """The source's TimezoneOffsetFromUTC ("+0100") as a time zone; None when absent or not valid."""
+    match = _UTC_OFFSET.match(str(source.get("TimezoneOffsetFromUTC", "")).strip())
+    if match is None or int(match[2]) > 14 or int(match[3]) > 59:
+        return None
+    minutes = (int(match[2]) * 60 + int(match[3])) * (-1 if match[1] == "-" else 1)
+    return datetime.timezone(datetime.timedelta(minutes=minutes))
+
+
+def apply_creation_time(ds: Dataset, source: Dataset, now: datetime.datetime) -> None:
+    """One creation moment for every date and time the node stamps on an output, and SeriesDate / SeriesTime
+    (the output series is made then; viewers and PACS lists show it). When the source states its
+    TimezoneOffsetFromUTC the output copies it and gives its own times in that zone: the offset applies to every
+    date and time of an instance, the copied study date and time included, so it must be the source's."""
+    zone = utc_offset(source)
+    local = now.astimezone(zone) if zone is not None else now.astimezone()
+    date, time = local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f")
+    for date_keyword, time_keyword in _CREATION_DATE_TIME:
+        if date_keyword in ds:
+            setattr(ds, date_keyword, date)
+            setattr(ds, time_keyword, time)
+    ds.SeriesDate, ds.SeriesTime = date, time
+    if zone is not None:
+        ds.TimezoneOffsetFromUTC = str(source.TimezoneOffsetFromUTC).strip()
+    elif "TimezoneOffsetFromUTC" in ds:
+        del ds.TimezoneOffsetFromUTC
 
 
 def apply_equipment(ds: Dataset, source: Dataset, producer: Producer) -> None:

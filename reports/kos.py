@@ -10,13 +10,21 @@ of the instances it rejects (the old one, as IOCM requires: the archive files it
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 
 from reports import codes
-from reports.common import REJECTION_SERIES, Producer, apply_equipment, apply_identity, check_one_study
+from reports.common import (
+    REJECTION_SERIES,
+    Producer,
+    apply_creation_time,
+    apply_equipment,
+    apply_identity,
+    check_one_study,
+)
 from reports.uids import derive_uid
 
 
@@ -57,6 +65,7 @@ def build_rejection_note(rejected: Sequence[Dataset], *, producer: Producer = Pr
         manufacturer=producer.manufacturer,
     )
     apply_identity(note, first)
+    apply_creation_time(note, first, datetime.datetime.now(datetime.UTC))
     apply_equipment(note, first, producer)
     note.SeriesDescription = REJECTION_SERIES.description
     return note

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Collection, Sequence
 
 from pydicom.dataset import Dataset
@@ -13,6 +14,7 @@ from reports.common import (
     OutputOptions,
     Producer,
     SopReference,
+    apply_creation_time,
     apply_identity,
     check_one_study,
     encodable_copy,
@@ -85,6 +87,8 @@ def build_outputs(
         all_refs = tuple(uid for image, _ in images for uid in image.source.sop_instance_uids)
         outputs.append(EncodedOutput(OutputKind.SR, sr, all_refs))
     # The builders saw copies without unparsable dates/times; identity goes out exactly as the source sent it.
+    now = datetime.datetime.now(datetime.UTC)
     for out in outputs:
         apply_identity(out.dataset, originals[0])
+        apply_creation_time(out.dataset, originals[0], now)
     return outputs

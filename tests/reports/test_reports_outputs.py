@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import re
 import subprocess
 import warnings
@@ -79,6 +80,31 @@ def test_patient_and_study_identity_copied_exactly(cases, outputs, case, tmp_pat
         for keyword, _ in IDENTITY_ATTRIBUTES:
             if keyword in source:
                 assert ds[keyword].value == source[keyword].value, (path.name, keyword)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_outputs_are_dated_once_and_keep_the_source_time_zone(cases, outputs, case, tmp_path, dciodvfy):
+    """Every output of one analysis carries one creation moment, SeriesDate/SeriesTime included (PACS lists and
+    viewers show them). A source that states TimezoneOffsetFromUTC has its study date and time in that zone:
+    the outputs copy the offset (it applies to the copied study time too) and give their own times in it."""
+    stamps = {(o.dataset.SeriesDate, o.dataset.SeriesTime) for o in outputs[case]}
+    assert len(stamps) == 1
+    for out in outputs[case]:
+        for date, time in (("InstanceCreationDate", "InstanceCreationTime"), ("ContentDate", "ContentTime")):
+            if date in out.dataset:
+                assert (out.dataset[date].value, out.dataset[time].value) in stamps, (out.kind, date)
+        assert "TimezoneOffsetFromUTC" not in out.dataset  # the source states none: nothing is asserted
+    sources = copy.deepcopy(cases[case].sources)
+    for ds in sources:
+        ds.TimezoneOffsetFromUTC = "-0930"
+    before = datetime.datetime.now(datetime.timezone.utc)
+    zoned = build_outputs(cases[case].result, sources)
+    for path in _write(tmp_path, zoned, case):
+        ds = pydicom.dcmread(path)
+        assert ds.TimezoneOffsetFromUTC == "-0930"
+        made = datetime.datetime.strptime(ds.SeriesDate + ds.SeriesTime + "-0930", "%Y%m%d%H%M%S.%f%z")
+        assert before <= made <= datetime.datetime.now(datetime.timezone.utc), path.name
+        assert dciodvfy(path)[0] == [], path.name
 
 
 @pytest.mark.parametrize("case", CASES)
