@@ -97,13 +97,13 @@ def test_outputs_are_dated_once_and_keep_the_source_time_zone(cases, outputs, ca
     sources = copy.deepcopy(cases[case].sources)
     for ds in sources:
         ds.TimezoneOffsetFromUTC = "-0930"
-    before = datetime.datetime.now(datetime.timezone.utc)
+    before = datetime.datetime.now(datetime.UTC)
     zoned = build_outputs(cases[case].result, sources)
     for path in _write(tmp_path, zoned, case):
         ds = pydicom.dcmread(path)
         assert ds.TimezoneOffsetFromUTC == "-0930"
         made = datetime.datetime.strptime(ds.SeriesDate + ds.SeriesTime + "-0930", "%Y%m%d%H%M%S.%f%z")
-        assert before <= made <= datetime.datetime.now(datetime.timezone.utc), path.name
+        assert before <= made <= datetime.datetime.now(datetime.UTC), path.name
         assert dciodvfy(path)[0] == [], path.name
 
 
