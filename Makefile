@@ -55,6 +55,9 @@ bench: install
 # training runs <= 2 h at nice 10; checkpoints in ../cache/train-vertebrae make an interrupted run resume.
 # Both models and the cache that draws implants onto real films split the real radiographs one way
 # (inference.splits); a cache, checkpoint or model of another scheme stops the run with what to do.
+# A retrain keeps off what the model it replaces switched off in model.json after its evaluation (level names,
+# fracture grades; unassessed complications, unnamed plates), with the reasons: only a person who read the new
+# evaluation switches an output back on, by editing model.json.
 SPLIT_SCHEME ?= patient-v2
 VERTEBRA_CACHE ?= ../cache/synth-v1
 # The six-point morphometry stage (heights, fractures) trains last, on lateral DRRs with compression deformities

@@ -131,6 +131,50 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+#: Reporting switches: outputs an evaluation showed would mislead, switched off in model.json after training
+#: (same weights). Booleans are off when False; lists name what is off.
+SWITCHES_OFF_WHEN_FALSE = (("postprocess", "name_levels"), (None, "fracture_grading"))
+SWITCHES_LISTING_OFF = (("postprocess", "not_assessed"), ("postprocess", "not_named"))
+
+
+def carry_switches(meta: dict[str, Any], source: Path | None) -> list[str]:
+    """Keep off, in the model.json `meta` a training run is about to write, what the model folder `source` (the
+    one the run replaces) switched off, with its reasons (``switched_off``): a retrain must not switch an
+    output back on that a clinical evaluation switched off; only a person who read the new evaluation does,
+    by editing model.json. Returns what was kept off (for the log); nothing without a `source` model."""
+    if source is None or not (source / "model.json").is_file():
+        return []
+    old = json.loads((source / "model.json").read_text())
+    if old.get("name") != meta.get("name"):
+        raise SystemExit(f"{source} holds {old.get('name')!r}, not {meta.get('name')!r}: its switches do not apply")
+    kept: list[str] = []
+    for section, key in SWITCHES_OFF_WHEN_FALSE:
+        if ((old.get(section) or {}) if section else old).get(key) is False:
+            (meta.setdefault(section, {}) if section else meta)[key] = False
+            kept.append(f"{section}.{key}" if section else key)
+    for section, key in SWITCHES_LISTING_OFF:
+        off = (old.get(section) or {}).get(key) or []
+        if off:
+            post = meta.setdefault(section, {})
+            post[key] = sorted(set(post.get(key) or []) | set(off))
+            kept += [f"{section}.{key}: {name}" for name in off]
+    if old.get("switched_off"):
+        meta["switched_off"] = {**old["switched_off"], **(meta.get("switched_off") or {})}
+        meta["switched_off_in"] = old.get("switched_off_in") or old.get("version")
+    return kept
+
+
+def switches_source(value: str | None, out: Path) -> Path | None:
+    """``--switches-from``: a model folder, "none", or unset (the --out folder the run replaces)."""
+    if value is None:
+        return out
+    return None if value.strip().lower() == "none" else Path(value)
+
+
+SWITCHES_HELP = ("model folder whose switched-off outputs (and their reasons) stay off in the model written; default: "
+                 "--out, the model this run replaces; 'none': every output on (evaluate before shipping)")
+
+
 def cache_role(index: int, sample: Any, exclude_sources: set[str], val_every: int) -> str | None:
     """Where the `index`-th sample of a data-engine cache goes in the hardware stages' one split: "held_out"
     (every `val_every`-th), "train", or None when its CT source is left out (leave-one-patient-out)."""

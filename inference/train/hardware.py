@@ -352,8 +352,9 @@ def tune_thresholds(net: torch.nn.Module, val: list[tuple[TargetItem, Any]], par
     return replace(params, complication_threshold=chosen), report
 
 
-def write_model_folder(out: Path, weights: Path, info: dict, params: HardwareParams) -> dict:
-    """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation)."""
+def write_model_folder(out: Path, weights: Path, info: dict, params: HardwareParams, switches_from: Path | None = None) -> dict:
+    """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation), with
+    what `switches_from` switched off still off (`common.carry_switches`)."""
     from inference.radiograph import preprocess
 
     out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +390,8 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: HardwarePar
         "training": info,
         "metrics": {},
     }
+    if kept := common.carry_switches(meta, switches_from):
+        log.info("kept switched off, as in %s: %s", switches_from, "; ".join(kept))
     common.write_json(out / "model.json", meta)
     return meta
 
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                          "checkpoint or --init-weights model the run continues); the cache must draw on its train films")
     ap.add_argument("--not-assessed", default="", help="comma list of complications the model will never report (model.json "
                     "postprocess.not_assessed), e.g. 'screw loosening,screw breakage'")
+    ap.add_argument("--switches-from", default=None, help=common.SWITCHES_HELP)
     args = ap.parse_args(argv)
     try:
         pos_weight = parse_pos_weight(args.pos_weight)
@@ -650,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
             "manifest": {k: manifest.get(k) for k in ("format", "count", "seed", "parameters", "counts", "provenance") if k in manifest},
         },
     }
-    write_model_folder(args.out, weights_file, info, replace(tuned, not_assessed=not_assessed))
+    write_model_folder(args.out, weights_file, info, replace(tuned, not_assessed=not_assessed),
+                       common.switches_source(args.switches_from, args.out))
     if args.patch_iterations:
         from inference.train.hardware_patches import add_stage as add_patch_stage
 

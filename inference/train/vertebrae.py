@@ -355,8 +355,10 @@ def selection_score(metrics: dict[str, float]) -> float:
     return score
 
 
-def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams | None = None) -> dict:
-    """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation)."""
+def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams | None = None,
+                       switches_from: Path | None = None) -> dict:
+    """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation), with
+    what `switches_from` switched off still off (`common.carry_switches`)."""
     out.mkdir(parents=True, exist_ok=True)
     dest = out / "weights.pt"
     shutil.copyfile(weights, dest)
@@ -386,6 +388,8 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams
         "training": info,
         "metrics": {},
     }
+    if kept := common.carry_switches(meta, switches_from):
+        log.info("kept switched off, as in %s: %s", switches_from, "; ".join(kept))
     common.write_json(out / "model.json", meta)
     return meta
 
@@ -417,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-scheme", default=None, choices=sorted(SCHEMES),
                     help=f"split of the real films (inference.splits; default {TRAINING_SCHEME}, or the scheme of the "
                          "checkpoint or --init-weights model the run continues)")
+    ap.add_argument("--switches-from", default=None, help=common.SWITCHES_HELP)
     args = ap.parse_args(argv)
 
     work = args.work
@@ -610,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         common.write_json(run_info, info)
     else:
         common.write_json(run_info, info)
-    write_model_folder(args.out, best_path, info, tuned)
+    write_model_folder(args.out, best_path, info, tuned, common.switches_source(args.switches_from, args.out))
     log.info("wrote %s (best score %.4f at %s); %s", args.out, best, best_entry.get("iteration"), stop_reason)
     return 0
 
