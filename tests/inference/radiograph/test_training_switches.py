@@ -40,7 +40,6 @@ def test_a_vertebra_retrain_keeps_level_names_and_fracture_grades_off(tmp_path: 
 
 def test_a_hardware_retrain_keeps_its_failure_modes_unassessed_and_plates_unnamed(tmp_path: Path) -> None:
     from inference.radiograph.hardware_post import HardwareParams
-    from inference.train import common
     from inference.train.hardware import write_model_folder
 
     shipped = ModelRegistry().spec("spine-xr-hardware").metadata
