@@ -15,6 +15,7 @@ model.json.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -263,9 +264,32 @@ def add_stage(model_folder: Path, cache: Path, val_every: int, iterations: int, 
     return info
 
 
+def copy_stage(model_folder: Path, source: Path) -> dict[str, Any]:
+    """Put the six-point stage of the vertebra model folder `source` into `model_folder`, untrained again: the
+    stage learns from crops cut around TRUE centroids of synthetic laterals (no real film, no output of the
+    segmentation network), so a stage trained beside one network serves another. model.json records where it
+    came from; its metrics are cleared (the evaluation must run again, with the new network's centroids)."""
+    import torch
+
+    src_meta = json.loads((source / "model.json").read_text())
+    states = torch.load(str(source / src_meta.get("weights", "weights.pt")), map_location="cpu", weights_only=True)
+    if not isinstance(states, dict) or "endplates" not in states:
+        raise SystemExit(f"{source}: its weights hold no six-point stage")
+    meta = common.add_stage_weights(model_folder, "endplates", states["endplates"])
+    meta["format"] = src_meta.get("format", meta.get("format"))
+    meta.setdefault("architecture", {})["endplates"] = src_meta["architecture"]["endplates"]
+    info = {**src_meta["training"]["endplates"], "copied_from": {"model": str(source), "version": src_meta.get("version")}}
+    meta.setdefault("training", {})["endplates"] = info
+    common.write_json(model_folder / "model.json", meta)
+    log.info("endplate stage copied from %s %s; wrote %s (%s)", source, src_meta.get("version"), model_folder, meta["version"])
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m inference.train.endplates", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache", type=Path, required=True, help="data-engine cache with lateral views (.npz shards)")
+    ap.add_argument("--cache", type=Path, default=None, help="data-engine cache with lateral views (.npz shards)")
+    ap.add_argument("--copy-from", type=Path, default=None, metavar="MODEL_FOLDER",
+                    help="no training: copy the stage of this vertebra model folder (it does not depend on the network)")
     ap.add_argument("--model", type=Path, required=True, help="vertebra model folder to add the stage to")
     ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=1)
@@ -278,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     common.setup(args.seed, args.threads)
     if not (args.model / "model.json").is_file():
         ap.error(f"--model: {args.model}/model.json not found")
+    if args.copy_from is not None:
+        copy_stage(args.model, args.copy_from)
+        return 0
+    if args.cache is None:
+        ap.error("--cache is needed to train the stage (or --copy-from to copy one)")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
     command = "python -m inference.train.endplates " + " ".join(sys.argv[1:] if argv is None else argv)

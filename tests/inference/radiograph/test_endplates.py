@@ -134,3 +134,33 @@ def test_a_stage_is_added_to_a_model_folder(tmp_path) -> None:  # noqa: ANN001
     common.add_stage_weights(tmp_path, "endplates", {"b": torch.ones(3)})  # replaced, not nested again
     state = torch.load(tmp_path / "weights.pt", weights_only=True)
     assert set(state) == {"segmentation", "endplates"} and torch.equal(state["endplates"]["b"], torch.ones(3))
+
+
+def test_the_shipped_stage_can_be_copied_into_a_new_network_folder(tmp_path) -> None:  # noqa: ANN001
+    """A network retrained on another split keeps the six-point stage (it never saw a real film nor the
+    network's output): copied, with where it came from, and the loaded model uses it."""
+    import json
+
+    import torch
+
+    from inference.radiograph.model import VertebraModel
+    from inference.registry import ModelRegistry, ModelSpec
+    from inference.train.endplates import main
+
+    shipped = ModelRegistry().spec("spine-xr-vertebrae")
+    states = torch.load(shipped.folder / "weights.pt", map_location="cpu", weights_only=True)
+    folder = tmp_path / "spine-xr-vertebrae"
+    folder.mkdir()
+    torch.save(states["segmentation"], folder / "weights.pt")  # a network alone, as the trainer writes it
+    meta = {k: v for k, v in shipped.metadata.items() if k not in ("format",)}
+    meta["architecture"] = {k: v for k, v in meta["architecture"].items() if k != "endplates"}
+    meta["training"] = {k: v for k, v in meta["training"].items() if k != "endplates"}
+    (folder / "model.json").write_text(json.dumps(meta))
+    assert main(["--model", str(folder), "--copy-from", str(shipped.folder)]) == 0
+    written = json.loads((folder / "model.json").read_text())
+    assert written["training"]["endplates"]["copied_from"]["version"] == shipped.metadata["version"]
+    assert written["architecture"]["endplates"] == shipped.metadata["architecture"]["endplates"]
+    assert written["metrics"] == {}
+    copied = torch.load(folder / "weights.pt", weights_only=True)["endplates"]
+    assert all(torch.equal(copied[k], states["endplates"][k]) for k in states["endplates"])
+    assert VertebraModel.from_spec(ModelSpec.read(folder)).endplates is not None
