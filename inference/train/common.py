@@ -164,15 +164,36 @@ def carry_switches(meta: dict[str, Any], source: Path | None) -> list[str]:
     return kept
 
 
-def switches_source(value: str | None, out: Path) -> Path | None:
-    """``--switches-from``: a model folder, "none", or unset (the --out folder the run replaces)."""
-    if value is None:
-        return out
-    return None if value.strip().lower() == "none" else Path(value)
+def switches_source(value: str | None, out: Path, name: str) -> Path | None:
+    """``--switches-from``, resolved and checked before any training (a bad one must not cost the run): a model
+    folder of model `name`; "none" (None: every output on); unset: the --out folder the run replaces, or, when
+    that holds no model yet, the installed model of that name (the one the new weights would replace)."""
+    if value is not None and value.strip().lower() == "none":
+        log.warning("--switches-from none: every output of the model written is on; evaluate it before shipping")
+        return None
+    if value is not None:
+        source = Path(value)
+    elif (out / "model.json").is_file():
+        source = out
+    else:
+        from inference.registry import ModelRegistry
+
+        try:
+            source = ModelRegistry().spec(name).folder
+        except Exception:  # noqa: BLE001 - no installed model: nothing was ever switched off
+            log.warning("no model %s installed and none in %s: nothing to keep switched off", name, out)
+            return None
+    if not (source / "model.json").is_file():
+        raise SystemExit(f"--switches-from: {source}/model.json not found")
+    found = json.loads((source / "model.json").read_text()).get("name")
+    if found != name:
+        raise SystemExit(f"--switches-from: {source} holds {found!r}, not {name!r}: its switches do not apply")
+    return source
 
 
 SWITCHES_HELP = ("model folder whose switched-off outputs (and their reasons) stay off in the model written; default: "
-                 "--out, the model this run replaces; 'none': every output on (evaluate before shipping)")
+                 "--out, the model this run replaces (or the installed model when --out holds none yet); 'none': "
+                 "every output on (evaluate before shipping)")
 
 
 def cache_role(index: int, sample: Any, exclude_sources: set[str], val_every: int) -> str | None:

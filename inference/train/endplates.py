@@ -15,7 +15,6 @@ model.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -271,14 +270,21 @@ def copy_stage(model_folder: Path, source: Path) -> dict[str, Any]:
     came from; its metrics are cleared (the evaluation must run again, with the new network's centroids)."""
     import torch
 
-    src_meta = json.loads((source / "model.json").read_text())
-    states = torch.load(str(source / src_meta.get("weights", "weights.pt")), map_location="cpu", weights_only=True)
-    if not isinstance(states, dict) or "endplates" not in states:
-        raise SystemExit(f"{source}: its weights hold no six-point stage")
+    from inference.registry import ModelSpec
+
+    if source.resolve() == model_folder.resolve():
+        raise SystemExit(f"--copy-from: {source} is the folder the stage would be copied into")
+    spec = ModelSpec.read(source)
+    spec.verify()  # the weights are the ones its model.json describes
+    src_meta = spec.metadata
+    states = torch.load(str(spec.weights), map_location="cpu", weights_only=True)
+    record = (src_meta.get("training") or {}).get("endplates")
+    if not isinstance(states, dict) or "endplates" not in states or not record:
+        raise SystemExit(f"{source}: it holds no six-point stage (weights and training record)")
     meta = common.add_stage_weights(model_folder, "endplates", states["endplates"])
     meta["format"] = src_meta.get("format", meta.get("format"))
     meta.setdefault("architecture", {})["endplates"] = src_meta["architecture"]["endplates"]
-    info = {**src_meta["training"]["endplates"], "copied_from": {"model": str(source), "version": src_meta.get("version")}}
+    info = {**record, "copied_from": {"model": str(source), "version": src_meta.get("version")}}
     meta.setdefault("training", {})["endplates"] = info
     common.write_json(model_folder / "model.json", meta)
     log.info("endplate stage copied from %s %s; wrote %s (%s)", source, src_meta.get("version"), model_folder, meta["version"])

@@ -357,10 +357,7 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: HardwarePar
     what `switches_from` switched off still off (`common.carry_switches`)."""
     from inference.radiograph import preprocess
 
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / "weights.pt"
-    shutil.copyfile(weights, dest)
-    digest = sha256_file(dest)
+    digest = sha256_file(weights)
     meta = {
         "name": MODEL_NAME,
         "version": f"1.0+{digest[:8]}",
@@ -390,8 +387,11 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: HardwarePar
         "training": info,
         "metrics": {},
     }
+    # Everything that can fail first: the folder never holds new weights under its old model.json.
     if kept := common.carry_switches(meta, switches_from):
         log.info("kept switched off, as in %s: %s", switches_from, "; ".join(kept))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, out / "weights.pt")
     common.write_json(out / "model.json", meta)
     return meta
 
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     if not 0.0 <= args.hard_negative_share < 1.0:
         ap.error("--hard-negative-share must lie in [0, 1)")
+    switches_from = common.switches_source(args.switches_from, args.out, MODEL_NAME)
     if args.init_weights is not None and not args.init_weights.is_file():
         ap.error(f"--init-weights: {args.init_weights} not found")
     if args.hard_negative_share and args.no_real_negatives:
@@ -654,8 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             "manifest": {k: manifest.get(k) for k in ("format", "count", "seed", "parameters", "counts", "provenance") if k in manifest},
         },
     }
-    write_model_folder(args.out, weights_file, info, replace(tuned, not_assessed=not_assessed),
-                       common.switches_source(args.switches_from, args.out))
+    write_model_folder(args.out, weights_file, info, replace(tuned, not_assessed=not_assessed), switches_from)
     if args.patch_iterations:
         from inference.train.hardware_patches import add_stage as add_patch_stage
 

@@ -359,10 +359,7 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams
                        switches_from: Path | None = None) -> dict:
     """Copy `weights` to ``out/weights.pt`` and write ``out/model.json`` (metrics left for the evaluation), with
     what `switches_from` switched off still off (`common.carry_switches`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / "weights.pt"
-    shutil.copyfile(weights, dest)
-    digest = sha256_file(dest)
+    digest = sha256_file(weights)
     meta = {
         "name": MODEL_NAME,
         "version": f"1.0+{digest[:8]}",
@@ -388,8 +385,11 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams
         "training": info,
         "metrics": {},
     }
+    # Everything that can fail first: the folder never holds new weights under its old model.json.
     if kept := common.carry_switches(meta, switches_from):
         log.info("kept switched off, as in %s: %s", switches_from, "; ".join(kept))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, out / "weights.pt")
     common.write_json(out / "model.json", meta)
     return meta
 
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                          "checkpoint or --init-weights model the run continues)")
     ap.add_argument("--switches-from", default=None, help=common.SWITCHES_HELP)
     args = ap.parse_args(argv)
+    switches_from = common.switches_source(args.switches_from, args.out, MODEL_NAME)
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -615,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         common.write_json(run_info, info)
     else:
         common.write_json(run_info, info)
-    write_model_folder(args.out, best_path, info, tuned, common.switches_source(args.switches_from, args.out))
+    write_model_folder(args.out, best_path, info, tuned, switches_from)
     log.info("wrote %s (best score %.4f at %s); %s", args.out, best, best_entry.get("iteration"), stop_reason)
     return 0
 
