@@ -9,6 +9,7 @@ per-image SEG / SC / PR of unchanged images keep their UIDs and replace themselv
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import threading
@@ -191,6 +192,7 @@ def build_encoded(result: Any, datasets: Sequence[Dataset], destinations: Sequen
     shared = set().union(*(k for _, k in groups.values())) - {"seg"}
     out: list[tuple[str, Any]] = []
     first = True
+    created = datetime.datetime.now(datetime.UTC)  # one creation moment, whatever the variants
     for v, (opts, kinds) in groups.items():
         wanted = ({"seg"} & kinds) | (shared if first else set())
         first = False
@@ -198,7 +200,7 @@ def build_encoded(result: Any, datasets: Sequence[Dataset], destinations: Sequen
             continue
         try:
             objs = build_outputs(result, datasets, kinds=[OutputKind(k) for k in sorted(wanted)], options=opts,
-                                 producer=producer, predecessor_sr=predecessor)
+                                 producer=producer, predecessor_sr=predecessor, created=created)
         except Exception as exc:  # noqa: BLE001
             raise PipelineError(f"encoding outputs failed: {type(exc).__name__}: {redact(str(exc))}") from exc
         out.extend((v if o.kind.value == "seg" else "any", o) for o in objs)
@@ -356,9 +358,11 @@ class Pipeline:
         for row in self.db.superseded_deliveries():
             groups.setdefault((row["study_instance_uid"], row["destination"]), []).append(row)
         answered = 0
+        self._notes_due = {k: t for k, t in self._notes_due.items() if k in groups}  # (answered since)
         for (study, name), rows in groups.items():
             if self._notes_due.get((study, name), 0.0) > self.clock():
                 continue
+            self._notes_due.pop((study, name), None)
             try:
                 rejecting = self.settings.destination(name).reject_superseded
             except KeyError:
@@ -387,7 +391,6 @@ class Pipeline:
                         "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size,
                     }, name, [row["id"] for row, _ in group])
                     answered += len(group)
-                    self._notes_due.pop((study, name), None)
                     log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s"
                              " got under an earlier identity is queued for it", study, len(group), name)
                 # What no note can list (retention removed the file, or it cannot be read) is warned about; a

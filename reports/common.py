@@ -425,26 +425,31 @@ def institution_name(source: Dataset, producer: Producer) -> str | None:
     return value if len(value.encode("utf-8")) <= 64 else fit_lo(value)
 
 
-#: The creation dates and times an output carries (highdicom sets some of them, each from its own clock read).
+#: The creation dates and times an output carries (highdicom stamps them, each from its own clock read).
 _CREATION_DATE_TIME = (("InstanceCreationDate", "InstanceCreationTime"), ("ContentDate", "ContentTime"),
-                       ("PresentationCreationDate", "PresentationCreationTime"))
+                       ("PresentationCreationDate", "PresentationCreationTime"),
+                       ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"))
 _UTC_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
 
 
 def utc_offset(source: Dataset) -> datetime.timezone | None:
-    """The source's TimezoneOffsetFromUTC ("+0100") as a time zone; None when absent or not valid."""
+    """The source's TimezoneOffsetFromUTC ("+0100") as a time zone; None when absent, multi-valued or outside
+    the range PS3.3 C.12.1.1.8 allows (-1200 to +1400)."""
     match = _UTC_OFFSET.match(str(source.get("TimezoneOffsetFromUTC", "")).strip())
-    if match is None or int(match[2]) > 14 or int(match[3]) > 59:
+    if match is None or int(match[3]) > 59:
         return None
     minutes = (int(match[2]) * 60 + int(match[3])) * (-1 if match[1] == "-" else 1)
+    if not -12 * 60 <= minutes <= 14 * 60:
+        return None
     return datetime.timezone(datetime.timedelta(minutes=minutes))
 
 
 def apply_creation_time(ds: Dataset, source: Dataset, now: datetime.datetime) -> None:
-    """One creation moment for every date and time the node stamps on an output, and SeriesDate / SeriesTime
-    (the output series is made then; viewers and PACS lists show it). When the source states its
-    TimezoneOffsetFromUTC the output copies it and gives its own times in that zone: the offset applies to every
-    date and time of an instance, the copied study date and time included, so it must be the source's."""
+    """One creation moment for every date and time the node (or highdicom for it) stamps on an output. When the
+    source states its TimezoneOffsetFromUTC the output copies it and gives its own times in that zone: the
+    offset applies to every date and time of an instance, the copied study date and time included, so it must
+    be the source's. (No SeriesDate / SeriesTime: an output series outlives one analysis, its later instances
+    would contradict its first.)"""
     zone = utc_offset(source)
     local = now.astimezone(zone) if zone is not None else now.astimezone()
     date, time = local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f")
@@ -452,9 +457,13 @@ def apply_creation_time(ds: Dataset, source: Dataset, now: datetime.datetime) ->
         if date_keyword in ds:
             setattr(ds, date_keyword, date)
             setattr(ds, time_keyword, time)
-    ds.SeriesDate, ds.SeriesTime = date, time
+    # highdicom names itself as contributing equipment, stamped with its own (node-local) clock.
+    for item in ds.get("ContributingEquipmentSequence") or ():
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time
     if zone is not None:
-        ds.TimezoneOffsetFromUTC = str(source.TimezoneOffsetFromUTC).strip()
+        minutes = int(zone.utcoffset(None).total_seconds()) // 60
+        ds.TimezoneOffsetFromUTC = f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
     elif "TimezoneOffsetFromUTC" in ds:
         del ds.TimezoneOffsetFromUTC
 

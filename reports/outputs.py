@@ -44,6 +44,7 @@ def build_outputs(
     options: OutputOptions = OutputOptions(),  # noqa: B008 (frozen, so a shared default is safe)
     producer: Producer = Producer(),  # noqa: B008
     predecessor_sr: SopReference | None = None,
+    created: datetime.datetime | None = None,
 ) -> list[EncodedOutput]:
     """Encode `result` as SEG / SR / SC / PR objects placed in the sources' study.
 
@@ -52,7 +53,8 @@ def build_outputs(
     sources belong to more than one patient or study, or to another study than `result`.
     Objects are returned per image in the order SEG, SC, PR, then the study's SR.  An image with
     nothing to segment or draw gets no SEG / PR; every analysed image gets its SC, and the study its SR
-    (also when no image could be analysed: then the SR alone, saying why).
+    (also when no image could be analysed: then the SR alone, saying why).  `created` (default: now) is the
+    creation moment every object carries (`apply_creation_time`).
     """
     wanted = {OutputKind(k) for k in kinds}
     check_one_study(sources)
@@ -87,8 +89,8 @@ def build_outputs(
         all_refs = tuple(uid for image, _ in images for uid in image.source.sop_instance_uids)
         outputs.append(EncodedOutput(OutputKind.SR, sr, all_refs))
     # The builders saw copies without unparsable dates/times; identity goes out exactly as the source sent it.
-    now = datetime.datetime.now(datetime.UTC)
+    created = created or datetime.datetime.now(datetime.UTC)
     for out in outputs:
         apply_identity(out.dataset, originals[0])
-        apply_creation_time(out.dataset, originals[0], now)
+        apply_creation_time(out.dataset, originals[0], created)
     return outputs

@@ -82,29 +82,69 @@ def test_patient_and_study_identity_copied_exactly(cases, outputs, case, tmp_pat
                 assert ds[keyword].value == source[keyword].value, (path.name, keyword)
 
 
+def _stamped(ds: pydicom.Dataset) -> set[tuple[str, str]]:
+    """Every date and time of an output but those it copies from its source (identity, evidence, source
+    references), as (keyword, value)."""
+    copied = {"StudyDate", "StudyTime", "PatientBirthDate", "PatientBirthTime"}
+    return {(e.keyword, str(e.value)) for e in ds.iterall() if e.VR in ("DA", "TM", "DT") and e.keyword not in copied}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_outputs_are_dated_once_and_keep_the_source_time_zone(cases, outputs, case, tmp_path, dciodvfy):
-    """Every output of one analysis carries one creation moment, SeriesDate/SeriesTime included (PACS lists and
-    viewers show them). A source that states TimezoneOffsetFromUTC has its study date and time in that zone:
-    the outputs copy the offset (it applies to the copied study time too) and give their own times in it."""
-    stamps = {(o.dataset.SeriesDate, o.dataset.SeriesTime) for o in outputs[case]}
-    assert len(stamps) == 1
+    """Every object of one analysis carries one creation moment (highdicom's own stamps included). A source that
+    states TimezoneOffsetFromUTC has its study date and time in that zone: the outputs copy the offset (it applies
+    to the copied study time too) and give every time of theirs in it."""
+    moments = set()
     for out in outputs[case]:
-        for date, time in (("InstanceCreationDate", "InstanceCreationTime"), ("ContentDate", "ContentTime")):
-            if date in out.dataset:
-                assert (out.dataset[date].value, out.dataset[time].value) in stamps, (out.kind, date)
+        stamps = dict(_stamped(out.dataset))
+        moments |= {stamps[k] for k in stamps if k.endswith("Date")}
+        moments |= {stamps[k][:8] for k in stamps if k.endswith("DateTime")}
         assert "TimezoneOffsetFromUTC" not in out.dataset  # the source states none: nothing is asserted
+        assert "SeriesDate" not in out.dataset  # a series outlives one analysis
+    assert len(moments) == 1
     sources = copy.deepcopy(cases[case].sources)
     for ds in sources:
         ds.TimezoneOffsetFromUTC = "-0930"
     before = datetime.datetime.now(datetime.UTC)
-    zoned = build_outputs(cases[case].result, sources)
+    zoned = build_outputs(cases[case].result, sources, created=before)
     for path in _write(tmp_path, zoned, case):
         ds = pydicom.dcmread(path)
         assert ds.TimezoneOffsetFromUTC == "-0930"
-        made = datetime.datetime.strptime(ds.SeriesDate + ds.SeriesTime + "-0930", "%Y%m%d%H%M%S.%f%z")
-        assert before <= made <= datetime.datetime.now(datetime.UTC), path.name
+        stamps = _stamped(ds)
+        dates = {v for k, v in stamps if k.endswith("Date")}
+        times = {v for k, v in stamps if k.endswith("Time") and not k.endswith("DateTime")}
+        assert dates | times and {v for k, v in stamps if k.endswith("DateTime")} <= {d + t for d in dates for t in times}
+        assert len(dates) == len(times) == 1, stamps
+        made = datetime.datetime.strptime(dates.pop() + times.pop() + "-0930", "%Y%m%d%H%M%S.%f%z")
+        assert made == before, path.name
         assert dciodvfy(path)[0] == [], path.name
+
+
+@pytest.mark.parametrize(("offset", "written"), [("+0100", "+0100"), ("-0000", "+0000"), ("+1400", "+1400"),
+                                                 ("+1459", None), ("-1300", None), ("+0160", None), ("", None),
+                                                 ("+01:00", None), ("+0100\\+0200", None)])
+def test_only_a_valid_source_time_zone_is_copied(cases, offset, written):
+    from reports.common import apply_creation_time
+
+    source, out = copy.deepcopy(cases["lateral-dx"].sources[0]), pydicom.Dataset()
+    source.TimezoneOffsetFromUTC = offset
+    out.TimezoneOffsetFromUTC = "+0500"  # as a builder might have copied it
+    apply_creation_time(out, source, datetime.datetime.now(datetime.UTC))
+    assert out.get("TimezoneOffsetFromUTC") == written
+
+
+def test_every_object_of_one_analysis_shares_its_creation_moment_across_seg_variants(cases):
+    """A PACS given binary SEGs and another given label maps: the analysis made both at one moment."""
+    from dicom_node.pipeline import build_encoded
+    from dicom_node.settings import validate
+
+    settings = validate({"destinations": [
+        {"name": "a", "ae_title": "A", "host": "127.0.0.1", "port": 104},
+        {"name": "b", "ae_title": "B", "host": "127.0.0.1", "port": 105, "seg_format": "labelmap"}]})
+    case = cases["lateral-dx"]
+    built = build_encoded(case.result, case.sources, settings.destinations, producer=Producer())
+    assert {variant for variant, _ in built} >= {"binary/none", "labelmap/none"}
+    assert len({o.dataset.InstanceCreationTime for _, o in built}) == 1
 
 
 @pytest.mark.parametrize("case", CASES)
