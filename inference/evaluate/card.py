@@ -13,15 +13,30 @@ from typing import Any
 NOTES = Path(__file__).with_name("vertebrae_notes.md")
 
 
-def carry_over(results: dict[str, Any], model_json: Path, keys: tuple[str, ...]) -> list[str]:
-    """Copy the sections `keys` this evaluation did not measure from the metrics of `model_json` (an earlier
-    evaluation), noting where each came from (`carried_over`), so the card prints them with their date and
+def carry_source(model_json: Path, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The metrics of an earlier evaluation of model `name` to carry sections `keys` from (read when the run
+    starts: a wrong file must not cost the evaluation). SystemExit when it is another model's, or has none."""
+    try:
+        earlier = json.loads(Path(model_json).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--carry-lopo-from: cannot read {model_json}: {exc}") from None
+    if earlier.get("name") != name:
+        raise SystemExit(f"--carry-lopo-from: {model_json} is {earlier.get('name')!r}'s, not {name!r}'s")
+    metrics = earlier.get("metrics") or {}
+    if not any(metrics.get(k) for k in keys):
+        raise SystemExit(f"--carry-lopo-from: {model_json} holds none of {', '.join(keys)} (a retrained model's metrics are"
+                         " empty: give the model.json of the evaluation that measured them)")
+    return metrics
+
+
+def carry_over(results: dict[str, Any], earlier: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """Copy the sections `keys` this evaluation did not measure from `earlier` (`carry_source`), noting where
+    each was measured (`carried_over`; through any earlier carry), so the card prints them with their date and
     model instead of dropping them. Returns the keys copied."""
-    earlier = json.loads(Path(model_json).read_text()).get("metrics") or {}
     copied = [k for k in keys if k not in results and earlier.get(k)]
     for key in copied:
         results[key] = earlier[key]
-        results.setdefault("carried_over", {})[key] = {
+        results.setdefault("carried_over", {})[key] = (earlier.get("carried_over") or {}).get(key) or {
             "evaluated": earlier.get("evaluated"), "model_version": earlier.get("model_version")}
     return copied
 

@@ -1030,6 +1030,13 @@ def main(argv: list[str] | None = None) -> int:
     # hold several copies of a model while it is trained).
     spec = ModelSpec.read(args.model)
     spec.verify()
+    carried = None
+    if args.carry_lopo_from is not None:
+        if not args.skip_lopo:
+            ap.error("--carry-lopo-from keeps the folds of an earlier evaluation: give it with --skip-lopo")
+        from inference.evaluate.card import carry_source
+
+        carried = carry_source(args.carry_lopo_from, spec.name, ("leave_one_patient_out",))
     model = HardwareModel.from_spec(spec)
     vertebra_step = None
     if not args.no_vertebra_model:
@@ -1073,11 +1080,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--lopo-sources: {sorted(unknown)} not among {list(LOPO_SOURCES)}")
         results["leave_one_patient_out"] = lopo(args.data, args.cache, holdout, args.lopo_work, stages, args.lopo_limit, model, sources)
         results["leave_one_patient_out_not_run"] = [x for x in LOPO_SOURCES if x not in sources]
-    elif args.carry_lopo_from is not None:
+    elif carried is not None:
         from inference.evaluate.card import carry_over
 
         log.info("carried over from %s: %s", args.carry_lopo_from,
-                 carry_over(results, args.carry_lopo_from, ("leave_one_patient_out", "leave_one_patient_out_not_run")))
+                 carry_over(results, carried, ("leave_one_patient_out", "leave_one_patient_out_not_run")))
+        source = results["carried_over"]["leave_one_patient_out"]
+        if source.get("model_version") != spec.version:
+            # Its "shipped model on the left-out patient" rows measured that model, not this one.
+            results["leave_one_patient_out"] = {k: v for k, v in results["leave_one_patient_out"].items()
+                                                if not k.startswith("shipped_on_")}
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta["metrics"] = results
     common.write_json(args.model / "model.json", meta)
@@ -1537,7 +1549,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "",
         ]
         lines += carried_lines(m, "leave_one_patient_out", "the folds retrain the recipe from random weights and use no vertebra "
-                               "model; their \"shipped model\" rows are this version's only if its hardware weights are the same.")
+                               "model (rows of the shipped model on the left-out patient are kept only when it is this version).")
         not_run = m.get("leave_one_patient_out_not_run")
         if not_run:
             lines += [f"Not run for this version (one training run per fold): the fold without {', '.join(not_run)}.", ""]

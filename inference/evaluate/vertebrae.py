@@ -629,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     # hold several copies of a model while it is trained).
     spec = ModelSpec.read(args.model)
     spec.verify()
+    carried = None
+    if args.carry_lopo_from is not None:
+        from inference.evaluate.card import carry_source
+
+        carried = carry_source(args.carry_lopo_from, spec.name, ("leave_one_patient_out", "lateral_leave_one_patient_out"))
     model = VertebraModel.from_spec(spec)
     results: dict[str, Any] = {"evaluated": time.strftime("%Y-%m-%d"), "model_version": spec.version,
                                "naming_shipped": model.params.name_levels}
@@ -663,11 +668,13 @@ def main(argv: list[str] | None = None) -> int:
             results["lateral_leave_one_patient_out"] = lateral_lopo(
                 args.model, args.lateral_cache, lateral, args.lopo_work, args.lateral_lopo_iterations
             )
-    if args.carry_lopo_from is not None:
+    if carried is not None:
         from inference.evaluate.card import carry_over
 
-        log.info("carried over from %s: %s", args.carry_lopo_from,
-                 carry_over(results, args.carry_lopo_from, ("leave_one_patient_out", "lateral_leave_one_patient_out")))
+        # Only what this run skipped on purpose, and a lateral fold only for a model that has the stage.
+        keys = (("leave_one_patient_out",) if args.skip_lopo or args.skip_synthetic else ()) + (
+            ("lateral_leave_one_patient_out",) if model.endplates is not None and (args.skip_lateral_lopo or args.skip_lateral) else ())
+        log.info("carried over from %s: %s", args.carry_lopo_from, carry_over(results, carried, keys))
     results["evaluation_minutes"] = round((time.time() - t0) / 60, 1)
     meta = json.loads((args.model / "model.json").read_text())
     meta["metrics"] = results

@@ -61,22 +61,35 @@ def test_sections_carried_over_from_an_earlier_evaluation_say_so(tmp_path: Path)
     ones, and the card dates them, instead of silently dropping or passing them off as measured now."""
     import json
 
-    from inference.evaluate.card import carry_over, render_card
+    import pytest
+
+    from inference.evaluate.card import carry_over, carry_source, render_card
 
     spec = ModelRegistry().spec("spine-xr-vertebrae")
     meta = spec.metadata
     earlier = meta["metrics"]
+    keys = ("leave_one_patient_out", "lateral_leave_one_patient_out")
     (tmp_path / "model.json").write_text(json.dumps(meta))
-    measured_now = {k: v for k, v in earlier.items() if "leave_one_patient_out" not in k} | {"evaluated": "2027-01-01"}
-    assert carry_over(measured_now, tmp_path / "model.json", ("leave_one_patient_out", "lateral_leave_one_patient_out")) == [
-        "leave_one_patient_out", "lateral_leave_one_patient_out"]
+    measured_now = {k: v for k, v in earlier.items() if "leave_one_patient_out" not in k} | {
+        "evaluated": "2027-01-01", "model_version": "1.0+new"}
+    assert carry_over(measured_now, carry_source(tmp_path / "model.json", meta["name"], keys), keys) == list(keys)
     assert measured_now["leave_one_patient_out"] == earlier["leave_one_patient_out"]
     card = render_card(meta, measured_now)
     lopo = card[card.index("### Leave one CT patient out") :]
     assert f"measured by the evaluation of {earlier['evaluated']} (model {earlier['model_version']})" in lopo
     assert "do not depend on this model's weights" in lopo
     assert "the vertebra network that found the centroids was that model's" in card
-    # What this evaluation measured is never replaced.
-    again = dict(measured_now)
-    assert carry_over(again, tmp_path / "model.json", ("leave_one_patient_out",)) == []
+    # Carried again from the evaluation that carried them: still dated where they were measured.
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "metrics": measured_now}))
+    again: dict = {"evaluated": "2027-02-01"}
+    carry_over(again, carry_source(tmp_path / "model.json", meta["name"], keys), keys)
+    assert again["carried_over"] == measured_now["carried_over"]
+    # What this evaluation measured is never replaced; another model's file, or one without folds, is refused.
+    assert carry_over(dict(measured_now), earlier, keys) == []
     assert "Not re-run" not in render_card(meta, earlier)
+    hardware = ModelRegistry().spec("spine-xr-hardware").folder / "model.json"
+    with pytest.raises(SystemExit, match="not 'spine-xr-vertebrae'"):
+        carry_source(hardware, meta["name"], keys)
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "metrics": {}}))
+    with pytest.raises(SystemExit, match="holds none of"):
+        carry_source(tmp_path / "model.json", meta["name"], keys)
