@@ -304,6 +304,18 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+#: What the real test rows mean for a model trained on the first split (film-name hash, before patient-v2).
+_LEGACY_SPLIT_WORDS = [
+    "The vertebra model's own split keeps these out of its real training and checkpoint selection, but **not all of them",
+    "are unseen**: its synthetic training cache drew implants onto real films chosen by the hardware model's split, with",
+    "their boxes as weak labels, and some of those are test films here; the split hashes file names, so a patient's",
+    "second film can sit in training; and the sacrum rules of the post-processing (`vertebrae_notes.md`) were prompted by",
+    "films of this split seen on overlays. The row \"films the model never learnt from\" leaves out every film whose",
+    "patient has a film in training, validation or the cache (`inference.splits`): the fairer number, though some",
+    "of its films were among those looked at on overlays while the post-processing rules were tuned.",
+]
+
+
 def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     """The model card text."""
     tr = meta.get("training", {})
@@ -355,13 +367,12 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += [
             f"### Real AP radiographs, held-out test split ({real['images']} images, {real['vertebrae']} boxed vertebrae)",
             "",
-            "The vertebra model's own split keeps these out of its real training and checkpoint selection, but **not all of them",
-            "are unseen**: its synthetic training cache drew implants onto real films chosen by the hardware model's split, with",
-            "their boxes as weak labels, and some of those are test films here; the split hashes file names, so a patient's",
-            "second film can sit in training; and the sacrum rules of the post-processing (`vertebrae_notes.md`) were prompted by",
-            "films of this split seen on overlays. The row \"films the model never learnt from\" leaves out every film whose",
-            "patient has a film in training, validation or the cache (`inference.splits`): the fairer number, though some",
-            "of its films were among those looked at on overlays while the post-processing rules were tuned.",
+            *(_LEGACY_SPLIT_WORDS if m.get("split_scheme", "cadma-v1") == "cadma-v1" else [
+                f"The model's split (`inference.splits` {m.get('split_scheme')}: a patient's films together) keeps these films, and",
+                "every film of their patients, out of its real training, its checkpoint selection and its synthetic cache. Not",
+                "blind all the same: the sacrum rules of the post-processing (`vertebrae_notes.md`) were prompted by overlays of",
+                "the earlier split's test films, some of which are among these.",
+            ]),
             "Reference = the export's boxes (about T1-L5; cervical vertebrae and the sacrum are not boxed, so correct detections",
             "of C7 or above count as false positives in the strict row). 95 % intervals: percentile bootstrap over images.",
             "",
@@ -420,7 +431,9 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "",
             "The training recipe retrained from random weights (1400 iterations, about 30 min; see each row) with real radiographs + phantoms +",
             "ONE of the two CT patients (the stitched volume, which contains both, left out), tested on synthetic samples of the",
-            "other patient. The shipped model trained longer and was fine-tuned from weights that had seen both patients, so the",
+            "other patient. " + ("The shipped model trained longer and was fine-tuned from weights that had seen both patients, so the"
+                                 if tr.get("initialised_from") else
+                                 f"The shipped model trained longer ({tr.get('iterations')} iterations, from random weights too) with both patients, so the"),
             "gap to its per-source numbers above mixes the unseen patient with the shorter training. Heights here come from the body",
             "silhouettes (the folds have no six-point stage; see the lateral sections for that). The control rows score each",
             "fold's model on the patient it DID train on: compare \"trained without X, tested on X\" with the other fold's",
