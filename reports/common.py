@@ -145,12 +145,14 @@ def models_text(models: Sequence[ModelInfo]) -> str:
     return ", ".join(f"{m.name} {m.version}" for m in models) or "no model"
 
 
-def image_key(image: ImageResult) -> tuple[str, ...]:
-    """The source UIDs one image's outputs derive from (one radiograph, or a whole series)."""
+def image_key(result: StudyResult, image: ImageResult) -> tuple[str, ...]:
+    """The UIDs one image's outputs derive from: its study and its source (one radiograph, or a whole series).
+    The study too: a sender that moves a film to another study keeps its SOP Instance UID, and its outputs
+    there must not take the UIDs of those it had in the first study (which a rejection note may name)."""
     src = image.source
     if src.is_volume:
-        return (src.series_instance_uid, *sorted(src.sop_instance_uids))
-    return (src.sop_instance_uids[0],)
+        return (result.study_instance_uid, src.series_instance_uid, *sorted(src.sop_instance_uids))
+    return (result.study_instance_uid, src.sop_instance_uids[0])
 
 
 def series_uid(result: StudyResult, kind: OutputKind, variant: str = "") -> UID:
@@ -162,12 +164,12 @@ def series_uid(result: StudyResult, kind: OutputKind, variant: str = "") -> UID:
 def image_series_uid(result: StudyResult, image: ImageResult, kind: OutputKind, variant: str = "") -> UID:
     """Series of one image's output of a kind (and variant): for the SEG, whose series viewers open by its first
     instance only (OHIF takes `instances[0]` of a SEG series), so the SEG of each view needs a series of its own."""
-    return derive_uid(*image_key(image), "series", kind.value, output_fingerprint(result), variant or "default")
+    return derive_uid(*image_key(result, image), "series", kind.value, output_fingerprint(result), variant or "default")
 
 
 def image_output_uid(result: StudyResult, image: ImageResult, kind: OutputKind, variant: str = "") -> UID:
     """SOP Instance UID of a per-image output (SEG, SC, PR)."""
-    return derive_uid(*image_key(image), kind.value, output_fingerprint(result), variant or "default")
+    return derive_uid(*image_key(result, image), kind.value, output_fingerprint(result), variant or "default")
 
 
 def tracking_uid(image: ImageResult, what: str, label: str) -> UID:
@@ -185,7 +187,7 @@ def sc_uid(result: StudyResult, image: ImageResult) -> UID:
     """SOP Instance UID of an image's annotated SC. The SC draws the study's verdict beside the image, so, like the
     SR's, it changes when the set of analysed instances changes: a PACS that keeps the first object stored under
     a UID would otherwise go on showing a stale verdict."""
-    return derive_uid(*image_key(image), OutputKind.SC.value, output_fingerprint(result),
+    return derive_uid(*image_key(result, image), OutputKind.SC.value, output_fingerprint(result),
                       "study", *analysed_sop_instance_uids(result))
 
 
