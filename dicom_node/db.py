@@ -334,8 +334,12 @@ UNREACHED_PREFIX = "cannot connect to "
 
 #: The audit detail of a delivery withdrawn because its study's identity was corrected, and the reason of
 #: the job that made it.
-WITHDRAWN_DETAIL = "not sent: made under a patient identity the sender has corrected since"
-SUPERSEDED_BY_IDENTITY = "superseded: the sender corrected the patient identity; analysed again under the new one"
+WITHDRAWN_DETAIL = ("not sent: made under a patient identity the sender has corrected since, or from an image it has"
+                    " moved to another study")
+SUPERSEDED_BY_IDENTITY = ("superseded: the sender corrected the patient identity, or moved an image to another study;"
+                          " analysed again")
+#: The reason of a study every instance of which the sender moved to other studies.
+MOVED_AWAY = "every instance was moved to another study by the sender; its earlier results are superseded"
 #: The reason of a job an operator's re-analysis replaced.
 REANALYSIS_REQUESTED = "re-analysis requested"
 
@@ -368,6 +372,36 @@ def _withdraw_superseded(execute: Callable[..., sqlite3.Cursor], study_instance_
     return len(stale)
 
 
+def _analysed_in_current_epoch(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str) -> bool:
+    """True when the study's current identity epoch has recorded outputs (jobs with a summary)."""
+    return execute(
+        "SELECT 1 FROM jobs j JOIN studies s ON s.study_instance_uid = j.study_instance_uid"
+        " WHERE j.study_instance_uid = ? AND j.identity_epoch = s.identity_epoch AND j.summary IS NOT NULL",
+        (study_instance_uid,),
+    ).fetchone() is not None
+
+
+def _move_out(execute: Callable[..., sqlite3.Cursor], sop_instance_uid: str, study_instance_uid: str,
+              to_study: str, actor: str, now: float) -> None:
+    """The sender moved instance `sop_instance_uid` from `study_instance_uid` to `to_study` (a misfiled film
+    split off, two studies merged): one UID names one instance, so the first study loses it. Its results read
+    that image (perhaps another patient's): outputs made start a new epoch as a corrected identity does (new
+    UIDs; the undelivered ones withdrawn, the delivered ones answered), and it is analysed again without it;
+    with no instance left it ends unrouted. Audited."""
+    execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+    if _analysed_in_current_epoch(execute, study_instance_uid):
+        execute("UPDATE studies SET identity_epoch = identity_epoch + 1 WHERE study_instance_uid = ?", (study_instance_uid,))
+        _withdraw_superseded(execute, study_instance_uid, now)
+    left = execute("SELECT count(*) FROM instances WHERE study_instance_uid = ? AND own_output = 0",
+                   (study_instance_uid,)).fetchone()[0]
+    execute("UPDATE studies SET state = ?, reason = ?, instance_count = ?, generation = generation + 1,"
+            " last_received_at = ?, updated_at = ? WHERE study_instance_uid = ?",
+            ("received" if left else "unrouted", None if left else MOVED_AWAY, left, now, now, study_instance_uid))
+    execute("INSERT INTO audit_events (at, kind, action, actor, study_instance_uid, target, outcome, detail)"
+            " VALUES (?, 'action', 'moved', ?, ?, ?, 'ok', ?)",
+            (now, actor, study_instance_uid, sop_instance_uid, f"moved to study {to_study} by the sender"))
+
+
 def patient_conflict_reason(study_instance_uid: str) -> str:
     """Why an instance of another patient than its study's is refused."""
     return (f"PatientID differs from the study's other instances (study {study_instance_uid}): not stored,"
@@ -381,7 +415,11 @@ def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
 
 
 def _insert_output(execute: Callable[..., sqlite3.Cursor], out: dict[str, Any], job_id: int, now: float) -> None:
-    """Record a written output of job `job_id` (one written again, with the same UID, replaces its row)."""
+    """Record a written output of job `job_id` (one written again, with the same UID, replaces its row; never
+    one of another study: a UID names one object, and that study's PACS copy must keep what it is)."""
+    held = execute("SELECT study_instance_uid FROM outputs WHERE sop_instance_uid = ?", (out["sop_instance_uid"],)).fetchone()
+    if held is not None and held[0] != out["study_instance_uid"]:
+        raise ValueError(f"output UID {out['sop_instance_uid']} is already one of study {held[0]}'s")
     execute(
         "INSERT INTO outputs (sop_instance_uid, job_id, study_instance_uid, series_instance_uid,"
         " sop_class_uid, transfer_syntax_uid, kind, variant, path, size, created_at)"
@@ -664,9 +702,12 @@ class Database:
                 (rec.sop_instance_uid,),
             ).fetchone()
             if row is not None and row[0] != rec.study_instance_uid:
-                # One UID names one instance: taking it would point the first study at the second's file
-                # (another patient's, when an anonymiser or a merge rewrote only the Study UID).
-                raise InstanceConflict(conflict_reason(rec.sop_instance_uid, row[0]))
+                if rec.own_output:
+                    raise InstanceConflict(conflict_reason(rec.sop_instance_uid, row[0]))
+                # One UID names one instance: arriving in another study, the sender moved it there (the new
+                # study's patient check below still applies; a refusal rolls the move back).
+                _move_out(db.execute, rec.sop_instance_uid, row[0], rec.study_instance_uid, rec.calling_ae, now)
+                row = None
             existed = row is not None
             corrected = new_identity = False
             if not rec.own_output and rec.patient_key is not None:
@@ -681,11 +722,7 @@ class Database:
                 # A correction starts a new identity epoch once the current one has recorded outputs (they copy
                 # an identity now corrected); until then corrections join the current epoch (the study's other
                 # films re-sent corrected, header variants): its first outputs will copy the corrected identity.
-                new_identity = corrected and db.execute(
-                    "SELECT 1 FROM jobs j JOIN studies s ON s.study_instance_uid = j.study_instance_uid"
-                    " WHERE j.study_instance_uid = ? AND j.identity_epoch = s.identity_epoch AND j.summary IS NOT NULL",
-                    (rec.study_instance_uid,),
-                ).fetchone() is not None
+                new_identity = corrected and _analysed_in_current_epoch(db.execute, rec.study_instance_uid)
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid,"
                 " transfer_syntax_uid, modality, body_part_examined, view_position, series_description,"
@@ -763,6 +800,11 @@ class Database:
             "SELECT * FROM instances WHERE study_instance_uid = ? AND own_output = 0 ORDER BY received_at, rowid",
             (study_instance_uid,),
         )
+
+    def instance_file(self, sop_instance_uid: str) -> str | None:
+        """The file the node holds instance `sop_instance_uid` in, if any."""
+        row = self.db.execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+        return None if row is None else str(row[0])
 
     def held_without_identity_key(self, sop_instance_uid: str) -> str | None:
         """The file of an instance the node holds without an identity key (stored before it kept them, or before

@@ -347,7 +347,8 @@ class Pipeline:
         return True
 
     def answer_superseded(self) -> int:
-        """Outputs delivered (or perhaps delivered) under a patient identity the sender corrected since, in any
+        """Outputs delivered (or perhaps delivered) under a patient identity the sender corrected since (or made
+        from an image it moved to another study since), in any
         study (the scheduler asks at every pipeline pass, whatever the corrected study's analysis does): for
         each destination that asks for it (`reject_superseded`), a rejection note (IHE IOCM) per identity they
         were sent under; for the others a WARNING, once, as the node cannot take back what a PACS holds.
@@ -391,16 +392,16 @@ class Pipeline:
                         "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size,
                     }, name, [row["id"] for row, _ in group])
                     answered += len(group)
-                    log.info("study %s: the patient identity was corrected; a rejection note for the %d output(s) %s"
-                             " got under an earlier identity is queued for it", study, len(group), name)
+                    log.info("study %s: the sender corrected its patient identity or moved an image out; a rejection"
+                             " note for the %d output(s) %s got is queued for it", study, len(group), name)
                 # What no note can list (retention removed the file, or it cannot be read) is warned about; a
                 # note that could not be written (a full disk) is tried again.
                 listed = {row["id"] for group in by_identity.values() for row, _ in group}
                 unlisted = [row for row in rows if row["id"] not in listed]
             if unlisted:
-                log.warning("study %s: the patient identity was corrected; %d output(s) made under an earlier"
-                            " identity were (or may have been) delivered to %s and stay there until that PACS's"
-                            " patient correction moves or deletes them%s", study, len(unlisted), name,
+                log.warning("study %s: the sender corrected its patient identity or moved an image out; %d output(s)"
+                            " made before were (or may have been) delivered to %s and stay there until that PACS's"
+                            " correction moves or deletes them%s", study, len(unlisted), name,
                             " (their files are gone or unreadable: no rejection note can list them)" if rejecting else "")
                 self.db.answer_superseded([row["id"] for row in unlisted])
                 answered += len(unlisted)

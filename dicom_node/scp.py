@@ -411,11 +411,17 @@ class StorageSCP:
                 if not _is_uid(value):
                     raise DatasetError(f"{keyword} is not a UID (digits and dots, at most 64)")
             held_in = self.db.instance_study(ident["SOPInstanceUID"])
-            if held_in is not None and held_in != ident["StudyInstanceUID"]:
-                raise DatasetError(conflict_reason(ident["SOPInstanceUID"], held_in))
             # Before anything decodes a value of it: the digest is over the bytes as received.
             identity = _identity_key(self._patient_secret, ident["StudyInstanceUID"], ds)
             own = self._is_own_output(ds, ident["SOPInstanceUID"])
+            # Held in another study: the sender moved it (`Database.record_instance`), unless it is an output of
+            # ours, whose UID can only name the object the node made.
+            moved_from = held_in if held_in is not None and held_in != ident["StudyInstanceUID"] else None
+            if moved_from is not None and own:
+                raise DatasetError(conflict_reason(ident["SOPInstanceUID"], held_in))
+            old_file = self.db.instance_file(ident["SOPInstanceUID"]) if moved_from is not None else None
+            if moved_from is not None:
+                held_in = None  # a new instance of the study it arrives in
             patient = patient_key(self._patient_secret, ident["StudyInstanceUID"], _text(ds, "PatientID"),
                                   _text(ds, "IssuerOfPatientID"))
             held_file = self.db.held_without_identity_key(ident["SOPInstanceUID"]) if held_in is not None else None
@@ -473,19 +479,24 @@ class StorageSCP:
             self.store.remove([path])  # the same UID arrived for another study meanwhile
             raise
         except Exception as exc:
-            if held_in is None and self._unrecorded(ident["SOPInstanceUID"]):
+            if held_in is None and self._unrecorded(ident["SOPInstanceUID"], path):
                 # Not acknowledged, and no copy of it is on record at this path: nothing else knows the file.
                 self.store.remove([path])
             raise DatabaseError(f"cannot record {ident['SOPInstanceUID']}: {exc}") from exc
         if own:
             log.info("stored our own output %s coming back; it will not be analysed", ident["SOPInstanceUID"])
+        if moved_from is not None:
+            log.warning("instance %s moved by the sender from study %s to study %s: the first is analysed again without"
+                        " it, its earlier results superseded", ident["SOPInstanceUID"], moved_from, ident["StudyInstanceUID"])
+            if old_file is not None and old_file != str(path):
+                self.store.remove([Path(old_file)])
         return SUCCESS
 
-    def _unrecorded(self, sop_uid: str) -> bool:
-        """True only when the database answers that it holds no instance `sop_uid` (another association may
-        have stored and acknowledged it meanwhile; a database that cannot answer keeps the file)."""
+    def _unrecorded(self, sop_uid: str, path: Path) -> bool:
+        """True only when the database answers that it holds instance `sop_uid` in no file at `path` (another
+        association may have stored and acknowledged it meanwhile; a database that cannot answer keeps it)."""
         try:
-            return self.db.instance_study(sop_uid) is None
+            return self.db.instance_file(sop_uid) != str(path)
         except Exception:  # noqa: BLE001 - the database is failing already: leave the file
             return False
 

@@ -46,15 +46,48 @@ def test_study_state_machine_and_generation_guard(db: Database) -> None:
 
 
 
-def test_an_instance_uid_held_in_another_study_is_refused_by_the_database_too(db: Database) -> None:
-    """The SCP checks before writing; the database checks again inside the transaction (two associations)."""
+def test_an_instance_arriving_in_another_study_moves_there_and_the_first_study_is_answered(db: Database) -> None:
+    """The sender split a misfiled film off, or merged two studies: the first study loses the instance, its
+    results (which read it) are superseded like those of a corrected identity, and it is analysed again without
+    it; with nothing left it ends unrouted. A move into another patient's study is refused and changes nothing."""
+    from dicom_node.db import MOVED_AWAY
     from dicom_node.errors import InstanceConflict
 
-    assert db.record_instance(rec("1.1", study="1.2.3"))
+    db.record_instance(_identified("1.1", "A"))
+    db.record_instance(_identified("1.2", "A"))
+    first = _analysed(db, "1.2.3", ["1.1", "1.2"], 0)
+    delivery = db.one("SELECT id FROM deliveries")["id"]
+    db.mark_sending([delivery])
+    db.mark_delivered(delivery, 0)
+    db.record_instance(dataclasses.replace(_identified("9.9", "C", study="7.7.7"), patient_key="q"))
+    with pytest.raises(InstanceConflict, match="PatientID differs"):
+        db.record_instance(_identified("1.1", "A", study="7.7.7"))  # into another patient's study: refused
+    assert db.instance_study("1.1") == "1.2.3" and db.identity_epoch("1.2.3") == 0
+    assert db.record_instance(_identified("1.1", "B", study="4.5.6"))
+    assert db.instance_study("1.1") == "4.5.6" and db.study("4.5.6")["state"] == "received"
+    study = db.study("1.2.3")
+    assert (study["state"], study["instance_count"], db.identity_epoch("1.2.3")) == ("received", 1, 1)
+    assert [r["id"] for r in db.superseded_deliveries("1.2.3")] == [delivery]  # the PACS holds it: answered
+    assert db.one("SELECT reason FROM jobs WHERE id = ?", (first["id"],))["reason"].startswith("superseded")
+    # Its last instance moved as well: nothing to analyse; the earlier results stay answered.
+    assert db.record_instance(_identified("1.2", "B", study="4.5.6"))
+    assert (db.study("1.2.3")["state"], db.study("1.2.3")["reason"]) == ("unrouted", MOVED_AWAY)
+    assert db.source_instances("1.2.3") == [] and len(db.source_instances("4.5.6")) == 2
+    assert [e["target"] for e in db.audit_events(kinds=["action"])] == ["1.1", "1.2"]
+    # A node's own output never moves: its UID names the object the node made.
+    db.record_instance(rec("8.8", study="4.5.6", own=True))
     with pytest.raises(InstanceConflict, match="already held in another study"):
-        db.record_instance(rec("1.1", study="4.5.6"))
-    assert db.instance_study("1.1") == "1.2.3" and db.study("4.5.6") is None
-    assert not db.record_instance(rec("1.1", study="1.2.3"))  # a resend in its own study
+        db.record_instance(rec("8.8", study="1.2.3", own=True))
+    assert not db.record_instance(_identified("1.1", "B", study="4.5.6"))  # a resend in its own study
+    # No output UID is taken over by another study's job (its PACS copy would be that study's).
+    db.mark_complete("4.5.6")
+    gen = db.claim_study("4.5.6")
+    job = db.start_job("4.5.6", "a", "r", "key-moved", gen, 0)
+    taken = {"sop_instance_uid": first["output"], "study_instance_uid": "4.5.6", "series_instance_uid": "5",
+             "sop_class_uid": "x", "transfer_syntax_uid": "y", "kind": "sr", "variant": "any", "path": "/o/y.dcm", "size": 1}
+    with pytest.raises(ValueError, match="already one of study 1.2.3"):
+        db.record_outputs(job["id"], {"analysis": "a"}, [taken], [], generation=gen)
+
 
 def test_own_outputs_do_not_open_studies(db: Database) -> None:
     db.record_instance(rec("9.9", study="7.7", own=True))

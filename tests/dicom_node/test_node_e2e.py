@@ -253,6 +253,43 @@ def test_outputs_of_a_study_whose_corrected_re_analysis_fails_are_still_answered
     assert node.db.superseded_deliveries() == []
 
 
+def test_a_film_split_off_into_its_own_patients_study_leaves_the_first_whose_results_are_made_again(
+        node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The PACS administrator moves a misfiled film to its own patient's study (same SOP Instance UID, new Study
+    UID). The node refused it as a UID held in another study: the first study's report still read another
+    patient's film, and the film's own study was never analysed."""
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    node = node_factory(destinations=[pacs_destination(orthanc, reject_superseded=True)])
+    files = make_study(tmp_path / "in", "split", images=2)
+    study_uid = _delivered(node, files)
+    first = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs")}
+    new_study = study_uid + ".7"
+    _resend(node, files[1], tmp_path / "moved.dcm", StudyInstanceUID=new_study, PatientID="OTHER-PATIENT",
+            PatientName="OTHER^PATIENT")
+
+    wait_for(lambda: outputs_of(orthanc, new_study) == expected_counts(1), 60,
+             what=f"the moved film's own outputs in its study (has {outputs_of(orthanc, new_study)})")
+    two, one = expected_counts(2), expected_counts(1)
+    want = {k: two[k] + one[k] for k in two} | {"KO": 1}
+    wait_for(lambda: outputs_of(orthanc, study_uid) == want, 60,
+             what=f"the first study analysed again without it, and the note {want} (has {outputs_of(orthanc, study_uid)})")
+    wait_for(lambda: node.db.study(study_uid)["state"] == node.db.study(new_study)["state"] == "delivered", 20,
+             what="both studies delivered")
+    moved_sop = str(pydicom.dcmread(files[1]).SOPInstanceUID)
+    for tags in orthanc.study_instances(new_study):
+        assert tags["PatientID"] == "OTHER-PATIENT"
+    # The first study's new report reads only the film it kept; the note rejects exactly its first outputs.
+    report = pydicom.dcmread(node.db.one("SELECT path FROM outputs WHERE kind = 'sr' AND study_instance_uid = ?"
+                                         " ORDER BY created_at DESC", (study_uid,))["path"])
+    evidence = {ref.ReferencedSOPInstanceUID for study in report.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert moved_sop not in evidence and str(pydicom.dcmread(files[0]).SOPInstanceUID) in evidence
+    note = pydicom.dcmread(node.db.one("SELECT path FROM outputs WHERE kind = 'kos'")["path"])
+    assert {ref.ReferencedSOPInstanceUID for study in note.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence} == first
+    assert any("moved by the sender" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("reject", [False, True], ids=["warning", "rejection-note"])
 def test_a_name_corrected_after_delivery_sends_new_outputs_and_rejects_or_warns_of_the_old_ones(
         node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture, reject: bool) -> None:

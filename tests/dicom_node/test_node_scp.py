@@ -8,6 +8,7 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pydicom
 import pytest
@@ -202,25 +203,32 @@ def _store(port: int, ds: pydicom.Dataset) -> pydicom.Dataset:
         assoc.release()
 
 
-def test_a_known_instance_uid_in_another_study_is_refused_and_the_first_study_keeps_its_file(
+def test_a_known_instance_uid_in_another_study_was_moved_there_and_leaves_the_first_study(
         scp: StorageSCP, tmp_path: Path) -> None:
-    """The same SOP Instance UID under a second study (an anonymiser that rewrote only the Study UID, a merge):
-    taking it pointed the first study's instance at the second's file, another patient's."""
-    first = make_study(tmp_path / "a", "dup-a", images=1)[0]
-    storescu([first], scp.port)
-    held = scp.db.one("SELECT * FROM instances")
+    """A misfiled film split off into its own patient's study keeps its SOP Instance UID. Refusing it (as the
+    node did) left the first study's results reading another patient's film, and the right study unanalysed:
+    one UID names one instance, so the last study it arrives in is where it is."""
+    first, kept = make_study(tmp_path / "a", "dup-a", images=2)
+    storescu([first, kept], scp.port)
+    study_uid = str(pydicom.dcmread(first).StudyInstanceUID)
+    held = scp.db.one("SELECT * FROM instances WHERE sop_instance_uid = ?", (str(pydicom.dcmread(first).SOPInstanceUID),))
     other = pydicom.dcmread(first)
     other.StudyInstanceUID = other.StudyInstanceUID + ".9"
     other.PatientID, other.PatientName = "SOMEONE-ELSE", "ELSE^SOMEONE"
-    status = _store(scp.port, other)
-    assert status.Status == CANNOT_UNDERSTAND
-    assert status.ErrorComment.startswith("SOPInstanceUID already held in another study")
-    assert scp.db.one("SELECT * FROM instances") == held
-    assert scp.db.study(str(other.StudyInstanceUID)) is None
-    assert pydicom.dcmread(held["path"]).PatientID == pydicom.dcmread(first).PatientID
-    assert not any("SOMEONE" in str(pydicom.dcmread(p).PatientID) for p in (tmp_path / "data").rglob("*.dcm"))
-    # The same instance again in its own study is a plain resend.
-    assert _store(scp.port, pydicom.dcmread(first)).Status == 0
+    assert _store(scp.port, other).Status == 0
+    moved = scp.db.one("SELECT * FROM instances WHERE sop_instance_uid = ?", (held["sop_instance_uid"],))
+    assert moved["study_instance_uid"] == str(other.StudyInstanceUID) and pydicom.dcmread(moved["path"]).PatientID == "SOMEONE-ELSE"
+    assert not Path(held["path"]).exists()  # the first study holds no copy of it
+    assert [r["sop_instance_uid"] for r in scp.db.source_instances(study_uid)] == [str(pydicom.dcmread(kept).SOPInstanceUID)]
+    assert scp.db.study(study_uid)["state"] == "received" and scp.db.study(study_uid)["instance_count"] == 1
+    assert scp.db.one("SELECT actor, detail FROM audit_events WHERE action = 'moved'") == {
+        "actor": "PYNETDICOM", "detail": f"moved to study {other.StudyInstanceUID} by the sender"}
+    # An output of ours under another study's UID is no move: its UID names only the object the node made.
+    own = pydicom.dcmread(kept)
+    own.StudyInstanceUID = study_uid + ".8"
+    with mock.patch.object(scp.db, "is_known_output", return_value=True):
+        status = _store(scp.port, own)
+    assert status.Status == CANNOT_UNDERSTAND and status.ErrorComment.startswith("SOPInstanceUID already held in another study")
 
 
 def test_a_new_instance_of_another_patient_in_a_study_is_refused_and_a_corrected_resend_reopens_it(
