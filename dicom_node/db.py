@@ -340,6 +340,8 @@ SUPERSEDED_BY_IDENTITY = ("superseded: the sender corrected the patient identity
                           " analysed again")
 #: The reason of a study every instance of which the sender moved to other studies.
 MOVED_AWAY = "every instance was moved to another study by the sender; its earlier results are superseded"
+MOVED_AWAY_AFTER_RETENTION = ("the instances retention kept were moved to another study by the sender; its earlier"
+                              " results are superseded")
 #: The reason of a job an operator's re-analysis replaced.
 REANALYSIS_REQUESTED = "re-analysis requested"
 
@@ -394,9 +396,12 @@ def _move_out(execute: Callable[..., sqlite3.Cursor], sop_instance_uid: str, stu
         _withdraw_superseded(execute, study_instance_uid, now)
     left = execute("SELECT count(*) FROM instances WHERE study_instance_uid = ? AND own_output = 0",
                    (study_instance_uid,)).fetchone()[0]
-    execute("UPDATE studies SET state = ?, reason = ?, instance_count = ?, generation = generation + 1,"
-            " last_received_at = ?, updated_at = ? WHERE study_instance_uid = ?",
-            ("received" if left else "unrouted", None if left else MOVED_AWAY, left, now, now, study_instance_uid))
+    purged = execute("SELECT instances_purged_at IS NOT NULL FROM studies WHERE study_instance_uid = ?",
+                     (study_instance_uid,)).fetchone()[0]
+    execute("UPDATE studies SET state = ?, reason = ?, instance_count = max(instance_count - 1, 0),"
+            " generation = generation + 1, last_received_at = ?, updated_at = ? WHERE study_instance_uid = ?",
+            ("received" if left else "unrouted",
+             None if left else (MOVED_AWAY_AFTER_RETENTION if purged else MOVED_AWAY), now, now, study_instance_uid))
     execute("INSERT INTO audit_events (at, kind, action, actor, study_instance_uid, target, outcome, detail)"
             " VALUES (?, 'action', 'moved', ?, ?, ?, 'ok', ?)",
             (now, actor, study_instance_uid, sop_instance_uid, f"moved to study {to_study} by the sender"))
@@ -698,11 +703,11 @@ class Database:
         now = time.time()
         with self.tx() as db:
             row = db.execute(
-                "SELECT study_instance_uid, patient_key, identity_key FROM instances WHERE sop_instance_uid = ?",
-                (rec.sop_instance_uid,),
+                "SELECT study_instance_uid, patient_key, identity_key, own_output FROM instances"
+                " WHERE sop_instance_uid = ?", (rec.sop_instance_uid,),
             ).fetchone()
             if row is not None and row[0] != rec.study_instance_uid:
-                if rec.own_output:
+                if rec.own_output or row[3]:
                     raise InstanceConflict(conflict_reason(rec.sop_instance_uid, row[0]))
                 # One UID names one instance: arriving in another study, the sender moved it there (the new
                 # study's patient check below still applies; a refusal rolls the move back).
@@ -1525,7 +1530,8 @@ class Database:
         )]
 
     def purge_outputs(self, created_before: float) -> list[str]:
-        """Mark outputs of settled studies older than the cut-off purged; returns their file paths.
+        """Mark outputs of settled studies (an unrouted one had outputs when all its images were moved out)
+        older than the cut-off purged; returns their file paths.
 
         An output some destination has not received (its delivery failed) is kept: `dicom-node retry` must
         still find it. The rows stay so that an output coming back from PACS is still recognised as the
@@ -1535,7 +1541,7 @@ class Database:
             rows = db.execute(
                 "SELECT o.sop_instance_uid, o.path FROM outputs o JOIN studies s ON s.study_instance_uid ="
                 " o.study_instance_uid WHERE o.purged_at IS NULL AND o.created_at < ? AND s.state IN"
-                " ('delivered', 'failed') AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE"
+                " ('delivered', 'failed', 'unrouted') AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE"
                 " d.output_sop_instance_uid = o.sop_instance_uid AND d.state NOT IN ('delivered', 'withdrawn'))",
                 (created_before,),
             ).fetchall()

@@ -150,6 +150,10 @@ class StorageSCP:
             log.warning("the patient-key secret differs from the one the database's patient keys were made with"
                         " (lost or replaced %s): the keys on record are forgotten", store.root / "patient-key.key")
         self._lock = threading.Lock()
+        # One C-STORE of a given SOP Instance UID at a time (associations are threads): what it finds held (the
+        # same study, another one it was moved from) stays true until it has recorded the instance and removed
+        # a moved instance's old file.
+        self._instance_locks = tuple(threading.Lock() for _ in range(64))
         allowed: dict[str, list[str | None]] = {}
         for peer in settings.peers.allow:
             allowed.setdefault(peer.ae_title, []).append(peer.host)
@@ -377,8 +381,10 @@ class StorageSCP:
             _set_poll(event.assoc, ACTIVE_POLL_S)
         event.assoc.node_last_store = time.monotonic()
         assoc_id = getattr(event.assoc, "node_association_id", None)
+        uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
         try:
-            return self._store(event, assoc_id)
+            with self._instance_locks[zlib.crc32(uid.encode("ascii", "replace")) % len(self._instance_locks)]:
+                return self._store(event, assoc_id)
         except DatasetError as exc:
             log.warning("C-STORE refused (0x%04X): %s", CANNOT_UNDERSTAND, exc)
             status = failure(CANNOT_UNDERSTAND, str(exc))

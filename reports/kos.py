@@ -53,7 +53,7 @@ def build_rejection_note(rejected: Sequence[Dataset], *, producer: Producer = Pr
                 model_name=producer.model_name,
                 serial_number=producer.device_serial_number),
         ),
-        description="Outputs made under a patient identity corrected since; the corrected ones were sent anew",
+        description="Outputs superseded: made under a patient identity or from an image the sender changed since",
     )
     note = hd.ko.KeyObjectSelectionDocument(
         evidence=list(rejected),

@@ -28,6 +28,10 @@ PHI_FIELDS = {
     "PatientSex": "sex", "AccessionNumber": "accession_number", "StudyDate": "study_date",
 }
 THUMB_SIZES = {"thumb": 360, "full": 1600}
+#: Why a superseded Secondary Capture is not shown: the sender corrected the patient identity or moved an image
+#: out of the study since, so it may show another patient's film.
+SUPERSEDED_IMAGE = ("superseded: made before the sender corrected the patient identity or moved an image out of the"
+                    " study; not shown")
 
 
 def parse_when(value: str | None, *, end: bool = False) -> float | None:
@@ -218,7 +222,7 @@ class Views:
                     "sop_class_uid": o["sop_class_uid"], "kind": o["kind"], "variant": o["variant"],
                     "size": o["size"], "created_at": iso(o["created_at"]), "purged": o.get("purged_at") is not None,
                     "job_id": o["job_id"]}
-            if o["kind"] == "sc" and not item["purged"]:
+            if o["kind"] == "sc" and not item["purged"] and not self._superseded(o["sop_instance_uid"]):
                 item["thumbnail"] = f"/api/studies/{study_uid}/outputs/{o['sop_instance_uid']}/image.png"
             outputs.append(item)
         deliveries = [{
@@ -269,6 +273,9 @@ class Views:
             return None, "no such Secondary Capture output"
         if row["purged_at"] is not None:
             return None, "the file was removed by retention"
+        if self._superseded(sop_uid):
+            # Perhaps of another patient's film (moved out since) or under a corrected identity: not this study's.
+            return None, SUPERSEDED_IMAGE
         if not self.show_phi:
             why = self._burned_in_patient_text(study_uid)
             if why:
@@ -292,6 +299,13 @@ class Views:
         data = buf.getvalue()
         self._images.put(key, data)
         return data, ""
+
+    def _superseded(self, sop_uid: str) -> bool:
+        """True for an output made in an earlier identity epoch of its study (see `SUPERSEDED_IMAGE`)."""
+        row = self.db.one("SELECT j.identity_epoch <> s.identity_epoch AS old FROM outputs o JOIN jobs j ON j.id = o.job_id"
+                          " JOIN studies s ON s.study_instance_uid = o.study_instance_uid WHERE o.sop_instance_uid = ?",
+                          (sop_uid,))
+        return bool(row and row["old"])
 
     def _burned_in_patient_text(self, study_uid: str) -> str | None:
         """Why an image must not be shown without show_phi (its source may carry burned-in patient text)."""

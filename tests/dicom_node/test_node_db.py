@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,7 @@ def test_an_instance_arriving_in_another_study_moves_there_and_the_first_study_i
     assert (db.study("1.2.3")["state"], db.study("1.2.3")["reason"]) == ("unrouted", MOVED_AWAY)
     assert db.source_instances("1.2.3") == [] and len(db.source_instances("4.5.6")) == 2
     assert [e["target"] for e in db.audit_events(kinds=["action"])] == ["1.1", "1.2"]
+    assert db.purge_outputs(time.time() + 1) == ["/o/x.dcm"]  # its outputs go with retention, as a settled study's
     # A node's own output never moves: its UID names the object the node made.
     db.record_instance(rec("8.8", study="4.5.6", own=True))
     with pytest.raises(InstanceConflict, match="already held in another study"):

@@ -288,6 +288,15 @@ def test_a_film_split_off_into_its_own_patients_study_leaves_the_first_whose_res
     assert {ref.ReferencedSOPInstanceUID for study in note.CurrentRequestedProcedureEvidenceSequence
             for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence} == first
     assert any("moved by the sender" in r.getMessage() for r in caplog.records)
+    # The dashboard shows no superseded picture (one showed the moved film, another patient's, in this study).
+    from dicom_node.web.views import SUPERSEDED_IMAGE, Views
+
+    views = Views(node)
+    shown = {o["sop_instance_uid"] for o in views.study(study_uid)["outputs"] if o.get("thumbnail")}
+    old_sc = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs WHERE kind = 'sc'")} & first
+    assert old_sc and not shown & old_sc and len(shown) == 1
+    assert all(views.output_image(study_uid, sop) == (None, SUPERSEDED_IMAGE) for sop in old_sc)
+    assert views.output_image(study_uid, shown.pop())[0] is not None
 
 
 @pytest.mark.parametrize("reject", [False, True], ids=["warning", "rejection-note"])

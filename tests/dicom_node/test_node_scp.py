@@ -231,6 +231,44 @@ def test_a_known_instance_uid_in_another_study_was_moved_there_and_leaves_the_fi
     assert status.Status == CANNOT_UNDERSTAND and status.ErrorComment.startswith("SOPInstanceUID already held in another study")
 
 
+def test_two_associations_sending_one_instance_under_two_studies_leave_every_record_with_its_file(
+        scp: StorageSCP, tmp_path: Path) -> None:
+    """Each C-STORE of a SOP Instance UID decides from what it finds held (same study, or moved from another)
+    and, for a move, removes the old file after recording: one of the same UID from another association in
+    between deleted a live file or left one no record names. They take turns now."""
+    x, k = make_study(tmp_path / "a", "race", images=2)
+    storescu([x, k], scp.port)
+    s1 = str(pydicom.dcmread(x).StudyInstanceUID)
+    moved = pydicom.dcmread(x)
+    moved.StudyInstanceUID = s1 + ".9"
+    real, other, results = scp.db.record_instance, [], []
+    reached, moved_in = threading.Event(), threading.Event()
+
+    def record_then_race(rec):  # noqa: ANN001, ANN202
+        if other:  # the second C-STORE: it got this far (before, it did while the move was still unrecorded)
+            reached.set()
+            moved_in.wait(30)
+            return real(rec)
+        # The move is about to be recorded: the same instance arrives under its first study again, and is given
+        # the time to reach its own recording (it cannot while the move holds the instance: then this waits out).
+        other.append(threading.Thread(target=lambda: results.append(_store(scp.port, pydicom.dcmread(x)).Status)))
+        other[0].start()
+        reached.wait(3)
+        try:
+            return real(rec)
+        finally:
+            moved_in.set()
+
+    with mock.patch.object(scp.db, "record_instance", record_then_race):
+        assert _store(scp.port, moved).Status == 0
+        other[0].join(60)
+    assert results == [0]
+    on_record = {r["path"] for r in scp.db.query("SELECT path FROM instances")}
+    assert all(Path(p).exists() for p in on_record)
+    assert {str(p) for p in (tmp_path / "data" / "instances").rglob("*.dcm")} == on_record
+    assert scp.db.instance_study(str(moved.SOPInstanceUID)) == s1  # the last one to arrive
+
+
 def test_a_new_instance_of_another_patient_in_a_study_is_refused_and_a_corrected_resend_reopens_it(
         scp: StorageSCP, tmp_path: Path) -> None:
     """A misfiled image (or, after retention forgot a study's instances, a reused Study UID) would put two
