@@ -332,8 +332,8 @@ def _other_patient(execute: Callable[..., sqlite3.Cursor], study_instance_uid: s
 #: How a delivery error begins when no association was made (the SCU's wording): nothing of it reached the peer.
 UNREACHED_PREFIX = "cannot connect to "
 
-#: The audit detail of a delivery withdrawn because its study's identity was corrected, and the reason of
-#: the job that made it.
+#: The audit detail of a delivery withdrawn because its study's identity was corrected (or an image moved out of
+#: it), and the reason of the job that made it.
 WITHDRAWN_DETAIL = ("not sent: made under a patient identity the sender has corrected since, or from an image it has"
                     " moved to another study")
 SUPERSEDED_BY_IDENTITY = ("superseded: the sender corrected the patient identity, or moved an image to another study;"
