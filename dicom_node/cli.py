@@ -306,7 +306,7 @@ def _when(t: float | None) -> str:
 
 def _status_report(db: Database, n_studies: int) -> dict[str, Any]:
     """What `status` shows, read from the database."""
-    report = {
+    report: dict[str, Any] = {
         "studies": db.study_counts(),
         "destinations": db.queue_depth(),
         "recent_studies": db.recent_studies(n_studies),

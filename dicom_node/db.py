@@ -1314,7 +1314,8 @@ class Database:
                      kinds: Sequence[str] = (), study_instance_uid: str | None = None,
                      limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
         """Audit trail rows (associations, deliveries, operator actions) in time order."""
-        where, params = ["1"], []
+        where: list[str] = ["1"]
+        params: list[Any] = []
         if since is not None:
             where.append("at >= ?")
             params.append(since)
@@ -1412,7 +1413,8 @@ class Database:
                      offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """Studies for the list view, newest activity first, with their latest result summaries;
         returns (total matching, rows).  `since` / `until` filter on when the study was first received."""
-        where, params = ["1"], []
+        where: list[str] = ["1"]
+        params: list[Any] = []
         if state:
             where.append("s.state = ?")
             params.append(state)

@@ -116,7 +116,7 @@ def encode_bytes(ds: Dataset) -> bytes:
 
 def read_datasets(paths: Sequence[str | Path]) -> list[Dataset]:
     """Read source instances with their pixel data; PipelineError names the unreadable file."""
-    out = []
+    out: list[Dataset] = []
     for p in paths:
         try:
             out.append(pydicom.dcmread(p))

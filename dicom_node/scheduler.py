@@ -9,6 +9,7 @@ missed wake only costs one interval.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ from dicom_node import assembly
 from dicom_node.db import Database
 from dicom_node.pipeline import Pipeline
 from dicom_node.scu import Sender
-from dicom_node.settings import Settings
+from dicom_node.settings import Destination, Settings
 from dicom_node.storage import Store
 
 log = logging.getLogger("dicom_node.scheduler")
@@ -77,7 +78,7 @@ class NodeScheduler:
         self._add("assembly", self._assembly, settings.assembly.sweep_interval_s)
         self._add("pipeline", self._pipeline, 2.0)
         for dest in settings.destinations:
-            self._add(f"deliver:{dest.name}", lambda d=dest: self._deliver(d), 1.0)
+            self._add(f"deliver:{dest.name}", functools.partial(self._deliver, dest), 1.0)
         self._add("retention", self._purge, settings.retention.purge_interval_s)
         if tune_polling is not None:
             self._scheduler.add_job(tune_polling, "interval", seconds=0.5, id="polling", name="polling")
@@ -135,7 +136,7 @@ class NodeScheduler:
             self.wake_senders()
         return n
 
-    def _deliver(self, dest) -> int:  # type: ignore[no-untyped-def]
+    def _deliver(self, dest: Destination) -> int:
         return self.sender.deliver_due(dest)
 
     def purge(self) -> int:

@@ -175,11 +175,11 @@ class StorageSCP:
         ae.require_called_aet = True
         ae.add_supported_context(Verification, transfer_syntaxes.UNCOMPRESSED)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, transfer_syntaxes.ACCEPTED)
+            ae.add_supported_context(str(cx.abstract_syntax), transfer_syntaxes.ACCEPTED)
         return ae
 
     @property
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def handlers(self) -> list[Any]:
         """Event handlers bound to the server."""
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -424,7 +424,7 @@ class StorageSCP:
             # ours, whose UID can only name the object the node made.
             moved_from = held_in if held_in is not None and held_in != ident["StudyInstanceUID"] else None
             if moved_from is not None and own:
-                raise DatasetError(conflict_reason(ident["SOPInstanceUID"], held_in))
+                raise DatasetError(conflict_reason(ident["SOPInstanceUID"], moved_from))
             old_file = self.db.instance_file(ident["SOPInstanceUID"]) if moved_from is not None else None
             if moved_from is not None:
                 held_in = None  # a new instance of the study it arrives in

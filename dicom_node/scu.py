@@ -38,7 +38,7 @@ log = logging.getLogger("dicom_node.scu")
 OK, TRANSIENT, PERMANENT = "ok", "transient", "permanent"
 DUPLICATE_SOP_INSTANCE = 0x0111
 
-_REJECT_REASONS = {
+_REJECT_REASONS: dict[tuple[Any, Any], str] = {
     (1, 1): "no reason given", (1, 2): "application context name not supported",
     (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
     (2, 1): "no reason given", (2, 2): "protocol version not supported",

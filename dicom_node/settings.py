@@ -438,13 +438,12 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {
 
 
 def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
-    out = []
+    out: list[tuple[tuple[str, ...], Any]] = []
     for suffix, key in _ENV_KEYS.items():
-        value = env.get(ENV_PREFIX + suffix)
-        if value is None or value == "":
+        text = env.get(ENV_PREFIX + suffix)
+        if text is None or text == "":
             continue
-        if key == ("peers", "accept_any"):
-            value = value.strip().lower() in ("1", "true", "yes", "on")
+        value: Any = text.strip().lower() in ("1", "true", "yes", "on") if key == ("peers", "accept_any") else text
         out.append((key, value))
     return out
 
@@ -556,13 +555,13 @@ def _cross_checks(raw: Mapping[str, Any]) -> list[str]:
                 value = d.get(key)
                 if value and not Path(value).expanduser().is_file():
                     problems.append(f"destinations[{i}] ({d.get('name')}).{key}: file not found: {value}")
-    http = raw.get("http") if isinstance(raw.get("http"), dict) else {}
+    http: dict[str, Any] = raw["http"] if isinstance(raw.get("http"), dict) else {}
     for key, field in (("tokens", "id"), ("users", "name")):
         items = [t.get(field) for t in http.get(key) or [] if isinstance(t, dict)]
         for i, value in enumerate(items):
             if value is not None and items.index(value) != i:
                 problems.append(f"http.{key}[{i}].{field}: {value!r} used more than once")
-    node = raw.get("node") if isinstance(raw.get("node"), dict) else {}
+    node: dict[str, Any] = raw["node"] if isinstance(raw.get("node"), dict) else {}
     if http.get("enabled") and http.get("port") not in (None, 0) and http.get("port") == node.get("port", 11112):
         problems.append(f"http.port: {http.get('port')} is also the DICOM port (node.port)")
     rules = raw.get("rules") or []

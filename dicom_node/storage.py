@@ -114,7 +114,7 @@ class Store:
             n = self._counter
         return self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}.part"
 
-    def write_atomic(self, path: Path, chunks: Iterable[bytes]) -> int:
+    def write_atomic(self, path: Path, chunks: Iterable[bytes | memoryview]) -> int:
         """Write `chunks` to `path` atomically; returns the size.  Raises `StorageError` on any OS error."""
         tmp = self._tmp_name()
         try:
