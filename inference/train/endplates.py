@@ -264,7 +264,7 @@ def add_stage(model_folder: Path, cache: Path, val_every: int, iterations: int, 
 
 
 def copy_stage(model_folder: Path, source: Path) -> dict[str, Any]:
-    """Put the six-point stage of the vertebra model folder `source` into `model_folder`, untrained again: the
+    """Put the six-point stage of the vertebra model folder `source` into `model_folder`, not trained again: the
     stage learns from crops cut around TRUE centroids of synthetic laterals (no real film, no output of the
     segmentation network), so a stage trained beside one network serves another. model.json records where it
     came from; its metrics are cleared (the evaluation must run again, with the new network's centroids)."""
