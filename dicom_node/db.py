@@ -806,6 +806,11 @@ class Database:
             (study_instance_uid,),
         )
 
+    def moved_instances(self) -> list[tuple[str, str]]:
+        """(study it left, SOP Instance UID) of every instance the sender moved to another study (audited)."""
+        return [(r["study_instance_uid"], r["target"]) for r in self.query(
+            "SELECT DISTINCT study_instance_uid, target FROM audit_events WHERE kind = 'action' AND action = 'moved'")]
+
     def instance_file(self, sop_instance_uid: str) -> str | None:
         """The file the node holds instance `sop_instance_uid` in, if any."""
         row = self.db.execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()

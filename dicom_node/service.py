@@ -80,6 +80,12 @@ def make_registry(settings: Settings) -> ModelRegistry:
                          device=settings.models.device)
 
 
+def left_over_copies(db: Database, store: Store) -> list[Path]:
+    """Files of moved instances left in the study they left (the node stopped between recording the move and
+    deleting the old file): not on record, so retention would never delete them."""
+    return [p for study, sop in db.moved_instances() for p in store.stray_copies(study, sop, db.instance_file(sop))]
+
+
 class NodeService:
     """Everything `dicom-node serve` runs."""
 
@@ -112,8 +118,10 @@ class NodeService:
         # nothing left to send: settle those now.
         self.db.settle_delivered_studies()
         cleaned = self.store.clean_tmp()
+        # A stop between recording a move and deleting the moved instance's old file leaves a copy nobody reads.
+        cleaned += self.store.remove(left_over_copies(self.db, self.store))
         if any(recovered.values()) or cleaned:
-            log.info("recovered after restart: %s, %d temporary file(s) removed", recovered, cleaned)
+            log.info("recovered after restart: %s, %d temporary or left-over file(s) removed", recovered, cleaned)
         self.analyser.ready.clear()  # no study is claimed until the warm-up below has loaded the models
         self.scheduler.start()
         self.scp.start()

@@ -144,6 +144,12 @@ class Store:
                 pass
             raise StorageError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
 
+    def stray_copies(self, study_uid: str, sop_uid: str, held_at: str | None) -> list[Path]:
+        """Files of instance `sop_uid` under study `study_uid` other than `held_at` (where the database holds it):
+        the copy a move to another study leaves when the node stops between recording the move and deleting it."""
+        folder = self.instances / safe_component(study_uid)
+        return [p for p in folder.glob(f"*/{safe_component(sop_uid)}.dcm") if str(p) != held_at]
+
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Delete files (retention); missing files are fine. Returns how many were removed."""
         n = 0

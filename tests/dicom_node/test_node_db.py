@@ -697,3 +697,27 @@ def test_a_rejection_note_that_cannot_be_written_waits_as_a_study_does(
     assert pipeline.answer_superseded() == 1
     assert db.one("SELECT count(*) AS n FROM outputs WHERE kind = 'kos'")["n"] == 1
     assert db.superseded_deliveries() == [] and pipeline.answer_superseded() == 0
+
+
+def test_a_moved_instances_old_copy_left_by_a_stop_is_removed_at_the_next_start(db: Database, tmp_path: Path) -> None:
+    """The SCP deletes the old file after the move is recorded; a stop in between left a copy (perhaps another
+    patient's film) that no record names, so retention never removed it. The next start does."""
+    from dicom_node.service import left_over_copies
+    from dicom_node.storage import Store
+
+    store = Store(tmp_path / "data")
+    first, moved = store.instance_path("1.2.3", "1.2.3.1", "1.1"), store.instance_path("4.5.6", "4.5.6.1", "1.1")
+    kept = store.instance_path("1.2.3", "1.2.3.1", "1.2")
+    for path in (first, moved, kept):
+        store.write_atomic(path, (b"DICM",))
+    db.record_instance(dataclasses.replace(_identified("1.1", "A"), path=str(first)))
+    db.record_instance(dataclasses.replace(_identified("1.2", "A"), path=str(kept)))
+    db.record_instance(dataclasses.replace(_identified("1.1", "A", study="4.5.6"), path=str(moved)))  # ... and stop
+    assert left_over_copies(db, store) == [first]
+    store.remove(left_over_copies(db, store))
+    assert not first.exists() and moved.exists() and kept.exists()
+    # Moved back: the copy in the second study is the left-over one now.
+    first_again = store.instance_path("1.2.3", "1.2.3.1", "1.1")
+    store.write_atomic(first_again, (b"DICM",))
+    db.record_instance(dataclasses.replace(_identified("1.1", "A"), path=str(first_again)))
+    assert left_over_copies(db, store) == [moved]
