@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -189,6 +190,17 @@ def switches_source(value: str | None, out: Path, name: str) -> Path | None:
     if found != name:
         raise SystemExit(f"--switches-from: {source} holds {found!r}, not {name!r}: its switches do not apply")
     return source
+
+
+def write_model_files(out: Path, weights: Path, meta: dict[str, Any], switches_from: Path | None) -> None:
+    """Copy `weights` to ``out/weights.pt`` and write `meta` as ``out/model.json``, with what `switches_from`
+    switched off still off (`carry_switches`). Everything that can fail comes first: the folder never holds new
+    weights under its old model.json."""
+    if kept := carry_switches(meta, switches_from):
+        log.info("kept switched off, as in %s: %s", switches_from, "; ".join(kept))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, out / "weights.pt")
+    write_json(out / "model.json", meta)
 
 
 SWITCHES_HELP = ("model folder whose switched-off outputs (and their reasons) stay off in the model written; default: "

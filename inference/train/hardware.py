@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -387,12 +386,7 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: HardwarePar
         "training": info,
         "metrics": {},
     }
-    # Everything that can fail first: the folder never holds new weights under its old model.json.
-    if kept := common.carry_switches(meta, switches_from):
-        log.info("kept switched off, as in %s: %s", switches_from, "; ".join(kept))
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, out / "weights.pt")
-    common.write_json(out / "model.json", meta)
+    common.write_model_files(out, weights, meta, switches_from)
     return meta
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -385,12 +384,7 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams
         "training": info,
         "metrics": {},
     }
-    # Everything that can fail first: the folder never holds new weights under its old model.json.
-    if kept := common.carry_switches(meta, switches_from):
-        log.info("kept switched off, as in %s: %s", switches_from, "; ".join(kept))
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, out / "weights.pt")
-    common.write_json(out / "model.json", meta)
+    common.write_model_files(out, weights, meta, switches_from)
     return meta
 
 
