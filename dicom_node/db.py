@@ -419,6 +419,12 @@ def conflict_reason(sop_instance_uid: str, held_in: str) -> str:
     return f"SOPInstanceUID already held in another study (instance {sop_instance_uid}, study {held_in})"
 
 
+def _mark_answered(execute: Callable[..., sqlite3.Cursor], delivery_ids: Sequence[int], note: str) -> None:
+    """Superseded deliveries answered: by the rejection note with UID `note`, or ("") by a warning."""
+    for delivery_id in delivery_ids:
+        execute("UPDATE deliveries SET superseded_note = ? WHERE id = ?", (note, delivery_id))
+
+
 def _insert_output(execute: Callable[..., sqlite3.Cursor], out: dict[str, Any], job_id: int, now: float) -> None:
     """Record a written output of job `job_id` (one written again, with the same UID, replaces its row; never
     one of another study: a UID names one object, and that study's PACS copy must keep what it is)."""
@@ -1000,11 +1006,11 @@ class Database:
     def superseded_deliveries(self, study_instance_uid: str | None = None) -> list[dict[str, Any]]:
         """Deliveries that went out with an output of an earlier identity epoch than their study's and that no
         rejection note or warning has answered yet (rejection notes themselves left out): (id, destination,
-        study_instance_uid, identity_epoch of the output, sop_instance_uid, path, purged_at).  They stay in
+        study_instance_uid, identity_epoch of the output, sop_instance_uid, job_id, path, purged_at).  They stay in
         that PACS under the old identity until its patient correction, or a rejection note, removes them."""
         one = " AND d.study_instance_uid = ?" if study_instance_uid else ""
         return self.query(
-            "SELECT d.id, d.destination, d.study_instance_uid, j.identity_epoch, o.sop_instance_uid, o.path,"
+            "SELECT d.id, d.destination, d.study_instance_uid, j.identity_epoch, o.sop_instance_uid, o.job_id, o.path,"
             " o.purged_at FROM studies s JOIN deliveries d ON d.study_instance_uid = s.study_instance_uid"
             " JOIN outputs o ON o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON j.id = o.job_id"
             " WHERE s.identity_epoch > 0 AND (d.state = 'delivered' OR (d.state = 'withdrawn' AND d.attempts > 0"
@@ -1018,8 +1024,7 @@ class Database:
     def answer_superseded(self, delivery_ids: Sequence[int], note_sop_instance_uid: str = "") -> None:
         """Record that `delivery_ids` were answered: by the rejection note with this UID, or ("") a warning."""
         with self.tx() as db:
-            for delivery_id in delivery_ids:
-                db.execute("UPDATE deliveries SET superseded_note = ? WHERE id = ?", (note_sop_instance_uid, delivery_id))
+            _mark_answered(db.execute, delivery_ids, note_sop_instance_uid)
 
     def record_rejection_note(self, job_id: int, output: dict[str, Any], destination: str,
                               answers: Sequence[int]) -> bool:
@@ -1035,8 +1040,7 @@ class Database:
                 " ON CONFLICT(output_sop_instance_uid, destination) DO NOTHING",
                 (output["sop_instance_uid"], destination, output["study_instance_uid"], now, now, now),
             )
-            for delivery_id in answers:
-                db.execute("UPDATE deliveries SET superseded_note = ? WHERE id = ?", (output["sop_instance_uid"], delivery_id))
+            _mark_answered(db.execute, answers, output["sop_instance_uid"])
             return cur.rowcount > 0
 
     def latest_output(self, study_instance_uid: str, analysis: str, kind: str, *, before_job: int,

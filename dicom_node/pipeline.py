@@ -61,6 +61,13 @@ class EncodedFile:
     path: Path
     size: int
 
+    def row(self) -> dict[str, Any]:
+        """The `outputs` row the database records for it."""
+        return {"sop_instance_uid": self.sop_instance_uid, "study_instance_uid": self.study_instance_uid,
+                "series_instance_uid": self.series_instance_uid, "sop_class_uid": self.sop_class_uid,
+                "transfer_syntax_uid": self.transfer_syntax_uid, "kind": self.kind, "variant": self.variant,
+                "path": str(self.path), "size": self.size}
+
 
 def describe(exc: BaseException) -> str:
     """One line for an error: the node's and the model packages' own messages as they are, anything else
@@ -328,12 +335,7 @@ class Pipeline:
             for f in files:
                 if f.kind in dest.outputs and (f.kind != "seg" or f.variant == variant_of(dest)):
                     pairs.append((f.sop_instance_uid, dest.name))
-        rows = [{
-            "sop_instance_uid": f.sop_instance_uid, "study_instance_uid": f.study_instance_uid,
-            "series_instance_uid": f.series_instance_uid, "sop_class_uid": f.sop_class_uid,
-            "transfer_syntax_uid": f.transfer_syntax_uid, "kind": f.kind, "variant": f.variant,
-            "path": str(f.path), "size": f.size,
-        } for f in files]
+        rows = [f.row() for f in files]
         # The summary's reasons and notes can quote a decoder's error message, which can quote a header value;
         # the database (and so `status` and the dashboard) keeps no patient data.
         added = self.db.record_outputs(job["id"], redact_all(result.summary()), rows, pairs, generation=generation)
@@ -385,12 +387,7 @@ class Pipeline:
                         log.error("study %s: no rejection note for %s (again in %.0f s): %s", study, name,
                                   STRANDED_RETRY_S, describe(exc))
                         continue
-                    job = self.db.one("SELECT job_id FROM outputs WHERE sop_instance_uid = ?", (group[0][0]["sop_instance_uid"],))
-                    self.db.record_rejection_note(int(job["job_id"]) if job else 0, {
-                        "sop_instance_uid": written.sop_instance_uid, "study_instance_uid": written.study_instance_uid,
-                        "series_instance_uid": written.series_instance_uid, "sop_class_uid": written.sop_class_uid,
-                        "transfer_syntax_uid": written.transfer_syntax_uid, "path": str(written.path), "size": written.size,
-                    }, name, [row["id"] for row, _ in group])
+                    self.db.record_rejection_note(group[0][0]["job_id"], written.row(), name, [row["id"] for row, _ in group])
                     answered += len(group)
                     log.info("study %s: the sender corrected its patient identity or moved an image out; a rejection"
                              " note for the %d output(s) %s got is queued for it", study, len(group), name)
