@@ -434,16 +434,14 @@ _CREATION_DATE_TIME = (("InstanceCreationDate", "InstanceCreationTime"), ("Conte
 _UTC_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
 
 
-def utc_offset(source: Dataset) -> datetime.timezone | None:
-    """The source's TimezoneOffsetFromUTC ("+0100") as a time zone; None when absent, multi-valued or outside
-    the range PS3.3 C.12.1.1.8 allows (-1200 to +1400)."""
+def utc_offset_minutes(source: Dataset) -> int | None:
+    """The source's TimezoneOffsetFromUTC ("+0100") in minutes; None when absent, multi-valued or outside the
+    range PS3.3 C.12.1.1.8 allows (-1200 to +1400)."""
     match = _UTC_OFFSET.match(str(source.get("TimezoneOffsetFromUTC", "")).strip())
     if match is None or int(match[3]) > 59:
         return None
     minutes = (int(match[2]) * 60 + int(match[3])) * (-1 if match[1] == "-" else 1)
-    if not -12 * 60 <= minutes <= 14 * 60:
-        return None
-    return datetime.timezone(datetime.timedelta(minutes=minutes))
+    return minutes if -12 * 60 <= minutes <= 14 * 60 else None
 
 
 def apply_creation_time(ds: Dataset, source: Dataset, now: datetime.datetime) -> None:
@@ -452,8 +450,8 @@ def apply_creation_time(ds: Dataset, source: Dataset, now: datetime.datetime) ->
     offset applies to every date and time of an instance, the copied study date and time included, so it must
     be the source's. (No SeriesDate / SeriesTime: an output series outlives one analysis, its later instances
     would contradict its first.)"""
-    zone = utc_offset(source)
-    local = now.astimezone(zone) if zone is not None else now.astimezone()
+    minutes = utc_offset_minutes(source)
+    local = now.astimezone(datetime.timezone(datetime.timedelta(minutes=minutes))) if minutes is not None else now.astimezone()
     date, time = local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f")
     for date_keyword, time_keyword in _CREATION_DATE_TIME:
         if date_keyword in ds:
@@ -463,8 +461,7 @@ def apply_creation_time(ds: Dataset, source: Dataset, now: datetime.datetime) ->
     for item in ds.get("ContributingEquipmentSequence") or ():
         if "ContributionDateTime" in item:
             item.ContributionDateTime = date + time
-    if zone is not None:
-        minutes = int(zone.utcoffset(None).total_seconds()) // 60
+    if minutes is not None:
         ds.TimezoneOffsetFromUTC = f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
     elif "TimezoneOffsetFromUTC" in ds:
         del ds.TimezoneOffsetFromUTC

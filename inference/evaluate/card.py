@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from inference.splits import VERTEBRA_LEGACY_SCHEME
+
 NOTES = Path(__file__).with_name("vertebrae_notes.md")
 
 
@@ -367,7 +369,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
         lines += [
             f"### Real AP radiographs, held-out test split ({real['images']} images, {real['vertebrae']} boxed vertebrae)",
             "",
-            *(_LEGACY_SPLIT_WORDS if m.get("split_scheme", "cadma-v1") == "cadma-v1" else [
+            *(_LEGACY_SPLIT_WORDS if m.get("split_scheme", VERTEBRA_LEGACY_SCHEME) == VERTEBRA_LEGACY_SCHEME else [
                 f"The model's split (`inference.splits` {m.get('split_scheme')}: a patient's films together) keeps these films, and",
                 "every film of their patients, out of its real training, its checkpoint selection and its synthetic cache. Not",
                 "blind all the same: the sacrum rules of the post-processing (`vertebrae_notes.md`) were prompted by overlays of",
