@@ -241,6 +241,25 @@ def _variants_section(variants: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def _structureless_section(s: dict[str, Any] | None) -> list[str]:
+    """Vertebrae found on images without anatomy (`evaluate_structureless`)."""
+    if not s:
+        return []
+    lines = [
+        f"### Images without anatomy ({s.get('images')} images; the right answer is no vertebra)",
+        "",
+        "Detector noise, smooth mottle, exposure gradients and grid stripes with noise (`inference/synth/negatives.py`, seed",
+        f"{s.get('seed')}), through the model alone: the node's gate for images without contrast is not in this path. A midline",
+        "baseline, blind to the image, would report its tuned count of vertebrae on every one of them.",
+        "",
+        "| image | images | with any vertebra | vertebrae per image, mean | most on one image |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, row in {**s.get("by_kind", {}), "all": s}.items():
+        lines.append(f"| {kind} | {row.get('images')} | {row.get('images_with_vertebrae')} | {row.get('vertebrae_mean')} | {row.get('vertebrae_max')} |")
+    return lines + [""]
+
+
 #: Where the model was measured and where it was not: the first lines a clinical lead reads.
 SCOPE_LINES = [
     "- **Measured on**: real frontal (AP) radiographs, 416 px JPEG exports processed by CLAHE, mostly whole-spine films of",
@@ -292,6 +311,12 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         ("- Level names: " if naming_on else "- **Level names are switched off**: every vertebra is reported \"level unknown\". "
          "Measured with the rule on: ") + named + ".",
     ]
+    blank = m.get("structureless") or {}
+    if blank.get("images"):
+        lines.append(
+            f"- Images without anatomy (noise, mottle, gradients, stripes; {blank.get('images')} images): vertebrae reported on "
+            f"{blank.get('images_with_vertebrae')}, {blank.get('vertebrae_mean')} per image on average, up to {blank.get('vertebrae_max')}"
+            + (". The node's contrast gate stops only blank images." if blank.get("images_with_vertebrae") else "."))
     grades = lat.get("grades") or {}
     if grades:
         heights = (lat.get("heights_mm") or {}).get("mae") or {}
@@ -407,6 +432,7 @@ def render_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
             "",
         ]
     lines += _variants_section(m.get("real_test_variants"))
+    lines += _structureless_section(m.get("structureless"))
     if m.get("synthetic_holdout"):
         lines += _synth_section("Synthetic hold-out (seed never used in training)", m["synthetic_holdout"])
     lat = m.get("lateral_fracture_holdout")

@@ -47,7 +47,8 @@ log = logging.getLogger("inference.evaluate.vertebrae")
 S1_CODE = LEVELS.index("S1") + 1
 L5 = LEVELS.index("L5")
 LOPO_PAIRS = (("ts-abdomen", "dd-chest"), ("dd-chest", "ts-abdomen"))
-HOLDOUT_SEED = 7919  # never used for a training cache
+HOLDOUT_SEED = 7919  # never used for a training cache or a training run's structureless images
+STRUCTURELESS_COUNT = 40
 
 
 def radiograph_from_array(
@@ -580,6 +581,24 @@ def lopo(data: Path, cache: Path | None, holdout: Path, work: Path, iterations: 
     return results
 
 
+def evaluate_structureless(model: VertebraModel, count: int = STRUCTURELESS_COUNT, seed: int = HOLDOUT_SEED) -> dict[str, Any]:
+    """Vertebrae the model reports on images without anatomy (`inference.synth.negatives`; the right answer is
+    none), per kind. The node's own gate for images without contrast is not in this path: it measures the model."""
+    from inference.synth.negatives import structureless_set
+
+    by_kind: dict[str, list[int]] = {}
+    for image in structureless_set(count, seed):
+        spine = model.analyse(radiograph_from_array(image.pixels, image.spacing_mm, None, None))
+        by_kind.setdefault(image.kind, []).append(len(spine.vertebrae))
+
+    def row(found: list[int]) -> dict[str, Any]:
+        return {"images": len(found), "images_with_vertebrae": sum(1 for f in found if f),
+                "vertebrae_mean": _r(float(np.mean(found)), 2), "vertebrae_max": max(found)}
+
+    return {"seed": seed, **row([f for found in by_kind.values() for f in found]),
+            "by_kind": {kind: row(found) for kind, found in by_kind.items()}}
+
+
 def _take(it: Iterable, n: int) -> Iterable:
     for k, x in enumerate(it):
         if k >= n:
@@ -643,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     results["split_scheme"] = scheme_of(meta, VERTEBRA_LEGACY_SCHEME)
     results["real_test"] = evaluate_real(model, args.data, args.overlays, args.real_limit or None, meta)
     log.info("real test: %s", json.dumps(results["real_test"], indent=1)[:2000])
+    results["structureless"] = evaluate_structureless(model)
+    log.info("structureless images: %s", results["structureless"])
     if not args.skip_variants:
         from inference.evaluate.real_variants import evaluate_variants
 

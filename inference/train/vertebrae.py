@@ -6,10 +6,11 @@
 * Real AP radiographs (`inference.train.cadma`, train split only) supervise what their boxes know (see
   `inference.train.targets`); synthetic samples from the data engine's cache (``--cache``, .npz shards
   from ``python -m inference.synth.build``) supervise everything, AP and lateral.  Each batch is half real,
-  half synthetic (``--synth-fraction``).
+  half synthetic (``--synth-fraction``), and one in eight is a structureless image (noise, mottle, gradients,
+  stripes: `inference.synth.negatives`, ``--negative-fraction``) with nothing to find, taken from the real share.
 * Every image goes through the same `inference.radiograph.preprocess.prepare` the node uses.
 * The checkpoint kept is the one with the best validation score: centroid-in-box F1 on the REAL val
-  split plus 0.5 x body/sacrum Dice on held-out synthetic samples.
+  split (with 24 structureless images whose every vertebra is a false positive) plus 0.5 x body/sacrum Dice on held-out synthetic samples.
 * Seeds are fixed; progress is logged; ``--work`` holds checkpoints, so a killed run resumes where it
   stopped (same command).  torch uses 2 threads (the node's 2 cores); run it under ``nice -n 10``.
 * The output folder gets ``weights.pt`` (state dict) and ``model.json`` (metrics are filled in by
@@ -39,11 +40,14 @@ from inference.radiograph.postprocess import ChainParams
 from inference.registry import sha256_file
 from inference.results import LEVELS
 from inference.splits import SCHEMES, TRAINING_SCHEME, VERTEBRA_LEGACY_SCHEME, describe
+from inference.synth import negatives
 from inference.train import cadma, common, targets
 
 log = logging.getLogger("inference.train.vertebrae")
 
 MODEL_NAME = "spine-xr-vertebrae"
+#: Structureless training images (drawn like films, each crop augmented) and validation ones (another seed).
+NEGATIVE_POOL, NEGATIVE_VAL, NEGATIVE_VAL_SEED = 96, 24, 5003
 
 
 @dataclass
@@ -103,6 +107,12 @@ def prepare_real(item: cadma.RealRadiograph) -> RealItem:
 def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     t = torch.from_numpy(labels.astype(np.float32))[None, None]
     return F.interpolate(t, size=shape, mode="nearest-exact")[0, 0].numpy().round().astype(np.int8)
+
+
+def prepare_structureless(image: negatives.Structureless) -> RealItem:
+    """A structureless image (`inference.synth.negatives`) as a film without vertebrae: all targets 0."""
+    prepared, scale = preprocess.prepare(image.pixels, image.spacing_mm)
+    return RealItem(image.key, prepared.astype(np.float16), np.zeros((0, 4)), float(scale[0]))
 
 
 def prepare_synth(sample) -> SynthItem:  # sample: inference.synth.sample.SynthSample
@@ -402,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, default=100.0, help="stop the loop (keeping the best checkpoint) after this")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--synth-fraction", type=float, default=0.5)
+    ap.add_argument("--negative-fraction", type=float, default=0.125,
+                    help="share of each batch given to structureless images (noise, mottle, gradients, stripes) "
+                         "with all-zero targets, taken from the real share")
     ap.add_argument("--synth-sources", default="", help="comma list: only synthetic samples from these CT sources")
     ap.add_argument("--synth-limit", type=int, default=0)
     ap.add_argument("--no-real", action="store_true", help="synthetic only (leave-one-patient-out runs)")
@@ -452,6 +465,15 @@ def main(argv: list[str] | None = None) -> int:
         log.info("synthetic samples: %d (%.0f s)", len(synth), time.time() - t_start)
     if not real_train and not synth:
         raise SystemExit("no training data: give --data with real radiographs and/or --cache with synthetic shards")
+    # Structureless images teach "nothing here"; the validation ones count their vertebrae as false positives
+    # of the real F1, so checkpoint selection and the chain tuning pay for a spine found in noise.
+    negative_train = (
+        [prepare_structureless(n) for n in negatives.structureless_set(NEGATIVE_POOL, args.seed)]
+        if args.negative_fraction > 0 else []
+    )
+    n_real_val = len(real_val)
+    if real_val:
+        real_val += [prepare_structureless(n) for n in negatives.structureless_set(NEGATIVE_VAL, args.seed + NEGATIVE_VAL_SEED)]
     # Hold out every 20th synthetic sample for checkpoint selection.
     synth_val = synth[::20][:60]
     synth_train = [s for i, s in enumerate(synth) if i % 20 != 0] if synth else []
@@ -485,7 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     if not real_train:
         n_synth = args.batch
     n_real = args.batch - n_synth
-    log.info("network: %d parameters; batch %d real + %d synthetic", n_params, n_real, n_synth)
+    n_negative = int(round(args.batch * args.negative_fraction))
+    if n_real >= n_negative:
+        n_real -= n_negative
+    else:
+        n_synth -= n_negative
+    log.info("network: %d parameters; batch %d real + %d synthetic + %d structureless", n_params, n_real, n_synth, n_negative)
 
     def draw(pool: list, count: int) -> list:
         return [pool[int(i)] for i in rng.integers(0, len(pool), size=count)] if count else []
@@ -518,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = common.cosine_lr(int(progress * args.iterations), args.iterations, args.lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        items = draw(real_train, n_real) + draw_synth(n_synth)
+        items = draw(real_train, n_real) + draw_synth(n_synth) + draw(negative_train, n_negative)
         xs, ts, ws = [], [], []
         for item in items:
             image, t, w = render_item(item, sacrum_hint)
@@ -568,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "iterations": step,
         "stop": stop_reason,
-        "batch": {"real": n_real, "synthetic": n_synth},
+        "batch": {"real": n_real, "synthetic": n_synth, "structureless": n_negative},
         "wall_minutes": round(clock.elapsed / 60, 1),
         "threads": args.threads,
         "parameters": n_params,
@@ -579,10 +606,16 @@ def main(argv: list[str] | None = None) -> int:
             "real": {
                 "source": str(cadma.SUBDIR),
                 "images_train": len(real_train),
-                "images_val": len(real_val),
+                "images_val": n_real_val,
                 "split": f"inference.splits {describe(scheme)}",
                 "split_scheme": scheme,
                 "sacrum_hint": sacrum_hint,
+            },
+            "structureless": {
+                "kinds": list(negatives.KINDS),
+                "images_train": len(negative_train),
+                "images_val": len(real_val) - n_real_val,
+                "seed": args.seed,
             },
             "synthetic": {
                 "cache": str(args.cache) if args.cache else None,

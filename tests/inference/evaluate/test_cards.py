@@ -93,3 +93,16 @@ def test_sections_carried_over_from_an_earlier_evaluation_say_so(tmp_path: Path)
     (tmp_path / "model.json").write_text(json.dumps({**meta, "metrics": {}}))
     with pytest.raises(SystemExit, match="holds none of"):
         carry_source(tmp_path / "model.json", meta["name"], keys)
+
+
+def test_the_vertebra_card_says_how_many_vertebrae_it_finds_in_images_without_anatomy() -> None:
+    from inference.evaluate.card import render_card
+
+    meta = ModelRegistry().spec("spine-xr-vertebrae").metadata
+    row = {"images": 4, "images_with_vertebrae": 1, "vertebrae_mean": 0.75, "vertebrae_max": 3}
+    metrics = {**meta["metrics"], "structureless": {"seed": 7919, **row, "by_kind": {"noise": row}}}
+    card = render_card(meta, metrics)
+    assert "vertebrae reported on 1, 0.75 per image on average, up to 3" in _glance(card)
+    assert "| noise | 4 | 1 | 0.75 | 3 |" in card and "| all | 4 | 1 | 0.75 | 3 |" in card
+    clean = {**metrics, "structureless": {**metrics["structureless"], "images_with_vertebrae": 0}}
+    assert "contrast gate" not in _glance(render_card(meta, clean))
