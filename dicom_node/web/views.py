@@ -216,13 +216,15 @@ class Views:
                 "images": summary.get("images", []),
             })
         by_sop = {o["sop_instance_uid"]: o for o in detail["outputs"]}
+        # Jobs of an earlier identity epoch made superseded outputs (`_superseded`, from rows already read).
+        earlier = {j["id"] for j in detail["jobs"] if j["identity_epoch"] != detail["identity_epoch"]}
         outputs = []
         for o in detail["outputs"]:
             item = {"sop_instance_uid": o["sop_instance_uid"], "series_instance_uid": o["series_instance_uid"],
                     "sop_class_uid": o["sop_class_uid"], "kind": o["kind"], "variant": o["variant"],
                     "size": o["size"], "created_at": iso(o["created_at"]), "purged": o.get("purged_at") is not None,
                     "job_id": o["job_id"]}
-            if o["kind"] == "sc" and not item["purged"] and not self._superseded(o["sop_instance_uid"]):
+            if o["kind"] == "sc" and not item["purged"] and o["job_id"] not in earlier:
                 item["thumbnail"] = f"/api/studies/{study_uid}/outputs/{o['sop_instance_uid']}/image.png"
             outputs.append(item)
         deliveries = [{
