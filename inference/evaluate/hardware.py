@@ -818,6 +818,26 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
     }
 
 
+def evaluate_structureless(model: HardwareModel, vertebra_step: Any | None, count: int = 40, seed: int = 7919) -> dict[str, Any]:
+    """Images without anatomy or implants (`inference.synth.negatives`; the right answer is "no implants"), with
+    the vertebrae the vertebra model finds on them, through the model alone."""
+    from inference.evaluate.vertebrae import radiograph_from_array
+    from inference.synth.negatives import structureless_set
+
+    said: Counter = Counter()
+    with_pieces = 0
+    for k, image in enumerate(structureless_set(count, seed)):
+        rad = radiograph_from_array(image.pixels, image.spacing_mm, "AP", None)
+        source = SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.blank{k}",), *image.pixels.shape,
+                             view="AP", modality="DX")
+        verts = found_vertebrae(vertebra_step, rad, source) if vertebra_step is not None else []
+        outcome = model.analyse(rad, verts, source)
+        said[outcome.status.value] += 1
+        with_pieces += bool(outcome.implants)
+    return {"seed": seed, "images": count, "status": dict(said), "images_with_implants_found": with_pieces,
+            "said_no_implants": _ratio(said[HardwareStatus.NO_IMPLANTS.value], count)}
+
+
 def evaluate_unseen(model: HardwareModel, data: Path, vertebra_step: Any | None, per_film: int,
                     vertebra_folder: Path | None, hardware_meta: dict[str, Any]) -> dict[str, Any]:
     """The real films NEITHER shipped model trained or was tuned on, for any film of their patient
@@ -1068,6 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
         vertebra_folder = ModelRegistry().spec("spine-xr-vertebrae").folder
         results["real_unseen"] = evaluate_unseen(model, args.data, vertebra_step, args.unseen_per_film, vertebra_folder, meta)
         log.info("real films neither model saw: %s", json.dumps(results["real_unseen"], indent=1)[:4000])
+    results["structureless"] = evaluate_structureless(model, vertebra_step)
+    log.info("structureless images: %s", results["structureless"])
     if args.hooked:
         results["hooked_constructs"] = evaluate_samples(model, hooked_samples(args.data, args.hooked, scheme), "constructs ending in hooks",
                                                         vertebra_step)
@@ -1354,6 +1376,11 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"({((real.get('no_implants') or {}).get('images_cages_or_plates_only_said_no_implants') or {}).get('images')} films): \"no implants\" means "
         "no implant FOUND, and a cage-only fusion is often missed.",
     ]
+    blank = m.get("structureless") or {}
+    if blank.get("images"):
+        lines.append(f"- Images without anatomy or implants (noise, mottle, gradients, stripes; `inference/synth/negatives.py`, seed {blank.get('seed')}): "
+                     f"answered \"no implants\" {value_text(blank.get('said_no_implants'), pct=True)} of {blank.get('images')}; implants found on "
+                     f"{blank.get('images_with_implants_found')}.")
     if set(off) >= {c.value for c in Complication}:
         lines.append(f"- **Hardware failure is not assessed** ({', '.join(off)} switched off: no better than chance, or than a construct-size baseline, on held-out data): an "
                      "image with implants is \"not assessable\" with the reason, never \"hardware intact\", and no study is flagged for hardware.")

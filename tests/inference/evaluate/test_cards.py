@@ -106,3 +106,14 @@ def test_the_vertebra_card_says_how_many_vertebrae_it_finds_in_images_without_an
     assert "| noise | 4 | 1 | 0.75 | 3 |" in card and "| all | 4 | 1 | 0.75 | 3 |" in card
     clean = {**metrics, "structureless": {**metrics["structureless"], "images_with_vertebrae": 0}}
     assert "contrast gate" not in _glance(render_card(meta, clean))
+
+
+def test_the_hardware_card_says_what_it_answers_on_images_without_anatomy() -> None:
+    from inference.evaluate.hardware import render_card
+
+    spec = ModelRegistry().spec("spine-xr-hardware")
+    meta = spec.metadata
+    blank = {"seed": 7919, "images": 40, "status": {"no implants": 38, "not assessable": 2}, "images_with_implants_found": 2,
+             "said_no_implants": 0.95}
+    card = render_card({**meta, "_folder": str(spec.folder)}, {**meta["metrics"], "structureless": blank})
+    assert 'answered "no implants" 95.0 % of 40; implants found on 2.' in _glance(card)
