@@ -58,7 +58,8 @@ def structureless(rng: np.random.Generator, kind: str, key: str = "") -> Structu
         wave = rng.uniform(0.01, 0.08) * np.sin(2 * np.pi * np.arange(shape[axis]) / period)
         image += wave[:, None] if axis == 0 else wave[None, :]
     image += noise * rng.normal(size=shape)
-    spacing = None if rng.random() < 0.3 else (float(rng.uniform(0.1, 0.35)),) * 2
+    # A detector's size (15-45 cm on the long side), whatever the matrix; a third claim no spacing.
+    spacing = None if rng.random() < 0.3 else (float(rng.uniform(150.0, 450.0)) / max(shape),) * 2
     return Structureless(key or kind, kind, np.clip(image, 0.0, 1.0).astype(np.float32), spacing)
 
 
