@@ -6,11 +6,12 @@
 * Real AP radiographs (`inference.train.cadma`, train split only) supervise what their boxes know (see
   `inference.train.targets`); synthetic samples from the data engine's cache (``--cache``, .npz shards
   from ``python -m inference.synth.build``) supervise everything, AP and lateral.  Each batch is half real,
-  half synthetic (``--synth-fraction``), and one in eight is a structureless image (noise, mottle, gradients,
-  stripes: `inference.synth.negatives`, ``--negative-fraction``) with nothing to find, taken from the real share.
+  half synthetic (``--synth-fraction``).  With ``--negative-fraction`` (the shipped recipe's fine-tune stage: a
+  quarter) part of the real share is structureless images (noise, mottle, gradients, stripes:
+  `inference.synth.negatives`) with nothing to find.
 * Every image goes through the same `inference.radiograph.preprocess.prepare` the node uses.
 * The checkpoint kept is the one with the best validation score: centroid-in-box F1 on the REAL val
-  split (with 24 structureless images whose every vertebra is a false positive) plus 0.5 x body/sacrum Dice on held-out synthetic samples.
+  split (with 24 structureless images whose every vertebra is a false positive, when the run trains on them) plus 0.5 x body/sacrum Dice on held-out synthetic samples.
 * Seeds are fixed; progress is logged; ``--work`` holds checkpoints, so a killed run resumes where it
   stopped (same command).  torch uses 2 threads (the node's 2 cores); run it under ``nice -n 10``.
 * The output folder gets ``weights.pt`` (state dict) and ``model.json`` (metrics are filled in by
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, default=100.0, help="stop the loop (keeping the best checkpoint) after this")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--synth-fraction", type=float, default=0.5)
-    ap.add_argument("--negative-fraction", type=float, default=0.125,
+    ap.add_argument("--negative-fraction", type=float, default=0.0,
                     help="share of each batch given to structureless images (noise, mottle, gradients, stripes) "
                          "with all-zero targets, taken from the real share")
     ap.add_argument("--synth-sources", default="", help="comma list: only synthetic samples from these CT sources")
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.negative_fraction > 0 else []
     )
     n_real_val = len(real_val)
-    if real_val:
+    if real_val and negative_train:
         real_val += [prepare_structureless(n) for n in negatives.structureless_set(NEGATIVE_VAL, args.seed + NEGATIVE_VAL_SEED)]
     # Hold out every 20th synthetic sample for checkpoint selection.
     synth_val = synth[::20][:60]
