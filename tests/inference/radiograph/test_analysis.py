@@ -203,9 +203,11 @@ def test_a_black_frame_around_a_postoperative_film_changes_nothing_but_the_offse
 
     def seen(result: StudyResult, offset: int) -> tuple[list, list]:
         image = result.images[0]
-        vertebrae = sorted((round(v.centroid[0]) - offset, round(v.centroid[1]) - offset) for v in image.vertebrae)
-        implants = sorted((i.kind.value, i.side.value, round(i.centroid[0]) - offset, round(i.centroid[1]) - offset)
-                          for i in image.implants)
+        # Ordered down the spine (by row): ordered by column first, a 1 px shift swapped two stacked vertebrae.
+        vertebrae = sorted(((round(v.centroid[0]) - offset, round(v.centroid[1]) - offset) for v in image.vertebrae),
+                           key=lambda c: (c[1], c[0]))
+        implants = sorted(((i.kind.value, i.side.value, round(i.centroid[0]) - offset, round(i.centroid[1]) - offset)
+                           for i in image.implants), key=lambda i: (i[0], i[1], i[3], i[2]))
         return vertebrae, implants
 
     before, after = _run(analysis, plain), _run(analysis, framed)
