@@ -6,9 +6,9 @@
 * Real AP radiographs (`inference.train.cadma`, train split only) supervise what their boxes know (see
   `inference.train.targets`); synthetic samples from the data engine's cache (``--cache``, .npz shards
   from ``python -m inference.synth.build``) supervise everything, AP and lateral.  Each batch is half real,
-  half synthetic (``--synth-fraction``).  With ``--negative-fraction`` (the shipped recipe's fine-tune stage: a
-  quarter) part of the real share is structureless images (noise, mottle, gradients, stripes:
-  `inference.synth.negatives`) with nothing to find.
+  half synthetic (``--synth-fraction``).  With ``--negative-fraction`` part of the real share is structureless
+  images (noise, mottle, gradients, stripes: `inference.synth.negatives`) with nothing to find; measured as a
+  fine-tune with a quarter, not part of the shipped recipe (`inference/evaluate/vertebrae_notes.md`).
 * Every image goes through the same `inference.radiograph.preprocess.prepare` the node uses.
 * The checkpoint kept is the one with the best validation score: centroid-in-box F1 on the REAL val
   split (with 24 structureless images whose every vertebra is a false positive, when the run trains on them) plus 0.5 x body/sacrum Dice on held-out synthetic samples.
