@@ -818,12 +818,13 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
     }
 
 
-def evaluate_structureless(model: HardwareModel, vertebra_step: Any | None, count: int = 40, seed: int = 7919) -> dict[str, Any]:
+def evaluate_structureless(model: HardwareModel, vertebra_step: Any | None, count: int = 40, seed: int | None = None) -> dict[str, Any]:
     """Images without anatomy or implants (`inference.synth.negatives`; the right answer is "no implants"), with
     the vertebrae the vertebra model finds on them, through the model alone."""
     from inference.evaluate.vertebrae import radiograph_from_array
-    from inference.synth.negatives import structureless_set
+    from inference.synth.negatives import EVALUATION_SEED, structureless_set
 
+    seed = EVALUATION_SEED if seed is None else seed
     said: Counter = Counter()
     with_pieces = 0
     for k, image in enumerate(structureless_set(count, seed)):

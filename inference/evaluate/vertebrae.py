@@ -47,7 +47,7 @@ log = logging.getLogger("inference.evaluate.vertebrae")
 S1_CODE = LEVELS.index("S1") + 1
 L5 = LEVELS.index("L5")
 LOPO_PAIRS = (("ts-abdomen", "dd-chest"), ("dd-chest", "ts-abdomen"))
-HOLDOUT_SEED = 7919  # never used for a training cache or a training run's structureless images
+HOLDOUT_SEED = 7919  # never used for a training cache
 STRUCTURELESS_COUNT = 40
 
 
@@ -581,11 +581,12 @@ def lopo(data: Path, cache: Path | None, holdout: Path, work: Path, iterations: 
     return results
 
 
-def evaluate_structureless(model: VertebraModel, count: int = STRUCTURELESS_COUNT, seed: int = HOLDOUT_SEED) -> dict[str, Any]:
+def evaluate_structureless(model: VertebraModel, count: int = STRUCTURELESS_COUNT, seed: int | None = None) -> dict[str, Any]:
     """Vertebrae the model reports on images without anatomy (`inference.synth.negatives`; the right answer is
     none), per kind. The node's own gate for images without contrast is not in this path: it measures the model."""
-    from inference.synth.negatives import structureless_set
+    from inference.synth.negatives import EVALUATION_SEED, structureless_set
 
+    seed = EVALUATION_SEED if seed is None else seed
     by_kind: dict[str, list[int]] = {}
     for image in structureless_set(count, seed):
         spine = model.analyse(radiograph_from_array(image.pixels, image.spacing_mm, None, None))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 KINDS = ("noise", "mottle", "gradient", "stripes")
+#: The seed of the evaluation set (`inference.evaluate`); a training run never draws its images from it.
+EVALUATION_SEED = 7919
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,9 @@ from inference.train import cadma, common, targets
 log = logging.getLogger("inference.train.vertebrae")
 
 MODEL_NAME = "spine-xr-vertebrae"
-#: Structureless training images (drawn like films, each crop augmented) and validation ones (another seed).
-NEGATIVE_POOL, NEGATIVE_VAL, NEGATIVE_VAL_SEED = 96, 24, 5003
+#: Structureless training images (drawn like films, each crop augmented, seed --seed) and validation ones
+#: (seed --seed + NEGATIVE_VAL_SEED_OFFSET).
+NEGATIVE_POOL, NEGATIVE_VAL, NEGATIVE_VAL_SEED_OFFSET = 96, 24, 5003
 #: Network-grid side a structureless image is mirrored out to (more than a zoomed-out training crop).
 NEGATIVE_MIN_SIDE = 448
 
@@ -115,9 +116,10 @@ def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def prepare_structureless(image: negatives.Structureless) -> RealItem:
     """A structureless image (`inference.synth.negatives`) as a film without vertebrae: all targets 0."""
     prepared, scale = preprocess.prepare(image.pixels, image.spacing_mm)
-    # Mirrored out to more than a crop: a crop reaching past a small image's edge (zero outside) taught the
-    # network "noise beside a black border is nothing", and on a whole image of noise it still found bodies
-    # (measured: 1-3 % of a crop called body, 15-30 % of the whole image).
+    # Mirrored out to 448 px: crops reaching far past a small image's edge (zero outside) taught the network
+    # "noise beside a black border is nothing", and on a whole image of noise it still found bodies (measured:
+    # 1-3 % of such a crop called body, 15-30 % of the whole image). Crops centred near the edge still hang over
+    # it (these images have no anchors to centre on), but hold far more image than black.
     rows, cols = (max(0, NEGATIVE_MIN_SIDE - n) for n in prepared.shape)
     prepared = np.pad(prepared, ((rows // 2, rows - rows // 2), (cols // 2, cols - cols // 2)), mode="symmetric")
     return RealItem(image.key, prepared.astype(np.float16), np.zeros((0, 4)), float(scale[0]))
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synth-fraction", type=float, default=0.5)
     ap.add_argument("--negative-fraction", type=float, default=0.0,
                     help="share of each batch given to structureless images (noise, mottle, gradients, stripes) "
-                         "with all-zero targets, taken from the real share")
+                         "with all-zero targets, taken from the real share first, then the synthetic one; in [0, 1)")
     ap.add_argument("--synth-sources", default="", help="comma list: only synthetic samples from these CT sources")
     ap.add_argument("--synth-limit", type=int, default=0)
     ap.add_argument("--no-real", action="store_true", help="synthetic only (leave-one-patient-out runs)")
@@ -439,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--switches-from", default=None, help=common.SWITCHES_HELP)
     args = ap.parse_args(argv)
     switches_from = common.switches_source(args.switches_from, args.out, MODEL_NAME)
+    if not 0.0 <= args.negative_fraction < 1.0:
+        ap.error("--negative-fraction must be in [0, 1)")
+    n_negative = int(round(args.batch * args.negative_fraction))
+    if n_negative and negatives.EVALUATION_SEED in (args.seed, args.seed + NEGATIVE_VAL_SEED_OFFSET):
+        ap.error(f"--seed {args.seed} would train or validate on the structureless evaluation set (seed {negatives.EVALUATION_SEED})")
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -476,12 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     # Structureless images teach "nothing here"; the validation ones count their vertebrae as false positives
     # of the real F1, so checkpoint selection and the chain tuning pay for a spine found in noise.
     negative_train = (
-        [prepare_structureless(n) for n in negatives.structureless_set(NEGATIVE_POOL, args.seed)]
-        if args.negative_fraction > 0 else []
+        [prepare_structureless(n) for n in negatives.structureless_set(NEGATIVE_POOL, args.seed)] if n_negative else []
     )
     n_real_val = len(real_val)
     if real_val and negative_train:
-        real_val += [prepare_structureless(n) for n in negatives.structureless_set(NEGATIVE_VAL, args.seed + NEGATIVE_VAL_SEED)]
+        real_val += [prepare_structureless(n)
+                     for n in negatives.structureless_set(NEGATIVE_VAL, args.seed + NEGATIVE_VAL_SEED_OFFSET)]
     # Hold out every 20th synthetic sample for checkpoint selection.
     synth_val = synth[::20][:60]
     synth_train = [s for i, s in enumerate(synth) if i % 20 != 0] if synth else []
@@ -515,11 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     if not real_train:
         n_synth = args.batch
     n_real = args.batch - n_synth
-    n_negative = int(round(args.batch * args.negative_fraction))
-    if n_real >= n_negative:
-        n_real -= n_negative
-    else:
-        n_synth -= n_negative
+    from_real = min(n_real, n_negative)
+    n_real, n_synth = n_real - from_real, n_synth - (n_negative - from_real)
+    assert min(n_real, n_synth) >= 0 and n_real + n_synth + n_negative == args.batch
     log.info("network: %d parameters; batch %d real + %d synthetic + %d structureless", n_params, n_real, n_synth, n_negative)
 
     def draw(pool: list, count: int) -> list:
@@ -624,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                 "images_train": len(negative_train),
                 "images_val": len(real_val) - n_real_val,
                 "seed": args.seed,
+                "seed_val": args.seed + NEGATIVE_VAL_SEED_OFFSET,
             },
             "synthetic": {
                 "cache": str(args.cache) if args.cache else None,

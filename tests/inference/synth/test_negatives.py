@@ -40,9 +40,38 @@ def test_the_trainer_gives_a_structureless_image_no_vertebra_to_find() -> None:
     item = prepare_structureless(structureless_set(1, 5)[0])
     target, weight = targets.real_targets(item.image.shape, item.boxes)
     assert item.boxes.shape == (0, 4) and len(item.anchors) == 0
-    # Mirrored out past a training crop: no crop sees the black outside of a small image.
+    # Mirrored out past a training crop: a crop holds far more image than the black outside of a small image.
     assert min(item.image.shape) >= NEGATIVE_MIN_SIDE
     assert not target.any()
     # Every vertebra channel is supervised everywhere: "no body, no centre" is taught, not left unknown.
     for channel in (BODY, VERTEBRA, CENTRE):
         assert weight[channel].min() == 1.0
+
+
+def test_the_evaluation_counts_the_vertebrae_found_per_kind() -> None:
+    """`evaluate_structureless` on a stand-in model that finds one vertebra on every noise image, none elsewhere."""
+    from types import SimpleNamespace
+
+    from inference.evaluate.vertebrae import evaluate_structureless
+
+    kinds = [s.kind for s in structureless_set(8, 7919)]  # the order the evaluation draws them in
+
+    class NoiseSeer:
+        def analyse(self, rad):  # noqa: ANN001, ANN202
+            return SimpleNamespace(vertebrae=[rad] if kinds.pop(0) == "noise" else [])
+
+    seer = NoiseSeer()
+    result = evaluate_structureless(seer, count=8)  # type: ignore[arg-type]
+    assert result["seed"] == 7919 and result["images"] == 8 and result["images_with_vertebrae"] == 2
+    assert result["by_kind"]["noise"] == {"images": 2, "images_with_vertebrae": 2, "vertebrae_mean": 1.0, "vertebrae_max": 1}
+    assert result["by_kind"]["stripes"]["images_with_vertebrae"] == 0 and result["vertebrae_mean"] == 0.25
+
+
+@pytest.mark.parametrize("seed", [7919, 7919 - 5003])
+def test_a_training_run_refuses_a_seed_that_draws_the_evaluation_set(tmp_path, capsys, seed: int) -> None:  # noqa: ANN001
+    from inference.train import vertebrae
+
+    with pytest.raises(SystemExit):
+        vertebrae.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                        "--negative-fraction", "0.25", "--seed", str(seed), "--switches-from", "none"])
+    assert "would train or validate on the structureless evaluation set" in capsys.readouterr().err
