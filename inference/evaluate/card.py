@@ -314,8 +314,8 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     blank = m.get("structureless") or {}
     if blank.get("images"):
         lines.append(
-            f"- Images without anatomy (noise, mottle, gradients, stripes; {blank.get('images')} images): vertebrae reported on "
-            f"{blank.get('images_with_vertebrae')}, {blank.get('vertebrae_mean')} per image on average, up to {blank.get('vertebrae_max')}"
+            f"- Images without anatomy (noise, mottle, gradients, stripes): vertebrae reported on {blank.get('images_with_vertebrae')} "
+            f"of {blank.get('images')} images, {blank.get('vertebrae_mean')} per image on average, up to {blank.get('vertebrae_max')}"
             + (". The node's contrast gate stops only blank images." if blank.get("images_with_vertebrae") else "."))
     grades = lat.get("grades") or {}
     if grades:

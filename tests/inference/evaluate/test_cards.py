@@ -104,7 +104,7 @@ def test_the_vertebra_card_says_how_many_vertebrae_it_finds_in_images_without_an
     row = {"images": 4, "images_with_vertebrae": 1, "vertebrae_mean": 0.75, "vertebrae_max": 3}
     metrics = {**meta["metrics"], "structureless": {"seed": 7919, **row, "by_kind": {"noise": row}}}
     card = render_card(meta, metrics)
-    assert "vertebrae reported on 1, 0.75 per image on average, up to 3" in _glance(card)
+    assert "vertebrae reported on 1 of 4 images, 0.75 per image on average, up to 3" in _glance(card)
     assert "| noise | 4 | 1 | 0.75 | 3 |" in card and "| all | 4 | 1 | 0.75 | 3 |" in card
     clean = {**metrics, "structureless": {**metrics["structureless"], "images_with_vertebrae": 0}}
     assert "contrast gate" not in _glance(render_card(meta, clean))
