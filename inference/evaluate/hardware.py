@@ -117,11 +117,17 @@ def sample_radiograph(sample: Any) -> preprocess.Radiograph:
     )
 
 
+def dx_source(key: str, shape: tuple[int, int], spacing_mm: tuple[float, float] | None = None,
+              view: str | None = "AP") -> SourceImage:
+    """A `SourceImage` of a DX image the evaluation made or read (not a DICOM file): `key` tells them apart."""
+    return SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.{key}",), *shape, spacing_mm,
+                       view=view, modality="DX")
+
+
 def sample_source(sample: Any, key: str) -> SourceImage:
     """A `SourceImage` for a synthetic sample (identity grid)."""
-    rows, cols = sample.image.shape
-    return SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.{key}",), rows, cols,
-                       tuple(sample.pixel_spacing_mm) if sample.pixel_spacing_mm else None, view=sample.view, modality="DX")
+    return dx_source(key, sample.image.shape, tuple(sample.pixel_spacing_mm) if sample.pixel_spacing_mm else None,
+                     sample.view)
 
 
 def true_vertebrae(sample: Any) -> list[Vertebra]:
@@ -776,8 +782,7 @@ def real_plain_images(paths: Sequence[Path], limit: int | None = None) -> Iterat
     for k, path in enumerate(paths[:limit] if limit else paths):
         pixels, _ = load_real(path)
         rad = radiograph_from_array(pixels, None, "AP", None)
-        yield path.name, rad, SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.real{k}",), *pixels.shape,
-                                          view="AP", modality="DX")
+        yield path.name, rad, dx_source(f"real{k}", pixels.shape)
 
 
 def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | None, limit: int | None = None,
@@ -829,8 +834,7 @@ def evaluate_structureless(model: HardwareModel, vertebra_step: Any | None, coun
     with_pieces = 0
     for k, image in enumerate(structureless_set(count, seed)):
         rad = radiograph_from_array(image.pixels, image.spacing_mm, "AP", None)
-        source = SourceImage("1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1.1", (f"1.2.3.1.blank{k}",), *image.pixels.shape,
-                             view="AP", modality="DX")
+        source = dx_source(f"blank{k}", image.pixels.shape)
         verts = found_vertebrae(vertebra_step, rad, source) if vertebra_step is not None else []
         outcome = model.analyse(rad, verts, source)
         said[outcome.status.value] += 1
