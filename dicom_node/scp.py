@@ -425,8 +425,9 @@ class StorageSCP:
             moved_from = held_in if held_in is not None and held_in != ident["StudyInstanceUID"] else None
             if moved_from is not None and own:
                 raise DatasetError(conflict_reason(ident["SOPInstanceUID"], moved_from))
-            old_file = self.db.instance_file(ident["SOPInstanceUID"]) if moved_from is not None else None
+            old_file = None
             if moved_from is not None:
+                old_file = self.db.instance_file(ident["SOPInstanceUID"])
                 held_in = None  # a new instance of the study it arrives in
             patient = patient_key(self._patient_secret, ident["StudyInstanceUID"], _text(ds, "PatientID"),
                                   _text(ds, "IssuerOfPatientID"))
