@@ -62,6 +62,9 @@ class RealItem:
     image: np.ndarray  # float16
     boxes: np.ndarray  # (n, 4) x0 y0 x1 y1
     scale: float  # network px per source px
+    #: An image known to hold no anatomy (`inference.synth.negatives`): every channel is known empty, the sacrum
+    #: too (a real film without boxes says nothing about its sacrum).
+    structureless: bool = False
 
     @cached_property
     def anchors(self) -> np.ndarray:
@@ -122,7 +125,7 @@ def prepare_structureless(image: negatives.Structureless) -> RealItem:
     # it (these images have no anchors to centre on), but hold far more image than black.
     rows, cols = (max(0, NEGATIVE_MIN_SIDE - n) for n in prepared.shape)
     prepared = np.pad(prepared, ((rows // 2, rows - rows // 2), (cols // 2, cols - cols // 2)), mode="symmetric")
-    return RealItem(image.key, prepared.astype(np.float16), np.zeros((0, 4)), float(scale[0]))
+    return RealItem(image.key, prepared.astype(np.float16), np.zeros((0, 4)), float(scale[0]), structureless=True)
 
 
 def prepare_synth(sample) -> SynthItem:  # sample: inference.synth.sample.SynthSample
@@ -196,6 +199,8 @@ def render_item(item: RealItem | SynthItem, sacrum_hint: bool) -> tuple[np.ndarr
     image = item.image.astype(np.float32)
     if isinstance(item, RealItem):
         t, w = targets.real_targets(image.shape, item.boxes, sacrum_hint=sacrum_hint)
+        if item.structureless:
+            w = np.ones_like(w)
     else:
         t, w = targets.synth_targets(item.body, item.vertebra, item.centres, item.ignored)
     return image, t, w

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from inference.radiograph import preprocess
-from inference.radiograph.network import BODY, CENTRE, VERTEBRA
+from inference.radiograph.network import BODY, CENTRE, SACRUM, VERTEBRA
 from inference.synth.negatives import KINDS, structureless, structureless_set
-from inference.train import targets
-from inference.train.vertebrae import NEGATIVE_MIN_SIDE, prepare_structureless
+from inference.train.vertebrae import NEGATIVE_MIN_SIDE, prepare_structureless, render_item
 
 
 def test_the_set_is_the_same_for_a_seed_and_cycles_through_every_kind() -> None:
@@ -38,14 +39,16 @@ def test_an_unknown_kind_is_refused_by_name() -> None:
 
 def test_the_trainer_gives_a_structureless_image_no_vertebra_to_find() -> None:
     item = prepare_structureless(structureless_set(1, 5)[0])
-    target, weight = targets.real_targets(item.image.shape, item.boxes)
+    _, target, weight = render_item(item, sacrum_hint=True)
     assert item.boxes.shape == (0, 4) and len(item.anchors) == 0
     # Mirrored out past a training crop: a crop holds far more image than the black outside of a small image.
     assert min(item.image.shape) >= NEGATIVE_MIN_SIDE
     assert not target.any()
-    # Every vertebra channel is supervised everywhere: "no body, no centre" is taught, not left unknown.
-    for channel in (BODY, VERTEBRA, CENTRE):
-        assert weight[channel].min() == 1.0
+    # Every channel is supervised everywhere: "no body, no centre, no sacrum" is taught, not left unknown.
+    assert weight.min() == 1.0
+    # A real film without boxes says nothing about its sacrum: that channel stays unknown there.
+    _, _, real_weight = render_item(replace(item, structureless=False), sacrum_hint=True)
+    assert real_weight[SACRUM].max() == 0.0 and all(real_weight[ch].min() == 1.0 for ch in (BODY, VERTEBRA, CENTRE))
 
 
 def test_the_evaluation_counts_the_vertebrae_found_per_kind() -> None:
