@@ -36,7 +36,7 @@ from dicom_node.db import (
 from dicom_node.errors import NodeError, PipelineError, StorageError, redact, redact_all
 from dicom_node.routing import InstanceHeaders, RuleMatch, route
 from dicom_node.settings import Destination, Rule, Settings
-from dicom_node.storage import Store
+from dicom_node.storage import Store, existing_installation_serial
 from inference import analyses
 from inference.registry import ModelError, ModelRegistry
 
@@ -436,7 +436,9 @@ def analyze_offline(settings: Settings, analyser: Analyser, paths: Sequence[Path
     """``dicom-node analyze``: the same routing, analyses and encoders on files, outputs written to `out_dir`.
 
     Files are grouped by study; every output kind is written once, with the default encoding options
-    (binary, uncompressed SEG), whatever the destinations would get.  Returns the files written.
+    (binary, uncompressed SEG), whatever the destinations would get.  Their device serial is the configured
+    one, else the installation's when `settings.data_dir` holds a node's data, else "0".  Returns the files
+    written.
     """
     from reports import Producer
 
@@ -445,8 +447,10 @@ def analyze_offline(settings: Settings, analyser: Analyser, paths: Sequence[Path
     for ds in datasets:
         studies.setdefault(str(ds.get("StudyInstanceUID", "")), []).append(ds)
     written: list[Path] = []
-    producer = Producer(device_serial_number=settings.producer.device_serial_number or Producer().device_serial_number,
-                        institution_name=settings.producer.institution_name)
+    # Beside the node's data directory, outputs carry the node's own serial (and so its Device Observer UID).
+    serial = (settings.producer.device_serial_number or existing_installation_serial(settings.data_dir)
+              or Producer().device_serial_number)
+    producer = Producer(device_serial_number=serial, institution_name=settings.producer.institution_name)
     for study_uid, group in studies.items():
         routing = route([InstanceHeaders.from_dataset(d) for d in group], settings.rules)
         if not routing.routed:

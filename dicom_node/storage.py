@@ -31,6 +31,20 @@ def safe_component(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def _serial_from_key(key: bytes) -> str:
+    return "SPN-" + hmac.new(key, b"device serial number", hashlib.sha256).hexdigest()[:16].upper()
+
+
+def existing_installation_serial(root: Path) -> str | None:
+    """The serial `Store.installation_serial` gives the installation in `root`, if it has one already; None
+    when `root` holds no (sound) installation key.  Creates nothing: for tools run beside a node's data."""
+    try:
+        key = (Path(root) / "installation.key").read_bytes()
+    except OSError:
+        return None
+    return _serial_from_key(key) if len(key) == 32 else None
+
+
 class Store:
     """Files under `root`.
 
@@ -80,7 +94,7 @@ class Store:
     def installation_serial(self) -> str:
         """A device serial number of this installation (its data directory), stable across restarts: derived
         from ``installation.key``, so two nodes never write the same Device Observer UID."""
-        return "SPN-" + hmac.new(self.secret("installation"), b"device serial number", hashlib.sha256).hexdigest()[:16].upper()
+        return _serial_from_key(self.secret("installation"))
 
     def clean_tmp(self) -> int:
         """Remove temporary files left by a crash (never acknowledged, so nothing is lost); returns count."""

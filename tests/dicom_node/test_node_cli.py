@@ -11,6 +11,8 @@ import pytest
 from nodekit import HERE, make_study, node_config, write_config
 from peers import REPO, VENV_BIN, StoreSCP, echoscu, free_port, repo_env, wait_for
 
+from dicom_node.storage import Store
+
 DICOM_NODE = str(VENV_BIN / "dicom-node")
 
 
@@ -136,9 +138,15 @@ def test_analyze_writes_outputs_offline(tmp_path: Path, model_root: Path) -> Non
     for p in written:
         ds = pydicom.dcmread(p)
         assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
-    # Same input, same output UIDs.
+    # Same input, same output UIDs; no node data yet: the default serial, and nothing created there.
     again = run("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out2"), "--config", str(config))
     assert sorted(Path(line).name for line in again.stdout.split()) == sorted(p.name for p in written)
+    assert {pydicom.dcmread(p).DeviceSerialNumber for p in written} == {"0"}
+    assert not (tmp_path / "data" / "installation.key").exists()
+    # Beside a node's data, the outputs carry that installation's serial, as the node's own outputs do.
+    node_serial = Store(tmp_path / "data").installation_serial()
+    beside = run("analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out3"), "--config", str(config))
+    assert {pydicom.dcmread(line).DeviceSerialNumber for line in beside.stdout.split()} == {node_serial}
 
 
 @pytest.mark.parametrize("body_part", ["CHEST"])
