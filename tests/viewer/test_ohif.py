@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import wait_for
 from PIL import Image
-from viewer_stack import wait_until
 
 from inference.results import ImplantKind
 from reports import OutputKind, OutputOptions, build_outputs, examples, style
@@ -98,7 +98,7 @@ def test_seg_overlay_is_drawn_on_the_radiograph(browser, ohif, study):
     context, page, messages = _open(browser, ohif, case.result.study_instance_uid)
     try:
         # The DX alone first: where is the image on screen?
-        wait_until(lambda: _viewport_pixels(page)[0].max() > 60, timeout=60, what="the DX to render")
+        wait_for(lambda: _viewport_pixels(page)[0].max() > 60, timeout=60, what="the DX to render")
         grey, _ = _viewport_pixels(page)
         box = _image_box(grey)
         _series_item(page, "AI Spine SEG").dblclick()
@@ -123,7 +123,7 @@ def test_seg_overlay_is_drawn_on_the_radiograph(browser, ohif, study):
             return (mask, pixels) if settled else None
 
         last: dict[str, tuple] = {}
-        mask, pixels = wait_until(tinted, timeout=60, interval=0.5, what=f"the L3 segment ({colour}) overlay")
+        mask, pixels = wait_for(tinted, timeout=60, interval=0.5, what=f"the L3 segment ({colour}) overlay")
         box = _image_box(pixels)  # where the DX is on screen now
         # The tinted region lies where L3 is on the DX (the SEG is aligned with the source pixels).
         rows, cols = image.source.rows, image.source.columns
@@ -145,7 +145,7 @@ def test_seg_overlay_is_drawn_on_the_radiograph(browser, ohif, study):
         panel = page.locator('[data-cy="panelSegmentation-btn"]')
         if panel.count():
             panel.first.click()
-        wait_until(lambda: all(label in page.inner_text("body") for label in ("L3", "Sacrum", "Pedicle screws")),
+        wait_for(lambda: all(label in page.inner_text("body") for label in ("L3", "Sacrum", "Pedicle screws")),
                    timeout=30, what="segment labels in the segmentation panel")
     except Exception:
         print("\n".join(messages[-40:]))
@@ -177,13 +177,13 @@ def _open_report(browser, ohif, study_uid: str, expected: str, rounds: int = 3):
         for attempt in range(rounds):
             _series_item(page, "AI Spine Report").dblclick()
             try:
-                wait_until(drawn, timeout=20, interval=0.5, what=f"'{expected}' drawn by the SR viewport")
+                wait_for(drawn, timeout=20, interval=0.5, what=f"'{expected}' drawn by the SR viewport")
                 return context, page, messages
             except TimeoutError:
                 if attempt + 1 == rounds:
                     raise
             _series_item(page, "LSPINE LL").dblclick()
-            wait_until(lambda: "SR" not in grid.inner_text().split(), timeout=20, what="the DX in the viewport")
+            wait_for(lambda: "SR" not in grid.inner_text().split(), timeout=20, what="the DX in the viewport")
     except Exception:
         print("\n".join(messages[-40:]))
         context.close()
@@ -202,7 +202,7 @@ def test_sr_measurements_are_drawn_with_their_values(browser, ohif, study):
         text = grid.inner_text()
         assert "L1 vertebra" in text and "Sacrum" in text
         # Outlines are drawn as SVG annotations over the DX, one per measurement group with a region.
-        drawn = wait_until(lambda: page.locator('[data-cy="viewport-pane"] svg path, '
+        drawn = wait_for(lambda: page.locator('[data-cy="viewport-pane"] svg path, '
                                                 '[data-cy="viewport-pane"] svg polyline').count(),
                            timeout=30, what="SR outlines")
         assert drawn >= len(image.vertebrae)
@@ -225,7 +225,7 @@ def test_secondary_capture_displays(browser, ohif, study):
             red = _hue_mask(pixels, style.ALERT_COLOUR)  # the FINDING PRESENT box, the fractured L1 outline
             return (int(yellow.sum()), int(red.sum())) if yellow.sum() > 2000 and red.sum() > 200 else None
 
-        wait_until(shown, timeout=60, interval=0.5, what="the SC's yellow banner and red verdict box")
+        wait_for(shown, timeout=60, interval=0.5, what="the SC's yellow banner and red verdict box")
     except Exception:
         print("\n".join(messages[-40:]))
         raise
@@ -252,7 +252,7 @@ def test_labelmap_seg_on_a_ct_series_in_segment_colours(browser, ohif, ct_study)
     case = ct_study
     context, page, messages = _open(browser, ohif, case.result.study_instance_uid)
     try:
-        wait_until(lambda: _viewport_pixels(page)[0].max() > 60, timeout=60, what="the CT to render")
+        wait_for(lambda: _viewport_pixels(page)[0].max() > 60, timeout=60, what="the CT to render")
         _series_item(page, "AI Spine SEG").dblclick()
         yes = page.get_by_role("button", name="Yes", exact=True)
         colours = {v.level: style.vertebra_colour(v) for v in case.result.images[0].vertebrae}
@@ -264,7 +264,7 @@ def test_labelmap_seg_on_a_ct_series_in_segment_colours(browser, ohif, ct_study)
             found = {level for level, colour in colours.items() if _hue_mask(pixels, colour).sum() > 400}
             return found or None
 
-        found = wait_until(tinted, timeout=60, interval=0.5, what="a vertebra segment in its own colour")
+        found = wait_for(tinted, timeout=60, interval=0.5, what="a vertebra segment in its own colour")
         # OHIF opens the SEG on its first segment's slice: L3 must show in L3's colour, not a neighbour's.
         assert "L3" in found, found
         body = page.inner_text("body")

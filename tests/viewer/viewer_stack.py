@@ -20,40 +20,24 @@ import json
 import mimetypes
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+# tests/ holds the peers' helpers; `make install` runs this file as a script, where it is not on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from peers import REPO, free_port, wait_for  # noqa: E402
+
 OHIF_VERSION = "3.13.2"
 OHIF_CACHE = REPO / ".viewer" / f"ohif-{OHIF_VERSION}"
 ORTHANC_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition, timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll `condition` until it returns something other than None/False/0, or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value is not None and value is not False and not (isinstance(value, int) and value == 0):
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def fetch_ohif() -> Path:
@@ -114,7 +98,7 @@ class Orthanc:
         with self.log.open("wb") as log:
             self.process = subprocess.Popen([binary, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "TCP_NODELAY": "1"})
-        wait_until(self._answers, timeout=30, what=f"Orthanc on port {self.http_port}")
+        wait_for(self._answers, timeout=30, what=f"Orthanc on port {self.http_port}")
 
     def _answers(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
