@@ -206,7 +206,8 @@ def render_item(item: RealItem | SynthItem, sacrum_hint: bool) -> tuple[np.ndarr
     return image, t, w
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+            l5_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of the per-channel losses (segmentation: BCE + Dice; centres: focal)."""
     parts = {}
     for ch, name in ((BODY, "body"), (VERTEBRA, "vertebra")):
@@ -219,7 +220,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) ->
     # One peak per image (none in most crops): the focal loss is normalised by the peaks it has, so a
     # half weight keeps it from drowning the other channels' gradient.
     parts["l5"] = common.centre_focal(logits[:, L5], target[:, L5], weight[:, L5])
-    total = parts["body"] + 0.5 * parts["vertebra"] + 2.0 * parts["sacrum"] + parts["centre"] + 0.5 * parts["l5"]
+    total = parts["body"] + 0.5 * parts["vertebra"] + 2.0 * parts["sacrum"] + parts["centre"] + l5_weight * parts["l5"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -430,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negative-fraction", type=float, default=0.0,
                     help="share of each batch given to structureless images (noise, mottle, gradients, stripes) "
                          "with all-zero targets, taken from the real share first, then the synthetic one; in [0, 1)")
+    ap.add_argument("--l5-weight", type=float, default=0.5,
+                    help="weight of the L5 heatmap's loss; 0 leaves that channel untrained. A four-channel model's L5"
+                         " channel starts as a copy of its centre channel, a peak on every vertebra: its first loss"
+                         " (~45) then drowns the others' clipped gradient in a fine-tune")
     ap.add_argument("--synth-sources", default="", help="comma list: only synthetic samples from these CT sources")
     ap.add_argument("--synth-limit", type=int, default=0)
     ap.add_argument("--no-real", action="store_true", help="synthetic only (leave-one-patient-out runs)")
@@ -573,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             ws.append(w2)
         x, t, w = torch.stack(xs), torch.stack(ts), torch.stack(ws)
         logits = net(x)
-        loss, parts = loss_fn(logits, t, w)
+        loss, parts = loss_fn(logits, t, w, args.l5_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -614,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": step,
         "stop": stop_reason,
         "batch": {"real": n_real, "synthetic": n_synth, "structureless": n_negative},
+        "l5_weight": args.l5_weight,
         "wall_minutes": round(clock.elapsed / 60, 1),
         "threads": args.threads,
         "parameters": n_params,
