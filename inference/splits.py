@@ -110,17 +110,35 @@ def patient_disjoint(names: Iterable[str | Path], seen: Iterable[str | Path]) ->
     return [n for n in names if patient_key(n) not in patients]
 
 
+def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """A model's record (`model.json`) and those of the models it was fine-tuned from, nearest first
+    (``training.initialised_from.model``, recorded by the vertebra trainer): a fine-tune has seen all they saw."""
+    chain = [meta]
+    while len(chain) < 32:
+        ancestor = ((chain[-1].get("training") or {}).get("initialised_from") or {}).get("model")
+        if not ancestor:
+            break
+        chain.append(ancestor)
+    return chain
+
+
 def cache_films(meta: dict[str, Any]) -> list[str]:
-    """The real films a model's synthetic training cache drew implants onto (its `model.json` manifest): the
-    vertebra model learnt from those too, with their boxes as weak labels, whatever its own split says."""
-    synthetic = meta.get("training", {}).get("data", {}).get("synthetic", {})
-    real = synthetic.get("manifest", {}).get("provenance", {}).get("real_images", {})
-    return [Path(f).name for f in real.get("files", [])]
+    """The real films the synthetic training caches of a model and its ancestors (`lineage`) drew implants onto
+    (their `model.json` manifests): the vertebra model learnt from those too, with their boxes as weak labels,
+    whatever its own split says."""
+    films = []
+    for record in lineage(meta):
+        synthetic = record.get("training", {}).get("data", {}).get("synthetic", {})
+        real = synthetic.get("manifest", {}).get("provenance", {}).get("real_images", {})
+        films += [Path(f).name for f in real.get("files", [])]
+    return films
 
 
 def vertebra_seen(all_names: Iterable[str | Path], meta: dict[str, Any]) -> list[str | Path]:
-    """Films the vertebra model trained or was tuned on: its train and val splits and its cache's films."""
-    return [n for n in all_names if vertebra_split(n, meta) in ("train", "val")] + list(cache_films(meta))
+    """Films the vertebra model or a model it was fine-tuned from trained or was tuned on: their train and val
+    splits (each by its own scheme) and their caches' films."""
+    names = list(all_names)
+    return [n for record in lineage(meta) for n in names if vertebra_split(n, record) in ("train", "val")] + cache_films(meta)
 
 
 def hardware_seen(all_names: Iterable[str | Path], meta: dict[str, Any] | None = None) -> list[str | Path]:

@@ -467,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- data
     scheme = common.split_scheme(args.split_scheme, work=work, fresh=args.fresh, init_weights=args.init_weights,
                                  legacy=VERTEBRA_LEGACY_SCHEME)
+    ancestor = common.init_model_record(args.init_weights)
     log.info("real films split by %s", describe(scheme))
     real_train: list[RealItem] = []
     real_val: list[RealItem] = []
@@ -613,8 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "command": "python -m inference.train.vertebrae " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
+        # The model fine-tuned from, with its own record: the films it saw are seen by this one too (`splits.lineage`).
         "initialised_from": (
-            {"path": str(args.init_weights), "sha256": sha256_file(args.init_weights)} if args.init_weights else None
+            {"path": str(args.init_weights), "sha256": sha256_file(args.init_weights), **({"model": ancestor} if ancestor else {})}
+            if args.init_weights else None
         ),
         "iterations": step,
         "stop": stop_reason,

@@ -31,6 +31,38 @@ def test_the_vertebra_model_saw_its_cache_films_whatever_its_split_says() -> Non
     assert all(splits.vertebra_split(n) == "test" and splits.hardware_split(n) == "test" for n in unseen)
 
 
+def test_a_fine_tune_has_seen_what_the_model_it_started_from_saw(tmp_path) -> None:
+    """The trainer records the model an --init-weights file belongs to; its cache films and its train and val
+    split (by its own scheme) count as seen by the fine-tune, whose own cache may draw on no real film."""
+    import json
+
+    from inference.train.common import init_model_record
+
+    names = [f"Image_{k:03d}_jpg.rf.{k}.jpg" for k in range(400)]
+    test = [n for n in names if splits.split_of(n, "cadma-v1") == "test" and splits.split_of(n) == "test"]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.pt").write_bytes(b"weights")
+    parent = {"name": "spine-xr-vertebrae", "version": "1.0+parent", "training": {"data": {
+        "real": {"split_scheme": "cadma-v1"},
+        "synthetic": {"manifest": {"provenance": {"real_images": {"files": [f"images/{test[0]}"]}}}}}}}
+    (folder / "model.json").write_text(json.dumps({**parent, "sha256": "not these weights"}))
+    assert init_model_record(folder / "weights.pt") is None  # a model.json of other weights says nothing
+    from inference.registry import sha256_file
+
+    (folder / "model.json").write_text(json.dumps({**parent, "sha256": sha256_file(folder / "weights.pt")}))
+    record = init_model_record(folder / "weights.pt")
+    assert record == parent
+    child = {"training": {"initialised_from": {"path": "x", "sha256": "y", "model": record},
+                          "data": {"real": {"split_scheme": splits.TRAINING_SCHEME}}}}
+    assert [r.get("version") for r in splits.lineage(child)] == [None, "1.0+parent"]
+    seen = set(splits.vertebra_seen(names, child))
+    assert test[0] in seen and test[1] not in seen
+    # The parent's train split (cadma-v1) is seen even where the child's split (patient-v2) calls a film test.
+    assert any(splits.split_of(n) == "test" and splits.split_of(n, "cadma-v1") == "train" for n in seen)
+    assert splits.cache_films(child) == [test[0]]
+
+
 def test_intervals_widen_as_the_sample_shrinks() -> None:
     lo, hi = M.proportion_interval(127, 138)
     assert lo < 127 / 138 < hi and (hi - lo) < 0.1
