@@ -50,6 +50,9 @@ MODEL_NAME = "spine-xr-vertebrae"
 #: Structureless training images (drawn like films, each crop augmented, seed --seed) and validation ones
 #: (seed --seed + NEGATIVE_VAL_SEED_OFFSET).
 NEGATIVE_POOL, NEGATIVE_VAL, NEGATIVE_VAL_SEED_OFFSET = 96, 24, 5003
+#: One peak per image (none in most crops): the L5 focal loss is normalised by the peaks it has, so a half
+#: weight keeps it from drowning the other channels' gradient.
+L5_LOSS_WEIGHT = 0.5
 #: Network-grid side a structureless image is mirrored out to (more than a zoomed-out training crop).
 NEGATIVE_MIN_SIDE = 448
 
@@ -207,7 +210,7 @@ def render_item(item: RealItem | SynthItem, sacrum_hint: bool) -> tuple[np.ndarr
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-            l5_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
+            l5_weight: float = L5_LOSS_WEIGHT) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of the per-channel losses (segmentation: BCE + Dice; centres: focal)."""
     parts = {}
     for ch, name in ((BODY, "body"), (VERTEBRA, "vertebra")):
@@ -217,8 +220,6 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
     # the same loss alone learned it in 50 iterations; it gets a larger share of the clipped gradient.
     parts["sacrum"] = common.masked_bce_dice(logits[:, SACRUM], target[:, SACRUM], weight[:, SACRUM], pos_weight=10.0)
     parts["centre"] = common.centre_focal(logits[:, CENTRE], target[:, CENTRE], weight[:, CENTRE])
-    # One peak per image (none in most crops): the focal loss is normalised by the peaks it has, so a
-    # half weight keeps it from drowning the other channels' gradient.
     parts["l5"] = common.centre_focal(logits[:, L5], target[:, L5], weight[:, L5])
     total = parts["body"] + 0.5 * parts["vertebra"] + 2.0 * parts["sacrum"] + parts["centre"] + l5_weight * parts["l5"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
@@ -431,10 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negative-fraction", type=float, default=0.0,
                     help="share of each batch given to structureless images (noise, mottle, gradients, stripes) "
                          "with all-zero targets, taken from the real share first, then the synthetic one; in [0, 1)")
-    ap.add_argument("--l5-weight", type=float, default=0.5,
+    ap.add_argument("--l5-weight", type=float, default=L5_LOSS_WEIGHT,
                     help="weight of the L5 heatmap's loss; 0 leaves that channel untrained. A four-channel model's L5"
                          " channel starts as a copy of its centre channel, a peak on every vertebra: its first loss"
-                         " (~45) then drowns the others' clipped gradient in a fine-tune")
+                         " (~45, the others ~3) takes most of the clipped gradient in a fine-tune")
     ap.add_argument("--synth-sources", default="", help="comma list: only synthetic samples from these CT sources")
     ap.add_argument("--synth-limit", type=int, default=0)
     ap.add_argument("--no-real", action="store_true", help="synthetic only (leave-one-patient-out runs)")
@@ -453,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     switches_from = common.switches_source(args.switches_from, args.out, MODEL_NAME)
     if not 0.0 <= args.negative_fraction < 1.0:
         ap.error("--negative-fraction must be in [0, 1)")
+    if args.l5_weight < 0:
+        ap.error("--l5-weight must be >= 0")
     n_negative = int(round(args.batch * args.negative_fraction))
     if n_negative and negatives.EVALUATION_SEED in (args.seed, args.seed + NEGATIVE_VAL_SEED_OFFSET):
         ap.error(f"--seed {args.seed} would train or validate on the structureless evaluation set (seed {negatives.EVALUATION_SEED})")
@@ -467,7 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- data
     scheme = common.split_scheme(args.split_scheme, work=work, fresh=args.fresh, init_weights=args.init_weights,
                                  legacy=VERTEBRA_LEGACY_SCHEME)
-    ancestor = common.init_model_record(args.init_weights)
     log.info("real films split by %s", describe(scheme))
     real_train: list[RealItem] = []
     real_val: list[RealItem] = []
@@ -513,18 +515,28 @@ def main(argv: list[str] | None = None) -> int:
     history: list[dict] = []
     ckpt_path, best_path = work / "checkpoint.pt", work / "best.pt"
     state = None if args.fresh else common.load_checkpoint(ckpt_path)
+    # What the run started from, read before it may overwrite that folder, and kept in its checkpoint: a resumed
+    # run still knows its ancestor, whose films count as seen by the result (`splits.lineage`).
+    initialised_from: dict | None = None
     if state is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["data_rng"]
         step, best, spent, history = state["step"], state["best"], state["spent"], state["history"]
+        initialised_from = state.get("initialised_from")
         log.info("resumed at iteration %d (best %.4f, %.0f s spent)", step, best, spent)
     elif args.init_weights is not None:
         # Fine-tuning: a loss change (e.g. the sacrum's positive weight) need not cost a whole new run.
         init = torch.load(args.init_weights, map_location="cpu", weights_only=True)
         # A model's weights.pt or a training checkpoint; a four-channel one gets its L5 channel added.
         net.load_state_dict(network.widen_state(init.get("net", init.get("segmentation", init)), len(network.CHANNELS)))
+        ancestor = common.init_model_record(args.init_weights)
+        initialised_from = {"path": str(args.init_weights), "sha256": sha256_file(args.init_weights),
+                            **({"model": ancestor} if ancestor else {})}
         log.info("initialised from %s", args.init_weights)
+        if ancestor is None:
+            log.warning("%s is not described by a model.json beside it: the films it learnt from are not recorded,"
+                        " and the evaluation will count them as unseen", args.init_weights)
     clock = common.Stopwatch(spent)
     params = ChainParams()
     aug = common.AugmentConfig()
@@ -604,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             common.save_checkpoint(
                 ckpt_path, net=net.state_dict(), opt=opt.state_dict(), data_rng=rng.bit_generator.state,
                 step=step, best=best, spent=clock.elapsed, history=history, split_scheme=scheme,
+                initialised_from=initialised_from,
             )
     if not best_path.is_file():
         torch.save(net.state_dict(), best_path)
@@ -614,11 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "command": "python -m inference.train.vertebrae " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
-        # The model fine-tuned from, with its own record: the films it saw are seen by this one too (`splits.lineage`).
-        "initialised_from": (
-            {"path": str(args.init_weights), "sha256": sha256_file(args.init_weights), **({"model": ancestor} if ancestor else {})}
-            if args.init_weights else None
-        ),
+        "initialised_from": initialised_from,
         "iterations": step,
         "stop": stop_reason,
         "batch": {"real": n_real, "synthetic": n_synth, "structureless": n_negative},
