@@ -114,7 +114,7 @@ def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
     """A model's record (`model.json`) and those of the models it was fine-tuned from, nearest first
     (``training.initialised_from.model``, recorded by the vertebra trainer): a fine-tune has seen all they saw."""
     chain = [meta]
-    while len(chain) < 32:
+    while len(chain) < 32:  # a bound, not a depth seen: a hand-edited record could point at itself
         ancestor = ((chain[-1].get("training") or {}).get("initialised_from") or {}).get("model")
         if not ancestor:
             break
@@ -128,9 +128,9 @@ def cache_films(meta: dict[str, Any]) -> list[str]:
     whatever its own split says."""
     films = []
     for record in lineage(meta):
-        synthetic = record.get("training", {}).get("data", {}).get("synthetic", {})
-        real = synthetic.get("manifest", {}).get("provenance", {}).get("real_images", {})
-        films += [Path(f).name for f in real.get("files", [])]
+        synthetic = ((record.get("training") or {}).get("data") or {}).get("synthetic") or {}
+        real = ((synthetic.get("manifest") or {}).get("provenance") or {}).get("real_images") or {}
+        films += [Path(f).name for f in real.get("files") or []]
     return films
 
 

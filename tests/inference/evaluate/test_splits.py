@@ -61,6 +61,9 @@ def test_a_fine_tune_has_seen_what_the_model_it_started_from_saw(tmp_path) -> No
     # The parent's train split (cadma-v1) is seen even where the child's split (patient-v2) calls a film test.
     assert any(splits.split_of(n) == "test" and splits.split_of(n, "cadma-v1") == "train" for n in seen)
     assert splits.cache_films(child) == [test[0]]
+    # An ancestor recorded without its training (an old or hand-made model.json) adds its legacy split, no crash.
+    bare = {"training": {"initialised_from": {"model": {"version": "old", "training": None}}}}
+    assert splits.cache_films(bare) == [] and splits.vertebra_seen(names, bare)
 
 
 def test_intervals_widen_as_the_sample_shrinks() -> None:
