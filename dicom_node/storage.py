@@ -38,11 +38,19 @@ def _serial_from_key(key: bytes) -> str:
 def existing_installation_serial(root: Path) -> str | None:
     """The serial `Store.installation_serial` gives the installation in `root`, if it has one already; None
     when `root` holds no (sound) installation key.  Creates nothing: for tools run beside a node's data."""
+    path = Path(root) / "installation.key"
     try:
-        key = (Path(root) / "installation.key").read_bytes()
-    except OSError:
+        key = path.read_bytes()
+    except FileNotFoundError:
         return None
-    return _serial_from_key(key) if len(key) == 32 else None
+    except OSError as exc:
+        log.warning("%s cannot be read (%s): the installation's device serial is not used", path, exc.strerror or exc)
+        return None
+    if len(key) != 32:
+        # The node itself refuses to start on it (`Store.secret`); a tool beside it says so and goes on.
+        log.warning("%s is damaged (%d bytes, not 32): the installation's device serial is not used", path, len(key))
+        return None
+    return _serial_from_key(key)
 
 
 class Store:

@@ -472,6 +472,19 @@ def test_each_installation_has_its_own_device_serial_number(tmp_path: Path) -> N
     assert configured.producer().device_uid != pipeline.producer().device_uid
 
 
+def test_a_tool_beside_a_node_reads_its_serial_without_creating_or_trusting_a_damaged_key(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """`dicom-node analyze` writes the installation's serial; where there is no key it creates none, and a
+    damaged key (the node refuses to start on it) is named in a warning instead of read as a serial."""
+    from dicom_node.storage import Store, existing_installation_serial
+
+    assert existing_installation_serial(tmp_path) is None and not (tmp_path / "installation.key").exists()
+    serial = Store(tmp_path).installation_serial()
+    assert existing_installation_serial(tmp_path) == serial
+    (tmp_path / "installation.key").write_bytes(b"short")
+    assert existing_installation_serial(tmp_path) is None
+    assert "installation.key is damaged (5 bytes, not 32)" in caplog.text
+
+
 def test_an_unreachable_destination_holds_its_whole_queue_with_the_batch_it_failed(db: Database, tmp_path: Path) -> None:
     """After an outage each output retried on a timer of its own: one association per output ('0 of 1 sent'
     over and over). A batch that gets no association at all now takes the rest of the queue along."""
