@@ -518,25 +518,30 @@ def main(argv: list[str] | None = None) -> int:
     # What the run started from, read before it may overwrite that folder, and kept in its checkpoint: a resumed
     # run still knows its ancestor, whose films count as seen by the result (`splits.lineage`).
     initialised_from: dict | None = None
+
+    def record_start(weights: Path) -> dict:
+        ancestor = common.init_model_record(weights)
+        if ancestor is None:
+            log.warning("%s is not described by a model.json beside it: the films it learnt from are not recorded,"
+                        " and the evaluation will count them as unseen", weights)
+        return {"path": str(weights), "sha256": sha256_file(weights), **({"model": ancestor} if ancestor else {})}
+
     if state is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["data_rng"]
         step, best, spent, history = state["step"], state["best"], state["spent"], state["history"]
-        initialised_from = state.get("initialised_from")
+        # A checkpoint written before starts were kept in it: the --init-weights given again, as was recorded then.
+        initialised_from = (state["initialised_from"] if "initialised_from" in state
+                            else record_start(args.init_weights) if args.init_weights is not None else None)
         log.info("resumed at iteration %d (best %.4f, %.0f s spent)", step, best, spent)
     elif args.init_weights is not None:
         # Fine-tuning: a loss change (e.g. the sacrum's positive weight) need not cost a whole new run.
         init = torch.load(args.init_weights, map_location="cpu", weights_only=True)
         # A model's weights.pt or a training checkpoint; a four-channel one gets its L5 channel added.
         net.load_state_dict(network.widen_state(init.get("net", init.get("segmentation", init)), len(network.CHANNELS)))
-        ancestor = common.init_model_record(args.init_weights)
-        initialised_from = {"path": str(args.init_weights), "sha256": sha256_file(args.init_weights),
-                            **({"model": ancestor} if ancestor else {})}
+        initialised_from = record_start(args.init_weights)
         log.info("initialised from %s", args.init_weights)
-        if ancestor is None:
-            log.warning("%s is not described by a model.json beside it: the films it learnt from are not recorded,"
-                        " and the evaluation will count them as unseen", args.init_weights)
     clock = common.Stopwatch(spent)
     params = ChainParams()
     aug = common.AugmentConfig()
