@@ -104,17 +104,15 @@ def split_scheme(requested: str | None, *, work: Path, fresh: bool, init_weights
     return fixed or requested or TRAINING_SCHEME
 
 
-def init_model_record(init_weights: Path | None) -> dict[str, Any] | None:
-    """The record (name, version, training) of the model whose weights file `init_weights` is, read before a
-    fine-tune may overwrite its folder; None for a checkpoint, or a file its folder's model.json does not describe
-    or describes without a training record."""
-    from inference.registry import sha256_file
-
-    meta_path = init_weights.parent / "model.json" if init_weights is not None else None
-    if meta_path is None or not meta_path.is_file():
+def init_model_record(init_weights: Path, sha256: str) -> dict[str, Any] | None:
+    """The record (name, version, training) of the model whose weights file `init_weights` (digest `sha256`) is,
+    read before a fine-tune may overwrite its folder; None for a checkpoint, or a file its folder's model.json
+    does not describe or describes without a training record."""
+    meta_path = init_weights.parent / "model.json"
+    if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    if meta.get("sha256") != sha256_file(init_weights) or not meta.get("training"):
+    if meta.get("sha256") != sha256 or not meta.get("training"):
         return None
     return {key: meta.get(key) for key in ("name", "version", "training")}
 

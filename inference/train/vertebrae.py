@@ -520,11 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     initialised_from: dict | None = None
 
     def record_start(weights: Path) -> dict:
-        ancestor = common.init_model_record(weights)
+        digest = sha256_file(weights)
+        ancestor = common.init_model_record(weights, digest)
         if ancestor is None:
             log.warning("%s is not described by a model.json beside it: the films it learnt from are not recorded,"
                         " and the evaluation will count them as unseen", weights)
-        return {"path": str(weights), "sha256": sha256_file(weights), **({"model": ancestor} if ancestor else {})}
+        return {"path": str(weights), "sha256": digest, **({"model": ancestor} if ancestor else {})}
 
     if state is not None:
         net.load_state_dict(state["net"])

@@ -46,12 +46,13 @@ def test_a_fine_tune_has_seen_what_the_model_it_started_from_saw(tmp_path) -> No
     parent = {"name": "spine-xr-vertebrae", "version": "1.0+parent", "training": {"data": {
         "real": {"split_scheme": "cadma-v1"},
         "synthetic": {"manifest": {"provenance": {"real_images": {"files": [f"images/{test[0]}"]}}}}}}}
-    (folder / "model.json").write_text(json.dumps({**parent, "sha256": "not these weights"}))
-    assert init_model_record(folder / "weights.pt") is None  # a model.json of other weights says nothing
     from inference.registry import sha256_file
 
-    (folder / "model.json").write_text(json.dumps({**parent, "sha256": sha256_file(folder / "weights.pt")}))
-    record = init_model_record(folder / "weights.pt")
+    digest = sha256_file(folder / "weights.pt")
+    (folder / "model.json").write_text(json.dumps({**parent, "sha256": "not these weights"}))
+    assert init_model_record(folder / "weights.pt", digest) is None  # a model.json of other weights says nothing
+    (folder / "model.json").write_text(json.dumps({**parent, "sha256": digest}))
+    record = init_model_record(folder / "weights.pt", digest)
     assert record == parent
     child = {"training": {"initialised_from": {"path": "x", "sha256": "y", "model": record},
                           "data": {"real": {"split_scheme": splits.TRAINING_SCHEME}}}}
