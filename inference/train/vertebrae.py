@@ -415,6 +415,19 @@ def write_model_folder(out: Path, weights: Path, info: dict, params: ChainParams
     return meta
 
 
+def split_batch(n_real: int, n_synth: int, n_negative: int, first: str = "real") -> tuple[int, int]:
+    """Real and synthetic places left once ``n_negative`` structureless images take theirs, from ``first``'s
+    share first ("real" or "synthetic"), then the other's."""
+    if first == "real":
+        from_real = min(n_real, n_negative)
+    else:
+        from_real = n_negative - min(n_synth, n_negative)
+    n_real, n_synth = n_real - from_real, n_synth - (n_negative - from_real)
+    if min(n_real, n_synth) < 0:
+        raise ValueError(f"{n_negative} structureless images do not fit a batch of {n_real + n_synth + n_negative}")
+    return n_real, n_synth
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m inference.train.vertebrae", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="shared data folder (radiographs/cadma_train, ct/...)")
@@ -431,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synth-fraction", type=float, default=0.5)
     ap.add_argument("--negative-fraction", type=float, default=0.0,
                     help="share of each batch given to structureless images (noise, mottle, gradients, stripes) "
-                         "with all-zero targets, taken from the real share first, then the synthetic one; in [0, 1)")
+                         "with all-zero targets, taken from the share --negatives-from names first; in [0, 1)")
+    ap.add_argument("--negatives-from", choices=("real", "synthetic"), default="real",
+                    help="which share of the batch gives up its places to structureless images first (the other "
+                         "gives the rest): 'synthetic' keeps the real films a fine-tune learns boxes from")
     ap.add_argument("--l5-weight", type=float, default=L5_LOSS_WEIGHT,
                     help="weight of the L5 heatmap's loss; 0 leaves that channel untrained. A four-channel model's L5"
                          " channel starts as a copy of its centre channel, a peak on every vertebra: its first loss"
@@ -551,9 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     if not real_train:
         n_synth = args.batch
     n_real = args.batch - n_synth
-    from_real = min(n_real, n_negative)
-    n_real, n_synth = n_real - from_real, n_synth - (n_negative - from_real)
-    assert min(n_real, n_synth) >= 0 and n_real + n_synth + n_negative == args.batch
+    n_real, n_synth = split_batch(n_real, n_synth, n_negative, args.negatives_from)
     log.info("network: %d parameters; batch %d real + %d synthetic + %d structureless", n_params, n_real, n_synth, n_negative)
 
     def draw(pool: list, count: int) -> list:
@@ -636,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         "initialised_from": initialised_from,
         "iterations": step,
         "stop": stop_reason,
-        "batch": {"real": n_real, "synthetic": n_synth, "structureless": n_negative},
+        "batch": {"real": n_real, "synthetic": n_synth, "structureless": n_negative,
+                  **({"structureless_from": args.negatives_from} if n_negative else {})},
         "l5_weight": args.l5_weight,
         "wall_minutes": round(clock.elapsed / 60, 1),
         "threads": args.threads,

@@ -10,7 +10,7 @@ import pytest
 from inference.radiograph import preprocess
 from inference.radiograph.network import BODY, CENTRE, SACRUM, VERTEBRA
 from inference.synth.negatives import KINDS, structureless, structureless_set
-from inference.train.vertebrae import NEGATIVE_MIN_SIDE, prepare_structureless, render_item
+from inference.train.vertebrae import NEGATIVE_MIN_SIDE, prepare_structureless, render_item, split_batch
 
 
 def test_the_set_is_the_same_for_a_seed_and_cycles_through_every_kind() -> None:
@@ -78,3 +78,15 @@ def test_a_training_run_refuses_a_seed_that_draws_the_evaluation_set(tmp_path, c
         vertebrae.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
                         "--negative-fraction", "0.25", "--seed", str(seed), "--switches-from", "none"])
     assert "would train or validate on the structureless evaluation set" in capsys.readouterr().err
+
+
+def test_structureless_places_come_from_the_share_named_first_then_the_other() -> None:
+    """A batch of 4 real + 4 synthetic with 2 structureless images: by default the real share gives them up;
+    `--negatives-from synthetic` keeps the real films; a share too small passes the rest to the other."""
+    assert split_batch(4, 4, 2) == (2, 4)
+    assert split_batch(4, 4, 2, "synthetic") == (4, 2)
+    assert split_batch(1, 4, 3) == (0, 2)
+    assert split_batch(4, 1, 3, "synthetic") == (2, 0)
+    assert split_batch(4, 4, 0, "synthetic") == (4, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        split_batch(1, 1, 3)
