@@ -142,7 +142,10 @@ def vertebra_seen(all_names: Iterable[str | Path], meta: dict[str, Any]) -> list
 
 
 def hardware_seen(all_names: Iterable[str | Path], meta: dict[str, Any] | None = None) -> list[str | Path]:
-    """Films the hardware model trained or was tuned on: its train and val splits (its cache draws from train)."""
+    """Films the hardware model trained or was tuned on: its train and val splits (its cache draws from train).
+    A hardware fine-tune needs no `lineage`: the trainer holds it to the scheme of the model folder it starts from
+    (`inference.train.common.split_scheme`) and its cache to that scheme's train films, so what its base saw
+    is in these splits too."""
     return [n for n in all_names if hardware_split(n, meta) in ("train", "val")]
 
 

@@ -203,12 +203,15 @@ def mine_hard_negatives(net: torch.nn.Module, negatives: list[TargetItem], param
 
 def read_init_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The segmentation state dict in `path` (a model folder's weights.pt, or a bare state dict) and what is
-    known of its training (the folder's model.json record, when there is one)."""
+    known of its training (the folder's model.json record, when it describes these weights: same sha256)."""
     state = network.read_stages(str(path))["segmentation"]
     record: dict[str, Any] = {"weights": str(path), "sha256": sha256_file(path)}
     meta_file = path.parent / "model.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta and meta.get("sha256") != record["sha256"]:
+        # Weights copied over a model folder, or a record left from another run: its training is not theirs.
+        log.warning("%s does not describe %s (other sha256): the start's training is not recorded", meta_file, path)
+    elif meta:
         training = meta.get("training", {})
         record["version"] = meta.get("version")
         keep = ("command", "iterations", "stop", "wall_minutes", "mix", "disc_classifier", "base_training")

@@ -13,6 +13,7 @@ import torch
 from inference.evaluate.hardware import fold_commands, recipe_args, reporting_as_shipped, training_stages
 from inference.radiograph.hardware_post import CHANNELS, METAL, PLATE, HardwareParams
 from inference.radiograph.hardware_targets import TargetItem
+from inference.registry import sha256_file
 from inference.train.hardware import mine_hard_negatives, read_init_weights
 
 
@@ -44,12 +45,27 @@ def test_hard_negatives_are_the_real_images_where_the_network_finds_implants() -
 def test_fine_tuning_starts_from_a_model_folders_segmentation_network(tmp_path: Path) -> None:
     state = {"final_conv.bias": torch.arange(3.0)}
     torch.save({"segmentation": state, "complications": {"w": torch.zeros(1)}}, tmp_path / "weights.pt")
-    (tmp_path / "model.json").write_text(json.dumps({"version": "1.0+abc", "training": {"command": "python -m x --iterations 9", "metrics": 1}}))
+    meta = {"version": "1.0+abc", "sha256": sha256_file(tmp_path / "weights.pt"),
+            "training": {"command": "python -m x --iterations 9", "metrics": 1}}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
     loaded, record = read_init_weights(tmp_path / "weights.pt")
     assert torch.equal(loaded["final_conv.bias"], state["final_conv.bias"])
     assert record["version"] == "1.0+abc"
     assert record["training"] == {"command": "python -m x --iterations 9"}
-    assert len(record["sha256"]) == 64
+    assert record["sha256"] == meta["sha256"]
+
+
+def test_a_model_json_describing_other_weights_gives_the_start_no_training_record(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Weights copied over a model folder: its model.json's training is not theirs, so leave-one-patient-out
+    (which repeats the recorded base recipe) refuses rather than repeat the wrong run."""
+    torch.save({"segmentation": {"final_conv.bias": torch.zeros(3)}}, tmp_path / "weights.pt")
+    (tmp_path / "model.json").write_text(json.dumps({"version": "1.0+abc", "sha256": "0" * 64,
+                                                     "training": {"command": "python -m x"}}))
+    _, record = read_init_weights(tmp_path / "weights.pt")
+    assert "version" not in record and "training" not in record
+    assert "does not describe" in caplog.text
+    with pytest.raises(ValueError, match="not recorded"):
+        training_stages({"command": "python -m inference.train.hardware --init-weights w", "base_training": record})
 
 
 def test_leave_one_patient_out_repeats_both_stages_of_a_fine_tuned_model(tmp_path: Path) -> None:
