@@ -378,28 +378,37 @@ class Pipeline:
                     held = _read_output(row)
                     if held is not None:
                         by_identity.setdefault(_sent_identity(held), []).append((row, held))
+                listed: set[int] = set()  # noted now, or waiting for the disk
                 for group in by_identity.values():
                     try:
                         note = build_rejection_note([ds for _, ds in group], producer=self.producer())
                         written = self._write_dataset("any", "kos", note)
-                    except (OSError, ValueError, StorageError) as exc:
+                    except (OSError, StorageError) as exc:
+                        listed.update(row["id"] for row, _ in group)
                         self._notes_due[(study, name)] = self.clock() + STRANDED_RETRY_S
                         log.error("study %s: no rejection note for %s (again in %.0f s): %s", study, name,
                                   STRANDED_RETRY_S, describe(exc))
                         continue
+                    except ValueError as exc:
+                        # The outputs cannot make a valid note: waiting changes nothing, so they are warned
+                        # about below, once, instead of failing again every minute.
+                        log.error("study %s: the %d output(s) %s got cannot make a rejection note: %s", study,
+                                  len(group), name, describe(exc))
+                        continue
+                    listed.update(row["id"] for row, _ in group)
                     self.db.record_rejection_note(group[0][0]["job_id"], written.row(), name, [row["id"] for row, _ in group])
                     answered += len(group)
                     log.info("study %s: the sender corrected its patient identity or moved an image out; a rejection"
                              " note for the %d output(s) %s got is queued for it", study, len(group), name)
-                # What no note can list (retention removed the file, or it cannot be read) is warned about; a
-                # note that could not be written (a full disk) is tried again.
-                listed = {row["id"] for group in by_identity.values() for row, _ in group}
+                # What no note can list (retention removed the file, it cannot be read, or it makes no valid
+                # note) is warned about; a note that could not be written (a full disk) is tried again.
                 unlisted = [row for row in rows if row["id"] not in listed]
             if unlisted:
                 log.warning("study %s: the sender corrected its patient identity or moved an image out; %d output(s)"
                             " made before were (or may have been) delivered to %s and stay there until that PACS's"
                             " correction moves or deletes them%s", study, len(unlisted), name,
-                            " (their files are gone or unreadable: no rejection note can list them)" if rejecting else "")
+                            " (no rejection note can list them: their files are gone or unreadable, or they make no"
+                            " valid note)" if rejecting else "")
                 self.db.answer_superseded([row["id"] for row in unlisted])
                 answered += len(unlisted)
         return answered

@@ -712,6 +712,47 @@ def test_a_rejection_note_that_cannot_be_written_waits_as_a_study_does(
     assert db.superseded_deliveries() == [] and pipeline.answer_superseded() == 0
 
 
+def test_outputs_that_make_no_valid_rejection_note_are_warned_about_once_not_retried(
+        db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A note the encoder refuses (ValueError) fails the same way at every try: it was retried every minute,
+    forever, with an ERROR each time. It is now named once, and the outputs are answered by the warning that
+    they stay at the destination."""
+    import logging
+
+    from nodekit import make_study
+
+    import reports.kos
+    from dicom_node.pipeline import Pipeline
+    from dicom_node.settings import validate
+    from dicom_node.storage import Store
+
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    delivered = make_study(tmp_path / "out", "delivered")[0]
+    db.record_instance(_identified("1.1", "A"))
+    _analysed(db, "1.2.3", ["1.1"], 0)
+    with db.tx() as tx:
+        tx.execute("UPDATE outputs SET path = ?", (str(delivered),))
+    delivery = db.one("SELECT id FROM deliveries")["id"]
+    db.mark_sending([delivery])
+    db.mark_delivered(delivery, 0)
+    db.record_instance(_identified("1.1", "B"))
+    settings = validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                                           "reject_superseded": True}]})
+    pipeline = Pipeline(settings, db, Store(tmp_path / "data"), None)  # type: ignore[arg-type]
+
+    def refused(*_: object, **__: object) -> None:
+        raise ValueError("Evidence of a KOS must be in one study")
+
+    monkeypatch.setattr(reports.kos, "build_rejection_note", refused)
+    assert pipeline.answer_superseded() == 1
+    assert pipeline.answer_superseded() == 0 and db.superseded_deliveries() == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot make a rejection note: ValueError: Evidence of a KOS" in errors[0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "they make no valid note" in warnings[0]
+    assert db.one("SELECT count(*) AS n FROM outputs WHERE kind = 'kos'")["n"] == 0
+
+
 def test_a_moved_instances_old_copy_left_by_a_stop_is_removed_at_the_next_start(db: Database, tmp_path: Path) -> None:
     """The SCP deletes the old file after the move is recorded; a stop in between left a copy (perhaps another
     patient's film) that no record names, so retention never removed it. The next start does."""
