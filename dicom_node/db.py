@@ -454,6 +454,9 @@ MAX_INTERRUPTED_ANALYSES = 3
 #: Work a failed write left half-done (a study `analysing`, a delivery `sending`, with nothing working on it:
 #: a full disk) is taken up again after this long, not only at the next start.
 STRANDED_RETRY_S = 60.0
+#: SQL (jobs ``j``, studies ``s``): an output of job ``j`` was made under an identity its study has corrected since
+#: (or from an image since moved out): superseded.  One rule for the queue, the rejection notes and the pages.
+SUPERSEDED_SQL = "j.identity_epoch != s.identity_epoch"
 #: How the reason of a study waiting for its outputs to be written begins (see `Pipeline`).
 WAITING_PREFIX = "waiting to retry: "
 
@@ -1016,7 +1019,7 @@ class Database:
             " WHERE s.identity_epoch > 0 AND (d.state = 'delivered' OR (d.state = 'withdrawn' AND d.attempts > 0"
             " AND coalesce(d.last_error, '') NOT LIKE '" + UNREACHED_PREFIX + "%'))"
             " AND d.superseded_note IS NULL AND o.kind != 'kos'"
-            " AND j.identity_epoch != s.identity_epoch" + one
+            " AND " + SUPERSEDED_SQL + one
             + " ORDER BY d.study_instance_uid, d.destination, j.identity_epoch, o.sop_instance_uid",
             (study_instance_uid,) if study_instance_uid else (),
         )
@@ -1063,7 +1066,7 @@ class Database:
             "SELECT DISTINCT d.study_instance_uid FROM deliveries d JOIN studies s ON s.study_instance_uid ="
             " d.study_instance_uid JOIN outputs o ON o.sop_instance_uid = d.output_sop_instance_uid JOIN jobs j ON"
             " j.id = o.job_id WHERE d.destination = ? AND d.state = 'pending' AND s.identity_epoch > 0"
-            " AND j.identity_epoch != s.identity_epoch AND o.kind != 'kos'", (destination,))
+            " AND " + SUPERSEDED_SQL + " AND o.kind != 'kos'", (destination,))
         if stale:  # (the write lock only when there is something to withdraw: C-STOREs need it too)
             with self.tx() as db:
                 for row in stale:
@@ -1283,11 +1286,20 @@ class Database:
         study["jobs"] = self.query("SELECT * FROM jobs WHERE study_instance_uid = ? ORDER BY id", (study_instance_uid,))
         for job in study["jobs"]:
             job["summary"] = json.loads(job["summary"]) if job.get("summary") else None
-        study["outputs"] = self.query("SELECT * FROM outputs WHERE study_instance_uid = ? ORDER BY kind", (study_instance_uid,))
+        study["outputs"] = self.query(
+            "SELECT o.*, coalesce(" + SUPERSEDED_SQL + ", 0) AS superseded FROM outputs o LEFT JOIN jobs j ON j.id = o.job_id"
+            " LEFT JOIN studies s ON s.study_instance_uid = o.study_instance_uid WHERE o.study_instance_uid = ?"
+            " ORDER BY o.kind", (study_instance_uid,))
         study["deliveries"] = self.query(
             "SELECT * FROM deliveries WHERE study_instance_uid = ? ORDER BY destination, id", (study_instance_uid,)
         )
         return study
+
+    def output_superseded(self, sop_instance_uid: str) -> bool:
+        """True for an output made in an earlier identity epoch of its study (`SUPERSEDED_SQL`)."""
+        row = self.one("SELECT " + SUPERSEDED_SQL + " AS old FROM outputs o JOIN jobs j ON j.id = o.job_id JOIN studies s"
+                       " ON s.study_instance_uid = o.study_instance_uid WHERE o.sop_instance_uid = ?", (sop_instance_uid,))
+        return bool(row and row["old"])
 
     def recent_associations(self, limit: int = 20) -> list[dict[str, Any]]:
         """Latest associations (audit)."""

@@ -216,15 +216,13 @@ class Views:
                 "images": summary.get("images", []),
             })
         by_sop = {o["sop_instance_uid"]: o for o in detail["outputs"]}
-        # Jobs of an earlier identity epoch made superseded outputs (`_superseded`, from rows already read).
-        earlier = {j["id"] for j in detail["jobs"] if j["identity_epoch"] != detail["identity_epoch"]}
         outputs = []
         for o in detail["outputs"]:
             item = {"sop_instance_uid": o["sop_instance_uid"], "series_instance_uid": o["series_instance_uid"],
                     "sop_class_uid": o["sop_class_uid"], "kind": o["kind"], "variant": o["variant"],
                     "size": o["size"], "created_at": iso(o["created_at"]), "purged": o.get("purged_at") is not None,
                     "job_id": o["job_id"]}
-            if o["kind"] == "sc" and not item["purged"] and o["job_id"] not in earlier:
+            if o["kind"] == "sc" and not item["purged"] and not o["superseded"]:
                 item["thumbnail"] = f"/api/studies/{study_uid}/outputs/{o['sop_instance_uid']}/image.png"
             outputs.append(item)
         deliveries = [{
@@ -275,7 +273,7 @@ class Views:
             return None, "no such Secondary Capture output"
         if row["purged_at"] is not None:
             return None, "the file was removed by retention"
-        if self._superseded(sop_uid):
+        if self.db.output_superseded(sop_uid):
             # Perhaps of another patient's film (moved out since) or under a corrected identity: not this study's.
             return None, SUPERSEDED_IMAGE
         if not self.show_phi:
@@ -301,13 +299,6 @@ class Views:
         data = buf.getvalue()
         self._images.put(key, data)
         return data, ""
-
-    def _superseded(self, sop_uid: str) -> bool:
-        """True for an output made in an earlier identity epoch of its study (see `SUPERSEDED_IMAGE`)."""
-        row = self.db.one("SELECT j.identity_epoch <> s.identity_epoch AS old FROM outputs o JOIN jobs j ON j.id = o.job_id"
-                          " JOIN studies s ON s.study_instance_uid = o.study_instance_uid WHERE o.sop_instance_uid = ?",
-                          (sop_uid,))
-        return bool(row and row["old"])
 
     def _burned_in_patient_text(self, study_uid: str) -> str | None:
         """Why an image must not be shown without show_phi (its source may carry burned-in patient text)."""
