@@ -287,6 +287,20 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE deliveries ADD COLUMN superseded_note TEXT;
         """,
     ),
+    (
+        "job inputs",
+        """
+        -- The instances a job analysed (its input_key is their digest): an image the sender moves out of the
+        -- study supersedes only the results that read it. Jobs from before have none recorded: any move
+        -- supersedes them, as it did.
+        CREATE TABLE job_inputs (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            sop_instance_uid TEXT NOT NULL,
+            PRIMARY KEY (job_id, sop_instance_uid)
+        ) WITHOUT ROWID;
+        CREATE INDEX job_inputs_by_instance ON job_inputs (sop_instance_uid);
+        """,
+    ),
 )
 
 
@@ -374,6 +388,18 @@ def _withdraw_superseded(execute: Callable[..., sqlite3.Cursor], study_instance_
     return len(stale)
 
 
+def _read_in_current_epoch(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str, sop_instance_uid: str) -> bool:
+    """True when outputs of the study's current identity epoch were made from `sop_instance_uid` (or by a job
+    whose inputs were not recorded, which may have)."""
+    return execute(
+        "SELECT 1 FROM jobs j JOIN studies s ON s.study_instance_uid = j.study_instance_uid"
+        " WHERE j.study_instance_uid = ? AND j.identity_epoch = s.identity_epoch AND j.summary IS NOT NULL"
+        " AND (EXISTS (SELECT 1 FROM job_inputs i WHERE i.job_id = j.id AND i.sop_instance_uid = ?)"
+        " OR NOT EXISTS (SELECT 1 FROM job_inputs i WHERE i.job_id = j.id))",
+        (study_instance_uid, sop_instance_uid),
+    ).fetchone() is not None
+
+
 def _analysed_in_current_epoch(execute: Callable[..., sqlite3.Cursor], study_instance_uid: str) -> bool:
     """True when the study's current identity epoch has recorded outputs (jobs with a summary)."""
     return execute(
@@ -391,7 +417,7 @@ def _move_out(execute: Callable[..., sqlite3.Cursor], sop_instance_uid: str, stu
     UIDs; the undelivered ones withdrawn, the delivered ones answered), and it is analysed again without it;
     with no instance left it ends unrouted. Audited."""
     execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
-    if _analysed_in_current_epoch(execute, study_instance_uid):
+    if _read_in_current_epoch(execute, study_instance_uid, sop_instance_uid):
         execute("UPDATE studies SET identity_epoch = identity_epoch + 1 WHERE study_instance_uid = ?", (study_instance_uid,))
         _withdraw_superseded(execute, study_instance_uid, now)
     left = execute("SELECT count(*) FROM instances WHERE study_instance_uid = ? AND own_output = 0",
@@ -942,22 +968,28 @@ class Database:
     # -------------------------------------------------------------------------------------- jobs
 
     def start_job(self, study_instance_uid: str, analysis: str, rule: str, input_key: str, generation: int,
-                  identity_epoch: int = 0) -> dict[str, Any]:
-        """The job row for this exact input (created as `analysing` if new), of the study's `identity_epoch`."""
+                  identity_epoch: int = 0, sop_instance_uids: Sequence[str] = ()) -> dict[str, Any]:
+        """The job row for this exact input (created as `analysing` if new, with its instances
+        `sop_instance_uids`, whose digest `input_key` is), of the study's `identity_epoch`."""
         now = time.time()
         with self.tx() as db:
-            db.execute(
+            created = db.execute(
                 "INSERT INTO jobs (study_instance_uid, analysis, rule, input_key, generation, state, created_at,"
                 " updated_at, identity_epoch) VALUES (?, ?, ?, ?, ?, 'analysing', ?, ?, ?)"
                 " ON CONFLICT(study_instance_uid, analysis, input_key) DO NOTHING",
                 (study_instance_uid, analysis, rule, input_key, generation, now, now, identity_epoch),
-            )
+            ).rowcount
             row = db.execute(
                 "SELECT * FROM jobs WHERE study_instance_uid = ? AND analysis = ? AND input_key = ?",
                 (study_instance_uid, analysis, input_key),
             )
             cols = [c[0] for c in row.description]
-            return dict(zip(cols, row.fetchone(), strict=True))
+            job = dict(zip(cols, row.fetchone(), strict=True))
+            if created:
+                for uid in sop_instance_uids:
+                    db.execute("INSERT OR IGNORE INTO job_inputs (job_id, sop_instance_uid) VALUES (?, ?)",
+                               (job["id"], uid))
+            return job
 
     def fail_job(self, job_id: int, reason: str) -> None:
         """A job failed for good (reason shown in status)."""
@@ -1242,6 +1274,7 @@ class Database:
                 "UPDATE associations SET state = 'aborted', ended_at = ?, reason = 'node stopped during association'"
                 " WHERE state = 'open'", (now,),
             ).rowcount
+            db.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'analysing')")
             db.execute("DELETE FROM jobs WHERE state = 'analysing'")
         return {"studies_reanalysed": a, "studies_failed_after_interruptions": given_up, "deliveries_resent": b,
                 "associations_closed": c}

@@ -315,7 +315,7 @@ class Pipeline:
         rule: Rule = match.rule
         uids = sorted(match.sop_instance_uids)
         key, epoch = job_key(self.db, study_uid, uids)
-        job = self.db.start_job(study_uid, name, rule.name, key, generation, epoch)
+        job = self.db.start_job(study_uid, name, rule.name, key, generation, epoch, uids)
         if job["state"] in ("encoded", "delivered"):
             return True  # this exact input was analysed and its deliveries queued already
         try:

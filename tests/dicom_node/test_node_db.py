@@ -565,16 +565,38 @@ def _identified(sop: str, identity: str, study: str = "1.2.3") -> InstanceRecord
     return dataclasses.replace(rec(sop, study), patient_key="p", identity_key=identity)
 
 
-def _analysed(db: Database, study: str, sops: list[str], epoch: int, deliver_to: str = "pacs") -> dict:
-    """A job of the study's current epoch with one output queued for `deliver_to` (as the pipeline records it)."""
+def _analysed(db: Database, study: str, sops: list[str], epoch: int, deliver_to: str = "pacs",
+              inputs: list[str] | None = None) -> dict:
+    """A job of the study's current epoch with one output queued for `deliver_to` (as the pipeline records it;
+    `inputs`: the instances it read, none recorded by default, as for a job from before they were)."""
     db.mark_complete(study)
     gen = db.claim_study(study)
-    job = db.start_job(study, "a", "r", f"key-{epoch}-{len(sops)}", gen, db.identity_epoch(study))
+    job = db.start_job(study, "a", "r", f"key-{epoch}-{len(sops)}", gen, db.identity_epoch(study), inputs or ())
     out = {"sop_instance_uid": f"5.{epoch}.{len(sops)}", "study_instance_uid": study, "series_instance_uid": "5",
            "sop_class_uid": "x", "transfer_syntax_uid": "y", "kind": "sr", "variant": "any", "path": "/o/x.dcm", "size": 1}
     assert db.record_outputs(job["id"], {"analysis": "a"}, [out], [(out["sop_instance_uid"], deliver_to)], generation=gen) == 1
     db.finish_study(study, gen, "encoded")
     return {**job, "output": out["sop_instance_uid"]}
+
+
+def test_a_move_supersedes_only_results_that_read_the_moved_image(db: Database) -> None:
+    """An image no job read (a film no rule analyses) moves out: the results stand. The one they read moves
+    out: they are superseded (a new epoch, the undelivered output withdrawn)."""
+    for sop in ("1.1", "1.2"):
+        db.record_instance(_identified(sop, "A"))
+    _analysed(db, "1.2.3", ["1.1"], 0, inputs=["1.1"])
+    db.record_instance(_identified("1.2", "B", study="4.5.6"))
+    assert db.identity_epoch("1.2.3") == 0 and db.study("1.2.3")["state"] == "received"
+    assert [d["state"] for d in db.query("SELECT state FROM deliveries")] == ["pending"]
+    db.record_instance(_identified("1.1", "B", study="4.5.6"))
+    assert db.identity_epoch("1.2.3") == 1
+    assert [d["state"] for d in db.query("SELECT state FROM deliveries")] == ["withdrawn"]
+    # A crash during an analysis leaves no inputs of the job it deletes.
+    db.record_instance(_identified("2.1", "C", study="2.2.2"))
+    db.mark_complete("2.2.2")
+    db.start_job("2.2.2", "a", "r", "k", db.claim_study("2.2.2"), 0, ["2.1"])
+    db.recover()
+    assert db.one("SELECT count(*) AS n FROM job_inputs")["n"] == 1
 
 
 def test_a_correction_starts_an_identity_epoch_once_and_withdraws_what_the_old_one_queued(db: Database) -> None:

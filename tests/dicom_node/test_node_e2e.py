@@ -238,6 +238,31 @@ def _resend(node: Any, source: Path, path: Path, **corrections: str) -> None:
     storescu([path], node.scp.port)
 
 
+def test_an_image_no_result_read_moved_out_of_the_study_leaves_its_results_standing(
+        node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    """A chest film filed with a lumbar study, which no rule analyses, moved to its own patient's study: every
+    result of the lumbar study was superseded (a rejection note, the same results again under new UIDs). Only
+    results that read the moved image are: these did not."""
+    node = node_factory(destinations=[pacs_destination(orthanc, reject_superseded=True)])
+    spine = make_study(tmp_path / "in", "bystander", images=1)
+    chest = make_study(tmp_path / "in", "bystander", images=1, body_part="CHEST", first_instance=2)
+    study_uid = _delivered(node, spine + chest)
+    assert pydicom.dcmread(chest[0]).StudyInstanceUID == study_uid
+    first = {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs")}
+    assert outputs_of(orthanc, study_uid) == expected_counts(1)
+    new_study = study_uid + ".7"
+    _resend(node, chest[0], tmp_path / "moved.dcm", StudyInstanceUID=new_study, PatientID="OTHER-PATIENT",
+            PatientName="OTHER^PATIENT")
+    wait_for(lambda: (node.db.study(new_study) or {}).get("state") == "unrouted", 30, what="the chest film's study")
+    assert node.db.moved_instances() == [(study_uid, str(pydicom.dcmread(chest[0]).SOPInstanceUID))]
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="the lumbar study settled again")
+    assert node.db.identity_epoch(study_uid) == 0
+    assert {r["sop_instance_uid"] for r in node.db.query("SELECT sop_instance_uid FROM outputs")} == first
+    assert node.db.superseded_deliveries() == []
+    assert {d["state"] for d in node.db.query("SELECT state FROM deliveries")} == {"delivered"}
+    assert outputs_of(orthanc, study_uid) == expected_counts(1)
+
+
 def test_outputs_of_a_study_whose_corrected_re_analysis_fails_are_still_answered(
         node_factory, orthanc: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """One film of a two-film study was another patient's: the sender re-sends it under that patient. The study
