@@ -412,10 +412,10 @@ def _analysed_in_current_epoch(execute: Callable[..., sqlite3.Cursor], study_ins
 def _move_out(execute: Callable[..., sqlite3.Cursor], sop_instance_uid: str, study_instance_uid: str,
               to_study: str, actor: str, now: float) -> None:
     """The sender moved instance `sop_instance_uid` from `study_instance_uid` to `to_study` (a misfiled film
-    split off, two studies merged): one UID names one instance, so the first study loses it. Its results read
-    that image (perhaps another patient's): outputs made start a new epoch as a corrected identity does (new
-    UIDs; the undelivered ones withdrawn, the delivered ones answered), and it is analysed again without it;
-    with no instance left it ends unrouted. Audited."""
+    split off, two studies merged): one UID names one instance, so the first study loses it. If outputs of the
+    current epoch were made from that image (perhaps another patient's), a new epoch starts as after a corrected
+    identity (new UIDs; the undelivered ones withdrawn, the delivered ones answered); an image no job read leaves
+    them standing. The study is analysed again without it; with no instance left it ends unrouted. Audited."""
     execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
     if _read_in_current_epoch(execute, study_instance_uid, sop_instance_uid):
         execute("UPDATE studies SET identity_epoch = identity_epoch + 1 WHERE study_instance_uid = ?", (study_instance_uid,))
