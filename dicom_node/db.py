@@ -356,6 +356,10 @@ SUPERSEDED_BY_IDENTITY = ("superseded: the sender corrected the patient identity
 MOVED_AWAY = "every instance was moved to another study by the sender; its earlier results are superseded"
 MOVED_AWAY_AFTER_RETENTION = ("the instances retention kept were moved to another study by the sender; its earlier"
                               " results are superseded")
+#: The reason of a study with no instance left, an image of which its results read (removed by retention since)
+#: arrived in another study.
+MOVED_AFTER_PURGE = ("an image its results were made from arrived in another study after retention had removed this"
+                     " study's images (moved by the sender); its earlier results are superseded")
 #: The reason of a job an operator's re-analysis replaced.
 REANALYSIS_REQUESTED = "re-analysis requested"
 
@@ -410,12 +414,13 @@ def _analysed_in_current_epoch(execute: Callable[..., sqlite3.Cursor], study_ins
 
 
 def _move_out(execute: Callable[..., sqlite3.Cursor], sop_instance_uid: str, study_instance_uid: str,
-              to_study: str, actor: str, now: float) -> None:
+              to_study: str, actor: str, now: float, *, held: bool = True) -> None:
     """The sender moved instance `sop_instance_uid` from `study_instance_uid` to `to_study` (a misfiled film
     split off, two studies merged): one UID names one instance, so the first study loses it. If outputs of the
     current epoch were made from that image (perhaps another patient's), a new epoch starts as after a corrected
     identity (new UIDs; the undelivered ones withdrawn, the delivered ones answered); an image no job read leaves
-    them standing. The study is analysed again without it; with no instance left it ends unrouted. Audited."""
+    them standing. The study is analysed again without it; with no instance left it ends unrouted. Audited.
+    `held` False: retention had removed the image (only its jobs' inputs name it)."""
     execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
     if _read_in_current_epoch(execute, study_instance_uid, sop_instance_uid):
         execute("UPDATE studies SET identity_epoch = identity_epoch + 1 WHERE study_instance_uid = ?", (study_instance_uid,))
@@ -424,10 +429,10 @@ def _move_out(execute: Callable[..., sqlite3.Cursor], sop_instance_uid: str, stu
                    (study_instance_uid,)).fetchone()[0]
     purged = execute("SELECT instances_purged_at IS NOT NULL FROM studies WHERE study_instance_uid = ?",
                      (study_instance_uid,)).fetchone()[0]
-    execute("UPDATE studies SET state = ?, reason = ?, instance_count = max(instance_count - 1, 0),"
+    reason = MOVED_AFTER_PURGE if not held else MOVED_AWAY_AFTER_RETENTION if purged else MOVED_AWAY
+    execute("UPDATE studies SET state = ?, reason = ?, instance_count = max(instance_count - ?, 0),"
             " generation = generation + 1, last_received_at = ?, updated_at = ? WHERE study_instance_uid = ?",
-            ("received" if left else "unrouted",
-             None if left else (MOVED_AWAY_AFTER_RETENTION if purged else MOVED_AWAY), now, now, study_instance_uid))
+            ("received" if left else "unrouted", None if left else reason, int(held), now, now, study_instance_uid))
     execute("INSERT INTO audit_events (at, kind, action, actor, study_instance_uid, target, outcome, detail)"
             " VALUES (?, 'action', 'moved', ?, ?, ?, 'ok', ?)",
             (now, actor, study_instance_uid, sop_instance_uid, f"moved to study {to_study} by the sender"))
@@ -748,6 +753,16 @@ class Database:
                 # study's patient check below still applies; a refusal rolls the move back).
                 _move_out(db.execute, rec.sop_instance_uid, row[0], rec.study_instance_uid, rec.calling_ae, now)
                 row = None
+            elif row is None and not rec.own_output:
+                # Retention removed the instance, but the jobs name what they read: arriving in another study,
+                # it was moved there, and results made from it (perhaps another patient's film) are superseded.
+                for (held_in,) in db.execute(
+                        "SELECT DISTINCT j.study_instance_uid FROM job_inputs i JOIN jobs j ON j.id = i.job_id"
+                        " WHERE i.sop_instance_uid = ? AND j.study_instance_uid != ?",
+                        (rec.sop_instance_uid, rec.study_instance_uid)).fetchall():
+                    if _read_in_current_epoch(db.execute, held_in, rec.sop_instance_uid):
+                        _move_out(db.execute, rec.sop_instance_uid, held_in, rec.study_instance_uid, rec.calling_ae,
+                                  now, held=False)
             existed = row is not None
             corrected = new_identity = False
             if not rec.own_output and rec.patient_key is not None:

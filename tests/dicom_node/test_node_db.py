@@ -599,6 +599,32 @@ def test_a_move_supersedes_only_results_that_read_the_moved_image(db: Database) 
     assert db.one("SELECT count(*) AS n FROM job_inputs")["n"] == 1
 
 
+def test_an_image_arriving_in_another_study_after_retention_supersedes_the_results_made_from_it(db: Database) -> None:
+    """Retention removed the study's images; then the sender moved one of them to its own patient's study. The
+    node no longer held it, so the move went unnoticed and the report made from it stayed. The jobs' inputs
+    still name it."""
+    from dicom_node.db import MOVED_AFTER_PURGE
+
+    db.record_instance(_identified("1.1", "A"))
+    _analysed(db, "1.2.3", ["1.1"], 0, inputs=["1.1"])
+    delivery = db.one("SELECT id FROM deliveries")["id"]
+    db.mark_sending([delivery])
+    db.mark_delivered(delivery, 0)
+    db.forget_instances("1.2.3")
+    # Sent again into its own study: no move.
+    assert db.record_instance(_identified("1.1", "A"))
+    assert db.identity_epoch("1.2.3") == 0
+    db.forget_instances("1.2.3")
+    assert db.record_instance(_identified("1.1", "B", study="4.5.6"))
+    study = db.study("1.2.3")
+    assert (study["state"], study["reason"], db.identity_epoch("1.2.3")) == ("unrouted", MOVED_AFTER_PURGE, 1)
+    assert [r["id"] for r in db.superseded_deliveries("1.2.3")] == [delivery]
+    assert db.moved_instances() == [("1.2.3", "1.1")]
+    # A film of the same study that no result read, arriving elsewhere after retention: nothing to supersede.
+    db.record_instance(_identified("3.1", "A", study="7.7"))
+    assert db.identity_epoch("1.2.3") == 1 and db.moved_instances() == [("1.2.3", "1.1")]
+
+
 def test_a_correction_starts_an_identity_epoch_once_and_withdraws_what_the_old_one_queued(db: Database) -> None:
     db.record_instance(_identified("1.1", "A"))
     db.record_instance(_identified("1.2", "A"))

@@ -456,6 +456,35 @@ def test_retention_removes_files_of_delivered_studies_but_remembers_outputs(
     assert not any("PredecessorDocumentsSequence" in t for t in srs())
 
 
+def test_a_film_moved_after_retention_removed_it_still_gets_its_old_report_rejected(
+        node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
+    """Retention removes a study's images after a week; a misfiled film split off later went unnoticed: the
+    node no longer held it, so its first study kept a report made from another patient's film. The jobs name
+    what they read: the report is superseded and the PACS gets the rejection note."""
+    from dicom_node.db import MOVED_AFTER_PURGE
+
+    tiny = 0.5 / 86400  # half a second, in days
+    node = node_factory(destinations=[pacs_destination(orthanc, reject_superseded=True)],
+                        retention={"instances_days": tiny, "outputs_days": 30})
+    files = make_study(tmp_path / "in", "latesplit", images=1)
+    study_uid = _delivered(node, files)
+
+    def purged() -> bool:
+        node.scheduler.purge()
+        return node.db.study(study_uid)["instances_purged_at"] is not None
+
+    wait_for(purged, 10, interval=0.2, what="the study's images removed by retention")
+    new_study = study_uid + ".7"
+    _resend(node, files[0], tmp_path / "moved.dcm", StudyInstanceUID=new_study, PatientID="OTHER-PATIENT",
+            PatientName="OTHER^PATIENT")
+    wait_for(lambda: outputs_of(orthanc, study_uid).get("KO") == 1, 60,
+             what=f"the rejection note in the first study (has {outputs_of(orthanc, study_uid)})")
+    wait_for(lambda: (node.db.study(new_study) or {}).get("state") == "delivered", 60, what="the film's own study")
+    study = node.db.study(study_uid)
+    assert (study["state"], study["reason"]) == ("unrouted", MOVED_AFTER_PURGE)
+    assert outputs_of(orthanc, new_study) == expected_counts(1)
+
+
 def test_stable_age_rule_waits_for_quiet_then_analyses(node_factory, orthanc: Orthanc, tmp_path: Path) -> None:
     node = node_factory(destinations=[pacs_destination(orthanc)], complete_on="stable-age", stable_age_s=30.0)
     files = make_study(tmp_path / "in", "stable", images=2)
