@@ -354,6 +354,9 @@ SUPERSEDED_BY_IDENTITY = ("superseded: the sender corrected the patient identity
                           " analysed again")
 #: The reason of a study every instance of which the sender moved to other studies.
 MOVED_AWAY = "every instance was moved to another study by the sender; its earlier results are superseded"
+#: ... when no result was made from them (films no rule analyses): results it has stand.
+MOVED_AWAY_UNREAD = ("every instance was moved to another study by the sender; no result was made from them, so any"
+                     " earlier results stand")
 MOVED_AWAY_AFTER_RETENTION = ("the instances retention kept were moved to another study by the sender; its earlier"
                               " results are superseded")
 #: The reason of a study with no instance left, an image of which its results read (removed by retention since)
@@ -414,28 +417,38 @@ def _analysed_in_current_epoch(execute: Callable[..., sqlite3.Cursor], study_ins
 
 
 def _move_out(execute: Callable[..., sqlite3.Cursor], sop_instance_uid: str, study_instance_uid: str,
-              to_study: str, actor: str, now: float, *, held: bool = True) -> None:
+              to_study: str, actor: str, now: float, *, held: bool = True) -> bool:
     """The sender moved instance `sop_instance_uid` from `study_instance_uid` to `to_study` (a misfiled film
     split off, two studies merged): one UID names one instance, so the first study loses it. If outputs of the
     current epoch were made from that image (perhaps another patient's), a new epoch starts as after a corrected
     identity (new UIDs; the undelivered ones withdrawn, the delivered ones answered); an image no job read leaves
     them standing. The study is analysed again without it; with no instance left it ends unrouted. Audited.
-    `held` False: retention had removed the image (only its jobs' inputs name it)."""
+    `held` False: retention had removed the image (only its jobs' inputs name it).  Returns whether outputs
+    were superseded."""
     execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
-    if _read_in_current_epoch(execute, study_instance_uid, sop_instance_uid):
+    superseded = _read_in_current_epoch(execute, study_instance_uid, sop_instance_uid)
+    if superseded:
         execute("UPDATE studies SET identity_epoch = identity_epoch + 1 WHERE study_instance_uid = ?", (study_instance_uid,))
         _withdraw_superseded(execute, study_instance_uid, now)
     left = execute("SELECT count(*) FROM instances WHERE study_instance_uid = ? AND own_output = 0",
                    (study_instance_uid,)).fetchone()[0]
     purged = execute("SELECT instances_purged_at IS NOT NULL FROM studies WHERE study_instance_uid = ?",
                      (study_instance_uid,)).fetchone()[0]
-    reason = MOVED_AFTER_PURGE if not held else MOVED_AWAY_AFTER_RETENTION if purged else MOVED_AWAY
+    # Results stand when this epoch has some (the move superseded none); else earlier ones were superseded, now or
+    # by an earlier move or correction (epoch > 0), or there were none.
+    stand = not superseded and _analysed_in_current_epoch(execute, study_instance_uid)
+    epoch = execute("SELECT identity_epoch FROM studies WHERE study_instance_uid = ?", (study_instance_uid,)).fetchone()[0]
+    if stand or not epoch:
+        reason = MOVED_AWAY_UNREAD
+    else:
+        reason = MOVED_AFTER_PURGE if not held else MOVED_AWAY_AFTER_RETENTION if purged else MOVED_AWAY
     execute("UPDATE studies SET state = ?, reason = ?, instance_count = max(instance_count - ?, 0),"
             " generation = generation + 1, last_received_at = ?, updated_at = ? WHERE study_instance_uid = ?",
             ("received" if left else "unrouted", None if left else reason, int(held), now, now, study_instance_uid))
     execute("INSERT INTO audit_events (at, kind, action, actor, study_instance_uid, target, outcome, detail)"
             " VALUES (?, 'action', 'moved', ?, ?, ?, 'ok', ?)",
             (now, actor, study_instance_uid, sop_instance_uid, f"moved to study {to_study} by the sender"))
+    return superseded
 
 
 def patient_conflict_reason(study_instance_uid: str) -> str:
@@ -486,7 +499,8 @@ MAX_INTERRUPTED_ANALYSES = 3
 #: a full disk) is taken up again after this long, not only at the next start.
 STRANDED_RETRY_S = 60.0
 #: SQL (jobs ``j``, studies ``s``): an output of job ``j`` was made under an identity its study has corrected since
-#: (or from an image since moved out): superseded.  One rule for the queue, the rejection notes and the pages.
+#: (or from an image since moved out): superseded.  The delivery queue, the rejection notes and the pages use it
+#: (`_withdraw_superseded` compares with the epoch it was given).
 SUPERSEDED_SQL = "j.identity_epoch != s.identity_epoch"
 #: How the reason of a study waiting for its outputs to be written begins (see `Pipeline`).
 WAITING_PREFIX = "waiting to retry: "
@@ -738,8 +752,10 @@ class Database:
 
     # --------------------------------------------------------------------------------- instances
 
-    def record_instance(self, rec: InstanceRecord) -> bool:
-        """Record a stored instance; returns True if it is new.  A new source instance (re)opens its study."""
+    def record_instance(self, rec: InstanceRecord, moves: list[tuple[str, bool]] | None = None) -> bool:
+        """Record a stored instance; returns True if it is new.  A new source instance (re)opens its study.
+        An instance that arrives in another study than the one holding it (or whose results read it) moved:
+        `moves` gets (the study it left, whether outputs made from it were superseded) for each."""
         now = time.time()
         with self.tx() as db:
             row = db.execute(
@@ -751,7 +767,10 @@ class Database:
                     raise InstanceConflict(conflict_reason(rec.sop_instance_uid, row[0]))
                 # One UID names one instance: arriving in another study, the sender moved it there (the new
                 # study's patient check below still applies; a refusal rolls the move back).
-                _move_out(db.execute, rec.sop_instance_uid, row[0], rec.study_instance_uid, rec.calling_ae, now)
+                superseded = _move_out(db.execute, rec.sop_instance_uid, row[0], rec.study_instance_uid,
+                                       rec.calling_ae, now)
+                if moves is not None:
+                    moves.append((row[0], superseded))
                 row = None
             elif row is None and not rec.own_output:
                 # Retention removed the instance, but the jobs name what they read: arriving in another study,
@@ -763,6 +782,8 @@ class Database:
                     if _read_in_current_epoch(db.execute, held_in, rec.sop_instance_uid):
                         _move_out(db.execute, rec.sop_instance_uid, held_in, rec.study_instance_uid, rec.calling_ae,
                                   now, held=False)
+                        if moves is not None:
+                            moves.append((held_in, True))
             existed = row is not None
             corrected = new_identity = False
             if not rec.own_output and rec.patient_key is not None:
@@ -988,22 +1009,21 @@ class Database:
         `sop_instance_uids`, whose digest `input_key` is), of the study's `identity_epoch`."""
         now = time.time()
         with self.tx() as db:
-            created = db.execute(
+            db.execute(
                 "INSERT INTO jobs (study_instance_uid, analysis, rule, input_key, generation, state, created_at,"
                 " updated_at, identity_epoch) VALUES (?, ?, ?, ?, ?, 'analysing', ?, ?, ?)"
                 " ON CONFLICT(study_instance_uid, analysis, input_key) DO NOTHING",
                 (study_instance_uid, analysis, rule, input_key, generation, now, now, identity_epoch),
-            ).rowcount
+            )
             row = db.execute(
                 "SELECT * FROM jobs WHERE study_instance_uid = ? AND analysis = ? AND input_key = ?",
                 (study_instance_uid, analysis, input_key),
             )
             cols = [c[0] for c in row.description]
             job = dict(zip(cols, row.fetchone(), strict=True))
-            if created:
-                for uid in sop_instance_uids:
-                    db.execute("INSERT OR IGNORE INTO job_inputs (job_id, sop_instance_uid) VALUES (?, ?)",
-                               (job["id"], uid))
+            # Also for a job made before inputs were recorded, run again (its key is the digest of these UIDs).
+            for uid in sop_instance_uids:
+                db.execute("INSERT OR IGNORE INTO job_inputs (job_id, sop_instance_uid) VALUES (?, ?)", (job["id"], uid))
             return job
 
     def fail_job(self, job_id: int, reason: str) -> None:

@@ -480,8 +480,9 @@ class StorageSCP:
             patient_key=patient,
             identity_key=identity,
         )
+        moves: list[tuple[str, bool]] = []
         try:
-            self.db.record_instance(rec)
+            self.db.record_instance(rec, moves)
         except InstanceConflict:
             self.store.remove([path])  # the same UID arrived for another study meanwhile
             raise
@@ -492,11 +493,13 @@ class StorageSCP:
             raise DatabaseError(f"cannot record {ident['SOPInstanceUID']}: {exc}") from exc
         if own:
             log.info("stored our own output %s coming back; it will not be analysed", ident["SOPInstanceUID"])
-        if moved_from is not None:
-            log.warning("instance %s moved by the sender from study %s to study %s: the first is analysed again without"
-                        " it, its earlier results superseded", ident["SOPInstanceUID"], moved_from, ident["StudyInstanceUID"])
-            if old_file is not None and old_file != str(path):
-                self.store.remove([Path(old_file)])
+        for left, superseded in moves:
+            log.warning("instance %s moved by the sender from study %s to study %s%s", ident["SOPInstanceUID"], left,
+                        ident["StudyInstanceUID"],
+                        ": outputs of the first made from it are superseded" if superseded
+                        else "; no result of the first was made from it, they stand")
+        if moved_from is not None and old_file is not None and old_file != str(path):
+            self.store.remove([Path(old_file)])
         return SUCCESS
 
     def _unrecorded(self, sop_uid: str, path: Path) -> bool:

@@ -582,15 +582,26 @@ def _analysed(db: Database, study: str, sops: list[str], epoch: int, deliver_to:
 def test_a_move_supersedes_only_results_that_read_the_moved_image(db: Database) -> None:
     """An image no job read (a film no rule analyses) moves out: the results stand. The one they read moves
     out: they are superseded (a new epoch, the undelivered output withdrawn)."""
+    from dicom_node.db import MOVED_AWAY, MOVED_AWAY_UNREAD
+
     for sop in ("1.1", "1.2"):
         db.record_instance(_identified(sop, "A"))
     _analysed(db, "1.2.3", ["1.1"], 0, inputs=["1.1"])
-    db.record_instance(_identified("1.2", "B", study="4.5.6"))
+    moves: list[tuple[str, bool]] = []
+    db.record_instance(_identified("1.2", "B", study="4.5.6"), moves)
+    assert moves == [("1.2.3", False)]
     assert db.identity_epoch("1.2.3") == 0 and db.study("1.2.3")["state"] == "received"
     assert [d["state"] for d in db.query("SELECT state FROM deliveries")] == ["pending"]
-    db.record_instance(_identified("1.1", "B", study="4.5.6"))
+    moves.clear()
+    db.record_instance(_identified("1.1", "B", study="4.5.6"), moves)
+    assert moves == [("1.2.3", True)]
     assert db.identity_epoch("1.2.3") == 1
     assert [d["state"] for d in db.query("SELECT state FROM deliveries")] == ["withdrawn"]
+    assert (db.study("1.2.3")["state"], db.study("1.2.3")["reason"]) == ("unrouted", MOVED_AWAY)
+    # A study's only film, which nothing was made from, moved: its reason does not claim superseded results.
+    db.record_instance(_identified("8.1", "A", study="8.8"))
+    db.record_instance(_identified("8.1", "A", study="9.9"))
+    assert (db.study("8.8")["state"], db.study("8.8")["reason"]) == ("unrouted", MOVED_AWAY_UNREAD)
     # A crash during an analysis leaves no inputs of the job it deletes.
     db.record_instance(_identified("2.1", "C", study="2.2.2"))
     db.mark_complete("2.2.2")
@@ -606,6 +617,7 @@ def test_an_image_arriving_in_another_study_after_retention_supersedes_the_resul
     from dicom_node.db import MOVED_AFTER_PURGE
 
     db.record_instance(_identified("1.1", "A"))
+    db.record_instance(_identified("3.1", "A"))  # a film no result reads
     _analysed(db, "1.2.3", ["1.1"], 0, inputs=["1.1"])
     delivery = db.one("SELECT id FROM deliveries")["id"]
     db.mark_sending([delivery])
@@ -615,14 +627,17 @@ def test_an_image_arriving_in_another_study_after_retention_supersedes_the_resul
     assert db.record_instance(_identified("1.1", "A"))
     assert db.identity_epoch("1.2.3") == 0
     db.forget_instances("1.2.3")
-    assert db.record_instance(_identified("1.1", "B", study="4.5.6"))
+    moves: list[tuple[str, bool]] = []
+    assert db.record_instance(_identified("1.1", "B", study="4.5.6"), moves)
+    assert moves == [("1.2.3", True)]
     study = db.study("1.2.3")
     assert (study["state"], study["reason"], db.identity_epoch("1.2.3")) == ("unrouted", MOVED_AFTER_PURGE, 1)
     assert [r["id"] for r in db.superseded_deliveries("1.2.3")] == [delivery]
     assert db.moved_instances() == [("1.2.3", "1.1")]
     # A film of the same study that no result read, arriving elsewhere after retention: nothing to supersede.
-    db.record_instance(_identified("3.1", "A", study="7.7"))
-    assert db.identity_epoch("1.2.3") == 1 and db.moved_instances() == [("1.2.3", "1.1")]
+    moves.clear()
+    db.record_instance(_identified("3.1", "A", study="7.7"), moves)
+    assert moves == [] and db.identity_epoch("1.2.3") == 1 and db.moved_instances() == [("1.2.3", "1.1")]
 
 
 def test_a_correction_starts_an_identity_epoch_once_and_withdraws_what_the_old_one_queued(db: Database) -> None:
