@@ -143,9 +143,10 @@ def vertebra_seen(all_names: Iterable[str | Path], meta: dict[str, Any]) -> list
 
 def hardware_seen(all_names: Iterable[str | Path], meta: dict[str, Any] | None = None) -> list[str | Path]:
     """Films the hardware model trained or was tuned on: its train and val splits (its cache draws from train).
-    A hardware fine-tune needs no `lineage`: the trainer holds it to the scheme of the model folder it starts from
-    (`inference.train.common.split_scheme`) and its cache to that scheme's train films, so what its base saw
-    is in these splits too."""
+    A hardware fine-tune from a model whose model.json describes its weights needs no `lineage`: the trainer
+    holds it to that model's scheme (`inference.train.common.split_scheme`) and its cache to that scheme's train
+    films, so what its base saw is in these splits too.  From weights no model.json describes, what they saw is
+    not known (the trainer warns; leave-one-patient-out refuses such a model)."""
     return [n for n in all_names if hardware_split(n, meta) in ("train", "val")]
 
 

@@ -1325,7 +1325,8 @@ def _fine_tune_lines(tr: dict[str, Any]) -> list[str]:
         bt = base.get("training") or {}
         how = (f", itself trained by `{bt['command']}`: {bt.get('iterations')} iterations in {bt.get('wall_minutes')} min ({bt.get('stop')})"
                if bt.get("command") else " (its training is not recorded)")
-        lines += [f"Fine-tuned from version {base.get('version')} (`{base.get('weights')}`){how}.", ""]
+        start = f"version {base['version']}" if base.get("version") else "weights no model.json describes"
+        lines += [f"Fine-tuned from {start} (`{base.get('weights')}`){how}.", ""]
     hard = tr.get("hard_negatives") or {}
     if hard:
         mined = ", ".join(f"{h['hard']} of {h['of']} at iteration {h['iteration']}" for h in hard.get("mined", []))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inference.registry import sha256_file
 from inference.splits import TRAINING_SCHEME, scheme_of
 
 log = logging.getLogger("inference.train")
@@ -86,7 +87,8 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
 def split_scheme(requested: str | None, *, work: Path, fresh: bool, init_weights: Path | None, legacy: str) -> str:
     """The real films' split scheme of a training run (`inference.splits`): the scheme of what the run
-    continues (its checkpoint in `work`, resumed or re-tuned; else the model folder `init_weights` lies in),
+    continues (its checkpoint in `work`, resumed or re-tuned; else the model whose model.json describes
+    `init_weights`),
     else `requested`, else `TRAINING_SCHEME`.  `legacy`: the scheme of a checkpoint or model that names none.
     Continuing under another scheme than the one asked for stops the run: what it continues learnt from films
     the asked scheme holds out, and its evaluation would call them unseen."""
@@ -95,8 +97,9 @@ def split_scheme(requested: str | None, *, work: Path, fresh: bool, init_weights
     if not fresh and checkpoint.is_file():
         fixed = torch.load(checkpoint, map_location="cpu", weights_only=False).get("split_scheme", legacy)
         what = f"the checkpoint in {work}"
-    elif init_weights is not None and (init_weights.parent / "model.json").is_file():
-        fixed = scheme_of(json.loads((init_weights.parent / "model.json").read_text()), legacy)
+    elif init_weights is not None and (meta := describing_meta(init_weights)) is not None:
+        # (Weights no model.json describes leave the scheme free: the trainers warn that their films are unknown.)
+        fixed = scheme_of(meta, legacy)
         what = f"the model of {init_weights}"
     if fixed is not None and requested is not None and requested != fixed:
         raise SystemExit(f"{what} was trained with split scheme {fixed}, not {requested}: pass --split-scheme"
@@ -104,15 +107,24 @@ def split_scheme(requested: str | None, *, work: Path, fresh: bool, init_weights
     return fixed or requested or TRAINING_SCHEME
 
 
+def describing_meta(weights: Path, sha256: str | None = None) -> dict[str, Any] | None:
+    """The model.json beside `weights` if it describes that file (same sha256; `sha256`: its digest, when known
+    already), else None (a checkpoint, a bare state dict, weights copied over another model's folder)."""
+    meta_path = weights.parent / "model.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("sha256") != (sha256 or sha256_file(weights)):
+        return None
+    return meta
+
+
 def init_model_record(init_weights: Path, sha256: str) -> dict[str, Any] | None:
     """The record (name, version, training) of the model whose weights file `init_weights` (digest `sha256`) is,
     read before a fine-tune may overwrite its folder; None for a checkpoint, or a file its folder's model.json
     does not describe or describes without a training record."""
-    meta_path = init_weights.parent / "model.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("sha256") != sha256 or not meta.get("training"):
+    meta = describing_meta(init_weights, sha256)
+    if meta is None or not meta.get("training"):
         return None
     return {key: meta.get(key) for key in ("name", "version", "training")}
 

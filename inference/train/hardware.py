@@ -206,12 +206,12 @@ def read_init_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     known of its training (the folder's model.json record, when it describes these weights: same sha256)."""
     state = network.read_stages(str(path))["segmentation"]
     record: dict[str, Any] = {"weights": str(path), "sha256": sha256_file(path)}
-    meta_file = path.parent / "model.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta and meta.get("sha256") != record["sha256"]:
-        # Weights copied over a model folder, or a record left from another run: its training is not theirs.
-        log.warning("%s does not describe %s (other sha256): the start's training is not recorded", meta_file, path)
-    elif meta:
+    # Weights copied over a model folder, or a record left from another run: its training is not theirs.
+    meta = common.describing_meta(path, record["sha256"])
+    if meta is None:
+        log.warning("no model.json describes %s (none beside it, or another sha256): the start's training is not"
+                    " recorded", path)
+    else:
         training = meta.get("training", {})
         record["version"] = meta.get("version")
         keep = ("command", "iterations", "stop", "wall_minutes", "mix", "disc_classifier", "base_training")

@@ -6,9 +6,10 @@
 * Real AP radiographs (`inference.train.cadma`, train split only) supervise what their boxes know (see
   `inference.train.targets`); synthetic samples from the data engine's cache (``--cache``, .npz shards
   from ``python -m inference.synth.build``) supervise everything, AP and lateral.  Each batch is half real,
-  half synthetic (``--synth-fraction``).  With ``--negative-fraction`` part of the real share is structureless
-  images (noise, mottle, gradients, stripes: `inference.synth.negatives`) with nothing to find; measured as a
-  fine-tune with a quarter, not part of the shipped recipe (`inference/evaluate/vertebrae_notes.md`).
+  half synthetic (``--synth-fraction``).  With ``--negative-fraction`` part of the batch is structureless
+  images (noise, mottle, gradients, stripes: `inference.synth.negatives`) with nothing to find, taken from the
+  real share or (``--negatives-from synthetic``) the synthetic one; measured as fine-tunes with a quarter, not in
+  the ``make train-vertebrae`` recipe (`inference/evaluate/vertebrae_notes.md`).
 * Every image goes through the same `inference.radiograph.preprocess.prepare` the node uses.
 * The checkpoint kept is the one with the best validation score: centroid-in-box F1 on the REAL val
   split (with 24 structureless images whose every vertebra is a false positive, when the run trains on them) plus 0.5 x body/sacrum Dice on held-out synthetic samples.
@@ -567,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     if not real_train:
         n_synth = args.batch
     n_real = args.batch - n_synth
-    n_real, n_synth = split_batch(n_real, n_synth, n_negative, args.negatives_from)
+    try:
+        n_real, n_synth = split_batch(n_real, n_synth, n_negative, args.negatives_from)
+    except ValueError as exc:
+        ap.error(str(exc))
     log.info("network: %d parameters; batch %d real + %d synthetic + %d structureless", n_params, n_real, n_synth, n_negative)
 
     def draw(pool: list, count: int) -> list:

@@ -98,6 +98,7 @@ def test_a_run_keeps_the_split_of_what_it_continues(tmp_path) -> None:
     import pytest
     import torch
 
+    from inference.registry import sha256_file
     from inference.train import common
 
     work = tmp_path / "work"
@@ -114,9 +115,14 @@ def test_a_run_keeps_the_split_of_what_it_continues(tmp_path) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "weights.pt").write_bytes(b"")
-    (folder / "model.json").write_text(json.dumps({"training": {"data": {"real": {"split_scheme": "real-v1"}}}}))
+    meta = {"sha256": sha256_file(folder / "weights.pt"), "training": {"data": {"real": {"split_scheme": "real-v1"}}}}
+    (folder / "model.json").write_text(json.dumps(meta))
     assert common.split_scheme(None, work=tmp_path / "new", fresh=False, init_weights=folder / "weights.pt",
                                legacy="cadma-v1") == "real-v1"
+    # Weights copied over that folder: its model.json is another model's, and holds the run to nothing.
+    (folder / "weights.pt").write_bytes(b"other weights")
+    assert common.split_scheme("patient-v2", work=tmp_path / "new", fresh=False, init_weights=folder / "weights.pt",
+                               legacy="cadma-v1") == "patient-v2"
 
 
 def test_a_cache_drawing_on_another_splits_films_is_refused(tmp_path) -> None:

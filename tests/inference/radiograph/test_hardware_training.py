@@ -63,7 +63,7 @@ def test_a_model_json_describing_other_weights_gives_the_start_no_training_recor
                                                      "training": {"command": "python -m x"}}))
     _, record = read_init_weights(tmp_path / "weights.pt")
     assert "version" not in record and "training" not in record
-    assert "does not describe" in caplog.text
+    assert "no model.json describes" in caplog.text
     with pytest.raises(ValueError, match="not recorded"):
         training_stages({"command": "python -m inference.train.hardware --init-weights w", "base_training": record})
 
