@@ -244,18 +244,18 @@ def test_two_associations_sending_one_instance_under_two_studies_leave_every_rec
     real, other, results = scp.db.record_instance, [], []
     reached, moved_in = threading.Event(), threading.Event()
 
-    def record_then_race(rec):  # noqa: ANN001, ANN202
+    def record_then_race(rec, moves=None):  # noqa: ANN001, ANN202
         if other:  # the second C-STORE: it got this far (before, it did while the move was still unrecorded)
             reached.set()
             moved_in.wait(30)
-            return real(rec)
+            return real(rec, moves)
         # The move is about to be recorded: the same instance arrives under its first study again, and is given
         # the time to reach its own recording (it cannot while the move holds the instance: then this waits out).
         other.append(threading.Thread(target=lambda: results.append(_store(scp.port, pydicom.dcmread(x)).Status)))
         other[0].start()
         reached.wait(3)
         try:
-            return real(rec)
+            return real(rec, moves)
         finally:
             moved_in.set()
 
