@@ -26,6 +26,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -198,13 +199,16 @@ def load_synth(cache: Path, sources: set[str] | None, limit: int | None, min_vis
     return items, dropped
 
 
-def render_item(item: RealItem | SynthItem, sacrum_hint: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image, target, weight) on the network grid."""
+def render_item(item: RealItem | SynthItem, sacrum_hint: bool,
+                structureless_channels: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, target, weight) on the network grid; a structureless image supervises `structureless_channels`
+    (None: all) with its all-zero targets."""
     image = item.image.astype(np.float32)
     if isinstance(item, RealItem):
         t, w = targets.real_targets(image.shape, item.boxes, sacrum_hint=sacrum_hint)
         if item.structureless:
-            w = np.ones_like(w)
+            w = np.zeros_like(w)
+            w[list(range(len(w)) if structureless_channels is None else structureless_channels)] = 1.0
     else:
         t, w = targets.synth_targets(item.body, item.vertebra, item.centres, item.ignored)
     return image, t, w
@@ -449,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negatives-from", choices=("real", "synthetic"), default="real",
                     help="which share of the batch gives up its places to structureless images first (the other "
                          "gives the rest): 'synthetic' keeps the real films a fine-tune learns boxes from")
+    ap.add_argument("--structureless-channels", default="",
+                    help="comma list of the output channels structureless images supervise (default all: "
+                         f"{','.join(network.CHANNELS)}); e.g. 'centre,sacrum' teaches 'no vertebra here' through the "
+                         "peaks alone and leaves the body outlines to the films that have them")
     ap.add_argument("--l5-weight", type=float, default=L5_LOSS_WEIGHT,
                     help="weight of the L5 heatmap's loss; 0 leaves that channel untrained. A four-channel model's L5"
                          " channel starts as a copy of its centre channel, a peak on every vertebra: its first loss"
@@ -471,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     switches_from = common.switches_source(args.switches_from, args.out, MODEL_NAME)
     if not 0.0 <= args.negative_fraction < 1.0:
         ap.error("--negative-fraction must be in [0, 1)")
+    unknown = sorted(set(filter(None, args.structureless_channels.split(","))) - set(network.CHANNELS))
+    if unknown:
+        ap.error(f"--structureless-channels: no channel {', '.join(unknown)} (channels: {', '.join(network.CHANNELS)})")
+    structureless_channels = ([network.CHANNELS.index(c) for c in args.structureless_channels.split(",") if c]
+                              if args.structureless_channels else None)
     if args.l5_weight < 0:
         ap.error("--l5-weight must be >= 0")
     n_negative = int(round(args.batch * args.negative_fraction))
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         items = draw(real_train, n_real) + draw_synth(n_synth) + draw(negative_train, n_negative)
         xs, ts, ws = [], [], []
         for item in items:
-            image, t, w = render_item(item, sacrum_hint)
+            image, t, w = render_item(item, sacrum_hint, structureless_channels)
             x, t2, w2 = common.augment(image, t, w, rng, aug, item.anchors)
             xs.append(x)
             ts.append(t2)
@@ -655,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": step,
         "stop": stop_reason,
         "batch": {"real": n_real, "synthetic": n_synth, "structureless": n_negative,
-                  **({"structureless_from": args.negatives_from} if n_negative else {})},
+                  **({"structureless_from": args.negatives_from,
+                      "structureless_channels": args.structureless_channels or "all"} if n_negative else {})},
         "l5_weight": args.l5_weight,
         "wall_minutes": round(clock.elapsed / 60, 1),
         "threads": args.threads,

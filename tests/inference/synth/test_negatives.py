@@ -49,6 +49,9 @@ def test_the_trainer_gives_a_structureless_image_no_vertebra_to_find() -> None:
     # A real film without boxes says nothing about its sacrum: that channel stays unknown there.
     _, _, real_weight = render_item(replace(item, structureless=False), sacrum_hint=True)
     assert real_weight[SACRUM].max() == 0.0 and all(real_weight[ch].min() == 1.0 for ch in (BODY, VERTEBRA, CENTRE))
+    # `--structureless-channels centre,sacrum`: the outlines are left to the films that have them.
+    _, _, some = render_item(item, sacrum_hint=True, structureless_channels=[CENTRE, SACRUM])
+    assert some[CENTRE].min() == some[SACRUM].min() == 1.0 and some[BODY].max() == some[VERTEBRA].max() == 0.0
 
 
 def test_the_evaluation_counts_the_vertebrae_found_per_kind() -> None:
