@@ -1091,10 +1091,22 @@ class Database:
             (study_instance_uid,) if study_instance_uid else (),
         )
 
-    def answer_superseded(self, delivery_ids: Sequence[int], note_sop_instance_uid: str = "") -> None:
-        """Record that `delivery_ids` were answered: by the rejection note with this UID, or ("") a warning."""
+    def answer_superseded(self, delivery_ids: Sequence[int], note_sop_instance_uid: str = "", *,
+                          left: str = "", outcome: str = "ok") -> None:
+        """Record that `delivery_ids` were answered: by the rejection note with this UID, or ("") a warning,
+        audited per output (action 'superseded', detail `left`: why it stays at its destination; `outcome`
+        'failed' where a note was wanted) so the study's log shows it, not only the node's."""
+        now = time.time()
         with self.tx() as db:
             _mark_answered(db.execute, delivery_ids, note_sop_instance_uid)
+            if note_sop_instance_uid:
+                return
+            for delivery_id in delivery_ids:
+                db.execute(
+                    "INSERT INTO audit_events (at, kind, action, actor, destination, study_instance_uid, target,"
+                    " outcome, detail) SELECT ?, 'delivery', 'superseded', 'node', destination, study_instance_uid,"
+                    " output_sop_instance_uid, ?, ? FROM deliveries WHERE id = ?",
+                    (now, outcome, left or None, delivery_id))
 
     def record_rejection_note(self, job_id: int, output: dict[str, Any], destination: str,
                               answers: Sequence[int]) -> bool:

@@ -814,6 +814,10 @@ def test_outputs_that_make_no_valid_rejection_note_are_warned_about_once_not_ret
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "they make no valid note" in warnings[0]
     assert db.one("SELECT count(*) AS n FROM outputs WHERE kind = 'kos'")["n"] == 0
+    # The study's log says so too (an operator reads that, not the node's log).
+    event = db.one("SELECT * FROM audit_events WHERE action = 'superseded'")
+    assert (event["study_instance_uid"], event["destination"], event["outcome"]) == ("1.2.3", "pacs", "failed")
+    assert "no rejection note can list it: it stays at pacs" in event["detail"]
 
 
 def test_a_moved_instances_old_copy_left_by_a_stop_is_removed_at_the_next_start(db: Database, tmp_path: Path) -> None:
