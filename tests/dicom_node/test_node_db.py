@@ -7,10 +7,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from dicom_node.db import MAX_INTERRUPTED_ANALYSES, MIGRATIONS, Database, InstanceRecord
+
+if TYPE_CHECKING:
+    from dicom_node.pipeline import Pipeline
 
 
 @pytest.fixture
@@ -725,21 +729,15 @@ def test_a_correction_after_the_epoch_made_outputs_starts_another_and_variants_b
     assert db.identity_epoch("1.2.3") == 2
 
 
-def test_a_rejection_note_that_cannot_be_written_waits_as_a_study_does(
-        db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A full disk made every 2-s pipeline pass try the note again and log an ERROR: thousands of lines an
-    hour onto the disk that is full. It now waits STRANDED_RETRY_S, like a study's outputs."""
-    import logging
-
+def _delivered_then_corrected(db: Database, tmp_path: Path) -> Pipeline:
+    """A pipeline (no analyser) over a study whose one output went to 'pacs' (a destination taking rejection
+    notes) before the sender corrected the patient identity: one delivery to answer."""
     from nodekit import make_study
 
-    from dicom_node.db import STRANDED_RETRY_S
-    from dicom_node.errors import StorageError
     from dicom_node.pipeline import Pipeline
     from dicom_node.settings import validate
     from dicom_node.storage import Store
 
-    caplog.set_level(logging.INFO, logger="dicom_node")
     delivered = make_study(tmp_path / "out", "delivered")[0]  # stands for an output the node sent
     db.record_instance(_identified("1.1", "A"))
     _analysed(db, "1.2.3", ["1.1"], 0)
@@ -751,8 +749,21 @@ def test_a_rejection_note_that_cannot_be_written_waits_as_a_study_does(
     db.record_instance(_identified("1.1", "B"))
     settings = validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
                                            "reject_superseded": True}]})
-    store = Store(tmp_path / "data")
-    pipeline = Pipeline(settings, db, store, None)  # type: ignore[arg-type]
+    return Pipeline(settings, db, Store(tmp_path / "data"), None)  # type: ignore[arg-type]
+
+
+def test_a_rejection_note_that_cannot_be_written_waits_as_a_study_does(
+        db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk made every 2-s pipeline pass try the note again and log an ERROR: thousands of lines an
+    hour onto the disk that is full. It now waits STRANDED_RETRY_S, like a study's outputs."""
+    import logging
+
+    from dicom_node.db import STRANDED_RETRY_S
+    from dicom_node.errors import StorageError
+
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    pipeline = _delivered_then_corrected(db, tmp_path)
+    store = pipeline.store
     now = [1000.0]
     pipeline.clock = lambda: now[0]
 
@@ -782,26 +793,10 @@ def test_outputs_that_make_no_valid_rejection_note_are_warned_about_once_not_ret
     they stay at the destination."""
     import logging
 
-    from nodekit import make_study
-
     import reports.kos
-    from dicom_node.pipeline import Pipeline
-    from dicom_node.settings import validate
-    from dicom_node.storage import Store
 
     caplog.set_level(logging.INFO, logger="dicom_node")
-    delivered = make_study(tmp_path / "out", "delivered")[0]
-    db.record_instance(_identified("1.1", "A"))
-    _analysed(db, "1.2.3", ["1.1"], 0)
-    with db.tx() as tx:
-        tx.execute("UPDATE outputs SET path = ?", (str(delivered),))
-    delivery = db.one("SELECT id FROM deliveries")["id"]
-    db.mark_sending([delivery])
-    db.mark_delivered(delivery, 0)
-    db.record_instance(_identified("1.1", "B"))
-    settings = validate({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
-                                           "reject_superseded": True}]})
-    pipeline = Pipeline(settings, db, Store(tmp_path / "data"), None)  # type: ignore[arg-type]
+    pipeline = _delivered_then_corrected(db, tmp_path)
 
     def refused(*_: object, **__: object) -> None:
         raise ValueError("Evidence of a KOS must be in one study")
