@@ -409,12 +409,11 @@ class Pipeline:
                             " correction moves or deletes them%s", study, len(unlisted), name,
                             " (no rejection note can list them: their files are gone or unreadable, or they make no"
                             " valid note)" if rejecting else "")
+                why = "no rejection note can list it" if rejecting else "this destination takes no rejection notes"
                 self.db.answer_superseded(
                     [row["id"] for row in unlisted], outcome="failed" if rejecting else "ok",
-                    left=("superseded (the sender corrected the patient identity or moved an image out); no rejection"
-                          " note can list it" if rejecting else "superseded (the sender corrected the patient identity"
-                          " or moved an image out); this destination takes no rejection notes")
-                    + f": it stays at {name} until that PACS's correction moves or deletes it")
+                    left=f"superseded (the sender corrected the patient identity or moved an image out); {why}: it"
+                         f" stays at {name} until that PACS's correction moves or deletes it")
                 answered += len(unlisted)
         return answered
 
