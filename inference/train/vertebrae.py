@@ -479,11 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     switches_from = common.switches_source(args.switches_from, args.out, MODEL_NAME)
     if not 0.0 <= args.negative_fraction < 1.0:
         ap.error("--negative-fraction must be in [0, 1)")
-    unknown = sorted(set(filter(None, args.structureless_channels.split(","))) - set(network.CHANNELS))
-    if unknown:
+    chosen = [c for c in args.structureless_channels.split(",") if c]
+    if unknown := sorted(set(chosen) - set(network.CHANNELS)):
         ap.error(f"--structureless-channels: no channel {', '.join(unknown)} (channels: {', '.join(network.CHANNELS)})")
-    structureless_channels = ([network.CHANNELS.index(c) for c in args.structureless_channels.split(",") if c]
-                              if args.structureless_channels else None)
+    structureless_channels = [network.CHANNELS.index(c) for c in chosen] if chosen else None
     if args.l5_weight < 0:
         ap.error("--l5-weight must be >= 0")
     n_negative = int(round(args.batch * args.negative_fraction))
