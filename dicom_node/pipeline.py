@@ -226,6 +226,10 @@ class Pipeline:
         # A rejection note that could not be written (a full disk) waits STRANDED_RETRY_S, as a study's outputs
         # do, instead of being tried (and logged) at every 2-s pipeline pass: (study, destination) -> when.
         self._notes_due: dict[tuple[str, str], float] = {}
+        # A study's outputs that could not be written pause every study's analysis for STRANDED_RETRY_S: the disk
+        # is the node's, and analysing the rest (seconds each) only to fail the same write again would keep the
+        # CPU busy for nothing and log an error per study.  Until then, `process_pending` does nothing.
+        self._disk_wait_until = 0.0
         self.clock: Callable[[], float] = time.monotonic
 
     def producer(self) -> Any:
@@ -240,15 +244,19 @@ class Pipeline:
     def process_pending(self, limit: int = 50) -> int:
         """Process complete studies (oldest first); returns how many were processed (none while the models
         are still loading: see `Analyser.ready`)."""
-        if not self.analyser.ready.is_set():
+        if not self.analyser.ready.is_set() or self.clock() < self._disk_wait_until:
             return 0
         # The pipeline job runs alone: a study `analysing` now is one a failed write left behind.
         if released := self.db.release_stranded_studies(time.time() - STRANDED_RETRY_S):
             log.info("%d study(ies) left analysing by a failed write taken up again", released)
         n = 0
         for uid in self.db.complete_studies(limit):
-            # A study left waiting for the disk is not progress: counting it would run the next pass at once.
-            if self.process_study(uid) not in (None, ANALYSING):
+            state = self.process_study(uid)
+            if state == ANALYSING:
+                # Left waiting for the disk (not progress: counting it would run the next pass at once); the
+                # studies after it wait with it, in the order they came.
+                break
+            if state is not None:
                 n += 1
         return n
 
@@ -284,8 +292,10 @@ class Pipeline:
                     # The outputs could not be written (a full or read-only disk): not the study's fault. It
                     # stays claimed, and `process_pending` takes it up again after STRANDED_RETRY_S.
                     reason = f"{WAITING_PREFIX}{name}: {exc}"
-                    log.warning("study %s: %s (again in %.0f s)", study_uid, reason, STRANDED_RETRY_S)
+                    log.warning("study %s: %s (again in %.0f s; the studies after it wait too)", study_uid, reason,
+                                STRANDED_RETRY_S)
                     self.db.note_study(study_uid, reason)
+                    self._disk_wait_until = self.clock() + STRANDED_RETRY_S
                     return ANALYSING
                 except PipelineError as exc:
                     failures.append(f"{name}: {exc}")

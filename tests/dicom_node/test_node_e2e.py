@@ -669,7 +669,8 @@ def test_no_study_is_claimed_while_the_models_load(node_factory, tmp_path: Path)
 def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_factory, orthanc: Orthanc,
                                                                            tmp_path: Path, monkeypatch) -> None:
     """A full disk while the outputs are written is not the study's fault: it waits (with the reason in
-    status) and is taken up again, instead of failing for good."""
+    status) and is taken up again, instead of failing for good.  The studies after it wait with it rather than
+    each being analysed only to fail the same write."""
     from dicom_node import pipeline
     from dicom_node.errors import StorageError
 
@@ -691,9 +692,16 @@ def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_
     wait_for(lambda: "waiting to retry" in (node.db.study(study_uid)["reason"] or ""), 30, what="study waiting")
     assert node.db.study(study_uid)["state"] == "analysing"
     assert "No space left on device" in node.db.study(study_uid)["reason"]
+    later = make_study(tmp_path / "in2", "diskfull2", images=1)
+    later_uid = str(pydicom.dcmread(later[0]).StudyInstanceUID)
+    storescu(later, node.scp.port)
+    wait_for(lambda: node.db.study(later_uid) is not None, 30, what="second study received")
+    # One study at a time is tried against the full disk (each retry may pick either), never both at once.
+    assert stays(lambda: len(node.db.query("SELECT 1 FROM studies WHERE state = 'analysing'")) <= 1, 2.0)
     disk_full.clear()
-    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="study delivered once there is room")
-    assert node.db.study(study_uid)["reason"] is None
+    wait_for(lambda: all(node.db.study(u)["state"] == "delivered" for u in (study_uid, later_uid)), 60,
+             what="both studies delivered once there is room")
+    assert node.db.study(study_uid)["reason"] is None and node.db.study(later_uid)["reason"] is None
 
 
 def test_stopping_aborts_an_idle_sender_and_a_stalled_delivery_instead_of_waiting_out_their_timeouts(
