@@ -254,6 +254,12 @@ def superimposed_screw_counts(pred: Sequence[np.ndarray], true: Sequence[np.ndar
 CAGE_CENTRE_MM = 10.0
 
 
+#: Pixel sizes (mm at the image, upper bound exclusive) the cage rows are also given by: the disc-space classifier
+#: reads 0.5 mm patches, and a cage drawn onto a coarse film (a whole-spine 416 px export) is a few blurred pixels.
+PIXEL_SIZE_BINS: tuple[tuple[float, float, str], ...] = (
+    (0.0, 1.0, "finer than 1 mm"), (1.0, 1.5, "1 to 1.5 mm"), (1.5, float("inf"), "1.5 mm or coarser"))
+
+
 def cage_match_px(sample: Any) -> float:
     """`CAGE_CENTRE_MM` in the sample's pixels: how far a reported cage may lie from a true one's centre."""
     return CAGE_CENTRE_MM / sample.mm_per_pixel
@@ -454,6 +460,7 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
     rec["discs"] = (len(true_discs & pred_discs), len(pred_discs - true_discs), len(true_discs - pred_discs))
     rec["cages_by_centre"] = cage_centre_counts(outcome, truth, sample)
     rec["cage_discs"] = cage_disc_counts(outcome, truth, sample)
+    rec["mm_per_pixel"] = float(sample.mm_per_pixel)
     if vertebra_model is not None and truth:
         rec["end_to_end"] = end_to_end_levels(model, vertebra_model, sample, rad, source, truth)
     return rec
@@ -538,6 +545,17 @@ def summed_counts(counts: Iterable[Sequence[int]]) -> dict[str, float] | None:
     return total.as_dict() if total.tp + total.fp + total.fn else None
 
 
+def counts_by_pixel_size(records: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
+    """The records' `key` (tp, fp, fn) triples summed per `PIXEL_SIZE_BINS` bin of their image's pixel size (bins
+    holding nothing are left out)."""
+    out = {}
+    for low, high, name in PIXEL_SIZE_BINS:
+        if row := summed_counts([r[key] for r in records
+                                 if r.get(key) is not None and low <= r.get("mm_per_pixel", -1.0) < high]):
+            out[name] = row
+    return out
+
+
 def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
     """Pooled metrics of a test set."""
     out: dict[str, Any] = {"set": label, "samples": len(records)}
@@ -620,6 +638,9 @@ def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
             by_view[view] = row
     if len(by_view) > 1:
         out["cage_discs_vertebra_model_by_view"] = by_view
+    # By pixel size, with the true vertebrae: what the classifier sees, apart from the vertebra model's misses.
+    if len(by_size := counts_by_pixel_size(records, "cage_discs")) > 1:
+        out["cage_discs_by_pixel_size"] = by_size
     sides = [(s["true_side"], s["side"]) for r in records if r["view"] != "LAT" for s in r["screws"]]
     sides += [p for r in records if r["view"] != "LAT" for p in r.get("rod_sides", [])]
     sides = [(t, p) for t, p in sides if t in ("left", "right")]
@@ -1200,6 +1221,9 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
             out.append(f"| disc space with cages (a PLIF pair is one) found within {CAGE_CENTRE_MM:g} mm of its cages' centre, {whose}: "
                        f"precision / recall / F1 (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / "
                        f"{value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
+    for size, cv in (s.get("cage_discs_by_pixel_size") or {}).items():
+        out.append(f"| &nbsp;&nbsp;true vertebrae, images at {size} per pixel (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | "
+                   f"{value_text(cv.get('precision'))} / {value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
     for view, cv in (s.get("cage_discs_vertebra_model_by_view") or {}).items():
         out.append(f"| &nbsp;&nbsp;of which {view} views (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / "
                    f"{value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
@@ -1357,6 +1381,13 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
                     if second.get("cage_discs_vertebra_model") else "")
     lateral_groups = (f" per screw at IoU 0.3, which the superimposed left and right screws of a lateral defeat; counted per superimposed "
                       f"group {detection_text(syn['lateral_screws_superimposed'])}" if syn.get("lateral_screws_superimposed") else "")
+    sizes = real.get("cage_discs_by_pixel_size") or {}
+    cage_sizes = ("; with the true vertebrae, by the film's pixel size (worked out from its boxes): "
+                  + ", ".join(f"{size} recall {value_text(cv.get('recall'))} ({int(cv.get('tp', 0) + cv.get('fn', 0))} disc spaces)"
+                              for size, cv in sizes.items())
+                  + ": coarse films (whole-spine exports) lose most cages; a modality's own radiograph (0.1-0.2 mm per pixel) is"
+                  " finer than all of these, and none was measured"
+                  if sizes else "")
     unseen = m.get("real_unseen") or {}
     lines = [
         "## At a glance",
@@ -1373,7 +1404,7 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"{detection_text(syn['detection'].get('pedicle screw, AP'))}, lateral {detection_text(syn['detection'].get('pedicle screw, LAT'))}{lateral_groups}.",
         f"- Rods (reported as the pieces seen): real films {detection_text(real['detection'].get('rod'))}; synthetic {detection_text(syn['detection'].get('rod'))}.",
         f"- Interbody cages, by disc space, with the vertebra model's vertebrae as in the node: real films "
-        f"{detection_text(real.get('cage_discs_vertebra_model'))}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}{cage_views}. Synthetic images whose only "
+        f"{detection_text(real.get('cage_discs_vertebra_model'))}{cage_sizes}; synthetic {detection_text(syn.get('cage_discs_vertebra_model'))}{cage_views}. Synthetic images whose only "
         f"implants are cages or plates are answered \"no implants\" {value_text(only_cages.get('rate'), pct=True)} of the time ({only_cages.get('images')} images).{second_cages}",
         f"- Real radiographs without implants, as they are, answered \"no implants\": {value_text(plain.get('said_no_implants'), pct=True)} of "
         f"{plain.get('images')} (95 % interval {interval_text(plain.get('said_no_implants_ci95'), pct=True)}; the films with false pieces are listed below: "

@@ -104,6 +104,19 @@ def test_construct_size_baseline_flags_big_constructs() -> None:
     assert construct_size_baseline([], [1, 2]) == {}
 
 
+def test_cage_rows_by_pixel_size_bin_each_image_once() -> None:
+    from inference.evaluate.hardware import counts_by_pixel_size
+
+    records = [{"mm_per_pixel": 0.2, "cage_discs": (1, 0, 0)}, {"mm_per_pixel": 1.0, "cage_discs": (1, 1, 0)},
+               {"mm_per_pixel": 1.49, "cage_discs": (0, 0, 2)}, {"mm_per_pixel": 1.5, "cage_discs": (0, 0, 3)},
+               {"mm_per_pixel": 2.0, "cage_discs": (0, 0, 0)}, {"mm_per_pixel": 0.5, "cage_discs": None}]
+    rows = counts_by_pixel_size(records, "cage_discs")
+    assert list(rows) == ["finer than 1 mm", "1 to 1.5 mm", "1.5 mm or coarser"]
+    assert (rows["1 to 1.5 mm"]["tp"], rows["1 to 1.5 mm"]["fp"], rows["1 to 1.5 mm"]["fn"]) == (1, 1, 2)
+    assert rows["1.5 mm or coarser"]["recall"] == 0.0 and rows["finer than 1 mm"]["recall"] == 1.0
+    assert counts_by_pixel_size([{"mm_per_pixel": 2.0, "cage_discs": (0, 0, 0)}], "cage_discs") == {}
+
+
 def test_true_verdict_ignores_complications_the_model_does_not_assess() -> None:
     mask = np.zeros((4, 4), bool)
     loose = TrueImplant(1, ImplantKind.PEDICLE_SCREW, ("L4",), Side.LEFT, (Complication.SCREW_LOOSENING,), mask)
