@@ -44,7 +44,7 @@ def run(repeat: int = 3, threads: int = 2, model_root: str | None = None) -> lis
 
     from inference import analyses
     from inference.radiograph import network
-    from inference.radiograph.analysis import ImageWork, source_image
+    from inference.radiograph.analysis import ImageWork, SpineXrAnalysis, source_image
     from inference.radiograph.hardware import HardwareModel, interpret, prepare, vertebra_geometry
     from inference.radiograph.preprocess import decode
     from inference.registry import ModelRegistry
@@ -56,6 +56,7 @@ def run(repeat: int = 3, threads: int = 2, model_root: str | None = None) -> lis
 
     registry = ModelRegistry([BUILTIN_MODELS] + ([Path(model_root)] if model_root else []))
     analysis = analyses.create("spine-xr", registry)
+    assert isinstance(analysis, SpineXrAnalysis)  # its steps are timed one by one below
     if analysis.hardware_step is None:
         raise SystemExit("the hardware model (inference/models/spine-xr-hardware) is not installed")
     analysis.models()  # load once, as the node does at start-up

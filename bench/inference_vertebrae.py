@@ -59,7 +59,8 @@ def run(repeat: int = 3, threads: int = 2) -> list[dict[str, Any]]:
         ds = make_case(case, seed=100 + k)
         ds.pixel_array  # noqa: B018 - decode once outside the timing, like a stored instance read from disk
         analysis.run([ds])  # warm-up
-        total, vertebra, stages = [], [], {"decode": [], "preprocess": [], "network": [], "postprocess": []}
+        total, vertebra = [], []
+        stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "network": [], "postprocess": []}
         result = None
         for _ in range(repeat):
             ds2 = ds.copy()

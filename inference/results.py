@@ -447,7 +447,8 @@ class ImageResult:
 
     def __post_init__(self) -> None:
         expected = self.source.grid_shape
-        for item in (*self.vertebrae, *self.implants):
+        items: tuple[Vertebra | Implant, ...] = (*self.vertebrae, *self.implants)
+        for item in items:
             if tuple(item.mask.shape) != expected:
                 raise ValueError(
                     f"{item.display_name}: mask shape {item.mask.shape} does not match the source grid {expected}"

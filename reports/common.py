@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -390,8 +390,9 @@ def _unusable_window(source: Dataset) -> list[str]:
     return [] if usable else present
 
 
-def as_list(value: object) -> list[object]:
+def as_list(value: object) -> list[Any]:
     """The values of a possibly multi-valued element's value ([] when empty)."""
+    # Any, as pydicom types element values: callers check them at run time (float() in a try).
     if value is None or value == "":
         return []
     return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]

@@ -283,12 +283,12 @@ def ap_cr(scale: float = 1.0, *, seed: str = "reports-ap-cr", patient: Patient =
                             pixel_spacing_mm=spacing, photometric="MONOCHROME1")
     ds.WindowCenter, ds.WindowWidth = 2000, 3600
     vertebrae = tuple(_vertebra(b, grid, spacing) for b in bodies)
-    loose = next(i for i in implants if i.complications)
+    loose_screw = next(i for i in implants if i.complications)
     image_result = ImageResult(
         source=_source_image(ds, "AP"),
         vertebrae=vertebrae,
         implants=tuple(implants),
-        findings=(Finding(FindingKind.SCREW_LOOSENING, Severity.MODERATE, ("L4",), loose.outline,
+        findings=(Finding(FindingKind.SCREW_LOOSENING, Severity.MODERATE, ("L4",), loose_screw.outline,
                           "lucent halo around the left L4 screw", str(ds.SOPInstanceUID)),),
     )
     result = StudyResult(
@@ -344,7 +344,7 @@ def ct(*, seed: str = "reports-ct", slices: int = 24, size: int = 64, patient: P
         return Vertebra(level=level, mask=RegionMask.from_dense(mask), outline=(),
                         centroid=(float(col.mean()) + 0.5, float(r.mean()) + 0.5))
 
-    k, r, col = np.nonzero(screw)
+    _, r, col = np.nonzero(screw)
     implant = Implant(kind=ImplantKind.PEDICLE_SCREW, mask=RegionMask.from_dense(screw), outline=(),
                       centroid=(float(col.mean()) + 0.5, float(r.mean()) + 0.5), levels=("L4",), side=Side.LEFT,
                       assessed=FAILURE_MODES[ImplantKind.PEDICLE_SCREW])

@@ -15,7 +15,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from inference.results import ImageResult, StudyResult
-from reports import annotations, style
+from reports import annotations as graphics  # `annotations` is the __future__ feature name here
+from reports import style
 from reports.common import (
     CHARACTER_SET,
     DISCLAIMER,
@@ -43,7 +44,7 @@ _LAYER_TITLES = {
 
 
 def _layer_key(layer: str, colour: style.RGB) -> tuple[int, style.RGB]:
-    return annotations.LAYERS.index(layer), colour
+    return graphics.LAYERS.index(layer), colour
 
 
 def build_pr(
@@ -55,7 +56,7 @@ def build_pr(
     producer: Producer,
 ) -> Dataset | None:
     """The presentation state of one analysed image, or None when there is nothing to draw."""
-    drawings = [d for d in annotations.drawings(image) if d.shapes or d.labels]
+    drawings = [d for d in graphics.drawings(image) if d.shapes or d.labels]
     if not drawings:
         return None
     # One GSPS layer per (role, colour): GSPS has no per-object colour.
@@ -63,7 +64,7 @@ def build_pr(
                   | {_layer_key(t.layer, t.colour) for d in drawings for t in d.labels})
     layers: dict[tuple[int, style.RGB], hd.pr.GraphicLayer] = {}
     for order, key in enumerate(keys, start=1):
-        role = annotations.LAYERS[key[0]]
+        role = graphics.LAYERS[key[0]]
         layers[key] = hd.pr.GraphicLayer(
             layer_name=f"{role[:12]}_{order}",
             order=order,
@@ -97,7 +98,7 @@ def build_pr(
     for drawing in drawings:
         referenced = [sources[drawing.index]]
         for key, layer in layers.items():
-            role, colour = annotations.LAYERS[key[0]], key[1]
+            role, colour = graphics.LAYERS[key[0]], key[1]
             objects = [
                 hd.pr.GraphicObject(
                     graphic_type=hd.pr.GraphicTypeValues.POLYLINE,

@@ -64,7 +64,8 @@ def seg_overlay(seg: Dataset, sources: Sequence[Dataset]) -> Image.Image:
     if factor != 1.0:
         image = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(14, image.height // 40))
+    size = max(14, image.height // 40)  # the font's size (Pillow types load_default's font as size-less too)
+    font = ImageFont.load_default(size=size)
     left = 0
     for s, number in enumerate(numbers):
         rows, cols = np.nonzero(stacked[busiest, ..., s])
@@ -75,7 +76,7 @@ def seg_overlay(seg: Dataset, sources: Sequence[Dataset]) -> Image.Image:
         if description.segmented_property_category.meaning == "Anatomical Structure":
             xy, anchor = ((cols.max() + 1) * factor + 6, rows.mean() * factor), "lm"
         else:  # implants: left of their extent, stacked so classes sharing a region do not collide
-            xy, anchor = (cols.min() * factor - 6, rows.min() * factor + left * font.size * 1.3), "rt"
+            xy, anchor = (cols.min() * factor - 6, rows.min() * factor + left * size * 1.3), "rt"
             left += 1
         draw.text(xy, label, font=font, fill=(255, 255, 255), anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
     _caption(image, "DICOM-SEG decoded and overlaid (segment colours from the SEG)")
@@ -91,9 +92,10 @@ def _fit(image: Image.Image) -> Image.Image:
 
 def _caption(image: Image.Image, text: str) -> None:
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(12, image.height // 45))
-    draw.rectangle((0, 0, image.width, round(font.size * 1.6)), fill=(0, 0, 0))
-    draw.text((round(font.size * 0.4), round(font.size * 0.3)), text, font=font, fill=(255, 255, 255))
+    size = max(12, image.height // 45)  # the font's size (Pillow types load_default's font as size-less too)
+    font = ImageFont.load_default(size=size)
+    draw.rectangle((0, 0, image.width, round(size * 1.6)), fill=(0, 0, 0))
+    draw.text((round(size * 0.4), round(size * 0.3)), text, font=font, fill=(255, 255, 255))
 
 
 def render_case(case: examples.Case, out: Path) -> list[Path]:

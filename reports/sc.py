@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import highdicom as hd
 import numpy as np
@@ -24,7 +25,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import HTJ2K, JPEG2000, JPEG2000MC, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
 from inference.results import Complication, HardwareStatus, ImageResult, ImplantKind, RegionMask, StudyResult
-from reports import annotations, geometry, style
+from reports import annotations as graphics  # `annotations` is the __future__ feature name here
+from reports import geometry, style
 from reports.common import (
     DISCLAIMER,
     OutputKind,
@@ -148,14 +150,23 @@ class _Fonts:
     unit: float
 
 
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's built-in font at `size`."""
+    font = ImageFont.load_default(size=size)
+    # Given a size, load_default always loads the FreeType font (or raises); its annotation also allows the
+    # size-less bitmap fallback.
+    assert isinstance(font, ImageFont.FreeTypeFont)
+    return font
+
+
 def _fonts(image_height: int) -> _Fonts:
     unit = max(image_height, 500) / 100.0
     return _Fonts(
-        label=ImageFont.load_default(size=max(14, round(2.6 * unit))),
-        detail=ImageFont.load_default(size=max(12, round(1.9 * unit))),
-        body=ImageFont.load_default(size=max(12, round(1.9 * unit))),
-        small=ImageFont.load_default(size=max(11, round(1.5 * unit))),
-        verdict=ImageFont.load_default(size=max(16, round(5.2 * unit))),
+        label=_font(max(14, round(2.6 * unit))),
+        detail=_font(max(12, round(1.9 * unit))),
+        body=_font(max(12, round(1.9 * unit))),
+        small=_font(max(11, round(1.5 * unit))),
+        verdict=_font(max(16, round(5.2 * unit))),
         unit=unit,
     )
 
@@ -196,7 +207,7 @@ class _Line:
     gap_before: float = 0.0
 
 
-def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts, drawing: annotations.Drawing) -> list[_Line]:
+def _legend_lines(result: StudyResult, image: ImageResult, fonts: _Fonts, drawing: graphics.Drawing) -> list[_Line]:
     """The panel's lines; its key names only colours `drawing` uses."""
     verdict = result.verdict
     lines: list[_Line] = [
@@ -278,7 +289,7 @@ def _vertebrae_text(ordered: Sequence[style.Ordered]) -> str:
     return "Vertebrae: " + "; ".join(parts)
 
 
-def _draws_alert(drawing: annotations.Drawing) -> bool:
+def _draws_alert(drawing: graphics.Drawing) -> bool:
     """True when something on the image is drawn in the finding colour (the key explains only what is shown)."""
     return any(s.colour == style.ALERT_COLOUR for s in drawing.shapes) or any(
         lb.colour == style.ALERT_COLOUR for lb in drawing.labels)
@@ -297,7 +308,7 @@ def _stroke(font: ImageFont.FreeTypeFont) -> int:
     return max(1, round(font.size / 12))
 
 
-def _clear_of(draw: ImageDraw.ImageDraw, xy: tuple[float, float], label: annotations.Label, font: ImageFont.FreeTypeFont,
+def _clear_of(draw: ImageDraw.ImageDraw, xy: tuple[float, float], label: graphics.Label, font: ImageFont.FreeTypeFont,
               detail_font: ImageFont.FreeTypeFont, anchor: str, taken: list[tuple[float, float, float, float]],
               bounds: tuple[float, float]) -> float:
     """The row nearest `xy`'s at which `label` (and its detail line) overlaps no label drawn before it and stays
@@ -352,7 +363,7 @@ def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: I
 
 
 def _panel(result: StudyResult, image: ImageResult, fonts: _Fonts, width: int,
-           drawing: annotations.Drawing) -> tuple[list[tuple[_Line, list[str]]], int]:
+           drawing: graphics.Drawing) -> tuple[list[tuple[_Line, list[str]]], int]:
     pad = round(1.2 * fonts.unit)
     inner = width - 2 * pad
     laid: list[tuple[_Line, list[str]]] = []
@@ -396,10 +407,10 @@ def _draw_panel(draw: ImageDraw.ImageDraw, laid: list[tuple[_Line, list[str]]], 
 
 
 def _fit_font(text: str, width: int, size: int) -> ImageFont.FreeTypeFont:
-    font = ImageFont.load_default(size=size)
+    font = _font(size)
     while size > 10 and font.getlength(text.translate(_PLAIN)) > width:
         size = int(size * 0.9)
-        font = ImageFont.load_default(size=size)
+        font = _font(size)
     return font
 
 
@@ -408,7 +419,7 @@ class View:
     """What the capture shows: a grey image with square pixels and the drawing in its coordinates."""
 
     grey: np.ndarray
-    drawing: annotations.Drawing
+    drawing: graphics.Drawing
     #: PatientOrientation of the view (row and column directions), if known.
     orientation: tuple[str, str] | None
     #: Source instances the view is made of (SourceImageSequence).
@@ -443,7 +454,7 @@ def _sagittal_view(image: ImageResult, sources: Sequence[Dataset]) -> View:
     height = max(1, round(plane.shape[0] * stretch))
     grey = np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize(
         (plane.shape[1], height), Image.Resampling.BILINEAR))
-    drawing = annotations.Drawing(index=-1)
+    drawing = graphics.Drawing(index=-1)
 
     def outline(cut: np.ndarray) -> tuple[tuple[float, float], ...]:
         pts = geometry.mask_outline(RegionMask.from_dense(cut[order]))
@@ -456,26 +467,27 @@ def _sagittal_view(image: ImageResult, sources: Sequence[Dataset]) -> View:
             continue
         fractured = style.is_fractured(item.vertebra)
         colour = style.ALERT_COLOUR if fractured else style.vertebra_colour(item.vertebra)
-        drawing.shapes.append(annotations.Shape(pts, True, colour, "FINDINGS" if fractured else "VERTEBRAE", 2))
-        boxes.append(annotations.bbox(pts))
+        drawing.shapes.append(graphics.Shape(pts, True, colour, "FINDINGS" if fractured else "VERTEBRAE", 2))
+        boxes.append(graphics.bbox(pts))
     for implant in image.implants:
-        pts = outline(implant.mask.dense().any(axis=2))
+        # numpy's stub allows a scalar for any(axis=...), but a 3-D mask reduced over one axis is an array
+        pts = outline(cast(np.ndarray, implant.mask.dense().any(axis=2)))
         if len(pts) < 3:
             continue
         alert = bool(implant.complications)
-        drawing.shapes.append(annotations.Shape(pts, True, style.ALERT_COLOUR if alert else style.implant_colour(implant),
+        drawing.shapes.append(graphics.Shape(pts, True, style.ALERT_COLOUR if alert else style.implant_colour(implant),
                                                 "FINDINGS" if alert else "IMPLANTS", 2))
-        boxes.append(annotations.bbox(pts))
+        boxes.append(graphics.bbox(pts))
     gap = max(4.0, 0.02 * grey.shape[1])
     for item in style.ordered_vertebrae(image.vertebrae):
         pts = outline(item.vertebra.mask.dense()[:, :, column])
         if len(pts) < 3:
             continue
-        x0, y0, x1, y1 = annotations.bbox(pts)
+        x0, y0, x1, y1 = graphics.bbox(pts)
         edge = min([b[0] for b in boxes if b[1] < y1 and b[3] > y0] + [x0])  # anterior side: left
         fractured = style.is_fractured(item.vertebra)
         colour = style.ALERT_COLOUR if fractured else style.vertebra_colour(item.vertebra)
-        drawing.labels.append(annotations.Label(style.short_level(item.vertebra, item.ordinal),
+        drawing.labels.append(graphics.Label(style.short_level(item.vertebra, item.ordinal),
                                                 (edge - gap, (y0 + y1) / 2), colour, "LABELS", align="right",
                                                 emphasis=True, detail=style.fracture_text(item.vertebra)))
     iop = [float(v) for v in sources[0].ImageOrientationPatient]
@@ -492,20 +504,20 @@ def _letters(vector: Sequence[float]) -> str:
 def view_of(image: ImageResult, sources: Sequence[Dataset]) -> View:
     """The view a capture of `image` shows: the radiograph, a sagittal reformat, or the busiest slice."""
     if not image.source.is_volume:
-        return View(display_pixels(sources[0]), annotations.radiograph_drawing(image), patient_orientation(sources[0]),
+        return View(display_pixels(sources[0]), graphics.radiograph_drawing(image), patient_orientation(sources[0]),
                     [sources[0]])
     if _axial(sources):
         return _sagittal_view(image, sources)
-    drawings = annotations.volume_drawings(image)
+    drawings = graphics.volume_drawings(image)
     if drawings:
         drawing = max(drawings, key=lambda d: len(d.shapes))
     else:
-        drawing = annotations.Drawing(index=len(sources) // 2)
+        drawing = graphics.Drawing(index=len(sources) // 2)
     ds = sources[drawing.index]
     return View(display_pixels(ds), drawing, patient_orientation(ds), [ds], f"slice {drawing.index + 1} of {len(sources)}")
 
 
-def _on_image(x: float, label: annotations.Label, font: ImageFont.FreeTypeFont, detail_font: ImageFont.FreeTypeFont, width: int,
+def _on_image(x: float, label: graphics.Label, font: ImageFont.FreeTypeFont, detail_font: ImageFont.FreeTypeFont, width: int,
               margin: int) -> float:
     """The label's anchor x moved, if need be, so its text stays on the image (canvas x 0 .. `width`): a label
     right-aligned left of an implant near the left edge ran off the canvas, one left-aligned near the right
@@ -600,8 +612,9 @@ def build_sc(
 ) -> Dataset:
     """The annotated Secondary Capture of one analysed image."""
     rendering = render(result, image, sources)
+    assert rendering.view is not None  # render() always sets the view
     source = sources[0]
-    orientation = rendering.view.orientation if rendering.view else None
+    orientation = rendering.view.orientation
     sc = hd.sc.SCImage(
         pixel_array=rendering.pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
@@ -618,7 +631,8 @@ def build_sc(
         patient_orientation=orientation or ("L", "F"),
     )
     if orientation is None:
-        sc.PatientOrientation = None
+        # highdicom's constructor sets a list, so mypy infers list[str]; None is pydicom's empty value
+        sc.PatientOrientation = None  # type: ignore[assignment]
     apply_identity(sc, source)
     apply_equipment(sc, source, producer)
     apply_series(sc, OutputKind.SC)
@@ -632,7 +646,6 @@ def build_sc(
     sc.DerivationDescription = fit_lo(f"{DISCLAIMER}. Annotated by {producer.model_name} {producer.software_version}",
                                       1024)
     sc.ImageComments = fit_lo(f"{result.verdict.outcome.value}; {models_text(result.models)}", 10240)
-    assert rendering.view is not None
     sc.SourceImageSequence = DicomSequence([_image_reference(ds) for ds in rendering.view.sources])
     if rendering.view.caption:
         sc.DerivationDescription = fit_lo(f"{sc.DerivationDescription} ({rendering.view.caption})", 1024)

@@ -244,7 +244,8 @@ def build_seg(
         # highdicom describes the background as segment 0 (black). The standard does not require it, and
         # OHIF 3.13 takes segment colours by list position, so with it every label shows the colour of
         # the segment before it (L3 black, L4 in L3's colour ...). Pixels 0 stay background either way.
-        seg.SegmentSequence = DicomSequence([s for s in seg.SegmentSequence if s.SegmentNumber != 0])
+        # highdicom's constructor sets a list, so mypy infers list[SegmentDescription]; pydicom takes a Sequence too
+        seg.SegmentSequence = DicomSequence([s for s in seg.SegmentSequence if s.SegmentNumber != 0])  # type: ignore[assignment]
     source = sources[0]
     apply_identity(seg, source)
     apply_equipment(seg, source, producer)

@@ -62,6 +62,8 @@ from reports.common import (
 from reports.uids import derive_uid
 
 _REL = hd.sr.RelationshipTypeValues
+#: A TID 1500 measurement group of this report: with an image region (TID 1410) or without (TID 1501).
+_Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
 
 
 def _closed(points: Sequence[Point]) -> np.ndarray:
@@ -190,7 +192,7 @@ def _vertebra_group(regions: _Regions, item: style.Ordered, label: str,
     return group
 
 
-def _append(group: hd.sr.Template, item: Dataset) -> None:
+def _append(group: _Group, item: Dataset) -> None:
     group[0].ContentSequence.append(item)
 
 
@@ -243,25 +245,24 @@ def _finding_label(finding: Finding, ordinal: int) -> str:
 
 
 def _finding_group(regions: _Regions, finding: Finding, ordinal: int, result: StudyResult,
-                   algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Template:
+                   algorithm: hd.sr.AlgorithmIdentification) -> _Group:
     label = _finding_label(finding, ordinal)
     tracking = hd.sr.TrackingIdentifier(
         uid=derive_uid(result.study_instance_uid, "finding", label, *finding.levels), identifier=plain(label))
     evaluations = [hd.sr.QualitativeEvaluation(codes.SEVERITY, codes.severity_code(finding.severity))]
-    common = dict(
-        tracking_identifier=tracking,
-        finding_type=codes.finding_code(finding.kind),
-        finding_sites=_finding_sites(finding.levels),
-        algorithm_id=algorithm,
-        qualitative_evaluations=evaluations,
-    )
-    group: hd.sr.Template
+    finding_type = codes.finding_code(finding.kind)
+    finding_sites = _finding_sites(finding.levels)
+    group: _Group
     index = _evidence_index(regions, finding)
     if index is not None and len(finding.evidence) >= 3:
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_region=_image_region(regions, index, "POLYLINE", _closed(finding.evidence)), **common)
+            referenced_region=_image_region(regions, index, "POLYLINE", _closed(finding.evidence)),
+            tracking_identifier=tracking, finding_type=finding_type, finding_sites=finding_sites,
+            algorithm_id=algorithm, qualitative_evaluations=evaluations)
     else:
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(**common)
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, finding_type=finding_type, finding_sites=finding_sites,
+            algorithm_id=algorithm, qualitative_evaluations=evaluations)
     if finding.description:
         _append(group, hd.sr.TextContentItem(codes.COMMENT, fit_lo(finding.description, 1024), _REL.CONTAINS))
     return group
@@ -275,7 +276,7 @@ def _evidence_index(regions: _Regions, finding: Finding) -> int | None:
 
 
 def _measurement_group(regions: _Regions, measurement: Measurement,
-                       algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Template:
+                       algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     where = f" {style.level_text(measurement.levels)}" if measurement.levels else ""
     label = f"{measurement.kind.value}{where}"
     sop_class, sop_uid = regions.source_ref(0)
@@ -308,7 +309,7 @@ def _measurement_group(regions: _Regions, measurement: Measurement,
 def _study_evaluations(result: StudyResult) -> Dataset:
     """TID 1500 row 12: verdict, reasons, hardware, instrumentation, study findings, models."""
     container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_REL.CONTAINS)
-    items: list[Dataset] = []
+    items: list[hd.sr.ContentItem] = []
     verdict = result.verdict
     items.append(hd.sr.CodeContentItem(codes.OVERALL_ASSESSMENT, codes.outcome_code(verdict.outcome), _REL.CONTAINS))
     for reason in verdict.reasons:
@@ -363,7 +364,7 @@ def build_sr(
     """The study's TID 1500 report over `images` (each analysed image with its source datasets); with no
     image analysed, over the study's `evidence` (the verdict and its reasons, no measurement)."""
     algorithm = _algorithm(result)
-    groups: list[hd.sr.Template] = []
+    groups: list[_Group] = []
     ordinal = 0
     all_sources: list[Dataset] = []
     for image, sources in images:
@@ -432,7 +433,8 @@ def build_sr(
     apply_series(sr, OutputKind.SR)
     # A re-analysis of the same instances derives the same UID: a document is never its own predecessor.
     if predecessor is not None and predecessor.sop_instance_uid != sr.SOPInstanceUID:
-        sr.PredecessorDocumentsSequence = DicomSequence([_hierarchical_reference(predecessor)])
+        # highdicom's constructor sets a list, so mypy infers list[Dataset]; pydicom takes a Sequence as well
+        sr.PredecessorDocumentsSequence = DicomSequence([_hierarchical_reference(predecessor)])  # type: ignore[assignment]
     declare_private_scheme(sr)
     return sr
 
@@ -461,7 +463,7 @@ def _describes(ds: Dataset, keyword: str, n: int) -> bool:
     try:
         values = as_list(ds.get(keyword))
         if keyword != "PatientOrientation":
-            values = [v for v in values if np.isfinite(float(v))]  # type: ignore[arg-type]
+            values = [v for v in values if np.isfinite(float(v))]
     except (TypeError, ValueError):
         return False
     return len(values) == n and all(str(v).strip() for v in values)

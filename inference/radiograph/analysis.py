@@ -203,7 +203,8 @@ def chain_heights(
         across = p.frame.across if high else (-p.frame.across[0], -p.frame.across[1])
         frame = morphometry.BodyFrame(body.centroid, across, p.frame.axis)
         out[k] = morphometry.MeasuredHeights(
-            *(HeightMeasurement(*h[name]) for name in ("anterior", "middle", "posterior")), calibrated=spacing is not None, frame=frame
+            HeightMeasurement(*h["anterior"]), HeightMeasurement(*h["middle"]), HeightMeasurement(*h["posterior"]),
+            calibrated=spacing is not None, frame=frame,
         )
     return out
 

@@ -603,8 +603,8 @@ def assign_geometry(placed: list[SourcePiece], geoms: Sequence[VertebraGeom], vi
         xs = [sp.centroid[0] for sp in screws + rods]
         if len(xs) >= 2 and (max(xs) - min(xs)) * src_mm >= 20.0:
             ys = np.array([min(sp.centroid[1] for sp in placed), max(sp.centroid[1] for sp in placed) + 1.0])
-            mid = 0.5 * (max(xs) + min(xs))
-            midline = (ys, np.array([mid, mid]))
+            centre_x = 0.5 * (max(xs) + min(xs))
+            midline = (ys, np.array([centre_x, centre_x]))
     tol_px = 7.0 / max(src_mm, 1e-6)
     rank = {id(g): k for k, g in enumerate(sorted(geoms, key=lambda g: g.centroid[1]))}
     for sp in placed:

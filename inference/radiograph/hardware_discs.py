@@ -230,7 +230,8 @@ def load_disc_net(state: dict[str, Any], width: int = 16) -> torch.nn.Module:
 
     net = build_disc_net(width)
     net.load_state_dict(state)
-    return net.eval().to(memory_format=torch.channels_last)
+    # Module.to takes memory_format at run time (documented); torch's overloads leave it out
+    return net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def predict(net: torch.nn.Module, patches: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray:

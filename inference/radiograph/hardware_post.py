@@ -753,14 +753,16 @@ def disc_levels(centroid: Point, vertebrae: Sequence[VertebraGeom]) -> tuple[str
     upper = above[-1] if above else None
     lower = below[0] if below else None
     step = _local_step(named, y) if named else float("nan")
-    if upper is not None and lower is not None and level_index(lower.level) == level_index(upper.level) + 1:
+    # The `.level` tests never fail (`named` has only named vertebrae); they narrow `str | None` for mypy.
+    if (upper is not None and lower is not None and upper.level and lower.level
+            and level_index(lower.level) == level_index(upper.level) + 1):
         return (upper.level, lower.level)
     # One neighbour named and close: the other is the next level along the spine.
-    if upper is not None and np.isfinite(step) and y - upper.centroid[1] <= 0.9 * step:
+    if upper is not None and upper.level and np.isfinite(step) and y - upper.centroid[1] <= 0.9 * step:
         i = level_index(upper.level)
         if i + 1 < len(LEVELS):
             return (upper.level, LEVELS[i + 1])
-    if lower is not None and np.isfinite(step) and lower.centroid[1] - y <= 0.9 * step:
+    if lower is not None and lower.level and np.isfinite(step) and lower.centroid[1] - y <= 0.9 * step:
         i = level_index(lower.level)
         if i >= 1:
             return (LEVELS[i - 1], lower.level)

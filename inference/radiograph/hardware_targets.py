@@ -175,13 +175,13 @@ def make_item(sample: Any, net_spacing_mm: float | None = None) -> TargetItem:
             continue
         centres.append(((rr.mean() + 0.5) * scale[0], (cc.mean() + 0.5) * scale[1]))
     meta = sample.meta or {}
-    kind = "real-overlay" if meta.get("real_image") else ("phantom" if meta.get("source") == "phantom" else "drr")
+    image_kind = "real-overlay" if meta.get("real_image") else ("phantom" if meta.get("source") == "phantom" else "drr")
     return TargetItem(
         image=image.astype(np.float16),
         bits=bits,
         centres=np.array(centres, dtype=np.float32).reshape(-1, 2),
         view=str(sample.view),
-        kind=kind,
+        kind=image_kind,
         source=str(meta.get("source", "")),
         complications=tuple(sorted({c.value for s in specs for c in s.complications})),
         n_implants=len(specs),

@@ -67,6 +67,8 @@ def first_zoom(shape: tuple[int, int], spacing_mm: tuple[float, float] | None) -
 
 def is_long_field(shape: tuple[int, int], spacing_mm: tuple[float, float] | None) -> bool:
     """A field much taller than wide (canonical grid: the spine runs along the rows), in physical units when known."""
+    rows: float  # pixels, or mm when the spacing is known
+    cols: float
     rows, cols = shape
     if spacing_mm is not None:
         rows, cols = rows * spacing_mm[0], cols * spacing_mm[1]
@@ -235,7 +237,8 @@ class VertebraModel:
         not needed), then the second pass, if the model has one, at that zoom times its factor."""
         start = zoom = first_zoom(pixels.shape, spacing_mm)
         prob, scale = self.probabilities(pixels, spacing_mm, zoom)
-        det: SpineDetection | None = postprocess.detect(prob, self.params)
+        det: SpineDetection | None  # None once a re-zoomed pass makes this chain stale
+        det = postprocess.detect(prob, self.params)
         factor = corrected_zoom(postprocess.chain_steps(det.nodes), is_long_field(pixels.shape, spacing_mm))
         if factor is not None:
             capped = preprocess.network_scale(pixels.shape, spacing_mm, zoom * factor)

@@ -237,7 +237,8 @@ def find_chain(
     single = int(np.argmax(reward))
     if not np.isfinite(score).any() or np.nanmax(np.where(np.isfinite(score), score, -np.inf)) < reward[single]:
         return [int(order[single])], []
-    j, k = np.unravel_index(int(np.argmax(np.where(np.isfinite(score), score, -np.inf))), score.shape)
+    j, k = (int(v) for v in np.unravel_index(int(np.argmax(np.where(np.isfinite(score), score, -np.inf))),
+                                             score.shape))
     chain, steps = [int(k), int(j)], [int(gap[j, k])]
     while back[j, k] >= 0:
         i = int(back[j, k])
@@ -249,7 +250,7 @@ def find_chain(
     return [int(order[c]) for c in chain], steps
 
 
-def _disk(shape: tuple[int, int], row: float, col: float, radius: float) -> tuple[np.ndarray, np.ndarray]:
+def _disk(shape: tuple[int, ...], row: float, col: float, radius: float) -> tuple[np.ndarray, np.ndarray]:
     r0, r1 = max(int(row - radius), 0), min(int(row + radius) + 2, shape[0])
     c0, c1 = max(int(col - radius), 0), min(int(col + radius) + 2, shape[1])
     rr, cc = np.mgrid[r0:r1, c0:c1]

@@ -374,7 +374,7 @@ def decode(ds: Dataset) -> Radiograph:
     view = view_of(ds)
     anterior = _anterior_sign(ds, orientation) if view == "LAT" else None
     left = _left_sign(ds, orientation) if view != "LAT" else None
-    extra = ()
+    extra: tuple[str, ...] = ()
     if orientation.transpose or orientation.flip_rows or orientation.flip_columns:
         stated = "\\".join(_patient_orientation(ds) or ())
         done = [what for what, applies in (("turned head-up", orientation.transpose or orientation.flip_rows),

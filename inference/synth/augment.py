@@ -75,7 +75,7 @@ def expose(
 ) -> np.ndarray:
     """Processed radiograph (bone bright, [0, 1]) from line integrals (mu * mm) at `pixel_mm` spacing."""
     rows, cols = line_integral.shape
-    P = line_integral.astype(np.float32)
+    P: np.ndarray = line_integral.astype(np.float32)
     # Heel effect / uneven exposure: a gentle ramp along a random direction.
     ang = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)

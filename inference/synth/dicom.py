@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -153,7 +154,9 @@ def radiograph_dataset(
     ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
     ds.LossyImageCompression = "00"
     ds.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
-    row_mm, col_mm = (pixel_spacing_mm, pixel_spacing_mm) if np.isscalar(pixel_spacing_mm) else pixel_spacing_mm
+    # numpy types isscalar as a TypeGuard, which does not narrow the else branch to the pair
+    row_mm, col_mm = cast(tuple[float, float], (pixel_spacing_mm, pixel_spacing_mm) if np.isscalar(pixel_spacing_mm)
+                          else pixel_spacing_mm)
     ds.ImagerPixelSpacing = [round(float(row_mm), 6), round(float(col_mm), 6)]
     if magnification:
         ds.EstimatedRadiographicMagnificationFactor = round(float(magnification), 6)

@@ -269,17 +269,13 @@ def label_maps(
             continue
         vert = torch.from_numpy(((crop & LEVEL_MASK) == code).astype(np.float32))
         body = torch.from_numpy((((crop & LEVEL_MASK) == code) & ((crop & BODY_BIT) > 0)).astype(np.float32))
-        ranges = dict(
-            k_range=(box[0].start, box[0].stop),
-            j_range=(box[1].start, box[1].stop),
-            i_range=(box[2].start, box[2].stop),
-            r_range=(r0, r1),
-            c_range=(c0, c1),
-        )
+        k_range, j_range, i_range = ((box[0].start, box[0].stop), (box[1].start, box[1].stop),
+                                     (box[2].start, box[2].stop))
         for key, mask in (("vertebra", vert), ("body", body)):
             if key == "body" and not bool(mask.any()):
                 continue
-            path = project(mask, proj, grid, **ranges).numpy()
+            path = project(mask, proj, grid, k_range=k_range, j_range=j_range, i_range=i_range, r_range=(r0, r1),
+                           c_range=(c0, c1)).numpy()
             sub_best = best[key][r0:r1, c0:c1]
             win = (path > sub_best) & (path >= min_path_mm)
             sub_best[win] = path[win]

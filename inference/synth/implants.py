@@ -79,8 +79,10 @@ class Primitive:
     def bounds(self) -> tuple[np.ndarray, float]:
         """Bounding sphere (centre, radius)."""
         if self.shape == "cyl":
+            assert self.axis is not None, "a cylinder has an axis"
             return self.p0 + 0.5 * self.length * self.axis, 0.5 * self.length + self.radius
         if self.shape == "box":
+            assert self.half is not None, "a box has half sizes"
             return self.p0, float(np.linalg.norm(self.half))
         return self.p0, self.radius
 
@@ -125,7 +127,7 @@ def _cyl(p0, p1, r, mu, **kw) -> Primitive:
 
 
 def _levels(frames: list[Frame], idx: list[int]) -> tuple[str, ...]:
-    return tuple(frames[i].level for i in idx if frames[i].level)
+    return tuple(level for i in idx if (level := frames[i].level))
 
 
 def plan_implants(
@@ -163,7 +165,7 @@ def plan_implants(
         start = min(start, n - 2)
     run = list(range(start, start + span))
     if "posterior" in kinds:
-        heads = {-1.0: [], 1.0: []}
+        heads: dict[float, list[np.ndarray]] = {-1.0: [], 1.0: []}
         hooked = len(run) >= 3 and ("hooks" in force or (hook_prob > 0.0 and rng.random() < hook_prob))
         hooks: dict[float, tuple[list[Primitive], np.ndarray]] = {}
         for i in run:
@@ -196,9 +198,10 @@ def plan_implants(
                 prims = prims + hooks[side][0]
                 pts = np.vstack([pts, hooks[side][1]])
                 details["hooks"] = 1
-            comps = (Complication.ROD_FRACTURE,) if broken else ()
+            rod_comps = (Complication.ROD_FRACTURE,) if broken else ()
             plan.add(
-                ImplantSpec(ImplantKind.ROD, _levels(frames, run), Side.LEFT if side > 0 else Side.RIGHT, comps, details),
+                ImplantSpec(ImplantKind.ROD, _levels(frames, run), Side.LEFT if side > 0 else Side.RIGHT, rod_comps,
+                            details),
                 prims,
                 pts,
             )
@@ -344,15 +347,15 @@ def _cages(upper: Frame, lower: Frame, rng, kvp: float, subsided: bool):
     boxes = []
     w = 0.5 * (upper.width + lower.width)
     if style == "plif":
-        for side in (-1.0, 1.0):
-            boxes.append((disc_c + side * 0.22 * w * lat, np.array([5.0, 12.0, 0.5 * disc_h]), Side.LEFT if side > 0 else Side.RIGHT))
+        for sign in (-1.0, 1.0):
+            boxes.append((disc_c + sign * 0.22 * w * lat, np.array([5.0, 12.0, 0.5 * disc_h]), Side.LEFT if sign > 0 else Side.RIGHT))
     elif style == "tlif":
         boxes.append((disc_c + rng.normal(0, 3) * lat, np.array([0.3 * w, 5.5, 0.5 * disc_h]), Side.MIDLINE))
     else:
         boxes.append((disc_c + 0.1 * upper.depth * ant, np.array([0.38 * w, 0.36 * upper.depth, 0.5 * disc_h]), Side.MIDLINE))
     for centre, half, side in boxes:
         details = {"style": style, "material": "peek" if peek else "titanium"}
-        comps = ()
+        comps: tuple[Complication, ...] = ()
         if subsided:
             sink = rng.uniform(2.0, 5.0)
             centre = centre - sink * sup
@@ -444,10 +447,10 @@ def project_primitives(prims: list[Primitive], proj, n_instances: int) -> tuple[
         chord = _chord(p, proj, src, d)
         contrib = (chord * p.mu).astype(np.float32)
         total[r0:r1, c0:c1] += contrib
-        if per_inst is not None and p.label:
+        if per_inst is not None and footprint is not None and p.label:  # (both None, or neither)
             per_inst[p.instance, r0:r1, c0:c1] += contrib
             footprint[p.instance, r0:r1, c0:c1] += chord.astype(np.float32)
-    if per_inst is None:
+    if per_inst is None or footprint is None:
         return total, np.zeros((rows, cols), np.int16)
     best = per_inst.argmax(axis=0).astype(np.int16)
     best[per_inst.max(axis=0) < 0.05] = 0
@@ -476,6 +479,7 @@ def _chord(p: Primitive, proj, src: np.ndarray, d: np.ndarray) -> np.ndarray:
         disc = b**2 - (w @ w - p.radius**2)
         return 2.0 * np.sqrt(np.maximum(disc, 0.0))
     # box: slab method in the box frame
+    assert p.axes is not None and p.half is not None, "a box has axes and half sizes"
     c = proj.to_beam(p.p0[None])[0]
     bx = p.axes @ axes.T  # box axes in beam coordinates (rows)
     o = bx @ (src - c)

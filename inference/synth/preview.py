@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,8 @@ def contact_sheet(data: str | None, labels: bool = False, seed: int = 0) -> np.n
     """Sheet (rows of tiles) as float RGB."""
     base = SynthConfig(data_dir=data, out_px=(500, 700), p_implants=0.0, p_fracture=0.0)
     src = "stitched" if data else "phantom"
-    rows_spec = [
+    # (view, field, source, forced extras) of each tile
+    rows_spec: list[list[tuple[str, str, str, dict[str, Any]]]] = [
         [("AP", "lumbar", "ts-abdomen" if data else "phantom", {}), ("LAT", "lumbar", "ts-abdomen" if data else "phantom", {}),
          ("AP", "thoracolumbar", "dd-chest" if data else "phantom", {}), ("LAT", "thoracic", "dd-chest" if data else "phantom", {}),
          ("AP", "whole", src, {}), ("LAT", "whole", src, {}), ("AP", "lumbar", "phantom", {}), ("LAT", "thoracolumbar", "phantom", {})],
@@ -75,8 +77,8 @@ def contact_sheet(data: str | None, labels: bool = False, seed: int = 0) -> np.n
 
         tiles = []
         for k in range(8):
-            force = (("implants", [("posterior",), ("posterior", "cage"), ("posterior", "rod_fracture"), ("plate",)][k % 4]),)
-            tiles += _tile(render_real_sample(seed + 300 + k, replace(base, force=force), data, split="train"), labels)
+            real_force = (("implants", [("posterior",), ("posterior", "cage"), ("posterior", "rod_fracture"), ("plate",)][k % 4]),)
+            tiles += _tile(render_real_sample(seed + 300 + k, replace(base, force=real_force), data, split="train"), labels)
         sheet_rows.append(tiles)
     width = max(sum(t.shape[1] + 4 for t in row) for row in sheet_rows)
     out = []
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     sheet = contact_sheet(data, args.labels, args.seed)
     img = Image.fromarray((np.clip(sheet, 0, 1) * 255).astype(np.uint8))
     if args.width:
-        img = img.resize((args.width, int(img.height * args.width / img.width)), Image.LANCZOS)
+        img = img.resize((args.width, int(img.height * args.width / img.width)), Image.Resampling.LANCZOS)
     img.save(args.out, optimize=True)
     print(f"{args.out}: {img.width}x{img.height}")
     return 0

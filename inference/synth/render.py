@@ -288,6 +288,7 @@ def _vertebra_specs(anatomy: Anatomy, deformation: Deformation, proj: Projection
     specs = []
     for level in anatomy.levels():
         geo = anatomy.vertebrae[level]
+        assert geo.points is not None, "a loaded anatomy has each vertebra's points"
         pts = proj.to_pixels(deformation.forward_points(level, geo.points))
         px = pts * [sx, sy]
         inside = (px[:, 0] >= 0) & (px[:, 0] < out_cols) & (px[:, 1] >= 0) & (px[:, 1] < out_rows)
@@ -305,7 +306,8 @@ def _vertebra_specs(anatomy: Anatomy, deformation: Deformation, proj: Projection
                 h3, pts3 = geo.heights, geo.corners
             else:
                 h3, pts3 = deformation.measure(level)
-            heights = tuple(round(float(x), 2) for x in h3)
+            anterior, middle, posterior = (round(float(x), 2) for x in h3)
+            heights = (anterior, middle, posterior)
             grade, shape, loss = grade_of(fracture, geo.heights, heights)
             if view == "LAT":
                 names = [*CORNER_NAMES, "middle_superior", "middle_inferior"]

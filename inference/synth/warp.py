@@ -182,6 +182,7 @@ class Deformation:
 
 
 def _local(fr: Fracture, pts: np.ndarray) -> np.ndarray:
+    assert fr.centroid is not None and fr.axes is not None, "the Deformation sets a fracture's frame first"
     return (pts - fr.centroid) @ fr.axes.T  # (l, a, s)
 
 
@@ -242,10 +243,10 @@ def plan_deformation(
     twist = np.zeros_like(lat)
     offs = np.zeros((max(n - 1, 0), 3))
     if n > 2 and rng.random() < p_curvature:
-        curv = {}
+        curv: dict[str, list[float] | float] = {}
         if rng.random() < 0.7:  # scoliosis: one or two lateral curves (C / S)
             n_curves = 1 if rng.random() < 0.55 else 2
-            cobbs = []
+            cobbs: list[float] = []
             for c in range(n_curves):
                 apex = rng.uniform(0.2, 0.8) * (n - 2) if n_curves == 1 else (c + rng.uniform(0.25, 0.75)) * (n - 2) / 2
                 span = rng.uniform(2.5, 5.0)
