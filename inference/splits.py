@@ -25,7 +25,10 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+#: A film's name or path: the films a function is given come back as they were given.
+NameT = TypeVar("NameT", bound=str | Path)
 
 #: The scheme every training uses from now on (see the module text).
 TRAINING_SCHEME = "patient-v2"
@@ -104,7 +107,7 @@ def hardware_split(name: str | Path, meta: dict[str, Any] | None = None) -> str:
     return split_of(name, scheme_of(meta, HARDWARE_LEGACY_SCHEME))
 
 
-def patient_disjoint(names: Iterable[str | Path], seen: Iterable[str | Path]) -> list[str | Path]:
+def patient_disjoint(names: Iterable[NameT], seen: Iterable[str | Path]) -> list[NameT]:
     """`names` whose patient has no film among `seen` (the films a model learnt from or was tuned on)."""
     patients = {patient_key(n) for n in seen}
     return [n for n in names if patient_key(n) not in patients]
@@ -134,14 +137,14 @@ def cache_films(meta: dict[str, Any]) -> list[str]:
     return films
 
 
-def vertebra_seen(all_names: Iterable[str | Path], meta: dict[str, Any]) -> list[str | Path]:
+def vertebra_seen(all_names: Iterable[NameT], meta: dict[str, Any]) -> list[NameT | str]:
     """Films the vertebra model or a model it was fine-tuned from trained or was tuned on: their train and val
     splits (each by its own scheme) and their caches' films."""
     names = list(all_names)
     return [n for record in lineage(meta) for n in names if vertebra_split(n, record) in ("train", "val")] + cache_films(meta)
 
 
-def hardware_seen(all_names: Iterable[str | Path], meta: dict[str, Any] | None = None) -> list[str | Path]:
+def hardware_seen(all_names: Iterable[NameT], meta: dict[str, Any] | None = None) -> list[NameT]:
     """Films the hardware model trained or was tuned on: its train and val splits (its cache draws from train).
     A hardware fine-tune from a model whose model.json describes its weights needs no `lineage`: the trainer
     holds it to that model's scheme (`inference.train.common.split_scheme`) and its cache to that scheme's train
@@ -150,8 +153,8 @@ def hardware_seen(all_names: Iterable[str | Path], meta: dict[str, Any] | None =
     return [n for n in all_names if hardware_split(n, meta) in ("train", "val")]
 
 
-def unseen_by_both(all_names: Iterable[str | Path], vertebra_meta: dict[str, Any],
-                   hardware_meta: dict[str, Any] | None = None) -> list[str | Path]:
+def unseen_by_both(all_names: Iterable[NameT], vertebra_meta: dict[str, Any],
+                   hardware_meta: dict[str, Any] | None = None) -> list[NameT]:
     """Films in the test split of both models whose patient has no film either model trained or tuned on."""
     names = list(all_names)
     both = [n for n in names if vertebra_split(n, vertebra_meta) == "test" and hardware_split(n, hardware_meta) == "test"]

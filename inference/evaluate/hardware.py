@@ -391,16 +391,16 @@ def sample_record(model: HardwareModel, sample: Any, key: str, vertebra_model: A
     # Dice per class and for all hardware.
     dice: dict[str, tuple[int, int]] = {}
     for kind in (*KINDS, None):
-        p = np.zeros(shape, bool)
-        g = np.zeros(shape, bool)
+        pred_mask = np.zeros(shape, bool)
+        true_mask = np.zeros(shape, bool)
         for imp, d in zip(outcome.implants, pred_dense, strict=True):
             if kind is None or imp.kind is kind:
-                p |= d
+                pred_mask |= d
         for t in truth:
             if kind is None or t.kind is kind:
-                g |= t.mask
+                true_mask |= t.mask
         name = "all hardware" if kind is None else kind.value
-        dice[name] = (int(2 * (p & g).sum()), int(p.sum() + g.sum()))
+        dice[name] = (int(2 * (pred_mask & true_mask).sum()), int(pred_mask.sum() + true_mask.sum()))
     rec["dice"] = dice
     # Baseline: the brightest pixels as hardware.
     img = np.asarray(sample.image, dtype=np.float32)
@@ -537,7 +537,7 @@ def instrumented_levels(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summed_counts(counts: Iterable[Sequence[int]]) -> dict[str, float] | None:
+def summed_counts(counts: Iterable[Sequence[int]]) -> dict[str, float | None] | None:
     """Per-image (tp, fp, fn) triples summed into one detection row; None when they hold nothing at all."""
     total = M.DetectionCounts()
     for c in counts:
@@ -545,7 +545,7 @@ def summed_counts(counts: Iterable[Sequence[int]]) -> dict[str, float] | None:
     return total.as_dict() if total.tp + total.fp + total.fn else None
 
 
-def counts_by_pixel_size(records: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
+def counts_by_pixel_size(records: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, float | None]]:
     """The records' `key` (tp, fp, fn) triples summed per `PIXEL_SIZE_BINS` bin of their image's pixel size (bins
     holding nothing are left out)."""
     out = {}
@@ -814,7 +814,7 @@ def evaluate_real_plain(model: HardwareModel, data: Path, vertebra_step: Any | N
     from inference.splits import source_stem
     from inference.synth.real import list_real_images
 
-    said = Counter()
+    said: Counter[str] = Counter()
     false_pieces = []
     with_hardware = []
     times = []

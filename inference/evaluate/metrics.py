@@ -41,8 +41,8 @@ class DetectionCounts:
         p, r = self.precision, self.recall
         return 2 * p * r / (p + r) if p + r and np.isfinite(p) and np.isfinite(r) else 0.0
 
-    def as_dict(self) -> dict[str, float]:
-        """For JSON."""
+    def as_dict(self) -> dict[str, float | None]:
+        """For JSON (a rate that is not defined, e.g. precision with no detections, is None: null)."""
         return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": _r(self.precision), "recall": _r(self.recall), "f1": _r(self.f1)}
 
 
@@ -131,13 +131,14 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(2 * (pred & ref).sum() / denom) if denom else float("nan")
 
 
-def cohen_kappa(a: Sequence[int], b: Sequence[int], n_classes: int = 4, weights: str | None = None) -> float:
+def cohen_kappa(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray, n_classes: int = 4,
+                weights: str | None = None) -> float:
     """Cohen's kappa between two ratings (optionally "linear" or "quadratic" weighted)."""
-    a, b = np.asarray(a, int), np.asarray(b, int)
-    if len(a) == 0:
+    rating_a, rating_b = np.asarray(a, int), np.asarray(b, int)
+    if len(rating_a) == 0:
         return float("nan")
     conf = np.zeros((n_classes, n_classes))
-    for i, j in zip(a, b, strict=True):
+    for i, j in zip(rating_a, rating_b, strict=True):
         conf[i, j] += 1
     n = conf.sum()
     idx = np.arange(n_classes)

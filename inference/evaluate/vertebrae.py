@@ -31,7 +31,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -80,9 +80,18 @@ def instance_boxes(spine: SpineInstances) -> tuple[np.ndarray, np.ndarray, list[
 # ------------------------------------------------------------------------------------------- real
 
 
-def tune_midline(items: list[cadma.RealRadiograph], shapes: list[tuple[int, int]]) -> dict[str, float]:
+class MidlineBaseline(TypedDict, total=False):
+    """The tuned midline baseline (`tune_midline`; not total: the search starts from an empty one)."""
+
+    count: int
+    top: float
+    bottom: float
+    width: float
+
+
+def tune_midline(items: list[cadma.RealRadiograph], shapes: list[tuple[int, int]]) -> MidlineBaseline:
     """Best evenly-spaced-midline baseline on the TRAIN split (count, top, bottom, box width)."""
-    best: tuple[float, dict[str, float]] = (-1.0, {})
+    best: tuple[float, MidlineBaseline] = (-1.0, {})
     for count in (14, 15, 16, 17, 18):
         for top in (0.05, 0.1, 0.15, 0.2, 0.25):
             for bottom in (0.7, 0.75, 0.8, 0.85, 0.9):
@@ -118,9 +127,10 @@ def evaluate_real(model: VertebraModel, data: Path, overlays: Path | None, limit
     log.info("midline baseline tuned on %d train images: %s", len(train), base)
     centroid, iou, base_pts, base_boxes = (M.DetectionCounts() for _ in range(4))
     labelled_region = M.DetectionCounts()
-    names, names_base = Counter(), Counter()
+    names: Counter[str] = Counter()
+    names_base: Counter[str] = Counter()
     times = []
-    per_image = []
+    per_image: list[dict[str, Any]] = []
     for n, item in enumerate(test):
         pixels = item.load()
         t0 = time.perf_counter()
@@ -349,7 +359,8 @@ def sample_record(model: VertebraModel, sample: Any) -> dict[str, Any]:
     ignored = sum(1 for lv in matched.values() if lv not in countable)
     rec["det"] = (tp, len(spine.vertebrae) - tp - ignored, len(countable) - tp)
     # Naming, and the trivial "lowest detection is L5" rule as its baseline.
-    naming, naming_base = Counter(), Counter()
+    naming: Counter[str] = Counter()
+    naming_base: Counter[str] = Counter()
     ordered = sorted(range(len(spine.vertebrae)), key=lambda k: spine.vertebrae[k].centroid[1])
     for rank, k in enumerate(ordered):
         if k not in matched:
@@ -376,16 +387,17 @@ def sample_record(model: VertebraModel, sample: Any) -> dict[str, Any]:
         methods = [("", model.endplates)] + ([("_silhouette", None)] if model.endplates is not None else [])
         for suffix, net in methods:
             hs = chain_heights(net, rad, spine.vertebrae, sign)
-            measured = [h.values() if h and all(x is not None for x in h.values()) else None for h in hs]
+            measured = [_all_three(h.values()) if h else None for h in hs]
             grades = morphometry.grade_fractures(measured)
             for k, true_level in matched.items():
                 spec = truth.get(true_level)
                 if spec is None or spec.visible_fraction < 0.99:
                     continue
-                if spec.heights_mm is not None and measured[k] is not None:
-                    rec["heights" + suffix].append((true_level, tuple(spec.heights_mm), tuple(measured[k])))
-                if spec.grade is not None and grades[k] is not None:
-                    rec["grades" + suffix].append((int(spec.grade), int(grades[k].grade), spec.shape.value, grades[k].shape.value))
+                heights, assessed = measured[k], grades[k]
+                if spec.heights_mm is not None and heights is not None:
+                    rec["heights" + suffix].append((true_level, tuple(spec.heights_mm), tuple(heights)))
+                if spec.grade is not None and assessed is not None:
+                    rec["grades" + suffix].append((int(spec.grade), int(assessed.grade), spec.shape.value, assessed.shape.value))
         if model.endplates is not None:
             # The stage's own reading of the anterior side (no header), over the whole chain.
             placed = endplates.place_points(model.endplates, rad.pixels, [b.centroid for b in spine.vertebrae])
@@ -396,11 +408,19 @@ def sample_record(model: VertebraModel, sample: Any) -> dict[str, Any]:
     return rec
 
 
+def _all_three(values: tuple[float | None, float | None, float | None]) -> tuple[float, float, float] | None:
+    """(anterior, middle, posterior) heights when all three were measured, else None."""
+    anterior, middle, posterior = values
+    return (anterior, middle, posterior) if anterior is not None and middle is not None and posterior is not None else None
+
+
 def aggregate(records: list[dict[str, Any]], label: str) -> dict[str, Any]:
     """Metrics over a set of `sample_record`s."""
     det = M.DetectionCounts()
-    naming, naming_base, anterior = Counter(), Counter(), Counter()
-    inter = defaultdict(float)
+    naming: Counter[str] = Counter()
+    naming_base: Counter[str] = Counter()
+    anterior: Counter[str] = Counter()
+    inter: defaultdict[str, float] = defaultdict(float)
     for r in records:
         det.add(*r["det"])
         naming.update(r["naming"])

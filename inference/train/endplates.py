@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,7 @@ def train(images: list[np.ndarray], items: list[Item], held: list[Item], iterati
 
 
 def add_stage(model_folder: Path, cache: Path, val_every: int, iterations: int, seed: int, command: str,
-              exclude_sources: set[str] = frozenset(), work: Path | None = None) -> dict[str, Any]:
+              exclude_sources: Set[str] = frozenset(), work: Path | None = None) -> dict[str, Any]:
     """Train the stage and write it into the model folder (weights.pt gains "endplates"; model.json its
     sha256, version and training record; its metrics are cleared: the evaluation must run again)."""
     from inference.radiograph import network

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -254,8 +254,8 @@ def _screw_counts(pieces: list, sample: Any, net_shape: tuple[int, int]) -> tupl
         for j, (r, c) in enumerate(centres):
             if j in used:
                 continue
-            rr, cc = int(r - p.offset[0] + 1), int(c - p.offset[1] + 1)
-            if 0 <= rr < grown.shape[0] and 0 <= cc < grown.shape[1] and grown[rr, cc]:
+            row, col = int(r - p.offset[0] + 1), int(c - p.offset[1] + 1)
+            if 0 <= row < grown.shape[0] and 0 <= col < grown.shape[1] and grown[row, col]:
                 used.add(j)
                 tp += 1
                 break
@@ -327,8 +327,8 @@ def tune_thresholds(net: torch.nn.Module, val: list[tuple[TargetItem, Any]], par
         if not sample.implant_specs:
             continue
         prob = network.predict(net, item.image.astype(np.float32))
-        for comp, score, truth in complication_pairs(prob, sample, item.image.shape, params):
-            pairs.setdefault(comp, []).append((score, truth))
+        for comp, score, positive in complication_pairs(prob, sample, item.image.shape, params):
+            pairs.setdefault(comp, []).append((score, positive))
     net.train()
     chosen = dict(params.complication_threshold)
     report: dict[str, Any] = {}
@@ -496,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             # Implant pixels are rare: start every map near "nothing here" (p ~ 0.02), as CenterNet does for
             # its heatmaps; otherwise the focal loss of crops without screws dwarfs everything at the start.
-            net.final_conv.bias.fill_(-4.0)
+            # cast: Module.__getattr__ is typed Tensor | Module; BasicUNet's final_conv is a Conv2d with a bias.
+            final_bias = cast(torch.nn.Conv2d, net.final_conv).bias
+            assert final_bias is not None
+            final_bias.fill_(-4.0)
     n_params = network.parameter_count(net)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng(args.seed)
@@ -516,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     params = HardwareParams()
     # False hardware on real images is judged with thresholds near the tuned ones, not the permissive defaults.
     strict = MINING_PARAMS
-    crop = tuple(int(v) for v in args.crop.split(","))
+    crop_rows, crop_cols = (int(v) for v in args.crop.split(","))
+    crop = (crop_rows, crop_cols)
     aug = common.AugmentConfig(crop=crop, scale=(0.8, 1.25), rotate_deg=12.0, spine_bias=0.85)
     log.info("network: %d parameters; batch %d", n_params, args.batch)
 
@@ -612,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     post_tuning = {**post_tuning, "checkpoint": chosen_name, "scores": {k: v[2]["score"] for k, v in contest.items()}}
     net.load_state_dict(torch.load(chosen_path, map_location="cpu", weights_only=True))
     weights_file = chosen_path
+    tuning: dict[str, Any]
     if args.patch_iterations:
         tuned, tuning = params, {}  # the complication classifier's stage tunes them (below)
     else:

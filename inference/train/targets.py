@@ -134,7 +134,7 @@ def real_targets(shape: tuple[int, int], boxes: np.ndarray, sacrum_hint: bool = 
         s1 = centres[-1] + last_step * S1_STEPS_BELOW_L5
         margin = 0.5 * np.linalg.norm(last_step)
         if margin <= s1[1] <= shape[0] - margin and 0 <= s1[0] < shape[1]:
-            win, inside = _superellipse(shape, s1[0], s1[1], 0.4 * sizes[-1, 0], 0.33 * np.linalg.norm(last_step), 2.0)
+            win, inside = _superellipse(shape, s1[0], s1[1], 0.4 * sizes[-1, 0], float(0.33 * np.linalg.norm(last_step)), 2.0)
             target[SACRUM][win][inside] = 1.0
             weight[SACRUM][win][inside] = 1.0
     return target, weight

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -256,9 +257,9 @@ def validate(net: torch.nn.Module, real: list[RealItem], synth: list[SynthItem],
             l5_hits.append(_peak_in_box(prob[L5], item.boxes[np.argmax(item.boxes[:, 1] + item.boxes[:, 3])]))
     inter = {"body": 0.0, "sacrum": 0.0}
     total = {"body": 0.0, "sacrum": 0.0}
-    for item in synth:
-        prob = network.predict(net, item.image.astype(np.float32))
-        t, w = targets.synth_targets(item.body, item.vertebra, item.centres, item.ignored)
+    for synth_item in synth:
+        prob = network.predict(net, synth_item.image.astype(np.float32))
+        t, w = targets.synth_targets(synth_item.body, synth_item.vertebra, synth_item.centres, synth_item.ignored)
         for ch, name in ((BODY, "body"), (SACRUM, "sacrum")):
             p = (prob[ch] >= 0.5) & (w[ch] > 0)
             g = (t[ch] >= 0.5) & (w[ch] > 0)
@@ -303,7 +304,8 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
     net.eval()
     real_probs = [(network.predict(net, it.image.astype(np.float32)), it) for it in real]
     synth_probs = [(network.predict(net, it.image.astype(np.float32)), it) for it in synth]
-    grid = {
+    # Any: the keys name ChainParams fields (passed to `replace`), which mypy cannot follow through a dict.
+    grid: dict[str, tuple[Any, ...]] = {
         "peak_threshold": (0.1, 0.15, 0.25),
         "reward_offset": (0.15, 0.3, 0.45),
         "spacing_sigma": (0.15, 0.2, 0.3),
@@ -317,8 +319,8 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
         for prob, it in real_probs:
             tp, fp, fn, _ = match_centroids_in_boxes(predicted_centroids(prob, params), it.boxes)
             rc.add(tp, fp, fn)
-        for prob, it in synth_probs:
-            sc.add(*_synth_detection(predicted_centroids(prob, params), it))
+        for prob, synth_it in synth_probs:
+            sc.add(*_synth_detection(predicted_centroids(prob, params), synth_it))
         score = rc.f1 + (0.5 * sc.f1 if synth_probs else 0.0)
         results.append((score, dict(zip(grid, values, strict=True)), rc.f1, sc.f1))
     results.sort(key=lambda r: -r[0])
@@ -327,18 +329,18 @@ def tune_postprocess(net: torch.nn.Module, real: list[RealItem], synth: list[Syn
     chain = replace(ChainParams(), **best[1])
 
     # Then the naming anchor and its threshold, by naming: a wrong name costs three right ones ("never guess").
-    choices = [{"naming_anchor": "sacrum", "sacrum_threshold": t} for t in (0.2, 0.3, 0.4, 0.5)]
+    choices: list[dict[str, Any]] = [{"naming_anchor": "sacrum", "sacrum_threshold": t} for t in (0.2, 0.3, 0.4, 0.5)]
     choices += [{"naming_anchor": "l5", "l5_threshold": t, "l5_margin": m} for t in (0.2, 0.3, 0.5) for m in (0.35, 0.5, 0.7)]
     naming_rows = []
     for choice in choices:
         params = replace(chain, **choice)
         right = wrong = matched = 0
-        for prob, it in synth_probs:
+        for prob, synth_it in synth_probs:
             det = postprocess.detect(prob, params)
             for k, node in enumerate(det.nodes):
-                r = int(np.clip(node.row, 0, it.body.shape[0] - 1))
-                c = int(np.clip(node.column, 0, it.body.shape[1] - 1))
-                code = int(it.body[r, c])
+                r = int(np.clip(node.row, 0, synth_it.body.shape[0] - 1))
+                c = int(np.clip(node.column, 0, synth_it.body.shape[1] - 1))
+                code = int(synth_it.body[r, c])
                 if not 1 <= code < targets.S1_CODE:
                     continue
                 matched += 1
@@ -379,8 +381,8 @@ def selection_score(metrics: dict[str, float]) -> float:
     l5 = metrics.get("real_l5_peak_in_bottom_box")
     if l5 is not None and np.isfinite(l5):
         score += 0.5 * float(l5)
-    dice = [metrics.get(k) for k in ("synth_dice_body", "synth_dice_sacrum")]
-    dice = [d for d in dice if d is not None and np.isfinite(d)]
+    dice_or_none = [metrics.get(k) for k in ("synth_dice_body", "synth_dice_sacrum")]
+    dice = [d for d in dice_or_none if d is not None and np.isfinite(d)]
     if dice:
         score += 0.5 * float(np.mean(dice))
     return score
@@ -625,9 +627,9 @@ def main(argv: list[str] | None = None) -> int:
             xs.append(x)
             ts.append(t2)
             ws.append(w2)
-        x, t, w = torch.stack(xs), torch.stack(ts), torch.stack(ws)
-        logits = net(x)
-        loss, parts = loss_fn(logits, t, w, args.l5_weight)
+        batch_x, batch_t, batch_w = torch.stack(xs), torch.stack(ts), torch.stack(ws)
+        logits = net(batch_x)
+        loss, parts = loss_fn(logits, batch_t, batch_w, args.l5_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
