@@ -47,6 +47,7 @@ test-viewer: install
 
 lint: install
 	$(VENV)/bin/ruff check dicom_node inference reports tests bench
+	$(VENV)/bin/mypy dicom_node inference reports bench
 
 bench: install
 	$(PY) -m bench.run_all
