@@ -230,6 +230,9 @@ class Pipeline:
         # is the node's, and analysing the rest (seconds each) only to fail the same write again would keep the
         # CPU busy for nothing and log an error per study.  Until then, `process_pending` does nothing.
         self._disk_wait_until = 0.0
+        #: Why the last write of a study's outputs failed, until outputs are written again (/readyz shows it: a
+        #: read-only or broken data directory can leave the free space, and so the disk check, looking fine).
+        self.storage_problem: str | None = None
         self.clock: Callable[[], float] = time.monotonic
 
     def producer(self) -> Any:
@@ -296,6 +299,8 @@ class Pipeline:
                                 STRANDED_RETRY_S)
                     self.db.note_study(study_uid, reason)
                     self._disk_wait_until = self.clock() + STRANDED_RETRY_S
+                    self.storage_problem = (f"outputs of study {study_uid} could not be written ({exc}); analyses"
+                                            f" wait, again in {STRANDED_RETRY_S:.0f} s")
                     return ANALYSING
                 except PipelineError as exc:
                     failures.append(f"{name}: {exc}")
@@ -336,6 +341,7 @@ class Pipeline:
             predecessor = self._predecessor(study_uid, name, job["id"], epoch)
             encoded = build_encoded(result, datasets, destinations, producer=self.producer(), predecessor=predecessor)
             files = [self._write(v, o) for v, o in encoded]
+            self.storage_problem = None
         except Exception as exc:
             self.db.fail_job(job["id"], str(exc) if isinstance(exc, (PipelineError, StorageError))
                              else f"internal error {type(exc).__name__}: {redact(str(exc))}")

@@ -20,8 +20,8 @@ class Check:
 
 
 def readiness(service: NodeService) -> list[Check]:
-    """Database writable, disk space above the threshold, the routed analyses' models loaded, DICOM
-    listener bound, background jobs running."""
+    """Database writable, disk space above the threshold, outputs written (no write failing since), the routed
+    analyses' models loaded, DICOM listener bound, background jobs running."""
     checks: list[Check] = []
     problem = service.db.probe_writable()
     checks.append(Check("database", problem is None, problem or f"{service.db.path.name} writable"))
@@ -35,6 +35,8 @@ def readiness(service: NodeService) -> list[Check]:
     except OSError as exc:
         ok, detail = False, f"cannot measure free space of {service.settings.data_dir}: {exc.strerror or exc}"
     checks.append(Check("disk", ok, detail))
+    problem = service.pipeline.storage_problem
+    checks.append(Check("outputs", problem is None, problem or "no failed write of outputs since the last one written"))
 
     names = service.routed_analyses()
     if not names:

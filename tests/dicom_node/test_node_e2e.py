@@ -673,6 +673,7 @@ def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_
     each being analysed only to fail the same write."""
     from dicom_node import pipeline
     from dicom_node.errors import StorageError
+    from dicom_node.web.health import readiness
 
     monkeypatch.setattr(pipeline, "STRANDED_RETRY_S", 0.5)
     node = node_factory(destinations=[pacs_destination(orthanc)])
@@ -692,6 +693,9 @@ def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_
     wait_for(lambda: "waiting to retry" in (node.db.study(study_uid)["reason"] or ""), 30, what="study waiting")
     assert node.db.study(study_uid)["state"] == "analysing"
     assert "No space left on device" in node.db.study(study_uid)["reason"]
+    # Readiness says so, though the free space (the disk check) may look fine, e.g. on a read-only mount.
+    outputs = {c.name: c for c in readiness(node)}["outputs"]
+    assert not outputs.ok and "No space left on device" in outputs.detail and study_uid in outputs.detail
     later = make_study(tmp_path / "in2", "diskfull2", images=1)
     later_uid = str(pydicom.dcmread(later[0]).StudyInstanceUID)
     storescu(later, node.scp.port)
@@ -702,6 +706,7 @@ def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_
     wait_for(lambda: all(node.db.study(u)["state"] == "delivered" for u in (study_uid, later_uid)), 60,
              what="both studies delivered once there is room")
     assert node.db.study(study_uid)["reason"] is None and node.db.study(later_uid)["reason"] is None
+    assert {c.name: c for c in readiness(node)}["outputs"].ok
 
 
 def test_stopping_aborts_an_idle_sender_and_a_stalled_delivery_instead_of_waiting_out_their_timeouts(
