@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno as errno_codes
 import re
 from typing import Any
 
@@ -61,7 +62,20 @@ class ConfigError(NodeError):
 
 
 class StorageError(NodeError):
-    """An instance or output could not be written to, or read from, the store."""
+    """An instance or output could not be written to, or read from, the store; `errno` is the OS error's,
+    when one caused it."""
+
+    #: A full, over-quota or read-only file system: every write fails, not only this one.
+    STORE_WIDE = frozenset({errno_codes.ENOSPC, errno_codes.EDQUOT, errno_codes.EROFS})
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def store_wide(self) -> bool:
+        """True when the whole store fails (`STORE_WIDE`), not one file or folder (e.g. its permissions)."""
+        return self.errno in self.STORE_WIDE
 
 
 class DatabaseError(NodeError):

@@ -15,6 +15,7 @@ import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from dicom_node.errors import StorageError
 
@@ -130,6 +131,14 @@ class Store:
         with self._lock:
             self._dirs.add(d)
 
+    def _open_tmp(self, tmp: Path) -> BinaryIO:
+        """`tmp` opened for writing; the temporary folder made again if it was deleted under the running node."""
+        try:
+            return open(tmp, "wb", buffering=0)
+        except FileNotFoundError:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            return open(tmp, "wb", buffering=0)
+
     def _tmp_name(self) -> Path:
         with self._lock:
             self._counter += 1
@@ -142,7 +151,7 @@ class Store:
         try:
             self._ensure_dir(path.parent)
             size = 0
-            with open(tmp, "wb", buffering=0) as fh:
+            with self._open_tmp(tmp) as fh:
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
@@ -151,7 +160,15 @@ class Store:
                         view = view[written:]
                 if self.sync_data:
                     os.fdatasync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                # The folder was deleted under the running node (an operator freeing space): the cache of
+                # folders made said it was there. Made again, once.
+                with self._lock:
+                    self._dirs.discard(path.parent)
+                self._ensure_dir(path.parent)
+                os.replace(tmp, path)
             if self.sync_dir:
                 fd = os.open(path.parent, os.O_RDONLY)
                 try:
@@ -164,7 +181,7 @@ class Store:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            raise StorageError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+            raise StorageError(f"cannot write {path.name}: {exc.strerror or exc}", errno=exc.errno) from exc
 
     def stray_copies(self, study_uid: str, sop_uid: str, held_at: str | None) -> list[Path]:
         """Files of instance `sop_uid` under study `study_uid` other than `held_at` (where the database holds it):

@@ -356,8 +356,10 @@ def _uid_element(value: str) -> bytes:
 
 def test_disk_failure_answers_out_of_resources(scp: StorageSCP, tmp_path: Path) -> None:
     files = make_study(tmp_path / "in", "diskfail", images=1)
-    scp.store.tmp.rmdir()  # the tmp folder vanishing makes every write fail
+    scp.store.tmp.rmdir()  # a file where the tmp folder was makes every write fail (a deleted folder is made again)
+    scp.store.tmp.write_bytes(b"")
     assert _store(scp.port, pydicom.dcmread(files[0])).Status == 0xA700
+    scp.store.tmp.unlink()
     scp.store.tmp.mkdir()
     storescu(files, scp.port)
     assert scp.db.query("SELECT count(*) AS n FROM instances")[0]["n"] == 1
