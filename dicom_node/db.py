@@ -1301,6 +1301,12 @@ class Database:
             db.execute("UPDATE studies SET reason = ?, updated_at = ? WHERE study_instance_uid = ?",
                        (one_line(reason), time.time(), study_instance_uid))
 
+    def waiting_for_storage(self) -> list[dict[str, Any]]:
+        """Studies whose outputs could not be written, waiting to retry (`note_study` with `WAITING_PREFIX`),
+        oldest first."""
+        return self.query("SELECT study_instance_uid, reason FROM studies WHERE state = 'analysing' AND reason LIKE ?"
+                          " ORDER BY updated_at", (WAITING_PREFIX + "%",))
+
     def recover(self) -> dict[str, int]:
         """After a crash: interrupted work goes back one step so it is redone exactly once; a study whose
         analysis was cut `MAX_INTERRUPTED_ANALYSES` times in a row is failed instead (``dicom-node retry``)."""

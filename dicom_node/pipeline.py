@@ -226,13 +226,11 @@ class Pipeline:
         # A rejection note that could not be written (a full disk) waits STRANDED_RETRY_S, as a study's outputs
         # do, instead of being tried (and logged) at every 2-s pipeline pass: (study, destination) -> when.
         self._notes_due: dict[tuple[str, str], float] = {}
-        # A study's outputs that could not be written pause every study's analysis for STRANDED_RETRY_S: the disk
-        # is the node's, and analysing the rest (seconds each) only to fail the same write again would keep the
-        # CPU busy for nothing and log an error per study.  Until then, `process_pending` does nothing.
+        # Outputs that could not be written because the whole store fails (full, over quota, read-only) pause
+        # every study's analysis for STRANDED_RETRY_S: analysing the others (seconds each) only to fail the same
+        # write would keep the CPU busy for nothing and log an error per study.  Until then, `process_pending`
+        # does nothing.  (A failure of one file or folder, e.g. its permissions, holds up that study alone.)
         self._disk_wait_until = 0.0
-        #: Why the last write of a study's outputs failed, until outputs are written again (/readyz shows it: a
-        #: read-only or broken data directory can leave the free space, and so the disk check, looking fine).
-        self.storage_problem: str | None = None
         self.clock: Callable[[], float] = time.monotonic
 
     def producer(self) -> Any:
@@ -255,11 +253,10 @@ class Pipeline:
         n = 0
         for uid in self.db.complete_studies(limit):
             state = self.process_study(uid)
-            if state == ANALYSING:
-                # Left waiting for the disk (not progress: counting it would run the next pass at once); the
-                # studies after it wait with it, in the order they came.
-                break
-            if state is not None:
+            if self.clock() < self._disk_wait_until:
+                break  # the store failed as a whole: the other studies wait for the next try
+            # A study left waiting for the disk is not progress: counting it would run the next pass at once.
+            if state not in (None, ANALYSING):
                 n += 1
         return n
 
@@ -293,14 +290,14 @@ class Pipeline:
                         return self._state(study_uid)
                 except StorageError as exc:
                     # The outputs could not be written (a full or read-only disk): not the study's fault. It
-                    # stays claimed, and `process_pending` takes it up again after STRANDED_RETRY_S.
+                    # stays claimed, and `process_pending` takes it up again after STRANDED_RETRY_S.  (The pause
+                    # comes first: the database may be on the same full disk.)
+                    if exc.store_wide:
+                        self._disk_wait_until = self.clock() + STRANDED_RETRY_S
                     reason = f"{WAITING_PREFIX}{name}: {exc}"
-                    log.warning("study %s: %s (again in %.0f s; the studies after it wait too)", study_uid, reason,
-                                STRANDED_RETRY_S)
+                    log.warning("study %s: %s (again in %.0f s%s)", study_uid, reason, STRANDED_RETRY_S,
+                                "; the other studies wait too" if exc.store_wide else "")
                     self.db.note_study(study_uid, reason)
-                    self._disk_wait_until = self.clock() + STRANDED_RETRY_S
-                    self.storage_problem = (f"outputs of study {study_uid} could not be written ({exc}); analyses"
-                                            f" wait, again in {STRANDED_RETRY_S:.0f} s")
                     return ANALYSING
                 except PipelineError as exc:
                     failures.append(f"{name}: {exc}")
@@ -341,7 +338,6 @@ class Pipeline:
             predecessor = self._predecessor(study_uid, name, job["id"], epoch)
             encoded = build_encoded(result, datasets, destinations, producer=self.producer(), predecessor=predecessor)
             files = [self._write(v, o) for v, o in encoded]
-            self.storage_problem = None
         except Exception as exc:
             self.db.fail_job(job["id"], str(exc) if isinstance(exc, (PipelineError, StorageError))
                              else f"internal error {type(exc).__name__}: {redact(str(exc))}")

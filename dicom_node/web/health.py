@@ -6,6 +6,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.db import WAITING_PREFIX
+
 if TYPE_CHECKING:
     from dicom_node.service import NodeService
 
@@ -20,8 +22,8 @@ class Check:
 
 
 def readiness(service: NodeService) -> list[Check]:
-    """Database writable, disk space above the threshold, outputs written (no write failing since), the routed
-    analyses' models loaded, DICOM listener bound, background jobs running."""
+    """Database writable, disk space above the threshold, no study waiting for its outputs to be written, the
+    routed analyses' models loaded, DICOM listener bound, background jobs running."""
     checks: list[Check] = []
     problem = service.db.probe_writable()
     checks.append(Check("database", problem is None, problem or f"{service.db.path.name} writable"))
@@ -35,8 +37,14 @@ def readiness(service: NodeService) -> list[Check]:
     except OSError as exc:
         ok, detail = False, f"cannot measure free space of {service.settings.data_dir}: {exc.strerror or exc}"
     checks.append(Check("disk", ok, detail))
-    problem = service.pipeline.storage_problem
-    checks.append(Check("outputs", problem is None, problem or "no failed write of outputs since the last one written"))
+    # Apart from the free space: a read-only or broken data directory fails every write with room to spare.
+    waiting = service.db.waiting_for_storage()
+    detail = "no study waits for its outputs to be written"
+    if waiting:
+        first = waiting[0]
+        detail = (f"{len(waiting)} study(ies) wait for their outputs to be written; {first['study_instance_uid']}:"
+                  f" {first['reason'].removeprefix(WAITING_PREFIX)}")
+    checks.append(Check("outputs", not waiting, detail))
 
     names = service.routed_analyses()
     if not names:

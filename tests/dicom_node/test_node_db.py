@@ -384,6 +384,28 @@ def test_a_study_sent_over_two_associations_at_once_completes_when_the_last_one_
     db.close()
 
 
+def test_the_store_makes_again_folders_deleted_under_the_running_node(tmp_path: Path) -> None:
+    """An operator freeing space may delete a study's folder, or the temporary one, while the node runs; the
+    store remembered the folders it had made, so every later write there failed until a restart."""
+    import errno
+    import shutil
+
+    from dicom_node.errors import StorageError
+    from dicom_node.storage import Store
+
+    store = Store(tmp_path / "store")
+    first = store.output_path("1.2.3", "sr", "1.2.3.1")
+    store.write_atomic(first, [b"one"])
+    shutil.rmtree(store.outputs / "1.2.3")
+    shutil.rmtree(store.tmp)
+    second = store.output_path("1.2.3", "sr", "1.2.3.2")
+    assert store.write_atomic(second, [b"two", b"!"]) == 4 and second.read_bytes() == b"two!"
+    assert not first.exists() and list(store.tmp.iterdir()) == []
+    # A failure of the store as a whole is told apart from one of a single file or folder.
+    assert StorageError("full", errno=errno.ENOSPC).store_wide and StorageError("ro", errno=errno.EROFS).store_wide
+    assert not StorageError("denied", errno=errno.EACCES).store_wide and not StorageError("no errno").store_wide
+
+
 def test_patient_keys_need_the_node_secret_and_a_new_secret_forgets_them(db: Database, tmp_path: Path) -> None:
     import hashlib
     import os

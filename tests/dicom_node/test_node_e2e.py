@@ -666,27 +666,44 @@ def test_no_study_is_claimed_while_the_models_load(node_factory, tmp_path: Path)
     wait_for(lambda: node.db.study(study_uid)["state"] in ("encoded", "delivered"), 30, what="study analysed")
 
 
+def _failing_output_writes(node: Any, monkeypatch: pytest.MonkeyPatch, error: int, studies: set[str] | None = None
+                           ) -> threading.Event:
+    """Make the node's writes of outputs (of `studies`, or all) fail with OS error `error` while the returned
+    event is set, as the store reports it."""
+    import errno
+    import os
+
+    from dicom_node.errors import StorageError
+
+    write = node.store.write_atomic
+    failing = threading.Event()
+    failing.set()
+
+    def write_outputs(path: Path, chunks: Any) -> int:
+        if failing.is_set() and node.store.outputs in path.parents and (studies is None or path.parents[1].name in studies):
+            raise StorageError(f"cannot write {path.name}: {os.strerror(error)}", errno=error)
+        return write(path, chunks)
+
+    assert error in (errno.ENOSPC, errno.EACCES)
+    monkeypatch.setattr(node.store, "write_atomic", write_outputs)
+    return failing
+
+
 def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_factory, orthanc: Orthanc,
                                                                            tmp_path: Path, monkeypatch) -> None:
     """A full disk while the outputs are written is not the study's fault: it waits (with the reason in
-    status) and is taken up again, instead of failing for good.  The studies after it wait with it rather than
-    each being analysed only to fail the same write."""
+    status and /readyz) and is taken up again, instead of failing for good.  The other studies wait meanwhile
+    rather than each being analysed only to fail the same write."""
+    import errno
+
     from dicom_node import pipeline
-    from dicom_node.errors import StorageError
     from dicom_node.web.health import readiness
 
     monkeypatch.setattr(pipeline, "STRANDED_RETRY_S", 0.5)
     node = node_factory(destinations=[pacs_destination(orthanc)])
-    write = node.store.write_atomic
-    disk_full = threading.Event()
-    disk_full.set()
-
-    def write_outputs(path: Path, chunks: Any) -> int:
-        if disk_full.is_set() and node.store.outputs in path.parents:
-            raise StorageError(f"cannot write {path.name}: No space left on device")
-        return write(path, chunks)
-
-    monkeypatch.setattr(node.store, "write_atomic", write_outputs)
+    now = [0.0]
+    node.pipeline.clock = lambda: now[0]  # the pause after the failure ends when the test says so
+    disk_full = _failing_output_writes(node, monkeypatch, errno.ENOSPC)
     files = make_study(tmp_path / "in", "diskfull", images=1)
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     storescu(files, node.scp.port)
@@ -699,13 +716,47 @@ def test_outputs_that_cannot_be_written_are_retried_once_the_disk_has_room(node_
     later = make_study(tmp_path / "in2", "diskfull2", images=1)
     later_uid = str(pydicom.dcmread(later[0]).StudyInstanceUID)
     storescu(later, node.scp.port)
-    wait_for(lambda: node.db.study(later_uid) is not None, 30, what="second study received")
-    # One study at a time is tried against the full disk (each retry may pick either), never both at once.
-    assert stays(lambda: len(node.db.query("SELECT 1 FROM studies WHERE state = 'analysing'")) <= 1, 2.0)
+    wait_for(lambda: (node.db.study(later_uid) or {}).get("state") == "complete", 30, what="second study complete")
+    node.scheduler.wake("pipeline")
+    assert stays(lambda: node.db.study(later_uid)["state"] == "complete", 1.5), "analysed while the disk is full"
     disk_full.clear()
+    now[0] += 1.0
+    node.scheduler.wake("pipeline")
     wait_for(lambda: all(node.db.study(u)["state"] == "delivered" for u in (study_uid, later_uid)), 60,
              what="both studies delivered once there is room")
     assert node.db.study(study_uid)["reason"] is None and node.db.study(later_uid)["reason"] is None
+    assert {c.name: c for c in readiness(node)}["outputs"].ok
+
+
+def test_a_study_whose_outputs_alone_cannot_be_written_holds_up_no_other(node_factory, orthanc: Orthanc,
+                                                                         tmp_path: Path, monkeypatch) -> None:
+    """A write that fails for one study's folder (its permissions) is not the disk: the other studies are
+    analysed and delivered while that one waits, named by /readyz."""
+    import errno
+
+    from dicom_node import pipeline
+    from dicom_node.web.health import readiness
+
+    monkeypatch.setattr(pipeline, "STRANDED_RETRY_S", 0.5)
+    node = node_factory(destinations=[pacs_destination(orthanc)])
+    files = make_study(tmp_path / "in", "denied", images=1)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    denied = _failing_output_writes(node, monkeypatch, errno.EACCES, {study_uid})
+    storescu(files, node.scp.port)
+    wait_for(lambda: "Permission denied" in (node.db.study(study_uid)["reason"] or ""), 30, what="study waiting")
+    other = make_study(tmp_path / "in2", "allowed", images=1)
+    other_uid = str(pydicom.dcmread(other[0]).StudyInstanceUID)
+    storescu(other, node.scp.port)
+    wait_for(lambda: (node.db.study(other_uid) or {}).get("state") == "delivered", 60, what="the other study delivered")
+    assert node.db.study(study_uid)["state"] in ("analysing", "complete")  # waiting, or just released to retry
+
+    def named_by_readiness() -> bool:  # (between a release and the next try the study is briefly not waiting)
+        outputs = {c.name: c for c in readiness(node)}["outputs"]
+        return not outputs.ok and study_uid in outputs.detail and "Permission denied" in outputs.detail
+
+    wait_for(named_by_readiness, 30, what="readiness naming the waiting study")
+    denied.clear()
+    wait_for(lambda: node.db.study(study_uid)["state"] == "delivered", 60, what="the study delivered once writable")
     assert {c.name: c for c in readiness(node)}["outputs"].ok
 
 
