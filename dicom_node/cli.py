@@ -258,7 +258,9 @@ def cmd_analyze(settings: Settings, paths: Sequence[Path], out: Path) -> int:
                 written.extend(analyze_offline(settings, analyser, files, out))
             except Exception as exc:  # noqa: BLE001 - any failure of one study is reported with its reason
                 failed.append(study)
-                print(f"study {study or '(no StudyInstanceUID)'}: {describe(exc)}", file=sys.stderr)
+                named = f"study {study or '(no StudyInstanceUID)'}: "
+                reason = describe(exc)  # (the routing's reason names the study already)
+                print(reason if reason.startswith(named) else named + reason, file=sys.stderr)
             bar.update()
     for p in written:
         print(p)
