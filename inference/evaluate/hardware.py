@@ -1215,18 +1215,18 @@ def _set_section(title: str, s: dict[str, Any]) -> list[str]:
         if cv:
             out.append(f"| interbody cage found within {CAGE_CENTRE_MM:g} mm of a true cage's centre, {whose}: precision / recall / F1 "
                        f"(tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / {value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
-    for key, whose in (("cage_discs", "true vertebrae"), ("cage_discs_vertebra_model", "vertebrae from spine-xr-vertebrae")):
+    # Each row followed by its breakdown: the classifier's own by pixel size, the end-to-end one by view.
+    for key, whose, parts, part_text in (
+            ("cage_discs", "true vertebrae", "cage_discs_by_pixel_size", "images at {} per pixel"),
+            ("cage_discs_vertebra_model", "vertebrae from spine-xr-vertebrae", "cage_discs_vertebra_model_by_view", "of which {} views")):
         cv = s.get(key)
         if cv:
             out.append(f"| disc space with cages (a PLIF pair is one) found within {CAGE_CENTRE_MM:g} mm of its cages' centre, {whose}: "
                        f"precision / recall / F1 (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / "
                        f"{value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
-    for size, cv in (s.get("cage_discs_by_pixel_size") or {}).items():
-        out.append(f"| &nbsp;&nbsp;true vertebrae, images at {size} per pixel (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | "
-                   f"{value_text(cv.get('precision'))} / {value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
-    for view, cv in (s.get("cage_discs_vertebra_model_by_view") or {}).items():
-        out.append(f"| &nbsp;&nbsp;of which {view} views (tp {cv.get('tp')}, fp {cv.get('fp')}, fn {cv.get('fn')}) | {value_text(cv.get('precision'))} / "
-                   f"{value_text(cv.get('recall'))} / {value_text(cv.get('f1'))} | – |")
+        for part, pv in (s.get(parts) or {}).items():
+            out.append(f"| &nbsp;&nbsp;{part_text.format(part)} (tp {pv.get('tp')}, fp {pv.get('fp')}, fn {pv.get('fn')}) | "
+                       f"{value_text(pv.get('precision'))} / {value_text(pv.get('recall'))} / {value_text(pv.get('f1'))} | – |")
     sd = s.get("sides_frontal", {})
     if sd.get("implants"):
         out.append(f"| side (frontal views, screws + rods): accuracy of named / named fraction ({sd.get('implants')}) | {value_text(sd.get('accuracy_of_named'))} / {value_text(sd.get('named_fraction'))} | chance 0.5 |")
@@ -1385,8 +1385,8 @@ def _glance_lines(meta: dict[str, Any], m: dict[str, Any]) -> list[str]:
     cage_sizes = ("; with the true vertebrae, by the film's pixel size (worked out from its boxes): "
                   + ", ".join(f"{size} recall {value_text(cv.get('recall'))} ({int(cv.get('tp', 0) + cv.get('fn', 0))} disc spaces)"
                               for size, cv in sizes.items())
-                  + ": coarse films (whole-spine exports) lose most cages; a modality's own radiograph (0.1-0.2 mm per pixel) is"
-                  " finer than all of these, and none was measured"
+                  + ("" if PIXEL_SIZE_BINS[0][2] in sizes else
+                     f"; no real film {PIXEL_SIZE_BINS[0][2]} was measured (a modality's own radiograph is 0.1-0.2 mm)")
                   if sizes else "")
     unseen = m.get("real_unseen") or {}
     lines = [
